@@ -1,0 +1,48 @@
+"""The exceptions deepspark raises.
+
+Every user-facing error derives from :class:`DeepsparkError`, so ``except DeepsparkError`` catches
+everything we raise on purpose. Messages say what was wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DatasetError",
+    "DeepsparkError",
+    "DivergenceError",
+    "SpecError",
+]
+
+
+class DeepsparkError(Exception):
+    """Base class of every error deepspark raises on purpose."""
+
+
+class ConfigError(DeepsparkError, ValueError):
+    """A parameter or configuration value is invalid (raised before any Spark job starts)."""
+
+
+class DatasetError(DeepsparkError):
+    """A dataset file is missing, corrupt, or fails its checksum."""
+
+
+class SpecError(DeepsparkError, ValueError):
+    """A declarative model spec is malformed or its shapes do not fit together."""
+
+
+class CheckpointError(DeepsparkError):
+    """A checkpoint is missing, malformed, or in a format we refuse to load (pickle)."""
+
+
+class DivergenceError(DeepsparkError, FloatingPointError):
+    """Training produced a NaN or infinite loss.
+
+    ``epoch`` and ``step`` (both 0-based) locate the first non-finite loss.
+    """
+
+    def __init__(self, message: str, *, epoch: int, step: int) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+        self.step = step

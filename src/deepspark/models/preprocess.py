@@ -1,0 +1,57 @@
+"""How raw pixels become the model's input tensor; stored with every checkpoint so that inference
+normalises exactly as training did."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from deepspark.errors import ConfigError
+
+__all__ = ["Preprocess"]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """uint8 images ``[N, C, H, W]`` (or ``[N, H, W]`` for one channel) → ``(x * scale - mean) / std``."""
+
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: float = 1.0 / 255.0
+
+    def __post_init__(self) -> None:
+        channels = self.input_shape[0]
+        if len(self.mean) not in (1, channels) or len(self.std) not in (1, channels):
+            raise ConfigError(f"mean/std need 1 or {channels} values, got {self.mean} and {self.std}")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"std values must be positive, got {self.std}")
+
+    def apply(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(images)
+        if x.dim() == len(self.input_shape):  # [N, H, W] for a one-channel input
+            x = x.unsqueeze(1)
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ConfigError(f"images of shape {tuple(x.shape[1:])} do not match the model input {self.input_shape}")
+        channels = self.input_shape[0]
+        mean = torch.tensor(self.mean, dtype=torch.float32).reshape(-1, 1, 1).expand(channels, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).reshape(-1, 1, 1).expand(channels, 1, 1)
+        return (x.to(torch.float32) * self.scale - mean) / std
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input_shape": list(self.input_shape), "mean": list(self.mean), "std": list(self.std),
+                "scale": self.scale}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Preprocess:
+        shape: Sequence[int] = data["input_shape"]
+        return cls(
+            input_shape=(int(shape[0]), int(shape[1]), int(shape[2])),
+            mean=tuple(float(m) for m in data["mean"]),
+            std=tuple(float(s) for s in data["std"]),
+            scale=float(data.get("scale", 1.0 / 255.0)),
+        )

@@ -1,0 +1,352 @@
+"""The driver side of a study: hands trials to workers, feeds the pruner, records results.
+
+Optuna owns sampling, pruning and storage; this class owns *execution*: which trial goes to which
+worker, what happens when a worker disappears (the trial runs again: infrastructure failure) and when
+an objective raises (the trial FAILs with its traceback: not retried). All Optuna calls happen under
+one lock, so samplers see a consistent study.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import socket
+import socketserver
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+
+from deepspark.tuning import protocol
+from deepspark.tuning.trial import TrialRecord, TrialState
+
+__all__ = ["Coordinator", "TrialEvent"]
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_ATTR = "deepspark:default"
+INTERRUPTED_ATTR = "deepspark:interrupted"
+ATTEMPTS_ATTR = "deepspark:attempts"
+
+
+@dataclass(frozen=True)
+class TrialEvent:
+    kind: str  # "start" | "retry" | "finish"
+    number: int
+    record: TrialRecord | None = None
+    worker: str = ""
+
+
+@dataclass
+class _Running:
+    trial: optuna.Trial
+    params: dict[str, Any]
+    attempt: int
+    worker: str
+    slot: int
+    started: float = field(default_factory=time.perf_counter)
+    intermediate: dict[int, float] = field(default_factory=dict)
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        self.server.coordinator._serve(self.request)
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    coordinator: Coordinator
+
+
+class Coordinator:
+    """Runs ``n_trials`` new trials of ``study`` on whichever workers connect.
+
+    ``on_model`` is called with a trial record and its model files when a trial becomes the best so far.
+    """
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        *,
+        distributions: Mapping[str, Any],
+        fixed: Mapping[str, Any],
+        n_trials: int,
+        token: str,
+        bind: str = "127.0.0.1",
+        max_failures: int | None = None,
+        max_attempts: int = 3,
+        on_event: Callable[[TrialEvent], None] | None = None,
+        on_model: Callable[[TrialRecord, Mapping[str, bytes]], None] | None = None,
+    ) -> None:
+        self.study = study
+        self._distributions = dict(distributions)
+        self._fixed = dict(fixed)
+        self._to_start = n_trials
+        self._token = token
+        self._max_failures = max_failures
+        self._max_attempts = max_attempts
+        self._on_event = on_event
+        self._on_model = on_model
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._retry: deque[_Running] = deque()
+        self._running: dict[int, _Running] = {}
+        self._by_slot: dict[int, set[int]] = {}
+        self.records: list[TrialRecord] = []
+        self._failures = 0
+        self.stop_reason: str | None = None
+        self._best: float | None = self._study_best()
+        self._server = _Server((bind, 0), _Handler)
+        self._server.coordinator = self
+        self._thread = threading.Thread(target=self._server.serve_forever, name="deepspark-coordinator",
+                                        daemon=True)
+
+    # ------------------------------------------------------------------------------- lifecycle
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def stop(self, reason: str) -> None:
+        """Hand out no more trials; running ones may finish."""
+        with self._lock:
+            if self.stop_reason is None:
+                self.stop_reason = reason
+            self._changed.notify_all()
+
+    @property
+    def finished(self) -> bool:
+        with self._lock:
+            idle = not self._running and not self._retry
+            return idle and (self._to_start <= 0 or self.stop_reason is not None)
+
+    def wait(self, timeout: float) -> bool:
+        with self._lock:
+            if not self.finished:
+                self._changed.wait(timeout)
+            return self.finished
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            out = {s.value: 0 for s in TrialState}
+            for r in self.records:
+                out[r.state.value] += 1
+            out["running"] = len(self._running)
+            return out
+
+    @property
+    def best_value(self) -> float | None:
+        return self._best
+
+    def interrupt_running(self) -> list[int]:
+        """Mark every running or to-be-retried trial interrupted and queue its params for ``--resume``."""
+        with self._lock:
+            pending = list(self._running.values()) + list(self._retry)
+            self._running.clear()
+            self._retry.clear()
+            numbers = []
+            for run in pending:
+                self._interrupt(run)
+                numbers.append(run.trial.number)
+            self._changed.notify_all()
+            return numbers
+
+    def _interrupt(self, run: _Running) -> None:
+        run.trial.set_user_attr(INTERRUPTED_ATTR, True)
+        self.study.tell(run.trial, state=optuna.trial.TrialState.FAIL)
+        self.study.enqueue_trial(run.params, user_attrs={"deepspark:rerun_of": run.trial.number,
+                                                         **_default_attr(run.trial)})
+
+    # ------------------------------------------------------------------------------- protocol
+    def _serve(self, conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        slot = -1
+        worker = "?"
+        try:
+            hello = protocol.recv(conn)
+            if hello.get("op") != "hello" or hello.get("token") != self._token:
+                _log.warning("rejected a connection without the study's token")
+                return
+            slot, worker = int(hello.get("slot", -1)), str(hello.get("worker", "?"))
+            while True:
+                msg = protocol.recv(conn)
+                op = msg.get("op")
+                if op == "next":
+                    protocol.send(conn, self._next(slot, worker))
+                elif op == "report":
+                    protocol.send(conn, {"prune": self._report(int(msg["trial"]), int(msg["step"]),
+                                                               float(msg["value"]))})
+                elif op == "done":
+                    protocol.send(conn, {"send_model": self._done(msg, worker)})
+                elif op == "model":
+                    self._model(int(msg["trial"]), msg.get("files"))
+                    protocol.send(conn, {"ok": True})
+                else:
+                    raise protocol.ProtocolError(f"unknown op {op!r}")
+        except (OSError, ValueError, KeyError) as exc:
+            _log.debug("worker %s disconnected: %s", worker, exc)
+        finally:
+            self.worker_lost(slot, reason=f"worker {worker} disconnected")
+
+    def _next(self, slot: int, worker: str) -> dict[str, Any]:
+        with self._lock:
+            # With nothing left to start, a worker waits: a running trial elsewhere may still be lost
+            # and need a new home.
+            while self.stop_reason is None and not self._retry and self._to_start <= 0 and self._running:
+                self._changed.wait()
+            if self.stop_reason is not None:
+                return {"stop": True}
+            if self._retry:
+                run = self._retry.popleft()
+                run.attempt += 1
+                run.worker, run.slot, run.started = worker, slot, time.perf_counter()
+                run.trial.set_user_attr(ATTEMPTS_ATTR, run.attempt)
+                kind = "retry"
+            elif self._to_start > 0:
+                trial = self.study.ask(self._distributions)
+                self._to_start -= 1
+                params = {**self._fixed, **trial.params}
+                run = _Running(trial=trial, params=params, attempt=1, worker=worker, slot=slot)
+                kind = "start"
+            else:
+                return {"stop": True}
+            self._running[run.trial.number] = run
+            self._by_slot.setdefault(slot, set()).add(run.trial.number)
+        self._emit(TrialEvent(kind, run.trial.number, worker=worker))
+        return {"trial": run.trial.number, "params": run.params, "attempt": run.attempt}
+
+    def _report(self, number: int, step: int, value: float) -> bool:
+        with self._lock:
+            run = self._running.get(number)
+            if run is None:
+                return True  # no longer ours (interrupted): stop it
+            if step in run.intermediate:
+                return False  # a re-run reporting a step its first attempt already reported
+            run.intermediate[step] = value
+            run.trial.report(value, step)
+            return bool(run.trial.should_prune())
+
+    def _done(self, msg: Mapping[str, Any], worker: str) -> bool:
+        number = int(msg["trial"])
+        with self._lock:
+            run = self._running.pop(number, None)
+            if run is None:
+                return False
+            self._by_slot.get(run.slot, set()).discard(number)
+            state = TrialState(msg["state"])
+            value = msg.get("value")
+            record = TrialRecord(
+                number=number,
+                state=state,
+                params=run.params,
+                value=float(value) if value is not None else None,
+                metrics=dict(msg.get("metrics") or {}),
+                duration_s=float(msg.get("duration_s", 0.0)),
+                attempts=run.attempt,
+                worker=worker,
+                error=msg.get("error"),
+                traceback=msg.get("traceback"),
+                is_default=bool(run.trial.user_attrs.get(DEFAULT_ATTR)),
+                intermediate=dict(run.intermediate),
+            )
+            for key, val in record.metrics.items():
+                if isinstance(val, int | float | str | bool):
+                    run.trial.set_user_attr(f"metric:{key}", val)
+            run.trial.set_user_attr("duration_s", record.duration_s)
+            run.trial.set_user_attr("worker", worker)
+            if state is TrialState.FAIL:
+                run.trial.set_user_attr("error", record.error)
+                run.trial.set_user_attr("traceback", record.traceback)
+                self.study.tell(run.trial, state=optuna.trial.TrialState.FAIL)
+                self._failures += 1
+                if self._max_failures is not None and self._failures >= self._max_failures:
+                    self.stop_reason = f"{self._failures} failed trial(s) reached --max-failures {self._max_failures}"
+            elif state is TrialState.PRUNED:
+                self.study.tell(run.trial, state=optuna.trial.TrialState.PRUNED)
+            else:
+                self.study.tell(run.trial, record.value)
+            self.records.append(record)
+            send_model = state is TrialState.COMPLETE and self._better(record.value)
+            if send_model:
+                self._best = record.value
+            self._changed.notify_all()
+        self._emit(TrialEvent("finish", number, record=record, worker=worker))
+        return send_model
+
+    def _model(self, number: int, files: Mapping[str, str] | None) -> None:
+        if not files or self._on_model is None:
+            return
+        record = next((r for r in self.records if r.number == number), None)
+        if record is None or record.value != self._best:
+            return  # a better trial finished meanwhile
+        decoded = {name: base64.b64decode(data) for name, data in files.items()}
+        self._on_model(record, decoded)
+
+    def worker_lost(self, slot: int, *, reason: str) -> None:
+        """The worker on ``slot`` died: its running trials go back in the queue (or FAIL after retries)."""
+        lost: list[_Running] = []
+        with self._lock:
+            for number in list(self._by_slot.get(slot, ())):
+                run = self._running.pop(number, None)
+                if run is not None:
+                    lost.append(run)
+            self._by_slot.pop(slot, None)
+            for run in lost:
+                if self.stop_reason is not None:
+                    self._interrupt(run)
+                elif run.attempt < self._max_attempts:
+                    _log.warning("trial %d: %s (infrastructure failure, attempt %d); it will run again",
+                                 run.trial.number, reason, run.attempt)
+                    self._retry.append(run)
+                else:
+                    record = TrialRecord(number=run.trial.number, state=TrialState.FAIL, params=run.params,
+                                         attempts=run.attempt, worker=run.worker,
+                                         error=f"infrastructure: {reason}; gave up after {run.attempt} attempts")
+                    run.trial.set_user_attr("error", record.error)
+                    self.study.tell(run.trial, state=optuna.trial.TrialState.FAIL)
+                    self.records.append(record)
+                    self._emit(TrialEvent("finish", run.trial.number, record=record))
+            self._changed.notify_all()
+
+    # ------------------------------------------------------------------------------- helpers
+    def _better(self, value: float | None) -> bool:
+        if value is None:
+            return False
+        if self._best is None:
+            return True
+        maximize = self.study.direction == optuna.study.StudyDirection.MAXIMIZE
+        return value > self._best if maximize else value < self._best
+
+    def _study_best(self) -> float | None:
+        try:
+            return float(self.study.best_value)
+        except ValueError:
+            return None
+
+    def _emit(self, event: TrialEvent) -> None:
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:
+                _log.exception("progress callback failed")
+
+    def record_for(self, number: int) -> TrialRecord | None:
+        return next((r for r in self.records if r.number == number), None)
+
+
+def _default_attr(trial: optuna.Trial) -> dict[str, Any]:
+    return {DEFAULT_ATTR: True} if trial.user_attrs.get(DEFAULT_ATTR) else {}

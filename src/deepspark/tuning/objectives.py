@@ -1,0 +1,92 @@
+"""The built-in objective: train a zoo network on a broadcast image dataset with one trial's config."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from deepspark.errors import ConfigError
+from deepspark.models import ZOO, model_spec, save_checkpoint
+from deepspark.training import DEFAULT_TRAIN_CONFIG, EpochMetrics, TrainConfig, train
+from deepspark.tuning.trial import Reporter
+
+__all__ = ["TRAIN_KEYS", "TorchObjective"]
+
+TRAIN_KEYS = frozenset(TrainConfig.__dataclass_fields__) - {"threads"}
+
+
+class TorchObjective:
+    """``objective(config, reporter)`` for a zoo model; ``reporter.data`` is the broadcast ImageDataset.
+
+    Config keys that name :class:`TrainConfig` fields go to the trainer, the rest are the network's
+    hyperparameters (``fc``, ``conv1``, …). Reports test accuracy after every epoch, so pruners can act.
+    """
+
+    def __init__(self, *, model: str, base: Mapping[str, Any] | None = None) -> None:
+        if model not in ZOO:
+            raise ConfigError(f"model: expected one of {sorted(ZOO)}, got {model!r}")
+        self.model = model
+        self.base = dict(base or {})
+
+    def split(self, config: Mapping[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
+        merged = {**self.base, **config}
+        train_cfg = {k: v for k, v in merged.items() if k in TRAIN_KEYS}
+        hyper = {k: v for k, v in merged.items() if k not in TRAIN_KEYS}
+        allowed = set(ZOO[self.model][1])
+        unknown = set(hyper) - allowed
+        if unknown:
+            raise ConfigError(
+                f"parameter(s) {sorted(unknown)} are neither training options ({sorted(TRAIN_KEYS)}) nor "
+                f"hyperparameters of model {self.model!r} ({sorted(allowed)})"
+            )
+        return TrainConfig.from_dict({**DEFAULT_TRAIN_CONFIG.to_dict(), **train_cfg}), hyper
+
+    def default_params(self, names: list[str]) -> dict[str, Any]:
+        """The default configuration's value for each searched parameter (for the baseline trial)."""
+        import inspect
+
+        make = ZOO[self.model][0]
+        defaults = {k: p.default for k, p in inspect.signature(make).parameters.items()}
+        defaults.update(DEFAULT_TRAIN_CONFIG.to_dict())
+        defaults.update(self.base)
+        missing = [n for n in names if n not in defaults]
+        if missing:
+            raise ConfigError(f"parameter(s) {missing} have no default value for model {self.model!r}")
+        return {n: defaults[n] for n in names}
+
+    def __call__(self, config: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
+        data = reporter.data
+        train_config, hyper = self.split(config)
+        train_config = TrainConfig.from_dict({**train_config.to_dict(), "threads": reporter.threads})
+        spec = model_spec(self.model, input_shape=data.input_shape, num_classes=data.num_classes, **hyper)
+
+        def on_epoch(m: EpochMetrics) -> None:
+            reporter.report(m.epoch, m.test_accuracy)
+
+        result = train(spec, data, train_config, callback=on_epoch)
+
+        def files() -> dict[str, bytes]:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = save_checkpoint(
+                    Path(tmp) / "ckpt",
+                    result.model,
+                    spec,
+                    preprocess=result.preprocess,
+                    class_names=data.class_names,
+                    metrics={"accuracy": result.test_accuracy, "loss": result.test_loss},
+                    config={**train_config.to_dict(), **hyper},
+                )
+                return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+
+        reporter.keep_model(files)
+        return {
+            "accuracy": result.test_accuracy,
+            "loss": result.test_loss,
+            "epochs": len(result.history),
+            "train_seconds": sum(m.seconds for m in result.history),
+            "threads": reporter.threads,
+            "pid": os.getpid(),
+        }

@@ -1,0 +1,411 @@
+"""``tune()``: a study whose trials run as Spark tasks.
+
+The driver holds the Optuna study (in the run directory, so it survives the driver) and a small TCP
+coordinator. It submits one long-lived Spark task per slot; each task pulls trial after trial from the
+coordinator, so a trial costs one round trip rather than one Spark job, and the broadcast data is read
+once per task. A task that dies (executor lost, worker killed) is resubmitted and its trial runs again;
+an objective that raises is a FAIL and the study goes on.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from deepspark.errors import ConfigError, DeepsparkError
+from deepspark.tuning.coordinator import DEFAULT_ATTR, INTERRUPTED_ATTR, Coordinator, TrialEvent
+from deepspark.tuning.report import best_and_default, records_from_study, write_reports
+from deepspark.tuning.space import SearchSpace, load_space
+from deepspark.tuning.trial import Reporter, TrialRecord, TrialState
+from deepspark.tuning.worker import WorkerSpec, run_worker
+
+__all__ = ["PRUNERS", "SAMPLERS", "StudyResult", "tune"]
+
+_log = logging.getLogger(__name__)
+
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("none", "median", "asha")
+CONFIG_FILE, JOURNAL, BEST_DIR = "config.json", "study.journal", "best"
+STUDY_NAME = "deepspark"
+
+Objective = Callable[[dict[str, Any], Reporter], Any]
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """The outcome of :func:`tune`: every finished trial of the study (this run and earlier ones)."""
+
+    run_dir: Path
+    records: tuple[TrialRecord, ...]
+    best: TrialRecord | None
+    default: TrialRecord | None
+    summary: Mapping[str, Any] = field(default_factory=dict)
+    wall_s: float = 0.0
+    stop_reason: str | None = None
+    parallelism: int = 1
+
+    @property
+    def error_reduction(self) -> float | None:
+        value = self.summary.get("error_reduction")
+        return float(value) if value is not None else None
+
+    def counts(self) -> dict[str, int]:
+        return {s.value: sum(r.state is s for r in self.records) for s in TrialState}
+
+
+def _check_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _sampler(name: str, space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=True,
+                                          n_startup_trials=min(10, max(2, len(space.params) * 2)))
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.GridSampler(space.grid(), seed=seed)
+
+
+def _pruner(name: str) -> optuna.pruners.BasePruner:
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
+    if name == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def _prepare_run_dir(run_dir: Path, *, resume: bool) -> None:
+    if resume:
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise ConfigError(f"resume: {run_dir} is not a deepspark run directory (no {CONFIG_FILE})")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(
+            f"run_dir: {run_dir} already exists; pass resume=True (--resume {run_dir}) to continue that study, "
+            "or choose a new directory"
+        )
+
+
+def _save_model(run_dir: Path, record: TrialRecord, files: Mapping[str, bytes]) -> None:
+    target = run_dir / BEST_DIR
+    tmp = Path(tempfile.mkdtemp(prefix=".best.", dir=run_dir))
+    try:
+        for name, data in files.items():
+            safe = Path(name).name
+            if not safe or safe.startswith("."):
+                raise DeepsparkError(f"refusing model file name {name!r} from trial {record.number}")
+            (tmp / safe).write_bytes(data)
+        (tmp / "trial.json").write_text(json.dumps({"trial": record.number, "value": record.value}),
+                                        encoding="utf-8")
+        old = run_dir / ".best.old"
+        if target.exists():
+            target.replace(old)
+        tmp.replace(target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bind_address(spark: Any) -> str:
+    master = spark.sparkContext.master
+    if master.startswith("local[") or master == "local":
+        return "127.0.0.1"
+    return str(spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1"))
+
+
+def tune(
+    objective: Objective | None = None,
+    *,
+    space: SearchSpace | Mapping[str, Any] | str | None = None,
+    trials: int | None = None,
+    parallelism: int | None = None,
+    threads_per_trial: int = 1,
+    sampler: str = "tpe",
+    pruner: str = "median",
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    max_failures: int | None = None,
+    max_attempts: int = 3,
+    metric: str = "accuracy",
+    direction: str = "maximize",
+    default_config: Mapping[str, Any] | bool = True,
+    data: Any = None,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    model: str = "cnn",
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+    master: str | None = None,
+    seed: int = 0,
+    on_event: Callable[[TrialEvent], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+) -> StudyResult:
+    """Run a hyperparameter study whose trials are Spark tasks.
+
+    Either give ``objective(config, reporter) -> float | dict`` (any framework; ``data`` is broadcast once
+    and reaches it as ``reporter.data``), or leave it out and name a ``dataset`` and zoo ``model``: the
+    built-in objective trains it with each trial's config and reports per-epoch test accuracy.
+
+    ``run_dir`` holds the Optuna journal (open it with optuna-dashboard), ``trials.csv``, ``best.json`` and
+    the best model. ``resume=True`` continues a study after a crash or Ctrl-C: finished trials are kept,
+    interrupted ones run again. Every argument is checked before a Spark job starts.
+    """
+    from deepspark.tuning.objectives import TorchObjective
+
+    run_path = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="deepspark-tune-"))
+    _prepare_run_dir(run_path, resume=resume)
+    saved: dict[str, Any] = {}
+    if resume:
+        saved = json.loads((run_path / CONFIG_FILE).read_text(encoding="utf-8"))
+        space = space if space is not None else saved.get("space")
+        trials = trials if trials is not None else saved.get("trials")
+        sampler, pruner = saved.get("sampler", sampler), saved.get("pruner", pruner)
+        metric, direction = saved.get("metric", metric), saved.get("direction", direction)
+        if objective is None:
+            dataset = saved.get("dataset", dataset)
+            model = saved.get("model", model)
+            limit_train = saved.get("limit_train", limit_train)
+            limit_test = saved.get("limit_test", limit_test)
+        seed = saved.get("seed", seed)
+        threads_per_trial = saved.get("threads_per_trial", threads_per_trial)
+    trials = _check_int("trials", 24 if trials is None else trials)
+    threads_per_trial = _check_int("threads_per_trial", threads_per_trial)
+    _check_int("max_attempts", max_attempts)
+    if parallelism is not None:
+        _check_int("parallelism", parallelism)
+    if max_failures is not None:
+        _check_int("max_failures", max_failures)
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"sampler: expected one of {list(SAMPLERS)}, got {sampler!r}")
+    if pruner not in PRUNERS:
+        raise ConfigError(f"pruner: expected one of {list(PRUNERS)}, got {pruner!r}")
+    if direction not in ("maximize", "minimize"):
+        raise ConfigError(f"direction: expected 'maximize' or 'minimize', got {direction!r}")
+    search = load_space(space)
+    if not search.params:
+        raise ConfigError("space: no parameter to search; give at least one distribution (see docs/tune.md)")
+    if sampler == "grid":
+        size = search.grid_size()
+        if size < trials:
+            _log.warning("the grid has %d points; running %d trials, not %d", size, size, trials)
+            trials = size
+    builtin: TorchObjective | None = None
+    if objective is None:
+        if dataset is None:
+            raise ConfigError("give an objective function, or a dataset (and model) for the built-in objective")
+        builtin = TorchObjective(model=model)
+        builtin.split({**search.fixed, **{k: _example(v) for k, v in search.params.items()}})  # names check
+        objective = builtin
+    elif not callable(objective):
+        raise ConfigError(f"objective: expected a callable objective(config, reporter), got {objective!r}")
+    default_params: dict[str, Any] | None = None
+    if default_config is True and builtin is not None:
+        default_params = builtin.default_params(sorted(search.params))
+    elif isinstance(default_config, Mapping):
+        default_params = {k: default_config[k] for k in search.params if k in default_config}
+        missing = sorted(set(search.params) - set(default_params))
+        if missing:
+            raise ConfigError(f"default_config: lacks a value for searched parameter(s) {missing}")
+    distributions = search.distributions()
+    if default_params is not None:
+        for name, value in default_params.items():
+            dist = distributions[name]
+            try:
+                ok = dist._contains(dist.to_internal_repr(value))
+            except (ValueError, TypeError):
+                ok = False
+            if not ok:
+                raise ConfigError(
+                    f"the default configuration's {name}={value!r} lies outside the space for {name}; "
+                    "widen the space to include it, or pass default_config=False (--no-default)"
+                )
+
+    # ------------------------------------------------------------------ the study, in the run directory
+    run_path.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        config = {
+            "space": search.to_dict(), "trials": trials, "sampler": sampler, "pruner": pruner, "metric": metric,
+            "direction": direction, "seed": seed, "threads_per_trial": threads_per_trial,
+            "objective": "builtin" if builtin is not None else getattr(objective, "__qualname__", "user"),
+            "dataset": dataset, "model": model if builtin is not None else None,
+            "limit_train": limit_train, "limit_test": limit_test,
+        }
+        (run_path / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = JournalStorage(JournalFileBackend(str(run_path / JOURNAL)))
+        study = optuna.create_study(study_name=STUDY_NAME, storage=storage, load_if_exists=True,
+                                    direction=direction, sampler=_sampler(sampler, search, seed),
+                                    pruner=_pruner(pruner))
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        # Running when the driver died: keep nothing of it, run its configuration again.
+        study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"deepspark:rerun_of": t.number,
+                                                  **({DEFAULT_ATTR: True} if t.user_attrs.get(DEFAULT_ATTR) else {})})
+    finished = len(records_from_study(study))
+    if default_params is not None and not study.trials:
+        study.enqueue_trial(default_params, user_attrs={DEFAULT_ATTR: True})
+    to_run = max(0, trials - finished)
+
+    started = time.perf_counter()
+    stop_reason: str | None = None
+    used_parallelism = 0
+    if to_run:
+        stop_reason, used_parallelism = _execute(
+            study, objective, search=search, distributions=distributions, to_run=to_run, run_path=run_path,
+            parallelism=parallelism, threads=threads_per_trial, max_failures=max_failures,
+            max_attempts=max_attempts, metric=metric, data=data, builtin=builtin, dataset=dataset,
+            data_dir=data_dir, limit_train=limit_train, limit_test=limit_test, master=master,
+            on_event=on_event, on_start=on_start,
+        )
+    wall = time.perf_counter() - started
+    records = records_from_study(study)
+    maximize = direction == "maximize"
+    best_dir = run_path / BEST_DIR
+    summary = write_reports(run_path, records, metric=metric, maximize=maximize, fixed=dict(search.fixed),
+                            wall_s=wall, best_checkpoint=best_dir if best_dir.is_dir() else None)
+    best, default = best_and_default(records, maximize=maximize)
+    return StudyResult(run_dir=run_path, records=tuple(records), best=best, default=default, summary=summary,
+                       wall_s=wall, stop_reason=stop_reason, parallelism=used_parallelism)
+
+
+def _example(p: Mapping[str, Any]) -> Any:
+    return p["values"][0] if "values" in p else p["low"]
+
+
+def _execute(
+    study: optuna.Study,
+    objective: Objective,
+    *,
+    search: SearchSpace,
+    distributions: Mapping[str, Any],
+    to_run: int,
+    run_path: Path,
+    parallelism: int | None,
+    threads: int,
+    max_failures: int | None,
+    max_attempts: int,
+    metric: str,
+    data: Any,
+    builtin: Any,
+    dataset: str | None,
+    data_dir: str | None,
+    limit_train: int | None,
+    limit_test: int | None,
+    master: str | None,
+    on_event: Callable[[TrialEvent], None] | None,
+    on_start: Callable[[int, int], None] | None,
+) -> tuple[str | None, int]:
+    from deepspark.spark import session, task_cpus
+
+    if builtin is not None:
+        from deepspark.data import load_dataset
+
+        data = load_dataset(dataset, data_dir=data_dir)
+        if limit_train is not None or limit_test is not None:
+            data = data.subset(train=limit_train, test=limit_test)
+    spark = session(master, app_name="deepspark-tune", conf={"spark.task.cpus": threads})
+    sc = spark.sparkContext
+    cpus = task_cpus(spark)
+    cores = sc.defaultParallelism
+    effective_threads = threads
+    if cpus < threads:
+        # The session was made elsewhere with fewer cpus per task than a trial's threads: keep cores
+        # unshared by running fewer trials at once.
+        slots = max(1, cores // threads)
+        _log.warning("spark.task.cpus is %d but threads_per_trial is %d: running at most %d trials at once",
+                     cpus, threads, slots)
+    else:
+        slots = max(1, cores // cpus)
+    wanted = parallelism or slots
+    if wanted > slots:
+        _log.warning("parallelism %d is more than the cluster's %d task slots (%d cores / %d per trial); "
+                     "using %d", wanted, slots, cores, max(cpus, threads), slots)
+    width = min(wanted, slots, to_run)
+    if on_start is not None:
+        on_start(to_run, width)
+
+    broadcast = sc.broadcast(data) if data is not None else None
+    coordinator = Coordinator(
+        study, distributions=distributions, fixed=search.fixed, n_trials=to_run, token=secrets.token_hex(16),
+        bind=_bind_address(spark), max_failures=max_failures, max_attempts=max_attempts, on_event=on_event,
+        on_model=functools.partial(_save_model, run_path),
+    )
+    host, port = coordinator.address
+    spec = WorkerSpec(host=host, port=port, token=coordinator._token, objective=objective, metric=metric,
+                      broadcast=broadcast, threads=effective_threads)
+    group = f"deepspark-tune-{secrets.token_hex(4)}"
+    errors: list[BaseException] = []
+
+    def slot_loop(slot: int) -> None:
+        sc.setJobGroup(group, f"deepspark trial worker {slot}", interruptOnCancel=True)
+        failures, progress = 0, len(coordinator.records)
+        while not coordinator.finished and coordinator.stop_reason is None:
+            if len(coordinator.records) != progress:  # trials finished since the last failure
+                failures, progress = 0, len(coordinator.records)
+            try:
+                body = functools.partial(run_worker, spec, slot)
+                sc.parallelize([slot], 1).mapPartitions(body).collect()
+            except Exception as exc:
+                coordinator.worker_lost(slot, reason=_short(exc))
+                if coordinator.stop_reason is not None:
+                    return
+                failures += 1
+                _log.warning("trial worker %d: its Spark task failed (%s); resubmitting (%d)", slot,
+                             _short(exc), failures)
+                if failures > max_attempts:
+                    errors.append(exc)
+                    coordinator.stop(f"trial worker {slot} failed {failures} times: {_short(exc)}")
+                    return
+
+    coordinator.start()
+    threads_ = [threading.Thread(target=slot_loop, args=(i,), name=f"deepspark-slot-{i}", daemon=True)
+                for i in range(width)]
+    try:
+        for t in threads_:
+            t.start()
+        while not coordinator.wait(0.5):
+            if not any(t.is_alive() for t in threads_):
+                coordinator.stop("every trial worker stopped")
+                break
+    except KeyboardInterrupt:
+        coordinator.stop("interrupted")
+        sc.cancelJobGroup(group)
+        coordinator.interrupt_running()
+    finally:
+        coordinator.stop(coordinator.stop_reason or "done")
+        for t in threads_:
+            t.join(timeout=30)
+        coordinator.interrupt_running()
+        coordinator.close()
+        if broadcast is not None:
+            broadcast.destroy()
+    reason = coordinator.stop_reason
+    return (None if reason == "done" else reason), width
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    for line in text:
+        if "Error" in line or "Exception" in line or "exited" in line:
+            return line.strip()[:300]
+    return (text[0] if text else type(exc).__name__)[:300]

@@ -1,0 +1,156 @@
+"""Search spaces: a YAML file or a dict of parameter → distribution, turned into Optuna distributions.
+
+Every parameter is validated here, before any Spark job starts::
+
+    learning_rate: {type: loguniform, low: 1.0e-4, high: 1.0e-2}
+    fc:            {type: choice, values: [256, 512, 1024]}
+    conv2:         {type: int, low: 32, high: 96, step: 32}
+    dropout:       {type: uniform, low: 0.2, high: 0.6}
+    batch_size:    {type: grid, values: [32, 64]}
+    epochs: 3      # a bare value is fixed: every trial gets it
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deepspark.errors import ConfigError
+
+__all__ = ["DISTRIBUTIONS", "SearchSpace", "load_space"]
+
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "grid")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Validated parameters: ``params`` are searched, ``fixed`` are passed to every trial as they are."""
+
+    params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+
+    def distributions(self) -> dict[str, Any]:
+        """Optuna distributions for the searched parameters."""
+        import optuna.distributions as d
+
+        out: dict[str, Any] = {}
+        for name, p in self.params.items():
+            kind = p["type"]
+            if kind == "uniform":
+                out[name] = d.FloatDistribution(p["low"], p["high"])
+            elif kind == "loguniform":
+                out[name] = d.FloatDistribution(p["low"], p["high"], log=True)
+            elif kind == "int":
+                out[name] = d.IntDistribution(p["low"], p["high"], step=p.get("step", 1), log=p.get("log", False))
+            else:
+                out[name] = d.CategoricalDistribution(tuple(p["values"]))
+        return out
+
+    def grid(self) -> dict[str, list[Any]]:
+        """The grid for Optuna's GridSampler: every parameter must have a finite set of values."""
+        grid: dict[str, list[Any]] = {}
+        for name, p in self.params.items():
+            if p["type"] in ("choice", "grid"):
+                grid[name] = list(p["values"])
+            elif p["type"] == "int" and not p.get("log", False):
+                grid[name] = list(range(p["low"], p["high"] + 1, p.get("step", 1)))
+            else:
+                raise ConfigError(
+                    f"space: parameter {name!r} is a continuous {p['type']} distribution, which the grid sampler "
+                    "cannot enumerate; give it 'values' (type: grid or choice) or use sampler 'tpe' or 'random'"
+                )
+        return grid
+
+    def grid_size(self) -> int:
+        return math.prod(len(v) for v in self.grid().values()) if self.params else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{k: dict(v) for k, v in self.params.items()}, **dict(self.fixed)}
+
+
+def _number(name: str, key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"space: parameter {name!r}: {key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _parse_param(name: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    kind = raw.get("type")
+    if kind not in DISTRIBUTIONS:
+        raise ConfigError(
+            f"space: parameter {name!r}: unknown distribution {kind!r}; expected one of {list(DISTRIBUTIONS)}"
+        )
+    allowed = {"uniform": {"low", "high"}, "loguniform": {"low", "high"}, "int": {"low", "high", "step", "log"},
+               "choice": {"values"}, "grid": {"values"}}[kind]
+    extra = set(raw) - allowed - {"type"}
+    if extra:
+        raise ConfigError(f"space: parameter {name!r} ({kind}): unknown key(s) {sorted(extra)}; allowed {sorted(allowed)}")
+    if kind in ("choice", "grid"):
+        values = raw.get("values")
+        if not isinstance(values, list | tuple) or not values:
+            raise ConfigError(f"space: parameter {name!r} ({kind}): 'values' must be a non-empty list, got {values!r}")
+        for v in values:
+            if v is not None and not isinstance(v, str | int | float | bool):
+                raise ConfigError(f"space: parameter {name!r}: values must be numbers, strings or booleans, got {v!r}")
+        if len(set(map(repr, values))) != len(values):
+            raise ConfigError(f"space: parameter {name!r}: values {list(values)} contain duplicates")
+        return {"type": kind, "values": list(values)}
+    for key in ("low", "high"):
+        if key not in raw:
+            raise ConfigError(f"space: parameter {name!r} ({kind}) needs '{key}'")
+    low, high = _number(name, "low", raw["low"]), _number(name, "high", raw["high"])
+    if low >= high:
+        raise ConfigError(f"space: parameter {name!r}: low must be less than high, got low={low:g}, high={high:g}")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"space: parameter {name!r}: loguniform bounds must be > 0, got low={low:g}")
+    if kind == "int":
+        if not float(low).is_integer() or not float(high).is_integer():
+            raise ConfigError(f"space: parameter {name!r} (int): low and high must be integers, got {low:g}, {high:g}")
+        step = raw.get("step", 1)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise ConfigError(f"space: parameter {name!r} (int): step must be a positive integer, got {step!r}")
+        log = bool(raw.get("log", False))
+        if log and (low <= 0 or step != 1):
+            raise ConfigError(f"space: parameter {name!r} (int, log): needs low > 0 and step 1")
+        return {"type": "int", "low": int(low), "high": int(high), "step": step, "log": log}
+    return {"type": kind, "low": low, "high": high}
+
+
+def load_space(space: SearchSpace | Mapping[str, Any] | str | os.PathLike[str] | None) -> SearchSpace:
+    """Parse and validate a search space from a dict or a YAML/JSON file."""
+    if space is None:
+        return SearchSpace()
+    if isinstance(space, SearchSpace):
+        return space
+    if isinstance(space, str | os.PathLike):
+        path = Path(space)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"space: cannot read {path}: {exc}") from exc
+        import yaml
+
+        try:
+            space = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"space: {path} is not valid YAML: {exc}") from exc
+    if not isinstance(space, Mapping):
+        raise ConfigError(f"space: expected a mapping of parameter name to distribution, got {type(space).__name__}")
+    params: dict[str, dict[str, Any]] = {}
+    fixed: dict[str, Any] = {}
+    for name, raw in space.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"space: parameter names must be non-empty strings, got {name!r}")
+        if isinstance(raw, Mapping):
+            params[name] = _parse_param(name, raw)
+        elif raw is None or isinstance(raw, str | int | float | bool):
+            fixed[name] = raw
+        else:
+            raise ConfigError(
+                f"space: parameter {name!r}: expected a distribution mapping or a fixed value, got {raw!r}"
+            )
+    return SearchSpace(params=params, fixed=fixed)

@@ -1,0 +1,93 @@
+"""What a trial is, seen from both sides: the immutable record on the driver and the reporter an
+objective talks to inside a Spark task."""
+
+from __future__ import annotations
+
+import base64
+import enum
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from deepspark.errors import DeepsparkError
+from deepspark.tuning import protocol
+
+__all__ = ["Reporter", "TrialPruned", "TrialRecord", "TrialState"]
+
+
+class TrialState(enum.Enum):
+    """Final states. A trial's record is immutable once it reaches one of them."""
+
+    COMPLETE = "complete"
+    PRUNED = "pruned"
+    FAIL = "fail"
+
+
+class TrialPruned(DeepsparkError):  # noqa: N818 - the field's own name (optuna.TrialPruned)
+    """Raised inside an objective by :meth:`Reporter.report` when the pruner stops the trial."""
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One finished trial. ``attempts`` > 1 means an infrastructure failure made us run it again."""
+
+    number: int
+    state: TrialState
+    params: Mapping[str, Any]
+    value: float | None = None
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    duration_s: float = 0.0
+    attempts: int = 1
+    worker: str = ""
+    error: str | None = None
+    traceback: str | None = None
+    is_default: bool = False
+    intermediate: Mapping[int, float] = field(default_factory=dict)
+
+
+class Reporter:
+    """The objective's line to the driver: per-step metrics for pruning, and the model to keep.
+
+    An objective is called as ``objective(config, reporter)``. ``reporter.data`` is the value that
+    was broadcast once for the whole study; ``reporter.threads`` is the thread budget of the task.
+    """
+
+    def __init__(
+        self,
+        *,
+        conn: socket.socket | None,
+        number: int,
+        attempt: int,
+        data: Any,
+        threads: int,
+    ) -> None:
+        self._conn = conn
+        self.number = number
+        self.attempt = attempt
+        self.data = data
+        self.threads = threads
+        self._pruned = False
+        self._model_files: Callable[[], Mapping[str, bytes]] | None = None
+
+    def report(self, step: int, value: float) -> None:
+        """Report the metric after ``step`` (an epoch, say); raises :class:`TrialPruned` if told to stop."""
+        if self._conn is None:
+            return
+        protocol.send(self._conn, {"op": "report", "trial": self.number, "step": int(step), "value": float(value)})
+        answer = protocol.recv(self._conn)
+        if answer.get("prune"):
+            self._pruned = True
+            raise TrialPruned(f"trial {self.number} pruned at step {step} (value {value:g})")
+
+    def should_prune(self) -> bool:
+        return self._pruned
+
+    def keep_model(self, files: Callable[[], Mapping[str, bytes]]) -> None:
+        """Offer this trial's model; ``files`` is called only if the driver asks (a new best)."""
+        self._model_files = files
+
+    def _encoded_model(self) -> dict[str, str] | None:
+        if self._model_files is None:
+            return None
+        return {name: base64.b64encode(data).decode("ascii") for name, data in self._model_files().items()}

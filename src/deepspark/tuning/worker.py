@@ -1,0 +1,107 @@
+"""The trial worker: one runs inside each Spark task and pulls trials from the driver until told to stop.
+
+A worker lives for many trials, so the broadcast data is deserialised, and the Python worker warmed up,
+once per task rather than once per trial. Everything it needs arrives as arguments, so the pickled
+closure carries no SparkSession and no driver object.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from deepspark.tuning import protocol
+from deepspark.tuning.trial import Reporter, TrialPruned
+
+__all__ = ["WorkerSpec", "run_worker"]
+
+_log = logging.getLogger(__name__)
+
+Objective = Callable[[dict[str, Any], Reporter], Any]
+
+
+class WorkerSpec:
+    """The fields a worker needs, copied out of the driver's objects before the closure is made."""
+
+    def __init__(self, *, host: str, port: int, token: str, objective: Objective, metric: str,
+                 broadcast: Any, threads: int) -> None:
+        self.host, self.port, self.token = host, port, token
+        self.objective, self.metric = objective, metric
+        self.broadcast, self.threads = broadcast, threads
+
+
+def _metrics(out: Any, metric: str) -> tuple[float, dict[str, Any]]:
+    if isinstance(out, bool) or out is None:
+        raise TypeError(f"the objective must return a number or a dict holding {metric!r}, got {out!r}")
+    if isinstance(out, int | float):
+        return float(out), {metric: float(out)}
+    if isinstance(out, Mapping):
+        if metric not in out:
+            raise KeyError(f"the objective returned {sorted(out)}, which lacks the metric {metric!r}")
+        value = float(out[metric])
+        clean = {str(k): (float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v)
+                 for k, v in out.items()}
+        return value, clean
+    raise TypeError(f"the objective must return a number or a dict holding {metric!r}, got {type(out).__name__}")
+
+
+def run_worker(spec: WorkerSpec, slot: int, partition: Iterable[Any]) -> Iterator[dict[str, Any]]:
+    """Body of the Spark task: connect, then ask → run → tell until the driver says stop."""
+    from pyspark import TaskContext
+
+    from deepspark.spark import limit_threads
+
+    del partition
+    ctx = TaskContext.get()
+    threads = ctx.cpus() if ctx is not None else spec.threads
+    threads = max(1, min(threads, spec.threads)) if spec.threads else threads
+    limit_threads(threads)
+    data = spec.broadcast.value if spec.broadcast is not None else None
+    worker = f"{socket.gethostname()}:{os.getpid()}:slot{slot}"
+    if ctx is not None:
+        worker += f":attempt{ctx.attemptNumber()}"
+    done = 0
+    with socket.create_connection((spec.host, spec.port), timeout=60) as conn:
+        conn.settimeout(None)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        protocol.send(conn, {"op": "hello", "token": spec.token, "worker": worker, "slot": slot,
+                             "threads": threads})
+        while True:
+            protocol.send(conn, {"op": "next"})
+            task = protocol.recv(conn)
+            if task.get("stop"):
+                break
+            number, params = int(task["trial"]), dict(task["params"])
+            reporter = Reporter(conn=conn, number=number, attempt=int(task.get("attempt", 1)), data=data,
+                                threads=threads)
+            started = time.perf_counter()
+            result: dict[str, Any] = {"op": "done", "trial": number}
+            try:
+                value, metrics = _metrics(spec.objective(params, reporter), spec.metric)
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"the objective's {spec.metric} is {value}")
+                result.update(state="complete", value=value, metrics=metrics)
+            except TrialPruned:
+                result.update(state="pruned")
+            except (Exception, SystemExit) as exc:  # the objective's failure is the trial's FAIL
+                result.update(state="fail", error=f"{type(exc).__name__}: {exc}",
+                              traceback="".join(traceback.format_exception(exc))[-8000:])
+            result["duration_s"] = time.perf_counter() - started
+            protocol.send(conn, result)
+            answer = protocol.recv(conn)
+            if answer.get("send_model"):
+                files = None
+                try:
+                    files = reporter._encoded_model()
+                except Exception:
+                    _log.exception("trial %d: could not serialise its model", number)
+                protocol.send(conn, {"op": "model", "trial": number, "files": files})
+                protocol.recv(conn)
+            done += 1
+    yield {"worker": worker, "trials": done}
