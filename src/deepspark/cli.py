@@ -101,6 +101,76 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train)
 
 
+# --------------------------------------------------------------------------------------------- tune
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from deepspark._console import StudyProgress, print_study
+    from deepspark.tuning import tune
+    from deepspark.tuning.presets import preset
+
+    options: dict[str, Any] = preset(args.preset) if args.preset else {}
+    given = {
+        "dataset": args.dataset,
+        "model": args.model,
+        "space": args.space,
+        "trials": args.trials,
+        "parallelism": args.parallelism,
+        "threads_per_trial": args.threads_per_trial,
+        "sampler": args.sampler,
+        "pruner": args.pruner,
+        "max_failures": args.max_failures,
+        "limit_train": args.limit_train,
+        "limit_test": args.limit_test,
+    }
+    options.update({k: v for k, v in given.items() if v is not None})
+    if args.resume:
+        options = {k: v for k, v in options.items() if k in ("trials", "parallelism", "max_failures")}
+        options.update(run_dir=args.resume, resume=True)
+    else:
+        options.setdefault("dataset", "mnist")
+        options["run_dir"] = args.run_dir
+    console = Console(stderr=True)
+    progress = StudyProgress(console, maximize=True)
+    try:
+        result = tune(
+            **options,
+            data_dir=args.data_dir,
+            master=args.master,
+            seed=args.seed,
+            default_config=not args.no_default,
+            on_event=progress,
+            on_start=progress.start,
+        )
+    finally:
+        progress.stop()
+    print_study(Console(), result)
+    return 130 if result.stop_reason == "interrupted" else 0
+
+
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="distributed hyperparameter search; trials run as Spark tasks")
+    p.add_argument("dataset", nargs="?", default=None, help="dataset name (mnist) or MNIST-layout directory")
+    p.add_argument("--preset", default=None, help="a ready study: quick (make run) or paper (the blog's)")
+    p.add_argument("--model", default=None, help="zoo model: mlp, lenet, cnn (default cnn)")
+    p.add_argument("--space", default=None, help="search space YAML file (see docs/tune.md)")
+    p.add_argument("--trials", type=int, default=None, help="total trials in the study (default 24)")
+    p.add_argument("--parallelism", type=int, default=None, help="trials at once (default: every task slot)")
+    p.add_argument("--threads-per-trial", type=int, default=None, help="spark.task.cpus and torch threads")
+    p.add_argument("--sampler", default=None, choices=["tpe", "random", "grid"])
+    p.add_argument("--pruner", default=None, choices=["none", "median", "asha"])
+    p.add_argument("--max-failures", type=int, default=None, help="stop after N failed trials")
+    p.add_argument("--run-dir", default=None, help="where the study lives (must not exist yet)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the study in RUN_DIR")
+    p.add_argument("--master", default=None, help="Spark master URL (default: active session or local[*])")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--limit-train", type=int, default=None, help="use the first N training images")
+    p.add_argument("--limit-test", type=int, default=None, help="use the first N test images")
+    p.add_argument("--no-default", action="store_true", help="do not run the default configuration first")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_tune)
+
+
 # --------------------------------------------------------------------------------------------- main
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepspark", description=__doc__)
@@ -108,6 +178,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data(sub)
     _add_train(sub)
+    _add_tune(sub)
     return parser
 
 

@@ -327,19 +327,17 @@ def _execute(
     sc = spark.sparkContext
     cpus = task_cpus(spark)
     cores = sc.defaultParallelism
-    effective_threads = threads
+    # A trial uses max(threads_per_trial, spark.task.cpus) threads. When the session was made elsewhere
+    # with fewer cpus per task than that, fewer trials run at once so that cores are never shared.
+    effective_threads = max(threads, cpus)
+    slots = max(1, cores // effective_threads)
     if cpus < threads:
-        # The session was made elsewhere with fewer cpus per task than a trial's threads: keep cores
-        # unshared by running fewer trials at once.
-        slots = max(1, cores // threads)
         _log.warning("spark.task.cpus is %d but threads_per_trial is %d: running at most %d trials at once",
                      cpus, threads, slots)
-    else:
-        slots = max(1, cores // cpus)
     wanted = parallelism or slots
     if wanted > slots:
-        _log.warning("parallelism %d is more than the cluster's %d task slots (%d cores / %d per trial); "
-                     "using %d", wanted, slots, cores, max(cpus, threads), slots)
+        _log.warning("parallelism %d is more than the cluster's %d task slots (%d cores / %d threads per "
+                     "trial); using %d", wanted, slots, cores, effective_threads, slots)
     width = min(wanted, slots, to_run)
     if on_start is not None:
         on_start(to_run, width)

@@ -59,8 +59,8 @@ def run_worker(spec: WorkerSpec, slot: int, partition: Iterable[Any]) -> Iterato
 
     del partition
     ctx = TaskContext.get()
-    threads = ctx.cpus() if ctx is not None else spec.threads
-    threads = max(1, min(threads, spec.threads)) if spec.threads else threads
+    # The driver sized parallelism so that this many threads per task never oversubscribes the cores.
+    threads = max(spec.threads, ctx.cpus() if ctx is not None else 1)
     limit_threads(threads)
     data = spec.broadcast.value if spec.broadcast is not None else None
     worker = f"{socket.gethostname()}:{os.getpid()}:slot{slot}"

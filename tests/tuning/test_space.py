@@ -1,0 +1,65 @@
+"""Search-space parsing: every bad input is a ConfigError naming the parameter."""
+
+from __future__ import annotations
+
+import pytest
+
+from deepspark.errors import ConfigError
+from deepspark.tuning import load_space
+
+
+def test_parses_each_distribution_and_fixed_values() -> None:
+    space = load_space(
+        {
+            "lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+            "p": {"type": "uniform", "low": 0.1, "high": 0.5},
+            "width": {"type": "int", "low": 16, "high": 64, "step": 16},
+            "opt": {"type": "choice", "values": ["adam", "sgd"]},
+            "bs": {"type": "grid", "values": [32, 64]},
+            "epochs": 2,
+        }
+    )
+    dists = space.distributions()
+    assert dists["lr"].log and dists["lr"].low == 1e-4
+    assert dists["width"].step == 16
+    assert dists["opt"].choices == ("adam", "sgd")
+    assert space.fixed == {"epochs": 2}
+
+
+def test_grid_enumerates_discrete_params() -> None:
+    space = load_space({"w": {"type": "int", "low": 1, "high": 3}, "o": {"type": "choice", "values": ["a", "b"]}})
+    assert space.grid() == {"w": [1, 2, 3], "o": ["a", "b"]}
+    assert space.grid_size() == 6
+
+
+def test_grid_rejects_continuous() -> None:
+    space = load_space({"lr": {"type": "uniform", "low": 0.0, "high": 1.0}})
+    with pytest.raises(ConfigError, match="'lr'.*continuous"):
+        space.grid()
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"x": {"type": "normal", "low": 0, "high": 1}}, "unknown distribution 'normal'"),
+        ({"x": {"type": "uniform", "low": 1, "high": 1}}, "low must be less than high"),
+        ({"x": {"type": "uniform", "low": 2, "high": 1}}, "low must be less than high"),
+        ({"x": {"type": "loguniform", "low": 0, "high": 1}}, "loguniform bounds must be > 0"),
+        ({"x": {"type": "loguniform", "low": -1, "high": 1}}, "loguniform bounds must be > 0"),
+        ({"x": {"type": "choice", "values": []}}, "non-empty list"),
+        ({"x": {"type": "int", "low": 0.5, "high": 3}}, "must be integers"),
+        ({"x": {"type": "uniform", "low": 0}}, "needs 'high'"),
+        ({"x": {"type": "uniform", "low": 0, "high": 1, "q": 2}}, "unknown key"),
+    ],
+)
+def test_bad_spaces_are_clear_errors(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        load_space(raw)
+    assert "'x'" in str(info.value)
+
+
+def test_yaml_file(tmp_path) -> None:
+    path = tmp_path / "space.yaml"
+    path.write_text("learning_rate: {type: loguniform, low: 1.0e-4, high: 1.0e-2}\nepochs: 3\n")
+    space = load_space(str(path))
+    assert set(space.params) == {"learning_rate"} and space.fixed == {"epochs": 3}

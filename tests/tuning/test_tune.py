@@ -1,0 +1,189 @@
+"""Trials on Spark (local[2], the shared session): samplers, pruners, failures, threads, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from deepspark.errors import ConfigError
+from deepspark.tuning import TrialState, tune
+
+X = {"x": {"type": "uniform", "low": 0.0, "high": 1.0}}
+
+
+def _quadratic(config, reporter):
+    return {"accuracy": 1.0 - (config["x"] - 0.3) ** 2}
+
+
+def test_user_objective_runs_every_trial(spark, tmp_path) -> None:
+    result = tune(_quadratic, space=X, trials=8, sampler="random", pruner="none", run_dir=tmp_path / "r")
+    assert result.counts() == {"complete": 8, "pruned": 0, "fail": 0}
+    assert all(0.0 <= r.params["x"] <= 1.0 for r in result.records)
+    assert result.best.value == max(r.value for r in result.records)
+    rows = list(csv.DictReader((tmp_path / "r" / "trials.csv").open()))
+    assert len(rows) == 8 and {row["state"] for row in rows} == {"complete"}
+    best = json.loads((tmp_path / "r" / "best.json").read_text())
+    assert best["best"]["trial"] == result.best.number
+
+
+def test_grid_sampler_visits_each_point_once(spark, tmp_path) -> None:
+    space = {"a": {"type": "grid", "values": [1, 2, 3]}, "b": {"type": "choice", "values": ["u", "v"]}}
+    result = tune(lambda c, r: float(c["a"]), space=space, trials=50, sampler="grid", pruner="none",
+                  run_dir=tmp_path / "g")
+    seen = sorted((r.params["a"], r.params["b"]) for r in result.records)
+    assert seen == [(a, b) for a in (1, 2, 3) for b in ("u", "v")]
+
+
+def test_tpe_with_constant_liar_proposes_distinct_configs(spark, tmp_path) -> None:
+    result = tune(_quadratic, space=X, trials=16, sampler="tpe", pruner="none", parallelism=2,
+                  run_dir=tmp_path / "t")
+    xs = [r.params["x"] for r in result.records]
+    assert len(set(xs)) == 16
+    # TPE concentrates on the optimum at 0.3 once it has seen a few trials.
+    late = sorted(result.records, key=lambda r: r.number)[10:]
+    assert min(abs(r.params["x"] - 0.3) for r in late) < 0.15
+
+
+@pytest.mark.parametrize("pruner", ["median", "asha"])
+def test_pruners_stop_bad_trials_from_intermediate_reports(spark, tmp_path, pruner) -> None:
+    def objective(config, reporter):
+        for step in range(1, 6):
+            reporter.report(step, config["x"])
+        return config["x"]
+
+    result = tune(objective, space=X, trials=16, sampler="random", pruner=pruner, parallelism=2,
+                  run_dir=tmp_path / pruner, seed=3)
+    pruned = [r for r in result.records if r.state is TrialState.PRUNED]
+    complete = [r for r in result.records if r.state is TrialState.COMPLETE]
+    assert pruned, "the pruner never stopped a trial"
+    assert len(pruned) + len(complete) == 16
+    # A pruned trial stopped early: it reported fewer steps than a complete one.
+    assert all(len(r.intermediate) < 5 for r in pruned)
+    assert max(r.params["x"] for r in pruned) < max(r.params["x"] for r in complete)
+
+
+def test_objective_exception_is_a_fail_and_not_retried(spark, tmp_path) -> None:
+    def objective(config, reporter):
+        if config["x"] > 0.5:
+            raise ValueError(f"bad x {config['x']:.3f}")
+        return config["x"]
+
+    result = tune(objective, space=X, trials=10, sampler="random", pruner="none", run_dir=tmp_path / "f")
+    failed = [r for r in result.records if r.state is TrialState.FAIL]
+    assert failed and len(failed) < 10
+    for r in failed:
+        assert r.params["x"] > 0.5
+        assert r.attempts == 1
+        assert r.error.startswith("ValueError: bad x")
+        assert "Traceback" in r.traceback and "objective" in r.traceback
+    assert result.counts()["complete"] == 10 - len(failed)
+
+
+def test_max_failures_stops_the_study(spark, tmp_path) -> None:
+    def objective(config, reporter):
+        raise RuntimeError("always")
+
+    result = tune(objective, space=X, trials=20, sampler="random", pruner="none", parallelism=1,
+                  max_failures=3, run_dir=tmp_path / "m")
+    assert result.counts()["fail"] == 3
+    assert "max-failures" in (result.stop_reason or "")
+
+
+def test_killed_task_is_infrastructure_failure_and_runs_again(spark, tmp_path) -> None:
+    def objective(config, reporter):
+        if reporter.number == 1 and reporter.attempt == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # the Python worker dies mid-trial
+        return {"accuracy": config["x"], "attempt": reporter.attempt}
+
+    result = tune(objective, space=X, trials=4, sampler="random", pruner="none", parallelism=2,
+                  run_dir=tmp_path / "k")
+    assert result.counts() == {"complete": 4, "pruned": 0, "fail": 0}
+    killed = next(r for r in result.records if r.number == 1)
+    assert killed.attempts == 2 and killed.metrics["attempt"] == 2
+    assert all(r.attempts == 1 for r in result.records if r.number != 1)
+
+
+def test_threads_per_trial_honoured_inside_the_task(spark, tmp_path, caplog) -> None:
+    def objective(config, reporter):
+        import torch
+
+        return {"accuracy": 1.0, "torch_threads": torch.get_num_threads(),
+                "omp": float(os.environ["OMP_NUM_THREADS"]), "reporter_threads": reporter.threads}
+
+    result = tune(objective, space=X, trials=2, sampler="random", pruner="none", parallelism=2,
+                  run_dir=tmp_path / "one")
+    assert {r.metrics["torch_threads"] for r in result.records} == {1.0}
+    assert result.parallelism == 2
+    with caplog.at_level(logging.WARNING, logger="deepspark"):
+        result = tune(objective, space=X, trials=2, sampler="random", pruner="none", threads_per_trial=2,
+                      parallelism=2, run_dir=tmp_path / "two")
+    assert {r.metrics["torch_threads"] for r in result.records} == {2.0}
+    assert {r.metrics["omp"] for r in result.records} == {2.0}
+    # local[2] has 2 cores: two 2-thread trials at once would oversubscribe, so they ran one at a time.
+    assert result.parallelism == 1
+    assert "running at most 1 trials at once" in caplog.text
+
+
+def test_parallelism_beyond_slots_warns_with_the_number(spark, tmp_path, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="deepspark"):
+        result = tune(_quadratic, space=X, trials=3, sampler="random", pruner="none", parallelism=7,
+                      run_dir=tmp_path / "p")
+    assert "parallelism 7 is more than the cluster's 2 task slots" in caplog.text
+    assert result.parallelism == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"space": {"x": {"type": "gauss", "low": 0, "high": 1}}}, "unknown distribution"),
+        ({"space": {"x": {"type": "uniform", "low": 1, "high": 0}}}, "low must be less than high"),
+        ({"space": {"x": {"type": "loguniform", "low": 0, "high": 1}}}, "bounds must be > 0"),
+        ({"space": X, "sampler": "cmaes-ish"}, "sampler: expected one of"),
+        ({"space": X, "pruner": "hyperband-ish"}, "pruner: expected one of"),
+        ({"space": X, "trials": 0}, "trials: expected an integer >= 1"),
+        ({"space": X, "threads_per_trial": 0}, "threads_per_trial"),
+        ({"space": {}}, "no parameter to search"),
+    ],
+)
+def test_bad_input_fails_before_any_spark_job(tmp_path, monkeypatch, kwargs, message) -> None:
+    import deepspark.spark as ds_spark
+
+    def no_spark(*args, **kw):
+        raise AssertionError("a Spark session was requested before validation finished")
+
+    monkeypatch.setattr(ds_spark, "session", no_spark)
+    with pytest.raises(ConfigError, match=message):
+        tune(_quadratic, run_dir=tmp_path / "bad", **kwargs)
+
+
+def test_existing_run_dir_needs_resume(tmp_path) -> None:
+    run = tmp_path / "exists"
+    run.mkdir()
+    (run / "something").write_text("x")
+    with pytest.raises(ConfigError, match="already exists; pass resume=True"):
+        tune(_quadratic, space=X, trials=2, run_dir=run)
+    with pytest.raises(ConfigError, match="not a deepspark run directory"):
+        tune(_quadratic, space=X, trials=2, run_dir=run, resume=True)
+
+
+def test_resume_runs_only_what_is_missing(spark, tmp_path) -> None:
+    run = tmp_path / "res"
+    first = tune(_quadratic, space=X, trials=3, sampler="random", pruner="none", run_dir=run)
+    assert len(first.records) == 3
+    seen: list[int] = []
+
+    def counting(config, reporter):
+        seen.append(reporter.number)  # runs in a worker: record through the result instead
+        return {"accuracy": 1.0 - (config["x"] - 0.3) ** 2, "resumed": 1}
+
+    second = tune(counting, run_dir=run, resume=True, trials=5)
+    assert len(second.records) == 5
+    resumed = [r for r in second.records if r.metrics.get("resumed")]
+    assert sorted(r.number for r in resumed) == [3, 4]
+    assert Path(run / "study.journal").is_file()
