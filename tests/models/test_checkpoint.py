@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from deepspark.errors import CheckpointError
+from deepspark.models import Preprocess, build_model, load_checkpoint, model_spec, save_checkpoint
+
+PRE = Preprocess(input_shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,))
+
+
+def test_round_trip_gives_identical_outputs(tmp_path) -> None:
+    spec = model_spec("cnn", conv1=4, conv2=8, fc=16)
+    model = build_model(spec, seed=1).eval()
+    path = save_checkpoint(tmp_path / "ck", model, spec, preprocess=PRE, class_names=list("abcdefghij"),
+                           metrics={"accuracy": 0.5})
+    assert sorted(p.name for p in path.iterdir()) == ["metadata.json", "model.safetensors", "spec.json"]
+    loaded = load_checkpoint(path)
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded.model(x))
+    assert loaded.class_names == tuple("abcdefghij")
+    assert loaded.preprocess == PRE
+    meta = json.loads((path / "metadata.json").read_text())
+    assert meta["metrics"] == {"accuracy": 0.5} and "torch" in meta["versions"]
+    # Loading through the weights file works too.
+    assert load_checkpoint(path / "model.safetensors").spec == spec
+
+
+def test_existing_path_is_not_overwritten_by_default(tmp_path) -> None:
+    spec = model_spec("mlp", hidden=8)
+    save_checkpoint(tmp_path / "ck", build_model(spec), spec, preprocess=PRE)
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_checkpoint(tmp_path / "ck", build_model(spec), spec, preprocess=PRE)
+
+
+def test_pickle_files_are_refused(tmp_path) -> None:
+    model = build_model(model_spec("mlp", hidden=8))
+    torch.save(model, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="refusing to load .*unpickling runs arbitrary code"):
+        load_checkpoint(tmp_path / "model.pt")
+    renamed = tmp_path / "innocent.safetensors"
+    renamed.write_bytes((tmp_path / "model.pt").read_bytes())
+    with pytest.raises(CheckpointError, match="refusing"):
+        load_checkpoint(renamed)
+    import pickle
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "weights.pkl").write_bytes(pickle.dumps({"w": 1}))
+    with pytest.raises(CheckpointError, match="pickled files are refused"):
+        load_checkpoint(tmp_path / "d")
+
+
+def test_weights_that_do_not_match_the_spec(tmp_path) -> None:
+    spec = model_spec("mlp", hidden=8)
+    path = save_checkpoint(tmp_path / "ck", build_model(spec), spec, preprocess=PRE)
+    (path / "spec.json").write_text(model_spec("mlp", hidden=9).to_json())
+    with pytest.raises(CheckpointError, match="do not match spec.json"):
+        load_checkpoint(path)

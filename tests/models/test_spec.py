@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from deepspark.errors import ConfigError, SpecError
+from deepspark.models import ModelSpec, build_model, load_spec, model_spec
+
+
+def test_spec_builds_and_infers_shapes() -> None:
+    spec = ModelSpec.from_dict({
+        "input_shape": [1, 28, 28],
+        "layers": [
+            {"type": "conv", "out_channels": 8, "kernel_size": 3, "padding": 1},
+            {"type": "batchnorm"},
+            {"type": "relu"},
+            {"type": "maxpool", "kernel_size": 2},
+            {"type": "flatten"},
+            {"type": "linear", "out_features": 10},
+        ],
+    })
+    assert spec.output_shape() == (10,)
+    out = build_model(spec)(torch.zeros(3, 1, 28, 28))
+    assert out.shape == (3, 10)
+
+
+def test_linear_on_image_names_the_layer_and_shapes() -> None:
+    with pytest.raises(SpecError, match=r"layer 1 \(linear\).*\(4, 26, 26\).*add a flatten"):
+        build_model({"input_shape": [1, 28, 28],
+                     "layers": [{"type": "conv", "out_channels": 4}, {"type": "linear", "out_features": 3}]})
+
+
+def test_kernel_too_large_for_input() -> None:
+    with pytest.raises(SpecError, match=r"layer 2 \(conv\).*does not fit input \(4, 2, 2\)"):
+        load_spec({"input_shape": [1, 8, 8], "layers": [
+            {"type": "conv", "out_channels": 4, "kernel_size": 3},
+            {"type": "maxpool", "kernel_size": 3},
+            {"type": "conv", "out_channels": 4, "kernel_size": 5}]}).output_shape()
+
+
+@pytest.mark.parametrize(("layers", "message"), [
+    ([{"type": "attention"}], "unknown type 'attention'"),
+    ([{"type": "conv", "out_channels": 4, "stride_": 2}], "unknown parameter"),
+    ([{"type": "conv"}], "missing required parameter"),
+    ([{"type": "dropout", "p": 1.5}], "p must be in"),
+    ([{"type": "conv", "out_channels": -1}], "positive integer"),
+    ([{"out_channels": 4}], "with a 'type' key"),
+])
+def test_bad_layers(layers, message) -> None:
+    with pytest.raises(SpecError, match=message):
+        load_spec({"input_shape": [1, 8, 8], "layers": layers}).output_shape()
+
+
+def test_spec_files_round_trip(tmp_path) -> None:
+    spec = model_spec("lenet")
+    (tmp_path / "s.json").write_text(spec.to_json())
+    assert load_spec(tmp_path / "s.json") == spec
+    import yaml
+
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(json.loads(spec.to_json())))
+    assert load_spec(str(tmp_path / "s.yaml")).layers == spec.layers
+
+
+def test_zoo_networks() -> None:
+    x = torch.zeros(2, 1, 28, 28)
+    assert build_model(model_spec("cnn"))(x).shape == (2, 10)
+    assert build_model(model_spec("lenet"))(x).shape == (2, 10)
+    mlp = model_spec("mlp", hidden=32, depth=3, num_classes=4)
+    assert build_model(mlp)(x).shape == (2, 4)
+    assert sum(layer["type"] == "linear" for layer in mlp.layers) == 4
+    # SparkNet's LeNet: conv20-pool-conv50-pool-ip500-relu-ip10
+    kinds = [(layer["type"], layer.get("out_channels") or layer.get("out_features")) for layer in
+             model_spec("lenet").layers]
+    assert kinds == [("conv", 20), ("maxpool", None), ("conv", 50), ("maxpool", None), ("flatten", None),
+                     ("linear", 500), ("relu", None), ("linear", 10)]
+    cnn = model_spec("cnn", fc=256)
+    assert [layer.get("out_features") for layer in cnn.layers if layer["type"] == "linear"] == [256, 10]
+
+
+def test_zoo_rejects_unknown_hyperparameters() -> None:
+    with pytest.raises(ConfigError, match=r"unknown hyperparameter\(s\) \['width'\]"):
+        model_spec("cnn", width=3)
+    with pytest.raises(ConfigError, match="expected one of"):
+        model_spec("resnet")
+
+
+def test_seeded_build_is_reproducible() -> None:
+    a = build_model(model_spec("mlp", hidden=16), seed=3).state_dict()
+    b = build_model(model_spec("mlp", hidden=16), seed=3).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
