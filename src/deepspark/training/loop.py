@@ -39,6 +39,7 @@ class TrainConfig:
     epochs: int = 3
     weight_decay: float = 0.0
     lr_schedule: str = "constant"
+    augment: bool = False
     seed: int = 0
     threads: int | None = None
 
@@ -54,6 +55,8 @@ class TrainConfig:
             _positive("threads", self.threads, int)
         if not isinstance(self.weight_decay, int | float) or self.weight_decay < 0:
             raise ConfigError(f"weight_decay: expected a number >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.augment, bool):
+            raise ConfigError(f"augment: expected true or false, got {self.augment!r}")
         if not isinstance(self.momentum, int | float) or not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum: expected a number in [0, 1), got {self.momentum!r}")
 
@@ -108,6 +111,17 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     momentum = config.momentum if config.optimizer == "momentum" else 0.0
     return torch.optim.SGD(params, lr=config.learning_rate, momentum=momentum, weight_decay=config.weight_decay)
+
+
+def _random_shift(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Translate each image by up to ``pad`` pixels (edges replicated): cheap augmentation for digits."""
+    n, c, h, w = x.shape
+    padded = nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (torch.arange(h)[None, :] + dy[:, None])[:, None, :, None]
+    cols = (torch.arange(w)[None, :] + dx[:, None])[:, None, None, :]
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
 
 
 @torch.no_grad()
@@ -171,7 +185,10 @@ def train(
         loss_sum = 0.0
         for step in range(steps_per_epoch):
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            logits = model(x_train[idx])
+            batch = x_train[idx]
+            if config.augment:
+                batch = _random_shift(batch, shuffle)
+            logits = model(batch)
             loss = nn.functional.cross_entropy(logits, y_train[idx])
             value = loss.item()
             if not math.isfinite(value):

@@ -48,6 +48,7 @@ class _Running:
     attempt: int
     worker: str
     slot: int
+    conn_id: int = 0
     started: float = field(default_factory=time.perf_counter)
     intermediate: dict[int, float] = field(default_factory=dict)
 
@@ -101,6 +102,8 @@ class Coordinator:
         self._by_slot: dict[int, set[int]] = {}
         self.records: list[TrialRecord] = []
         self._failures = 0
+        self._connections = 0
+        self._slot_conn: dict[int, int] = {}
         self.stop_reason: str | None = None
         self._best: float | None = self._study_best()
         self._server = _Server((bind, 0), _Handler)
@@ -176,22 +179,26 @@ class Coordinator:
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         slot = -1
         worker = "?"
+        with self._lock:
+            self._connections += 1
+            conn_id = self._connections
         try:
             hello = protocol.recv(conn)
             if hello.get("op") != "hello" or hello.get("token") != self._token:
                 _log.warning("rejected a connection without the study's token")
                 return
             slot, worker = int(hello.get("slot", -1)), str(hello.get("worker", "?"))
+            self._supersede(slot, conn_id)
             while True:
                 msg = protocol.recv(conn)
                 op = msg.get("op")
                 if op == "next":
-                    protocol.send(conn, self._next(slot, worker))
+                    protocol.send(conn, self._next(slot, worker, conn_id))
                 elif op == "report":
                     protocol.send(conn, {"prune": self._report(int(msg["trial"]), int(msg["step"]),
-                                                               float(msg["value"]))})
+                                                               float(msg["value"]), conn_id)})
                 elif op == "done":
-                    protocol.send(conn, {"send_model": self._done(msg, worker)})
+                    protocol.send(conn, {"send_model": self._done(msg, worker, conn_id)})
                 elif op == "model":
                     self._model(int(msg["trial"]), msg.get("files"))
                     protocol.send(conn, {"ok": True})
@@ -200,10 +207,21 @@ class Coordinator:
         except (OSError, ValueError, KeyError) as exc:
             _log.debug("worker %s disconnected: %s", worker, exc)
         finally:
-            self.worker_lost(slot, reason=f"worker {worker} disconnected")
+            self.worker_lost(slot, reason=f"worker {worker} disconnected", conn_id=conn_id)
 
-    def _next(self, slot: int, worker: str) -> dict[str, Any]:
+    def _supersede(self, slot: int, conn_id: int) -> None:
+        """A new attempt of slot's Spark task has started, so any older attempt is dead (Spark runs one
+        attempt of a task at a time), even if its process has not noticed yet: re-run its trials."""
         with self._lock:
+            stale = {run.conn_id for run in self._running.values() if run.slot == slot and run.conn_id != conn_id}
+            self._slot_conn[slot] = conn_id
+        for old in stale:
+            self.worker_lost(slot, reason="its Spark task was restarted", conn_id=old)
+
+    def _next(self, slot: int, worker: str, conn_id: int) -> dict[str, Any]:
+        with self._lock:
+            if self._slot_conn.get(slot, conn_id) != conn_id:
+                return {"stop": True}  # a stale attempt: a newer one holds this slot
             # With nothing left to start, a worker waits: a running trial elsewhere may still be lost
             # and need a new home.
             while self.stop_reason is None and not self._retry and self._to_start <= 0 and self._running:
@@ -213,14 +231,14 @@ class Coordinator:
             if self._retry:
                 run = self._retry.popleft()
                 run.attempt += 1
-                run.worker, run.slot, run.started = worker, slot, time.perf_counter()
+                run.worker, run.slot, run.conn_id, run.started = worker, slot, conn_id, time.perf_counter()
                 run.trial.set_user_attr(ATTEMPTS_ATTR, run.attempt)
                 kind = "retry"
             elif self._to_start > 0:
                 trial = self.study.ask(self._distributions)
                 self._to_start -= 1
                 params = {**self._fixed, **trial.params}
-                run = _Running(trial=trial, params=params, attempt=1, worker=worker, slot=slot)
+                run = _Running(trial=trial, params=params, attempt=1, worker=worker, slot=slot, conn_id=conn_id)
                 kind = "start"
             else:
                 return {"stop": True}
@@ -229,23 +247,26 @@ class Coordinator:
         self._emit(TrialEvent(kind, run.trial.number, worker=worker))
         return {"trial": run.trial.number, "params": run.params, "attempt": run.attempt}
 
-    def _report(self, number: int, step: int, value: float) -> bool:
+    def _report(self, number: int, step: int, value: float, conn_id: int) -> bool:
         with self._lock:
             run = self._running.get(number)
-            if run is None:
-                return True  # no longer ours (interrupted): stop it
+            if run is None or run.conn_id != conn_id:
+                return True  # interrupted, or given to another worker since: stop this attempt
             if step in run.intermediate:
                 return False  # a re-run reporting a step its first attempt already reported
             run.intermediate[step] = value
             run.trial.report(value, step)
             return bool(run.trial.should_prune())
 
-    def _done(self, msg: Mapping[str, Any], worker: str) -> bool:
+    def _done(self, msg: Mapping[str, Any], worker: str, conn_id: int) -> bool:
         number = int(msg["trial"])
         with self._lock:
-            run = self._running.pop(number, None)
-            if run is None:
+            run = self._running.get(number)
+            if run is None or run.conn_id != conn_id:
+                # A stale attempt (its worker was declared lost and the trial handed on) finished late.
+                _log.info("ignoring a late result for trial %d from %s", number, worker)
                 return False
+            del self._running[number]
             self._by_slot.get(run.slot, set()).discard(number)
             state = TrialState(msg["state"])
             value = msg.get("value")
@@ -296,15 +317,19 @@ class Coordinator:
         decoded = {name: base64.b64decode(data) for name, data in files.items()}
         self._on_model(record, decoded)
 
-    def worker_lost(self, slot: int, *, reason: str) -> None:
-        """The worker on ``slot`` died: its running trials go back in the queue (or FAIL after retries)."""
+    def worker_lost(self, slot: int, *, reason: str, conn_id: int | None = None) -> None:
+        """The worker on ``slot`` died: its running trials go back in the queue (or FAIL after retries).
+
+        ``conn_id`` limits this to the trials of one connection (a newer worker may already hold the slot).
+        """
         lost: list[_Running] = []
         with self._lock:
             for number in list(self._by_slot.get(slot, ())):
-                run = self._running.pop(number, None)
-                if run is not None:
+                run = self._running.get(number)
+                if run is not None and (conn_id is None or run.conn_id == conn_id):
+                    del self._running[number]
+                    self._by_slot[slot].discard(number)
                     lost.append(run)
-            self._by_slot.pop(slot, None)
             for run in lost:
                 if self.stop_reason is not None:
                     self._interrupt(run)

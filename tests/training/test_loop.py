@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deepspark.data import ImageDataset
+from deepspark.errors import ConfigError, DivergenceError
+from deepspark.models import model_spec
+from deepspark.training import EpochMetrics, TrainConfig, evaluate, train
+from deepspark.training.loop import _random_shift
+
+
+def _toy(n: int = 256, seed: int = 0) -> ImageDataset:
+    """Two classes: a bright square top-left vs bottom-right, on 8x8 images."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, size=n)
+    images = rng.integers(0, 40, size=(n, 8, 8)).astype(np.uint8)
+    images[labels == 0, :3, :3] = 250
+    images[labels == 1, 5:, 5:] = 250
+    return ImageDataset(name="toy", train_images=images[: n // 2], train_labels=labels[: n // 2].astype(np.int64),
+                        test_images=images[n // 2 :], test_labels=labels[n // 2 :].astype(np.int64),
+                        num_classes=2, class_names=("tl", "br"), mean=(0.2,), std=(0.3,))
+
+
+def test_config_validation_names_the_parameter() -> None:
+    with pytest.raises(ConfigError, match="optimizer: expected one of"):
+        TrainConfig(optimizer="adagrad")
+    with pytest.raises(ConfigError, match="learning_rate: expected a positive float, got -1"):
+        TrainConfig(learning_rate=-1.0)
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ConfigError, match=r"unknown training option\(s\) \['lr'\]"):
+        TrainConfig.from_dict({"lr": 0.1})
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+def test_learns_toy_problem_and_reports_each_epoch(optimizer) -> None:
+    seen: list[EpochMetrics] = []
+    lr = 0.05 if optimizer != "adam" else 0.01
+    result = train(model_spec("mlp", input_shape=(1, 8, 8), num_classes=2, hidden=16), _toy(),
+                   TrainConfig(optimizer=optimizer, learning_rate=lr, epochs=3, batch_size=16, threads=1),
+                   callback=seen.append)
+    assert [m.epoch for m in seen] == [1, 2, 3]
+    assert result.test_accuracy > 0.95
+
+
+def test_deterministic_for_a_seed() -> None:
+    cfg = TrainConfig(epochs=2, batch_size=16, seed=7, threads=1, augment=True)
+    spec = model_spec("mlp", input_shape=(1, 8, 8), num_classes=2, hidden=8, dropout=0.2)
+    a = train(spec, _toy(), cfg)
+    b = train(spec, _toy(), cfg)
+    assert [m.train_loss for m in a.history] == [m.train_loss for m in b.history]
+    c = train(spec, _toy(), TrainConfig(epochs=2, batch_size=16, seed=8, threads=1, augment=True))
+    assert [m.train_loss for m in a.history] != [m.train_loss for m in c.history]
+
+
+def test_divergence_names_epoch_and_step() -> None:
+    with pytest.raises(DivergenceError, match="epoch 1, step") as info:
+        train(model_spec("mlp", input_shape=(1, 8, 8), num_classes=2, hidden=16), _toy(),
+              TrainConfig(optimizer="sgd", learning_rate=1e12, epochs=2, batch_size=16, threads=1))
+    assert info.value.epoch == 0 and info.value.step >= 0
+
+
+def test_callback_exception_stops_training() -> None:
+    class Stop(Exception):
+        pass
+
+    def stop(m: EpochMetrics) -> None:
+        raise Stop(m.epoch)
+
+    with pytest.raises(Stop):
+        train(model_spec("mlp", input_shape=(1, 8, 8), num_classes=2, hidden=4), _toy(),
+              TrainConfig(epochs=5, batch_size=32, threads=1), callback=stop)
+
+
+def test_input_shape_mismatch_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="does not match the dataset"):
+        train(model_spec("mlp"), _toy(), TrainConfig(epochs=1))
+
+
+def test_random_shift_moves_pixels_within_bounds() -> None:
+    x = torch.zeros(64, 1, 8, 8)
+    x[:, :, 4, 4] = 1.0
+    out = _random_shift(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    where = out[:, 0].flatten(1).argmax(dim=1)
+    rows, cols = where // 8, where % 8
+    assert rows.min() >= 2 and rows.max() <= 6 and cols.min() >= 2 and cols.max() <= 6
+    assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) > 5
+
+
+def test_evaluate_counts_correct_predictions() -> None:
+    model = torch.nn.Flatten()
+    inputs = torch.tensor([[[2.0, 0.0]], [[0.0, 3.0]], [[5.0, 1.0]]])
+    scores = evaluate(model, inputs, torch.tensor([0, 1, 1]))
+    assert scores["accuracy"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.slow
+def test_short_mnist_run_beats_chance(mnist) -> None:
+    data = mnist.subset(train=3000, test=1000)
+    result = train(model_spec("lenet"), data, TrainConfig(epochs=1, batch_size=32, threads=2))
+    assert result.test_accuracy > 0.85  # chance is 0.10

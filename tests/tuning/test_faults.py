@@ -1,0 +1,188 @@
+"""Faults for real: a driver killed mid-study, and an executor lost on a standalone cluster on 127.0.0.1.
+
+Each starts its own driver in a subprocess (a process holds one SparkContext), bounded in time, and
+tears everything down in ``finally``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from deepspark.tuning import TrialState, tune
+
+X = {"x": {"type": "uniform", "low": 0.0, "high": 1.0}}
+PYSPARK_BIN = Path(sys.executable).parent.parent / "lib" / "python3.11" / "site-packages" / "pyspark" / "bin"
+
+
+def _journal_states(run: Path) -> dict[str, int]:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if not (run / "study.journal").exists():
+        return {}
+    study = optuna.load_study(study_name="deepspark",
+                              storage=JournalStorage(JournalFileBackend(str(run / "study.journal"))))
+    out: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    return out
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_study_resumes_without_repeating_finished_trials(spark, tmp_path) -> None:
+    run = tmp_path / "crash"
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(f"""
+        import time
+        from deepspark.tuning import tune
+        def objective(config, reporter):
+            if reporter.number >= 3:
+                time.sleep(300)  # still running when the driver is killed
+            return config["x"]
+        tune(objective, space={X!r}, trials=6, sampler="random", pruner="none", parallelism=2,
+             run_dir={str(run)!r}, master="local[2]")
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            states = _journal_states(run)
+            if states.get("COMPLETE", 0) == 3 and states.get("RUNNING", 0) == 2:
+                break
+            assert proc.poll() is None, "the driver exited before it could be killed"
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"study never reached 3 complete + 2 running: {_journal_states(run)}")
+    finally:
+        _kill_group(proc)  # the driver "crashes": SIGKILL to it, its JVM and its Python workers
+    before = {r.number: r.params["x"] for r in tune(lambda c, r: 0.0, run_dir=run, resume=True, trials=3).records}
+    assert sorted(before) == [0, 1, 2]  # a resume with nothing left to do keeps just the finished trials
+
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="deepspark",
+                              storage=JournalStorage(JournalFileBackend(str(run / "study.journal"))))
+    interrupted = sorted(t.params["x"] for t in study.trials if t.user_attrs.get("deepspark:interrupted"))
+    assert len(interrupted) == 2
+
+    def resumed(config, reporter):
+        return {"accuracy": config["x"], "resumed": 1}
+
+    result = tune(resumed, run_dir=run, resume=True)
+    assert result.counts() == {"complete": 6, "pruned": 0, "fail": 0}
+    rerun = [r for r in result.records if r.metrics.get("resumed")]
+    old = [r for r in result.records if not r.metrics.get("resumed")]
+    assert {r.number: r.params["x"] for r in old} == before  # finished trials were not run again
+    assert sorted(r.params["x"] for r in rerun[:2]) == interrupted or \
+        set(interrupted) <= {r.params["x"] for r in rerun}  # the interrupted configs ran again
+    assert len(rerun) == 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_lost_executor_on_standalone_cluster_reruns_the_trial(tmp_path) -> None:
+    spark_class = PYSPARK_BIN / "spark-class"
+    port = _free_port()
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_WORKER_DIR": str(tmp_path / "work"),
+           "SPARK_LOG_DIR": str(tmp_path / "logs"), "PYSPARK_PYTHON": sys.executable}
+    master = subprocess.Popen(
+        [str(spark_class), "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
+         "--webui-port", str(_free_port())],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs = [master]
+    try:
+        _wait_port(port, 60)
+        worker = subprocess.Popen(
+            [str(spark_class), "org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}",
+             "--host", "127.0.0.1", "--cores", "2", "--memory", "2g", "--webui-port", str(_free_port()),
+             "--work-dir", str(tmp_path / "work")],
+            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(worker)
+        script = tmp_path / "driver.py"
+        out = tmp_path / "result.json"
+        script.write_text(textwrap.dedent(f"""
+            import json, os, signal
+            from deepspark.spark import session
+            from deepspark.tuning import tune
+
+            def executor_pid():
+                pid = os.getpid()
+                for _ in range(4):
+                    with open(f"/proc/{{pid}}/cmdline", "rb") as fh:
+                        if b"CoarseGrainedExecutorBackend" in fh.read():
+                            return pid
+                    with open(f"/proc/{{pid}}/stat") as fh:
+                        pid = int(fh.read().rsplit(")", 1)[1].split()[1])
+                raise RuntimeError("no executor JVM among this worker's ancestors")
+
+            def objective(config, reporter):
+                if reporter.number == 1 and reporter.attempt == 1:
+                    os.kill(executor_pid(), signal.SIGKILL)  # the whole executor is lost
+                    import time; time.sleep(60)
+                return {{"accuracy": config["x"], "executor": executor_pid()}}
+
+            session("spark://127.0.0.1:{port}", conf={{"spark.driver.host": "127.0.0.1",
+                    "spark.driver.bindAddress": "127.0.0.1", "spark.executor.memory": "1g",
+                    "spark.cores.max": "2"}})
+            result = tune(objective, space={X!r}, trials=4, sampler="random", pruner="none",
+                          parallelism=2, run_dir={str(tmp_path / "run")!r})
+            json.dump([{{"number": r.number, "state": r.state.value, "attempts": r.attempts,
+                         "executor": r.metrics.get("executor"), "error": r.error}} for r in result.records],
+                      open({str(out)!r}, "w"))
+        """))
+        driver = subprocess.Popen([sys.executable, str(script)], env=env, start_new_session=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        procs.append(driver)
+        try:
+            output, _ = driver.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the driver on the standalone cluster did not finish in 240 s")
+        assert driver.returncode == 0, output.decode(errors="replace")[-3000:]
+        records = json.loads(out.read_text())
+        assert [r["state"] for r in records] == ["complete"] * 4, records
+        by_number = {r["number"]: r for r in records}
+        assert by_number[1]["attempts"] == 2
+        assert all(by_number[n]["attempts"] == 1 for n in (0, 2, 3))
+    finally:
+        for proc in reversed(procs):
+            _kill_group(proc)
+
+
+def test_states_enum_values() -> None:
+    assert {s.value for s in TrialState} == {"complete", "pruned", "fail"}
