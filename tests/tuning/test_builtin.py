@@ -1,0 +1,60 @@
+"""The built-in objective and the `deepspark tune` command on a slice of real MNIST."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from deepspark.cli import main
+from deepspark.models import load_checkpoint
+from deepspark.training import evaluate
+
+
+@pytest.mark.slow
+def test_cli_tune_on_mnist_slice_writes_reports_and_best_model(spark, mnist, tmp_path, capsys) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "learning_rate: {type: loguniform, low: 3.0e-4, high: 3.0e-3}\n"
+        "hidden: {type: choice, values: [64, 256]}\n"
+        "epochs: 2\n"
+        "batch_size: 64\n"
+    )
+    run = tmp_path / "run"
+    code = main(["tune", "mnist", "--model", "mlp", "--space", str(space), "--trials", "3", "--parallelism", "2",
+                 "--limit-train", "3000", "--limit-test", "1000", "--pruner", "none", "--run-dir", str(run)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "leaderboard" in out and "error reduction" in out
+    rows = list(csv.DictReader((run / "trials.csv").open()))
+    assert len(rows) == 3 and all(r["state"] == "complete" for r in rows)
+    default = next(r for r in rows if r["default"] == "True")
+    assert float(default["param_learning_rate"]) == pytest.approx(1e-3) and default["param_hidden"] == "256"
+    best = json.loads((run / "best.json").read_text())
+    accuracies = [float(r["value"]) for r in rows]
+    assert best["best"]["value"] == max(accuracies)
+    assert best["best"]["config"]["epochs"] == 2
+    expected = (best["best"]["value"] - best["default"]["value"]) / (1 - best["default"]["value"])
+    assert best["error_reduction"] == pytest.approx(expected)
+    # The best model is a checkpoint whose accuracy on the same test slice is the one reported.
+    ckpt = load_checkpoint(run / "best")
+    data = mnist.subset(test=1000)
+    import torch
+
+    scores = evaluate(ckpt.model, ckpt.preprocess.apply(data.test_images), torch.as_tensor(data.test_labels))
+    assert scores["accuracy"] == pytest.approx(best["best"]["value"], abs=1e-9)
+    assert ckpt.class_names == tuple(str(i) for i in range(10))
+    assert (run / "accuracy_vs_lr.png").stat().st_size > 1000
+
+
+def test_unknown_model_parameter_is_rejected_before_spark(tmp_path) -> None:
+    from deepspark.errors import ConfigError
+    from deepspark.tuning import tune
+
+    with pytest.raises(ConfigError, match=r"\['width'\] are neither training options"):
+        tune(dataset="mnist", model="cnn", space={"width": {"type": "choice", "values": [1, 2]}},
+             run_dir=tmp_path / "r")
+    with pytest.raises(ConfigError, match="fc=1024 lies outside the space"):
+        tune(dataset="mnist", model="cnn", space={"fc": {"type": "choice", "values": [64, 128]}},
+             run_dir=tmp_path / "r2")
