@@ -31,6 +31,8 @@ _log = logging.getLogger(__name__)
 DEFAULT_ATTR = "deepspark:default"
 INTERRUPTED_ATTR = "deepspark:interrupted"
 ATTEMPTS_ATTR = "deepspark:attempts"
+OVERRIDES_ATTR = "deepspark:overrides"
+CONFIG_ATTR = "deepspark:config"
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,9 @@ class Coordinator:
         max_attempts: int = 3,
         on_event: Callable[[TrialEvent], None] | None = None,
         on_model: Callable[[TrialRecord, Mapping[str, bytes]], None] | None = None,
+        timeout: float | None = None,
     ) -> None:
+        self._deadline = time.monotonic() + timeout if timeout is not None else None
         self.study = study
         self._distributions = dict(distributions)
         self._fixed = dict(fixed)
@@ -171,8 +175,9 @@ class Coordinator:
     def _interrupt(self, run: _Running) -> None:
         run.trial.set_user_attr(INTERRUPTED_ATTR, True)
         self.study.tell(run.trial, state=optuna.trial.TrialState.FAIL)
-        self.study.enqueue_trial(run.params, user_attrs={"deepspark:rerun_of": run.trial.number,
-                                                         **_default_attr(run.trial)})
+        carried = {k: run.trial.user_attrs[k] for k in (DEFAULT_ATTR, OVERRIDES_ATTR) if k in run.trial.user_attrs}
+        self.study.enqueue_trial(dict(run.trial.params), user_attrs={"deepspark:rerun_of": run.trial.number,
+                                                                     **carried})
 
     # ------------------------------------------------------------------------------- protocol
     def _serve(self, conn: socket.socket) -> None:
@@ -226,6 +231,8 @@ class Coordinator:
             # and need a new home.
             while self.stop_reason is None and not self._retry and self._to_start <= 0 and self._running:
                 self._changed.wait()
+            if self._deadline is not None and time.monotonic() > self._deadline and self.stop_reason is None:
+                self.stop_reason = "timeout"
             if self.stop_reason is not None:
                 return {"stop": True}
             if self._retry:
@@ -237,7 +244,9 @@ class Coordinator:
             elif self._to_start > 0:
                 trial = self.study.ask(self._distributions)
                 self._to_start -= 1
-                params = {**self._fixed, **trial.params}
+                # The default configuration may pin values that other trials take from ``fixed``.
+                params = {**self._fixed, **trial.params, **trial.user_attrs.get(OVERRIDES_ATTR, {})}
+                trial.set_user_attr(CONFIG_ATTR, params)
                 run = _Running(trial=trial, params=params, attempt=1, worker=worker, slot=slot, conn_id=conn_id)
                 kind = "start"
             else:
@@ -371,7 +380,3 @@ class Coordinator:
 
     def record_for(self, number: int) -> TrialRecord | None:
         return next((r for r in self.records if r.number == number), None)
-
-
-def _default_attr(trial: optuna.Trial) -> dict[str, Any]:
-    return {DEFAULT_ATTR: True} if trial.user_attrs.get(DEFAULT_ATTR) else {}

@@ -38,7 +38,7 @@ def records_from_study(study: optuna.Study) -> list[TrialRecord]:
             TrialRecord(
                 number=t.number,
                 state=_STATES[t.state],
-                params=dict(t.params) | {k: v for k, v in t.user_attrs.items() if k.startswith("fixed:")},
+                params=dict(t.user_attrs.get("deepspark:config") or t.params),
                 value=t.value if t.state == optuna.trial.TrialState.COMPLETE else None,
                 metrics=metrics,
                 duration_s=float(t.user_attrs.get("duration_s", 0.0)),
@@ -112,10 +112,10 @@ def write_reports(
         "checkpoint": str(best_checkpoint) if best_checkpoint else None,
     }
     if best is not None:
-        summary["best"] = {"trial": best.number, "config": {**fixed, **best.params}, "value": best.value,
+        summary["best"] = {"trial": best.number, "config": dict(best.params), "value": best.value,
                            "metrics": dict(best.metrics)}
     if default is not None:
-        summary["default"] = {"trial": default.number, "config": {**fixed, **default.params},
+        summary["default"] = {"trial": default.number, "config": dict(default.params),
                               "value": default.value, "metrics": dict(default.metrics)}
         if best is not None and metric == "accuracy" and best.value is not None and default.value is not None:
             summary["error_reduction"] = error_reduction(default.value, best.value)

@@ -26,7 +26,7 @@ from typing import Any
 import optuna
 
 from deepspark.errors import ConfigError, DeepsparkError
-from deepspark.tuning.coordinator import DEFAULT_ATTR, INTERRUPTED_ATTR, Coordinator, TrialEvent
+from deepspark.tuning.coordinator import DEFAULT_ATTR, INTERRUPTED_ATTR, OVERRIDES_ATTR, Coordinator, TrialEvent
 from deepspark.tuning.report import best_and_default, records_from_study, write_reports
 from deepspark.tuning.space import SearchSpace, load_space
 from deepspark.tuning.trial import Reporter, TrialRecord, TrialState
@@ -151,6 +151,7 @@ def tune(
     limit_test: int | None = None,
     master: str | None = None,
     seed: int = 0,
+    timeout: float | None = None,
     on_event: Callable[[TrialEvent], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
 ) -> StudyResult:
@@ -213,13 +214,18 @@ def tune(
     elif not callable(objective):
         raise ConfigError(f"objective: expected a callable objective(config, reporter), got {objective!r}")
     default_params: dict[str, Any] | None = None
+    default_overrides: dict[str, Any] = {}
     if default_config is True and builtin is not None:
         default_params = builtin.default_params(sorted(search.params))
     elif isinstance(default_config, Mapping):
+        # A full configuration: searched keys become the trial's params, the rest override ``fixed``.
         default_params = {k: default_config[k] for k in search.params if k in default_config}
+        default_overrides = {k: v for k, v in default_config.items() if k not in search.params}
         missing = sorted(set(search.params) - set(default_params))
         if missing:
             raise ConfigError(f"default_config: lacks a value for searched parameter(s) {missing}")
+        if builtin is not None:
+            builtin.split({**default_config})
     distributions = search.distributions()
     if default_params is not None:
         for name, value in default_params.items():
@@ -259,11 +265,10 @@ def tune(
         # Running when the driver died: keep nothing of it, run its configuration again.
         study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"deepspark:rerun_of": t.number,
-                                                  **({DEFAULT_ATTR: True} if t.user_attrs.get(DEFAULT_ATTR) else {})})
+        study.enqueue_trial(t.params, user_attrs={"deepspark:rerun_of": t.number, **_carried(t.user_attrs)})
     finished = len(records_from_study(study))
     if default_params is not None and not study.trials:
-        study.enqueue_trial(default_params, user_attrs={DEFAULT_ATTR: True})
+        study.enqueue_trial(default_params, user_attrs={DEFAULT_ATTR: True, OVERRIDES_ATTR: default_overrides})
     to_run = max(0, trials - finished)
 
     started = time.perf_counter()
@@ -275,7 +280,7 @@ def tune(
             parallelism=parallelism, threads=threads_per_trial, max_failures=max_failures,
             max_attempts=max_attempts, metric=metric, data=data, builtin=builtin, dataset=dataset,
             data_dir=data_dir, limit_train=limit_train, limit_test=limit_test, master=master,
-            on_event=on_event, on_start=on_start,
+            on_event=on_event, on_start=on_start, timeout=timeout,
         )
     wall = time.perf_counter() - started
     records = records_from_study(study)
@@ -286,6 +291,11 @@ def tune(
     best, default = best_and_default(records, maximize=maximize)
     return StudyResult(run_dir=run_path, records=tuple(records), best=best, default=default, summary=summary,
                        wall_s=wall, stop_reason=stop_reason, parallelism=used_parallelism)
+
+
+def _carried(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """What a re-run of an interrupted trial inherits: its default-ness and pinned values."""
+    return {k: attrs[k] for k in (DEFAULT_ATTR, OVERRIDES_ATTR) if k in attrs}
 
 
 def _example(p: Mapping[str, Any]) -> Any:
@@ -314,6 +324,7 @@ def _execute(
     master: str | None,
     on_event: Callable[[TrialEvent], None] | None,
     on_start: Callable[[int, int], None] | None,
+    timeout: float | None,
 ) -> tuple[str | None, int]:
     from deepspark.spark import session, task_cpus
 
@@ -346,7 +357,7 @@ def _execute(
     coordinator = Coordinator(
         study, distributions=distributions, fixed=search.fixed, n_trials=to_run, token=secrets.token_hex(16),
         bind=_bind_address(spark), max_failures=max_failures, max_attempts=max_attempts, on_event=on_event,
-        on_model=functools.partial(_save_model, run_path),
+        on_model=functools.partial(_save_model, run_path), timeout=timeout,
     )
     host, port = coordinator.address
     spec = WorkerSpec(host=host, port=port, token=coordinator._token, objective=objective, metric=metric,

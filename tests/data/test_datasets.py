@@ -1,0 +1,311 @@
+"""Registry, verified fetching (directory → cache → mirrors), loading and describing datasets.
+
+Fetch tests never touch the network or the user's cache: mirrors are an ``http.server`` on
+127.0.0.1, the cache root is a temporary directory, and the registered "mnist" entry is swapped
+for one whose digests are those of small synthetic files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import http.server
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepspark.data import DATASETS, fetch, info, load_dataset, verify, write_idx
+from deepspark.data.datasets import MNIST_FILES, DatasetInfo, ImageDataset
+from deepspark.errors import ConfigError, DatasetError
+
+
+def _make_split(n: int, *, classes: int = 3, size: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
+    labels = (np.arange(n) % classes).astype(np.uint8)
+    return images, labels
+
+
+def _write_layout(directory: Path, *, gz: bool = False, dotted: bool = False) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = [*_make_split(12, seed=1), *_make_split(6, seed=2)]
+    paths = []
+    for raw_name, array in zip(MNIST_FILES, arrays, strict=True):
+        name = raw_name.replace("-idx", ".idx") if dotted else raw_name
+        paths.append(write_idx(directory / (name + (".gz" if gz else "")), array))
+    return paths
+
+
+def _raw_digest(path: Path) -> str:
+    data = path.read_bytes()
+    return hashlib.sha256(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data).hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEEPSPARK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DEEPSPARK_DATA", raising=False)
+    monkeypatch.delenv("DEEPSPARK_MNIST_MIRRORS", raising=False)
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    """A good copy of the synthetic dataset (raw files)."""
+    return _write_layout(tmp_path / "source")[0].parent
+
+
+@pytest.fixture
+def tiny(monkeypatch: pytest.MonkeyPatch, source: Path) -> DatasetInfo:
+    """Register the synthetic files as "mnist": their digests, no default mirrors, no npm."""
+    digests = {name: _raw_digest(source / name) for name in MNIST_FILES}
+    entry = dataclasses.replace(
+        DATASETS["mnist"], files=digests, mirrors=(), npm_package=None, mean=None, std=None
+    )
+    monkeypatch.setitem(DATASETS, "mnist", entry)
+    return entry
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves files; under /partial/ it promises the whole file but sends half and hangs up."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/partial/"):
+            body = (Path(self.directory) / "good" / self.path.rsplit("/", 1)[1]).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        super().do_GET()
+
+
+@pytest.fixture
+def mirror(tmp_path: Path, source: Path) -> Iterator[str]:
+    """An HTTP mirror on 127.0.0.1: /good/ serves correct .gz files, /bad/ corrupted ones."""
+    root = tmp_path / "www"
+    for sub in ("good", "bad"):
+        (root / sub).mkdir(parents=True)
+    for name in MNIST_FILES:
+        raw = (source / name).read_bytes()
+        (root / "good" / f"{name}.gz").write_bytes(gzip.compress(raw))
+        corrupted = raw[:-1] + bytes([raw[-1] ^ 0xFF])
+        (root / "bad" / f"{name}.gz").write_bytes(gzip.compress(corrupted))
+
+    def handler(*args: object, **kwargs: object) -> _Handler:
+        return _Handler(*args, directory=str(root), **kwargs)  # type: ignore[arg-type]
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache" / "mnist"
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("*.part")) if directory.is_dir() else []
+
+
+# ------------------------------------------------------------------------------------------- fetch
+def test_fetch_from_mirror_caches_raw_verified_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny: DatasetInfo, source: Path, mirror: str
+) -> None:
+    monkeypatch.setenv("DEEPSPARK_MNIST_MIRRORS", f"{mirror}/good/")
+    directory = fetch("mnist")
+    assert directory == _cache_dir(tmp_path)
+    for name in MNIST_FILES:
+        assert (directory / name).read_bytes() == (source / name).read_bytes()
+    assert _leftovers(directory) == []
+    data = load_dataset("mnist")
+    assert data.train_images.shape == (12, 8, 8) and data.test_labels.shape == (6,)
+    assert data.num_classes == 10 and data.class_names[:3] == ("0", "1", "2")
+
+
+def test_bad_mirror_is_skipped_for_the_next_one(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny: DatasetInfo,
+    mirror: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("DEEPSPARK_MNIST_MIRRORS", f"{mirror}/bad/,{mirror}/good/")
+    with caplog.at_level(logging.WARNING, logger="deepspark.data"):
+        directory = fetch("mnist")
+    assert verify("mnist") == dict.fromkeys(MNIST_FILES, "ok")
+    assert _leftovers(directory) == []
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "train-images-idx3-ubyte" in warned and "sha256 mismatch" in warned
+    assert tiny.files["train-images-idx3-ubyte"] in warned
+
+
+def test_user_dir_with_a_corrupt_copy_falls_back_to_the_cache(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny: DatasetInfo,
+    source: Path,
+    mirror: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("DEEPSPARK_MNIST_MIRRORS", f"{mirror}/good/")
+    cache = fetch("mnist")
+    user = tmp_path / "user"
+    _write_layout(user, gz=True)
+    bad = user / "t10k-images-idx3-ubyte.gz"
+    raw = gzip.decompress(bad.read_bytes())
+    bad.write_bytes(gzip.compress(raw[:-1] + b"\x00" if raw[-1] else raw[:-1] + b"\x01"))
+    with caplog.at_level(logging.WARNING, logger="deepspark.data"):
+        assert fetch("mnist", data_dir=user, mirrors=False) == cache
+    assert any(str(bad) in r.getMessage() and "expected" in r.getMessage() for r in caplog.records)
+    # verify looks in the user's directory first and reports the bad copy there.
+    report = verify("mnist", data_dir=user)
+    assert report["t10k-images-idx3-ubyte"].startswith("sha256 mismatch: expected ")
+    assert report["train-images-idx3-ubyte"] == "ok"
+
+
+def test_good_user_dir_is_used_in_place_and_only_good_files_are_copied(
+    tmp_path: Path, tiny: DatasetInfo, source: Path
+) -> None:
+    user = tmp_path / "user"
+    _write_layout(user, gz=True)
+    assert fetch("mnist", data_dir=user, mirrors=False) == user
+    assert not _cache_dir(tmp_path).exists()
+    # One file missing from the user's directory and no other source: the good ones are cached,
+    # and the error says what each source said and how to fix it.
+    (user / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DatasetError) as err:
+        fetch("mnist", data_dir=user, mirrors=False)
+    message = str(err.value)
+    assert "train-labels-idx1-ubyte missing" in message and "--data-dir" in message
+    assert "mirrors: skipped" in message
+    cached = sorted(p.name for p in _cache_dir(tmp_path).iterdir() if not p.name.startswith("."))
+    assert cached == sorted(set(MNIST_FILES) - {"train-labels-idx1-ubyte"})
+
+
+def test_failed_or_partial_download_leaves_no_file_under_the_final_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny: DatasetInfo, mirror: str
+) -> None:
+    monkeypatch.setenv("DEEPSPARK_MNIST_MIRRORS", f"{mirror}/partial/,{mirror}/bad/,{mirror}/missing/")
+    with pytest.raises(DatasetError) as err:
+        fetch("mnist")
+    message = str(err.value)
+    assert f"{mirror}/partial/train-images-idx3-ubyte.gz: failed" in message
+    assert f"{mirror}/bad/train-images-idx3-ubyte.gz: sha256 mismatch" in message
+    assert "404" in message
+    cache = _cache_dir(tmp_path)
+    assert not any((cache / name).exists() for name in MNIST_FILES)
+    assert _leftovers(cache) == []
+
+
+def test_verified_marker_is_keyed_by_size_and_mtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny: DatasetInfo, mirror: str
+) -> None:
+    monkeypatch.setenv("DEEPSPARK_MNIST_MIRRORS", f"{mirror}/good/")
+    cache = fetch("mnist")
+    path = cache / "train-labels-idx1-ubyte"
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    # Same size and mtime: the remembered result stands (that is what saves rehashing 50 MB).
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert verify("mnist")["train-labels-idx1-ubyte"] == "ok"
+    # A new mtime invalidates it, the file is hashed again, and fetch replaces it from the mirror.
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert verify("mnist")["train-labels-idx1-ubyte"].startswith("sha256 mismatch")
+    fetch("mnist")
+    assert verify("mnist") == dict.fromkeys(MNIST_FILES, "ok")
+
+
+def test_verify_reports_missing_and_unknown_names_are_config_errors(tiny: DatasetInfo) -> None:
+    assert verify("mnist") == dict.fromkeys(MNIST_FILES, "missing")
+    with pytest.raises(ConfigError, match="registered dataset"):
+        fetch("imagenet")
+    with pytest.raises(ConfigError, match="registered dataset"):
+        load_dataset("no-such-dataset-or-dir")
+
+
+# ----------------------------------------------------------------------------------------- loading
+@pytest.mark.parametrize(("gz", "dotted"), [(False, False), (True, False), (False, True), (True, True)])
+def test_custom_mnist_layout_dir_loads_with_its_own_classes(tmp_path: Path, gz: bool, dotted: bool) -> None:
+    directory = tmp_path / "custom"
+    _write_layout(directory, gz=gz, dotted=dotted)
+    data = load_dataset(data_dir=directory)
+    images, labels = _make_split(12, seed=1)
+    np.testing.assert_array_equal(data.train_images, images)
+    assert data.train_labels.dtype == np.int64
+    np.testing.assert_array_equal(data.train_labels, labels)
+    assert data.num_classes == 3 and data.class_names == ("0", "1", "2")
+    assert data.input_shape == (1, 8, 8)
+    scaled = data.train_images / 255.0
+    assert data.mean == pytest.approx((scaled.mean(),), abs=1e-6)
+    assert data.std == pytest.approx((scaled.std(),), abs=1e-6)
+    # A directory given as the name works too.
+    assert load_dataset(str(directory)).train_images.shape == (12, 8, 8)
+
+
+def test_image_label_count_mismatch_names_both_files(tmp_path: Path) -> None:
+    paths = _write_layout(tmp_path / "d")
+    write_idx(paths[1], np.zeros(11, dtype=np.uint8))
+    with pytest.raises(DatasetError) as err:
+        load_dataset(data_dir=tmp_path / "d")
+    message = str(err.value)
+    assert str(paths[0]) in message and str(paths[1]) in message
+    assert "12 images" in message and "11 labels" in message
+
+
+def test_missing_file_and_label_out_of_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = _write_layout(tmp_path / "d")
+    paths[2].unlink()
+    with pytest.raises(DatasetError, match="missing t10k-images-idx3-ubyte"):
+        load_dataset(data_dir=tmp_path / "d")
+    # A registered dataset with two classes whose label file holds a 2.
+    source = _write_layout(tmp_path / "e")[0].parent
+    digests = {name: _raw_digest(source / name) for name in MNIST_FILES}
+    entry = dataclasses.replace(DATASETS["mnist"], files=digests, class_names=("a", "b"), mean=None, std=None)
+    monkeypatch.setitem(DATASETS, "mnist", entry)
+    with pytest.raises(DatasetError, match="label 2 is out of range for 2 classes"):
+        load_dataset("mnist", data_dir=source)
+
+
+def test_subset_takes_the_first_examples_and_validates(tmp_path: Path) -> None:
+    _write_layout(tmp_path / "d")
+    data = load_dataset(data_dir=tmp_path / "d")
+    small = data.subset(train=5, test=2)
+    assert isinstance(small, ImageDataset)
+    np.testing.assert_array_equal(small.train_images, data.train_images[:5])
+    assert len(small.test_labels) == 2 and small.mean == data.mean
+    assert len(data.subset(test=100).test_labels) == 6
+    with pytest.raises(ConfigError, match="train must be a non-negative integer"):
+        data.subset(train=-1)
+    with pytest.raises(ConfigError, match="test_labels must be an int64"):
+        dataclasses.replace(data, test_labels=data.test_labels.astype(np.int32))
+
+
+def test_info_describes_splits_classes_and_files(tmp_path: Path) -> None:
+    paths = _write_layout(tmp_path / "d", gz=True)
+    described = info(data_dir=tmp_path / "d")
+    assert described["splits"] == {
+        "train": {"count": 12, "image_shape": [8, 8]},
+        "test": {"count": 6, "image_shape": [8, 8]},
+    }
+    assert described["num_classes"] == 3
+    assert described["train_class_counts"] == {"0": 4, "1": 4, "2": 4}
+    assert described["files"] == {str(p): p.stat().st_size for p in paths}
