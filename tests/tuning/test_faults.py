@@ -149,7 +149,9 @@ def test_lost_executor_on_standalone_cluster_reruns_the_trial(tmp_path) -> None:
                             return pid
                     with open(f"/proc/{{pid}}/stat") as fh:
                         pid = int(fh.read().rsplit(")", 1)[1].split()[1])
-                raise RuntimeError("no executor JVM among this worker's ancestors")
+                    if pid <= 1:
+                        return None
+                return None  # orphaned: the executor JVM is already gone
 
             def objective(config, reporter):
                 if reporter.number == 1 and reporter.attempt == 1:
@@ -175,7 +177,7 @@ def test_lost_executor_on_standalone_cluster_reruns_the_trial(tmp_path) -> None:
             pytest.fail("the driver on the standalone cluster did not finish in 240 s")
         assert driver.returncode == 0, output.decode(errors="replace")[-3000:]
         records = json.loads(out.read_text())
-        assert [r["state"] for r in records] == ["complete"] * 4, records
+        assert [r["state"] for r in records] == ["complete"] * 4, [r["error"] for r in records]
         by_number = {r["number"]: r for r in records}
         assert by_number[1]["attempts"] == 2
         assert all(by_number[n]["attempts"] == 1 for n in (0, 2, 3))
