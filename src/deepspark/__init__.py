@@ -1,3 +1,45 @@
-"""deepspark: deep learning on Apache Spark."""
+"""deepspark: deep learning on Apache Spark — tune, train and deploy PyTorch models on a Spark cluster.
+
+The public API is short and imported lazily, so ``import deepspark`` stays cheap (no torch, no JVM).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_API = {
+    "tune": "deepspark.tuning",
+    "StudyResult": "deepspark.tuning",
+    "Reporter": "deepspark.tuning",
+    "TrialPruned": "deepspark.tuning",
+    "train": "deepspark.training",
+    "TrainConfig": "deepspark.training",
+    "evaluate": "deepspark.training",
+    "load_dataset": "deepspark.data",
+    "fetch": "deepspark.data",
+    "model_spec": "deepspark.models",
+    "build_model": "deepspark.models",
+    "save_checkpoint": "deepspark.models",
+    "load_checkpoint": "deepspark.models",
+    "predict": "deepspark.inference",
+    "load_model": "deepspark.inference",
+    "session": "deepspark.spark",
+    "DeepsparkError": "deepspark.errors",
+    "ConfigError": "deepspark.errors",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'deepspark' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, "__version__"])

@@ -9,7 +9,14 @@ import threading
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from deepspark.tuning import StudyResult, TrialEvent, TrialState
@@ -27,8 +34,15 @@ class StudyProgress:
         self._counts = {"complete": 0, "pruned": 0, "fail": 0, "running": 0, "retry": 0}
         self._best: float | None = None
         self._progress = Progress(
-            TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
+            TextColumn("[bold]trials"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
         )
         self._task: Any = None
 
@@ -43,8 +57,10 @@ class StudyProgress:
     def _status(self) -> str:
         c = self._counts
         best = "-" if self._best is None else f"{self._best:.4f}"
-        return (f"running {c['running']}  done {c['complete']}  pruned {c['pruned']}  failed {c['fail']}"
-                f"  retried {c['retry']}  best {best}")
+        return (
+            f"running {c['running']}  done {c['complete']}  pruned {c['pruned']}  failed {c['fail']}"
+            f"  retried {c['retry']}  best {best}"
+        )
 
     def __call__(self, event: TrialEvent) -> None:
         with self._lock:
@@ -57,8 +73,10 @@ class StudyProgress:
                 self._counts["running"] = max(0, self._counts["running"] - 1)
                 self._counts[event.record.state.value] += 1
                 v = event.record.value
-                if event.record.state is TrialState.COMPLETE and v is not None and (
-                    self._best is None or (v > self._best if self._maximize else v < self._best)
+                if (
+                    event.record.state is TrialState.COMPLETE
+                    and v is not None
+                    and (self._best is None or (v > self._best if self._maximize else v < self._best))
                 ):
                     self._best = v
                 if self._task is not None:
@@ -82,18 +100,27 @@ def print_study(console: Console, result: StudyResult, *, top: int = 10) -> None
         note = "default" if r.is_default else ""
         if r.attempts > 1:
             note += f" {r.attempts} attempts"
-        table.add_row(str(r.number), f"{r.value:.4f}", *[_fmt(r.params.get(p)) for p in params],
-                      f"{r.duration_s:.1f}", note.strip())
+        table.add_row(
+            str(r.number),
+            f"{r.value:.4f}",
+            *[_fmt(r.params.get(p)) for p in params],
+            f"{r.duration_s:.1f}",
+            note.strip(),
+        )
     console.print(table)
     counts = result.counts()
-    console.print(f"trials: {counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed;"
-                  f" wall {result.wall_s:.1f}s")
+    console.print(
+        f"trials: {counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed;"
+        f" wall {result.wall_s:.1f}s"
+    )
     failed = [r for r in result.records if r.state is TrialState.FAIL]
     for r in failed[:5]:
         console.print(f"[red]trial {r.number} failed:[/red] {r.error}")
     if result.best is not None:
-        console.print(f"best: trial {result.best.number}, {metric} {result.best.value:.4f}, "
-                      f"config {dict(summary['best']['config'])}")
+        console.print(
+            f"best: trial {result.best.number}, {metric} {result.best.value:.4f}, "
+            f"config {dict(summary['best']['config'])}"
+        )
     if result.default is not None and result.default.value is not None:
         console.print(f"default configuration: {metric} {result.default.value:.4f}")
     if result.error_reduction is not None:

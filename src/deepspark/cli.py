@@ -52,7 +52,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
             default=None,
             help="registered dataset name (mnist); omit with --data-dir for any MNIST-layout directory",
         )
-        q.add_argument("--data-dir", default=None, help="directory holding the files (default: $DEEPSPARK_DATA)")
+        q.add_argument(
+            "--data-dir", default=None, help="directory holding the files (default: $DEEPSPARK_DATA)"
+        )
         if name == "fetch":
             q.add_argument(
                 "--no-mirrors",

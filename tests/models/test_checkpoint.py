@@ -14,8 +14,14 @@ PRE = Preprocess(input_shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,))
 def test_round_trip_gives_identical_outputs(tmp_path) -> None:
     spec = model_spec("cnn", conv1=4, conv2=8, fc=16)
     model = build_model(spec, seed=1).eval()
-    path = save_checkpoint(tmp_path / "ck", model, spec, preprocess=PRE, class_names=list("abcdefghij"),
-                           metrics={"accuracy": 0.5})
+    path = save_checkpoint(
+        tmp_path / "ck",
+        model,
+        spec,
+        preprocess=PRE,
+        class_names=list("abcdefghij"),
+        metrics={"accuracy": 0.5},
+    )
     assert sorted(p.name for p in path.iterdir()) == ["metadata.json", "model.safetensors", "spec.json"]
     loaded = load_checkpoint(path)
     x = torch.randn(5, 1, 28, 28)

@@ -10,17 +10,19 @@ from deepspark.models import ModelSpec, build_model, load_spec, model_spec
 
 
 def test_spec_builds_and_infers_shapes() -> None:
-    spec = ModelSpec.from_dict({
-        "input_shape": [1, 28, 28],
-        "layers": [
-            {"type": "conv", "out_channels": 8, "kernel_size": 3, "padding": 1},
-            {"type": "batchnorm"},
-            {"type": "relu"},
-            {"type": "maxpool", "kernel_size": 2},
-            {"type": "flatten"},
-            {"type": "linear", "out_features": 10},
-        ],
-    })
+    spec = ModelSpec.from_dict(
+        {
+            "input_shape": [1, 28, 28],
+            "layers": [
+                {"type": "conv", "out_channels": 8, "kernel_size": 3, "padding": 1},
+                {"type": "batchnorm"},
+                {"type": "relu"},
+                {"type": "maxpool", "kernel_size": 2},
+                {"type": "flatten"},
+                {"type": "linear", "out_features": 10},
+            ],
+        }
+    )
     assert spec.output_shape() == (10,)
     out = build_model(spec)(torch.zeros(3, 1, 28, 28))
     assert out.shape == (3, 10)
@@ -28,26 +30,39 @@ def test_spec_builds_and_infers_shapes() -> None:
 
 def test_linear_on_image_names_the_layer_and_shapes() -> None:
     with pytest.raises(SpecError, match=r"layer 1 \(linear\).*\(4, 26, 26\).*add a flatten"):
-        build_model({"input_shape": [1, 28, 28],
-                     "layers": [{"type": "conv", "out_channels": 4}, {"type": "linear", "out_features": 3}]})
+        build_model(
+            {
+                "input_shape": [1, 28, 28],
+                "layers": [{"type": "conv", "out_channels": 4}, {"type": "linear", "out_features": 3}],
+            }
+        )
 
 
 def test_kernel_too_large_for_input() -> None:
     with pytest.raises(SpecError, match=r"layer 2 \(conv\).*does not fit input \(4, 2, 2\)"):
-        load_spec({"input_shape": [1, 8, 8], "layers": [
-            {"type": "conv", "out_channels": 4, "kernel_size": 3},
-            {"type": "maxpool", "kernel_size": 3},
-            {"type": "conv", "out_channels": 4, "kernel_size": 5}]}).output_shape()
+        load_spec(
+            {
+                "input_shape": [1, 8, 8],
+                "layers": [
+                    {"type": "conv", "out_channels": 4, "kernel_size": 3},
+                    {"type": "maxpool", "kernel_size": 3},
+                    {"type": "conv", "out_channels": 4, "kernel_size": 5},
+                ],
+            }
+        ).output_shape()
 
 
-@pytest.mark.parametrize(("layers", "message"), [
-    ([{"type": "attention"}], "unknown type 'attention'"),
-    ([{"type": "conv", "out_channels": 4, "stride_": 2}], "unknown parameter"),
-    ([{"type": "conv"}], "missing required parameter"),
-    ([{"type": "dropout", "p": 1.5}], "p must be in"),
-    ([{"type": "conv", "out_channels": -1}], "positive integer"),
-    ([{"out_channels": 4}], "with a 'type' key"),
-])
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        ([{"type": "attention"}], "unknown type 'attention'"),
+        ([{"type": "conv", "out_channels": 4, "stride_": 2}], "unknown parameter"),
+        ([{"type": "conv"}], "missing required parameter"),
+        ([{"type": "dropout", "p": 1.5}], "p must be in"),
+        ([{"type": "conv", "out_channels": -1}], "positive integer"),
+        ([{"out_channels": 4}], "with a 'type' key"),
+    ],
+)
 def test_bad_layers(layers, message) -> None:
     with pytest.raises(SpecError, match=message):
         load_spec({"input_shape": [1, 8, 8], "layers": layers}).output_shape()
@@ -71,10 +86,20 @@ def test_zoo_networks() -> None:
     assert build_model(mlp)(x).shape == (2, 4)
     assert sum(layer["type"] == "linear" for layer in mlp.layers) == 4
     # SparkNet's LeNet: conv20-pool-conv50-pool-ip500-relu-ip10
-    kinds = [(layer["type"], layer.get("out_channels") or layer.get("out_features")) for layer in
-             model_spec("lenet").layers]
-    assert kinds == [("conv", 20), ("maxpool", None), ("conv", 50), ("maxpool", None), ("flatten", None),
-                     ("linear", 500), ("relu", None), ("linear", 10)]
+    kinds = [
+        (layer["type"], layer.get("out_channels") or layer.get("out_features"))
+        for layer in model_spec("lenet").layers
+    ]
+    assert kinds == [
+        ("conv", 20),
+        ("maxpool", None),
+        ("conv", 50),
+        ("maxpool", None),
+        ("flatten", None),
+        ("linear", 500),
+        ("relu", None),
+        ("linear", 10),
+    ]
     cnn = model_spec("cnn", fc=256)
     assert [layer.get("out_features") for layer in cnn.layers if layer["type"] == "linear"] == [256, 10]
 

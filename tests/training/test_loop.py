@@ -18,9 +18,17 @@ def _toy(n: int = 256, seed: int = 0) -> ImageDataset:
     images = rng.integers(0, 40, size=(n, 8, 8)).astype(np.uint8)
     images[labels == 0, :3, :3] = 250
     images[labels == 1, 5:, 5:] = 250
-    return ImageDataset(name="toy", train_images=images[: n // 2], train_labels=labels[: n // 2].astype(np.int64),
-                        test_images=images[n // 2 :], test_labels=labels[n // 2 :].astype(np.int64),
-                        num_classes=2, class_names=("tl", "br"), mean=(0.2,), std=(0.3,))
+    return ImageDataset(
+        name="toy",
+        train_images=images[: n // 2],
+        train_labels=labels[: n // 2].astype(np.int64),
+        test_images=images[n // 2 :],
+        test_labels=labels[n // 2 :].astype(np.int64),
+        num_classes=2,
+        class_names=("tl", "br"),
+        mean=(0.2,),
+        std=(0.3,),
+    )
 
 
 def test_config_validation_names_the_parameter() -> None:
@@ -38,9 +46,12 @@ def test_config_validation_names_the_parameter() -> None:
 def test_learns_toy_problem_and_reports_each_epoch(optimizer) -> None:
     seen: list[EpochMetrics] = []
     lr = 0.05 if optimizer != "adam" else 0.01
-    result = train(model_spec("mlp", input_shape=(1, 8, 8), num_classes=2, hidden=16), _toy(),
-                   TrainConfig(optimizer=optimizer, learning_rate=lr, epochs=3, batch_size=16, threads=1),
-                   callback=seen.append)
+    result = train(
+        model_spec("mlp", input_shape=(1, 8, 8), num_classes=2, hidden=16),
+        _toy(),
+        TrainConfig(optimizer=optimizer, learning_rate=lr, epochs=3, batch_size=16, threads=1),
+        callback=seen.append,
+    )
     assert [m.epoch for m in seen] == [1, 2, 3]
     assert result.test_accuracy > 0.95
 
@@ -57,8 +68,11 @@ def test_deterministic_for_a_seed() -> None:
 
 def test_divergence_names_epoch_and_step() -> None:
     with pytest.raises(DivergenceError, match="epoch 1, step") as info:
-        train(model_spec("mlp", input_shape=(1, 8, 8), num_classes=2, hidden=16), _toy(),
-              TrainConfig(optimizer="sgd", learning_rate=1e12, epochs=2, batch_size=16, threads=1))
+        train(
+            model_spec("mlp", input_shape=(1, 8, 8), num_classes=2, hidden=16),
+            _toy(),
+            TrainConfig(optimizer="sgd", learning_rate=1e12, epochs=2, batch_size=16, threads=1),
+        )
     assert info.value.epoch == 0 and info.value.step >= 0
 
 
@@ -70,8 +84,12 @@ def test_callback_exception_stops_training() -> None:
         raise Stop(m.epoch)
 
     with pytest.raises(Stop):
-        train(model_spec("mlp", input_shape=(1, 8, 8), num_classes=2, hidden=4), _toy(),
-              TrainConfig(epochs=5, batch_size=32, threads=1), callback=stop)
+        train(
+            model_spec("mlp", input_shape=(1, 8, 8), num_classes=2, hidden=4),
+            _toy(),
+            TrainConfig(epochs=5, batch_size=32, threads=1),
+            callback=stop,
+        )
 
 
 def test_input_shape_mismatch_is_an_error() -> None:

@@ -22,8 +22,28 @@ def test_cli_tune_on_mnist_slice_writes_reports_and_best_model(spark, mnist, tmp
         "batch_size: 64\n"
     )
     run = tmp_path / "run"
-    code = main(["tune", "mnist", "--model", "mlp", "--space", str(space), "--trials", "3", "--parallelism", "2",
-                 "--limit-train", "3000", "--limit-test", "1000", "--pruner", "none", "--run-dir", str(run)])
+    code = main(
+        [
+            "tune",
+            "mnist",
+            "--model",
+            "mlp",
+            "--space",
+            str(space),
+            "--trials",
+            "3",
+            "--parallelism",
+            "2",
+            "--limit-train",
+            "3000",
+            "--limit-test",
+            "1000",
+            "--pruner",
+            "none",
+            "--run-dir",
+            str(run),
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "leaderboard" in out and "error reduction" in out
@@ -53,8 +73,16 @@ def test_unknown_model_parameter_is_rejected_before_spark(tmp_path) -> None:
     from deepspark.tuning import tune
 
     with pytest.raises(ConfigError, match=r"\['width'\] are neither training options"):
-        tune(dataset="mnist", model="cnn", space={"width": {"type": "choice", "values": [1, 2]}},
-             run_dir=tmp_path / "r")
+        tune(
+            dataset="mnist",
+            model="cnn",
+            space={"width": {"type": "choice", "values": [1, 2]}},
+            run_dir=tmp_path / "r",
+        )
     with pytest.raises(ConfigError, match="fc=1024 lies outside the space"):
-        tune(dataset="mnist", model="cnn", space={"fc": {"type": "choice", "values": [64, 128]}},
-             run_dir=tmp_path / "r2")
+        tune(
+            dataset="mnist",
+            model="cnn",
+            space={"fc": {"type": "choice", "values": [64, 128]}},
+            run_dir=tmp_path / "r2",
+        )

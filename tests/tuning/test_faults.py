@@ -31,8 +31,9 @@ def _journal_states(run: Path) -> dict[str, int]:
 
     if not (run / "study.journal").exists():
         return {}
-    study = optuna.load_study(study_name="deepspark",
-                              storage=JournalStorage(JournalFileBackend(str(run / "study.journal"))))
+    study = optuna.load_study(
+        study_name="deepspark", storage=JournalStorage(JournalFileBackend(str(run / "study.journal")))
+    )
     out: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         out[t.state.name] = out.get(t.state.name, 0) + 1
@@ -49,7 +50,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
 def test_driver_killed_mid_study_resumes_without_repeating_finished_trials(spark, tmp_path) -> None:
     run = tmp_path / "crash"
     script = tmp_path / "driver.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import time
         from deepspark.tuning import tune
         def objective(config, reporter):
@@ -58,9 +60,14 @@ def test_driver_killed_mid_study_resumes_without_repeating_finished_trials(spark
             return config["x"]
         tune(objective, space={X!r}, trials=6, sampler="random", pruner="none", parallelism=2,
              run_dir={str(run)!r}, master="local[2]")
-    """))
-    proc = subprocess.Popen([sys.executable, str(script)], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """)
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -73,15 +80,18 @@ def test_driver_killed_mid_study_resumes_without_repeating_finished_trials(spark
             pytest.fail(f"study never reached 3 complete + 2 running: {_journal_states(run)}")
     finally:
         _kill_group(proc)  # the driver "crashes": SIGKILL to it, its JVM and its Python workers
-    before = {r.number: r.params["x"] for r in tune(lambda c, r: 0.0, run_dir=run, resume=True, trials=3).records}
+    before = {
+        r.number: r.params["x"] for r in tune(lambda c, r: 0.0, run_dir=run, resume=True, trials=3).records
+    }
     assert sorted(before) == [0, 1, 2]  # a resume with nothing left to do keeps just the finished trials
 
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    study = optuna.load_study(study_name="deepspark",
-                              storage=JournalStorage(JournalFileBackend(str(run / "study.journal"))))
+    study = optuna.load_study(
+        study_name="deepspark", storage=JournalStorage(JournalFileBackend(str(run / "study.journal")))
+    )
     interrupted = sorted(t.params["x"] for t in study.trials if t.user_attrs.get("deepspark:interrupted"))
     assert len(interrupted) == 2
 
@@ -93,8 +103,9 @@ def test_driver_killed_mid_study_resumes_without_repeating_finished_trials(spark
     rerun = [r for r in result.records if r.metrics.get("resumed")]
     old = [r for r in result.records if not r.metrics.get("resumed")]
     assert {r.number: r.params["x"] for r in old} == before  # finished trials were not run again
-    assert sorted(r.params["x"] for r in rerun[:2]) == interrupted or \
-        set(interrupted) <= {r.params["x"] for r in rerun}  # the interrupted configs ran again
+    assert sorted(r.params["x"] for r in rerun[:2]) == interrupted or set(interrupted) <= {
+        r.params["x"] for r in rerun
+    }  # the interrupted configs ran again
     assert len(rerun) == 3
 
 
@@ -119,24 +130,58 @@ def _wait_port(port: int, timeout: float) -> None:
 def test_lost_executor_on_standalone_cluster_reruns_the_trial(tmp_path) -> None:
     spark_class = PYSPARK_BIN / "spark-class"
     port = _free_port()
-    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_WORKER_DIR": str(tmp_path / "work"),
-           "SPARK_LOG_DIR": str(tmp_path / "logs"), "PYSPARK_PYTHON": sys.executable}
+    env = {
+        **os.environ,
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "SPARK_WORKER_DIR": str(tmp_path / "work"),
+        "SPARK_LOG_DIR": str(tmp_path / "logs"),
+        "PYSPARK_PYTHON": sys.executable,
+    }
     master = subprocess.Popen(
-        [str(spark_class), "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
-         "--webui-port", str(_free_port())],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            str(spark_class),
+            "org.apache.spark.deploy.master.Master",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--webui-port",
+            str(_free_port()),
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     procs = [master]
     try:
         _wait_port(port, 60)
         worker = subprocess.Popen(
-            [str(spark_class), "org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}",
-             "--host", "127.0.0.1", "--cores", "2", "--memory", "2g", "--webui-port", str(_free_port()),
-             "--work-dir", str(tmp_path / "work")],
-            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                str(spark_class),
+                "org.apache.spark.deploy.worker.Worker",
+                f"spark://127.0.0.1:{port}",
+                "--host",
+                "127.0.0.1",
+                "--cores",
+                "2",
+                "--memory",
+                "2g",
+                "--webui-port",
+                str(_free_port()),
+                "--work-dir",
+                str(tmp_path / "work"),
+            ],
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         procs.append(worker)
         script = tmp_path / "driver.py"
         out = tmp_path / "result.json"
-        script.write_text(textwrap.dedent(f"""
+        script.write_text(
+            textwrap.dedent(f"""
             import json, os, signal
             from deepspark.spark import session
             from deepspark.tuning import tune
@@ -167,9 +212,15 @@ def test_lost_executor_on_standalone_cluster_reruns_the_trial(tmp_path) -> None:
             json.dump([{{"number": r.number, "state": r.state.value, "attempts": r.attempts,
                          "executor": r.metrics.get("executor"), "error": r.error}} for r in result.records],
                       open({str(out)!r}, "w"))
-        """))
-        driver = subprocess.Popen([sys.executable, str(script)], env=env, start_new_session=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        """)
+        )
+        driver = subprocess.Popen(
+            [sys.executable, str(script)],
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         procs.append(driver)
         try:
             output, _ = driver.communicate(timeout=240)

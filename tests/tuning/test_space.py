@@ -27,7 +27,9 @@ def test_parses_each_distribution_and_fixed_values() -> None:
 
 
 def test_grid_enumerates_discrete_params() -> None:
-    space = load_space({"w": {"type": "int", "low": 1, "high": 3}, "o": {"type": "choice", "values": ["a", "b"]}})
+    space = load_space(
+        {"w": {"type": "int", "low": 1, "high": 3}, "o": {"type": "choice", "values": ["a", "b"]}}
+    )
     assert space.grid() == {"w": [1, 2, 3], "o": ["a", "b"]}
     assert space.grid_size() == 6
 

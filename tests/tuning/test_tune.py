@@ -34,15 +34,22 @@ def test_user_objective_runs_every_trial(spark, tmp_path) -> None:
 
 def test_grid_sampler_visits_each_point_once(spark, tmp_path) -> None:
     space = {"a": {"type": "grid", "values": [1, 2, 3]}, "b": {"type": "choice", "values": ["u", "v"]}}
-    result = tune(lambda c, r: float(c["a"]), space=space, trials=50, sampler="grid", pruner="none",
-                  run_dir=tmp_path / "g")
+    result = tune(
+        lambda c, r: float(c["a"]),
+        space=space,
+        trials=50,
+        sampler="grid",
+        pruner="none",
+        run_dir=tmp_path / "g",
+    )
     seen = sorted((r.params["a"], r.params["b"]) for r in result.records)
     assert seen == [(a, b) for a in (1, 2, 3) for b in ("u", "v")]
 
 
 def test_tpe_with_constant_liar_proposes_distinct_configs(spark, tmp_path) -> None:
-    result = tune(_quadratic, space=X, trials=16, sampler="tpe", pruner="none", parallelism=2,
-                  run_dir=tmp_path / "t")
+    result = tune(
+        _quadratic, space=X, trials=16, sampler="tpe", pruner="none", parallelism=2, run_dir=tmp_path / "t"
+    )
     xs = [r.params["x"] for r in result.records]
     assert len(set(xs)) == 16
     # TPE concentrates on the optimum at 0.3 once it has seen a few trials.
@@ -57,8 +64,16 @@ def test_pruners_stop_bad_trials_from_intermediate_reports(spark, tmp_path, prun
             reporter.report(step, config["x"])
         return config["x"]
 
-    result = tune(objective, space=X, trials=16, sampler="random", pruner=pruner, parallelism=2,
-                  run_dir=tmp_path / pruner, seed=3)
+    result = tune(
+        objective,
+        space=X,
+        trials=16,
+        sampler="random",
+        pruner=pruner,
+        parallelism=2,
+        run_dir=tmp_path / pruner,
+        seed=3,
+    )
     pruned = [r for r in result.records if r.state is TrialState.PRUNED]
     complete = [r for r in result.records if r.state is TrialState.COMPLETE]
     assert pruned, "the pruner never stopped a trial"
@@ -89,8 +104,16 @@ def test_max_failures_stops_the_study(spark, tmp_path) -> None:
     def objective(config, reporter):
         raise RuntimeError("always")
 
-    result = tune(objective, space=X, trials=20, sampler="random", pruner="none", parallelism=1,
-                  max_failures=3, run_dir=tmp_path / "m")
+    result = tune(
+        objective,
+        space=X,
+        trials=20,
+        sampler="random",
+        pruner="none",
+        parallelism=1,
+        max_failures=3,
+        run_dir=tmp_path / "m",
+    )
     assert result.counts()["fail"] == 3
     assert "max-failures" in (result.stop_reason or "")
 
@@ -101,8 +124,9 @@ def test_killed_task_is_infrastructure_failure_and_runs_again(spark, tmp_path) -
             os.kill(os.getpid(), signal.SIGKILL)  # the Python worker dies mid-trial
         return {"accuracy": config["x"], "attempt": reporter.attempt}
 
-    result = tune(objective, space=X, trials=4, sampler="random", pruner="none", parallelism=2,
-                  run_dir=tmp_path / "k")
+    result = tune(
+        objective, space=X, trials=4, sampler="random", pruner="none", parallelism=2, run_dir=tmp_path / "k"
+    )
     assert result.counts() == {"complete": 4, "pruned": 0, "fail": 0}
     killed = next(r for r in result.records if r.number == 1)
     assert killed.attempts == 2 and killed.metrics["attempt"] == 2
@@ -113,16 +137,29 @@ def test_threads_per_trial_honoured_inside_the_task(spark, tmp_path, caplog) -> 
     def objective(config, reporter):
         import torch
 
-        return {"accuracy": 1.0, "torch_threads": torch.get_num_threads(),
-                "omp": float(os.environ["OMP_NUM_THREADS"]), "reporter_threads": reporter.threads}
+        return {
+            "accuracy": 1.0,
+            "torch_threads": torch.get_num_threads(),
+            "omp": float(os.environ["OMP_NUM_THREADS"]),
+            "reporter_threads": reporter.threads,
+        }
 
-    result = tune(objective, space=X, trials=2, sampler="random", pruner="none", parallelism=2,
-                  run_dir=tmp_path / "one")
+    result = tune(
+        objective, space=X, trials=2, sampler="random", pruner="none", parallelism=2, run_dir=tmp_path / "one"
+    )
     assert {r.metrics["torch_threads"] for r in result.records} == {1.0}
     assert result.parallelism == 2
     with caplog.at_level(logging.WARNING, logger="deepspark"):
-        result = tune(objective, space=X, trials=2, sampler="random", pruner="none", threads_per_trial=2,
-                      parallelism=2, run_dir=tmp_path / "two")
+        result = tune(
+            objective,
+            space=X,
+            trials=2,
+            sampler="random",
+            pruner="none",
+            threads_per_trial=2,
+            parallelism=2,
+            run_dir=tmp_path / "two",
+        )
     assert {r.metrics["torch_threads"] for r in result.records} == {2.0}
     assert {r.metrics["omp"] for r in result.records} == {2.0}
     # local[2] has 2 cores: two 2-thread trials at once would oversubscribe, so they ran one at a time.
@@ -132,8 +169,15 @@ def test_threads_per_trial_honoured_inside_the_task(spark, tmp_path, caplog) -> 
 
 def test_parallelism_beyond_slots_warns_with_the_number(spark, tmp_path, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="deepspark"):
-        result = tune(_quadratic, space=X, trials=3, sampler="random", pruner="none", parallelism=7,
-                      run_dir=tmp_path / "p")
+        result = tune(
+            _quadratic,
+            space=X,
+            trials=3,
+            sampler="random",
+            pruner="none",
+            parallelism=7,
+            run_dir=tmp_path / "p",
+        )
     assert "parallelism 7 is more than the cluster's 2 task slots" in caplog.text
     assert result.parallelism == 2
 

@@ -102,7 +102,9 @@ def save_checkpoint(
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
         (tmp / SPEC).write_text(spec.to_json(), encoding="utf-8")
-        (tmp / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str), encoding="utf-8")
+        (tmp / METADATA).write_text(
+            json.dumps(metadata, indent=2, sort_keys=True, default=str), encoding="utf-8"
+        )
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -136,12 +138,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     p = Path(path)
     if p.is_file():
         refuse_pickle(p)
-        if p.name == WEIGHTS or p.suffix == ".safetensors":
-            p = p.parent
-        elif p.name in (SPEC, METADATA):
+        if p.name == WEIGHTS or p.suffix == ".safetensors" or p.name in (SPEC, METADATA):
             p = p.parent
         else:
-            raise CheckpointError(f"{p} is not a deepspark checkpoint: expected a directory holding {WEIGHTS}")
+            raise CheckpointError(
+                f"{p} is not a deepspark checkpoint: expected a directory holding {WEIGHTS}"
+            )
     if not p.is_dir():
         raise CheckpointError(f"checkpoint {p} does not exist")
     for name in (WEIGHTS, SPEC):

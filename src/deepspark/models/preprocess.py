@@ -36,15 +36,21 @@ class Preprocess:
         if x.dim() == len(self.input_shape):  # [N, H, W] for a one-channel input
             x = x.unsqueeze(1)
         if tuple(x.shape[1:]) != self.input_shape:
-            raise ConfigError(f"images of shape {tuple(x.shape[1:])} do not match the model input {self.input_shape}")
+            raise ConfigError(
+                f"images of shape {tuple(x.shape[1:])} do not match the model input {self.input_shape}"
+            )
         channels = self.input_shape[0]
         mean = torch.tensor(self.mean, dtype=torch.float32).reshape(-1, 1, 1).expand(channels, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).reshape(-1, 1, 1).expand(channels, 1, 1)
         return (x.to(torch.float32) * self.scale - mean) / std
 
     def to_dict(self) -> dict[str, Any]:
-        return {"input_shape": list(self.input_shape), "mean": list(self.mean), "std": list(self.std),
-                "scale": self.scale}
+        return {
+            "input_shape": list(self.input_shape),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "scale": self.scale,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Preprocess:

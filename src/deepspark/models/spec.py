@@ -38,7 +38,9 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
         if not isinstance(data, Mapping):
-            raise SpecError(f"a model spec must be a mapping with 'input_shape' and 'layers', got {type(data).__name__}")
+            raise SpecError(
+                f"a model spec must be a mapping with 'input_shape' and 'layers', got {type(data).__name__}"
+            )
         unknown = set(data) - {"input_shape", "layers", "name", "hyperparameters"}
         if unknown:
             raise SpecError(
@@ -53,7 +55,9 @@ class ModelSpec:
             or not shape
             or not all(isinstance(d, int) and d > 0 for d in shape)
         ):
-            raise SpecError(f"input_shape must be a list of positive integers such as [1, 28, 28], got {shape!r}")
+            raise SpecError(
+                f"input_shape must be a list of positive integers such as [1, 28, 28], got {shape!r}"
+            )
         layers = data["layers"]
         if not isinstance(layers, Sequence) or isinstance(layers, str) or not layers:
             raise SpecError(f"layers must be a non-empty list of layer mappings, got {layers!r}")
@@ -136,7 +140,9 @@ class SpecModel(nn.Module):
         return self.layers(x)
 
 
-def build_model(spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str], *, seed: int | None = None) -> SpecModel:
+def build_model(
+    spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str], *, seed: int | None = None
+) -> SpecModel:
     """Build the module a spec describes; ``seed`` makes the initial weights reproducible."""
     spec = load_spec(spec)
     if seed is None:
@@ -147,7 +153,9 @@ def build_model(spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str], *,
 
 
 # ----------------------------------------------------------------------------------------- layers
-def _params(i: int, layer: Mapping[str, Any], allowed: dict[str, Any], required: Sequence[str] = ()) -> dict[str, Any]:
+def _params(
+    i: int, layer: Mapping[str, Any], allowed: dict[str, Any], required: Sequence[str] = ()
+) -> dict[str, Any]:
     kind = layer["type"]
     extra = set(layer) - set(allowed) - set(required) - {"type"}
     if extra:
@@ -188,7 +196,11 @@ def _conv(i: int, layer: Mapping[str, Any], shape: Shape) -> tuple[nn.Module, Sh
     oh, ow = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
     if oh < 1 or ow < 1:
         raise SpecError(f"layer {i} (conv): kernel {k} with padding {pad} does not fit input {shape}")
-    return nn.Conv2d(c, p["out_channels"], k, stride=s, padding=pad, bias=p["bias"]), (p["out_channels"], oh, ow)
+    return nn.Conv2d(c, p["out_channels"], k, stride=s, padding=pad, bias=p["bias"]), (
+        p["out_channels"],
+        oh,
+        ow,
+    )
 
 
 def _pool(i: int, layer: Mapping[str, Any], shape: Shape) -> tuple[nn.Module, Shape]:
@@ -234,7 +246,9 @@ def _batchnorm(i: int, layer: Mapping[str, Any], shape: Shape) -> tuple[nn.Modul
     raise SpecError(f"layer {i} (batchnorm) expects (features,) or (channels, height, width), got {shape}")
 
 
-def _activation(module: type[nn.Module]) -> Callable[[int, Mapping[str, Any], Shape], tuple[nn.Module, Shape]]:
+def _activation(
+    module: type[nn.Module],
+) -> Callable[[int, Mapping[str, Any], Shape], tuple[nn.Module, Shape]]:
     def make(i: int, layer: Mapping[str, Any], shape: Shape) -> tuple[nn.Module, Shape]:
         _params(i, layer, {})
         return module(), shape

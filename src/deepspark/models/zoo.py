@@ -88,7 +88,11 @@ def model_spec(
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
     layers = [*make(**values), {"type": "linear", "out_features": num_classes}]
-    spec = ModelSpec(input_shape=tuple(int(d) for d in input_shape), layers=tuple(layers), name=name,
-                     hyperparameters=values)
+    spec = ModelSpec(
+        input_shape=tuple(int(d) for d in input_shape),
+        layers=tuple(layers),
+        name=name,
+        hyperparameters=values,
+    )
     spec.output_shape()  # fail now, naming the layer, if the input shape does not fit
     return spec

@@ -44,7 +44,11 @@ def train_local_job(
         "threads": threads,
     }
     config = TrainConfig.from_dict(
-        {**DEFAULT_TRAIN_CONFIG.to_dict(), "seed": seed, **{k: v for k, v in overrides.items() if v is not None}}
+        {
+            **DEFAULT_TRAIN_CONFIG.to_dict(),
+            "seed": seed,
+            **{k: v for k, v in overrides.items() if v is not None},
+        }
     )
     if output is not None and Path(output).exists():
         from deepspark.errors import ConfigError
@@ -60,8 +64,13 @@ def train_local_job(
     )
 
     def log_epoch(m: EpochMetrics) -> None:
-        _log.info("epoch %d: train loss %.4f, test accuracy %.4f (%.1fs)", m.epoch, m.train_loss,
-                  m.test_accuracy, m.seconds)
+        _log.info(
+            "epoch %d: train loss %.4f, test accuracy %.4f (%.1fs)",
+            m.epoch,
+            m.train_loss,
+            m.test_accuracy,
+            m.seconds,
+        )
 
     result = train(spec, data, config, callback=log_epoch)
     summary = {

@@ -110,7 +110,9 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     momentum = config.momentum if config.optimizer == "momentum" else 0.0
-    return torch.optim.SGD(params, lr=config.learning_rate, momentum=momentum, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        params, lr=config.learning_rate, momentum=momentum, weight_decay=config.weight_decay
+    )
 
 
 def _random_shift(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
@@ -125,7 +127,9 @@ def _random_shift(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 1000) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 1000
+) -> dict[str, float]:
     """Accuracy and mean cross-entropy of ``model`` on preprocessed ``inputs``."""
     was_training = model.training
     model.eval()
@@ -156,7 +160,9 @@ def train(
     config = config or TrainConfig()
     spec = load_spec(spec)
     if tuple(spec.input_shape) != tuple(data.input_shape):
-        raise ConfigError(f"model input shape {spec.input_shape} does not match the dataset's {data.input_shape}")
+        raise ConfigError(
+            f"model input shape {spec.input_shape} does not match the dataset's {data.input_shape}"
+        )
     if config.threads is not None and torch.get_num_threads() != config.threads:
         torch.set_num_threads(config.threads)
     preprocess = Preprocess(input_shape=data.input_shape, mean=tuple(data.mean), std=tuple(data.std))

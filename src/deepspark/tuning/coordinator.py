@@ -112,8 +112,9 @@ class Coordinator:
         self._best: float | None = self._study_best()
         self._server = _Server((bind, 0), _Handler)
         self._server.coordinator = self
-        self._thread = threading.Thread(target=self._server.serve_forever, name="deepspark-coordinator",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="deepspark-coordinator", daemon=True
+        )
 
     # ------------------------------------------------------------------------------- lifecycle
     @property
@@ -175,9 +176,12 @@ class Coordinator:
     def _interrupt(self, run: _Running) -> None:
         run.trial.set_user_attr(INTERRUPTED_ATTR, True)
         self.study.tell(run.trial, state=optuna.trial.TrialState.FAIL)
-        carried = {k: run.trial.user_attrs[k] for k in (DEFAULT_ATTR, OVERRIDES_ATTR) if k in run.trial.user_attrs}
-        self.study.enqueue_trial(dict(run.trial.params), user_attrs={"deepspark:rerun_of": run.trial.number,
-                                                                     **carried})
+        carried = {
+            k: run.trial.user_attrs[k] for k in (DEFAULT_ATTR, OVERRIDES_ATTR) if k in run.trial.user_attrs
+        }
+        self.study.enqueue_trial(
+            dict(run.trial.params), user_attrs={"deepspark:rerun_of": run.trial.number, **carried}
+        )
 
     # ------------------------------------------------------------------------------- protocol
     def _serve(self, conn: socket.socket) -> None:
@@ -200,8 +204,14 @@ class Coordinator:
                 if op == "next":
                     protocol.send(conn, self._next(slot, worker, conn_id))
                 elif op == "report":
-                    protocol.send(conn, {"prune": self._report(int(msg["trial"]), int(msg["step"]),
-                                                               float(msg["value"]), conn_id)})
+                    protocol.send(
+                        conn,
+                        {
+                            "prune": self._report(
+                                int(msg["trial"]), int(msg["step"]), float(msg["value"]), conn_id
+                            )
+                        },
+                    )
                 elif op == "done":
                     protocol.send(conn, {"send_model": self._done(msg, worker, conn_id)})
                 elif op == "model":
@@ -218,7 +228,9 @@ class Coordinator:
         """A new attempt of slot's Spark task has started, so any older attempt is dead (Spark runs one
         attempt of a task at a time), even if its process has not noticed yet: re-run its trials."""
         with self._lock:
-            stale = {run.conn_id for run in self._running.values() if run.slot == slot and run.conn_id != conn_id}
+            stale = {
+                run.conn_id for run in self._running.values() if run.slot == slot and run.conn_id != conn_id
+            }
             self._slot_conn[slot] = conn_id
         for old in stale:
             self.worker_lost(slot, reason="its Spark task was restarted", conn_id=old)
@@ -247,7 +259,9 @@ class Coordinator:
                 # The default configuration may pin values that other trials take from ``fixed``.
                 params = {**self._fixed, **trial.params, **trial.user_attrs.get(OVERRIDES_ATTR, {})}
                 trial.set_user_attr(CONFIG_ATTR, params)
-                run = _Running(trial=trial, params=params, attempt=1, worker=worker, slot=slot, conn_id=conn_id)
+                run = _Running(
+                    trial=trial, params=params, attempt=1, worker=worker, slot=slot, conn_id=conn_id
+                )
                 kind = "start"
             else:
                 return {"stop": True}
@@ -304,7 +318,9 @@ class Coordinator:
                 self.study.tell(run.trial, state=optuna.trial.TrialState.FAIL)
                 self._failures += 1
                 if self._max_failures is not None and self._failures >= self._max_failures:
-                    self.stop_reason = f"{self._failures} failed trial(s) reached --max-failures {self._max_failures}"
+                    self.stop_reason = (
+                        f"{self._failures} failed trial(s) reached --max-failures {self._max_failures}"
+                    )
             elif state is TrialState.PRUNED:
                 self.study.tell(run.trial, state=optuna.trial.TrialState.PRUNED)
             else:
@@ -343,13 +359,22 @@ class Coordinator:
                 if self.stop_reason is not None:
                     self._interrupt(run)
                 elif run.attempt < self._max_attempts:
-                    _log.warning("trial %d: %s (infrastructure failure, attempt %d); it will run again",
-                                 run.trial.number, reason, run.attempt)
+                    _log.warning(
+                        "trial %d: %s (infrastructure failure, attempt %d); it will run again",
+                        run.trial.number,
+                        reason,
+                        run.attempt,
+                    )
                     self._retry.append(run)
                 else:
-                    record = TrialRecord(number=run.trial.number, state=TrialState.FAIL, params=run.params,
-                                         attempts=run.attempt, worker=run.worker,
-                                         error=f"infrastructure: {reason}; gave up after {run.attempt} attempts")
+                    record = TrialRecord(
+                        number=run.trial.number,
+                        state=TrialState.FAIL,
+                        params=run.params,
+                        attempts=run.attempt,
+                        worker=run.worker,
+                        error=f"infrastructure: {reason}; gave up after {run.attempt} attempts",
+                    )
                     run.trial.set_user_attr("error", record.error)
                     self.study.tell(run.trial, state=optuna.trial.TrialState.FAIL)
                     self.records.append(record)

@@ -33,7 +33,7 @@ def records_from_study(study: optuna.Study) -> list[TrialRecord]:
     for t in study.get_trials(deepcopy=False):
         if t.state not in _STATES or t.user_attrs.get("deepspark:interrupted"):
             continue
-        metrics = {k[len("metric:"):]: v for k, v in t.user_attrs.items() if k.startswith("metric:")}
+        metrics = {k[len("metric:") :]: v for k, v in t.user_attrs.items() if k.startswith("metric:")}
         out.append(
             TrialRecord(
                 number=t.number,
@@ -89,15 +89,40 @@ def write_reports(
 ) -> dict[str, Any]:
     """Write trials.csv, best.json and accuracy_vs_lr.png; return best.json's content."""
     param_names = sorted({k for r in records for k in r.params})
-    metric_names = sorted({k for r in records for k, v in r.metrics.items() if not isinstance(v, dict | list)})
+    metric_names = sorted(
+        {k for r in records for k, v in r.metrics.items() if not isinstance(v, dict | list)}
+    )
     with (run_dir / "trials.csv").open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["number", "state", "value", "default", "attempts", "duration_s", "worker",
-                         *[f"param_{p}" for p in param_names], *[f"metric_{m}" for m in metric_names], "error"])
+        writer.writerow(
+            [
+                "number",
+                "state",
+                "value",
+                "default",
+                "attempts",
+                "duration_s",
+                "worker",
+                *[f"param_{p}" for p in param_names],
+                *[f"metric_{m}" for m in metric_names],
+                "error",
+            ]
+        )
         for r in sorted(records, key=lambda r: r.number):
-            writer.writerow([r.number, r.state.value, r.value, r.is_default, r.attempts, f"{r.duration_s:.3f}",
-                             r.worker, *[r.params.get(p) for p in param_names],
-                             *[r.metrics.get(m) for m in metric_names], r.error or ""])
+            writer.writerow(
+                [
+                    r.number,
+                    r.state.value,
+                    r.value,
+                    r.is_default,
+                    r.attempts,
+                    f"{r.duration_s:.3f}",
+                    r.worker,
+                    *[r.params.get(p) for p in param_names],
+                    *[r.metrics.get(m) for m in metric_names],
+                    r.error or "",
+                ]
+            )
     best, default = best_and_default(records, maximize=maximize)
     counts = {s.value: sum(r.state is s for r in records) for s in TrialState}
     summary: dict[str, Any] = {
@@ -112,11 +137,19 @@ def write_reports(
         "checkpoint": str(best_checkpoint) if best_checkpoint else None,
     }
     if best is not None:
-        summary["best"] = {"trial": best.number, "config": dict(best.params), "value": best.value,
-                           "metrics": dict(best.metrics)}
+        summary["best"] = {
+            "trial": best.number,
+            "config": dict(best.params),
+            "value": best.value,
+            "metrics": dict(best.metrics),
+        }
     if default is not None:
-        summary["default"] = {"trial": default.number, "config": dict(default.params),
-                              "value": default.value, "metrics": dict(default.metrics)}
+        summary["default"] = {
+            "trial": default.number,
+            "config": dict(default.params),
+            "value": default.value,
+            "metrics": dict(default.metrics),
+        }
         if best is not None and metric == "accuracy" and best.value is not None and default.value is not None:
             summary["error_reduction"] = error_reduction(default.value, best.value)
     (run_dir / "best.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
@@ -128,8 +161,11 @@ def write_reports(
 
 
 def _plot(path: Path, records: Sequence[TrialRecord], *, metric: str) -> None:
-    complete = [r for r in records if r.state is TrialState.COMPLETE and r.value is not None
-                and "learning_rate" in r.params]
+    complete = [
+        r
+        for r in records
+        if r.state is TrialState.COMPLETE and r.value is not None and "learning_rate" in r.params
+    ]
     if not complete:
         return
     import matplotlib
@@ -137,15 +173,21 @@ def _plot(path: Path, records: Sequence[TrialRecord], *, metric: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    width = next((w for w in ("fc", "hidden", "conv2", "conv1") if all(w in r.params for r in complete)), None)
+    width = next(
+        (w for w in ("fc", "hidden", "conv2", "conv1") if all(w in r.params for r in complete)), None
+    )
     fig, ax = plt.subplots(figsize=(6, 4))
     groups: dict[Any, list[TrialRecord]] = {}
     for r in complete:
         groups.setdefault(r.params.get(width) if width else "all", []).append(r)
     for key, rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
         rs = sorted(rs, key=lambda r: float(r.params["learning_rate"]))
-        ax.plot([r.params["learning_rate"] for r in rs], [r.value for r in rs], "o-",
-                label=f"{width}={key}" if width else "trials")
+        ax.plot(
+            [r.params["learning_rate"] for r in rs],
+            [float(r.value or 0.0) for r in rs],
+            "o-",
+            label=f"{width}={key}" if width else "trials",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"test {metric}")

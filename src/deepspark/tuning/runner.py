@@ -26,7 +26,13 @@ from typing import Any
 import optuna
 
 from deepspark.errors import ConfigError, DeepsparkError
-from deepspark.tuning.coordinator import DEFAULT_ATTR, INTERRUPTED_ATTR, OVERRIDES_ATTR, Coordinator, TrialEvent
+from deepspark.tuning.coordinator import (
+    DEFAULT_ATTR,
+    INTERRUPTED_ATTR,
+    OVERRIDES_ATTR,
+    Coordinator,
+    TrialEvent,
+)
 from deepspark.tuning.report import best_and_default, records_from_study, write_reports
 from deepspark.tuning.space import SearchSpace, load_space
 from deepspark.tuning.trial import Reporter, TrialRecord, TrialState
@@ -74,8 +80,12 @@ def _check_int(name: str, value: Any, minimum: int = 1) -> int:
 
 def _sampler(name: str, space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=True,
-                                          n_startup_trials=min(10, max(2, len(space.params) * 2)))
+        return optuna.samplers.TPESampler(
+            seed=seed,
+            constant_liar=True,
+            multivariate=True,
+            n_startup_trials=min(10, max(2, len(space.params) * 2)),
+        )
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.GridSampler(space.grid(), seed=seed)
@@ -109,8 +119,9 @@ def _save_model(run_dir: Path, record: TrialRecord, files: Mapping[str, bytes]) 
             if not safe or safe.startswith("."):
                 raise DeepsparkError(f"refusing model file name {name!r} from trial {record.number}")
             (tmp / safe).write_bytes(data)
-        (tmp / "trial.json").write_text(json.dumps({"trial": record.number, "value": record.value}),
-                                        encoding="utf-8")
+        (tmp / "trial.json").write_text(
+            json.dumps({"trial": record.number, "value": record.value}), encoding="utf-8"
+        )
         old = run_dir / ".best.old"
         if target.exists():
             target.replace(old)
@@ -207,7 +218,9 @@ def tune(
     builtin: TorchObjective | None = None
     if objective is None:
         if dataset is None:
-            raise ConfigError("give an objective function, or a dataset (and model) for the built-in objective")
+            raise ConfigError(
+                "give an objective function, or a dataset (and model) for the built-in objective"
+            )
         builtin = TorchObjective(model=model)
         builtin.split({**search.fixed, **{k: _example(v) for k, v in search.params.items()}})  # names check
         objective = builtin
@@ -244,11 +257,19 @@ def tune(
     run_path.mkdir(parents=True, exist_ok=True)
     if not resume:
         config = {
-            "space": search.to_dict(), "trials": trials, "sampler": sampler, "pruner": pruner, "metric": metric,
-            "direction": direction, "seed": seed, "threads_per_trial": threads_per_trial,
+            "space": search.to_dict(),
+            "trials": trials,
+            "sampler": sampler,
+            "pruner": pruner,
+            "metric": metric,
+            "direction": direction,
+            "seed": seed,
+            "threads_per_trial": threads_per_trial,
             "objective": "builtin" if builtin is not None else getattr(objective, "__qualname__", "user"),
-            "dataset": dataset, "model": model if builtin is not None else None,
-            "limit_train": limit_train, "limit_test": limit_test,
+            "dataset": dataset,
+            "model": model if builtin is not None else None,
+            "limit_train": limit_train,
+            "limit_test": limit_test,
         }
         (run_path / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
     from optuna.storages import JournalStorage
@@ -258,9 +279,16 @@ def tune(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = JournalStorage(JournalFileBackend(str(run_path / JOURNAL)))
-        study = optuna.create_study(study_name=STUDY_NAME, storage=storage, load_if_exists=True,
-                                    direction=direction, sampler=_sampler(sampler, search, seed),
-                                    pruner=_pruner(pruner))
+        study = optuna.create_study(
+            study_name=STUDY_NAME,
+            storage=storage,
+            load_if_exists=True,
+            direction=optuna.study.StudyDirection.MAXIMIZE
+            if direction == "maximize"
+            else optuna.study.StudyDirection.MINIMIZE,
+            sampler=_sampler(sampler, search, seed),
+            pruner=_pruner(pruner),
+        )
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         # Running when the driver died: keep nothing of it, run its configuration again.
         study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
@@ -268,7 +296,9 @@ def tune(
         study.enqueue_trial(t.params, user_attrs={"deepspark:rerun_of": t.number, **_carried(t.user_attrs)})
     finished = len(records_from_study(study))
     if default_params is not None and not study.trials:
-        study.enqueue_trial(default_params, user_attrs={DEFAULT_ATTR: True, OVERRIDES_ATTR: default_overrides})
+        study.enqueue_trial(
+            default_params, user_attrs={DEFAULT_ATTR: True, OVERRIDES_ATTR: default_overrides}
+        )
     to_run = max(0, trials - finished)
 
     started = time.perf_counter()
@@ -276,21 +306,52 @@ def tune(
     used_parallelism = 0
     if to_run:
         stop_reason, used_parallelism = _execute(
-            study, objective, search=search, distributions=distributions, to_run=to_run, run_path=run_path,
-            parallelism=parallelism, threads=threads_per_trial, max_failures=max_failures,
-            max_attempts=max_attempts, metric=metric, data=data, builtin=builtin, dataset=dataset,
-            data_dir=data_dir, limit_train=limit_train, limit_test=limit_test, master=master,
-            on_event=on_event, on_start=on_start, timeout=timeout,
+            study,
+            objective,
+            search=search,
+            distributions=distributions,
+            to_run=to_run,
+            run_path=run_path,
+            parallelism=parallelism,
+            threads=threads_per_trial,
+            max_failures=max_failures,
+            max_attempts=max_attempts,
+            metric=metric,
+            data=data,
+            builtin=builtin,
+            dataset=dataset,
+            data_dir=data_dir,
+            limit_train=limit_train,
+            limit_test=limit_test,
+            master=master,
+            on_event=on_event,
+            on_start=on_start,
+            timeout=timeout,
         )
     wall = time.perf_counter() - started
     records = records_from_study(study)
     maximize = direction == "maximize"
     best_dir = run_path / BEST_DIR
-    summary = write_reports(run_path, records, metric=metric, maximize=maximize, fixed=dict(search.fixed),
-                            wall_s=wall, best_checkpoint=best_dir if best_dir.is_dir() else None)
+    summary = write_reports(
+        run_path,
+        records,
+        metric=metric,
+        maximize=maximize,
+        fixed=dict(search.fixed),
+        wall_s=wall,
+        best_checkpoint=best_dir if best_dir.is_dir() else None,
+    )
     best, default = best_and_default(records, maximize=maximize)
-    return StudyResult(run_dir=run_path, records=tuple(records), best=best, default=default, summary=summary,
-                       wall_s=wall, stop_reason=stop_reason, parallelism=used_parallelism)
+    return StudyResult(
+        run_dir=run_path,
+        records=tuple(records),
+        best=best,
+        default=default,
+        summary=summary,
+        wall_s=wall,
+        stop_reason=stop_reason,
+        parallelism=used_parallelism,
+    )
 
 
 def _carried(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -343,25 +404,51 @@ def _execute(
     effective_threads = max(threads, cpus)
     slots = max(1, cores // effective_threads)
     if cpus < threads:
-        _log.warning("spark.task.cpus is %d but threads_per_trial is %d: running at most %d trials at once",
-                     cpus, threads, slots)
+        _log.warning(
+            "spark.task.cpus is %d but threads_per_trial is %d: running at most %d trials at once",
+            cpus,
+            threads,
+            slots,
+        )
     wanted = parallelism or slots
     if wanted > slots:
-        _log.warning("parallelism %d is more than the cluster's %d task slots (%d cores / %d threads per "
-                     "trial); using %d", wanted, slots, cores, effective_threads, slots)
+        _log.warning(
+            "parallelism %d is more than the cluster's %d task slots (%d cores / %d threads per "
+            "trial); using %d",
+            wanted,
+            slots,
+            cores,
+            effective_threads,
+            slots,
+        )
     width = min(wanted, slots, to_run)
     if on_start is not None:
         on_start(to_run, width)
 
     broadcast = sc.broadcast(data) if data is not None else None
     coordinator = Coordinator(
-        study, distributions=distributions, fixed=search.fixed, n_trials=to_run, token=secrets.token_hex(16),
-        bind=_bind_address(spark), max_failures=max_failures, max_attempts=max_attempts, on_event=on_event,
-        on_model=functools.partial(_save_model, run_path), timeout=timeout,
+        study,
+        distributions=distributions,
+        fixed=search.fixed,
+        n_trials=to_run,
+        token=secrets.token_hex(16),
+        bind=_bind_address(spark),
+        max_failures=max_failures,
+        max_attempts=max_attempts,
+        on_event=on_event,
+        on_model=functools.partial(_save_model, run_path),
+        timeout=timeout,
     )
     host, port = coordinator.address
-    spec = WorkerSpec(host=host, port=port, token=coordinator._token, objective=objective, metric=metric,
-                      broadcast=broadcast, threads=effective_threads)
+    spec = WorkerSpec(
+        host=host,
+        port=port,
+        token=coordinator._token,
+        objective=objective,
+        metric=metric,
+        broadcast=broadcast,
+        threads=effective_threads,
+    )
     group = f"deepspark-tune-{secrets.token_hex(4)}"
     errors: list[BaseException] = []
 
@@ -379,16 +466,22 @@ def _execute(
                 if coordinator.stop_reason is not None:
                     return
                 failures += 1
-                _log.warning("trial worker %d: its Spark task failed (%s); resubmitting (%d)", slot,
-                             _short(exc), failures)
+                _log.warning(
+                    "trial worker %d: its Spark task failed (%s); resubmitting (%d)",
+                    slot,
+                    _short(exc),
+                    failures,
+                )
                 if failures > max_attempts:
                     errors.append(exc)
                     coordinator.stop(f"trial worker {slot} failed {failures} times: {_short(exc)}")
                     return
 
     coordinator.start()
-    threads_ = [threading.Thread(target=slot_loop, args=(i,), name=f"deepspark-slot-{i}", daemon=True)
-                for i in range(width)]
+    threads_ = [
+        threading.Thread(target=slot_loop, args=(i,), name=f"deepspark-slot-{i}", daemon=True)
+        for i in range(width)
+    ]
     try:
         for t in threads_:
             t.start()

@@ -45,7 +45,9 @@ class SearchSpace:
             elif kind == "loguniform":
                 out[name] = d.FloatDistribution(p["low"], p["high"], log=True)
             elif kind == "int":
-                out[name] = d.IntDistribution(p["low"], p["high"], step=p.get("step", 1), log=p.get("log", False))
+                out[name] = d.IntDistribution(
+                    p["low"], p["high"], step=p.get("step", 1), log=p.get("log", False)
+                )
             else:
                 out[name] = d.CategoricalDistribution(tuple(p["values"]))
         return out
@@ -84,18 +86,29 @@ def _parse_param(name: str, raw: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"space: parameter {name!r}: unknown distribution {kind!r}; expected one of {list(DISTRIBUTIONS)}"
         )
-    allowed = {"uniform": {"low", "high"}, "loguniform": {"low", "high"}, "int": {"low", "high", "step", "log"},
-               "choice": {"values"}, "grid": {"values"}}[kind]
+    allowed = {
+        "uniform": {"low", "high"},
+        "loguniform": {"low", "high"},
+        "int": {"low", "high", "step", "log"},
+        "choice": {"values"},
+        "grid": {"values"},
+    }[kind]
     extra = set(raw) - allowed - {"type"}
     if extra:
-        raise ConfigError(f"space: parameter {name!r} ({kind}): unknown key(s) {sorted(extra)}; allowed {sorted(allowed)}")
+        raise ConfigError(
+            f"space: parameter {name!r} ({kind}): unknown key(s) {sorted(extra)}; allowed {sorted(allowed)}"
+        )
     if kind in ("choice", "grid"):
         values = raw.get("values")
         if not isinstance(values, list | tuple) or not values:
-            raise ConfigError(f"space: parameter {name!r} ({kind}): 'values' must be a non-empty list, got {values!r}")
+            raise ConfigError(
+                f"space: parameter {name!r} ({kind}): 'values' must be a non-empty list, got {values!r}"
+            )
         for v in values:
             if v is not None and not isinstance(v, str | int | float | bool):
-                raise ConfigError(f"space: parameter {name!r}: values must be numbers, strings or booleans, got {v!r}")
+                raise ConfigError(
+                    f"space: parameter {name!r}: values must be numbers, strings or booleans, got {v!r}"
+                )
         if len(set(map(repr, values))) != len(values):
             raise ConfigError(f"space: parameter {name!r}: values {list(values)} contain duplicates")
         return {"type": kind, "values": list(values)}
@@ -104,15 +117,21 @@ def _parse_param(name: str, raw: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"space: parameter {name!r} ({kind}) needs '{key}'")
     low, high = _number(name, "low", raw["low"]), _number(name, "high", raw["high"])
     if low >= high:
-        raise ConfigError(f"space: parameter {name!r}: low must be less than high, got low={low:g}, high={high:g}")
+        raise ConfigError(
+            f"space: parameter {name!r}: low must be less than high, got low={low:g}, high={high:g}"
+        )
     if kind == "loguniform" and low <= 0:
         raise ConfigError(f"space: parameter {name!r}: loguniform bounds must be > 0, got low={low:g}")
     if kind == "int":
         if not float(low).is_integer() or not float(high).is_integer():
-            raise ConfigError(f"space: parameter {name!r} (int): low and high must be integers, got {low:g}, {high:g}")
+            raise ConfigError(
+                f"space: parameter {name!r} (int): low and high must be integers, got {low:g}, {high:g}"
+            )
         step = raw.get("step", 1)
         if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-            raise ConfigError(f"space: parameter {name!r} (int): step must be a positive integer, got {step!r}")
+            raise ConfigError(
+                f"space: parameter {name!r} (int): step must be a positive integer, got {step!r}"
+            )
         log = bool(raw.get("log", False))
         if log and (low <= 0 or step != 1):
             raise ConfigError(f"space: parameter {name!r} (int, log): needs low > 0 and step 1")
@@ -139,7 +158,9 @@ def load_space(space: SearchSpace | Mapping[str, Any] | str | os.PathLike[str] |
         except yaml.YAMLError as exc:
             raise ConfigError(f"space: {path} is not valid YAML: {exc}") from exc
     if not isinstance(space, Mapping):
-        raise ConfigError(f"space: expected a mapping of parameter name to distribution, got {type(space).__name__}")
+        raise ConfigError(
+            f"space: expected a mapping of parameter name to distribution, got {type(space).__name__}"
+        )
     params: dict[str, dict[str, Any]] = {}
     fixed: dict[str, Any] = {}
     for name, raw in space.items():

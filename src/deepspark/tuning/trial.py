@@ -24,7 +24,7 @@ class TrialState(enum.Enum):
     FAIL = "fail"
 
 
-class TrialPruned(DeepsparkError):  # noqa: N818 - the field's own name (optuna.TrialPruned)
+class TrialPruned(DeepsparkError):
     """Raised inside an objective by :meth:`Reporter.report` when the pruner stops the trial."""
 
 
@@ -74,7 +74,9 @@ class Reporter:
         """Report the metric after ``step`` (an epoch, say); raises :class:`TrialPruned` if told to stop."""
         if self._conn is None:
             return
-        protocol.send(self._conn, {"op": "report", "trial": self.number, "step": int(step), "value": float(value)})
+        protocol.send(
+            self._conn, {"op": "report", "trial": self.number, "step": int(step), "value": float(value)}
+        )
         answer = protocol.recv(self._conn)
         if answer.get("prune"):
             self._pruned = True

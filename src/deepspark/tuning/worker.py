@@ -29,8 +29,17 @@ Objective = Callable[[dict[str, Any], Reporter], Any]
 class WorkerSpec:
     """The fields a worker needs, copied out of the driver's objects before the closure is made."""
 
-    def __init__(self, *, host: str, port: int, token: str, objective: Objective, metric: str,
-                 broadcast: Any, threads: int) -> None:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        token: str,
+        objective: Objective,
+        metric: str,
+        broadcast: Any,
+        threads: int,
+    ) -> None:
         self.host, self.port, self.token = host, port, token
         self.objective, self.metric = objective, metric
         self.broadcast, self.threads = broadcast, threads
@@ -45,10 +54,14 @@ def _metrics(out: Any, metric: str) -> tuple[float, dict[str, Any]]:
         if metric not in out:
             raise KeyError(f"the objective returned {sorted(out)}, which lacks the metric {metric!r}")
         value = float(out[metric])
-        clean = {str(k): (float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v)
-                 for k, v in out.items()}
+        clean = {
+            str(k): (float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v)
+            for k, v in out.items()
+        }
         return value, clean
-    raise TypeError(f"the objective must return a number or a dict holding {metric!r}, got {type(out).__name__}")
+    raise TypeError(
+        f"the objective must return a number or a dict holding {metric!r}, got {type(out).__name__}"
+    )
 
 
 def run_worker(spec: WorkerSpec, slot: int, partition: Iterable[Any]) -> Iterator[dict[str, Any]]:
@@ -70,16 +83,18 @@ def run_worker(spec: WorkerSpec, slot: int, partition: Iterable[Any]) -> Iterato
     with socket.create_connection((spec.host, spec.port), timeout=60) as conn:
         conn.settimeout(None)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        protocol.send(conn, {"op": "hello", "token": spec.token, "worker": worker, "slot": slot,
-                             "threads": threads})
+        protocol.send(
+            conn, {"op": "hello", "token": spec.token, "worker": worker, "slot": slot, "threads": threads}
+        )
         while True:
             protocol.send(conn, {"op": "next"})
             task = protocol.recv(conn)
             if task.get("stop"):
                 break
             number, params = int(task["trial"]), dict(task["params"])
-            reporter = Reporter(conn=conn, number=number, attempt=int(task.get("attempt", 1)), data=data,
-                                threads=threads)
+            reporter = Reporter(
+                conn=conn, number=number, attempt=int(task.get("attempt", 1)), data=data, threads=threads
+            )
             started = time.perf_counter()
             result: dict[str, Any] = {"op": "done", "trial": number}
             try:
@@ -90,8 +105,11 @@ def run_worker(spec: WorkerSpec, slot: int, partition: Iterable[Any]) -> Iterato
             except TrialPruned:
                 result.update(state="pruned")
             except (Exception, SystemExit) as exc:  # the objective's failure is the trial's FAIL
-                result.update(state="fail", error=f"{type(exc).__name__}: {exc}",
-                              traceback="".join(traceback.format_exception(exc))[-8000:])
+                result.update(
+                    state="fail",
+                    error=f"{type(exc).__name__}: {exc}",
+                    traceback="".join(traceback.format_exception(exc))[-8000:],
+                )
             result["duration_s"] = time.perf_counter() - started
             protocol.send(conn, result)
             answer = protocol.recv(conn)
