@@ -181,6 +181,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_train(sub)
     _add_tune(sub)
+    from deepspark.inference._cli import add_predict_parser
+
+    add_predict_parser(sub)
     return parser
 
 
