@@ -239,3 +239,45 @@ def test_lost_executor_on_standalone_cluster_reruns_the_trial(tmp_path) -> None:
 
 def test_states_enum_values() -> None:
     assert {s.value for s in TrialState} == {"complete", "pruned", "fail"}
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_finished_trials_and_resume_completes(spark, tmp_path) -> None:
+    run = tmp_path / "sigint"
+    script = tmp_path / "driver.py"
+    out = tmp_path / "out.json"
+    script.write_text(textwrap.dedent(f"""
+        import json, time
+        from deepspark.tuning import tune
+        def objective(config, reporter):
+            if reporter.number >= 2:
+                time.sleep(300)
+            return config["x"]
+        result = tune(objective, space={X!r}, trials=5, sampler="random", pruner="none", parallelism=2,
+                      run_dir={str(run)!r}, master="local[2]")
+        json.dump({{"stop": result.stop_reason, "counts": result.counts()}}, open({str(out)!r}, "w"))
+    """))
+    log = tmp_path / "driver.log"
+    proc = subprocess.Popen([sys.executable, str(script)], start_new_session=True,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            states = _journal_states(run)
+            if states.get("COMPLETE", 0) == 2 and states.get("RUNNING", 0) == 2:
+                break
+            assert proc.poll() is None, "the driver exited early"
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"study never reached 2 complete + 2 running: {_journal_states(run)}")
+        proc.send_signal(signal.SIGINT)  # Ctrl-C, to the driver only
+        proc.wait(timeout=90)
+    finally:
+        _kill_group(proc)
+    assert out.exists(), log.read_text(errors="replace")[-4000:]
+    summary = json.loads(out.read_text())
+    assert summary == {"stop": "interrupted", "counts": {"complete": 2, "pruned": 0, "fail": 0}}
+    assert (run / "trials.csv").read_text().count("complete") == 2
+    result = tune(lambda c, r: {"accuracy": c["x"], "resumed": 1}, run_dir=run, resume=True)
+    assert result.counts()["complete"] == 5
+    assert sum(1 for r in result.records if r.metrics.get("resumed")) == 3
