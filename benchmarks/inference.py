@@ -1,0 +1,325 @@
+"""Batch inference throughput: deepspark predict vs a plain PyTorch loop, predict_batch_udf and the 2016 blog.
+
+Claim (issue #4): on the same cores (``local[2]``), model (the MNIST cnn) and inputs (the 70,000 MNIST
+digits as PNG files), deepspark reaches E >= 0.9 of a plain single-process batched PyTorch loop (decode
+included) and >= 1.2x ``pyspark.ml.functions.predict_batch_udf``. Everything is measured in one run::
+
+    .venv/bin/python benchmarks/inference.py                  # full 70k
+    .venv/bin/python benchmarks/inference.py --limit 5000     # quick
+
+What each contender does, per image: read the PNG file, decode it with Pillow, normalise, run the model
+(batches of ``--batch-size``; the blog: one image at a time), keep the prediction. Spark contenders write
+their predictions to Parquet; the plain loop keeps them in memory. The Spark session (JVM) is started
+before timing; Python worker start-up and model loads are inside the timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------- inputs
+def _read_idx(path: Path) -> np.ndarray:
+    try:
+        from deepspark.data import read_idx
+    except ImportError:  # the data package may not be importable yet: plain uncompressed IDX
+        raw = path.read_bytes()
+        ndim = raw[3]
+        shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    return np.asarray(read_idx(path))
+
+
+def mnist_images(mnist_dir: Path) -> np.ndarray:
+    """The 70,000 MNIST digits, train then test, uint8 [N, 28, 28]."""
+    parts = []
+    for stem in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):
+        candidates = [mnist_dir / stem, mnist_dir / f"{stem}.gz"]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            sys.exit(f"missing {stem} in {mnist_dir}: run `deepspark data fetch mnist` or pass --mnist-dir")
+        parts.append(_read_idx(path))
+    return np.concatenate(parts)
+
+
+def write_pngs(images: np.ndarray, folder: Path) -> list[Path]:
+    """Write each digit once as ``folder/NN/NNNNN.png`` (1,000 per sub-folder); reuse what exists."""
+    from PIL import Image
+
+    paths = [folder / f"{i // 1000:02d}" / f"{i:05d}.png" for i in range(len(images))]
+    marker = folder / f".complete-{len(images)}"
+    if marker.exists():
+        return paths
+    for i, path in enumerate(paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(path)
+    marker.touch()
+    return paths
+
+
+def get_model(args: argparse.Namespace, work: Path) -> Path:
+    if args.model:
+        return Path(args.model)
+    target = work / ("cnn-untrained" if args.untrained else "cnn-1epoch")
+    if (target / "model.safetensors").exists():
+        return target
+    if not args.untrained:
+        from deepspark.training import train_local_job
+
+        result = train_local_job(model="cnn", epochs=1, data_dir=args.mnist_dir, output=target)
+        print(f"trained the cnn for 1 epoch: test accuracy {result['test_accuracy']:.4f}")
+        return target
+    from deepspark.models import Preprocess, build_model, model_spec, save_checkpoint
+
+    spec = model_spec("cnn")
+    preprocess = Preprocess(input_shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,))
+    save_checkpoint(target, build_model(spec, seed=0), spec, preprocess=preprocess)
+    return target
+
+
+# ---------------------------------------------------------------------------------------- plain loop
+def _plain_worker(paths: list[str], model: str, threads: int, batch_size: int, queue: Any) -> None:
+    import torch
+    from PIL import Image
+
+    from deepspark.models import load_checkpoint
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    ckpt = load_checkpoint(model)
+    module, preprocess = ckpt.model.eval(), ckpt.preprocess
+    predictions = []
+    with torch.inference_mode():
+        for lo in range(0, len(paths), batch_size):
+            batch = []
+            for p in paths[lo : lo + batch_size]:
+                with Image.open(p) as im:
+                    batch.append(np.asarray(im.convert("L"), dtype=np.uint8))
+            probs = torch.softmax(module(preprocess.apply(np.stack(batch))), dim=1)
+            predictions.append(probs.argmax(dim=1).numpy())
+    queue.put((time.perf_counter() - start, int(sum(len(p) for p in predictions))))
+
+
+def plain_loop(paths: list[str], model: Path, *, processes: int, threads: int, batch_size: int) -> float:
+    """rows/s of ``processes`` spawned processes, each on its share of the files with ``threads`` threads."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    shares = [paths[i::processes] for i in range(processes)]
+    procs = [
+        ctx.Process(target=_plain_worker, args=(share, str(model), threads, batch_size, queue))
+        for share in shares
+    ]
+    for p in procs:
+        p.start()
+    results = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    assert sum(n for _, n in results) == len(paths)
+    return len(paths) / max(seconds for seconds, _ in results)
+
+
+# ----------------------------------------------------------------------------------- spark contenders
+def run_deepspark(spark: Any, pattern: str, model: Path, out: Path, *, backend: str, batch_size: int) -> Any:
+    from deepspark.inference import predict
+
+    result = predict(
+        pattern, model, output=out, overwrite=True, backend=backend, batch_size=batch_size, spark=spark
+    )
+    return result.summary
+
+
+def run_predict_batch_udf(
+    spark: Any, source: str, recursive: bool, model: Path, out: Path, *, batch_size: int, partitions: int
+) -> float:
+    """The same work with pyspark.ml.functions.predict_batch_udf: binaryFile -> decode in predict_fn."""
+    from pyspark.ml.functions import predict_batch_udf
+    from pyspark.sql.types import ArrayType, FloatType
+
+    model_dir = str(model)
+
+    def make_predict_fn() -> Any:
+        import torch
+        from PIL import Image
+
+        from deepspark.models import load_checkpoint
+
+        torch.set_num_threads(1)  # matched to spark.task.cpus, as deepspark does: a fair, tuned peer
+        ckpt = load_checkpoint(model_dir)
+        module, preprocess = ckpt.model.eval(), ckpt.preprocess
+
+        def predict_fn(contents: np.ndarray) -> np.ndarray:
+            import io
+
+            images = []
+            for data in contents:
+                with Image.open(io.BytesIO(data)) as im:
+                    images.append(np.asarray(im.convert("L"), dtype=np.uint8))
+            with torch.inference_mode():
+                return torch.softmax(module(preprocess.apply(np.stack(images))), dim=1).numpy()
+
+        return predict_fn
+
+    classify = predict_batch_udf(make_predict_fn, return_type=ArrayType(FloatType()), batch_size=batch_size)
+    reader = spark.read.format("binaryFile").option("pathGlobFilter", "*.png")
+    df = reader.option("recursiveFileLookup", str(recursive).lower()).load(source)
+    df = df.coalesce(partitions)  # the same partitioning deepspark chooses (generous to the peer)
+    start = time.perf_counter()
+    df.select("path", classify("content").alias("probabilities")).write.mode("overwrite").parquet(str(out))
+    return time.perf_counter() - start
+
+
+def run_blog(spark: Any, paths: list[str], model: Path, out: Path) -> float:
+    """The 2016 blog's way: batches of 10 inputs; each batch deserialises the model and runs one image
+    at a time (here from the same broadcast bytes deepspark uses: safetensors + spec)."""
+    sc = spark.sparkContext
+    spec_json = (model / "spec.json").read_text()
+    weights = sc.broadcast((model / "model.safetensors").read_bytes())
+    meta = json.loads((model / "metadata.json").read_text())["preprocess"]
+    batches = [paths[i : i + 10] for i in range(0, len(paths), 10)]
+
+    def apply_batch(batch: list[str]) -> list[tuple[str, int]]:
+        import torch
+        from PIL import Image
+        from safetensors.torch import load
+
+        from deepspark.models import ModelSpec, Preprocess, build_model
+
+        module = build_model(ModelSpec.from_dict(json.loads(spec_json)))
+        module.load_state_dict(load(weights.value))
+        module.eval()
+        preprocess = Preprocess.from_dict(meta)
+        results = []
+        for path in batch:
+            with open(path, "rb") as fh, Image.open(fh) as im:
+                image = np.asarray(im.convert("L"), dtype=np.uint8)
+            with torch.no_grad():
+                results.append((path, int(module(preprocess.apply(image[None])).argmax())))
+        return results
+
+    start = time.perf_counter()
+    rdd = sc.parallelize(batches, max(2, len(batches) // 50)).flatMap(apply_batch)
+    spark.createDataFrame(rdd, "path string, label int").write.mode("overwrite").parquet(str(out))
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="use only the first N digits (default: all 70k)"
+    )
+    parser.add_argument(
+        "--blog-limit", type=int, default=2000, help="digits for the blog's approach (scaled)"
+    )
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--model", default=None, help="checkpoint to use (default: the cnn trained for 1 epoch)"
+    )
+    parser.add_argument("--untrained", action="store_true", help="use an untrained cnn (same cost per image)")
+    parser.add_argument("--mnist-dir", default=os.path.expanduser("~/.cache/deepspark/mnist"))
+    parser.add_argument("--work-dir", default=str(ROOT / "data"), help="PNG cache and model (default: data/)")
+    parser.add_argument("--json", default=None, help="also write the results as JSON here")
+    args = parser.parse_args()
+
+    work = Path(args.work_dir)
+    images = mnist_images(Path(args.mnist_dir))
+    png_dir = work / "mnist-png"
+    paths = [str(p) for p in write_pngs(images, png_dir)]
+    if args.limit:
+        paths = paths[: args.limit]
+    n = len(paths)
+    model = get_model(args, work / "bench-inference")
+    # Inputs: a glob over the first n files (whole sub-folders of 1,000 when limited).
+    folders = math.ceil(n / 1000)
+    if args.limit and n % 1000:
+        sys.exit("--limit must be a multiple of 1000 (whole PNG sub-folders)")
+    pattern = f"{png_dir}/{{{','.join(f'{i:02d}' for i in range(folders))}}}/*.png"
+    if folders == math.ceil(len(images) / 1000):
+        pattern = f"{png_dir}/**/*.png"
+    bs = args.batch_size
+    results: dict[str, Any] = {"rows": n, "batch_size": bs, "model": str(model), "cores": 2}
+
+    print(f"{n} PNG files, model {model}, batch size {bs}, local[2]")
+    plain = {}
+    for procs, threads in ((1, 2), (2, 1)):
+        plain[f"{procs}x{threads}"] = plain_loop(
+            paths, model, processes=procs, threads=threads, batch_size=bs
+        )
+        print(
+            f"plain loop {procs} process(es) x {threads} thread(s): {plain[f'{procs}x{threads}']:9.1f} rows/s"
+        )
+    results["plain"] = plain
+    best_plain = max(plain.values())
+
+    from deepspark.spark import session
+
+    spark = session("local[2]", app_name="bench-inference")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-inference-"))
+    try:
+        summary = run_deepspark(spark, pattern, model, tmp / "ds", backend="torch", batch_size=bs)
+        assert summary.rows == n and summary.errors == 0, summary
+        results["deepspark"] = summary.to_dict()
+        ds = summary.rows_per_second
+        phases = {k: round(v, 1) for k, v in summary.phase_seconds.items()}
+        print(
+            f"deepspark predict (torch):          {ds:9.1f} rows/s  loads {summary.model_loads}  "
+            f"partitions {summary.partitions}  task seconds {phases}"
+        )
+
+        onnx = run_deepspark(spark, pattern, model, tmp / "onnx", backend="onnx", batch_size=bs)
+        results["deepspark_onnx"] = onnx.to_dict()
+        print(
+            f"deepspark predict (onnx):           {onnx.rows_per_second:9.1f} rows/s  "
+            f"loads {onnx.model_loads}"
+        )
+
+        full = "**" in pattern
+        source = str(png_dir) if full else pattern.rsplit("/", 1)[0]
+        udf_out = tmp / "udf"
+        seconds = run_predict_batch_udf(
+            spark, source, full, model, udf_out, batch_size=bs, partitions=summary.partitions
+        )
+        udf = n / seconds
+        results["predict_batch_udf"] = udf
+        print(f"predict_batch_udf:                  {udf:9.1f} rows/s")
+
+        blog_paths = paths[: args.blog_limit]
+        blog = len(blog_paths) / run_blog(spark, blog_paths, model, tmp / "blog")
+        results["blog"] = {"rows": len(blog_paths), "rows_per_second": blog}
+        print(f"blog (model per 10 images, 1 by 1): {blog:9.1f} rows/s  (on {len(blog_paths)} digits)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    results["E"] = ds / best_plain
+    results["vs_predict_batch_udf"] = ds / udf
+    results["vs_blog"] = ds / blog
+    results["onnx_vs_torch"] = onnx.rows_per_second / ds
+    results["python"] = platform.python_version()
+    print(f"\nE = deepspark / best plain loop = {results['E']:.3f}   (target >= 0.9)")
+    print(f"deepspark / predict_batch_udf   = {results['vs_predict_batch_udf']:.2f}x  (target >= 1.2)")
+    print(f"deepspark / blog approach       = {results['vs_blog']:.1f}x")
+    print(f"onnx / torch backend            = {results['onnx_vs_torch']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

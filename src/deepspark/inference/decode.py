@@ -1,0 +1,275 @@
+"""Turning one batch of input values (image bytes, URLs, tensors) into the model's input tensor.
+
+A bad value never raises out of :func:`decode_column`: it becomes that row's error message and the other
+rows go on. Decoding runs in worker threads (Pillow and zlib release the GIL while they decompress).
+"""
+
+from __future__ import annotations
+
+import enum
+import http.client
+import io
+import math
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from deepspark.errors import ConfigError
+from deepspark.models.preprocess import Preprocess
+
+__all__ = ["Decoded", "InputKind", "RowError", "UrlPolicy", "decode_column", "decode_image", "fetch_url"]
+
+_ALLOWED_SCHEMES = ("http", "https")
+_CHUNK = 1 << 16
+
+
+class InputKind(enum.StrEnum):
+    """What the values of the input column are."""
+
+    IMAGE = "image"  # encoded image files (PNG, JPEG, …) as bytes
+    RAW = "raw"  # uint8 pixels, exactly C*H*W bytes (IDX records)
+    TENSOR = "tensor"  # an array column of pixel values, C*H*W of them (flat or nested)
+    URL = "url"  # http(s) URLs of image files
+
+
+class RowError(Exception):
+    """One input value cannot be used; its message becomes the row's ``error``."""
+
+
+@dataclass(frozen=True)
+class UrlPolicy:
+    """Limits for fetching image URLs: only http(s), bounded time and size, a few retries.
+
+    ``timeout`` bounds each attempt end to end (seconds); 5xx answers and connection errors are retried
+    ``retries`` times with exponential backoff starting at ``backoff`` seconds; 4xx answers are not retried.
+    """
+
+    timeout: float = 10.0
+    max_bytes: int = 20 * 1024 * 1024
+    retries: int = 2
+    backoff: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.timeout, int | float) and self.timeout > 0):
+            raise ConfigError(f"url timeout: expected a positive number of seconds, got {self.timeout!r}")
+        if not (isinstance(self.max_bytes, int) and self.max_bytes > 0):
+            raise ConfigError(f"url max_bytes: expected a positive integer, got {self.max_bytes!r}")
+        if not (isinstance(self.retries, int) and self.retries >= 0):
+            raise ConfigError(f"url retries: expected an integer >= 0, got {self.retries!r}")
+        if not (isinstance(self.backoff, int | float) and self.backoff >= 0):
+            raise ConfigError(f"url backoff: expected a number >= 0, got {self.backoff!r}")
+
+
+# -------------------------------------------------------------------------------------------- images
+def decode_image(data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
+    """Encoded image bytes → uint8 ``[C, H, W]`` of ``shape`` (grey for C=1, RGB for C=3), resized."""
+    from PIL import Image
+
+    channels, height, width = shape
+    if channels not in (1, 3):
+        raise RowError(f"images can feed models with 1 or 3 input channels, this one has {channels}")
+    mode = "L" if channels == 1 else "RGB"
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.draft(mode, (width, height))  # JPEG: decode at a reduced scale when that is enough
+            image = opened.convert(mode)
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
+        pixels = np.asarray(image, dtype=np.uint8)
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError…
+        raise RowError(f"cannot decode image: {exc}") from None
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+# ---------------------------------------------------------------------------------------------- URLs
+class _SafeRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to http(s) (urllib also follows ftp:// by default)."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        scheme = urlsplit(newurl).scheme.lower()
+        if scheme not in _ALLOWED_SCHEMES:
+            raise RowError(f"redirect to a non-http(s) URL refused ({scheme}://)")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_opener = urllib.request.build_opener(_SafeRedirects())
+_opener.addheaders = [("User-Agent", "deepspark-predict")]
+
+
+def _fetch_once(url: str, policy: UrlPolicy) -> bytes:
+    deadline = time.monotonic() + policy.timeout
+    with _opener.open(url, timeout=policy.timeout) as resp:
+        length = resp.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) > policy.max_bytes:
+            raise RowError(f"too large: {int(length)} bytes > max {policy.max_bytes}")
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no complete answer within {policy.timeout:g} s")
+            chunk = resp.read(_CHUNK)
+            if not chunk:
+                return b"".join(parts)
+            size += len(chunk)
+            if size > policy.max_bytes:
+                raise RowError(f"too large: more than max {policy.max_bytes} bytes")
+            parts.append(chunk)
+
+
+def fetch_url(url: str, policy: UrlPolicy) -> bytes:
+    """GET an http(s) URL within ``policy``; any failure is a :class:`RowError`."""
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError as exc:
+        raise RowError(f"malformed URL: {exc}") from None
+    if scheme not in _ALLOWED_SCHEMES:
+        raise RowError(
+            f"unsupported URL scheme {scheme + '://' if scheme else '(none)'}: only http and https"
+        )
+    message = ""
+    for attempt in range(policy.retries + 1):
+        if attempt:
+            time.sleep(policy.backoff * 2 ** (attempt - 1))  # backoff between retries, not a polling loop
+        try:
+            return _fetch_once(url, policy)
+        except urllib.error.HTTPError as exc:
+            message = f"HTTP {exc.code} {exc.reason}"
+            if not 500 <= exc.code < 600:
+                break  # 4xx: asking again will not help
+        except urllib.error.URLError as exc:
+            message = f"cannot fetch: {exc.reason}"
+        except (http.client.HTTPException, OSError) as exc:
+            message = f"cannot fetch: {type(exc).__name__}: {exc}"
+    raise RowError(message)
+
+
+# ------------------------------------------------------------------------------------------- columns
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded batch: model inputs for the good rows (``ok`` indexes them) and one error per row."""
+
+    inputs: np.ndarray  # float32 [len(ok), C, H, W], preprocessed
+    ok: np.ndarray  # int64 row positions whose input decoded
+    errors: list[str | None]
+    seconds: float  # time spent decoding (thread time, overlaps with the forward pass)
+
+
+def _tensor_rows(
+    column: Any, shape: tuple[int, int, int], errors: list[str | None]
+) -> list[np.ndarray | None]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = len(column)
+    size = math.prod(shape)
+    rows: list[np.ndarray | None] = [None] * n
+    typ = column.type
+    flat_list = (
+        pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ)
+    ) and (pa.types.is_integer(typ.value_type) or pa.types.is_floating(typ.value_type))
+    if flat_list:
+        lengths = (
+            pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        )
+        values = column.flatten().to_numpy(zero_copy_only=False)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if n else lengths
+        nulls = column.is_null().to_numpy(zero_copy_only=False)
+        for i in range(n):
+            if nulls[i]:
+                errors[i] = "input is null"
+            elif lengths[i] != size:
+                errors[i] = (
+                    f"wrong tensor size: {lengths[i]} values, expected {size} ({'x'.join(map(str, shape))})"
+                )
+            else:
+                rows[i] = values[starts[i] : starts[i] + size]
+        return rows
+    for i, value in enumerate(column.to_pylist()):
+        if value is None:
+            errors[i] = "input is null"
+            continue
+        try:
+            arr = np.asarray(value, dtype=np.float32)
+        except (ValueError, TypeError) as exc:
+            errors[i] = f"wrong tensor shape: not a regular numeric array ({exc})"
+            continue
+        if arr.shape not in (shape, shape[1:] if shape[0] == 1 else shape, (size,)):
+            errors[i] = f"wrong tensor shape: {list(arr.shape)}, expected {list(shape)} or [{size}]"
+            continue
+        rows[i] = arr.reshape(-1)
+    return rows
+
+
+def _one(kind: InputKind, value: Any, shape: tuple[int, int, int], policy: UrlPolicy) -> np.ndarray:
+    if value is None:
+        raise RowError("input is null")
+    if kind is InputKind.IMAGE:
+        return decode_image(value, shape)
+    if kind is InputKind.URL:
+        return decode_image(fetch_url(str(value), policy), shape)
+    data = bytes(value)
+    if len(data) != math.prod(shape):
+        raise RowError(f"wrong record size: {len(data)} bytes, expected {math.prod(shape)}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
+
+
+def decode_column(
+    kind: InputKind,
+    column: Any,
+    preprocess: Preprocess,
+    *,
+    policy: UrlPolicy | None = None,
+    fetch_pool: Executor | None = None,
+) -> Decoded:
+    """Decode a pyarrow array of inputs; URLs are fetched concurrently on ``fetch_pool``."""
+    start = time.perf_counter()
+    shape = preprocess.input_shape
+    n = len(column)
+    errors: list[str | None] = [None] * n
+    if kind is InputKind.TENSOR:
+        rows: Sequence[np.ndarray | None] = _tensor_rows(column, shape, errors)
+        dtype: Any = np.float32
+    else:
+        values = column.to_pylist()
+        url_policy = policy or UrlPolicy()
+
+        def attempt(value: Any) -> np.ndarray | str:
+            try:
+                return _one(kind, value, shape, url_policy)
+            except RowError as exc:
+                return str(exc)
+
+        results = (
+            list(fetch_pool.map(attempt, values))
+            if kind is InputKind.URL and fetch_pool
+            else [attempt(v) for v in values]
+        )
+        rows = []
+        for i, result in enumerate(results):
+            if isinstance(result, str):
+                errors[i] = result
+                rows.append(None)
+            else:
+                rows.append(result)
+        dtype = np.uint8
+    ok = np.array([i for i, r in enumerate(rows) if r is not None], dtype=np.int64)
+    if len(ok):
+        stacked = np.stack([rows[i] for i in ok]).astype(dtype, copy=False).reshape(len(ok), *shape)
+        inputs = preprocess.apply(stacked).numpy()
+        if kind is InputKind.TENSOR:
+            finite = np.isfinite(inputs.reshape(len(ok), -1)).all(axis=1)
+            for i in ok[~finite]:
+                errors[int(i)] = "tensor holds NaN or infinite values"
+            inputs, ok = inputs[finite], ok[finite]
+    else:
+        inputs = np.zeros((0, *shape), dtype=np.float32)
+    return Decoded(
+        inputs=np.ascontiguousarray(inputs), ok=ok, errors=errors, seconds=time.perf_counter() - start
+    )

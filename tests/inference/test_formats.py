@@ -1,0 +1,227 @@
+"""Model formats, pickle refusal, top-k, decoding and URL fetching: no Spark needed."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from _inference_support import CLASS_NAMES, Model, Server, png_bytes, reference_probabilities
+
+from deepspark.errors import CheckpointError, ConfigError
+from deepspark.inference import ModelFormat, UrlPolicy, export_model, load_model
+from deepspark.inference.decode import InputKind, RowError, decode_column, decode_image, fetch_url
+from deepspark.inference.formats import detect_format
+from deepspark.inference.topk import softmax, top_k
+from deepspark.models import Preprocess
+
+PREPROCESS = Preprocess(input_shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,))
+
+
+# ---------------------------------------------------------------------------------------------- top-k
+def test_top_k_is_sorted_and_breaks_ties_by_class_index() -> None:
+    p = np.array([[0.1, 0.4, 0.1, 0.4], [0.7, 0.1, 0.15, 0.05]], dtype=np.float32)
+    idx, values = top_k(p, 3)
+    assert idx.tolist() == [[1, 3, 0], [0, 2, 1]]
+    np.testing.assert_allclose(values, [[0.4, 0.4, 0.1], [0.7, 0.15, 0.1]])
+    assert top_k(p, 10)[0].shape == (2, 4)
+
+
+def test_softmax_is_stable_for_large_logits() -> None:
+    out = softmax(np.array([[1000.0, 1000.0, -1000.0]]))
+    np.testing.assert_allclose(out, [[0.5, 0.5, 0.0]], atol=1e-7)
+    assert out.dtype == np.float32
+
+
+# -------------------------------------------------------------------------------------------- formats
+@pytest.fixture(scope="module")
+def exported(small_model: Model, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("exported")
+    return {
+        "checkpoint": small_model.path,
+        "torchscript": export_model(small_model.path, folder / "model.pt"),
+        "torch.export": export_model(small_model.path, folder / "model.pt2"),
+        "onnx": export_model(small_model.path, folder / "model.onnx"),
+    }
+
+
+def test_each_format_is_detected_loads_and_agrees_with_the_model(
+    small_model: Model, exported: dict[str, Path]
+) -> None:
+    expected = reference_probabilities(small_model, small_model.images)
+    for name, path in exported.items():
+        assert detect_format(path) is ModelFormat(name)
+        model = load_model(path, threads=1)
+        assert model.format is ModelFormat(name)
+        assert model.backend == ("onnx" if name == "onnx" else "torch")
+        assert model.class_names == tuple(CLASS_NAMES)
+        assert model.preprocess == PREPROCESS
+        np.testing.assert_allclose(model.predict(small_model.images), expected, atol=1e-5, err_msg=name)
+
+
+def test_onnx_backend_converts_a_torch_model(small_model: Model, exported: dict[str, Path]) -> None:
+    expected = reference_probabilities(small_model, small_model.images)
+    for name in ("checkpoint", "torchscript", "torch.export"):
+        model = load_model(exported[name], backend="onnx", threads=1)
+        np.testing.assert_allclose(model.predict(small_model.images), expected, atol=1e-5, err_msg=name)
+
+
+def test_torch_backend_cannot_run_onnx(exported: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match="backend"):
+        load_model(exported["onnx"], backend="torch")
+    with pytest.raises(ConfigError, match="backend"):
+        load_model(exported["onnx"], backend="tensorflow")
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        pytest.param(lambda m, p: torch.save(m, p), id="torch.save-module"),
+        pytest.param(lambda m, p: torch.save(m.state_dict(), p), id="torch.save-state-dict"),
+        pytest.param(
+            lambda m, p: torch.save(m, p, _use_new_zipfile_serialization=False), id="legacy-torch.save"
+        ),
+        pytest.param(lambda m, p: p.write_bytes(pickle.dumps({"w": 1})), id="pickle.dumps"),
+    ],
+)
+@pytest.mark.parametrize("suffix", [".pt", ".bin", ".model"])
+def test_pickles_are_refused(small_model: Model, tmp_path: Path, write: object, suffix: str) -> None:
+    path = tmp_path / f"model{suffix}"
+    write(small_model.module, path)  # type: ignore[operator]
+    with pytest.raises(CheckpointError, match=r"refusing to load .*(pickle|torch\.save)"):
+        load_model(path, preprocess=PREPROCESS)
+
+
+def test_pickle_suffixes_are_refused_without_reading(tmp_path: Path) -> None:
+    path = tmp_path / "model.pkl"
+    path.write_bytes(b"anything")
+    with pytest.raises(CheckpointError, match="refusing"):
+        load_model(path, preprocess=PREPROCESS)
+
+
+def _rewrite_pt2(source: Path, target: Path, edit: object) -> Path:
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w") as zout:
+        for info in zin.infolist():
+            data = edit(info.filename, zin.read(info.filename))  # type: ignore[operator]
+            if data is not None:
+                zout.writestr(info, data)
+    return target
+
+
+def test_pt2_entries_that_would_be_unpickled_are_refused(exported: dict[str, Path], tmp_path: Path) -> None:
+    def pickled_weight(name: str, data: bytes) -> bytes:
+        if name.endswith("_weights_config.json"):
+            config = json.loads(data)
+            next(iter(config["config"].values()))["use_pickle"] = True
+            return json.dumps(config).encode()
+        return data
+
+    def unsafe_sample_inputs(name: str, data: bytes) -> bytes:
+        if "/sample_inputs/" in name:
+            buffer = io.BytesIO()
+            torch.save(((torch.zeros(1),), {"f": shutil.copy}), buffer)  # needs weights_only=False
+            return buffer.getvalue()
+        return data
+
+    for edit, why in ((pickled_weight, "pickled"), (unsafe_sample_inputs, "sample inputs")):
+        path = _rewrite_pt2(exported["torch.export"], tmp_path / f"{edit.__name__}.pt2", edit)
+        with pytest.raises(CheckpointError, match=why):
+            load_model(path)
+
+
+def test_a_model_without_metadata_needs_preprocessing(exported: dict[str, Path], tmp_path: Path) -> None:
+    bare = shutil.copy(exported["onnx"], tmp_path / "bare.onnx")
+    with pytest.raises(ConfigError, match="preprocess"):
+        load_model(bare)
+    model = load_model(bare, preprocess=PREPROCESS, labels=[str(i) for i in range(10)])
+    assert model.num_classes == 10
+    assert model.class_names[0] == "0"
+
+
+def test_label_file_overrides_names_and_must_match_the_classes(small_model: Model, tmp_path: Path) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(f"n{i}" for i in range(10)) + "\n\n")
+    assert load_model(small_model.path, labels=labels).class_names[3] == "n3"
+    labels.write_text("a\nb\nc\n")
+    with pytest.raises(ConfigError, match="10 classes but 3 class names"):
+        load_model(small_model.path, labels=labels)
+
+
+def test_missing_model_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="model"):
+        load_model(tmp_path / "nope")
+
+
+# --------------------------------------------------------------------------------------------- decode
+def test_decode_image_resizes_and_converts() -> None:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (56, 40), (255, 0, 0)).save(buffer, format="JPEG")
+    grey = decode_image(buffer.getvalue(), (1, 28, 28))
+    assert grey.shape == (1, 28, 28) and grey.dtype == np.uint8
+    rgb = decode_image(buffer.getvalue(), (3, 14, 14))
+    assert rgb.shape == (3, 14, 14) and rgb[0].mean() > 200 and rgb[1].mean() < 50
+
+
+def test_corrupt_and_truncated_images_become_row_errors() -> None:
+    good = png_bytes(np.full((28, 28), 7, dtype=np.uint8))
+    column = pa.array([good, good[: len(good) // 2], b"garbage", None], pa.binary())
+    decoded = decode_column(InputKind.IMAGE, column, PREPROCESS)
+    assert decoded.ok.tolist() == [0]
+    assert decoded.errors[0] is None
+    assert all("cannot decode image" in str(e) for e in decoded.errors[1:3])
+    assert decoded.errors[3] == "input is null"
+    expected = PREPROCESS.apply(np.full((1, 28, 28), 7, np.uint8)).numpy()[0]
+    np.testing.assert_allclose(decoded.inputs[0], expected)
+
+
+def test_tensor_columns_check_size_shape_and_values() -> None:
+    flat = [list(range(784)), list(range(700)), None, [float("nan")] * 784]
+    decoded = decode_column(InputKind.TENSOR, pa.array(flat, pa.list_(pa.float64())).slice(0), PREPROCESS)
+    assert decoded.ok.tolist() == [0]
+    assert "700 values, expected 784" in str(decoded.errors[1])
+    assert decoded.errors[2] == "input is null"
+    assert "NaN" in str(decoded.errors[3])
+    nested = [np.zeros((28, 28)).tolist(), np.zeros((28, 27)).tolist()]
+    decoded = decode_column(InputKind.TENSOR, pa.array(nested), PREPROCESS)
+    assert decoded.ok.tolist() == [0]
+    assert "wrong tensor shape" in str(decoded.errors[1])
+
+
+# ----------------------------------------------------------------------------------------------- URLs
+def test_fetch_url_limits(http_server: Server, closed_port: int) -> None:
+    (http_server.root / "ok.png").write_bytes(png_bytes(np.zeros((28, 28), np.uint8)))
+    policy = UrlPolicy(timeout=5, retries=2, backoff=0.01)
+    assert fetch_url(f"{http_server.url}/ok.png", policy).startswith(b"\x89PNG")
+
+    with pytest.raises(RowError, match="HTTP 404"):
+        fetch_url(f"{http_server.url}/missing.png", policy)
+    assert http_server.hits["/missing.png"] == 1  # a 4xx is not retried
+
+    with pytest.raises(RowError, match="HTTP 500"):
+        fetch_url(f"{http_server.url}/fail500", policy)
+    assert http_server.hits["/fail500"] == 3  # 1 + 2 retries
+
+    with pytest.raises(RowError, match="cannot fetch"):
+        fetch_url(f"http://127.0.0.1:{closed_port}/x.png", policy)
+    with pytest.raises(RowError, match="too large"):
+        fetch_url(f"{http_server.url}/ok.png", UrlPolicy(max_bytes=10))
+    with pytest.raises(RowError, match="non-http"):
+        fetch_url(f"{http_server.url}/redirect-ftp", policy)
+    for url in ("file:///etc/passwd", "ftp://127.0.0.1/x.png", "127.0.0.1/x.png"):
+        with pytest.raises(RowError, match="unsupported URL scheme"):
+            fetch_url(url, policy)
+
+
+def test_url_policy_is_validated() -> None:
+    for bad in ({"timeout": 0}, {"max_bytes": -1}, {"retries": -1}, {"backoff": -0.1}):
+        with pytest.raises(ConfigError):
+            UrlPolicy(**bad)  # type: ignore[arg-type]

@@ -1,0 +1,255 @@
+"""predict on local[2]: every row once, exact predictions, error rows, one model load per worker."""
+
+from __future__ import annotations
+
+import argparse
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from _inference_support import CLASS_NAMES, Model, Server, png_bytes, reference_probabilities
+
+from deepspark.errors import ConfigError
+from deepspark.inference import UrlPolicy, export_model, predict
+from deepspark.inference._cli import add_predict_parser
+
+FAST_URLS = UrlPolicy(timeout=5, retries=1, backoff=0.01)
+
+
+def _by(rows: list[Any], key: str) -> dict[Any, Any]:
+    return {row[key]: row for row in rows}
+
+
+def _assert_matches(row: Any, probabilities: np.ndarray, k: int) -> None:
+    """The row's prediction and top-k equal the model's own probabilities for that input."""
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    assert row["error"] is None
+    assert row["label_index"] == order[0]
+    assert row["label"] == CLASS_NAMES[order[0]]
+    assert row["probability"] == pytest.approx(probabilities[order[0]], abs=1e-5)
+    assert [e["label"] for e in row["top_k"]] == [CLASS_NAMES[i] for i in order]
+    np.testing.assert_allclose([e["probability"] for e in row["top_k"]], probabilities[order], atol=1e-5)
+
+
+def _assert_error_row(row: Any, match: str) -> None:
+    assert match in row["error"]
+    assert row["label"] is None and row["label_index"] is None and row["probability"] is None
+    assert row["top_k"] is None
+
+
+@pytest.fixture(scope="module")
+def image_dir(small_model: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    (root / "sub").mkdir()
+    for i, image in enumerate(small_model.images):
+        (root / ("sub" if i % 2 else "") / f"{i:03d}.png").write_bytes(png_bytes(image))
+    good = png_bytes(small_model.images[0])
+    (root / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    return root
+
+
+def test_images_every_row_once_predictions_exact_and_bad_files_are_error_rows(
+    spark: Any, small_model: Model, image_dir: Path, tmp_path: Path
+) -> None:
+    expected = reference_probabilities(small_model, small_model.images)
+    # batch_size 7 does not divide the row count: the last batch of a partition is short.
+    result = predict(
+        f"{image_dir}/**/*.png", small_model.path, output=tmp_path / "out", batch_size=7, top_k=3, spark=spark
+    )
+    rows = result.dataframe.collect()
+    n_files = len(small_model.images) + 2
+    assert len(rows) == n_files
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert len(by_name) == n_files
+    for i in range(len(small_model.images)):
+        _assert_matches(by_name[f"{i:03d}.png"], expected[i], 3)
+    _assert_error_row(by_name["truncated.png"], "cannot decode image")
+    _assert_error_row(by_name["corrupt.png"], "cannot decode image")
+
+    summary = result.summary
+    assert summary is not None
+    assert (summary.rows, summary.errors) == (n_files, 2)
+    assert summary.rows_per_second > 0
+    assert summary.model_loads <= summary.workers <= 2  # 0 when an earlier test's job left it cached
+    assert set(summary.phase_seconds) == {"load", "read", "decode", "forward", "write"}
+    assert summary.phase_seconds["forward"] > 0
+    assert summary.threads_per_task == 1
+
+
+def test_model_is_loaded_once_per_worker_not_per_partition(
+    spark: Any, small_model: Model, tmp_path: Path
+) -> None:
+    from deepspark.models import Preprocess, build_model, model_spec, save_checkpoint
+
+    spec = model_spec("mlp", hidden=16, depth=1)
+    module = build_model(spec, seed=123).eval()  # a model no worker has seen yet
+    preprocess = Preprocess(input_shape=(1, 28, 28), mean=(0.0,), std=(1.0,), scale=1.0)
+    save_checkpoint(tmp_path / "fresh", module, spec, preprocess=preprocess)
+    images = np.repeat(small_model.images, 5, axis=0)  # 200 rows in 10 partitions, batches of 8
+    df = spark.createDataFrame(
+        [(i, img.reshape(-1).astype(float).tolist()) for i, img in enumerate(images)],
+        "id long, pixels array<double>",
+    ).repartition(10)
+    result = predict(df, tmp_path / "fresh", output=tmp_path / "out", batch_size=8, spark=spark)
+    summary = result.summary
+    assert summary is not None
+    assert summary.rows == 200 and summary.errors == 0 and summary.partitions == 10
+    # Worker reuse: each Python worker loads the model once, however many tasks it runs.
+    assert 1 <= summary.model_loads == summary.workers <= 2
+    got = {r["id"]: r["label_index"] for r in result.dataframe.collect()}
+    import torch
+
+    with torch.no_grad():
+        expected = module(torch.as_tensor(images, dtype=torch.float32).unsqueeze(1)).argmax(dim=1)
+    assert [got[i] for i in range(200)] == expected.tolist()
+    # A second job finds the model already loaded in the workers.
+    again = predict(df.limit(20), tmp_path / "fresh", output=tmp_path / "again", spark=spark).summary
+    assert again is not None and again.model_loads == 0
+
+
+def test_parquet_tensor_column_wrong_shape_is_an_error_row(
+    spark: Any, small_model: Model, tmp_path: Path
+) -> None:
+    images = small_model.images[:6]
+    tensors: list[Any] = [img.reshape(-1).astype(float).tolist() for img in images]
+    tensors[2] = tensors[2][:700]  # wrong size
+    tensors[4] = None
+    df = spark.createDataFrame(
+        [(i, int(i % 10), t) for i, t in enumerate(tensors)], "id long, label long, pixels array<double>"
+    )
+    table = tmp_path / "table.parquet"
+    df.write.parquet(str(table))
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(f"class {i}" for i in range(10)) + "\n")
+    result = predict(table, small_model.path, labels=labels, top_k=20, spark=spark)
+    assert result.summary is None  # lazy: nothing ran yet
+    frame = result.dataframe
+    assert frame.columns == ["id", "input_label", "label", "label_index", "probability", "top_k", "error"]
+    rows = _by(frame.collect(), "id")
+    assert len(rows) == 6
+    expected = reference_probabilities(small_model, images)
+    for i in (0, 1, 3, 5):
+        assert rows[i]["error"] is None and rows[i]["input_label"] == i
+        assert rows[i]["label"] == f"class {expected[i].argmax()}"
+        assert len(rows[i]["top_k"]) == 10  # top_k is capped at the number of classes
+    _assert_error_row(rows[2], "wrong tensor size: 700 values, expected 784")
+    _assert_error_row(rows[4], "input is null")
+
+
+def test_urls_served_missing_and_refused(
+    spark: Any, small_model: Model, http_server: Server, closed_port: int, tmp_path: Path
+) -> None:
+    for i in range(4):
+        (http_server.root / f"u{i}.png").write_bytes(png_bytes(small_model.images[i]))
+    urls = [f"{http_server.url}/u{i}.png" for i in range(4)] + [
+        f"{http_server.url}/no-such.png",
+        f"http://127.0.0.1:{closed_port}/x.png",
+        "ftp://127.0.0.1/x.png",
+    ]
+    url_file = tmp_path / "urls.txt"
+    url_file.write_text("\n".join(urls) + "\n\n")
+    result = predict(url_file, small_model.path, output=tmp_path / "out", url_policy=FAST_URLS, spark=spark)
+    rows = _by(result.dataframe.collect(), "url")
+    assert len(rows) == len(urls)
+    expected = reference_probabilities(small_model, small_model.images[:4])
+    for i in range(4):
+        _assert_matches(rows[urls[i]], expected[i], 5)
+    _assert_error_row(rows[urls[4]], "HTTP 404")
+    _assert_error_row(rows[urls[5]], "cannot fetch")
+    _assert_error_row(rows[urls[6]], "unsupported URL scheme")
+    assert result.summary is not None and result.summary.errors == 3
+
+
+def test_onnx_backend_and_exported_formats_agree_with_torch(
+    spark: Any, small_model: Model, image_dir: Path, tmp_path: Path
+) -> None:
+    onnx_file = export_model(small_model.path, tmp_path / "model.onnx")
+    pt2_file = export_model(small_model.path, tmp_path / "model.pt2")
+    pattern = f"{image_dir}/0*.png"
+    runs = {
+        "torch": predict(pattern, small_model.path, spark=spark),
+        "onnx-from-checkpoint": predict(pattern, small_model.path, backend="onnx", spark=spark),
+        "onnx-file": predict(pattern, onnx_file, spark=spark),
+        "torch.export": predict(pattern, pt2_file, spark=spark),
+    }
+    reference = _by(runs.pop("torch").dataframe.collect(), "path")
+    assert len(reference) == len(small_model.images) // 2
+    for name, result in runs.items():
+        rows = _by(result.dataframe.collect(), "path")
+        assert rows.keys() == reference.keys(), name
+        for path, row in rows.items():
+            assert row["label"] == reference[path]["label"], name
+            assert row["probability"] == pytest.approx(reference[path]["probability"], abs=1e-5), name
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    dtype_code = 0x08  # unsigned byte
+    header = struct.pack(">HBB", 0, dtype_code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_idx_directory(spark: Any, small_model: Model, tmp_path: Path) -> None:
+    try:
+        from deepspark.data import read_idx  # noqa: F401 (predict reads IDX files with it)
+    except ImportError:
+        pytest.skip("deepspark.data.read_idx is not available yet")
+    images = small_model.images[:12]
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", images)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(12) % 10)
+    result = predict(tmp_path, small_model.path, output=tmp_path / "out", spark=spark)
+    rows = _by(result.dataframe.collect(), "index")
+    assert sorted(rows) == list(range(12))
+    expected = reference_probabilities(small_model, images)
+    for i in range(12):
+        assert rows[i]["file"] == "t10k-images-idx3-ubyte" and rows[i]["target"] == i % 10
+        _assert_matches(rows[i], expected[i], 5)
+
+
+def test_parameters_are_checked_before_any_job(
+    spark: Any, small_model: Model, image_dir: Path, tmp_path: Path
+) -> None:
+    data = f"{image_dir}/*.png"
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"top_k": 0}, "top_k"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"backend": "tensorflow"}, "backend"),
+        ({"labels": ["a", "b"]}, "10 classes but 2"),
+        ({"output": image_dir}, "already exists"),
+        ({"input_column": "nope"}, "input_column"),
+    ]
+    jobs_before = len(spark.sparkContext.statusTracker().getJobIdsForGroup())
+    for kwargs, match in bad:
+        with pytest.raises(ConfigError, match=match):
+            predict(
+                data if "input_column" not in kwargs else spark.range(3),
+                small_model.path,
+                spark=spark,
+                **kwargs,
+            )
+    with pytest.raises(ConfigError, match="model"):
+        predict(data, tmp_path / "missing", spark=spark)
+    with pytest.raises(ConfigError, match="no files match"):
+        predict(f"{tmp_path}/*.png", small_model.path, spark=spark)
+    assert len(spark.sparkContext.statusTracker().getJobIdsForGroup()) == jobs_before
+
+
+def test_cli_runs_predict_and_prints_the_summary(
+    spark: Any, small_model: Model, image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser(prog="deepspark")
+    add_predict_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "preds.parquet"
+    args = parser.parse_args(
+        [
+            *("predict", "--model", str(small_model.path), "--input", f"{image_dir}/0*.png"),
+            *("--output", str(out), "--top-k", "2", "--batch-size", "16", "--master", "local[2]"),
+        ]
+    )
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "rows/s" in printed and "model loads" in printed
+    assert spark.read.parquet(str(out)).count() == len(small_model.images) // 2
