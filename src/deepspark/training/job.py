@@ -14,9 +14,12 @@ __all__ = ["DEFAULT_TRAIN_CONFIG", "train_local_job"]
 
 _log = logging.getLogger(__name__)
 
-# The default configuration: TensorFlow's deep-MNIST CNN trained with Adam, which the 2016 blog
-# reports at 99.2% test accuracy. Tuning measures its error reduction against this.
-DEFAULT_TRAIN_CONFIG = TrainConfig(optimizer="adam", learning_rate=1e-3, batch_size=64, epochs=3, seed=0)
+# The default configuration: TensorFlow's deep-MNIST CNN trained with Adam (cosine-decayed over 4
+# epochs): the 2016 blog's default reached 99.2% test accuracy. Tuning measures its error reduction
+# against this configuration.
+DEFAULT_TRAIN_CONFIG = TrainConfig(
+    optimizer="adam", learning_rate=1e-3, batch_size=64, epochs=4, lr_schedule="cosine", seed=0
+)
 
 
 def train_local_job(
