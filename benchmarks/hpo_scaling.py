@@ -3,7 +3,7 @@
 Speedup = T(1) / T(2); efficiency = speedup / 2. Target: efficiency >= 0.9 (the 2016 blog's 13 nodes
 gave 7x, 0.54). The grid sampler makes both runs train exactly the same K configurations. Run:
 
-    .venv/bin/python benchmarks/hpo_scaling.py [--trials 6] [--limit-train 20000] [--epochs 1]
+    .venv/bin/python benchmarks/hpo_scaling.py [--trials 8] [--limit-train 30000] [--epochs 1]
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from deepspark.tuning import tune
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--trials", type=int, default=6)
-    parser.add_argument("--limit-train", type=int, default=20000)
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--limit-train", type=int, default=30000)
     parser.add_argument("--epochs", type=int, default=1)
     args = parser.parse_args()
     rates = [round(1e-3 * 1.5**i, 6) for i in range(args.trials)]

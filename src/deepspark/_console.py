@@ -92,12 +92,15 @@ def print_study(console: Console, result: StudyResult, *, top: int = 10) -> None
     maximize = summary.get("direction", "maximize") == "maximize"
     metric = summary.get("metric", "value")
     rows = leaderboard(result.records, maximize=maximize, top=top)
-    params = sorted({k for r in rows for k in r.params})
+    # Only what differs between trials: fixed settings would crowd the table.
+    params = sorted(
+        k for k in {k for r in rows for k in r.params} if len({repr(r.params.get(k)) for r in rows}) > 1
+    )
     table = Table(title=f"leaderboard ({metric})")
     for col in ("trial", metric, *params, "seconds", "note"):
         table.add_column(col, justify="right" if col != "note" else "left")
     for r in rows:
-        note = "default" if r.is_default else ""
+        note = "default" if r.is_default else ""  # noqa: SIM108
         if r.attempts > 1:
             note += f" {r.attempts} attempts"
         table.add_row(

@@ -146,7 +146,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         )
     finally:
         progress.stop()
-    print_study(Console(), result)
+    print_study(Console(width=max(Console().width, 120)), result)
     return 130 if result.stop_reason == "interrupted" else 0
 
 

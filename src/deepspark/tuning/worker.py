@@ -70,7 +70,10 @@ def run_worker(spec: WorkerSpec, slot: int, partition: Iterable[Any]) -> Iterato
 
     from deepspark.spark import limit_threads
 
-    del partition
+    for _ in partition:
+        # Spark reuses a Python worker only after a task that consumed its whole input (SPARK-26549);
+        # draining the one-element partition keeps workers, and their imported torch, warm between studies.
+        pass
     ctx = TaskContext.get()
     # The driver sized parallelism so that this many threads per task never oversubscribes the cores.
     threads = max(spec.threads, ctx.cpus() if ctx is not None else 1)
