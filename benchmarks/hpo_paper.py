@@ -29,6 +29,13 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--run-dir", default=None)
+    parser.add_argument(
+        "--epoch-s",
+        type=float,
+        default=150.0,
+        help="expected seconds per epoch of one trial: no trial starts after the budget minus one trial's "
+        "length, so the study ends within the budget",
+    )
     args = parser.parse_args()
     space = {
         "learning_rate": {"type": "loguniform", "low": 5.0e-4, "high": 4.0e-3},
@@ -60,7 +67,7 @@ def main() -> None:
         pruner="median",
         default_config=default,
         run_dir=run_dir,
-        timeout=args.budget_min * 60 - 0.0,
+        timeout=max(60.0, args.budget_min * 60 - args.epochs * args.epoch_s),
     )
     wall = time.perf_counter() - started
     for r in sorted(result.records, key=lambda r: r.number):

@@ -100,7 +100,7 @@ def print_study(console: Console, result: StudyResult, *, top: int = 10) -> None
     for col in ("trial", metric, *params, "seconds", "note"):
         table.add_column(col, justify="right" if col != "note" else "left")
     for r in rows:
-        note = "default" if r.is_default else ""  # noqa: SIM108
+        note = "default" if r.is_default else ""
         if r.attempts > 1:
             note += f" {r.attempts} attempts"
         table.add_row(
