@@ -223,25 +223,35 @@ def _load() -> str:
 
 
 def print_table(runs: list[Run]) -> None:
-    header = (f"{'tool':<12} {'sampler':<7} {'trials':>6} {'ok':>4} {'wall s':>8} "
-              f"{'overhead s/trial':>16} {'slot-s/trial':>12} {'trials/s':>9} {'py workers':>10}")
+    header = (
+        f"{'tool':<12} {'sampler':<7} {'trials':>6} {'ok':>4} {'wall s':>8} "
+        f"{'overhead s/trial':>16} {'slot-s/trial':>12} {'trials/s':>9} {'py workers':>10}"
+    )
     print(header)
     print("-" * len(header))
     for r in runs:
-        print(f"{r.tool:<12} {r.algo:<7} {r.trials:>6} {r.ok:>4} {r.wall_s:>8.2f} "
-              f"{r.per_trial:>16.4f} {r.slot_s:>12.4f} {r.trials / r.wall_s:>9.1f} {r.workers:>10}")
+        print(
+            f"{r.tool:<12} {r.algo:<7} {r.trials:>6} {r.ok:>4} {r.wall_s:>8.2f} "
+            f"{r.per_trial:>16.4f} {r.slot_s:>12.4f} {r.trials / r.wall_s:>9.1f} {r.workers:>10}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--trials", type=int, default=200, help="timed trials per tool (default 200)")
-    parser.add_argument("--warmup", type=int, default=4,
-                        help="untimed warm-up trials per tool, run first (default 4)")
+    parser.add_argument(
+        "--warmup", type=int, default=4, help="untimed warm-up trials per tool, run first (default 4)"
+    )
     parser.add_argument("--tpe", action="store_true", help="also run both tools with TPE")
-    parser.add_argument("--max-queue-len", type=int, default=PARALLELISM,
-                        help=f"hyperopt fmin max_queue_len (default {PARALLELISM} = parallelism)")
-    parser.add_argument("--target", type=float, default=20.0,
-                        help="the ratio SparkTrials/deepspark to reach (default 20)")
+    parser.add_argument(
+        "--max-queue-len",
+        type=int,
+        default=PARALLELISM,
+        help=f"hyperopt fmin max_queue_len (default {PARALLELISM} = parallelism)",
+    )
+    parser.add_argument(
+        "--target", type=float, default=20.0, help="the ratio SparkTrials/deepspark to reach (default 20)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="hyperopt rstate seed")
     args = parser.parse_args(argv)
     if args.trials < 1 or args.warmup < 0 or args.max_queue_len < 1:
@@ -258,36 +268,51 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = _load()
     print("HPO orchestration overhead: deepspark.tuning.tune vs hyperopt SparkTrials (no-op objective)")
-    print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}  host {platform.node()}  "
-          f"cores {os.cpu_count()}  load avg (1/5/15 min) {load_before}")
-    print(f"python {platform.python_version()}  pyspark {_version('pyspark')}  "
-          f"hyperopt {_version('hyperopt')}  optuna {_version('optuna')}  "
-          f"numpy {_version('numpy')}  deepspark {_version('deepspark')}")
+    print(
+        f"date {datetime.datetime.now().isoformat(timespec='seconds')}  host {platform.node()}  "
+        f"cores {os.cpu_count()}  load avg (1/5/15 min) {load_before}"
+    )
+    print(
+        f"python {platform.python_version()}  pyspark {_version('pyspark')}  "
+        f"hyperopt {_version('hyperopt')}  optuna {_version('optuna')}  "
+        f"numpy {_version('numpy')}  deepspark {_version('deepspark')}"
+    )
 
     t0 = time.perf_counter()
     spark = session(MASTER, app_name="hpo-overhead-bench")
-    print(f"SparkSession {spark.sparkContext.master} started in {time.perf_counter() - t0:.1f} s "
-          "(shared by both tools; not counted)")
+    print(
+        f"SparkSession {spark.sparkContext.master} started in {time.perf_counter() - t0:.1f} s "
+        "(shared by both tools; not counted)"
+    )
     algos = ["random", "tpe"] if args.tpe else ["random"]
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="hpo-overhead-") as tmp:
         workdir = Path(tmp)
         if ship_pkg_resources_shim(spark, workdir):
-            print("hyperopt 0.2.7 needs pkg_resources, which this setuptools lacks: shipped a shim "
-                  "(see the comment in this script)")
+            print(
+                "hyperopt 0.2.7 needs pkg_resources, which this setuptools lacks: shipped a shim "
+                "(see the comment in this script)"
+            )
         if args.warmup:
             t0 = time.perf_counter()
             run_deepspark(args.warmup, "random", workdir, "warmup")
             t1 = time.perf_counter()
             run_sparktrials(spark, args.warmup, "random", args.max_queue_len, args.seed)
             t2 = time.perf_counter()
-            print(f"warm-up (not counted): {args.warmup} trials each, deepspark {t1 - t0:.1f} s, "
-                  f"SparkTrials {t2 - t1:.1f} s; it starts Spark's Python worker daemon and warms the JVM "
-                  "and the driver's imports for both tools")
-            print("  but Spark reuses a Python worker only after a task that read its whole input partition "
-                  "(SPARK-26549); the 'py workers' column counts the workers each timed run started")
-        print(f"timing {args.trials} trials per tool, parallelism {PARALLELISM}, "
-              f"SparkTrials max_queue_len {args.max_queue_len} ...", flush=True)
+            print(
+                f"warm-up (not counted): {args.warmup} trials each, deepspark {t1 - t0:.1f} s, "
+                f"SparkTrials {t2 - t1:.1f} s; it starts Spark's Python worker daemon and warms the JVM "
+                "and the driver's imports for both tools"
+            )
+            print(
+                "  but Spark reuses a Python worker only after a task that read its whole input partition "
+                "(SPARK-26549); the 'py workers' column counts the workers each timed run started"
+            )
+        print(
+            f"timing {args.trials} trials per tool, parallelism {PARALLELISM}, "
+            f"SparkTrials max_queue_len {args.max_queue_len} ...",
+            flush=True,
+        )
         for algo in algos:
             runs.append(run_deepspark(args.trials, algo, workdir, algo))
             print(f"  deepspark   {algo:<6} {runs[-1].wall_s:7.2f} s", flush=True)
@@ -298,13 +323,17 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(runs)
     print()
-    print(f"overhead/trial = wall / trials; slot-s/trial = wall x {PARALLELISM} / trials; "
-          "ok = trials that completed;")
+    print(
+        f"overhead/trial = wall / trials; slot-s/trial = wall x {PARALLELISM} / trials; "
+        "ok = trials that completed;"
+    )
     print("py workers = distinct Spark Python worker processes that ran the timed trials")
     for r in runs:
         if r.tool == "deepspark" and r.first_start_s is not None and r.steady_s is not None:
-            print(f"deepspark ({r.algo}): {r.first_start_s:.2f} s from tune() to the first trial "
-                  f"(Spark jobs, Python workers, imports), then {r.steady_s * 1000:.1f} ms per trial")
+            print(
+                f"deepspark ({r.algo}): {r.first_start_s:.2f} s from tune() to the first trial "
+                f"(Spark jobs, Python workers, imports), then {r.steady_s * 1000:.1f} ms per trial"
+            )
     print(f"load avg (1/5/15 min): before {load_before}, after {_load()} on {os.cpu_count()} cores")
     incomplete = [r for r in runs if r.ok != r.trials]
     for r in incomplete:

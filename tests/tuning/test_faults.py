@@ -246,7 +246,8 @@ def test_ctrl_c_keeps_finished_trials_and_resume_completes(spark, tmp_path) -> N
     run = tmp_path / "sigint"
     script = tmp_path / "driver.py"
     out = tmp_path / "out.json"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import json, time
         from deepspark.tuning import tune
         def objective(config, reporter):
@@ -256,10 +257,12 @@ def test_ctrl_c_keeps_finished_trials_and_resume_completes(spark, tmp_path) -> N
         result = tune(objective, space={X!r}, trials=5, sampler="random", pruner="none", parallelism=2,
                       run_dir={str(run)!r}, master="local[2]")
         json.dump({{"stop": result.stop_reason, "counts": result.counts()}}, open({str(out)!r}, "w"))
-    """))
+    """)
+    )
     log = tmp_path / "driver.log"
-    proc = subprocess.Popen([sys.executable, str(script)], start_new_session=True,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], start_new_session=True, stdout=log.open("wb"), stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
