@@ -40,6 +40,18 @@ def _journal_states(run: Path) -> dict[str, int]:
     return out
 
 
+def _wait_for_states(run: Path, proc: subprocess.Popen, *, complete: int, running: int) -> None:
+    """Poll the study's journal (bounded: 180 s) until it shows the wanted trial states."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        states = _journal_states(run)
+        if states.get("COMPLETE", 0) == complete and states.get("RUNNING", 0) == running:
+            return
+        assert proc.poll() is None, "the driver exited early"
+        time.sleep(0.5)
+    pytest.fail(f"study never reached {complete} complete + {running} running: {_journal_states(run)}")
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -69,15 +81,7 @@ def test_driver_killed_mid_study_resumes_without_repeating_finished_trials(spark
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            states = _journal_states(run)
-            if states.get("COMPLETE", 0) == 3 and states.get("RUNNING", 0) == 2:
-                break
-            assert proc.poll() is None, "the driver exited before it could be killed"
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"study never reached 3 complete + 2 running: {_journal_states(run)}")
+        _wait_for_states(run, proc, complete=3, running=2)
     finally:
         _kill_group(proc)  # the driver "crashes": SIGKILL to it, its JVM and its Python workers
     before = {
@@ -264,15 +268,7 @@ def test_ctrl_c_keeps_finished_trials_and_resume_completes(spark, tmp_path) -> N
         [sys.executable, str(script)], start_new_session=True, stdout=log.open("wb"), stderr=subprocess.STDOUT
     )
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            states = _journal_states(run)
-            if states.get("COMPLETE", 0) == 2 and states.get("RUNNING", 0) == 2:
-                break
-            assert proc.poll() is None, "the driver exited early"
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"study never reached 2 complete + 2 running: {_journal_states(run)}")
+        _wait_for_states(run, proc, complete=2, running=2)
         proc.send_signal(signal.SIGINT)  # Ctrl-C, to the driver only
         proc.wait(timeout=90)
     finally:
