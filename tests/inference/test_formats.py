@@ -60,7 +60,7 @@ def test_each_format_is_detected_loads_and_agrees_with_the_model(
         assert detect_format(path) is ModelFormat(name)
         model = load_model(path, threads=1)
         assert model.format is ModelFormat(name)
-        assert model.backend == ("onnx" if name == "onnx" else "torch")
+        assert model.backend == ("onnx" if name in ("onnx", "checkpoint") else "torch")
         assert model.class_names == tuple(CLASS_NAMES)
         assert model.preprocess == PREPROCESS
         np.testing.assert_allclose(model.predict(small_model.images), expected, atol=1e-5, err_msg=name)

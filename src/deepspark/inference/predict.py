@@ -529,7 +529,13 @@ def predict(
     chosen = resolve_backend(backend, artifact)
     model_format = artifact.format.value
     if chosen == "onnx" and artifact.format is not ModelFormat.ONNX:
-        artifact = replace(artifact, format=ModelFormat.ONNX, payload=to_onnx(artifact), spec_json=None)
+        try:
+            artifact = replace(artifact, format=ModelFormat.ONNX, payload=to_onnx(artifact), spec_json=None)
+        except Exception as exc:
+            if backend != "auto":
+                raise
+            _log.warning("ONNX export of %s failed (%s); running it with torch", model, exc)
+            chosen = "torch"
     checked = InferenceModel(artifact, backend=chosen, threads=1)  # validates outputs and label count
     class_names = checked.class_names
     if top_k > len(class_names):
