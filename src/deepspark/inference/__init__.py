@@ -1,11 +1,32 @@
 """Batch inference on Spark: ``predict`` applies a trained model to images, URLs or tensors at scale.
 
-See ``docs/predict.md``. Heavy parts (torch, onnxruntime, pyspark) are imported only when used.
+See ``docs/predict.md``. Names are imported on first use, so the CLI can register ``deepspark predict``
+without importing torch, onnxruntime or pyspark.
 """
 
-from deepspark.inference.decode import InputKind, UrlPolicy
-from deepspark.inference.formats import InferenceModel, ModelFormat, export_model, load_model, read_labels
-from deepspark.inference.predict import OUTPUT_COLUMNS, PredictResult, PredictSummary, predict
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from deepspark.inference.decode import InputKind, UrlPolicy
+    from deepspark.inference.formats import InferenceModel, ModelFormat, export_model, load_model, read_labels
+    from deepspark.inference._predict import OUTPUT_COLUMNS, PredictResult, PredictSummary, predict
+
+_WHERE = {
+    "InputKind": "decode",
+    "UrlPolicy": "decode",
+    "InferenceModel": "formats",
+    "ModelFormat": "formats",
+    "export_model": "formats",
+    "load_model": "formats",
+    "read_labels": "formats",
+    "OUTPUT_COLUMNS": "_predict",
+    "PredictResult": "_predict",
+    "PredictSummary": "_predict",
+    "predict": "_predict",
+}
 
 __all__ = [
     "OUTPUT_COLUMNS",
@@ -20,3 +41,12 @@ __all__ = [
     "predict",
     "read_labels",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'deepspark.inference' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"deepspark.inference.{module}"), name)
+    globals()[name] = value
+    return value
