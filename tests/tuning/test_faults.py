@@ -204,7 +204,9 @@ def test_lost_executor_on_standalone_cluster_reruns_the_trial(tmp_path) -> None:
 
             def objective(config, reporter):
                 if reporter.number == 1 and reporter.attempt == 1:
-                    os.kill(executor_pid(), signal.SIGKILL)  # the whole executor is lost
+                    pid = executor_pid()
+                    open({str(tmp_path / "killed")!r}, "w").write(str(pid))
+                    os.kill(pid, signal.SIGKILL)  # the whole executor is lost
                     import time; time.sleep(60)
                 return {{"accuracy": config["x"], "executor": executor_pid()}}
 
@@ -234,8 +236,11 @@ def test_lost_executor_on_standalone_cluster_reruns_the_trial(tmp_path) -> None:
         records = json.loads(out.read_text())
         assert [r["state"] for r in records] == ["complete"] * 4, [r["error"] for r in records]
         by_number = {r["number"]: r for r in records}
-        assert by_number[1]["attempts"] == 2
-        assert all(by_number[n]["attempts"] == 1 for n in (0, 2, 3))
+        # Run again on the new executor. (Exactly two attempts is the usual count; a worker of the dead
+        # executor that hangs up a moment later may cost one more, which is still correct.)
+        assert 2 <= by_number[1]["attempts"] <= 3
+        killed = int((tmp_path / "killed").read_text())
+        assert by_number[1]["executor"] not in (None, killed)
     finally:
         for proc in reversed(procs):
             _kill_group(proc)

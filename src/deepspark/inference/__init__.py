@@ -10,9 +10,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from deepspark.inference._predict import OUTPUT_COLUMNS, PredictResult, PredictSummary, predict
     from deepspark.inference.decode import InputKind, UrlPolicy
     from deepspark.inference.formats import InferenceModel, ModelFormat, export_model, load_model, read_labels
-    from deepspark.inference._predict import OUTPUT_COLUMNS, PredictResult, PredictSummary, predict
 
 _WHERE = {
     "InputKind": "decode",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import select
 import socket
 import socketserver
 import threading
@@ -202,7 +203,7 @@ class Coordinator:
                 msg = protocol.recv(conn)
                 op = msg.get("op")
                 if op == "next":
-                    protocol.send(conn, self._next(slot, worker, conn_id))
+                    protocol.send(conn, self._next(slot, worker, conn_id, conn))
                 elif op == "report":
                     protocol.send(
                         conn,
@@ -235,14 +236,20 @@ class Coordinator:
         for old in stale:
             self.worker_lost(slot, reason="its Spark task was restarted", conn_id=old)
 
-    def _next(self, slot: int, worker: str, conn_id: int) -> dict[str, Any]:
+    def _next(self, slot: int, worker: str, conn_id: int, conn: socket.socket) -> dict[str, Any]:
         with self._lock:
             if self._slot_conn.get(slot, conn_id) != conn_id:
                 return {"stop": True}  # a stale attempt: a newer one holds this slot
             # With nothing left to start, a worker waits: a running trial elsewhere may still be lost
             # and need a new home.
             while self.stop_reason is None and not self._retry and self._to_start <= 0 and self._running:
-                self._changed.wait()
+                self._changed.wait(timeout=1.0)
+                if _peer_closed(conn):
+                    return {"stop": True}
+            # A lost executor takes all its workers at once. The thread of one that was waiting here
+            # must not take the trial its neighbour just lost: that worker is gone too.
+            if _peer_closed(conn):
+                return {"stop": True}
             if self._deadline is not None and time.monotonic() > self._deadline and self.stop_reason is None:
                 self.stop_reason = "timeout"
             if self.stop_reason is not None:
@@ -405,3 +412,12 @@ class Coordinator:
 
     def record_for(self, number: int) -> TrialRecord | None:
         return next((r for r in self.records if r.number == number), None)
+
+
+def _peer_closed(conn: socket.socket) -> bool:
+    """Whether the worker hung up, checked without blocking (it sends nothing while awaiting a reply)."""
+    try:
+        readable, _, _ = select.select([conn], [], [], 0)
+        return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
