@@ -163,6 +163,18 @@ def test_urls_served_missing_and_refused(
     assert result.summary is not None and result.summary.errors == 3
 
 
+def test_a_glob_in_a_directory_matches_one_level_like_a_shell(
+    spark: Any, small_model: Model, tmp_path: Path
+) -> None:
+    root = tmp_path / "tree"
+    for rel in ("a/1.png", "b/2.png", "b/deep/3.png", "top.png", "b/notes.txt"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(png_bytes(small_model.images[0]))
+    rows = predict(f"{root}/*/*.png", small_model.path, spark=spark).dataframe.collect()
+    assert sorted(r["path"].split("/tree/", 1)[1] for r in rows) == ["a/1.png", "b/2.png"]
+    assert all(r["error"] is None for r in rows)
+
+
 def test_onnx_backend_and_exported_formats_agree_with_torch(
     spark: Any, small_model: Model, image_dir: Path, tmp_path: Path
 ) -> None:

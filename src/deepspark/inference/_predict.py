@@ -319,7 +319,9 @@ def _local(path: str) -> str:
     return path[len("file://") :] if path.startswith("file://") else path
 
 
-def _binary_files(spark: SparkSession, path: str, *, pattern: str | None, recursive: bool) -> _Input:
+def _binary_files(
+    spark: SparkSession, path: str | list[str], *, pattern: str | None, recursive: bool
+) -> _Input:
     reader = spark.read.format("binaryFile")
     if pattern:
         reader = reader.option("pathGlobFilter", pattern)
@@ -426,6 +428,13 @@ def _resolve_input(spark: SparkSession, data: Any, input_column: str | None) -> 
             # file name; a glob in the file name alone is read the same way.
             base = "/".join(parts[:first]) or "."
             return _binary_files(spark, base, pattern=parts[-1], recursive="**" in path)
+        if _is_local(path) and "{" not in path:
+            # A glob in a directory: list the directories here and let Spark filter the file names. Given
+            # the glob itself, Spark logs a long, harmless FileNotFoundException while it looks for a
+            # streaming-sink metadata folder named like the pattern.
+            prefix = "file://" if path.startswith("file://") else ""
+            dirs = sorted(d for d in _glob.glob(_local("/".join(parts[:-1]))) if Path(d).is_dir())
+            return _binary_files(spark, [prefix + d for d in dirs], pattern=parts[-1], recursive=False)
         return _binary_files(spark, path, pattern=None, recursive=False)
     if suffix == ".parquet":
         return _dataframe_input(spark.read.parquet(path), input_column)
