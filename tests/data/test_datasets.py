@@ -309,3 +309,13 @@ def test_info_describes_splits_classes_and_files(tmp_path: Path) -> None:
     assert described["num_classes"] == 3
     assert described["train_class_counts"] == {"0": 4, "1": 4, "2": 4}
     assert described["files"] == {str(p): p.stat().st_size for p in paths}
+
+
+def test_developers_md_lists_the_digests_the_registry_checks() -> None:
+    import re
+
+    from deepspark.data.datasets import MNIST
+
+    text = (Path(__file__).parents[2] / "DEVELOPERS.md").read_text()
+    documented = dict(re.findall(r"\| `([a-z0-9-]+-ubyte)` \| `([0-9a-f]{64})` \|", text))
+    assert documented == dict(MNIST.files)
