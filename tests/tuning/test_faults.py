@@ -285,3 +285,60 @@ def test_ctrl_c_keeps_finished_trials_and_resume_completes(spark, tmp_path) -> N
     result = tune(lambda c, r: {"accuracy": c["x"], "resumed": 1}, run_dir=run, resume=True)
     assert result.counts()["complete"] == 5
     assert sum(1 for r in result.records if r.metrics.get("resumed")) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_local_cluster_spreads_trials_over_both_executors(tmp_path) -> None:
+    """`local-cluster[2,1,1024]`: two executor JVMs with one core each; trials run on both at once."""
+    script = tmp_path / "driver.py"
+    out = tmp_path / "result.json"
+    script.write_text(
+        textwrap.dedent(f"""
+        import json, os, time
+        from deepspark.spark import session
+        from deepspark.tuning import tune
+
+        def objective(config, reporter):
+            if reporter.number < 2:  # the first two trials wait for each other: they must run at once
+                open(os.path.join({str(tmp_path)!r}, f"started-{{reporter.number}}"), "w").close()
+                deadline = time.monotonic() + 60
+                while len([f for f in os.listdir({str(tmp_path)!r}) if f.startswith("started-")]) < 2:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the other trial never started: only one slot ran")
+                    time.sleep(0.05)
+            with open(f"/proc/{{os.getppid()}}/stat") as fh:  # worker -> pyspark daemon -> executor JVM
+                jvm = int(fh.read().rsplit(")", 1)[1].split()[1])
+            return {{"accuracy": config["x"], "executor": jvm}}
+
+        spark = session("local-cluster[2,1,1024]", conf={{"spark.driver.host": "127.0.0.1",
+                        "spark.driver.bindAddress": "127.0.0.1"}})
+        try:
+            result = tune(objective, space={X!r}, trials=6, sampler="random", pruner="none",
+                          parallelism=2, run_dir={str(tmp_path / "run")!r})
+        finally:
+            spark.stop()
+        json.dump([[r.state.value, r.metrics.get("executor")] for r in result.records], open({str(out)!r}, "w"))
+    """)
+    )
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the local-cluster driver did not finish in 240 s")
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == 0, output.decode(errors="replace")[-3000:]
+    records = json.loads(out.read_text())
+    assert [state for state, _ in records] == ["complete"] * 6, records
+    executors = {jvm for _, jvm in records}
+    # Two trials ran at once, one per single-core executor: two executor JVMs, neither the driver's.
+    assert len(executors) == 2, records
+    assert proc.pid not in executors
