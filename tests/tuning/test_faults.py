@@ -52,6 +52,24 @@ def _wait_for_states(run: Path, proc: subprocess.Popen, *, complete: int, runnin
     pytest.fail(f"study never reached {complete} complete + {running} running: {_journal_states(run)}")
 
 
+def _run_driver(script: Path, env: dict[str, str], procs: list[subprocess.Popen], what: str) -> int:
+    """Run a driver script in its own process group (added to ``procs`` for teardown), bounded: 240 s."""
+    driver = subprocess.Popen(
+        [sys.executable, str(script)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    procs.append(driver)
+    try:
+        output, _ = driver.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{what} did not finish in 240 s")
+    assert driver.returncode == 0, output.decode(errors="replace")[-3000:]
+    return driver.pid
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -220,19 +238,7 @@ def test_lost_executor_on_standalone_cluster_reruns_the_trial(tmp_path) -> None:
                       open({str(out)!r}, "w"))
         """)
         )
-        driver = subprocess.Popen(
-            [sys.executable, str(script)],
-            env=env,
-            start_new_session=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        procs.append(driver)
-        try:
-            output, _ = driver.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            pytest.fail("the driver on the standalone cluster did not finish in 240 s")
-        assert driver.returncode == 0, output.decode(errors="replace")[-3000:]
+        _run_driver(script, env, procs, "the driver on the standalone cluster")
         records = json.loads(out.read_text())
         assert [r["state"] for r in records] == ["complete"] * 4, [r["error"] for r in records]
         by_number = {r["number"]: r for r in records}
@@ -322,23 +328,15 @@ def test_local_cluster_spreads_trials_over_both_executors(tmp_path) -> None:
     """)
     )
     env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1"}
-    proc = subprocess.Popen(
-        [sys.executable, str(script)],
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    procs: list[subprocess.Popen] = []
     try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the local-cluster driver did not finish in 240 s")
+        driver_pid = _run_driver(script, env, procs, "the local-cluster driver")
     finally:
-        _kill_group(proc)
-    assert proc.returncode == 0, output.decode(errors="replace")[-3000:]
+        for proc in procs:
+            _kill_group(proc)
     records = json.loads(out.read_text())
     assert [state for state, _ in records] == ["complete"] * 6, records
     executors = {jvm for _, jvm in records}
     # Two trials ran at once, one per single-core executor: two executor JVMs, neither the driver's.
     assert len(executors) == 2, records
-    assert proc.pid not in executors
+    assert driver_pid not in executors
