@@ -180,14 +180,21 @@ def _plot(path: Path, records: Sequence[TrialRecord], *, metric: str) -> None:
     groups: dict[Any, list[TrialRecord]] = {}
     for r in complete:
         groups.setdefault(r.params.get(width) if width else "all", []).append(r)
-    for key, rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        rs = sorted(rs, key=lambda r: float(r.params["learning_rate"]))
+
+    def order(key: Any) -> tuple[int, float, str]:  # widths numerically, anything else after, by name
+        return (0, float(key), "") if isinstance(key, int | float) else (1, 0.0, str(key))
+
+    for key in sorted(groups, key=order):
+        rs = sorted(groups[key], key=lambda r: float(r.params["learning_rate"]))
         ax.plot(
             [r.params["learning_rate"] for r in rs],
             [float(r.value or 0.0) for r in rs],
             "o-",
             label=f"{width}={key}" if width else "trials",
         )
+    for r in complete:
+        if r.is_default:
+            ax.plot(r.params["learning_rate"], float(r.value or 0.0), "k*", markersize=12, label="default")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"test {metric}")
