@@ -12,18 +12,22 @@ from deepspark.tuning import protocol
 from deepspark.tuning.coordinator import Coordinator
 
 
-@pytest.fixture
-def coordinator():
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize")
+def _started(study: optuna.Study, n_trials: int) -> Coordinator:
     coord = Coordinator(
         study,
         distributions={"x": optuna.distributions.FloatDistribution(0.0, 1.0)},
         fixed={},
-        n_trials=1,
+        n_trials=n_trials,
         token="secret",
     )
     coord.start()
+    return coord
+
+
+@pytest.fixture
+def coordinator():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    coord = _started(optuna.create_study(direction="maximize"), n_trials=1)
     try:
         yield coord
     finally:
@@ -83,3 +87,38 @@ def test_a_connection_without_the_token_gets_nothing(coordinator) -> None:
     finally:
         sock.close()
     assert coordinator.counts()["running"] == 0
+
+
+def test_the_last_step_is_recorded_but_never_prunes() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # A pruner that prunes at every step it sees: only the final flag can keep a trial alive.
+    study = optuna.create_study(
+        direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.9, n_warmup_steps=0)
+    )
+    coord = _started(study, n_trials=2)
+    try:
+        worker = _connect(coord, 0)
+        try:
+            protocol.send(worker, {"op": "next"})
+            first = protocol.recv(worker)
+            protocol.send(worker, {"op": "report", "trial": first["trial"], "step": 1, "value": 0.5})
+            assert protocol.recv(worker) == {"prune": True}
+            protocol.send(worker, {"op": "done", "trial": first["trial"], "state": "pruned"})
+            protocol.recv(worker)
+            protocol.send(worker, {"op": "next"})
+            second = protocol.recv(worker)
+            protocol.send(
+                worker,
+                {"op": "report", "trial": second["trial"], "step": 1, "value": 0.5, "final": True},
+            )
+            assert protocol.recv(worker) == {"prune": False}
+            protocol.send(worker, {"op": "done", "trial": second["trial"], "state": "complete", "value": 0.5})
+            protocol.recv(worker)
+        finally:
+            worker.close()
+        _until(lambda: coord.finished)
+        trials = study.get_trials(deepcopy=False)
+        assert [t.state for t in trials] == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE]
+        assert trials[1].intermediate_values == {1: 0.5}
+    finally:
+        coord.close()

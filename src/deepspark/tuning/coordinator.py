@@ -209,7 +209,11 @@ class Coordinator:
                         conn,
                         {
                             "prune": self._report(
-                                int(msg["trial"]), int(msg["step"]), float(msg["value"]), conn_id
+                                int(msg["trial"]),
+                                int(msg["step"]),
+                                float(msg["value"]),
+                                conn_id,
+                                final=bool(msg.get("final", False)),
                             )
                         },
                     )
@@ -277,7 +281,7 @@ class Coordinator:
         self._emit(TrialEvent(kind, run.trial.number, worker=worker))
         return {"trial": run.trial.number, "params": run.params, "attempt": run.attempt}
 
-    def _report(self, number: int, step: int, value: float, conn_id: int) -> bool:
+    def _report(self, number: int, step: int, value: float, conn_id: int, *, final: bool) -> bool:
         with self._lock:
             run = self._running.get(number)
             if run is None or run.conn_id != conn_id:
@@ -286,7 +290,7 @@ class Coordinator:
                 return False  # a re-run reporting a step its first attempt already reported
             run.intermediate[step] = value
             run.trial.report(value, step)
-            return bool(run.trial.should_prune())
+            return not final and bool(run.trial.should_prune())
 
     def _done(self, msg: Mapping[str, Any], worker: str, conn_id: int) -> bool:
         number = int(msg["trial"])

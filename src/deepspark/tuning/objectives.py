@@ -64,7 +64,7 @@ class TorchObjective:
         spec = model_spec(self.model, input_shape=data.input_shape, num_classes=data.num_classes, **hyper)
 
         def on_epoch(m: EpochMetrics) -> None:
-            reporter.report(m.epoch, m.test_accuracy)
+            reporter.report(m.epoch, m.test_accuracy, final=m.epoch == train_config.epochs)
 
         result = train(spec, data, train_config, callback=on_epoch)
 

@@ -70,13 +70,18 @@ class Reporter:
         self._pruned = False
         self._model_files: Callable[[], Mapping[str, bytes]] | None = None
 
-    def report(self, step: int, value: float) -> None:
-        """Report the metric after ``step`` (an epoch, say); raises :class:`TrialPruned` if told to stop."""
+    def report(self, step: int, value: float, *, final: bool = False) -> None:
+        """Report the metric after ``step`` (an epoch, say); raises :class:`TrialPruned` if told to stop.
+
+        ``final=True`` marks the last step: it is recorded for the pruner's statistics, but a trial that
+        has already done all its work is not pruned for it.
+        """
         if self._conn is None:
             return
-        protocol.send(
-            self._conn, {"op": "report", "trial": self.number, "step": int(step), "value": float(value)}
-        )
+        message = {"op": "report", "trial": self.number, "step": int(step), "value": float(value)}
+        if final:
+            message["final"] = True
+        protocol.send(self._conn, message)
         answer = protocol.recv(self._conn)
         if answer.get("prune"):
             self._pruned = True
