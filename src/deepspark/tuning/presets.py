@@ -32,17 +32,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "dataset": "mnist",
         "model": "cnn",
-        "trials": 12,
+        # The search benchmarks/hpo_paper.py measures (99.56-99.61% in about 30 minutes on 2 cores).
+        "trials": 6,
         "parallelism": 2,
         "threads_per_trial": 1,
         "sampler": "tpe",
         "pruner": "median",
         "space": {
-            "learning_rate": {"type": "loguniform", "low": 3.0e-4, "high": 3.0e-3},
+            "learning_rate": {"type": "loguniform", "low": 5.0e-4, "high": 2.5e-3},
             "fc": {"type": "choice", "values": [512, 1024, 2048]},
-            "epochs": 4,
+            "epochs": 10,
             "batch_size": 128,
             "lr_schedule": "cosine",
+            "augment": True,
         },
     },
 }
