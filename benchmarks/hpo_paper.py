@@ -25,10 +25,11 @@ from deepspark.tuning.presets import preset
 
 
 def main() -> None:
+    paper = preset("paper")
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--budget-min", type=float, default=60.0)
-    parser.add_argument("--trials", type=int, default=preset("paper")["trials"])
-    parser.add_argument("--epochs", type=int, default=preset("paper")["space"]["epochs"])
+    parser.add_argument("--trials", type=int, default=paper["trials"])
+    parser.add_argument("--epochs", type=int, default=paper["space"]["epochs"])
     parser.add_argument("--run-dir", default=None)
     parser.add_argument("--seed", type=int, default=0, help="seeds the sampler and every trial's training")
     parser.add_argument(
@@ -39,29 +40,24 @@ def main() -> None:
         "length, so the study ends within the budget",
     )
     args = parser.parse_args()
-    # The `paper` preset's search. Earlier studies here (6 epochs, lr up to 4e-3) found nothing good
+    # The `paper` preset's study. Earlier studies here (6 epochs, lr up to 4e-3) found nothing good
     # above ~2e-3 (3.7e-3: 98.1%) and missed 99.5% with seed 1; see docs/benchmarks.md.
-    space = {**preset("paper")["space"], "epochs": args.epochs, "seed": args.seed}
-    cnn = model_spec("cnn").hyperparameters
+    paper["space"] = {**paper["space"], "epochs": args.epochs, "seed": args.seed}
+    paper["trials"] = args.trials
+    cnn = model_spec(paper["model"]).hyperparameters
     default = {**DEFAULT_TRAIN_CONFIG.to_dict(), "fc": 1024, **cnn}
     default.pop("threads")
     default["seed"] = args.seed
     session("local[2]", app_name="hpo-paper")
     run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="hpo-paper-")) / "run"
     print(
-        f"{os.cpu_count()} cores; budget {args.budget_min:.0f} min; up to {args.trials} trials, 2 at a time"
+        f"{os.cpu_count()} cores; budget {args.budget_min:.0f} min; "
+        f"up to {args.trials} trials, {paper['parallelism']} at a time"
     )
     print(f"default configuration (trial 0): {default}")
     started = time.perf_counter()
     result = tune(
-        dataset="mnist",
-        model="cnn",
-        space=space,
-        trials=args.trials,
-        parallelism=2,
-        threads_per_trial=1,
-        sampler="tpe",
-        pruner="median",
+        **paper,
         default_config=default,
         run_dir=run_dir,
         seed=args.seed,

@@ -78,10 +78,10 @@ class Reporter:
         """
         if self._conn is None:
             return
-        message = {"op": "report", "trial": self.number, "step": int(step), "value": float(value)}
-        if final:
-            message["final"] = True
-        protocol.send(self._conn, message)
+        protocol.send(
+            self._conn,
+            {"op": "report", "trial": self.number, "step": int(step), "value": float(value), "final": final},
+        )
         answer = protocol.recv(self._conn)
         if answer.get("prune"):
             self._pruned = True
