@@ -16,7 +16,7 @@ import torch
 
 from deepspark.data import load_dataset
 from deepspark.models import model_spec
-from deepspark.training import DEFAULT_TRAIN_CONFIG, TrainConfig, train
+from deepspark.training import DEFAULT_TRAIN_CONFIG, TrainConfig, train_one_process
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     print(f"config: cnn (conv32-pool-conv64-pool-fc1024-dropout-fc10), {config}")
     started = time.perf_counter()
-    result = train(
+    result = train_one_process(
         model_spec("cnn"),
         data,
         config,

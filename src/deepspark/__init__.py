@@ -15,7 +15,7 @@ _API = {
     "StudyResult": "deepspark.tuning",
     "Reporter": "deepspark.tuning",
     "TrialPruned": "deepspark.tuning",
-    "train": "deepspark.training",
+    "train_one_process": "deepspark.training",
     "TrainConfig": "deepspark.training",
     "evaluate": "deepspark.training",
     "load_dataset": "deepspark.data",

@@ -7,7 +7,7 @@ import torch
 from deepspark.data import ImageDataset
 from deepspark.errors import ConfigError, DivergenceError
 from deepspark.models import model_spec
-from deepspark.training import EpochMetrics, TrainConfig, evaluate, train
+from deepspark.training import EpochMetrics, TrainConfig, evaluate, train_one_process
 from deepspark.training.loop import _random_shift
 
 
@@ -46,7 +46,7 @@ def test_config_validation_names_the_parameter() -> None:
 def test_learns_toy_problem_and_reports_each_epoch(optimizer) -> None:
     seen: list[EpochMetrics] = []
     lr = 0.05 if optimizer != "adam" else 0.01
-    result = train(
+    result = train_one_process(
         model_spec("mlp", input_shape=(1, 8, 8), num_classes=2, hidden=16),
         _toy(),
         TrainConfig(optimizer=optimizer, learning_rate=lr, epochs=3, batch_size=16, threads=1),
@@ -59,16 +59,16 @@ def test_learns_toy_problem_and_reports_each_epoch(optimizer) -> None:
 def test_deterministic_for_a_seed() -> None:
     cfg = TrainConfig(epochs=2, batch_size=16, seed=7, threads=1, augment=True)
     spec = model_spec("mlp", input_shape=(1, 8, 8), num_classes=2, hidden=8, dropout=0.2)
-    a = train(spec, _toy(), cfg)
-    b = train(spec, _toy(), cfg)
+    a = train_one_process(spec, _toy(), cfg)
+    b = train_one_process(spec, _toy(), cfg)
     assert [m.train_loss for m in a.history] == [m.train_loss for m in b.history]
-    c = train(spec, _toy(), TrainConfig(epochs=2, batch_size=16, seed=8, threads=1, augment=True))
+    c = train_one_process(spec, _toy(), TrainConfig(epochs=2, batch_size=16, seed=8, threads=1, augment=True))
     assert [m.train_loss for m in a.history] != [m.train_loss for m in c.history]
 
 
 def test_divergence_names_epoch_and_step() -> None:
     with pytest.raises(DivergenceError, match="epoch 1, step") as info:
-        train(
+        train_one_process(
             model_spec("mlp", input_shape=(1, 8, 8), num_classes=2, hidden=16),
             _toy(),
             TrainConfig(optimizer="sgd", learning_rate=1e12, epochs=2, batch_size=16, threads=1),
@@ -84,7 +84,7 @@ def test_callback_exception_stops_training() -> None:
         raise Stop(m.epoch)
 
     with pytest.raises(Stop):
-        train(
+        train_one_process(
             model_spec("mlp", input_shape=(1, 8, 8), num_classes=2, hidden=4),
             _toy(),
             TrainConfig(epochs=5, batch_size=32, threads=1),
@@ -94,7 +94,7 @@ def test_callback_exception_stops_training() -> None:
 
 def test_input_shape_mismatch_is_an_error() -> None:
     with pytest.raises(ConfigError, match="does not match the dataset"):
-        train(model_spec("mlp"), _toy(), TrainConfig(epochs=1))
+        train_one_process(model_spec("mlp"), _toy(), TrainConfig(epochs=1))
 
 
 def test_random_shift_moves_pixels_within_bounds() -> None:
@@ -118,5 +118,5 @@ def test_evaluate_counts_correct_predictions() -> None:
 @pytest.mark.slow
 def test_short_mnist_run_beats_chance(mnist) -> None:
     data = mnist.subset(train=3000, test=1000)
-    result = train(model_spec("lenet"), data, TrainConfig(epochs=1, batch_size=32, threads=2))
+    result = train_one_process(model_spec("lenet"), data, TrainConfig(epochs=1, batch_size=32, threads=2))
     assert result.test_accuracy > 0.85  # chance is 0.10

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from deepspark.models import ZOO, ModelSpec, load_spec, model_spec, save_checkpoint
-from deepspark.training.loop import EpochMetrics, TrainConfig, train
+from deepspark.training.loop import EpochMetrics, TrainConfig, train_one_process
 
 __all__ = ["DEFAULT_TRAIN_CONFIG", "train_local_job"]
 
@@ -75,7 +75,7 @@ def train_local_job(
             m.seconds,
         )
 
-    result = train(spec, data, config, callback=log_epoch)
+    result = train_one_process(spec, data, config, callback=log_epoch)
     summary = {
         "test_accuracy": result.test_accuracy,
         "test_loss": result.test_loss,

@@ -1,7 +1,10 @@
-"""Training and evaluation in one process: the unit every distributed mode is built from.
+"""Training and evaluation in one process: the unit every distributed strategy is built from.
 
-A trial in tuning is one call of :func:`train` inside a Spark task; the data-parallel modes to come
-run this same step function on each partition.
+A trial in tuning is one call of :func:`train_one_process` inside a Spark task. The data-parallel
+strategies (:mod:`deepspark.training.fit`) run the same pieces on each partition: a
+:class:`DataCursor` walks a worker's examples in a seeded order, epoch after epoch, and
+:func:`run_steps` takes optimizer steps from it. One worker with tau = 1 therefore takes exactly the
+steps this module's loop takes.
 """
 
 from __future__ import annotations
@@ -22,7 +25,18 @@ from deepspark.models import ModelSpec, Preprocess, SpecModel, build_model, load
 if TYPE_CHECKING:
     from deepspark.data import ImageDataset
 
-__all__ = ["EpochMetrics", "TrainConfig", "TrainResult", "evaluate", "train"]
+__all__ = [
+    "DataCursor",
+    "EpochMetrics",
+    "StepStats",
+    "TrainConfig",
+    "TrainResult",
+    "cosine_rate",
+    "evaluate",
+    "make_optimizer",
+    "run_steps",
+    "train_one_process",
+]
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SCHEDULES = ("constant", "cosine")
@@ -105,7 +119,8 @@ class TrainResult:
         return self.history[-1].test_loss
 
 
-def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names, over ``model``'s parameters."""
     params = model.parameters()
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -144,18 +159,153 @@ def evaluate(
     return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1)}
 
 
-def train(
+class DataCursor:
+    """Where one worker is in its data: the epoch, the step within it, and the shuffling generator.
+
+    Each epoch visits the ``n`` examples in the order ``torch.randperm(n)`` drawn from one generator
+    seeded with ``seed``; augmentation draws from the same generator, batch after batch. :meth:`state`
+    and :meth:`from_state` make the position exact across processes (a checkpoint, a worker that
+    replaces a lost one), so a resumed run takes the very same batches.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size = int(n), int(batch_size)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.epoch, self.step = 0, 0
+        self._epoch_start = self.generator.get_state()
+        self._order = torch.randperm(self.n, generator=self.generator)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def next_indices(self) -> torch.Tensor:
+        """The example indices of the next batch (the last batch of an epoch may be smaller)."""
+        if self.n == 0:
+            raise ConfigError("this worker has no examples to train on")
+        if self.step >= self.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+            self._epoch_start = self.generator.get_state()
+            self._order = torch.randperm(self.n, generator=self.generator)
+        start = self.step * self.batch_size
+        self.step += 1
+        return self._order[start : start + self.batch_size]
+
+    def state(self) -> dict[str, Any]:
+        """JSON-ready position: epoch, step and the generator at the epoch's start and now."""
+        import base64
+
+        return {
+            "n": self.n,
+            "batch_size": self.batch_size,
+            "epoch": self.epoch,
+            "step": self.step,
+            "epoch_start": base64.b64encode(self._epoch_start.numpy().tobytes()).decode("ascii"),
+            "generator": base64.b64encode(self.generator.get_state().numpy().tobytes()).decode("ascii"),
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> DataCursor:
+        import base64
+
+        def tensor(text: str) -> torch.Tensor:
+            return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+        cursor = cls(int(state["n"]), int(state["batch_size"]), 0)
+        cursor.epoch, cursor.step = int(state["epoch"]), int(state["step"])
+        cursor._epoch_start = tensor(state["epoch_start"])
+        cursor.generator.set_state(cursor._epoch_start)
+        cursor._order = torch.randperm(cursor.n, generator=cursor.generator)
+        cursor.generator.set_state(tensor(state["generator"]))
+        return cursor
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What :func:`run_steps` did: steps taken, examples seen and their summed loss."""
+
+    steps: int
+    samples: int
+    loss_sum: float
+
+
+def run_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    cursor: DataCursor,
+    steps: int,
+    *,
+    augment: bool = False,
+    learning_rate: Callable[[int], float] | None = None,
+    first_step: int = 0,
+    scheduler: Any = None,
+    deadline: float | None = None,
+) -> StepStats:
+    """Take up to ``steps`` optimizer steps on batches from ``cursor`` (fewer when ``deadline`` passes).
+
+    ``learning_rate(t)`` sets the rate of global step ``t`` (counted from ``first_step``) before the
+    step; ``scheduler`` is stepped after each step instead. Raises :class:`DivergenceError` at the
+    first NaN/inf loss, naming the epoch and step.
+    """
+    model.train()
+    loss_sum, samples, taken = 0.0, 0, 0
+    for i in range(steps):
+        if deadline is not None and taken and time.perf_counter() >= deadline:
+            break
+        if learning_rate is not None:
+            rate = learning_rate(first_step + i)
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+        idx = cursor.next_indices()
+        epoch, step = cursor.epoch, cursor.step - 1
+        batch = inputs[idx]
+        if augment:
+            batch = _random_shift(batch, cursor.generator)
+        logits = model(batch)
+        loss = nn.functional.cross_entropy(logits, labels[idx])
+        value = loss.item()
+        if not math.isfinite(value):
+            raise DivergenceError(
+                f"training diverged: loss is {value} at epoch {epoch + 1}, step {step + 1} "
+                f"(learning rate {optimizer.param_groups[0]['lr']:g}); lower the learning rate",
+                epoch=epoch,
+                step=step,
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum += value * int(idx.shape[0])
+        samples += int(idx.shape[0])
+        taken += 1
+    return StepStats(steps=taken, samples=samples, loss_sum=loss_sum)
+
+
+def cosine_rate(base: float, total_steps: int) -> Callable[[int], float]:
+    """The cosine-annealed rate of step ``t`` out of ``total_steps`` (closed form, to zero)."""
+
+    def rate(t: int) -> float:
+        return base * (1 + math.cos(math.pi * min(t, total_steps) / max(total_steps, 1))) / 2
+
+    return rate
+
+
+def train_one_process(
     spec: ModelSpec | Mapping[str, Any] | str,
     data: ImageDataset,
     config: TrainConfig | None = None,
     *,
     callback: Callable[[EpochMetrics], None] | None = None,
 ) -> TrainResult:
-    """Train ``spec`` on ``data.train_*`` and evaluate on ``data.test_*`` after every epoch.
+    """Train ``spec`` on ``data.train_*`` in this process; evaluate on ``data.test_*`` after every epoch.
 
     Deterministic for a given ``config.seed`` and thread count. ``callback`` receives each epoch's
     metrics; an exception it raises (a pruner's, say) stops training and propagates.
-    Raises :class:`DivergenceError` with the epoch and step of the first NaN/inf loss.
+    Raises :class:`DivergenceError` with the epoch and step of the first NaN/inf loss. The torch
+    thread count and global RNG are restored on return.
     """
     config = config or TrainConfig()
     spec = load_spec(spec)
@@ -163,8 +313,25 @@ def train(
         raise ConfigError(
             f"model input shape {spec.input_shape} does not match the dataset's {data.input_shape}"
         )
-    if config.threads is not None and torch.get_num_threads() != config.threads:
-        torch.set_num_threads(config.threads)
+    if len(data.train_labels) == 0:
+        raise ConfigError("data: the training split is empty; give at least one training example")
+    threads_before = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            if config.threads is not None and threads_before != config.threads:
+                torch.set_num_threads(config.threads)
+            return _train(spec, data, config, callback)
+    finally:
+        if torch.get_num_threads() != threads_before:
+            torch.set_num_threads(threads_before)
+
+
+def _train(
+    spec: ModelSpec,
+    data: ImageDataset,
+    config: TrainConfig,
+    callback: Callable[[EpochMetrics], None] | None,
+) -> TrainResult:
     preprocess = Preprocess(input_shape=data.input_shape, mean=tuple(data.mean), std=tuple(data.std))
     x_train = preprocess.apply(data.train_images)
     y_train = torch.as_tensor(np.asarray(data.train_labels, dtype=np.int64))
@@ -173,47 +340,32 @@ def train(
 
     torch.manual_seed(config.seed)
     model = build_model(spec, seed=config.seed)
-    optimizer = _optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     n = int(y_train.shape[0])
-    steps_per_epoch = math.ceil(n / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    cursor = DataCursor(n, config.batch_size, config.seed)
+    total_steps = cursor.steps_per_epoch * config.epochs
     scheduler = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
         if config.lr_schedule == "cosine"
         else None
     )
-    shuffle = torch.Generator().manual_seed(config.seed)
     history: list[EpochMetrics] = []
     for epoch in range(config.epochs):
         started = time.perf_counter()
-        model.train()
-        order = torch.randperm(n, generator=shuffle)
-        loss_sum = 0.0
-        for step in range(steps_per_epoch):
-            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            batch = x_train[idx]
-            if config.augment:
-                batch = _random_shift(batch, shuffle)
-            logits = model(batch)
-            loss = nn.functional.cross_entropy(logits, y_train[idx])
-            value = loss.item()
-            if not math.isfinite(value):
-                raise DivergenceError(
-                    f"training diverged: loss is {value} at epoch {epoch + 1}, step {step + 1} "
-                    f"(learning_rate={config.learning_rate}); lower the learning rate",
-                    epoch=epoch,
-                    step=step,
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            loss_sum += value * int(idx.shape[0])
+        stats = run_steps(
+            model,
+            optimizer,
+            x_train,
+            y_train,
+            cursor,
+            cursor.steps_per_epoch,
+            augment=config.augment,
+            scheduler=scheduler,
+        )
         scores = evaluate(model, x_test, y_test)
         metrics = EpochMetrics(
             epoch=epoch + 1,
-            train_loss=loss_sum / n,
+            train_loss=stats.loss_sum / n,
             test_accuracy=scores["accuracy"],
             test_loss=scores["loss"],
             seconds=time.perf_counter() - started,

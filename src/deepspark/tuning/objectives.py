@@ -10,7 +10,7 @@ from typing import Any
 
 from deepspark.errors import ConfigError
 from deepspark.models import ZOO, model_spec, save_checkpoint
-from deepspark.training import DEFAULT_TRAIN_CONFIG, EpochMetrics, TrainConfig, train
+from deepspark.training import DEFAULT_TRAIN_CONFIG, EpochMetrics, TrainConfig, train_one_process
 from deepspark.tuning.trial import Reporter
 
 __all__ = ["TRAIN_KEYS", "TorchObjective"]
@@ -66,7 +66,7 @@ class TorchObjective:
         def on_epoch(m: EpochMetrics) -> None:
             reporter.report(m.epoch, m.test_accuracy, final=m.epoch == train_config.epochs)
 
-        result = train(spec, data, train_config, callback=on_epoch)
+        result = train_one_process(spec, data, train_config, callback=on_epoch)
 
         def files() -> dict[str, bytes]:
             with tempfile.TemporaryDirectory() as tmp:
