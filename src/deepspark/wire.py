@@ -1,0 +1,422 @@
+"""Framed messages over TCP between the driver and code running in Spark tasks.
+
+A frame is ``struct ">IQ"`` (JSON header length, payload length), a UTF-8 JSON header (always an object)
+and raw payload bytes. Headers are JSON and payloads are opaque bytes (safetensors, say): nothing read
+from a socket is ever unpickled, so a message can only ever be data.
+
+:class:`Server` accepts a connection only after its first frame, a hello carrying the per-run token,
+arrives within ``handshake_timeout``; until then a frame may hold at most :data:`MAX_HELLO` bytes, so an
+unauthenticated peer can make the server allocate 64 KiB at most. :func:`connect` is the client side.
+
+This module is the shared layer of tuning and distributed training: it imports nothing from deepspark.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any
+
+__all__ = ["MAX_FRAME", "MAX_HELLO", "Connection", "ProtocolError", "Server", "connect", "recv", "send"]
+
+_log = logging.getLogger(__name__)
+
+MAX_FRAME = 1 << 30
+"""Largest frame (JSON header + payload) accepted after the hello: 1 GiB."""
+MAX_HELLO = 64 << 10
+"""Largest frame accepted before the hello is verified: 64 KiB."""
+
+_PREFIX = struct.Struct(">IQ")
+_COALESCE = 64 << 10  # payloads up to this size go out in one write with their header (no Nagle stall)
+_JOIN_S = 5.0  # how long close() waits in all for handler threads to notice its connection closed
+
+
+class ProtocolError(ConnectionError):
+    """The peer sent something that is not a frame of ours, closed the connection mid-frame, sent a frame
+    larger than allowed, or refused our hello."""
+
+
+class _TooBig(ProtocolError):
+    pass
+
+
+def _encode(header: Mapping[str, Any]) -> bytes:
+    return json.dumps(dict(header), separators=(",", ":"), allow_nan=True).encode("utf-8")
+
+
+def send(
+    sock: socket.socket, header: Mapping[str, Any], payload: bytes | bytearray | memoryview = b""
+) -> int:
+    """Write one frame; return the number of bytes written (prefix, header and payload)."""
+    head = _encode(header)
+    view = memoryview(payload).cast("B")
+    if len(head) + view.nbytes > MAX_FRAME:
+        raise _TooBig(f"frame of {len(head) + view.nbytes} bytes exceeds the {MAX_FRAME}-byte limit")
+    prefix = _PREFIX.pack(len(head), view.nbytes)
+    if view.nbytes <= _COALESCE:
+        sock.sendall(prefix + head + view)
+    else:
+        sock.sendall(prefix + head)
+        sock.sendall(view)
+    return _PREFIX.size + len(head) + view.nbytes
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no complete frame before the deadline")
+            sock.settimeout(left)
+        count = sock.recv_into(view[got:], min(n - got, 1 << 20))
+        if not count:
+            raise ProtocolError("connection closed by peer" + (" mid-frame" if got else ""))
+        got += count
+    return buf
+
+
+def _recv_frame(
+    sock: socket.socket, limit: int, deadline: float | None = None
+) -> tuple[dict[str, Any], bytes, int]:
+    head_len, size = _PREFIX.unpack(_recv_exact(sock, _PREFIX.size, deadline))
+    if head_len + size > limit:
+        raise _TooBig(f"frame of {head_len + size} bytes exceeds the {limit}-byte limit")
+    try:
+        header = json.loads(_recv_exact(sock, head_len, deadline).decode("utf-8"))
+    except ValueError as exc:  # bad UTF-8 or bad JSON
+        raise ProtocolError(f"frame header is not UTF-8 JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ProtocolError(f"frame header must be a JSON object, got {type(header).__name__}")
+    payload = bytes(_recv_exact(sock, size, deadline)) if size else b""
+    return header, payload, _PREFIX.size + head_len + size
+
+
+def recv(sock: socket.socket, *, limit: int = MAX_FRAME) -> tuple[dict[str, Any], bytes]:
+    """Read one frame: ``(header, payload)``. A frame over ``limit`` bytes raises before any allocation."""
+    header, payload, _ = _recv_frame(sock, limit)
+    return header, payload
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Connection:
+    """One verified connection, made by :class:`Server` (passed to its handler) or :func:`connect`.
+
+    ``hello`` is the client's hello header without the token; ``peer`` is ``"host:port"`` of the other
+    end. ``bytes_sent`` / ``bytes_received`` count whole frames, the hello and welcome included. One thread
+    at a time may send, and one may receive; :meth:`close` may be called from any thread and wakes a
+    thread blocked in :meth:`recv` (it raises).
+    """
+
+    def __init__(self, sock: socket.socket, *, hello: Mapping[str, Any], peer: str) -> None:
+        self._sock = sock
+        self.hello: dict[str, Any] = dict(hello)
+        self.peer = peer
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._closed = False
+        self._close_lock = threading.Lock()
+
+    def send(self, header: Mapping[str, Any], payload: bytes | bytearray | memoryview = b"") -> int:
+        n = send(self._sock, header, payload)
+        self.bytes_sent += n
+        return n
+
+    def recv(self) -> tuple[dict[str, Any], bytes]:
+        header, payload, n = _recv_frame(self._sock, MAX_FRAME)
+        self.bytes_received += n
+        return header, payload
+
+    def settimeout(self, seconds: float | None) -> None:
+        self._sock.settimeout(seconds)
+
+    def peer_closed(self) -> bool:
+        """Whether the peer hung up (or this side closed), checked without blocking or reading.
+
+        For a server waiting on its own (a peer that awaits a reply sends nothing): a lost executor takes
+        all its tasks at once, and work must not be handed to a peer that is already gone.
+        """
+        try:
+            readable, _, _ = select.select([self._sock], [], [], 0)
+            return bool(readable) and self._sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def close(self) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv on this socket
+        self._sock.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Connection(peer={self.peer!r}, hello={self.hello!r})"
+
+
+def _peer_name(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"{host}:{port}"
+
+
+class Server:
+    """A TCP server that serves only peers holding ``token``, one daemon thread per connection.
+
+    Within ``handshake_timeout`` seconds a peer must send one frame of at most :data:`MAX_HELLO` bytes
+    whose header is ``{"op": "hello", "token": ..., ...}``; the server answers ``{"op": "welcome"}`` and
+    calls ``handler(connection)`` in that connection's thread, closing the connection when the handler
+    returns or raises (an exception is logged; it never stops the server). Any other peer (no token, a
+    wrong one, an oversized frame, silence, or one more than ``max_connections`` live connections) is
+    closed at once; each kind of rejection is logged at WARNING the first time, then at DEBUG.
+
+    The constructor only checks its arguments; :meth:`start` binds a free port on ``bind`` and starts
+    accepting. :meth:`close` is idempotent: it stops accepting and closes every live connection.
+    """
+
+    def __init__(
+        self,
+        *,
+        token: str,
+        handler: Callable[[Connection], None],
+        bind: str = "127.0.0.1",
+        max_connections: int = 256,
+        handshake_timeout: float = 10.0,
+        name: str = "deepspark-server",
+    ) -> None:
+        if not isinstance(token, str) or not token:
+            raise ValueError("token: expected a non-empty string")
+        if not callable(handler):
+            raise TypeError(f"handler: expected a callable handler(connection), got {handler!r}")
+        if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+            raise ValueError(f"max_connections: expected an integer >= 1, got {max_connections!r}")
+        if not handshake_timeout > 0:
+            raise ValueError(f"handshake_timeout: expected a positive number, got {handshake_timeout!r}")
+        self._token = token.encode("utf-8")
+        self._handler = handler
+        self._bind = bind
+        self._max_connections = max_connections
+        self._handshake_timeout = float(handshake_timeout)
+        self._name = name
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._live: dict[socket.socket, Connection | None] = {}  # None while the hello is awaited
+        self._threads: set[threading.Thread] = set()
+        self._warned: set[str] = set()
+        self._closed = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` the server listens on (known once :meth:`start` has run)."""
+        if self._listener is None:
+            raise RuntimeError(f"{self._name}: address is known only after start()")
+        host, port = self._listener.getsockname()[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self._name}: start() after close()")
+            if self._listener is not None:
+                raise RuntimeError(f"{self._name}: already started")
+            self._listener = socket.create_server((self._bind, 0), backlog=128)
+            self._accept_thread = threading.Thread(
+                target=self._accept_loop, args=(self._listener,), name=f"{self._name}-accept", daemon=True
+            )
+        self._accept_thread.start()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            listener, self._listener = self._listener, None
+            live = list(self._live.items())
+            threads = list(self._threads)
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+            listener.close()
+        for sock, conn in live:
+            if conn is not None:
+                conn.close()
+            else:
+                _shutdown(sock)
+        current = threading.current_thread()
+        deadline = time.monotonic() + _JOIN_S
+        for thread in [self._accept_thread, *threads]:
+            if thread is not None and thread is not current:
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------- internals
+    def _reject(self, sock: socket.socket, peer: str, reason: str) -> None:
+        with self._lock:
+            closing = self._closed
+            first = reason not in self._warned
+            self._warned.add(reason)
+        _shutdown(sock)
+        if closing:
+            return  # close() cut the handshake short: not the peer's fault
+        _log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "%s: closed a connection from %s: %s",
+            self._name,
+            peer,
+            reason,
+        )
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                if self._closed:
+                    return
+                _log.exception("%s: accept failed", self._name)
+                time.sleep(0.05)  # e.g. out of file descriptors: do not spin
+                continue
+            peer = _peer_name(sock)
+            with self._lock:
+                if self._closed:
+                    full = False
+                    closed = True
+                else:
+                    closed = False
+                    full = len(self._live) >= self._max_connections
+                    if not full:
+                        self._live[sock] = None
+                        thread = threading.Thread(
+                            target=self._serve, args=(sock, peer), name=f"{self._name}-{peer}", daemon=True
+                        )
+                        self._threads.add(thread)
+            if closed:
+                _shutdown(sock)
+                return
+            if full:
+                self._reject(sock, peer, f"more than {self._max_connections} live connections")
+                continue
+            thread.start()
+
+    def _handshake(self, sock: socket.socket, peer: str) -> Connection | None:
+        deadline = time.monotonic() + self._handshake_timeout
+        try:
+            header, _, received = _recv_frame(sock, MAX_HELLO, deadline)
+        except _TooBig:
+            self._reject(sock, peer, f"a first frame over the {MAX_HELLO}-byte hello limit")
+            return None
+        except TimeoutError:
+            self._reject(sock, peer, f"no hello within {self._handshake_timeout:g} s")
+            return None
+        except (OSError, ProtocolError) as exc:
+            self._reject(sock, peer, f"no valid hello ({type(exc).__name__})")
+            return None
+        token = header.get("token")
+        if header.get("op") != "hello" or not isinstance(token, str):
+            self._reject(sock, peer, "a first frame that is not a hello with a token")
+            return None
+        if not hmac.compare_digest(token.encode("utf-8"), self._token):
+            self._reject(sock, peer, "a hello with the wrong token")
+            return None
+        _tune(sock)
+        sock.settimeout(None)
+        conn = Connection(sock, hello={k: v for k, v in header.items() if k != "token"}, peer=peer)
+        conn.bytes_received = received
+        try:
+            conn.send({"op": "welcome"})
+        except OSError:
+            conn.close()
+            return None
+        return conn
+
+    def _serve(self, sock: socket.socket, peer: str) -> None:
+        conn: Connection | None = None
+        try:
+            conn = self._handshake(sock, peer)
+            if conn is None:
+                return
+            with self._lock:
+                if self._closed:
+                    return
+                self._live[sock] = conn
+            try:
+                self._handler(conn)
+            except Exception:
+                _log.exception("%s: the handler of %s raised", self._name, peer)
+        finally:
+            if conn is not None:
+                conn.close()
+            else:
+                sock.close()
+            with self._lock:
+                self._live.pop(sock, None)
+                self._threads.discard(threading.current_thread())
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+def connect(
+    host: str, port: int, *, token: str, hello: Mapping[str, Any], timeout: float = 60.0
+) -> Connection:
+    """Connect to a :class:`Server`, say hello with ``token`` and wait for the welcome.
+
+    Raises :class:`ProtocolError` if the server refuses (a wrong token, say) or closes; the returned
+    connection has TCP keepalive on and blocks without a timeout.
+    """
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        _tune(sock)
+        greeting = {**hello, "op": "hello", "token": token}
+        sent = send(sock, greeting)
+        try:
+            answer, _, received = _recv_frame(sock, MAX_HELLO)
+        except (ConnectionResetError, BrokenPipeError, ProtocolError) as exc:
+            raise ProtocolError(f"{host}:{port} refused the connection (wrong token?): {exc}") from exc
+        if answer.get("op") != "welcome":
+            raise ProtocolError(f"{host}:{port} answered the hello with {answer!r}, not a welcome")
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    conn = Connection(sock, hello={k: v for k, v in greeting.items() if k != "token"}, peer=f"{host}:{port}")
+    conn.bytes_sent, conn.bytes_received = sent, received
+    return conn
