@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
     from pyspark.sql import DataFrame, SparkSession
 
-__all__ = ["image_shape", "iter_batches", "to_dataframe", "to_numpy"]
+__all__ = ["decode_binary", "image_shape", "iter_batches", "to_dataframe", "to_numpy"]
 
 # Arrow's binary type addresses its data with int32 offsets: keep each chunk well below 2 GiB.
 _MAX_CHUNK_BYTES = 1 << 30
@@ -129,13 +129,13 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return dims
 
 
-def _decode(values: Any, dims: tuple[int, ...], column: str) -> np.ndarray:
+def decode_binary(values: Any, dims: tuple[int, ...], column: str) -> np.ndarray:
     """One chunk of a binary column (Arrow array, chunked array or pandas Series) → uint8 [n, *dims]."""
     import pyarrow as pa
 
     row_bytes = math.prod(dims)
     if isinstance(values, pa.ChunkedArray):
-        parts = [_decode(chunk, dims, column) for chunk in values.chunks]
+        parts = [decode_binary(chunk, dims, column) for chunk in values.chunks]
         return np.concatenate(parts) if parts else np.zeros((0, *dims), dtype=np.uint8)
     if isinstance(values, pa.Array):
         if values.null_count:
@@ -202,7 +202,7 @@ def iter_batches(
     pending: list[np.ndarray] = []
     count = 0
     for chunk in source:
-        decoded = _decode(_column(chunk, image_column), dims, image_column)
+        decoded = decode_binary(_column(chunk, image_column), dims, image_column)
         if not len(decoded):
             continue
         pending.append(decoded)
@@ -229,7 +229,7 @@ def to_numpy(df: DataFrame, shape: Sequence[int] | None = None, *, image_column:
     dims = image_shape(df, image_column) if shape is None else _check_shape(shape)
     has_id = "id" in df.columns and image_column != "id"
     table = df.select(*(["id"] if has_id else []), image_column).toArrow()
-    images = _decode(table.column(image_column), dims, image_column)
+    images = decode_binary(table.column(image_column), dims, image_column)
     if has_id:
         ids = table.column("id").to_numpy()
         if len(ids) > 1 and (np.diff(ids) < 0).any():

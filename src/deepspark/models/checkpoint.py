@@ -29,7 +29,15 @@ from deepspark.errors import CheckpointError, SpecError
 from deepspark.models.preprocess import Preprocess
 from deepspark.models.spec import ModelSpec, SpecModel, build_model
 
-__all__ = ["FORMAT", "Checkpoint", "load_checkpoint", "refuse_pickle", "save_checkpoint"]
+__all__ = [
+    "FORMAT",
+    "Checkpoint",
+    "load_checkpoint",
+    "refuse_pickle",
+    "save_checkpoint",
+    "state_from_bytes",
+    "state_to_bytes",
+]
 
 FORMAT = "deepspark-checkpoint"
 WEIGHTS, SPEC, METADATA = "model.safetensors", "spec.json", "metadata.json"
@@ -112,6 +120,24 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def state_to_bytes(state: Mapping[str, Any]) -> bytes:
+    """A state dict as safetensors bytes: how weights travel between the driver and tasks."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().contiguous().cpu() for k, v in state.items()})
+
+
+def state_from_bytes(data: bytes) -> dict[str, Any]:
+    """The tensors of :func:`state_to_bytes` back (safetensors: never unpickles)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return dict(load(bytes(data)))
+    except SafetensorError as exc:
+        raise CheckpointError(f"received weights that are not safetensors bytes: {exc}") from exc
 
 
 def refuse_pickle(path: str | os.PathLike[str]) -> None:

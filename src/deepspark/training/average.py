@@ -1,0 +1,457 @@
+"""Model averaging (SparkNet): every round each worker starts from the same weights, takes ``tau`` local
+steps on its own partition, and the driver averages what comes back.
+
+Workers are long-lived Spark tasks (one per partition, each its own one-task job, resubmitted when it
+fails), so a round costs two transfers of the weights rather than a Spark job, and each worker keeps its
+partition in memory as tensors for the whole run. The driver side (:class:`RoundServer`) is a
+:class:`deepspark.wire.Server` handler; the executor side is :func:`average_task`.
+
+Choices (docs/training.md):
+
+- The inner optimizer starts fresh every round (SparkNet): a worker carries nothing from one round to
+  the next but its data position, which the driver keeps (:class:`DataCursor` state), so a worker that
+  replaces a lost one, or a resumed run, takes exactly the batches the lost one would have.
+- The average is weighted by the examples each worker saw in the round (an empty partition counts 0).
+- Outer step: ``plain`` replaces the weights by the average; ``nesterov`` treats the difference as a
+  gradient for an SGD step with Nesterov momentum (DiLoCo / SlowMo), whose buffer is checkpointed.
+- A worker lost mid-round is left out of that round; the round completes with the others and the
+  replacement task joins the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from deepspark.errors import ConfigError, DeepsparkError
+from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
+
+__all__ = ["OUTER", "AverageSettings", "RoundRecord", "RoundServer", "TaskSpec", "average_task"]
+
+_log = logging.getLogger(__name__)
+
+OUTER = ("plain", "nesterov")
+
+
+@dataclass(frozen=True)
+class AverageSettings:
+    """The strategy's own knobs: steps per round (or seconds), outer optimizer."""
+
+    tau: int = 50
+    round_seconds: float | None = None
+    outer: str = "plain"
+    outer_learning_rate: float = 0.7
+    outer_momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        from deepspark.validation import check_choice, check_number, check_positive_int
+
+        check_positive_int("tau", self.tau)
+        if self.round_seconds is not None:
+            check_number("round_seconds", self.round_seconds, low=0, low_open=True)
+        check_choice("outer", self.outer, OUTER)
+        check_number("outer_learning_rate", self.outer_learning_rate, low=0, low_open=True)
+        check_number("outer_momentum", self.outer_momentum, low=0, high=1, high_open=True)
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One finished round, as the driver saw it (a row of ``history.csv``)."""
+
+    round: int
+    epoch: float
+    samples: int
+    workers: int
+    train_loss: float
+    seconds: float
+    compute_s: float
+    comm_s: float
+    wait_s: float
+    bytes: int
+
+
+@dataclass
+class _Push:
+    state: dict[str, torch.Tensor]
+    samples: int
+    loss_sum: float
+    cursor: dict[str, Any]
+    compute_s: float
+    comm_s: float
+    wait_s: float
+
+
+@dataclass
+class _Worker:
+    cursor: dict[str, Any]
+    connected: int = 0  # live connections
+    first_seen: float | None = None
+
+
+@dataclass
+class _Round:
+    number: int
+    steps: int
+    expected: set[int] = field(default_factory=set)
+    pushes: dict[int, _Push] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    dispatched: bool = False
+    bytes: int = 0
+
+
+class RoundServer:
+    """The driver's side of model averaging: hands out rounds, averages pushes, applies the outer step.
+
+    ``on_round(record, weights, outer_state, cursors)`` runs after every round under the server's lock
+    (checkpointing and progress live there); when it returns, the next round opens. All state changes
+    happen under one lock; one handler thread serves each connected worker.
+    """
+
+    def __init__(
+        self,
+        *,
+        weights: Mapping[str, torch.Tensor],
+        cursors: Mapping[int, Mapping[str, Any]],
+        workers: int,
+        new_cursor: Callable[[int, int], dict[str, Any]],
+        settings: AverageSettings,
+        batch_size: int,
+        total_steps: int,
+        total_samples: int,
+        steps_done: int,
+        samples_done: int,
+        rows: int,
+        first_round: int,
+        outer_state: Mapping[str, Any] | None,
+        on_round: Callable[[RoundRecord, Mapping[str, torch.Tensor]], None],
+    ) -> None:
+        self._lock = threading.Condition()
+        self._weights = {k: v.detach().clone() for k, v in weights.items()}
+        self._payload = state_to_bytes(self._weights)
+        self._workers = {k: _Worker(cursor=dict(cursors.get(k, {}))) for k in range(workers)}
+        self._new_cursor = new_cursor
+        self._settings = settings
+        self._batch_size = batch_size
+        self._total_steps = total_steps
+        self._total = total_samples
+        self._done_steps = steps_done
+        self._done_samples = samples_done
+        self._rows = rows
+        self._on_round = on_round
+        self._outer: torch.optim.Optimizer | None = None
+        self._params: dict[str, torch.nn.Parameter] = {}
+        if settings.outer == "nesterov":
+            self._params = {
+                k: torch.nn.Parameter(v.clone()) for k, v in self._weights.items() if v.is_floating_point()
+            }
+            self._outer = torch.optim.SGD(
+                list(self._params.values()),
+                lr=settings.outer_learning_rate,
+                momentum=settings.outer_momentum,
+                nesterov=True,
+            )
+            if outer_state:
+                self._outer.load_state_dict(dict(outer_state))
+        self.finished = self._complete()
+        self.error: BaseException | None = None
+        self._round = self._open(first_round)
+
+    # --------------------------------------------------------------------------------- state
+    def outer_state(self) -> dict[str, Any] | None:
+        """The outer optimizer's state (momentum buffers) for a checkpoint; None for ``plain``."""
+        return self._outer.state_dict() if self._outer is not None else None
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The current global weights (after the last finished round)."""
+        with self._lock:
+            return dict(self._weights)
+
+    def cursors(self) -> dict[int, dict[str, Any]]:
+        return {k: dict(w.cursor) for k, w in self._workers.items()}
+
+    @property
+    def samples_done(self) -> int:
+        return self._done_samples
+
+    @property
+    def steps_done(self) -> int:
+        return self._done_steps
+
+    def _complete(self) -> bool:
+        # With tau, every worker takes the same steps: the budget is counted in steps (exactly the
+        # one-process loop's for one worker). With round_seconds, in examples seen.
+        if self._settings.round_seconds is None:
+            return self._done_steps >= self._total_steps
+        return self._done_samples >= self._total
+
+    def _open(self, number: int) -> _Round:
+        # The last round is trimmed so the run takes the requested epochs, not up to tau steps more.
+        steps = max(1, min(self._settings.tau, self._total_steps - self._done_steps))
+        return _Round(number=number, steps=steps, expected=set(self._workers))
+
+    def wait(self, timeout: float) -> bool:
+        with self._lock:
+            self._lock.wait_for(lambda: self.finished or self.error is not None, timeout=timeout)
+            return self.finished or self.error is not None
+
+    def fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = error
+            self._lock.notify_all()
+
+    def worker_lost(self, worker: int) -> None:
+        """A worker's Spark task failed or ended: leave it out of the round in progress."""
+        with self._lock:
+            self._leave(worker)
+
+    def _leave(self, worker: int) -> None:
+        current = self._round
+        if worker in current.expected and worker not in current.pushes:
+            current.expected.discard(worker)
+            self._maybe_finish()
+        self._lock.notify_all()
+
+    # ------------------------------------------------------------------------------ handler
+    def handle(self, conn: Any) -> None:
+        """Serve one worker connection: round message → push → … → stop."""
+        worker = int(conn.hello.get("worker", -1))
+        if worker not in self._workers:
+            _log.warning("a worker announced itself as %r; expected 0..%d", worker, len(self._workers) - 1)
+            return
+        with self._lock:
+            state = self._workers[worker]
+            state.connected += 1
+            if state.first_seen is None:
+                state.first_seen = time.perf_counter()
+            if not state.cursor:
+                state.cursor = self._new_cursor(worker, int(conn.hello.get("rows", 0)))
+            if worker not in self._round.expected and not self._round.pushes:
+                self._round.expected.add(worker)  # nobody has finished this round yet: join it
+        try:
+            self._serve(conn, worker)
+        finally:
+            with self._lock:
+                state.connected -= 1
+                if not self.finished:
+                    self._leave(worker)
+
+    def _serve(self, conn: Any, worker: int) -> None:
+        while True:
+            waited = time.perf_counter()
+            with self._lock:
+                self._lock.wait_for(
+                    lambda: (
+                        self.finished
+                        or self.error is not None
+                        or (worker in self._round.expected and worker not in self._round.pushes)
+                    )
+                )
+                if self.finished or self.error is not None:
+                    conn.send({"op": "stop"})
+                    return
+                current = self._round
+                if not current.dispatched:
+                    current.dispatched, current.started = True, time.perf_counter()
+                header = {
+                    "op": "round",
+                    "round": current.number,
+                    "steps": current.steps,
+                    "seconds": self._settings.round_seconds,
+                    "cursor": self._workers[worker].cursor,
+                    "waited_s": time.perf_counter() - waited,
+                }
+                payload = self._payload
+            sent = conn.send(header, payload)
+            reply, data = conn.recv()
+            if reply.get("op") != "push" or int(reply.get("round", -1)) != current.number:
+                raise DeepsparkError(f"worker {worker}: expected its push for round {current.number}")
+            push = _Push(
+                state=state_from_bytes(data),
+                samples=int(reply["samples"]),
+                loss_sum=float(reply["loss_sum"]),
+                cursor=dict(reply["cursor"]),
+                compute_s=float(reply["compute_s"]),
+                comm_s=float(reply["comm_s"]),
+                wait_s=float(reply["wait_s"]),
+            )
+            with self._lock:
+                if current is not self._round or worker not in current.expected:
+                    continue  # left out of this round meanwhile (it was too slow): take the next one
+                current.pushes[worker] = push
+                current.bytes += sent + len(data)
+                self._maybe_finish()
+
+    # ------------------------------------------------------------------------------ rounds
+    def _maybe_finish(self) -> None:
+        current = self._round
+        if self.finished or not current.expected or not current.expected <= set(current.pushes):
+            return
+        pushes = [current.pushes[k] for k in sorted(current.pushes)]
+        samples = sum(p.samples for p in pushes)
+        if samples == 0:
+            self.error = DeepsparkError("every worker of a round had no examples: the partitions are empty")
+            self._lock.notify_all()
+            return
+        averaged = self._average(pushes, samples)
+        self._step(averaged)
+        for k, push in current.pushes.items():
+            self._workers[k].cursor = push.cursor
+        self._done_samples += samples
+        self._done_steps += current.steps
+        record = RoundRecord(
+            round=current.number,
+            epoch=self._done_samples / self._rows,
+            samples=samples,
+            workers=len(pushes),
+            train_loss=sum(p.loss_sum for p in pushes) / samples,
+            seconds=time.perf_counter() - current.started,
+            compute_s=max(p.compute_s for p in pushes),
+            comm_s=max(p.comm_s for p in pushes),
+            wait_s=min(p.wait_s for p in pushes),
+            bytes=current.bytes,
+        )
+        self.finished = self._complete()
+        try:
+            self._on_round(record, self._weights)
+        except BaseException as exc:  # a failing checkpoint write stops the run, loudly
+            self.error = exc
+        if not self.finished:
+            self._round = self._open(current.number + 1)
+        self._lock.notify_all()
+
+    def _average(self, pushes: list[_Push], samples: int) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, current in self._weights.items():
+            if not current.is_floating_point():  # counters (BatchNorm's num_batches_tracked): the largest
+                out[name] = torch.stack([p.state[name] for p in pushes]).max(dim=0).values
+                continue
+            total = torch.zeros_like(current, dtype=torch.float64)
+            for p in pushes:
+                if p.samples:
+                    total += p.state[name].to(torch.float64) * p.samples
+            out[name] = (total / samples).to(current.dtype)
+        return out
+
+    def _step(self, averaged: dict[str, torch.Tensor]) -> None:
+        if self._outer is None:
+            self._weights = averaged
+        else:
+            with torch.no_grad():
+                for name, param in self._params.items():
+                    param.grad = (
+                        param.detach() - averaged[name]
+                    )  # the outer "gradient": where the average went
+            self._outer.step()
+            self._outer.zero_grad(set_to_none=True)
+            self._weights = {
+                k: (self._params[k].detach().clone() if k in self._params else v) for k, v in averaged.items()
+            }
+        self._payload = state_to_bytes(self._weights)
+
+
+# ----------------------------------------------------------------------------------- executor side
+@dataclass(frozen=True)
+class TaskSpec:
+    """What an averaging task needs, copied out of driver objects before the closure is made."""
+
+    host: str
+    port: int
+    token: str
+    spec: dict[str, Any]
+    preprocess: dict[str, Any]
+    layout: Any  # FrameLayout
+    config: dict[str, Any]  # TrainConfig.to_dict()
+    total_steps: int
+    threads: int
+    seed: int
+
+
+def average_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
+    """Body of one worker's Spark task (``mapInArrow``): load the partition, then serve rounds."""
+    import pyarrow as pa
+    from pyspark import TaskContext
+
+    from deepspark import wire
+    from deepspark.models import Preprocess, build_model
+    from deepspark.spark import limit_threads
+    from deepspark.training.frame import read_partition
+    from deepspark.training.loop import DataCursor, TrainConfig, cosine_rate, make_optimizer, run_steps
+
+    ctx = TaskContext.get()
+    worker = ctx.partitionId() if ctx is not None else 0
+    limit_threads(max(task.threads, ctx.cpus() if ctx is not None else 1))
+    features, labels = read_partition(batches, task.layout)
+    inputs = (
+        Preprocess.from_dict(task.preprocess).apply(features)
+        if task.layout.kind == "bytes"
+        else torch.from_numpy(features)
+    )
+    targets = torch.from_numpy(labels)
+    config = TrainConfig.from_dict(task.config)
+    model = build_model(task.spec)
+    rate = cosine_rate(config.learning_rate, task.total_steps) if config.lr_schedule == "cosine" else None
+    rounds = 0
+    hello = {"worker": worker, "rows": len(labels), "attempt": ctx.attemptNumber() if ctx else 0}
+    with wire.connect(task.host, task.port, token=task.token, hello=hello) as conn:
+        while True:
+            waited = time.perf_counter()
+            header, payload = conn.recv()
+            if header.get("op") == "stop":
+                break
+            received = time.perf_counter()
+            model.load_state_dict(state_from_bytes(payload))
+            cursor = DataCursor.from_state(header["cursor"])
+            torch.manual_seed(task.seed * 1_000_003 + int(header["round"]) * 1009 + worker)
+            optimizer = make_optimizer(model, config)  # fresh every round: see the module docstring
+            loaded = time.perf_counter()
+            seconds = header.get("seconds")
+            stats = (
+                run_steps(
+                    model,
+                    optimizer,
+                    inputs,
+                    targets,
+                    cursor,
+                    int(header["steps"]) if seconds is None else 1 << 30,
+                    augment=config.augment,
+                    learning_rate=rate,
+                    first_step=cursor.epoch * cursor.steps_per_epoch + cursor.step,
+                    deadline=None if seconds is None else loaded + float(seconds),
+                )
+                if len(targets)
+                else None
+            )
+            computed = time.perf_counter()
+            data = state_to_bytes(model.state_dict())
+            conn.send(
+                {
+                    "op": "push",
+                    "round": header["round"],
+                    "samples": stats.samples if stats else 0,
+                    "loss_sum": stats.loss_sum if stats else 0.0,
+                    "cursor": cursor.state(),
+                    "compute_s": computed - loaded,
+                    "comm_s": (received - waited - float(header.get("waited_s", 0.0)))
+                    + (loaded - received)
+                    + (time.perf_counter() - computed),
+                    "wait_s": float(header.get("waited_s", 0.0)),
+                },
+                data,
+            )
+            rounds += 1
+    yield pa.RecordBatch.from_pydict(
+        {"worker": pa.array([worker], pa.int64()), "rounds": pa.array([rounds], pa.int64())}
+    )
+
+
+def check_settings(settings: AverageSettings, workers: int) -> None:
+    if settings.outer == "nesterov" and workers < 1:
+        raise ConfigError("outer 'nesterov' needs at least one worker")

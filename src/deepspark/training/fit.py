@@ -1,0 +1,830 @@
+"""``fit()``: train a model on Spark, data-parallel over a DataFrame's partitions.
+
+Strategies: ``local`` (one process, the default for one worker) and ``average`` (SparkNet's model
+averaging every ``tau`` steps). The run directory holds ``config.json``, ``history.csv`` (a row per
+round), ``curve.png``, ``checkpoint/`` (everything a resume needs, rewritten atomically) and ``model/``,
+the final model as a deepspark checkpoint that ``deepspark predict`` takes as is.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from deepspark.errors import ConfigError, DeepsparkError
+from deepspark.training.average import AverageSettings, RoundRecord, RoundServer, TaskSpec, average_task
+from deepspark.training.frame import KEY, FrameLayout, describe_frame
+from deepspark.training.loop import DataCursor, TrainConfig, evaluate
+from deepspark.validation import check_choice, check_positive_int
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
+
+    from deepspark.models import ModelSpec, Preprocess
+
+__all__ = ["STRATEGIES", "FitResult", "fit"]
+
+_log = logging.getLogger(__name__)
+
+STRATEGIES = ("local", "average")
+CONFIG_FILE, HISTORY, CURVE, CHECKPOINT, MODEL = (
+    "config.json",
+    "history.csv",
+    "curve.png",
+    "checkpoint",
+    "model",
+)
+HISTORY_COLUMNS = (
+    "round",
+    "epoch",
+    "samples",
+    "workers",
+    "train_loss",
+    "test_accuracy",
+    "test_loss",
+    "seconds",
+    "compute_s",
+    "comm_s",
+    "wait_s",
+    "bytes",
+    "elapsed_s",
+)
+# Distributed strategies reset their inner optimizer every round, so momentum SGD is their default.
+DISTRIBUTED_CONFIG = TrainConfig(optimizer="momentum", learning_rate=0.05, batch_size=64, epochs=5, seed=0)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """The outcome of :func:`fit`."""
+
+    run_dir: Path
+    model_dir: Path
+    history: tuple[dict[str, Any], ...]
+    test_accuracy: float | None
+    wall_s: float
+    time_split: Mapping[str, float] = field(default_factory=dict)
+    bytes_per_epoch: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Data:
+    """Training rows as a keyed DataFrame, test arrays on the driver, and how to read both."""
+
+    frame: DataFrame | None
+    layout: FrameLayout
+    preprocess: Preprocess
+    class_names: tuple[str, ...]
+    test_inputs: torch.Tensor | None
+    test_labels: torch.Tensor | None
+
+
+def fit(
+    data: Any,
+    model: Any = "lenet",
+    *,
+    strategy: str | None = None,
+    workers: int = 1,
+    config: TrainConfig | Mapping[str, Any] | None = None,
+    average: AverageSettings | Mapping[str, Any] | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    test_data: Any = None,
+    feature_column: str = "image",
+    label_column: str = "label",
+    input_shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+    threads_per_worker: int = 1,
+    checkpoint_seconds: float = 10.0,
+    master: str | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``data`` with ``workers`` Spark tasks.
+
+    ``data`` is a dataset name or MNIST-layout directory (its test split is evaluated after every
+    epoch), or a Spark DataFrame with ``feature_column`` (raw image bytes or arrays) and an integral
+    ``label_column`` (``test_data``, another such DataFrame, is optional). ``model`` is a zoo name or a
+    spec. ``strategy`` defaults to ``local`` for one worker and ``average`` otherwise. Every argument is
+    checked, and the run directory created, before any training job starts; ``resume=True`` continues
+    the run in ``run_dir`` from its last checkpoint with the settings saved there.
+    """
+    started = time.perf_counter()
+    if resume:
+        if run_dir is None:
+            raise ConfigError("resume: give the run_dir to continue")
+        saved = _read_config(Path(run_dir))
+        strategy, workers = saved["strategy"], saved["workers"]
+        config, average = saved["config"], saved["average"]
+        model = saved["model"]
+        threads_per_worker = saved["threads_per_worker"]
+        if isinstance(data, str | os.PathLike) and saved.get("data") != str(data):
+            raise ConfigError(
+                f"resume: the run in {run_dir} trained on {saved.get('data')!r}, not {str(data)!r}"
+            )
+        limit_train, limit_test = saved.get("limit_train"), saved.get("limit_test")
+    check_positive_int("workers", workers)
+    check_positive_int("threads_per_worker", threads_per_worker)
+    strategy = strategy or ("local" if workers == 1 else "average")
+    check_choice("strategy", strategy, STRATEGIES)
+    if strategy == "local" and workers != 1:
+        raise ConfigError(f"workers: strategy 'local' runs in one process; expected 1, got {workers}")
+    train_config = _train_config(config, strategy)
+    settings = average if isinstance(average, AverageSettings) else AverageSettings(**dict(average or {}))
+    run_path = _run_dir(run_dir, resume=resume)
+
+    from deepspark.models import load_spec
+    from deepspark.spark import session, total_slots
+
+    if strategy == "local":
+        return _fit_local(
+            data,
+            model,
+            train_config,
+            run_path,
+            data_dir,
+            limit_train,
+            limit_test,
+            threads_per_worker,
+            started,
+        )
+    spark = session(master, app_name="deepspark-train", conf={"spark.task.cpus": threads_per_worker})
+    slots = total_slots(spark)
+    if workers > slots:
+        raise ConfigError(
+            f"workers: the cluster has {slots} task slot(s) ({spark.sparkContext.defaultParallelism} cores / "
+            f"{threads_per_worker} thread(s) per worker), and every worker of a round runs at once; "
+            f"expected at most {slots}, got {workers}"
+        )
+    prepared = _prepare_data(
+        spark,
+        data,
+        test_data=test_data,
+        feature_column=feature_column,
+        label_column=label_column,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        data_dir=data_dir,
+        limit_train=limit_train,
+        limit_test=limit_test,
+    )
+    spec = _model_spec(model, prepared.layout)
+    if not resume:
+        _write_config(
+            run_path,
+            {
+                "strategy": strategy,
+                "workers": workers,
+                "config": train_config.to_dict(),
+                "average": asdict(settings),
+                "model": model if isinstance(model, str) else load_spec(model).to_dict(),
+                "threads_per_worker": threads_per_worker,
+                "data": str(data) if isinstance(data, str | os.PathLike) else "DataFrame",
+                "limit_train": limit_train,
+                "limit_test": limit_test,
+                "rows": prepared.layout.rows,
+            },
+        )
+    return _fit_average(
+        spark,
+        prepared,
+        spec,
+        train_config,
+        settings,
+        workers=workers,
+        run_path=run_path,
+        resume=resume,
+        threads=threads_per_worker,
+        checkpoint_seconds=checkpoint_seconds,
+        on_round=on_round,
+        started=started,
+    )
+
+
+# ------------------------------------------------------------------------------------------- inputs
+def _train_config(config: TrainConfig | Mapping[str, Any] | None, strategy: str) -> TrainConfig:
+    if isinstance(config, TrainConfig):
+        return config
+    base = DISTRIBUTED_CONFIG if strategy != "local" else None
+    if base is None:
+        from deepspark.training.job import DEFAULT_TRAIN_CONFIG
+
+        base = DEFAULT_TRAIN_CONFIG
+    return TrainConfig.from_dict({**base.to_dict(), **dict(config or {})})
+
+
+def _run_dir(run_dir: str | os.PathLike[str] | None, *, resume: bool) -> Path:
+    path = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="deepspark-train-"))
+    if resume:
+        if not (path / CHECKPOINT).is_dir():
+            raise ConfigError(f"resume: {path} holds no {CHECKPOINT}/ to continue from")
+        return path
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(
+            f"run_dir: {path} already exists; pass --resume {path} to continue that run, or choose a new one"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"run_dir: cannot write to {path} ({exc.strerror}); choose a writable directory"
+        ) from exc
+    return path
+
+
+def _write_config(path: Path, config: Mapping[str, Any]) -> None:
+    _atomic_write(path / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True).encode("utf-8"))
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"resume: {path} is not a deepspark training run ({CONFIG_FILE}: {exc})") from exc
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _prepare_data(
+    spark: Any,
+    data: Any,
+    *,
+    test_data: Any,
+    feature_column: str,
+    label_column: str,
+    input_shape: tuple[int, ...] | None,
+    num_classes: int | None,
+    data_dir: str | os.PathLike[str] | None,
+    limit_train: int | None,
+    limit_test: int | None,
+) -> _Data:
+    from pyspark.sql import DataFrame
+    from pyspark.sql import functions as F
+
+    from deepspark.models import Preprocess
+
+    if isinstance(data, DataFrame):
+        layout = describe_frame(
+            data,
+            feature_column=feature_column,
+            label_column=label_column,
+            input_shape=input_shape,
+            num_classes=num_classes,
+        )
+        preprocess = Preprocess(input_shape=layout.shape, mean=(0.0,), std=(1.0,))
+        frame = data.select(feature_column, label_column).withColumn(KEY, F.monotonically_increasing_id())
+        test_x = test_y = None
+        if test_data is not None:
+            test_layout = describe_frame(
+                test_data,
+                feature_column=feature_column,
+                label_column=label_column,
+                input_shape=layout.shape,
+                num_classes=layout.num_classes,
+            )
+            test_x, test_y = _collect(test_data, test_layout, preprocess)
+        return _Data(
+            frame=frame,
+            layout=layout,
+            preprocess=preprocess,
+            class_names=tuple(str(i) for i in range(layout.num_classes)),
+            test_inputs=test_x,
+            test_labels=test_y,
+        )
+    if not isinstance(data, str | os.PathLike):
+        raise ConfigError(
+            f"data: expected a dataset name, an MNIST-layout directory or a Spark DataFrame, got {type(data).__name__}"
+        )
+    from deepspark.data import load_dataset, to_dataframe
+
+    name, directory = (None, data) if Path(data).is_dir() else (str(data), data_dir)
+    dataset = load_dataset(name, data_dir=directory)
+    if limit_train is not None or limit_test is not None:
+        dataset = dataset.subset(train=limit_train, test=limit_test)
+    if len(dataset.train_labels) == 0:
+        raise ConfigError("limit_train: the training split would be empty; give at least 1")
+    preprocess = Preprocess(input_shape=dataset.input_shape, mean=tuple(dataset.mean), std=tuple(dataset.std))
+    frame = to_dataframe(spark, dataset.train_images, dataset.train_labels, image_column=feature_column)
+    frame = frame.withColumn(KEY, F.col("id")).drop("id")
+    layout = FrameLayout(
+        feature_column=feature_column,
+        label_column="label",
+        kind="bytes",
+        shape=dataset.input_shape,
+        rows=len(dataset.train_labels),
+        num_classes=dataset.num_classes,
+    )
+    return _Data(
+        frame=frame,
+        layout=layout,
+        preprocess=preprocess,
+        class_names=tuple(dataset.class_names),
+        test_inputs=preprocess.apply(dataset.test_images) if len(dataset.test_labels) else None,
+        test_labels=torch.as_tensor(dataset.test_labels) if len(dataset.test_labels) else None,
+    )
+
+
+def _collect(df: Any, layout: FrameLayout, preprocess: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:
+    from pyspark.sql import functions as F
+
+    from deepspark.training.frame import read_partition
+
+    table = (
+        df.select(layout.feature_column, layout.label_column)
+        .withColumn(KEY, F.monotonically_increasing_id())
+        .toArrow()
+    )
+    x, y = read_partition(table.to_batches(), layout)
+    inputs = preprocess.apply(x) if layout.kind == "bytes" else torch.from_numpy(x)
+    return inputs, torch.from_numpy(y)
+
+
+def _model_spec(model: Any, layout: FrameLayout) -> ModelSpec:
+    from deepspark.models import ZOO, load_spec, model_spec
+
+    if isinstance(model, str) and model in ZOO:
+        return model_spec(model, input_shape=layout.shape, num_classes=layout.num_classes)
+    spec = load_spec(model)
+    if tuple(spec.input_shape) != tuple(layout.shape):
+        raise ConfigError(
+            f"model: its input shape {list(spec.input_shape)} does not match the data's {list(layout.shape)}"
+        )
+    outputs = spec.output_shape()
+    if len(outputs) != 1 or outputs[0] < layout.num_classes:
+        raise ConfigError(
+            f"model: its output {list(outputs)} cannot score the data's {layout.num_classes} classes; "
+            f"its last layer needs {layout.num_classes} outputs"
+        )
+    return spec
+
+
+# ------------------------------------------------------------------------------------------ average
+def _fit_average(
+    spark: Any,
+    data: _Data,
+    spec: ModelSpec,
+    config: TrainConfig,
+    settings: AverageSettings,
+    *,
+    workers: int,
+    run_path: Path,
+    resume: bool,
+    threads: int,
+    checkpoint_seconds: float,
+    on_round: Callable[[dict[str, Any]], None] | None,
+    started: float,
+) -> FitResult:
+    from deepspark import wire
+    from deepspark.models import build_model
+
+    layout = data.layout
+    share = math.ceil(layout.rows / workers)
+    steps_per_epoch = math.ceil(share / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    driver_model = build_model(spec, seed=config.seed)
+    if resume:
+        weights, outer_state, state = _load_checkpoint(run_path)
+        cursors = {int(k): v for k, v in state["cursors"].items()}
+        first_round, samples_done = int(state["round"]) + 1, int(state["samples_done"])
+        steps_done = int(state["steps_done"])
+        history = _read_history(run_path, upto=int(state["round"]))
+    else:
+        weights = dict(driver_model.state_dict())
+        outer_state = None
+        cursors = {}
+        first_round, samples_done, steps_done, history = 0, 0, 0, []
+
+    def new_cursor(worker: int, rows: int) -> dict[str, Any]:
+        # Worker 0 shuffles exactly as the one-process loop does with the same seed.
+        return DataCursor(rows, config.batch_size, config.seed + worker * 1_000_003).state()
+
+    epoch_seen = [math.floor(samples_done / layout.rows)]
+    last_checkpoint = [time.perf_counter()]
+    elapsed_before = float(history[-1]["elapsed_s"]) if history else 0.0
+    clock = time.perf_counter()
+
+    def after_round(record: RoundRecord, new_weights: Mapping[str, torch.Tensor]) -> None:
+        row: dict[str, Any] = {k: v for k, v in asdict(record).items()}
+        row.update(test_accuracy="", test_loss="", elapsed_s=elapsed_before + time.perf_counter() - clock)
+        epoch_now = math.floor(record.epoch + 1e-9)
+        done = server.finished
+        if (
+            (epoch_now > epoch_seen[0] or done)
+            and data.test_inputs is not None
+            and data.test_labels is not None
+        ):
+            epoch_seen[0] = epoch_now
+            driver_model.load_state_dict(dict(new_weights))
+            scores = evaluate(driver_model, data.test_inputs, data.test_labels)
+            row.update(test_accuracy=scores["accuracy"], test_loss=scores["loss"])
+        _append_history(run_path, row)
+        history.append(row)
+        now = time.perf_counter()
+        if done or checkpoint_seconds <= 0 or now - last_checkpoint[0] >= checkpoint_seconds:
+            _save_checkpoint(run_path, new_weights, server.outer_state(), record, server)
+            last_checkpoint[0] = now
+        if on_round is not None:
+            on_round(row)
+
+    server = RoundServer(
+        weights=weights,
+        cursors=cursors,
+        workers=workers,
+        new_cursor=new_cursor,
+        settings=settings,
+        batch_size=config.batch_size,
+        total_steps=total_steps,
+        total_samples=config.epochs * layout.rows,
+        steps_done=steps_done,
+        samples_done=samples_done,
+        rows=layout.rows,
+        first_round=first_round,
+        outer_state=outer_state,
+        on_round=after_round,
+    )
+    sc = spark.sparkContext
+    token = secrets.token_hex(16)
+    endpoint = wire.Server(
+        token=token, handler=server.handle, bind=_bind_address(spark), name="deepspark-average"
+    )
+    endpoint.start()
+    host, port = endpoint.address
+    task = TaskSpec(
+        host=host,
+        port=port,
+        token=token,
+        spec=spec.to_dict(),
+        preprocess=data.preprocess.to_dict(),
+        layout=layout,
+        config=config.to_dict(),
+        total_steps=total_steps,
+        threads=threads,
+        seed=config.seed,
+    )
+    assert data.frame is not None
+    jobs = (
+        data.frame.repartition(workers, KEY)
+        .mapInArrow(functools.partial(average_task, task), "worker long, rounds long")
+        .rdd
+    )
+    schedule = _WorkerJobs(sc, jobs, workers, server)
+    try:
+        if not server.finished:
+            schedule.start()
+            while not server.wait(0.5):
+                if schedule.failed is not None:
+                    server.fail(schedule.failed)
+    except KeyboardInterrupt:
+        server.fail(KeyboardInterrupt())
+        raise
+    finally:
+        schedule.stop()
+        endpoint.close()
+    if server.error is not None:
+        if isinstance(server.error, DeepsparkError):
+            raise server.error
+        raise DeepsparkError(f"training failed: {server.error}") from server.error
+    driver_model.load_state_dict(dict(server.weights))
+    return _finish(run_path, driver_model, spec, data, config, history, started, schedule.scheduling_s)
+
+
+class _WorkerJobs:
+    """One long-lived Spark job per worker, resubmitted when it fails, cancelled together at the end."""
+
+    def __init__(self, sc: Any, rdd: Any, workers: int, server: RoundServer, max_attempts: int = 4) -> None:
+        self._sc, self._rdd, self._workers, self._server = sc, rdd, workers, server
+        self._group = f"deepspark-train-{secrets.token_hex(4)}"
+        self._threads: list[threading.Thread] = []
+        self._max_attempts = max_attempts
+        self.failed: BaseException | None = None
+        self.scheduling_s = 0.0
+
+    def start(self) -> None:
+        for k in range(self._workers):
+            t = threading.Thread(target=self._loop, args=(k,), name=f"deepspark-worker-{k}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _loop(self, worker: int) -> None:
+        self._sc.setJobGroup(self._group, f"deepspark training worker {worker}", interruptOnCancel=True)
+        failures = 0
+        while not self._server.finished and self._server.error is None:
+            try:
+                self._sc.runJob(self._rdd, _drain, partitions=[worker])
+                return
+            except Exception as exc:
+                if self._server.finished or self._server.error is not None:
+                    return
+                self._server.worker_lost(worker)
+                failures += 1
+                _log.warning(
+                    "training worker %d: its Spark task failed (%s); resubmitting", worker, _first_line(exc)
+                )
+                if failures >= self._max_attempts:
+                    self.failed = DeepsparkError(
+                        f"training worker {worker} failed {failures} times; last error: {_first_line(exc)}"
+                    )
+                    return
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Let finished workers' jobs end by themselves for up to ``grace`` seconds, then cancel."""
+        deadline = time.monotonic() + grace
+        for t in self._threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self._threads):
+            self._sc.cancelJobGroup(self._group)
+        for t in self._threads:
+            t.join(timeout=30)
+
+
+def _drain(rows: Any) -> list[Any]:
+    return list(rows)
+
+
+def _first_line(exc: BaseException) -> str:
+    for line in str(exc).splitlines():
+        if "Error" in line or "Exception" in line:
+            return line.strip()[:300]
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+
+
+def _bind_address(spark: Any) -> str:
+    master = spark.sparkContext.master
+    if master.startswith("local"):
+        return "127.0.0.1"
+    return str(spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1"))
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def _save_checkpoint(
+    run_path: Path,
+    weights: Mapping[str, torch.Tensor],
+    outer_state: Mapping[str, Any] | None,
+    record: RoundRecord,
+    server: RoundServer,
+) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in weights.items()}
+    groups: list[Any] = []
+    if outer_state is not None:
+        for index, values in outer_state["state"].items():
+            for name, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"outer.{index}.{name}"] = value.detach().contiguous()
+        groups = outer_state["param_groups"]
+    state = {
+        "round": record.round,
+        "samples_done": server.samples_done,
+        "steps_done": server.steps_done,
+        "cursors": {str(k): v for k, v in server.cursors().items()},
+        "outer_param_groups": groups,
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run_path))
+    try:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
+        target, old = run_path / CHECKPOINT, run_path / ".checkpoint.old"
+        if target.exists():
+            target.replace(old)
+        tmp.replace(target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_checkpoint(run_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    folder = run_path / CHECKPOINT
+    tensors = load_file(str(folder / "state.safetensors"))
+    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    outer: dict[str, Any] | None = None
+    if state.get("outer_param_groups"):
+        per: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("outer."):
+                _, index, name = key.split(".", 2)
+                per.setdefault(int(index), {})[name] = value
+        outer = {"state": per, "param_groups": state["outer_param_groups"]}
+    return weights, outer, state
+
+
+# -------------------------------------------------------------------------------------- history
+def _append_history(run_path: Path, row: Mapping[str, Any]) -> None:
+    path = run_path / HISTORY
+    new = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in HISTORY_COLUMNS})
+
+
+def _read_history(run_path: Path, *, upto: int) -> list[dict[str, Any]]:
+    """History rows up to round ``upto``; later rows (written after the last checkpoint) are dropped."""
+    path = run_path / HISTORY
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = [r for r in csv.DictReader(fh) if int(r["round"]) <= upto]
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def _finish(
+    run_path: Path,
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    data: _Data,
+    config: TrainConfig,
+    history: list[dict[str, Any]],
+    started: float,
+    scheduling_s: float,
+) -> FitResult:
+    from deepspark.models import save_checkpoint
+
+    accuracy = None
+    if data.test_inputs is not None and data.test_labels is not None:
+        accuracy = evaluate(model, data.test_inputs, data.test_labels)["accuracy"]
+    save_checkpoint(
+        run_path / MODEL,
+        model,
+        spec,
+        preprocess=data.preprocess,
+        class_names=data.class_names,
+        metrics={"test_accuracy": accuracy} if accuracy is not None else {},
+        config=config.to_dict(),
+        overwrite=True,
+    )
+    _plot(run_path, history)
+    wall = time.perf_counter() - started
+    split = _time_split(history, wall)
+    epochs = float(history[-1]["epoch"]) if history else 0.0
+    total_bytes = sum(float(r["bytes"] or 0) for r in history)
+    return FitResult(
+        run_dir=run_path,
+        model_dir=run_path / MODEL,
+        history=tuple(history),
+        test_accuracy=accuracy,
+        wall_s=wall,
+        time_split=split,
+        bytes_per_epoch=total_bytes / epochs if epochs else 0.0,
+    )
+
+
+def _time_split(history: list[dict[str, Any]], wall: float) -> dict[str, float]:
+    compute = sum(float(r["compute_s"] or 0) for r in history)
+    comm = sum(float(r["comm_s"] or 0) for r in history)
+    rounds = sum(float(r["seconds"] or 0) for r in history)
+    waiting = max(0.0, rounds - compute - comm)
+    return {
+        "compute_s": compute,
+        "communication_s": comm,
+        "waiting_s": waiting,
+        "scheduling_s": max(0.0, wall - rounds),
+        "wall_s": wall,
+    }
+
+
+def _plot(run_path: Path, history: list[dict[str, Any]]) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [float(r["epoch"]) for r in history]
+    loss = [float(r["train_loss"]) for r in history]
+    tested = [
+        (float(r["epoch"]), float(r["test_accuracy"]))
+        for r in history
+        if r.get("test_accuracy") not in ("", None)
+    ]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(epochs, loss, color="tab:blue", label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss", color="tab:blue")
+    ax.set_yscale("log")
+    if tested:
+        other = ax.twinx()
+        other.plot(
+            [e for e, _ in tested], [a * 100 for _, a in tested], "o-", color="tab:red", label="test accuracy"
+        )
+        other.set_ylabel("test accuracy (%)", color="tab:red")
+    ax.set_title(f"{run_path.name}: loss and accuracy per round")
+    fig.tight_layout()
+    tmp = run_path / f".{CURVE}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, run_path / CURVE)
+
+
+# ---------------------------------------------------------------------------------------- local
+def _fit_local(
+    data: Any,
+    model: Any,
+    config: TrainConfig,
+    run_path: Path,
+    data_dir: Any,
+    limit_train: int | None,
+    limit_test: int | None,
+    threads: int,
+    started: float,
+) -> FitResult:
+    from deepspark.data import load_dataset
+    from deepspark.models import Preprocess
+    from deepspark.training.loop import EpochMetrics, train_one_process
+
+    if not isinstance(data, str | os.PathLike):
+        raise ConfigError(
+            "strategy 'local' trains on a dataset name or directory; use 'average' for a DataFrame"
+        )
+    name, directory = (None, data) if Path(data).is_dir() else (str(data), data_dir)
+    dataset = load_dataset(name, data_dir=directory)
+    if limit_train is not None or limit_test is not None:
+        dataset = dataset.subset(train=limit_train, test=limit_test)
+    layout = FrameLayout(
+        "image", "label", "bytes", dataset.input_shape, len(dataset.train_labels), dataset.num_classes
+    )
+    spec = _model_spec(model, layout)
+    _write_config(
+        run_path,
+        {
+            "strategy": "local",
+            "workers": 1,
+            "config": config.to_dict(),
+            "average": {},
+            "model": model if isinstance(model, str) else spec.to_dict(),
+            "threads_per_worker": threads,
+            "data": str(data),
+            "limit_train": limit_train,
+            "limit_test": limit_test,
+            "rows": layout.rows,
+        },
+    )
+    history: list[dict[str, Any]] = []
+    clock = time.perf_counter()
+
+    def on_epoch(m: EpochMetrics) -> None:
+        row = {
+            "round": m.epoch - 1,
+            "epoch": m.epoch,
+            "samples": layout.rows,
+            "workers": 1,
+            "train_loss": m.train_loss,
+            "test_accuracy": m.test_accuracy,
+            "test_loss": m.test_loss,
+            "seconds": m.seconds,
+            "compute_s": m.seconds,
+            "comm_s": 0.0,
+            "wait_s": 0.0,
+            "bytes": 0,
+            "elapsed_s": time.perf_counter() - clock,
+        }
+        _append_history(run_path, row)
+        history.append(row)
+
+    result = train_one_process(spec, dataset, replace(config, threads=threads), callback=on_epoch)
+    prepared = _Data(
+        frame=None,
+        layout=layout,
+        preprocess=Preprocess(
+            input_shape=dataset.input_shape, mean=tuple(dataset.mean), std=tuple(dataset.std)
+        ),
+        class_names=tuple(dataset.class_names),
+        test_inputs=result.preprocess.apply(dataset.test_images) if len(dataset.test_labels) else None,
+        test_labels=torch.as_tensor(dataset.test_labels) if len(dataset.test_labels) else None,
+    )
+    return _finish(run_path, result.model, spec, prepared, config, history, started, 0.0)

@@ -1,0 +1,183 @@
+"""Training data as a Spark DataFrame: checked on the driver, read as tensors inside each task.
+
+The driver checks the columns (a feature column of raw image bytes or numeric arrays, an integral
+label column), counts rows and classes in one small job, and repartitions the rows to the worker count
+by a hash of a stable row key, so every partition gets a fair sample of classes and a retried task
+reads the same rows. Inside the task, :func:`read_partition` streams the partition's Arrow batches into
+one array, sorted by the key so the order (and hence training) does not depend on shuffle timing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from deepspark.errors import ConfigError, DatasetError
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
+
+__all__ = ["KEY", "FrameLayout", "describe_frame", "read_partition"]
+
+KEY = "_deepspark_key"
+FEATURE_KINDS = ("bytes", "array")
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """Which columns hold what, and how a feature value becomes an image of ``shape`` (C, H, W).
+
+    ``kind`` is ``bytes`` (raw uint8 pixels, C order: scaled and normalised by the preprocess) or
+    ``array`` (numbers already in model scale). Small and picklable: it travels in task closures.
+    """
+
+    feature_column: str
+    label_column: str
+    kind: str
+    shape: tuple[int, int, int]
+    rows: int
+    num_classes: int
+
+
+def _integral(dtype: Any) -> bool:
+    from pyspark.sql import types as T
+
+    return isinstance(dtype, T.ByteType | T.ShortType | T.IntegerType | T.LongType)
+
+
+def describe_frame(
+    df: DataFrame,
+    *,
+    feature_column: str,
+    label_column: str,
+    input_shape: Sequence[int] | None,
+    num_classes: int | None,
+) -> FrameLayout:
+    """Check ``df``'s columns against the model's input and count its rows and classes (one small job).
+
+    Raises :class:`ConfigError` naming the column, what was expected and what was found.
+    """
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    fields = {f.name: f for f in df.schema.fields}
+    for role, name in (("feature_column", feature_column), ("label_column", label_column)):
+        if name not in fields:
+            raise ConfigError(f"{role}: expected a column of the DataFrame {sorted(fields)}, got {name!r}")
+    label_type = fields[label_column].dataType
+    if not _integral(label_type):
+        raise ConfigError(
+            f"label_column {label_column!r}: expected an integral type (int, long), got "
+            f"{label_type.simpleString()}; cast it, e.g. df.withColumn({label_column!r}, "
+            f"F.col({label_column!r}).cast('int'))"
+        )
+    feature = fields[feature_column]
+    if isinstance(feature.dataType, T.BinaryType):
+        kind = "bytes"
+        stored = feature.metadata.get("shape")
+        shape_src = input_shape if input_shape is not None else stored
+    elif isinstance(feature.dataType, T.ArrayType) and isinstance(
+        feature.dataType.elementType, T.NumericType
+    ):
+        kind = "array"
+        shape_src = input_shape
+    else:
+        raise ConfigError(
+            f"feature_column {feature_column!r}: expected raw image bytes (binary) or an array of numbers, "
+            f"got {feature.dataType.simpleString()}"
+        )
+    if shape_src is None:
+        raise ConfigError(
+            f"feature_column {feature_column!r} carries no image shape; pass input_shape=(C, H, W) "
+            "(or build the DataFrame with deepspark.data.to_dataframe, which records it)"
+        )
+    shape = _chw(shape_src)
+    stats = df.agg(
+        F.count(F.lit(1)).alias("rows"),
+        F.min(label_column).alias("low"),
+        F.max(label_column).alias("high"),
+        F.count(F.col(label_column)).alias("labelled"),
+        F.min(F.length(feature_column) if kind == "bytes" else F.size(feature_column)).alias("short"),
+        F.max(F.length(feature_column) if kind == "bytes" else F.size(feature_column)).alias("long"),
+    ).first()
+    assert stats is not None  # an aggregate always yields one row
+    rows = int(stats["rows"])
+    if rows == 0:
+        raise ConfigError("data: the DataFrame has no rows; give at least one training example")
+    if int(stats["labelled"]) != rows:
+        raise ConfigError(f"label_column {label_column!r}: {rows - int(stats['labelled'])} null label(s)")
+    want = math.prod(shape)
+    for bound in ("short", "long"):
+        size = stats[bound]
+        if size is None or int(size) != want:
+            unit = "bytes" if kind == "bytes" else "values"
+            raise ConfigError(
+                f"feature_column {feature_column!r}: a value holds {size} {unit} but the model's input "
+                f"{list(shape)} needs {want}; check input_shape or the column"
+            )
+    low, high = int(stats["low"]), int(stats["high"])
+    classes = num_classes if num_classes is not None else high + 1
+    if low < 0 or high >= classes:
+        raise ConfigError(
+            f"label_column {label_column!r}: labels must lie in 0..{classes - 1}, found {low}..{high}"
+        )
+    if classes < 2:
+        raise ConfigError(f"label_column {label_column!r}: found a single class ({high}); need at least 2")
+    return FrameLayout(
+        feature_column=feature_column,
+        label_column=label_column,
+        kind=kind,
+        shape=shape,
+        rows=rows,
+        num_classes=classes,
+    )
+
+
+def _chw(shape: Sequence[int]) -> tuple[int, int, int]:
+    dims = tuple(int(d) for d in shape)
+    if len(dims) == 2:
+        dims = (1, *dims)
+    if len(dims) != 3 or any(d < 1 for d in dims):
+        raise ConfigError(f"input_shape: expected (C, H, W) or (H, W) of positive ints, got {list(shape)}")
+    return (dims[0], dims[1], dims[2])
+
+
+def read_partition(batches: Iterable[Any], layout: FrameLayout) -> tuple[np.ndarray, np.ndarray]:
+    """A task's Arrow record batches → (features ``[n, C, H, W]``, int64 labels), in key order.
+
+    Features are uint8 for ``bytes`` columns and float32 for ``array`` columns.
+    """
+    from deepspark.data.frames import decode_binary
+
+    features: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    keys: list[np.ndarray] = []
+    width = math.prod(layout.shape)
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        column = batch.column(layout.feature_column)
+        if column.null_count:
+            raise DatasetError(f"feature_column {layout.feature_column!r}: {column.null_count} null value(s)")
+        if layout.kind == "bytes":
+            features.append(decode_binary(column, layout.shape, layout.feature_column))
+        else:
+            values = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+            if values.size != width * batch.num_rows:
+                raise DatasetError(
+                    f"feature_column {layout.feature_column!r}: arrays must hold {width} values each"
+                )
+            features.append(values.reshape(-1, *layout.shape))
+        labels.append(np.asarray(batch.column(layout.label_column).to_numpy(), dtype=np.int64))
+        keys.append(np.asarray(batch.column(KEY).to_numpy(), dtype=np.int64))
+    dtype = np.uint8 if layout.kind == "bytes" else np.float32
+    if not features:
+        return np.zeros((0, *layout.shape), dtype=dtype), np.zeros(0, dtype=np.int64)
+    x = np.concatenate(features)
+    y = np.concatenate(labels)
+    order = np.argsort(np.concatenate(keys), kind="stable")
+    return np.ascontiguousarray(x[order]), y[order]

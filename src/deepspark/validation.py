@@ -1,0 +1,76 @@
+"""One way to check a parameter, one message shape: ``NAME: expected WHAT, got VALUE``.
+
+Every public entry point validates where it receives a value, before any Spark job starts, and raises
+:class:`~deepspark.errors.ConfigError` through these helpers so every message reads the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from typing import Any
+
+from deepspark.errors import ConfigError
+
+__all__ = ["check_choice", "check_int", "check_number", "check_positive_int", "fail"]
+
+
+def fail(name: str, expected: str, given: Any) -> ConfigError:
+    """The error for parameter ``name``: what was expected and what was given."""
+    return ConfigError(f"{name}: expected {expected}, got {given!r}")
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` as an int within [minimum, maximum]; bools and floats are refused."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise fail(name, _int_range(minimum, maximum), value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise fail(name, _int_range(minimum, maximum), value)
+    return value
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    return check_int(name, value, minimum=1)
+
+
+def _int_range(minimum: int | None, maximum: int | None) -> str:
+    if minimum is not None and maximum is not None:
+        return f"an integer in {minimum}..{maximum}"
+    if minimum is not None:
+        return f"an integer >= {minimum}"
+    if maximum is not None:
+        return f"an integer <= {maximum}"
+    return "an integer"
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """A finite number within the given bounds (``*_open`` excludes the bound itself)."""
+    if low is not None and high is not None:
+        expected = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        expected = f"a number {'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        expected = f"a number {'<' if high_open else '<='} {high:g}"
+    else:
+        expected = "a finite number"
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise fail(name, expected, value)
+    if low is not None and (value < low or (low_open and value == low)):
+        raise fail(name, expected, value)
+    if high is not None and (value > high or (high_open and value == high)):
+        raise fail(name, expected, value)
+    return float(value)
+
+
+def check_choice(name: str, value: Any, choices: Collection[Any]) -> Any:
+    if value not in choices:
+        raise fail(name, f"one of {list(choices)}", value)
+    return value
