@@ -80,10 +80,14 @@ def get_model(args: argparse.Namespace, work: Path) -> Path:
     if (target / "model.safetensors").exists():
         return target
     if not args.untrained:
-        from deepspark.training import train_local_job
+        import shutil
 
-        result = train_local_job(model="cnn", epochs=1, data_dir=args.mnist_dir, output=target)
-        print(f"trained the cnn for 1 epoch: test accuracy {result['test_accuracy']:.4f}")
+        from deepspark.training import fit
+
+        data = args.mnist_dir or "mnist"
+        result = fit(data, "cnn", strategy="local", config={"epochs": 1}, run_dir=work / "cnn-1epoch-run")
+        shutil.copytree(result.model_dir, target)
+        print(f"trained the cnn for 1 epoch: test accuracy {result.test_accuracy:.4f}")
         return target
     from deepspark.models import Preprocess, build_model, model_spec, save_checkpoint
 

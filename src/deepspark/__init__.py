@@ -15,6 +15,8 @@ _API = {
     "StudyResult": "deepspark.tuning",
     "Reporter": "deepspark.tuning",
     "TrialPruned": "deepspark.tuning",
+    "fit": "deepspark.training",
+    "FitResult": "deepspark.training",
     "train_one_process": "deepspark.training",
     "TrainConfig": "deepspark.training",
     "evaluate": "deepspark.training",

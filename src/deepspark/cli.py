@@ -64,45 +64,6 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_data)
 
 
-# -------------------------------------------------------------------------------------------- train
-def _cmd_train(args: argparse.Namespace) -> int:
-    from deepspark.training import train_local_job
-
-    result = train_local_job(
-        dataset=args.dataset,
-        model=args.model,
-        data_dir=args.data_dir,
-        epochs=args.epochs,
-        learning_rate=args.lr,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        threads=args.threads,
-        seed=args.seed,
-        output=args.output,
-        limit_train=args.limit_train,
-    )
-    print(f"test accuracy: {result['test_accuracy']:.4f}  test loss: {result['test_loss']:.4f}")
-    if args.output:
-        print(f"checkpoint: {args.output}")
-    return 0
-
-
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a zoo model in one process and print test accuracy")
-    p.add_argument("dataset", nargs="?", default="mnist")
-    p.add_argument("--model", default="cnn", help="zoo model name (mlp, lenet, cnn) or a spec JSON/YAML file")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--optimizer", default=None, choices=["sgd", "momentum", "adam"])
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--output", default=None, help="save the trained model as a checkpoint directory")
-    p.set_defaults(func=_cmd_train)
-
-
 # --------------------------------------------------------------------------------------------- tune
 def _cmd_tune(args: argparse.Namespace) -> int:
     from rich.console import Console
@@ -179,7 +140,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data(sub)
-    _add_train(sub)
+    from deepspark.training._cli import add_train_parser
+
+    add_train_parser(sub)
     _add_tune(sub)
     from deepspark.inference._cli import add_predict_parser
 

@@ -1,7 +1,8 @@
 """Training: one process (:func:`train_one_process`), or data-parallel on Spark (:func:`fit`)."""
 
-from deepspark.training.job import DEFAULT_TRAIN_CONFIG, train_local_job
+from deepspark.training.fit import STRATEGIES, FitResult, fit  # the function shadows its module's name
 from deepspark.training.loop import (
+    DEFAULT_TRAIN_CONFIG,
     DataCursor,
     EpochMetrics,
     TrainConfig,
@@ -13,12 +14,14 @@ from deepspark.training.loop import (
 
 __all__ = [
     "DEFAULT_TRAIN_CONFIG",
+    "STRATEGIES",
     "DataCursor",
     "EpochMetrics",
+    "FitResult",
     "TrainConfig",
     "TrainResult",
     "evaluate",
+    "fit",
     "run_steps",
-    "train_local_job",
     "train_one_process",
 ]

@@ -223,7 +223,7 @@ def _train_config(config: TrainConfig | Mapping[str, Any] | None, strategy: str)
         return config
     base = DISTRIBUTED_CONFIG if strategy != "local" else None
     if base is None:
-        from deepspark.training.job import DEFAULT_TRAIN_CONFIG
+        from deepspark.training.loop import DEFAULT_TRAIN_CONFIG
 
         base = DEFAULT_TRAIN_CONFIG
     return TrainConfig.from_dict({**base.to_dict(), **dict(config or {})})

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from deepspark.data import ImageDataset
 
 __all__ = [
+    "DEFAULT_TRAIN_CONFIG",
     "DataCursor",
     "EpochMetrics",
     "StepStats",
@@ -90,6 +91,14 @@ def _positive(name: str, value: Any, kind: type) -> None:
     ok = isinstance(value, int | float) if kind is float else isinstance(value, int)
     if not ok or isinstance(value, bool) or value <= 0 or (kind is float and not math.isfinite(value)):
         raise ConfigError(f"{name}: expected a positive {kind.__name__}, got {value!r}")
+
+
+# The default configuration: TensorFlow's deep-MNIST CNN trained with Adam (cosine-decayed over 4
+# epochs): the 2016 blog's default reached 99.2% test accuracy. Tuning measures its error reduction
+# against this configuration; it is also `deepspark train`'s one-process default.
+DEFAULT_TRAIN_CONFIG = TrainConfig(
+    optimizer="adam", learning_rate=1e-3, batch_size=64, epochs=4, lr_schedule="cosine", seed=0
+)
 
 
 @dataclass(frozen=True)

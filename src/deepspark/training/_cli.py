@@ -1,0 +1,222 @@
+"""The ``deepspark train`` sub-command: parses arguments, calls :func:`deepspark.training.fit`, prints.
+
+No logic of its own beyond turning flags into ``fit``'s arguments and showing progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import shutil
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_train_parser"]
+
+
+def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``train`` on the ``deepspark`` command's sub-parsers."""
+    from deepspark.training.average import OUTER
+    from deepspark.training.fit import STRATEGIES
+
+    p = subparsers.add_parser(
+        "train",
+        help="train a model: in one process, or data-parallel on Spark (--strategy average)",
+        description="Train a zoo model or spec on a dataset. --strategy local (the default for one worker) "
+        "trains in this process; average runs SparkNet-style model averaging over --workers Spark tasks. "
+        "The run directory holds config.json, history.csv, curve.png, checkpoint/ and model/ (a checkpoint "
+        "that `deepspark predict` takes).",
+    )
+    p.add_argument("dataset", nargs="?", default=None, help="dataset name (mnist) or MNIST-layout directory")
+    p.add_argument("--model", default=None, help="zoo model (mlp, lenet, cnn) or a spec JSON/YAML file")
+    p.add_argument("--strategy", default=None, choices=list(STRATEGIES))
+    p.add_argument("--workers", type=int, default=None, help="Spark tasks training at once (default 1)")
+    p.add_argument("--tau", type=int, default=None, help="average: local steps per round (default 50)")
+    p.add_argument("--round-seconds", type=float, default=None, help="average: rounds of S seconds instead")
+    p.add_argument("--outer", default=None, choices=list(OUTER), help="average: outer step (default plain)")
+    p.add_argument("--outer-lr", type=float, default=None, help="average: Nesterov outer learning rate (0.7)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="learning rate")
+    p.add_argument("--batch-size", type=int, default=None, help="per worker")
+    p.add_argument("--optimizer", default=None, choices=["sgd", "momentum", "adam"])
+    p.add_argument("--schedule", default=None, choices=["constant", "cosine"], help="learning-rate schedule")
+    p.add_argument(
+        "--threads", type=int, default=None, help="threads per worker (spark.task.cpus; default 1)"
+    )
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--master", default=None, help="Spark master URL (default: active session or local[*])")
+    p.add_argument(
+        "--run-dir", default=None, help="where the run lives (default runs/<dataset>-<model>-<time>)"
+    )
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--output", default=None, help="also save the final model checkpoint to this new path")
+    p.set_defaults(func=_cmd_train)
+    return p
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from deepspark.errors import ConfigError
+    from deepspark.training import fit
+
+    output = Path(args.output) if args.output else None
+    if output is not None:  # checked before any work, so a finished model is never lost to a bad path
+        if output.exists():
+            raise ConfigError(f"output: {output} already exists; choose a new checkpoint path")
+        try:  # create and remove it: permission bits alone do not tell (root, /proc, read-only mounts)
+            output.mkdir()
+            (output / ".probe").write_bytes(b"")
+            (output / ".probe").unlink()
+            output.rmdir()
+        except OSError as exc:
+            raise ConfigError(
+                f"output: cannot create {output} ({exc.strerror}); choose a path in a writable directory"
+            ) from None
+    config = {
+        k: v
+        for k, v in {
+            "epochs": args.epochs,
+            "learning_rate": args.lr,
+            "batch_size": args.batch_size,
+            "optimizer": args.optimizer,
+            "lr_schedule": args.schedule,
+            "seed": args.seed,
+        }.items()
+        if v is not None
+    }
+    average = {
+        k: v
+        for k, v in {
+            "tau": args.tau,
+            "round_seconds": args.round_seconds,
+            "outer": args.outer,
+            "outer_learning_rate": args.outer_lr,
+        }.items()
+        if v is not None
+    }
+    console = Console(stderr=True)
+    if args.resume:
+        conflicting = [
+            flag
+            for flag, value in (
+                ("dataset", args.dataset),
+                ("--model", args.model),
+                ("--strategy", args.strategy),
+                ("--workers", args.workers),
+                ("--threads", args.threads),
+                *((f"--{k}", v) for k, v in {**config, **average}.items()),
+            )
+            if value is not None
+        ]
+        if conflicting:
+            raise ConfigError(
+                f"resume: the run's settings are saved in {args.resume}/config.json; drop {conflicting}"
+            )
+        options: dict[str, Any] = {"data": _saved_data(args.resume), "run_dir": args.resume, "resume": True}
+    else:
+        dataset = args.dataset or "mnist"
+        model = args.model or (
+            "cnn" if (args.workers or 1) == 1 and args.strategy in (None, "local") else "lenet"
+        )
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        options = {
+            "data": dataset,
+            "model": model,
+            "strategy": args.strategy,
+            "workers": args.workers or 1,
+            "config": config,
+            "average": average,
+            "run_dir": args.run_dir or f"runs/{Path(dataset).name}-{Path(model).stem}-{stamp}",
+            "threads_per_worker": args.threads or 1,
+        }
+    progress = _Progress(console)
+    try:
+        result = fit(
+            **options,
+            data_dir=args.data_dir,
+            limit_train=args.limit_train,
+            limit_test=args.limit_test,
+            master=args.master,
+            on_round=progress.update,
+        )
+    finally:
+        progress.stop()
+    if output is not None:
+        shutil.copytree(result.model_dir, output)
+    split = result.time_split
+    wall = max(split.get("wall_s", result.wall_s), 1e-9)
+    accuracy = f"{result.test_accuracy:.4f}" if result.test_accuracy is not None else "n/a"
+    print(f"test accuracy: {accuracy}  wall: {result.wall_s:.1f} s  run: {result.run_dir}")
+    if split:
+        parts = ", ".join(
+            f"{name} {split[key]:.1f} s ({100 * split[key] / wall:.0f}%)"
+            for name, key in (
+                ("compute", "compute_s"),
+                ("communication", "communication_s"),
+                ("waiting", "waiting_s"),
+                ("Spark scheduling and start-up", "scheduling_s"),
+            )
+            if key in split
+        )
+        print(f"time: {parts}")
+    if result.bytes_per_epoch:
+        print(f"communicated: {result.bytes_per_epoch / 1e6:.1f} MB per epoch")
+    print(f"model: {result.model_dir}" + (f" (and {output})" if output else ""))
+    return 0
+
+
+def _saved_data(run_dir: str) -> str:
+    import json
+
+    from deepspark.errors import ConfigError
+
+    try:
+        saved = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"resume: {run_dir} is not a deepspark training run (config.json: {exc})") from exc
+    data = saved.get("data")
+    if not isinstance(data, str) or data == "DataFrame":
+        raise ConfigError(
+            f"resume: the run in {run_dir} trained on a DataFrame; resume it from Python with "
+            "deepspark.fit(the_same_dataframe, run_dir=..., resume=True)"
+        )
+    return data
+
+
+class _Progress:
+    """A rich progress bar over epochs with the latest round's loss, accuracy, images/s and bytes."""
+
+    def __init__(self, console: Any) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(
+            TextColumn("epoch {task.completed:.2f}"),
+            BarColumn(bar_width=20),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self._task: Any = None
+        self._accuracy = ""
+
+    def update(self, row: dict[str, Any]) -> None:
+        if self._task is None:
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=None, info="")
+        if row.get("test_accuracy") not in ("", None):
+            self._accuracy = f" acc {float(row['test_accuracy']):.4f}"
+        seconds = float(row.get("seconds") or 0) or 1e-9
+        info = (
+            f"round {row['round']} loss {float(row['train_loss']):.4f}{self._accuracy} "
+            f"{float(row['samples']) / seconds:.0f} img/s {float(row['bytes']) / 1e6:.1f} MB"
+        )
+        self._progress.update(self._task, completed=float(row["epoch"]), info=info)
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._progress.stop()

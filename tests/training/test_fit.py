@@ -1,0 +1,274 @@
+"""fit(): the average strategy's exact identities, learning, resume and bad input (local[2] session)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from deepspark.data import load_dataset, write_idx
+from deepspark.errors import ConfigError, DeepsparkError
+from deepspark.models import build_model, load_checkpoint, model_spec
+from deepspark.training import TrainConfig, fit, train_one_process
+
+
+def _layout_dir(path: Path, *, train: int, test: int, classes: int = 3, size: int = 8, seed: int = 0) -> Path:
+    """An MNIST-layout directory of ``classes`` classes of ``size``x``size`` images (not MNIST)."""
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True)
+    for prefix, n in (("train", train), ("t10k", test)):
+        labels = np.arange(n) % classes
+        images = rng.integers(0, 60, size=(n, size, size), dtype=np.uint8)
+        for i, label in enumerate(labels):  # a bright bar per class, so a model can learn it
+            images[i, label * 2 : label * 2 + 2, :] = 250
+        write_idx(path / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(path / f"{prefix}-labels-idx1-ubyte", labels.astype(np.uint8))
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _layout_dir(tmp_path_factory.mktemp("toy") / "data", train=40, test=30)
+
+
+def _history(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "history.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+SGD = {"optimizer": "sgd", "learning_rate": 0.1, "lr_schedule": "constant", "threads": 1}
+
+
+def test_one_worker_tau_1_takes_the_one_process_steps(spark: Any, toy: Path, tmp_path: Path) -> None:
+    config = {**SGD, "batch_size": 8, "epochs": 2, "seed": 3}
+    result = fit(
+        str(toy),
+        "mlp",
+        strategy="average",
+        workers=1,
+        config=config,
+        average={"tau": 1},
+        run_dir=tmp_path / "run",
+    )
+    data = load_dataset(None, data_dir=toy)
+    reference = train_one_process(
+        model_spec("mlp", input_shape=(1, 8, 8), num_classes=3), data, TrainConfig(**config)
+    )
+    trained = load_checkpoint(result.model_dir).model.state_dict()
+    for name, value in reference.model.state_dict().items():
+        torch.testing.assert_close(trained[name], value, rtol=0, atol=1e-6)
+    rows = _history(result.run_dir)
+    assert len(rows) == 2 * 5  # ceil(40 / 8) steps per epoch, one step per round
+    assert [int(r["round"]) for r in rows] == list(range(10))
+    assert sum(int(r["samples"]) for r in rows) == 2 * 40
+
+
+def test_two_workers_tau_1_sgd_is_one_step_on_the_union_batch(spark: Any, toy: Path, tmp_path: Path) -> None:
+    # batch_size = all rows: each worker's one batch is its whole partition, so the weighted average of
+    # the two workers' SGD steps must equal one SGD step on the union batch (all 40 rows).
+    config = {**SGD, "batch_size": 40, "epochs": 1, "seed": 5}
+    result = fit(
+        str(toy),
+        "mlp",
+        strategy="average",
+        workers=2,
+        config=config,
+        average={"tau": 1},
+        run_dir=tmp_path / "run",
+    )
+    rows = _history(result.run_dir)
+    assert len(rows) == 1 and int(rows[0]["samples"]) == 40 and int(rows[0]["workers"]) == 2
+    data = load_dataset(None, data_dir=toy)
+    spec = model_spec("mlp", input_shape=(1, 8, 8), num_classes=3)
+    model = build_model(spec, seed=5)
+    from deepspark.models import Preprocess
+
+    x = Preprocess(input_shape=(1, 8, 8), mean=data.mean, std=data.std).apply(data.train_images)
+    loss = torch.nn.functional.cross_entropy(model(x), torch.as_tensor(data.train_labels))
+    loss.backward()
+    expected_loss = float(loss.detach())
+    with torch.no_grad():
+        expected = {n: p - 0.1 * p.grad for n, p in model.named_parameters()}
+    trained = load_checkpoint(result.model_dir).model.state_dict()
+    for name, value in expected.items():
+        torch.testing.assert_close(trained[name], value, rtol=0, atol=1e-6)
+    assert float(rows[0]["train_loss"]) == pytest.approx(expected_loss, abs=1e-6)
+
+
+def test_average_learns_mnist_and_saves_a_predictable_model(spark: Any, tmp_path: Path) -> None:
+    result = fit(
+        "mnist",
+        "lenet",
+        workers=2,
+        config={"epochs": 1},
+        average={"tau": 20},
+        limit_train=4000,
+        limit_test=1000,
+        run_dir=tmp_path / "run",
+    )
+    assert result.test_accuracy is not None and result.test_accuracy > 0.7  # chance is 0.1
+    checkpoint = load_checkpoint(result.model_dir)
+    assert checkpoint.metadata["metrics"]["test_accuracy"] == result.test_accuracy
+    rows = _history(result.run_dir)
+    # Every worker takes the same ceil(2000 / 64) = 32 steps; the hash split is uneven, so the larger
+    # partition's shorter last batch may fall elsewhere: at most one batch per worker either way.
+    assert abs(sum(int(r["samples"]) for r in rows) - 4000) <= 2 * 64
+    assert sum(int(r["workers"]) for r in rows) == 2 * len(rows)
+    assert all(int(r["bytes"]) > 0 for r in rows)
+    assert (result.run_dir / "curve.png").stat().st_size > 0
+
+
+def test_nesterov_outer_step_moves_past_the_average_and_is_checkpointed(
+    spark: Any, toy: Path, tmp_path: Path
+) -> None:
+    config = {**SGD, "batch_size": 8, "epochs": 1, "seed": 1}
+    plain = fit(str(toy), "mlp", workers=2, config=config, average={"tau": 2}, run_dir=tmp_path / "plain")
+    nesterov = fit(
+        str(toy),
+        "mlp",
+        workers=2,
+        config=config,
+        average={"tau": 2, "outer": "nesterov"},
+        run_dir=tmp_path / "nesterov",
+        checkpoint_seconds=0,
+    )
+    a = load_checkpoint(plain.model_dir).model.state_dict()
+    b = load_checkpoint(nesterov.model_dir).model.state_dict()
+    assert any(not torch.allclose(a[k], b[k]) for k in a)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(nesterov.run_dir / "checkpoint" / "state.safetensors"))
+    assert any(k.startswith("outer.") for k in saved)
+
+
+def test_resume_continues_the_same_loss_curve(spark: Any, toy: Path, tmp_path: Path) -> None:
+    config = {**SGD, "batch_size": 8, "epochs": 3, "seed": 2}
+    whole = fit(str(toy), "mlp", workers=2, config=config, average={"tau": 2}, run_dir=tmp_path / "whole")
+    expected = [float(r["train_loss"]) for r in _history(whole.run_dir)]
+
+    def crash(row: dict[str, Any]) -> None:
+        if row["round"] == 3:
+            raise RuntimeError("driver crash (test)")
+
+    run_dir = tmp_path / "crashed"
+    with pytest.raises(DeepsparkError, match="driver crash"):
+        fit(
+            str(toy),
+            "mlp",
+            workers=2,
+            config=config,
+            average={"tau": 2},
+            run_dir=run_dir,
+            checkpoint_seconds=0,
+            on_round=crash,
+        )
+    assert [int(r["round"]) for r in _history(run_dir)] == [0, 1, 2, 3]
+    resumed = fit(str(toy), run_dir=run_dir, resume=True)
+    rows = _history(resumed.run_dir)
+    assert [int(r["round"]) for r in rows] == list(range(len(expected)))
+    np.testing.assert_allclose([float(r["train_loss"]) for r in rows], expected, rtol=0, atol=1e-6)
+
+
+def test_dataframe_with_an_empty_partition(spark: Any, tmp_path: Path) -> None:
+    from pyspark.sql import functions as F
+
+    df = spark.createDataFrame(
+        [([0.0, 1.0, 0.0, 1.0], 0), ([1.0, 0.0, 1.0, 0.0], 1)], "x array<float>, y int"
+    )
+    df = df.coalesce(1).withColumn("y", F.col("y"))
+    result = fit(
+        df,
+        {"input_shape": [1, 2, 2], "layers": [{"type": "flatten"}, {"type": "linear", "out_features": 2}]},
+        workers=2,
+        feature_column="x",
+        label_column="y",
+        input_shape=(1, 2, 2),
+        config={**SGD, "batch_size": 4, "epochs": 3},
+        average={"tau": 1},
+        run_dir=tmp_path / "run",
+    )
+    rows = _history(result.run_dir)
+    assert sum(int(r["samples"]) for r in rows) == 3 * 2
+    assert result.test_accuracy is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"strategy": "gossip"}, "strategy: expected one of"),
+        ({"workers": 0}, "workers: expected an integer >= 1, got 0"),
+        ({"average": {"tau": 0}}, "tau: expected an integer >= 1, got 0"),
+        ({"average": {"outer": "adam"}}, "outer: expected one of"),
+        ({"strategy": "local", "workers": 2}, "strategy 'local' runs in one process"),
+        ({"config": {"optimizer": "lbfgs"}}, "optimizer: expected one of"),
+    ],
+)
+def test_bad_arguments_fail_before_any_job(
+    kwargs: dict[str, Any], message: str, toy: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        fit(str(toy), "mlp", **{"workers": 2, **kwargs}, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_more_workers_than_slots_names_the_numbers(spark: Any, toy: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"2 task slot\(s\).*expected at most 2, got 3"):
+        fit(str(toy), "mlp", workers=3, run_dir=tmp_path / "run")
+
+
+def test_dataframe_columns_are_checked(spark: Any, tmp_path: Path) -> None:
+    doubles = spark.createDataFrame([([0.0] * 4, 0.0), ([1.0] * 4, 1.0)], "x array<float>, y double")
+    with pytest.raises(ConfigError, match="label_column 'y': expected an integral type"):
+        fit(
+            doubles,
+            "mlp",
+            workers=2,
+            feature_column="x",
+            label_column="y",
+            input_shape=(1, 2, 2),
+            run_dir=tmp_path / "a",
+        )
+    short = spark.createDataFrame([([0.0] * 3, 0), ([1.0] * 3, 1)], "x array<float>, y int")
+    with pytest.raises(ConfigError, match=r"holds 3 values but the model's input \[1, 2, 2\] needs 4"):
+        fit(
+            short,
+            "mlp",
+            workers=2,
+            feature_column="x",
+            label_column="y",
+            input_shape=(1, 2, 2),
+            run_dir=tmp_path / "b",
+        )
+
+
+def test_existing_run_dir_is_refused(toy: Path, tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "x").write_text("")
+    with pytest.raises(ConfigError, match="already exists; pass --resume"):
+        fit(str(toy), "mlp", workers=2, run_dir=tmp_path / "run")
+
+
+def test_cli_output_that_cannot_be_written_fails_before_training(
+    toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deepspark.cli import main
+
+    code = main(
+        [
+            "train",
+            str(toy),
+            "--model",
+            "mlp",
+            "--output",
+            "/proc/deepspark-model",
+            "--run-dir",
+            str(tmp_path / "run"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("deepspark: error: output: cannot create /proc/deepspark-model")
+    assert not (tmp_path / "run").exists()
