@@ -1,0 +1,222 @@
+"""Data-parallel training on Spark: LeNet on MNIST, every strategy side by side in one run.
+
+For each run: time to 99.0% test accuracy (evaluated at every epoch boundary), final accuracy after the
+same number of epochs, bytes communicated per epoch, and the time split. Runs (``--runs``, default all):
+
+    local1, local2                  one process with 1 / 2 threads (strategy local)
+    avg-plain-T, avg-nesterov-T     average 2x1 with tau = T (1, 10, 50, 200) and a plain / Nesterov outer step
+    allreduce, async                the other strategies, 2x1
+    torchdistributor                pyspark.ml.torch.TorchDistributor running a DDP loop 2x1
+
+Targets (the training issue): average 2x1 reaches 99.0% >= 1.7x faster than local1, faster than local2,
+and no slower than TorchDistributor; average at tau >= 50 communicates <= 1/25 of allreduce's bytes per
+epoch with final accuracy within 0.1 point of local1; scheduling <= 10% of a round at tau = 50. Run:
+
+    .venv/bin/python benchmarks/training.py [--epochs 4] [--runs local1,avg-plain-50] [--limit-train N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+TARGET = 0.99
+CONFIG = {
+    "optimizer": "momentum",
+    "learning_rate": 0.05,
+    "batch_size": 64,
+    "lr_schedule": "constant",
+    "seed": 0,
+}
+ALL_RUNS = (
+    "local1",
+    "local2",
+    *(f"avg-{outer}-{tau}" for outer in ("plain", "nesterov") for tau in (1, 10, 50, 200)),
+    "allreduce",
+    "async",
+    "torchdistributor",
+)
+
+
+def _time_to_target(history: list[dict[str, Any]]) -> float | None:
+    for row in history:
+        if row.get("test_accuracy") not in ("", None) and float(row["test_accuracy"]) >= TARGET:
+            return float(row["elapsed_s"])
+    return None
+
+
+def run_fit(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from deepspark.errors import ConfigError
+    from deepspark.training import fit
+
+    config = {**CONFIG, "epochs": args.epochs}
+    options: dict[str, Any] = {"config": config, "limit_train": args.limit_train, "run_dir": work / name}
+    if name.startswith("local"):
+        options.update(strategy="local", workers=1, threads_per_worker=int(name[-1]))
+    elif name.startswith("avg-"):
+        _, outer, tau = name.split("-")
+        options.update(strategy="average", workers=2, average={"tau": int(tau), "outer": outer})
+    else:
+        options.update(strategy=name, workers=2)
+    try:
+        result = fit("mnist", "lenet", **options)
+    except ConfigError as exc:
+        return {"run": name, "error": str(exc)}
+    rounds = [r for r in result.history if r.get("seconds") not in ("", None)]
+    per_round = sum(float(r["seconds"]) for r in rounds) / max(len(rounds), 1)
+    compute = sum(float(r["compute_s"]) for r in rounds)
+    # What a round costs beyond the workers' compute: Spark (none per round: tasks are long-lived),
+    # (de)serialising and moving the weights, averaging, and waiting for the slower worker.
+    overhead = 1 - compute / max(sum(float(r["seconds"]) for r in rounds), 1e-9)
+    return {
+        "run": name,
+        "to_99_s": _time_to_target(list(result.history)),
+        "accuracy": result.test_accuracy,
+        "wall_s": result.wall_s,
+        "bytes_per_epoch": result.bytes_per_epoch,
+        "round_s": per_round,
+        "round_overhead": overhead if name.startswith("avg-") else None,
+        "split": dict(result.time_split),
+    }
+
+
+def _ddp_loop(epochs: int, limit_train: int | None, config: dict[str, Any]) -> list[tuple[float, float]]:
+    """The same LeNet training as a plain DDP loop, the way TorchDistributor users write it."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from deepspark.data import load_dataset
+    from deepspark.models import Preprocess, build_model, model_spec
+    from deepspark.training import evaluate
+
+    started = time.perf_counter()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    data = load_dataset("mnist")
+    if limit_train:
+        data = data.subset(train=limit_train)
+    pre = Preprocess(input_shape=data.input_shape, mean=data.mean, std=data.std)
+    train = TensorDataset(pre.apply(data.train_images), torch.as_tensor(data.train_labels))
+    sampler = DistributedSampler(train, seed=config["seed"])
+    loader = DataLoader(train, batch_size=config["batch_size"], sampler=sampler)
+    model = DistributedDataParallel(build_model(model_spec("lenet"), seed=config["seed"]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=config["learning_rate"], momentum=0.9)
+    x_test, y_test = pre.apply(data.test_images), torch.as_tensor(data.test_labels)
+    curve: list[tuple[float, float]] = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        model.train()
+        for x, y in loader:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        if rank == 0:
+            curve.append((time.perf_counter() - started, evaluate(model.module, x_test, y_test)["accuracy"]))
+    dist.destroy_process_group()
+    return curve
+
+
+def run_torchdistributor(args: argparse.Namespace) -> dict[str, Any]:
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    from deepspark.models import build_model, model_spec
+
+    started = time.perf_counter()
+    curve = TorchDistributor(num_processes=2, local_mode=True, use_gpu=False).run(
+        _ddp_loop, args.epochs, args.limit_train, CONFIG
+    )
+    wall = time.perf_counter() - started
+    params = sum(p.numel() for p in build_model(model_spec("lenet")).parameters())
+    rows = args.limit_train or 60000
+    steps = math.ceil(rows / 2 / CONFIG["batch_size"])
+    # Ring all-reduce of the gradients: each of 2 workers sends and receives (W-1)/W of them per step.
+    ring = 2 * 2 * (2 - 1) / 2 * params * 4 * steps
+    reach = next((t for t, acc in curve if acc >= TARGET), None)
+    return {
+        "run": "torchdistributor",
+        "to_99_s": reach,
+        "accuracy": curve[-1][1],
+        "wall_s": wall,
+        "bytes_per_epoch": ring,
+        "round_s": None,
+        "split": {},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--limit-train", type=int, default=None)
+    parser.add_argument("--runs", default=",".join(ALL_RUNS))
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args()
+    runs = [r for r in args.runs.split(",") if r]
+    from deepspark.spark import session
+
+    session("local[2]", app_name="training-benchmark")
+    print(
+        f"{os.cpu_count()} cores; LeNet, {args.epochs} epoch(s) of {args.limit_train or 60000} MNIST images; "
+        f"{CONFIG}; load average at start {os.getloadavg()[0]:.1f}"
+    )
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in runs:
+            row = run_torchdistributor(args) if name == "torchdistributor" else run_fit(name, args, Path(tmp))
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    _report(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def _report(results: list[dict[str, Any]]) -> None:
+    by = {r["run"]: r for r in results if "error" not in r}
+    print(
+        f"\n{'run':<18}{'to 99.0%':>10}{'accuracy':>10}{'wall s':>9}{'MB/epoch':>10}"
+        f"{'round s':>9}{'overhead':>9}{'start s':>9}"
+    )
+    for r in results:
+        if "error" in r:
+            print(f"{r['run']:<18} not run: {r['error']}")
+            continue
+        to = f"{r['to_99_s']:.0f} s" if r["to_99_s"] else "-"
+        split = r.get("split") or {}
+        over = f"{100 * r['round_overhead']:.0f}%" if r.get("round_overhead") is not None else "-"
+        start = f"{split['scheduling_s']:.0f}" if "scheduling_s" in split else "-"
+        print(
+            f"{r['run']:<18}{to:>10}{r['accuracy'] or 0:>10.4f}{r['wall_s']:>9.0f}"
+            f"{r['bytes_per_epoch'] / 1e6:>10.1f}{r['round_s'] or 0:>9.2f}"
+            f"{over:>9}{start:>9}"
+        )
+
+    def ratio(a: str, b: str) -> str:
+        ta, tb = by.get(a, {}).get("to_99_s"), by.get(b, {}).get("to_99_s")
+        return f"{tb / ta:.2f}x" if ta and tb else "n/a (one of them did not reach 99.0%)"
+
+    for avg in (k for k in by if k.startswith("avg-")):
+        print(
+            f"{avg}: {ratio(avg, 'local1')} faster than local1 (target 1.7x), {ratio(avg, 'local2')} than "
+            f"local2 (> 1x), {ratio(avg, 'torchdistributor')} than TorchDistributor (>= 1x)"
+        )
+        if "allreduce" in by and by["allreduce"]["bytes_per_epoch"]:
+            share = by[avg]["bytes_per_epoch"] / by["allreduce"]["bytes_per_epoch"]
+            print(f"    bytes per epoch = {share:.4f} of allreduce's (target <= 0.04 at tau >= 50)")
+        if "local1" in by and by[avg]["accuracy"] is not None:
+            print(
+                f"    final accuracy {100 * (by[avg]['accuracy'] - by['local1']['accuracy']):+.2f} points vs local1"
+            )
+
+
+if __name__ == "__main__":
+    main()
