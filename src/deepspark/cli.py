@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from deepspark.errors import DeepsparkError
@@ -64,14 +65,27 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_data)
 
 
+_DATA_DIR_HELP = (
+    "a dataset directory (MNIST layout or CIFAR-10 binaries); alone, it is the dataset; with a dataset "
+    "name, it must hold that dataset's verified files"
+)
+
+
 # -------------------------------------------------------------------------------------------- train
 def _cmd_train(args: argparse.Namespace) -> int:
     from deepspark.training import train_local_job
 
+    dataset, data_dir = args.dataset, args.data_dir
+    if dataset is None and data_dir is not None:
+        # A --data-dir without a dataset name IS the dataset: load that directory, not MNIST. Its
+        # absolute path is the name (a directory called "mnist" must not mean the registered one).
+        dataset, data_dir = str(Path(data_dir).expanduser().absolute()), None
+    elif dataset is None:
+        dataset = "mnist"
     result = train_local_job(
-        dataset=args.dataset,
+        dataset=dataset,
         model=args.model,
-        data_dir=args.data_dir,
+        data_dir=data_dir,
         epochs=args.epochs,
         learning_rate=args.lr,
         batch_size=args.batch_size,
@@ -89,9 +103,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a zoo model in one process and print test accuracy")
-    p.add_argument("dataset", nargs="?", default="mnist")
+    p.add_argument(
+        "dataset",
+        nargs="?",
+        default=None,
+        help="dataset name (mnist) or MNIST-layout directory (default: --data-dir if given, else mnist)",
+    )
     p.add_argument("--model", default="cnn", help="zoo model name (mlp, lenet, cnn) or a spec JSON/YAML file")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None, help=_DATA_DIR_HELP)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
@@ -130,7 +149,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         options = {k: v for k, v in options.items() if k in ("trials", "parallelism", "max_failures")}
         options.update(run_dir=args.resume, resume=True)
     else:
-        options.setdefault("dataset", "mnist")
+        if args.data_dir is not None and args.dataset is None:
+            # The directory the user names is the dataset, whatever dataset a preset was made for.
+            options.pop("dataset", None)
+        elif args.data_dir is None:
+            options.setdefault("dataset", "mnist")
         options["run_dir"] = args.run_dir
     console = Console(stderr=True)
     progress = StudyProgress(console, maximize=True)
@@ -152,7 +175,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _add_tune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tune", help="distributed hyperparameter search; trials run as Spark tasks")
-    p.add_argument("dataset", nargs="?", default=None, help="dataset name (mnist) or MNIST-layout directory")
+    p.add_argument(
+        "dataset",
+        nargs="?",
+        default=None,
+        help="dataset name (mnist) or MNIST-layout directory (default: --data-dir if given, else mnist)",
+    )
     p.add_argument("--preset", default=None, help="a ready study: quick (make run) or paper (the blog's)")
     p.add_argument("--model", default=None, help="zoo model: mlp, lenet, cnn (default cnn)")
     p.add_argument("--space", default=None, help="search space YAML file (see docs/tune.md)")
@@ -165,7 +193,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", default=None, help="where the study lives (must not exist yet)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the study in RUN_DIR")
     p.add_argument("--master", default=None, help="Spark master URL (default: active session or local[*])")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None, help=_DATA_DIR_HELP)
     p.add_argument("--limit-train", type=int, default=None, help="use the first N training images")
     p.add_argument("--limit-test", type=int, default=None, help="use the first N test images")
     p.add_argument("--no-default", action="store_true", help="do not run the default configuration first")

@@ -86,3 +86,34 @@ def test_unknown_model_parameter_is_rejected_before_spark(tmp_path) -> None:
             space={"fc": {"type": "choice", "values": [64, 128]}},
             run_dir=tmp_path / "r2",
         )
+
+
+def test_cli_tune_with_a_data_dir_trains_on_that_directory_not_mnist(spark, tmp_path) -> None:
+    import numpy as np
+
+    from deepspark.data import write_idx
+    from deepspark.data.datasets import MNIST_FILES
+
+    # An MNIST-layout directory that is not MNIST: 3 classes, 7x7 images, 50 train / 20 test.
+    other = tmp_path / "other"
+    other.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = [
+        rng.integers(0, 256, (50, 7, 7), dtype=np.uint8),
+        (np.arange(50) % 3).astype(np.uint8),
+        rng.integers(0, 256, (20, 7, 7), dtype=np.uint8),
+        (np.arange(20) % 3).astype(np.uint8),
+    ]
+    for name, array in zip(MNIST_FILES, arrays, strict=True):
+        write_idx(other / name, array)
+    space = tmp_path / "space.yaml"
+    space.write_text("hidden: {type: choice, values: [8, 16]}\nepochs: 1\n")
+    run = tmp_path / "run"
+    args = ["tune", "--data-dir", str(other), "--model", "mlp", "--space", str(space), "--trials", "1"]
+    code = main([*args, "--limit-train", "40", "--limit-test", "20", "--no-default", "--run-dir", str(run)])
+    assert code == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["dataset"] is None and config["data_dir"] == str(other)
+    ckpt = load_checkpoint(run / "best")
+    assert tuple(ckpt.spec.input_shape) == (1, 7, 7)
+    assert ckpt.class_names == ("0", "1", "2")

@@ -189,6 +189,7 @@ def tune(
         metric, direction = saved.get("metric", metric), saved.get("direction", direction)
         if objective is None:
             dataset = saved.get("dataset", dataset)
+            data_dir = data_dir if data_dir is not None else saved.get("data_dir")
             model = saved.get("model", model)
             limit_train = saved.get("limit_train", limit_train)
             limit_test = saved.get("limit_test", limit_test)
@@ -217,9 +218,9 @@ def tune(
             trials = size
     builtin: TorchObjective | None = None
     if objective is None:
-        if dataset is None:
+        if dataset is None and data_dir is None:
             raise ConfigError(
-                "give an objective function, or a dataset (and model) for the built-in objective"
+                "give an objective function, or a dataset or data_dir (and model) for the built-in objective"
             )
         builtin = TorchObjective(model=model)
         builtin.split({**search.fixed, **{k: _example(v) for k, v in search.params.items()}})  # names check
@@ -267,6 +268,7 @@ def tune(
             "threads_per_trial": threads_per_trial,
             "objective": "builtin" if builtin is not None else getattr(objective, "__qualname__", "user"),
             "dataset": dataset,
+            "data_dir": str(Path(data_dir).expanduser().absolute()) if data_dir is not None else None,
             "model": model if builtin is not None else None,
             "limit_train": limit_train,
             "limit_test": limit_test,
