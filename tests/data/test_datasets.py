@@ -385,3 +385,43 @@ def test_cli_train_and_data_info_with_a_data_dir_use_that_directory(
     assert main(["train", "mnist", "--data-dir", str(other), "--model", "mlp", "--epochs", "1"]) == 2
     err = capsys.readouterr().err
     assert f"{other / 'train-images-idx3-ubyte'}: sha256 mismatch" in err
+
+
+def _labelled_layout(directory: Path, train_labels: list[int], test_labels: list[int]) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(5)
+    arrays = [
+        rng.integers(0, 256, (len(train_labels), 6, 6), dtype=np.uint8),
+        np.asarray(train_labels, dtype=np.uint8),
+        rng.integers(0, 256, (len(test_labels), 6, 6), dtype=np.uint8),
+        np.asarray(test_labels, dtype=np.uint8),
+    ]
+    return [write_idx(directory / n, a) for n, a in zip(MNIST_FILES, arrays, strict=True)]
+
+
+def test_a_stray_test_label_is_refused_not_turned_into_extra_classes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Unregistered directory: the training labels define the classes (0..9 here).
+    paths = _labelled_layout(tmp_path / "d", list(range(10)) * 3, [0, 1, 200, 3])
+    with pytest.raises(DatasetError) as err:
+        load_dataset(data_dir=tmp_path / "d")
+    message = str(err.value)
+    assert str(paths[3]) in message and "label 200" in message and "labels 0..9" in message
+    assert "10 classes" in message
+    # Within 0..max but never seen in training is refused too.
+    paths = _labelled_layout(tmp_path / "gap", [0, 2, 3, 0, 2, 3], [0, 1])
+    with pytest.raises(DatasetError, match=r"label 1 never occurs in the training labels"):
+        load_dataset(data_dir=tmp_path / "gap")
+    # Training labels alone set the class count, gaps included.
+    ok = _labelled_layout(tmp_path / "ok", [0, 2, 3, 0, 2, 3], [3, 0])
+    assert load_dataset(data_dir=ok[0].parent).num_classes == 4
+    # A registered dataset with 10 known classes: the bad file, the value and the range are named.
+    reg = _labelled_layout(tmp_path / "reg", list(range(10)) * 3, [0, 1, 200, 3])
+    digests = {name: _raw_digest(reg[0].parent / name) for name in MNIST_FILES}
+    entry = dataclasses.replace(DATASETS["mnist"], files=digests, mean=None, std=None)
+    monkeypatch.setitem(DATASETS, "mnist", entry)
+    with pytest.raises(DatasetError) as err:
+        load_dataset("mnist", data_dir=reg[0].parent)
+    message = str(err.value)
+    assert str(reg[3]) in message and "label 200" in message and "expected labels 0..9" in message

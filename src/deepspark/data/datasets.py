@@ -639,13 +639,23 @@ def _load_mnist_layout(name: str, files: list[Path], ds: DatasetInfo | None) -> 
         )
     if ds is not None:
         class_names = ds.class_names
+        for labels, path in ((train_labels, files[1]), (test_labels, files[3])):
+            if len(labels) and labels.max() >= len(class_names):
+                raise DatasetError(
+                    f"{path}: label {int(labels.max())} is out of range for {len(class_names)} classes "
+                    f"({ds.name}: expected labels 0..{len(class_names) - 1})"
+                )
     else:
-        top = max((int(lab.max()) for lab in (train_labels, test_labels) if len(lab)), default=-1)
+        # The training labels define the classes; one stray test label must not add classes that
+        # no model output was ever trained for (a 255 would make a 10-class set 256 classes).
+        top = int(train_labels.max()) if len(train_labels) else -1
         class_names = tuple(str(i) for i in range(top + 1))
-    for labels, path in ((train_labels, files[1]), (test_labels, files[3])):
-        if len(labels) and labels.max() >= len(class_names):
+        unseen = np.setdiff1d(test_labels, train_labels)
+        if len(unseen):
             raise DatasetError(
-                f"{path}: label {int(labels.max())} is out of range for {len(class_names)} classes"
+                f"{files[3]}: label {int(unseen[0])} never occurs in the training labels of {files[1]} "
+                f"({len(class_names)} classes, labels 0..{top}); "
+                f"{len(unseen)} test label value(s) unseen in training: {unseen[:10].tolist()}"
             )
     if ds is not None and ds.mean is not None and ds.std is not None:
         mean, std = ds.mean, ds.std
@@ -739,8 +749,8 @@ def load_dataset(name: str | None = None, *, data_dir: str | os.PathLike[str] | 
     too, the files must be in that directory and pass their checksums, else :class:`DatasetError`
     names each bad file: a directory the caller names is never swapped for another copy. With
     ``name=None``, ``data_dir`` (else ``$DEEPSPARK_DATA``) is loaded as its own dataset: any
-    MNIST-layout directory (any number of classes: ``num_classes = max label + 1``) or a CIFAR-10
-    binary directory.
+    MNIST-layout directory (the classes are ``0..max training label``; a test label that never
+    occurs in training is an error) or a CIFAR-10 binary directory.
     """
     dataset, _, _ = _resolve(name, data_dir)
     return dataset
