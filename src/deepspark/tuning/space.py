@@ -12,8 +12,10 @@ Every parameter is validated here, before any Spark job starts::
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +71,36 @@ class SearchSpace:
 
     def grid_size(self) -> int:
         return math.prod(len(v) for v in self.grid().values()) if self.params else 1
+
+    def grid_points(self, seed: int = 0) -> list[dict[str, Any]]:
+        """Every point of :meth:`grid`, once, in an order shuffled by ``seed``.
+
+        A study that runs only the first ``n`` points then covers the grid evenly rather than
+        varying the last parameter only; the same seed gives the same order, so ``--resume``
+        continues the same plan.
+        """
+        grid = self.grid()
+        names = sorted(grid)
+        points = [
+            dict(zip(names, values, strict=True)) for values in itertools.product(*(grid[n] for n in names))
+        ]
+        random.Random(seed).shuffle(points)
+        return points
+
+    def contains(self, name: str, value: Any) -> bool:
+        """Whether the searched parameter ``name`` can take ``value``."""
+        p = self.params[name]
+        if p["type"] in ("choice", "grid"):
+            return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in p["values"])
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if p["type"] == "int":
+            return (
+                float(value).is_integer()
+                and p["low"] <= value <= p["high"]
+                and (value - p["low"]) % p["step"] == 0
+            )
+        return bool(p["low"] <= value <= p["high"])
 
     def to_dict(self) -> dict[str, Any]:
         return {**{k: dict(v) for k, v in self.params.items()}, **dict(self.fixed)}
