@@ -250,7 +250,7 @@ def tune(
                 "give an objective function, or a dataset or data_dir (and model) for the built-in objective"
             )
         builtin = TorchObjective(model=model)
-        builtin.split({**search.fixed, **{k: _example(v) for k, v in search.params.items()}})  # names check
+        search.check(builtin.check)  # names, and every value the space can give, before Spark starts
         objective = builtin
     elif not callable(objective):
         raise ConfigError(f"objective: expected a callable objective(config, reporter), got {objective!r}")
@@ -266,7 +266,7 @@ def tune(
         if missing:
             raise ConfigError(f"default_config: lacks a value for searched parameter(s) {missing}")
         if builtin is not None:
-            builtin.split({**default_config})
+            builtin.check({**default_config})
     distributions = search.distributions()
     if default_params is not None:
         for name, value in default_params.items():
@@ -409,10 +409,6 @@ def _plan_grid(study: optuna.Study, search: SearchSpace, *, points: int, seed: i
 def _carried(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """What a re-run of an interrupted trial inherits: its default-ness, pinned values, grid point."""
     return {k: attrs[k] for k in CARRIED_ATTRS if k in attrs}
-
-
-def _example(p: Mapping[str, Any]) -> Any:
-    return p["values"][0] if "values" in p else p["low"]
 
 
 def _execute(

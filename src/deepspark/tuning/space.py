@@ -16,7 +16,7 @@ import itertools
 import math
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,8 +102,44 @@ class SearchSpace:
             )
         return bool(p["low"] <= value <= p["high"])
 
+    def check(self, validate: Callable[[Mapping[str, Any]], object]) -> None:
+        """Raise :class:`ConfigError` unless ``validate`` accepts every value the space can give.
+
+        ``validate(config)`` raises ConfigError for a configuration the objective cannot take. Each
+        parameter is tried alone with the fixed values at the values that bound what it can take (low
+        and high, a non-integer in between for a continuous range, every choice), so a range that is
+        valid only in part fails here, before Spark starts, and not trial by trial at run time.
+        """
+        validate(dict(self.fixed))
+        for name, p in self.params.items():
+            for value in _probes(p):
+                try:
+                    validate({**self.fixed, name: value})
+                except ConfigError as exc:
+                    raise ConfigError(
+                        f"space: parameter {name!r} is {_describe(p)}, but the objective cannot take "
+                        f"{name}={value!r}: {exc}"
+                    ) from None
+
     def to_dict(self) -> dict[str, Any]:
         return {**{k: dict(v) for k, v in self.params.items()}, **dict(self.fixed)}
+
+
+def _probes(p: Mapping[str, Any]) -> list[Any]:
+    """The values that bound what a parameter can take (see :meth:`SearchSpace.check`)."""
+    if p["type"] in ("choice", "grid"):
+        return list(p["values"])
+    if p["type"] == "int":
+        return [p["low"], p["high"]]
+    inside = p["low"] + (p["high"] - p["low"]) / math.e  # not an integer: catches integer-only options
+    return [p["low"], p["high"]] + ([] if float(inside).is_integer() else [inside])
+
+
+def _describe(p: Mapping[str, Any]) -> str:
+    if p["type"] in ("choice", "grid"):
+        return f"{p['type']} {list(p['values'])}"
+    step = f" step {p['step']}" if p["type"] == "int" and p.get("step", 1) != 1 else ""
+    return f"{p['type']} from {p['low']:g} to {p['high']:g}{step}"
 
 
 def _number(name: str, key: str, value: Any) -> float:
