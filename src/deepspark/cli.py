@@ -64,6 +64,12 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_data)
 
 
+_DATA_DIR_HELP = (
+    "a dataset directory (MNIST layout or CIFAR-10 binaries); alone, it is the dataset; with a dataset "
+    "name, it must hold that dataset's verified files"
+)
+
+
 # --------------------------------------------------------------------------------------------- tune
 def _cmd_tune(args: argparse.Namespace) -> int:
     from rich.console import Console
@@ -91,7 +97,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         options = {k: v for k, v in options.items() if k in ("trials", "parallelism", "max_failures")}
         options.update(run_dir=args.resume, resume=True)
     else:
-        options.setdefault("dataset", "mnist")
+        if args.data_dir is not None and args.dataset is None:
+            # The directory the user names is the dataset, whatever dataset a preset was made for.
+            options.pop("dataset", None)
+        elif args.data_dir is None:
+            options.setdefault("dataset", "mnist")
         options["run_dir"] = args.run_dir
     console = Console(stderr=True)
     progress = StudyProgress(console, maximize=True)
@@ -113,7 +123,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _add_tune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tune", help="distributed hyperparameter search; trials run as Spark tasks")
-    p.add_argument("dataset", nargs="?", default=None, help="dataset name (mnist) or MNIST-layout directory")
+    p.add_argument(
+        "dataset",
+        nargs="?",
+        default=None,
+        help="dataset name (mnist) or MNIST-layout directory (default: --data-dir if given, else mnist)",
+    )
     p.add_argument("--preset", default=None, help="a ready study: quick (make run) or paper (the blog's)")
     p.add_argument("--model", default=None, help="zoo model: mlp, lenet, cnn (default cnn)")
     p.add_argument("--space", default=None, help="search space YAML file (see docs/tune.md)")
@@ -126,7 +141,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", default=None, help="where the study lives (must not exist yet)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the study in RUN_DIR")
     p.add_argument("--master", default=None, help="Spark master URL (default: active session or local[*])")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None, help=_DATA_DIR_HELP)
     p.add_argument("--limit-train", type=int, default=None, help="use the first N training images")
     p.add_argument("--limit-test", type=int, default=None, help="use the first N test images")
     p.add_argument("--no-default", action="store_true", help="do not run the default configuration first")

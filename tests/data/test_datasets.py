@@ -319,3 +319,112 @@ def test_developers_md_lists_the_digests_the_registry_checks() -> None:
     text = (Path(__file__).parents[2] / "DEVELOPERS.md").read_text()
     documented = dict(re.findall(r"\| `([a-z0-9-]+-ubyte)` \| `([0-9a-f]{64})` \|", text))
     assert documented == dict(MNIST.files)
+
+
+# ------------------------------------------------------------ a directory the user names is the dataset
+def _write_other(
+    directory: Path, *, classes: int = 3, size: int = 7, train: int = 50, test: int = 20
+) -> Path:
+    """An MNIST-layout directory that is not MNIST: other image size, class count and split sizes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = [
+        *_make_split(train, classes=classes, size=size, seed=3),
+        *_make_split(test, classes=classes, size=size, seed=4),
+    ]
+    for raw_name, array in zip(MNIST_FILES, arrays, strict=True):
+        write_idx(directory / raw_name, array)
+    return directory
+
+
+@pytest.fixture
+def cached_mnist(tmp_path: Path, tiny: DatasetInfo) -> Path:
+    """A verified copy of the (synthetic) registered "mnist" in the cache: what a wrong fallback would load."""
+    cache = _write_layout(_cache_dir(tmp_path))[0].parent
+    assert verify("mnist") == dict.fromkeys(MNIST_FILES, "ok")
+    return cache
+
+
+def test_a_named_directory_loads_as_itself_and_never_as_the_cached_registered_dataset(
+    tmp_path: Path, cached_mnist: Path
+) -> None:
+    other = _write_other(tmp_path / "other")
+    for data in (load_dataset(data_dir=other), load_dataset(str(other))):
+        assert data.train_images.shape == (50, 7, 7) and data.test_images.shape == (20, 7, 7)
+        assert data.num_classes == 3 and data.class_names == ("0", "1", "2")
+    described = info(data_dir=other)
+    assert described["directory"] == str(other) and described["num_classes"] == 3
+    # Naming the registered dataset as well: the directory must hold it; the cache is no substitute.
+    for call in (lambda: load_dataset("mnist", data_dir=other), lambda: info("mnist", data_dir=other)):
+        with pytest.raises(DatasetError) as err:
+            call()
+        message = str(err.value)
+        for name in MNIST_FILES:
+            assert f"{other / name}: sha256 mismatch: expected {DATASETS['mnist'].files[name]}" in message
+        assert str(cached_mnist) not in message
+    with pytest.raises(DatasetError, match="expected an existing directory holding mnist"):
+        load_dataset("mnist", data_dir=tmp_path / "nowhere")
+    # Without data_dir the registered name still finds the verified cache.
+    assert load_dataset("mnist").train_images.shape == (12, 8, 8)
+
+
+def test_cli_train_and_data_info_with_a_data_dir_use_that_directory(
+    tmp_path: Path, cached_mnist: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deepspark.cli import main
+    from deepspark.models import load_checkpoint
+
+    other = _write_other(tmp_path / "other")
+    output = tmp_path / "ckpt"
+    args = ["train", "--data-dir", str(other), "--model", "mlp", "--epochs", "1", "--threads", "1"]
+    args += ["--run-dir", str(tmp_path / "run")]
+    assert main([*args, "--output", str(output)]) == 0
+    ckpt = load_checkpoint(output)
+    assert tuple(ckpt.spec.input_shape) == (1, 7, 7) and ckpt.class_names == ("0", "1", "2")
+    assert main(["data", "info", "--data-dir", str(other)]) == 0
+    assert '"num_classes": 3' in capsys.readouterr().out
+    # `mnist` named explicitly with a directory of other files: an error naming the file, not the cache.
+    bad = ["train", "mnist", "--data-dir", str(other), "--model", "mlp", "--run-dir", str(tmp_path / "bad")]
+    assert main([*bad, "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{other / 'train-images-idx3-ubyte'}: sha256 mismatch" in err
+    assert not (tmp_path / "bad").exists()  # a failed start leaves no run directory behind
+
+
+def _labelled_layout(directory: Path, train_labels: list[int], test_labels: list[int]) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(5)
+    arrays = [
+        rng.integers(0, 256, (len(train_labels), 6, 6), dtype=np.uint8),
+        np.asarray(train_labels, dtype=np.uint8),
+        rng.integers(0, 256, (len(test_labels), 6, 6), dtype=np.uint8),
+        np.asarray(test_labels, dtype=np.uint8),
+    ]
+    return [write_idx(directory / n, a) for n, a in zip(MNIST_FILES, arrays, strict=True)]
+
+
+def test_a_stray_test_label_is_refused_not_turned_into_extra_classes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Unregistered directory: the training labels define the classes (0..9 here).
+    paths = _labelled_layout(tmp_path / "d", list(range(10)) * 3, [0, 1, 200, 3])
+    with pytest.raises(DatasetError) as err:
+        load_dataset(data_dir=tmp_path / "d")
+    message = str(err.value)
+    assert str(paths[3]) in message and "label 200" in message and "labels 0..9" in message
+    assert "10 classes" in message
+    # Within 0..max but never seen in training is refused too.
+    paths = _labelled_layout(tmp_path / "gap", [0, 2, 3, 0, 2, 3], [0, 1])
+    with pytest.raises(DatasetError, match=r"label 1 never occurs in the training labels"):
+        load_dataset(data_dir=tmp_path / "gap")
+    # Training labels alone set the class count, gaps included.
+    ok = _labelled_layout(tmp_path / "ok", [0, 2, 3, 0, 2, 3], [3, 0])
+    assert load_dataset(data_dir=ok[0].parent).num_classes == 4
+    # A registered dataset with 10 known classes: the bad file, the value and the range are named.
+    reg = _labelled_layout(tmp_path / "reg", list(range(10)) * 3, [0, 1, 200, 3])
+    digests = {name: _raw_digest(reg[0].parent / name) for name in MNIST_FILES}
+    entry = dataclasses.replace(DATASETS["mnist"], files=digests, mean=None, std=None)
+    monkeypatch.setitem(DATASETS, "mnist", entry)
+    with pytest.raises(DatasetError) as err:
+        load_dataset("mnist", data_dir=reg[0].parent)
+    message = str(err.value)
+    assert str(reg[3]) in message and "label 200" in message and "expected labels 0..9" in message

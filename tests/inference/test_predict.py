@@ -79,6 +79,29 @@ def test_images_every_row_once_predictions_exact_and_bad_files_are_error_rows(
     assert summary.threads_per_task == 1
 
 
+@pytest.mark.parametrize("form", ["dir", "glob"])
+def test_a_zero_byte_file_is_an_error_row_not_a_dropped_row(
+    spark: Any, small_model: Model, tmp_path: Path, form: str
+) -> None:
+    root = tmp_path / "in put"  # a space: the path is written the way binaryFile writes it
+    root.mkdir()
+    for i in range(2):
+        (root / f"good{i}.png").write_bytes(png_bytes(small_model.images[i]))
+    (root / "empty.png").write_bytes(b"")
+    data = root if form == "dir" else f"{root}/*.png"
+    result = predict(data, small_model.path, output=tmp_path / "out", spark=spark)
+    rows = result.dataframe.collect()
+    assert len(rows) == 3
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert sorted(by_name) == ["empty.png", "good0.png", "good1.png"]
+    assert all(r["path"].startswith(f"file:{root}/") for r in rows)
+    _assert_error_row(by_name["empty.png"], "empty input (0 bytes)")
+    expected = reference_probabilities(small_model, small_model.images[:2])
+    for i in range(2):
+        _assert_matches(by_name[f"good{i}.png"], expected[i], 5)
+    assert result.summary is not None and (result.summary.rows, result.summary.errors) == (3, 1)
+
+
 def test_model_is_loaded_once_per_worker_not_per_partition(
     spark: Any, small_model: Model, tmp_path: Path
 ) -> None:

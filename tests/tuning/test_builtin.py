@@ -86,3 +86,91 @@ def test_unknown_model_parameter_is_rejected_before_spark(tmp_path) -> None:
             space={"fc": {"type": "choice", "values": [64, 128]}},
             run_dir=tmp_path / "r2",
         )
+
+
+def test_cli_tune_with_a_data_dir_trains_on_that_directory_not_mnist(spark, tmp_path) -> None:
+    import numpy as np
+
+    from deepspark.data import write_idx
+    from deepspark.data.datasets import MNIST_FILES
+
+    # An MNIST-layout directory that is not MNIST: 3 classes, 7x7 images, 50 train / 20 test.
+    other = tmp_path / "other"
+    other.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = [
+        rng.integers(0, 256, (50, 7, 7), dtype=np.uint8),
+        (np.arange(50) % 3).astype(np.uint8),
+        rng.integers(0, 256, (20, 7, 7), dtype=np.uint8),
+        (np.arange(20) % 3).astype(np.uint8),
+    ]
+    for name, array in zip(MNIST_FILES, arrays, strict=True):
+        write_idx(other / name, array)
+    space = tmp_path / "space.yaml"
+    space.write_text("hidden: {type: choice, values: [8, 16]}\nepochs: 1\n")
+    run = tmp_path / "run"
+    args = ["tune", "--data-dir", str(other), "--model", "mlp", "--space", str(space), "--trials", "1"]
+    code = main([*args, "--limit-train", "40", "--limit-test", "20", "--no-default", "--run-dir", str(run)])
+    assert code == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["dataset"] is None and config["data_dir"] == str(other)
+    ckpt = load_checkpoint(run / "best")
+    assert tuple(ckpt.spec.input_shape) == (1, 7, 7)
+    assert ckpt.class_names == ("0", "1", "2")
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        (
+            {"dropout": {"type": "uniform", "low": 0.5, "high": 1.5}},
+            r"parameter 'dropout' is uniform from 0.5 to 1.5, .* dropout=1.5: .*p must be in \[0, 1\)",
+        ),
+        (
+            {"learning_rate": {"type": "uniform", "low": 0.0, "high": 0.1}},
+            r"parameter 'learning_rate' is uniform from 0 to 0.1, .* learning_rate=0.0: .*expected a positive",
+        ),
+        (
+            {"batch_size": {"type": "choice", "values": [64, 0]}},
+            r"parameter 'batch_size' is choice \[64, 0\], .* batch_size=0: .*expected a positive int",
+        ),
+        (
+            {"batch_size": {"type": "uniform", "low": 32, "high": 64}},
+            r"parameter 'batch_size' is uniform from 32 to 64, .*expected a positive int",
+        ),
+        (
+            {"fc": {"type": "int", "low": 0, "high": 1024}},
+            r"parameter 'fc' is int from 0 to 1024, .* fc=0: .*out_features must be a positive integer",
+        ),
+    ],
+)
+def test_a_space_value_the_model_cannot_take_fails_before_spark(
+    tmp_path, monkeypatch, space, message
+) -> None:
+    import pyspark
+
+    import deepspark.spark as ds_spark
+    from deepspark.errors import ConfigError
+    from deepspark.tuning import tune
+
+    def no_spark(*args, **kwargs):
+        raise AssertionError("a Spark session was requested before the space was checked")
+
+    monkeypatch.setattr(ds_spark, "session", no_spark)
+    active = pyspark.SparkContext._active_spark_context
+    with pytest.raises(ConfigError, match=message):
+        tune(dataset="mnist", model="cnn", space=space, run_dir=tmp_path / "r", default_config=False)
+    assert pyspark.SparkContext._active_spark_context is active
+    assert not (tmp_path / "r").exists()
+    # The same space within the model's limits is accepted (fails later only for want of Spark).
+    with pytest.raises(AssertionError, match="Spark session was requested"):
+        tune(
+            dataset="mnist",
+            model="cnn",
+            space={"dropout": {"type": "uniform", "low": 0.0, "high": 0.9}, "epochs": 1},
+            trials=1,
+            run_dir=tmp_path / "ok",
+            default_config=False,
+            limit_train=10,
+            limit_test=10,
+        )

@@ -46,6 +46,58 @@ def test_grid_sampler_visits_each_point_once(spark, tmp_path) -> None:
     assert seen == [(a, b) for a in (1, 2, 3) for b in ("u", "v")]
 
 
+GRID_2X2 = {"a": {"type": "grid", "values": [1, 2]}, "b": {"type": "choice", "values": ["u", "v"]}}
+
+
+def _numbered(config, reporter):
+    """Later trials score higher, so the grid's last trial is the best; each keeps a model naming itself."""
+    reporter.keep_model(lambda: {"model.json": json.dumps({"trial": reporter.number, **config}).encode()})
+    return {"accuracy": reporter.number / 100, "ran": f"{config['a']}{config['b']}"}
+
+
+def _check_best_model(run: Path, best_trial: int) -> None:
+    best = json.loads((run / "best.json").read_text())
+    assert best["best"]["trial"] == best_trial
+    assert json.loads((run / "best" / "trial.json").read_text())["trial"] == best_trial
+    assert json.loads((run / "best" / "model.json").read_text())["trial"] == best_trial
+
+
+def test_grid_runs_every_point_once_plus_the_default_and_best_model_matches(spark, tmp_path) -> None:
+    run = tmp_path / "grid"
+    default = {"a": 2, "b": "v"}  # a grid point too: it must not stand in for that point
+    kwargs = {"space": GRID_2X2, "sampler": "grid", "pruner": "none", "parallelism": 1, "run_dir": run}
+    # Half the grid first, then the rest on --resume.
+    first = tune(_numbered, trials=2, default_config=default, **kwargs)
+    assert first.counts() == {"complete": 3, "pruned": 0, "fail": 0}
+    assert first.stop_reason is None
+    _check_best_model(run, max(r.number for r in first.records))
+    result = tune(_numbered, run_dir=run, resume=True, trials=4)
+    assert result.counts() == {"complete": 5, "pruned": 0, "fail": 0}
+    defaults = [r for r in result.records if r.is_default]
+    assert [(r.number, r.metrics["ran"]) for r in defaults] == [(0, "2v")]
+    ran = sorted(r.metrics["ran"] for r in result.records if not r.is_default)
+    assert ran == ["1u", "1v", "2u", "2v"]  # every point exactly once
+    # The last trial is the best: its model is the one in best/, as best.json says.
+    assert result.best is not None and result.best.number == 4
+    _check_best_model(run, 4)
+    rows = list(csv.DictReader((run / "trials.csv").open()))
+    assert sorted(int(r["number"]) for r in rows) == [0, 1, 2, 3, 4]
+
+
+def _constant(config, reporter):
+    reporter.keep_model(lambda: {"model.json": json.dumps({"trial": reporter.number}).encode()})
+    return 0.5
+
+
+def test_tied_best_values_keep_the_model_of_the_trial_best_json_names(spark, tmp_path) -> None:
+    run = tmp_path / "tie"
+    result = tune(
+        _constant, space=GRID_2X2, trials=4, sampler="grid", pruner="none", parallelism=2, run_dir=run
+    )
+    assert result.counts()["complete"] == 4
+    _check_best_model(run, min(r.number for r in result.records))
+
+
 def test_tpe_with_constant_liar_proposes_distinct_configs(spark, tmp_path) -> None:
     result = tune(
         _quadratic, space=X, trials=16, sampler="tpe", pruner="none", parallelism=2, run_dir=tmp_path / "t"

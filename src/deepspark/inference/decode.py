@@ -76,6 +76,8 @@ def decode_image(data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
     if channels not in (1, 3):
         raise RowError(f"images can feed models with 1 or 3 input channels, this one has {channels}")
     mode = "L" if channels == 1 else "RGB"
+    if not data:
+        raise RowError("empty input (0 bytes): there is no image to decode")
     try:
         with Image.open(io.BytesIO(data)) as opened:
             opened.draft(mode, (width, height))  # JPEG: decode at a reduced scale when that is enough

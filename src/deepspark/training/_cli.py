@@ -46,7 +46,11 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
     p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="a dataset directory; alone it is the dataset, with a name it must hold that dataset's verified files",
+    )
     p.add_argument("--master", default=None, help="Spark master URL (default: active session or local[*])")
     p.add_argument(
         "--run-dir", default=None, help="where the run lives (default runs/<dataset>-<model>-<time>)"
@@ -118,7 +122,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             )
         options: dict[str, Any] = {"data": _saved_data(args.resume), "run_dir": args.resume, "resume": True}
     else:
-        dataset = args.dataset or "mnist"
+        # A --data-dir without a dataset name IS the dataset: that directory, never MNIST instead.
+        dataset = args.dataset or args.data_dir or "mnist"
+        data_dir = args.data_dir if args.dataset else None
         model = args.model or (
             "cnn" if (args.workers or 1) == 1 and args.strategy in (None, "local") else "lenet"
         )
@@ -137,7 +143,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         result = fit(
             **options,
-            data_dir=args.data_dir,
+            data_dir=None if args.resume else data_dir,
             limit_train=args.limit_train,
             limit_test=args.limit_test,
             master=args.master,

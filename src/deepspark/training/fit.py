@@ -147,74 +147,79 @@ def fit(
         raise ConfigError(f"workers: strategy 'local' runs in one process; expected 1, got {workers}")
     train_config = _train_config(config, strategy)
     settings = average if isinstance(average, AverageSettings) else AverageSettings(**dict(average or {}))
+    created = run_dir is None or not Path(run_dir).exists()
     run_path = _run_dir(run_dir, resume=resume)
+    try:
+        from deepspark.models import load_spec
+        from deepspark.spark import session, total_slots
 
-    from deepspark.models import load_spec
-    from deepspark.spark import session, total_slots
-
-    if strategy == "local":
-        return _fit_local(
+        if strategy == "local":
+            return _fit_local(
+                data,
+                model,
+                train_config,
+                run_path,
+                data_dir,
+                limit_train,
+                limit_test,
+                threads_per_worker,
+                started,
+            )
+        spark = session(master, app_name="deepspark-train", conf={"spark.task.cpus": threads_per_worker})
+        slots = total_slots(spark)
+        if workers > slots:
+            raise ConfigError(
+                f"workers: the cluster has {slots} task slot(s) ({spark.sparkContext.defaultParallelism} cores / "
+                f"{threads_per_worker} thread(s) per worker), and every worker of a round runs at once; "
+                f"expected at most {slots}, got {workers}"
+            )
+        prepared = _prepare_data(
+            spark,
             data,
-            model,
+            test_data=test_data,
+            feature_column=feature_column,
+            label_column=label_column,
+            input_shape=input_shape,
+            num_classes=num_classes,
+            data_dir=data_dir,
+            limit_train=limit_train,
+            limit_test=limit_test,
+        )
+        spec = _model_spec(model, prepared.layout)
+        if not resume:
+            _write_config(
+                run_path,
+                {
+                    "strategy": strategy,
+                    "workers": workers,
+                    "config": train_config.to_dict(),
+                    "average": asdict(settings),
+                    "model": model if isinstance(model, str) else load_spec(model).to_dict(),
+                    "threads_per_worker": threads_per_worker,
+                    "data": str(data) if isinstance(data, str | os.PathLike) else "DataFrame",
+                    "limit_train": limit_train,
+                    "limit_test": limit_test,
+                    "rows": prepared.layout.rows,
+                },
+            )
+        return _fit_average(
+            spark,
+            prepared,
+            spec,
             train_config,
-            run_path,
-            data_dir,
-            limit_train,
-            limit_test,
-            threads_per_worker,
-            started,
+            settings,
+            workers=workers,
+            run_path=run_path,
+            resume=resume,
+            threads=threads_per_worker,
+            checkpoint_seconds=checkpoint_seconds,
+            on_round=on_round,
+            started=started,
         )
-    spark = session(master, app_name="deepspark-train", conf={"spark.task.cpus": threads_per_worker})
-    slots = total_slots(spark)
-    if workers > slots:
-        raise ConfigError(
-            f"workers: the cluster has {slots} task slot(s) ({spark.sparkContext.defaultParallelism} cores / "
-            f"{threads_per_worker} thread(s) per worker), and every worker of a round runs at once; "
-            f"expected at most {slots}, got {workers}"
-        )
-    prepared = _prepare_data(
-        spark,
-        data,
-        test_data=test_data,
-        feature_column=feature_column,
-        label_column=label_column,
-        input_shape=input_shape,
-        num_classes=num_classes,
-        data_dir=data_dir,
-        limit_train=limit_train,
-        limit_test=limit_test,
-    )
-    spec = _model_spec(model, prepared.layout)
-    if not resume:
-        _write_config(
-            run_path,
-            {
-                "strategy": strategy,
-                "workers": workers,
-                "config": train_config.to_dict(),
-                "average": asdict(settings),
-                "model": model if isinstance(model, str) else load_spec(model).to_dict(),
-                "threads_per_worker": threads_per_worker,
-                "data": str(data) if isinstance(data, str | os.PathLike) else "DataFrame",
-                "limit_train": limit_train,
-                "limit_test": limit_test,
-                "rows": prepared.layout.rows,
-            },
-        )
-    return _fit_average(
-        spark,
-        prepared,
-        spec,
-        train_config,
-        settings,
-        workers=workers,
-        run_path=run_path,
-        resume=resume,
-        threads=threads_per_worker,
-        checkpoint_seconds=checkpoint_seconds,
-        on_round=on_round,
-        started=started,
-    )
+    except BaseException:
+        if created and not (run_path / HISTORY).exists():
+            shutil.rmtree(run_path, ignore_errors=True)  # nothing trained: leave nothing half-written
+        raise
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -321,12 +326,9 @@ def _prepare_data(
         raise ConfigError(
             f"data: expected a dataset name, an MNIST-layout directory or a Spark DataFrame, got {type(data).__name__}"
         )
-    from deepspark.data import load_dataset, to_dataframe
+    from deepspark.data import to_dataframe
 
-    name, directory = (None, data) if Path(data).is_dir() else (str(data), data_dir)
-    dataset = load_dataset(name, data_dir=directory)
-    if limit_train is not None or limit_test is not None:
-        dataset = dataset.subset(train=limit_train, test=limit_test)
+    dataset = _load(data, data_dir, limit_train, limit_test)
     if len(dataset.train_labels) == 0:
         raise ConfigError("limit_train: the training split would be empty; give at least 1")
     preprocess = Preprocess(input_shape=dataset.input_shape, mean=tuple(dataset.mean), std=tuple(dataset.std))
@@ -348,6 +350,24 @@ def _prepare_data(
         test_inputs=preprocess.apply(dataset.test_images) if len(dataset.test_labels) else None,
         test_labels=torch.as_tensor(dataset.test_labels) if len(dataset.test_labels) else None,
     )
+
+
+def _load(data: Any, data_dir: Any, limit_train: int | None, limit_test: int | None) -> Any:
+    """A registered dataset by name (its files from ``data_dir`` when given), else the directory ``data``."""
+    from deepspark.data import DATASETS, load_dataset
+
+    if str(data) in DATASETS:
+        dataset = load_dataset(str(data), data_dir=data_dir)
+    elif Path(data).is_dir():
+        dataset = load_dataset(None, data_dir=data)
+    else:
+        raise ConfigError(
+            f"data: expected a registered dataset ({', '.join(sorted(DATASETS))}), a dataset directory or a "
+            f"Spark DataFrame, got {str(data)!r} (no such directory)"
+        )
+    if limit_train is not None or limit_test is not None:
+        dataset = dataset.subset(train=limit_train, test=limit_test)
+    return dataset
 
 
 def _collect(df: Any, layout: FrameLayout, preprocess: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:
@@ -763,7 +783,6 @@ def _fit_local(
     threads: int,
     started: float,
 ) -> FitResult:
-    from deepspark.data import load_dataset
     from deepspark.models import Preprocess
     from deepspark.training.loop import EpochMetrics, train_one_process
 
@@ -771,10 +790,7 @@ def _fit_local(
         raise ConfigError(
             "strategy 'local' trains on a dataset name or directory; use 'average' for a DataFrame"
         )
-    name, directory = (None, data) if Path(data).is_dir() else (str(data), data_dir)
-    dataset = load_dataset(name, data_dir=directory)
-    if limit_train is not None or limit_test is not None:
-        dataset = dataset.subset(train=limit_train, test=limit_test)
+    dataset = _load(data, data_dir, limit_train, limit_test)
     layout = FrameLayout(
         "image", "label", "bytes", dataset.input_shape, len(dataset.train_labels), dataset.num_classes
     )

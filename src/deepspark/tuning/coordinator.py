@@ -34,6 +34,9 @@ INTERRUPTED_ATTR = "deepspark:interrupted"
 ATTEMPTS_ATTR = "deepspark:attempts"
 OVERRIDES_ATTR = "deepspark:overrides"
 CONFIG_ATTR = "deepspark:config"
+GRID_ATTR = "deepspark:grid_point"
+#: What a re-run of an interrupted trial inherits from it.
+CARRIED_ATTRS = (DEFAULT_ATTR, OVERRIDES_ATTR, GRID_ATTR)
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,10 @@ class Coordinator:
         self._connections = 0
         self._slot_conn: dict[int, int] = {}
         self.stop_reason: str | None = None
-        self._best: float | None = self._study_best()
+        # The best trial so far as (value, number); best/ holds its model. Ties go to the lower trial
+        # number, the trial best.json names (report.best_and_default), whatever order they finish in.
+        self._maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        self._best: tuple[float, int] | None = self._study_best()
         self._server = _Server((bind, 0), _Handler)
         self._server.coordinator = self
         self._thread = threading.Thread(
@@ -159,7 +165,7 @@ class Coordinator:
 
     @property
     def best_value(self) -> float | None:
-        return self._best
+        return self._best[0] if self._best is not None else None
 
     def interrupt_running(self) -> list[int]:
         """Mark every running or to-be-retried trial interrupted and queue its params for ``--resume``."""
@@ -177,9 +183,7 @@ class Coordinator:
     def _interrupt(self, run: _Running) -> None:
         run.trial.set_user_attr(INTERRUPTED_ATTR, True)
         self.study.tell(run.trial, state=optuna.trial.TrialState.FAIL)
-        carried = {
-            k: run.trial.user_attrs[k] for k in (DEFAULT_ATTR, OVERRIDES_ATTR) if k in run.trial.user_attrs
-        }
+        carried = {k: run.trial.user_attrs[k] for k in CARRIED_ATTRS if k in run.trial.user_attrs}
         self.study.enqueue_trial(
             dict(run.trial.params), user_attrs={"deepspark:rerun_of": run.trial.number, **carried}
         )
@@ -337,9 +341,9 @@ class Coordinator:
             else:
                 self.study.tell(run.trial, record.value)
             self.records.append(record)
-            send_model = state is TrialState.COMPLETE and self._better(record.value)
-            if send_model:
-                self._best = record.value
+            send_model = state is TrialState.COMPLETE and self._better(record.value, number)
+            if send_model and record.value is not None:
+                self._best = (record.value, number)
             self._changed.notify_all()
         self._emit(TrialEvent("finish", number, record=record, worker=worker))
         return send_model
@@ -348,7 +352,7 @@ class Coordinator:
         if not files or self._on_model is None:
             return
         record = next((r for r in self.records if r.number == number), None)
-        if record is None or record.value != self._best:
+        if record is None or self._best is None or self._best[1] != number:
             return  # a better trial finished meanwhile
         decoded = {name: base64.b64decode(data) for name, data in files.items()}
         self._on_model(record, decoded)
@@ -393,19 +397,21 @@ class Coordinator:
             self._changed.notify_all()
 
     # ------------------------------------------------------------------------------- helpers
-    def _better(self, value: float | None) -> bool:
+    def _better(self, value: float | None, number: int) -> bool:
         if value is None:
             return False
-        if self._best is None:
-            return True
-        maximize = self.study.direction == optuna.study.StudyDirection.MAXIMIZE
-        return value > self._best if maximize else value < self._best
+        return self._best is None or _ranks_above((value, number), self._best, maximize=self._maximize)
 
-    def _study_best(self) -> float | None:
-        try:
-            return float(self.study.best_value)
-        except ValueError:
-            return None
+    def _study_best(self) -> tuple[float, int] | None:
+        """The best finished trial of a resumed study, by the same rule as :meth:`_better`."""
+        best: tuple[float, int] | None = None
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if t.value is None or t.user_attrs.get(INTERRUPTED_ATTR):
+                continue
+            candidate = (float(t.value), t.number)
+            if best is None or _ranks_above(candidate, best, maximize=self._maximize):
+                best = candidate
+        return best
 
     def _emit(self, event: TrialEvent) -> None:
         if self._on_event is not None:
@@ -416,6 +422,13 @@ class Coordinator:
 
     def record_for(self, number: int) -> TrialRecord | None:
         return next((r for r in self.records if r.number == number), None)
+
+
+def _ranks_above(a: tuple[float, int], b: tuple[float, int], *, maximize: bool) -> bool:
+    """Whether trial ``a`` (value, number) ranks above ``b``: a better value, or the same and a lower number."""
+    if a[0] == b[0]:
+        return a[1] < b[1]
+    return a[0] > b[0] if maximize else a[0] < b[0]
 
 
 def _peer_closed(conn: socket.socket) -> bool:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from deepspark.errors import ConfigError
+from deepspark.errors import ConfigError, SpecError
 from deepspark.models import ZOO, model_spec, save_checkpoint
 from deepspark.training import DEFAULT_TRAIN_CONFIG, EpochMetrics, TrainConfig, train_one_process
 from deepspark.tuning.trial import Reporter
@@ -43,6 +43,15 @@ class TorchObjective:
                 f"hyperparameters of model {self.model!r} ({sorted(allowed)})"
             )
         return TrainConfig.from_dict({**DEFAULT_TRAIN_CONFIG.to_dict(), **train_cfg}), hyper
+
+    def check(self, config: Mapping[str, Any]) -> None:
+        """Raise :class:`ConfigError` unless a trial could train with ``config``: names, training
+        options and the model's hyperparameters (the network is built for 28x28 grey inputs)."""
+        _, hyper = self.split(config)
+        try:
+            model_spec(self.model, **hyper)
+        except SpecError as exc:
+            raise ConfigError(f"model {self.model!r}: {exc}") from None
 
     def default_params(self, names: list[str]) -> dict[str, Any]:
         """The default configuration's value for each searched parameter (for the baseline trial)."""

@@ -67,7 +67,9 @@ def best_and_default(
     complete = [r for r in records if r.state is TrialState.COMPLETE and r.value is not None]
     best = None
     if complete:
-        best = (max if maximize else min)(complete, key=lambda r: float(r.value or 0.0))
+        # Ties go to the lower trial number, the rule the coordinator keeps best/ by.
+        sign = -1.0 if maximize else 1.0
+        best = min(complete, key=lambda r: (sign * float(r.value or 0.0), r.number))
     default = next((r for r in complete if r.is_default), None)
     return best, default
 

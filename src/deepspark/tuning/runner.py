@@ -27,7 +27,9 @@ import optuna
 
 from deepspark.errors import ConfigError, DeepsparkError
 from deepspark.tuning.coordinator import (
+    CARRIED_ATTRS,
     DEFAULT_ATTR,
+    GRID_ATTR,
     INTERRUPTED_ATTR,
     OVERRIDES_ATTR,
     Coordinator,
@@ -86,9 +88,10 @@ def _sampler(name: str, space: SearchSpace, seed: int) -> optuna.samplers.BaseSa
             multivariate=True,
             n_startup_trials=min(10, max(2, len(space.params) * 2)),
         )
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.GridSampler(space.grid(), seed=seed)
+    # "grid": every point is enqueued up front (see _plan_grid), so the sampler is never asked for a value.
+    # Optuna's GridSampler is not used: it calls study.stop() from tell() once the grid is exhausted
+    # (an error outside study.optimize) and gives a grid point to the enqueued default trial's number.
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def _pruner(name: str) -> optuna.pruners.BasePruner:
@@ -129,6 +132,30 @@ def _save_model(run_dir: Path, record: TrialRecord, files: Mapping[str, bytes]) 
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _drop_stale_model(best_dir: Path, best: TrialRecord | None) -> None:
+    """Remove ``best_dir`` unless it holds the model of ``best``, the trial best.json names.
+
+    The best trial's model can fail to arrive (its worker died between reporting the result and
+    sending the files); a model labelled as the best that is another trial's would be worse than none.
+    """
+    if not best_dir.is_dir():
+        return
+    try:
+        held = json.loads((best_dir / "trial.json").read_text(encoding="utf-8")).get("trial")
+    except (OSError, ValueError, AttributeError):
+        held = None
+    if best is not None and held == best.number:
+        return
+    _log.warning(
+        "%s holds trial %s's model but the best trial is %s, whose model never arrived; removing %s",
+        best_dir,
+        held,
+        None if best is None else best.number,
+        best_dir,
+    )
+    shutil.rmtree(best_dir, ignore_errors=True)
 
 
 def _bind_address(spark: Any) -> str:
@@ -189,6 +216,7 @@ def tune(
         metric, direction = saved.get("metric", metric), saved.get("direction", direction)
         if objective is None:
             dataset = saved.get("dataset", dataset)
+            data_dir = data_dir if data_dir is not None else saved.get("data_dir")
             model = saved.get("model", model)
             limit_train = saved.get("limit_train", limit_train)
             limit_test = saved.get("limit_test", limit_test)
@@ -213,16 +241,16 @@ def tune(
     if sampler == "grid":
         size = search.grid_size()
         if size < trials:
-            _log.warning("the grid has %d points; running %d trials, not %d", size, size, trials)
+            _log.warning("the grid has %d points; running each once, not %d trials", size, trials)
             trials = size
     builtin: TorchObjective | None = None
     if objective is None:
-        if dataset is None:
+        if dataset is None and data_dir is None:
             raise ConfigError(
-                "give an objective function, or a dataset (and model) for the built-in objective"
+                "give an objective function, or a dataset or data_dir (and model) for the built-in objective"
             )
         builtin = TorchObjective(model=model)
-        builtin.split({**search.fixed, **{k: _example(v) for k, v in search.params.items()}})  # names check
+        search.check(builtin.check)  # names, and every value the space can give, before Spark starts
         objective = builtin
     elif not callable(objective):
         raise ConfigError(f"objective: expected a callable objective(config, reporter), got {objective!r}")
@@ -238,16 +266,11 @@ def tune(
         if missing:
             raise ConfigError(f"default_config: lacks a value for searched parameter(s) {missing}")
         if builtin is not None:
-            builtin.split({**default_config})
+            builtin.check({**default_config})
     distributions = search.distributions()
     if default_params is not None:
         for name, value in default_params.items():
-            dist = distributions[name]
-            try:
-                ok = dist._contains(dist.to_internal_repr(value))
-            except (ValueError, TypeError):
-                ok = False
-            if not ok:
+            if not search.contains(name, value):
                 raise ConfigError(
                     f"the default configuration's {name}={value!r} lies outside the space for {name}; "
                     "widen the space to include it, or pass default_config=False (--no-default)"
@@ -267,6 +290,7 @@ def tune(
             "threads_per_trial": threads_per_trial,
             "objective": "builtin" if builtin is not None else getattr(objective, "__qualname__", "user"),
             "dataset": dataset,
+            "data_dir": str(Path(data_dir).expanduser().absolute()) if data_dir is not None else None,
             "model": model if builtin is not None else None,
             "limit_train": limit_train,
             "limit_test": limit_test,
@@ -299,7 +323,13 @@ def tune(
         study.enqueue_trial(
             default_params, user_attrs={DEFAULT_ATTR: True, OVERRIDES_ATTR: default_overrides}
         )
-    to_run = max(0, trials - finished)
+    if sampler == "grid":
+        # `trials` grid points, each once; the default configuration (and re-runs of interrupted
+        # trials) come on top: everything still to run is a waiting trial.
+        _plan_grid(study, search, points=trials, seed=seed)
+        to_run = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+    else:
+        to_run = max(0, trials - finished)
 
     started = time.perf_counter()
     stop_reason: str | None = None
@@ -331,7 +361,9 @@ def tune(
     wall = time.perf_counter() - started
     records = records_from_study(study)
     maximize = direction == "maximize"
+    best, default = best_and_default(records, maximize=maximize)
     best_dir = run_path / BEST_DIR
+    _drop_stale_model(best_dir, best)
     summary = write_reports(
         run_path,
         records,
@@ -341,7 +373,6 @@ def tune(
         wall_s=wall,
         best_checkpoint=best_dir if best_dir.is_dir() else None,
     )
-    best, default = best_and_default(records, maximize=maximize)
     return StudyResult(
         run_dir=run_path,
         records=tuple(records),
@@ -354,13 +385,30 @@ def tune(
     )
 
 
+def _plan_grid(study: optuna.Study, search: SearchSpace, *, points: int, seed: int) -> None:
+    """Enqueue the first ``points`` grid points (in ``seed``'s order) that no trial has taken yet.
+
+    A point is taken by any trial of the study that holds it (waiting, running or finished), except
+    the default configuration's trial, which runs in addition to the grid, and interrupted attempts,
+    whose re-run is itself a waiting trial. So a resumed study runs only the points still missing.
+    """
+
+    def key(params: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted((name, repr(value)) for name, value in params.items()))
+
+    taken = {
+        key(t.user_attrs[GRID_ATTR])
+        for t in study.get_trials(deepcopy=False)
+        if GRID_ATTR in t.user_attrs and not t.user_attrs.get(INTERRUPTED_ATTR)
+    }
+    for point in search.grid_points(seed)[:points]:
+        if key(point) not in taken:
+            study.enqueue_trial(point, user_attrs={GRID_ATTR: point})
+
+
 def _carried(attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """What a re-run of an interrupted trial inherits: its default-ness and pinned values."""
-    return {k: attrs[k] for k in (DEFAULT_ATTR, OVERRIDES_ATTR) if k in attrs}
-
-
-def _example(p: Mapping[str, Any]) -> Any:
-    return p["values"][0] if "values" in p else p["low"]
+    """What a re-run of an interrupted trial inherits: its default-ness, pinned values, grid point."""
+    return {k: attrs[k] for k in CARRIED_ATTRS if k in attrs}
 
 
 def _execute(

@@ -12,9 +12,11 @@ Every parameter is validated here, before any Spark job starts::
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
-from collections.abc import Mapping
+import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,8 +72,74 @@ class SearchSpace:
     def grid_size(self) -> int:
         return math.prod(len(v) for v in self.grid().values()) if self.params else 1
 
+    def grid_points(self, seed: int = 0) -> list[dict[str, Any]]:
+        """Every point of :meth:`grid`, once, in an order shuffled by ``seed``.
+
+        A study that runs only the first ``n`` points then covers the grid evenly rather than
+        varying the last parameter only; the same seed gives the same order, so ``--resume``
+        continues the same plan.
+        """
+        grid = self.grid()
+        names = sorted(grid)
+        points = [
+            dict(zip(names, values, strict=True)) for values in itertools.product(*(grid[n] for n in names))
+        ]
+        random.Random(seed).shuffle(points)
+        return points
+
+    def contains(self, name: str, value: Any) -> bool:
+        """Whether the searched parameter ``name`` can take ``value``."""
+        p = self.params[name]
+        if p["type"] in ("choice", "grid"):
+            return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in p["values"])
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if p["type"] == "int":
+            return (
+                float(value).is_integer()
+                and p["low"] <= value <= p["high"]
+                and (value - p["low"]) % p["step"] == 0
+            )
+        return bool(p["low"] <= value <= p["high"])
+
+    def check(self, validate: Callable[[Mapping[str, Any]], object]) -> None:
+        """Raise :class:`ConfigError` unless ``validate`` accepts every value the space can give.
+
+        ``validate(config)`` raises ConfigError for a configuration the objective cannot take. Each
+        parameter is tried alone with the fixed values at the values that bound what it can take (low
+        and high, a non-integer in between for a continuous range, every choice), so a range that is
+        valid only in part fails here, before Spark starts, and not trial by trial at run time.
+        """
+        validate(dict(self.fixed))
+        for name, p in self.params.items():
+            for value in _probes(p):
+                try:
+                    validate({**self.fixed, name: value})
+                except ConfigError as exc:
+                    raise ConfigError(
+                        f"space: parameter {name!r} is {_describe(p)}, but the objective cannot take "
+                        f"{name}={value!r}: {exc}"
+                    ) from None
+
     def to_dict(self) -> dict[str, Any]:
         return {**{k: dict(v) for k, v in self.params.items()}, **dict(self.fixed)}
+
+
+def _probes(p: Mapping[str, Any]) -> list[Any]:
+    """The values that bound what a parameter can take (see :meth:`SearchSpace.check`)."""
+    if p["type"] in ("choice", "grid"):
+        return list(p["values"])
+    if p["type"] == "int":
+        return [p["low"], p["high"]]
+    inside = p["low"] + (p["high"] - p["low"]) / math.e  # not an integer: catches integer-only options
+    return [p["low"], p["high"]] + ([] if float(inside).is_integer() else [inside])
+
+
+def _describe(p: Mapping[str, Any]) -> str:
+    if p["type"] in ("choice", "grid"):
+        return f"{p['type']} {list(p['values'])}"
+    step = f" step {p['step']}" if p["type"] == "int" and p.get("step", 1) != 1 else ""
+    return f"{p['type']} from {p['low']:g} to {p['high']:g}{step}"
 
 
 def _number(name: str, key: str, value: Any) -> float:
