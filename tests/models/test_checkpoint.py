@@ -65,3 +65,34 @@ def test_weights_that_do_not_match_the_spec(tmp_path) -> None:
     (path / "spec.json").write_text(model_spec("mlp", hidden=9).to_json())
     with pytest.raises(CheckpointError, match="do not match spec.json"):
         load_checkpoint(path)
+
+
+def test_state_bytes_round_trip_is_exact_and_never_pickles() -> None:
+    from deepspark.models import state_from_bytes, state_to_bytes
+
+    model = build_model(model_spec("cnn", conv1=4, conv2=8, fc=16), seed=2)
+    data = state_to_bytes(model.state_dict())
+    assert data[8:9] == b"{"  # safetensors: an 8-byte header length, then a JSON header
+    state = state_from_bytes(data)
+    assert state.keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(state[name], tensor)
+    with pytest.raises(CheckpointError, match="not a safetensors state dict"):
+        state_from_bytes(b"\x80\x04K\x01.")  # a pickle
+
+
+def test_checkpoint_files_are_what_save_checkpoint_writes(tmp_path) -> None:
+    from deepspark.models import checkpoint_files
+
+    spec = model_spec("cnn", conv1=4, conv2=8, fc=16)
+    model = build_model(spec, seed=3).eval()
+    files = checkpoint_files(model, spec, preprocess=PRE, metrics={"accuracy": 0.25})
+    assert sorted(files) == ["metadata.json", "model.safetensors", "spec.json"]
+    (tmp_path / "ck").mkdir()
+    for name, data in files.items():
+        (tmp_path / "ck" / name).write_bytes(data)
+    loaded = load_checkpoint(tmp_path / "ck")
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded.model(x))
+    assert loaded.metadata["metrics"] == {"accuracy": 0.25}

@@ -1,6 +1,14 @@
 """Model descriptions (declarative specs), the zoo, preprocessing and safetensors checkpoints."""
 
-from deepspark.models.checkpoint import Checkpoint, load_checkpoint, refuse_pickle, save_checkpoint
+from deepspark.models.checkpoint import (
+    Checkpoint,
+    checkpoint_files,
+    load_checkpoint,
+    refuse_pickle,
+    save_checkpoint,
+    state_from_bytes,
+    state_to_bytes,
+)
 from deepspark.models.preprocess import Preprocess
 from deepspark.models.spec import ModelSpec, SpecModel, build_model, load_spec
 from deepspark.models.zoo import ZOO, model_spec
@@ -12,9 +20,12 @@ __all__ = [
     "Preprocess",
     "SpecModel",
     "build_model",
+    "checkpoint_files",
     "load_checkpoint",
     "load_spec",
     "model_spec",
     "refuse_pickle",
     "save_checkpoint",
+    "state_from_bytes",
+    "state_to_bytes",
 ]

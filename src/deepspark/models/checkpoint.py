@@ -16,22 +16,23 @@ import datetime as _dt
 import json
 import os
 import platform
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from deepspark.errors import CheckpointError, SpecError
 from deepspark.models.preprocess import Preprocess
 from deepspark.models.spec import ModelSpec, SpecModel, build_model
+from deepspark.rundir import write_dir_atomic
 
 __all__ = [
     "FORMAT",
     "Checkpoint",
+    "checkpoint_files",
     "load_checkpoint",
     "refuse_pickle",
     "save_checkpoint",
@@ -75,6 +76,53 @@ def _versions() -> dict[str, str]:
     return {"deepspark": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
+def state_to_bytes(state_dict: Mapping[str, torch.Tensor]) -> bytes:
+    """Serialise a state dict as safetensors bytes (never pickle): for a frame payload or a file."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().contiguous().cpu() for k, v in state_dict.items()})
+
+
+def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    """The state dict in safetensors ``data``; raises :class:`CheckpointError` if it is not safetensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(bytes(data))
+    except (SafetensorError, ValueError) as exc:
+        raise CheckpointError(f"not a safetensors state dict ({len(data)} bytes): {exc}") from exc
+
+
+def checkpoint_files(
+    model: nn.Module,
+    spec: ModelSpec,
+    *,
+    preprocess: Preprocess,
+    class_names: Sequence[str] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, bytes]:
+    """A checkpoint as ``{file name: bytes}``, without touching the disk (to send it to the driver)."""
+    metadata: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": 1,
+        "preprocess": preprocess.to_dict(),
+        "class_names": list(class_names) if class_names is not None else None,
+        "metrics": dict(metrics or {}),
+        "config": dict(config or {}),
+        "versions": _versions(),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    metadata.update(extra or {})
+    return {
+        WEIGHTS: state_to_bytes(model.state_dict()),
+        SPEC: spec.to_json().encode("utf-8"),
+        METADATA: json.dumps(metadata, indent=2, sort_keys=True, default=str).encode("utf-8"),
+    }
+
+
 def save_checkpoint(
     path: str | os.PathLike[str],
     model: nn.Module,
@@ -88,56 +136,19 @@ def save_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` as a checkpoint directory, atomically (a temp dir renamed into place)."""
-    from safetensors.torch import save_file
-
     target = Path(path)
     if target.exists() and not overwrite:
         raise CheckpointError(f"{target} already exists; pass overwrite=True or choose another path")
-    metadata: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": 1,
-        "preprocess": preprocess.to_dict(),
-        "class_names": list(class_names) if class_names is not None else None,
-        "metrics": dict(metrics or {}),
-        "config": dict(config or {}),
-        "versions": _versions(),
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-    }
-    metadata.update(extra or {})
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS))
-        (tmp / SPEC).write_text(spec.to_json(), encoding="utf-8")
-        (tmp / METADATA).write_text(
-            json.dumps(metadata, indent=2, sort_keys=True, default=str), encoding="utf-8"
-        )
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def state_to_bytes(state: Mapping[str, Any]) -> bytes:
-    """A state dict as safetensors bytes: how weights travel between the driver and tasks."""
-    from safetensors.torch import save
-
-    return save({k: v.detach().contiguous().cpu() for k, v in state.items()})
-
-
-def state_from_bytes(data: bytes) -> dict[str, Any]:
-    """The tensors of :func:`state_to_bytes` back (safetensors: never unpickles)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    try:
-        return dict(load(bytes(data)))
-    except SafetensorError as exc:
-        raise CheckpointError(f"received weights that are not safetensors bytes: {exc}") from exc
+    files = checkpoint_files(
+        model,
+        spec,
+        preprocess=preprocess,
+        class_names=class_names,
+        metrics=metrics,
+        config=config,
+        extra=extra,
+    )
+    return write_dir_atomic(target, files)
 
 
 def refuse_pickle(path: str | os.PathLike[str]) -> None:

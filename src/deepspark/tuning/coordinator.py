@@ -8,11 +8,8 @@ one lock, so samplers see a consistent study.
 
 from __future__ import annotations
 
-import base64
 import logging
-import select
-import socket
-import socketserver
+import secrets
 import threading
 import time
 from collections import deque
@@ -22,10 +19,10 @@ from typing import Any
 
 import optuna
 
-from deepspark.tuning import protocol
+from deepspark import wire
 from deepspark.tuning.trial import TrialRecord, TrialState
 
-__all__ = ["Coordinator", "TrialEvent"]
+__all__ = ["Coordinator", "Endpoint", "TrialEvent"]
 
 _log = logging.getLogger(__name__)
 
@@ -47,6 +44,15 @@ class TrialEvent:
     worker: str = ""
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """What a trial worker needs to reach the coordinator: copy it into the worker's closure."""
+
+    host: str
+    port: int
+    token: str
+
+
 @dataclass
 class _Running:
     trial: optuna.Trial
@@ -59,23 +65,12 @@ class _Running:
     intermediate: dict[int, float] = field(default_factory=dict)
 
 
-class _Handler(socketserver.BaseRequestHandler):
-    server: _Server
-
-    def handle(self) -> None:
-        self.server.coordinator._serve(self.request)
-
-
-class _Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    coordinator: Coordinator
-
-
 class Coordinator:
     """Runs ``n_trials`` new trials of ``study`` on whichever workers connect.
 
     ``on_model`` is called with a trial record and its model files when a trial becomes the best so far.
+    Workers connect with :func:`deepspark.wire.connect` to :attr:`endpoint` (known after :meth:`start`);
+    ``token`` defaults to a fresh random one.
     """
 
     def __init__(
@@ -85,7 +80,7 @@ class Coordinator:
         distributions: Mapping[str, Any],
         fixed: Mapping[str, Any],
         n_trials: int,
-        token: str,
+        token: str | None = None,
         bind: str = "127.0.0.1",
         max_failures: int | None = None,
         max_attempts: int = 3,
@@ -98,7 +93,7 @@ class Coordinator:
         self._distributions = dict(distributions)
         self._fixed = dict(fixed)
         self._to_start = n_trials
-        self._token = token
+        self._token = token if token is not None else secrets.token_hex(16)
         self._max_failures = max_failures
         self._max_attempts = max_attempts
         self._on_event = on_event
@@ -117,24 +112,26 @@ class Coordinator:
         # number, the trial best.json names (report.best_and_default), whatever order they finish in.
         self._maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
         self._best: tuple[float, int] | None = self._study_best()
-        self._server = _Server((bind, 0), _Handler)
-        self._server.coordinator = self
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="deepspark-coordinator", daemon=True
+        self._server = wire.Server(
+            token=self._token, handler=self._serve, bind=bind, name="deepspark-coordinator"
         )
 
     # ------------------------------------------------------------------------------- lifecycle
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
+        return self._server.address
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """Where and how workers connect (after :meth:`start`)."""
+        host, port = self._server.address
+        return Endpoint(host=host, port=port, token=self._token)
 
     def start(self) -> None:
-        self._thread.start()
+        self._server.start()
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.close()
 
     def stop(self, reason: str) -> None:
         """Hand out no more trials; running ones may finish."""
@@ -189,28 +186,23 @@ class Coordinator:
         )
 
     # ------------------------------------------------------------------------------- protocol
-    def _serve(self, conn: socket.socket) -> None:
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    def _serve(self, conn: wire.Connection) -> None:
+        """One worker's connection (its hello already checked by the server), until it hangs up."""
         slot = -1
         worker = "?"
         with self._lock:
             self._connections += 1
             conn_id = self._connections
         try:
-            hello = protocol.recv(conn)
-            if hello.get("op") != "hello" or hello.get("token") != self._token:
-                _log.warning("rejected a connection without the study's token")
-                return
-            slot, worker = int(hello.get("slot", -1)), str(hello.get("worker", "?"))
+            slot, worker = int(conn.hello.get("slot", -1)), str(conn.hello.get("worker", "?"))
             self._supersede(slot, conn_id)
             while True:
-                msg = protocol.recv(conn)
+                msg, payload = conn.recv()
                 op = msg.get("op")
                 if op == "next":
-                    protocol.send(conn, self._next(slot, worker, conn_id, conn))
+                    conn.send(self._next(slot, worker, conn_id, conn))
                 elif op == "report":
-                    protocol.send(
-                        conn,
+                    conn.send(
                         {
                             "prune": self._report(
                                 int(msg["trial"]),
@@ -219,15 +211,15 @@ class Coordinator:
                                 conn_id,
                                 final=bool(msg.get("final", False)),
                             )
-                        },
+                        }
                     )
                 elif op == "done":
-                    protocol.send(conn, {"send_model": self._done(msg, worker, conn_id)})
+                    conn.send({"send_model": self._done(msg, worker, conn_id)})
                 elif op == "model":
-                    self._model(int(msg["trial"]), msg.get("files"))
-                    protocol.send(conn, {"ok": True})
+                    self._model(int(msg["trial"]), _split_files(msg.get("files"), payload))
+                    conn.send({"ok": True})
                 else:
-                    raise protocol.ProtocolError(f"unknown op {op!r}")
+                    raise wire.ProtocolError(f"unknown op {op!r}")
         except (OSError, ValueError, KeyError) as exc:
             _log.debug("worker %s disconnected: %s", worker, exc)
         finally:
@@ -244,7 +236,7 @@ class Coordinator:
         for old in stale:
             self.worker_lost(slot, reason="its Spark task was restarted", conn_id=old)
 
-    def _next(self, slot: int, worker: str, conn_id: int, conn: socket.socket) -> dict[str, Any]:
+    def _next(self, slot: int, worker: str, conn_id: int, conn: wire.Connection) -> dict[str, Any]:
         with self._lock:
             if self._slot_conn.get(slot, conn_id) != conn_id:
                 return {"stop": True}  # a stale attempt: a newer one holds this slot
@@ -252,11 +244,11 @@ class Coordinator:
             # and need a new home.
             while self.stop_reason is None and not self._retry and self._to_start <= 0 and self._running:
                 self._changed.wait(timeout=1.0)
-                if _peer_closed(conn):
+                if conn.peer_closed():
                     return {"stop": True}
             # A lost executor takes all its workers at once. The thread of one that was waiting here
             # must not take the trial its neighbour just lost: that worker is gone too.
-            if _peer_closed(conn):
+            if conn.peer_closed():
                 return {"stop": True}
             if self._deadline is not None and time.monotonic() > self._deadline and self.stop_reason is None:
                 self.stop_reason = "timeout"
@@ -348,14 +340,13 @@ class Coordinator:
         self._emit(TrialEvent("finish", number, record=record, worker=worker))
         return send_model
 
-    def _model(self, number: int, files: Mapping[str, str] | None) -> None:
+    def _model(self, number: int, files: Mapping[str, bytes] | None) -> None:
         if not files or self._on_model is None:
             return
         record = next((r for r in self.records if r.number == number), None)
         if record is None or self._best is None or self._best[1] != number:
             return  # a better trial finished meanwhile
-        decoded = {name: base64.b64decode(data) for name, data in files.items()}
-        self._on_model(record, decoded)
+        self._on_model(record, files)
 
     def worker_lost(self, slot: int, *, reason: str, conn_id: int | None = None) -> None:
         """The worker on ``slot`` died: its running trials go back in the queue (or FAIL after retries).
@@ -431,10 +422,17 @@ def _ranks_above(a: tuple[float, int], b: tuple[float, int], *, maximize: bool) 
     return a[0] > b[0] if maximize else a[0] < b[0]
 
 
-def _peer_closed(conn: socket.socket) -> bool:
-    """Whether the worker hung up, checked without blocking (it sends nothing while awaiting a reply)."""
-    try:
-        readable, _, _ = select.select([conn], [], [], 0)
-        return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
-        return True
+def _split_files(sizes: Any, payload: bytes) -> dict[str, bytes] | None:
+    """The model files of a ``model`` frame: ``sizes`` is ``[[name, size], ...]`` in payload order."""
+    if sizes is None:
+        return None
+    files: dict[str, bytes] = {}
+    offset = 0
+    for name, size in sizes:
+        if not isinstance(name, str) or isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise wire.ProtocolError(f"bad model file entry {[name, size]!r}")
+        files[name] = payload[offset : offset + size]
+        offset += size
+    if offset != len(payload):
+        raise wire.ProtocolError(f"model files announce {offset} bytes, the payload holds {len(payload)}")
+    return files

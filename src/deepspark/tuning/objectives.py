@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from deepspark.errors import ConfigError, SpecError
-from deepspark.models import ZOO, model_spec, save_checkpoint
+from deepspark.models import ZOO, checkpoint_files, model_spec
 from deepspark.training import DEFAULT_TRAIN_CONFIG, EpochMetrics, TrainConfig, train_one_process
 from deepspark.tuning.trial import Reporter
 
@@ -78,17 +76,15 @@ class TorchObjective:
         result = train_one_process(spec, data, train_config, callback=on_epoch)
 
         def files() -> dict[str, bytes]:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = save_checkpoint(
-                    Path(tmp) / "ckpt",
-                    result.model,
-                    spec,
-                    preprocess=result.preprocess,
-                    class_names=data.class_names,
-                    metrics={"accuracy": result.test_accuracy, "loss": result.test_loss},
-                    config={**train_config.to_dict(), **hyper},
-                )
-                return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+            # Made in memory: the weights travel to the driver as safetensors bytes in a frame's payload.
+            return checkpoint_files(
+                result.model,
+                spec,
+                preprocess=result.preprocess,
+                class_names=data.class_names,
+                metrics={"accuracy": result.test_accuracy, "loss": result.test_loss},
+                config={**train_config.to_dict(), **hyper},
+            )
 
         reporter.keep_model(files)
         return {

@@ -12,10 +12,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import secrets
 import shutil
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -25,7 +23,9 @@ from typing import Any
 
 import optuna
 
-from deepspark.errors import ConfigError, DeepsparkError
+from deepspark import rundir
+from deepspark.errors import ConfigError
+from deepspark.slots import run_slots, short_error
 from deepspark.tuning.coordinator import (
     CARRIED_ATTRS,
     DEFAULT_ATTR,
@@ -46,7 +46,7 @@ _log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("none", "median", "asha")
-CONFIG_FILE, JOURNAL, BEST_DIR = "config.json", "study.journal", "best"
+JOURNAL = "study.journal"
 STUDY_NAME = "deepspark"
 
 Objective = Callable[[dict[str, Any], Reporter], Any]
@@ -102,36 +102,9 @@ def _pruner(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def _prepare_run_dir(run_dir: Path, *, resume: bool) -> None:
-    if resume:
-        if not (run_dir / CONFIG_FILE).is_file():
-            raise ConfigError(f"resume: {run_dir} is not a deepspark run directory (no {CONFIG_FILE})")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(
-            f"run_dir: {run_dir} already exists; pass resume=True (--resume {run_dir}) to continue that study, "
-            "or choose a new directory"
-        )
-
-
 def _save_model(run_dir: Path, record: TrialRecord, files: Mapping[str, bytes]) -> None:
-    target = run_dir / BEST_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=".best.", dir=run_dir))
-    try:
-        for name, data in files.items():
-            safe = Path(name).name
-            if not safe or safe.startswith("."):
-                raise DeepsparkError(f"refusing model file name {name!r} from trial {record.number}")
-            (tmp / safe).write_bytes(data)
-        (tmp / "trial.json").write_text(
-            json.dumps({"trial": record.number, "value": record.value}), encoding="utf-8"
-        )
-        old = run_dir / ".best.old"
-        if target.exists():
-            target.replace(old)
-        tmp.replace(target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    trial = json.dumps({"trial": record.number, "value": record.value}).encode("utf-8")
+    rundir.write_dir_atomic(run_dir / rundir.BEST_DIR, {**files, "trial.json": trial})
 
 
 def _drop_stale_model(best_dir: Path, best: TrialRecord | None) -> None:
@@ -206,10 +179,10 @@ def tune(
     from deepspark.tuning.objectives import TorchObjective
 
     run_path = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="deepspark-tune-"))
-    _prepare_run_dir(run_path, resume=resume)
+    rundir.prepare(run_path, resume=resume)
     saved: dict[str, Any] = {}
     if resume:
-        saved = json.loads((run_path / CONFIG_FILE).read_text(encoding="utf-8"))
+        saved = rundir.read_config(run_path)
         space = space if space is not None else saved.get("space")
         trials = trials if trials is not None else saved.get("trials")
         sampler, pruner = saved.get("sampler", sampler), saved.get("pruner", pruner)
@@ -295,7 +268,7 @@ def tune(
             "limit_train": limit_train,
             "limit_test": limit_test,
         }
-        (run_path / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+        rundir.write_config(run_path, config)
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -313,9 +286,12 @@ def tune(
             sampler=_sampler(sampler, search, seed),
             pruner=_pruner(pruner),
         )
+    study_id = storage.get_study_id_from_name(STUDY_NAME)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        # Running when the driver died: keep nothing of it, run its configuration again.
-        study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
+        # Running when the driver died: keep nothing of it, run its configuration again. The storage we
+        # opened is how a trial nobody holds a live ``optuna.Trial`` for gets its attribute.
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        storage.set_trial_user_attr(trial_id, INTERRUPTED_ATTR, True)
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"deepspark:rerun_of": t.number, **_carried(t.user_attrs)})
     finished = len(records_from_study(study))
@@ -362,7 +338,7 @@ def tune(
     records = records_from_study(study)
     maximize = direction == "maximize"
     best, default = best_and_default(records, maximize=maximize)
-    best_dir = run_path / BEST_DIR
+    best_dir = run_path / rundir.BEST_DIR
     _drop_stale_model(best_dir, best)
     summary = write_reports(
         run_path,
@@ -479,7 +455,6 @@ def _execute(
         distributions=distributions,
         fixed=search.fixed,
         n_trials=to_run,
-        token=secrets.token_hex(16),
         bind=_bind_address(spark),
         max_failures=max_failures,
         max_attempts=max_attempts,
@@ -487,75 +462,42 @@ def _execute(
         on_model=functools.partial(_save_model, run_path),
         timeout=timeout,
     )
-    host, port = coordinator.address
-    spec = WorkerSpec(
-        host=host,
-        port=port,
-        token=coordinator._token,
-        objective=objective,
-        metric=metric,
-        broadcast=broadcast,
-        threads=effective_threads,
-    )
-    group = f"deepspark-tune-{secrets.token_hex(4)}"
-    errors: list[BaseException] = []
-
-    def slot_loop(slot: int) -> None:
-        sc.setJobGroup(group, f"deepspark trial worker {slot}", interruptOnCancel=True)
-        failures, progress = 0, len(coordinator.records)
-        while not coordinator.finished and coordinator.stop_reason is None:
-            if len(coordinator.records) != progress:  # trials finished since the last failure
-                failures, progress = 0, len(coordinator.records)
-            try:
-                body = functools.partial(run_worker, spec, slot)
-                sc.parallelize([slot], 1).mapPartitions(body).collect()
-            except Exception as exc:
-                coordinator.worker_lost(slot, reason=_short(exc))
-                if coordinator.stop_reason is not None:
-                    return
-                failures += 1
-                _log.warning(
-                    "trial worker %d: its Spark task failed (%s); resubmitting (%d)",
-                    slot,
-                    _short(exc),
-                    failures,
-                )
-                if failures > max_attempts:
-                    errors.append(exc)
-                    coordinator.stop(f"trial worker {slot} failed {failures} times: {_short(exc)}")
-                    return
-
-    coordinator.start()
-    threads_ = [
-        threading.Thread(target=slot_loop, args=(i,), name=f"deepspark-slot-{i}", daemon=True)
-        for i in range(width)
-    ]
     try:
-        for t in threads_:
-            t.start()
-        while not coordinator.wait(0.5):
-            if not any(t.is_alive() for t in threads_):
-                coordinator.stop("every trial worker stopped")
-                break
-    except KeyboardInterrupt:
-        coordinator.stop("interrupted")
-        sc.cancelJobGroup(group)
-        coordinator.interrupt_running()
+        coordinator.start()
+        endpoint = coordinator.endpoint
+        spec = WorkerSpec(
+            host=endpoint.host,
+            port=endpoint.port,
+            token=endpoint.token,
+            objective=objective,
+            metric=metric,
+            broadcast=broadcast,
+            threads=effective_threads,
+        )
+        body = functools.partial(run_worker, spec)
+
+        def submit(slot: int) -> None:
+            sc.parallelize([slot], 1).mapPartitions(functools.partial(body, slot)).collect()
+
+        run_slots(
+            sc,
+            width=width,
+            submit=submit,
+            keep_going=lambda: not coordinator.finished and coordinator.stop_reason is None,
+            on_lost=lambda slot, exc: coordinator.worker_lost(slot, reason=short_error(exc)),
+            stop=coordinator.stop,
+            max_attempts=max_attempts,
+            group_prefix="deepspark-tune",
+            progress=lambda: len(coordinator.records),
+            description="trial worker",
+        )
+        if not coordinator.finished:
+            coordinator.stop("every trial worker stopped")
     finally:
         coordinator.stop(coordinator.stop_reason or "done")
-        for t in threads_:
-            t.join(timeout=30)
         coordinator.interrupt_running()
         coordinator.close()
         if broadcast is not None:
             broadcast.destroy()
     reason = coordinator.stop_reason
     return (None if reason == "done" else reason), width
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    for line in text:
-        if "Error" in line or "Exception" in line or "exited" in line:
-            return line.strip()[:300]
-    return (text[0] if text else type(exc).__name__)[:300]

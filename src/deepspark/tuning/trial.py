@@ -3,15 +3,13 @@ objective talks to inside a Spark task."""
 
 from __future__ import annotations
 
-import base64
 import enum
-import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from deepspark import wire
 from deepspark.errors import DeepsparkError
-from deepspark.tuning import protocol
 
 __all__ = ["Reporter", "TrialPruned", "TrialRecord", "TrialState"]
 
@@ -56,7 +54,7 @@ class Reporter:
     def __init__(
         self,
         *,
-        conn: socket.socket | None,
+        conn: wire.Connection | None,
         number: int,
         attempt: int,
         data: Any,
@@ -78,11 +76,10 @@ class Reporter:
         """
         if self._conn is None:
             return
-        protocol.send(
-            self._conn,
-            {"op": "report", "trial": self.number, "step": int(step), "value": float(value), "final": final},
+        self._conn.send(
+            {"op": "report", "trial": self.number, "step": int(step), "value": float(value), "final": final}
         )
-        answer = protocol.recv(self._conn)
+        answer, _ = self._conn.recv()
         if answer.get("prune"):
             self._pruned = True
             raise TrialPruned(f"trial {self.number} pruned at step {step} (value {value:g})")
@@ -94,7 +91,11 @@ class Reporter:
         """Offer this trial's model; ``files`` is called only if the driver asks (a new best)."""
         self._model_files = files
 
-    def _encoded_model(self) -> dict[str, str] | None:
+    def model_files(self) -> Mapping[str, bytes] | None:
+        """The files offered with :meth:`keep_model` (made now), or None if the objective offered none.
+
+        The worker calls this only when the driver asks for the model (the trial is the best so far).
+        """
         if self._model_files is None:
             return None
-        return {name: base64.b64encode(data).decode("ascii") for name, data in self._model_files().items()}
+        return dict(self._model_files())

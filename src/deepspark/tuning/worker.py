@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from deepspark.tuning import protocol
+from deepspark import wire
 from deepspark.tuning.trial import Reporter, TrialPruned
 
 __all__ = ["WorkerSpec", "run_worker"]
@@ -64,6 +64,21 @@ def _metrics(out: Any, metric: str) -> tuple[float, dict[str, Any]]:
     )
 
 
+def _send_model(conn: wire.Connection, number: int, reporter: Reporter) -> None:
+    """The trial's model files as one frame: their names and sizes in the header, their bytes (safetensors
+    weights, JSON spec) one after another in the payload."""
+    files = None
+    try:
+        files = reporter.model_files()
+    except Exception:
+        _log.exception("trial %d: could not serialise its model", number)
+    if files is None:
+        conn.send({"op": "model", "trial": number, "files": None})
+        return
+    sizes = [[name, len(data)] for name, data in files.items()]
+    conn.send({"op": "model", "trial": number, "files": sizes}, b"".join(files.values()))
+
+
 def run_worker(spec: WorkerSpec, slot: int, partition: Iterable[Any]) -> Iterator[dict[str, Any]]:
     """Body of the Spark task: connect, then ask → run → tell until the driver says stop."""
     from pyspark import TaskContext
@@ -83,15 +98,11 @@ def run_worker(spec: WorkerSpec, slot: int, partition: Iterable[Any]) -> Iterato
     if ctx is not None:
         worker += f":attempt{ctx.attemptNumber()}"
     done = 0
-    with socket.create_connection((spec.host, spec.port), timeout=60) as conn:
-        conn.settimeout(None)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        protocol.send(
-            conn, {"op": "hello", "token": spec.token, "worker": worker, "slot": slot, "threads": threads}
-        )
+    hello = {"worker": worker, "slot": slot, "threads": threads}
+    with wire.connect(spec.host, spec.port, token=spec.token, hello=hello, timeout=60) as conn:
         while True:
-            protocol.send(conn, {"op": "next"})
-            task = protocol.recv(conn)
+            conn.send({"op": "next"})
+            task, _ = conn.recv()
             if task.get("stop"):
                 break
             number, params = int(task["trial"]), dict(task["params"])
@@ -114,15 +125,10 @@ def run_worker(spec: WorkerSpec, slot: int, partition: Iterable[Any]) -> Iterato
                     traceback="".join(traceback.format_exception(exc))[-8000:],
                 )
             result["duration_s"] = time.perf_counter() - started
-            protocol.send(conn, result)
-            answer = protocol.recv(conn)
+            conn.send(result)
+            answer, _ = conn.recv()
             if answer.get("send_model"):
-                files = None
-                try:
-                    files = reporter._encoded_model()
-                except Exception:
-                    _log.exception("trial %d: could not serialise its model", number)
-                protocol.send(conn, {"op": "model", "trial": number, "files": files})
-                protocol.recv(conn)
+                _send_model(conn, number, reporter)
+                conn.recv()
             done += 1
     yield {"worker": worker, "trials": done}

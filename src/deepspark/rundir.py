@@ -1,0 +1,153 @@
+"""Run directories: where a ``tune`` (and later ``train``) run keeps what must outlive the driver.
+
+Layout shared by every command that writes one::
+
+    RUN_DIR/
+      config.json    the run's arguments, written once when the run starts, read back on resume
+      best/          the best model so far (a checkpoint directory), replaced atomically
+      ...            the command's own files (tune: study.journal, trials.csv, best.json, ...)
+
+Every write here is atomic: a reader (or a driver that dies halfway) sees the old content or the new,
+never a torn file. Files go to a temp file in the same directory, are fsynced, then ``os.replace``d;
+directories are written the same way and swapped in with two renames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from deepspark.errors import ConfigError, DeepsparkError
+
+__all__ = [
+    "BEST_DIR",
+    "CONFIG_FILE",
+    "prepare",
+    "read_config",
+    "write_config",
+    "write_dir_atomic",
+    "write_file_atomic",
+]
+
+CONFIG_FILE = "config.json"
+BEST_DIR = "best"
+
+
+def prepare(run_dir: str | os.PathLike[str], *, resume: bool) -> Path:
+    """Check ``run_dir`` for a new run (absent or empty) or a resumed one (holds ``config.json``).
+
+    Raises :class:`ConfigError` before anything is written, so a typo never mixes two runs in one
+    directory. Creates nothing: the caller makes the directory once every argument has been checked.
+    """
+    path = Path(run_dir)
+    if resume:
+        if not (path / CONFIG_FILE).is_file():
+            raise ConfigError(f"resume: {path} is not a deepspark run directory (no {CONFIG_FILE})")
+    elif path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(
+            f"run_dir: {path} already exists; pass resume=True (--resume {path}) to continue that run, "
+            "or choose a new directory"
+        )
+    return path
+
+
+def read_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``config.json`` of a run directory (a :class:`ConfigError` if it is missing or not JSON)."""
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"resume: {path.parent} is not a deepspark run directory (no {CONFIG_FILE})"
+        ) from exc
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{path}: expected a JSON object, could not read it: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def write_config(run_dir: str | os.PathLike[str], config: Mapping[str, Any]) -> Path:
+    """Write ``config.json`` atomically (creating ``run_dir`` if needed)."""
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return write_file_atomic(path / CONFIG_FILE, json.dumps(dict(config), indent=2).encode("utf-8"))
+
+
+def write_file_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Replace ``path`` with ``data``: temp file in the same directory, fsync, ``os.replace``."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(target.parent)
+    return target
+
+
+def write_dir_atomic(path: str | os.PathLike[str], files: Mapping[str, bytes]) -> Path:
+    """Replace the directory ``path`` with one holding ``files`` (plain names → contents).
+
+    The files are written and fsynced in a temp directory beside ``path``, which then takes its place;
+    an older ``path`` is moved aside first and removed after. A name that is not a plain file name
+    (a separator, ``..``, a leading dot) raises :class:`DeepsparkError` before anything is written:
+    names may come from another process.
+    """
+    target = Path(path)
+    for name in files:
+        if not name or name != Path(name).name or name.startswith(".") or "\\" in name:
+            raise DeepsparkError(f"refusing file name {name!r} for {target}: expected a plain file name")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    old = target.parent / f".{target.name}.old"
+    try:
+        for name, data in files.items():
+            with (tmp / name).open("wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        _remove(old)
+        if target.exists() or target.is_symlink():
+            target.replace(old)
+        tmp.replace(target)
+        _fsync_dir(target.parent)
+    finally:
+        _remove(tmp)
+        _remove(old)
+    return target
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

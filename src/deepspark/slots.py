@@ -1,0 +1,144 @@
+"""Long-lived Spark jobs, one per slot, resubmitted on failure and cancelled as one job group.
+
+Tuning runs one trial worker per slot and training one replica per slot: each is a Spark job of one task
+that lives as long as there is work, talking to the driver over :mod:`deepspark.wire`. Spark already
+schedules, places and (on a cluster) retries each task; this module adds what Spark does not do for a
+job that fails as a whole (``local[N]`` never retries a task): submit it again, a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["SlotOutcome", "run_slots", "short_error"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SlotOutcome:
+    """How :func:`run_slots` ended.
+
+    ``gave_up`` maps each slot that failed more than ``max_attempts`` times in a row to its last error;
+    ``interrupted`` is true after a Ctrl-C (KeyboardInterrupt) cancelled the jobs; ``group`` is the Spark
+    job group every slot's jobs ran in.
+    """
+
+    group: str
+    interrupted: bool = False
+    gave_up: Mapping[int, BaseException] = field(default_factory=dict)
+
+
+def run_slots(
+    sc: Any,
+    *,
+    width: int,
+    submit: Callable[[int], None],
+    keep_going: Callable[[], bool],
+    on_lost: Callable[[int, BaseException], None],
+    stop: Callable[[str], None],
+    max_attempts: int,
+    group_prefix: str,
+    progress: Callable[[], int] = lambda: 0,
+    description: str = "slot",
+    join_timeout: float = 30.0,
+) -> SlotOutcome:
+    """Run ``submit(slot)`` for slots ``0 .. width-1``, each in its own driver thread, until ``keep_going()``
+    turns false; return once every slot thread has ended.
+
+    - ``submit(slot)`` runs one Spark job for that slot and returns when it ends (tuning:
+      ``sc.parallelize([slot], 1).mapPartitions(body).collect()``; training:
+      ``sc.runJob(rdd, fn, partitions=[slot])``). It runs in the slot's thread, inside the job group, so
+      its closure must capture only what the task needs (copy fields into locals first), never ``sc``.
+    - ``keep_going()`` is asked before each submission and after each failure; it may be called from
+      every slot thread at once. ``stop(reason)`` must make it return false (it is called when a slot
+      gives up and on Ctrl-C, before the jobs are cancelled).
+    - ``on_lost(slot, error)`` is called after each failed job (e.g. to re-queue the slot's work); then
+      the job is submitted again, unless ``keep_going()`` is now false. More than ``max_attempts``
+      consecutive failures of one slot call ``stop("<description> <slot> failed <n> times: <error>")``
+      and end that slot. ``progress()`` is a count of finished work: a slot's consecutive-failure count
+      starts again whenever it has changed.
+    - KeyboardInterrupt (Ctrl-C on the driver) calls ``stop("interrupted")``, cancels the job group
+      (``interruptOnCancel``: running tasks are killed) and waits up to ``join_timeout`` seconds for the
+      slot threads; the outcome is then ``interrupted``.
+    """
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"width: expected an integer >= 1, got {width!r}")
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+        raise ValueError(f"max_attempts: expected an integer >= 1, got {max_attempts!r}")
+    group = f"{group_prefix}-{secrets.token_hex(4)}"
+    gave_up: dict[int, BaseException] = {}
+    lock = threading.Lock()
+    running = [width]
+    all_ended = threading.Event()
+
+    def slot_thread(slot: int) -> None:
+        try:
+            slot_loop(slot)
+        finally:
+            with lock:
+                running[0] -= 1
+                if running[0] == 0:
+                    all_ended.set()
+
+    def slot_loop(slot: int) -> None:
+        sc.setJobGroup(group, f"deepspark {description} {slot}", interruptOnCancel=True)
+        failures, seen = 0, progress()
+        while keep_going():
+            if progress() != seen:  # work got done since the last failure
+                failures, seen = 0, progress()
+            try:
+                submit(slot)
+            except Exception as exc:
+                on_lost(slot, exc)
+                if not keep_going():
+                    return
+                failures += 1
+                _log.warning(
+                    "%s %d: its Spark job failed (%s); resubmitting (%d)",
+                    description,
+                    slot,
+                    short_error(exc),
+                    failures,
+                )
+                if failures > max_attempts:
+                    gave_up[slot] = exc
+                    stop(f"{description} {slot} failed {failures} times: {short_error(exc)}")
+                    return
+
+    threads = [
+        threading.Thread(target=slot_thread, args=(i,), name=f"{group_prefix}-slot-{i}", daemon=True)
+        for i in range(width)
+    ]
+    interrupted = False
+    try:
+        for t in threads:
+            t.start()
+        # Not Thread.join: in Python 3.11 a join cut short by Ctrl-C can leave the thread looking finished.
+        while not all_ended.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        interrupted = True
+        stop("interrupted")
+        sc.cancelJobGroup(group)
+        started = sum(t.ident is not None for t in threads)
+        with lock:
+            running[0] -= width - started  # threads Ctrl-C kept from starting will never end
+            if running[0] == 0:
+                all_ended.set()
+        all_ended.wait(join_timeout)
+    return SlotOutcome(group=group, interrupted=interrupted, gave_up=dict(gave_up))
+
+
+def short_error(exc: BaseException) -> str:
+    """One line of a (often very long, Java-wrapped) Spark job error: the line naming the error."""
+    text = str(exc).strip().splitlines()
+    for line in text:
+        if "Error" in line or "Exception" in line or "exited" in line:
+            return line.strip()[:300]
+    return (text[0] if text else type(exc).__name__)[:300]

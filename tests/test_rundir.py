@@ -1,0 +1,69 @@
+"""deepspark.rundir: the run-directory checks and atomic writes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from deepspark import rundir
+from deepspark.errors import ConfigError, DeepsparkError
+
+
+def test_prepare_accepts_a_new_or_empty_directory_and_creates_nothing(tmp_path) -> None:
+    assert rundir.prepare(tmp_path / "new", resume=False) == tmp_path / "new"
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    rundir.prepare(tmp_path / "empty", resume=False)
+
+
+def test_prepare_refuses_an_existing_run_unless_resuming(tmp_path) -> None:
+    run = tmp_path / "run"
+    rundir.write_config(run, {"trials": 3})
+    with pytest.raises(ConfigError, match="already exists; pass resume=True"):
+        rundir.prepare(run, resume=False)
+    rundir.prepare(run, resume=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x").write_text("x")
+    with pytest.raises(ConfigError, match="not a deepspark run directory"):
+        rundir.prepare(tmp_path / "other", resume=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="already exists"):
+        rundir.prepare(tmp_path / "file", resume=False)
+
+
+def test_config_round_trip_and_bad_config(tmp_path) -> None:
+    run = tmp_path / "run"
+    rundir.write_config(run, {"space": {"x": [1, 2]}, "seed": 0})
+    assert rundir.read_config(run) == {"space": {"x": [1, 2]}, "seed": 0}
+    (run / rundir.CONFIG_FILE).write_text("[1]")
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        rundir.read_config(run)
+    with pytest.raises(ConfigError, match="not a deepspark run directory"):
+        rundir.read_config(tmp_path / "missing")
+
+
+def test_write_file_atomic_replaces_and_leaves_no_temp_file(tmp_path) -> None:
+    path = tmp_path / "f.json"
+    rundir.write_file_atomic(path, b"one")
+    rundir.write_file_atomic(path, b"two")
+    assert path.read_bytes() == b"two"
+    assert os.listdir(tmp_path) == ["f.json"]
+
+
+def test_write_dir_atomic_swaps_the_whole_directory(tmp_path) -> None:
+    best = tmp_path / rundir.BEST_DIR
+    rundir.write_dir_atomic(best, {"a.bin": b"1", "b.json": b"{}"})
+    rundir.write_dir_atomic(best, {"c.bin": b"3"})
+    assert sorted(p.name for p in best.iterdir()) == ["c.bin"]  # nothing of the old one is left
+    assert (best / "c.bin").read_bytes() == b"3"
+    assert os.listdir(tmp_path) == [rundir.BEST_DIR]
+
+
+@pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "..", "a\\b"])
+def test_write_dir_atomic_refuses_names_that_are_not_plain(tmp_path, name) -> None:
+    rundir.write_dir_atomic(tmp_path / "best", {"keep.bin": b"k"})
+    with pytest.raises(DeepsparkError, match="refusing file name"):
+        rundir.write_dir_atomic(tmp_path / "best", {"ok.bin": b"1", name: b"2"})
+    assert os.listdir(tmp_path / "best") == ["keep.bin"]
+    assert os.listdir(tmp_path) == ["best"]

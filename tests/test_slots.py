@@ -1,0 +1,178 @@
+"""deepspark.slots: one Spark job per slot, resubmitted on failure, cancelled as one group (local[2])."""
+
+from __future__ import annotations
+
+import _thread
+import threading
+import time
+
+import pytest
+
+from deepspark.slots import SlotOutcome, run_slots, short_error
+
+
+def _square(partition):
+    for x in partition:
+        yield x * x
+
+
+def _fail_on_the_executor(partition):
+    for x in partition:
+        raise RuntimeError(f"slot {x} broke")
+    yield 0
+
+
+def _sleep_on_the_executor(partition):
+    for x in partition:
+        time.sleep(120)
+        yield x
+
+
+def test_each_slot_runs_its_own_job_until_told_to_stop(spark) -> None:
+    sc = spark.sparkContext
+    results: dict[int, list[int]] = {0: [], 1: []}
+    lock = threading.Lock()
+
+    def submit(slot: int) -> None:
+        out = sc.parallelize([slot + 2], 1).mapPartitions(_square).collect()
+        with lock:
+            results[slot].extend(out)
+
+    def keep_going() -> bool:
+        with lock:
+            return min(len(v) for v in results.values()) < 2 or False
+
+    lost: list[int] = []
+    stops: list[str] = []
+    outcome = run_slots(
+        sc,
+        width=2,
+        submit=submit,
+        keep_going=keep_going,
+        on_lost=lambda slot, exc: lost.append(slot),
+        stop=stops.append,
+        max_attempts=2,
+        group_prefix="test-slots",
+    )
+    assert isinstance(outcome, SlotOutcome)
+    assert outcome.group.startswith("test-slots-") and not outcome.interrupted and not outcome.gave_up
+    assert set(results[0]) == {4} and set(results[1]) == {9} and len(results[0]) >= 2
+    assert lost == [] and stops == []
+    jobs = sc.statusTracker().getJobIdsForGroup(outcome.group)
+    assert len(jobs) == len(results[0]) + len(results[1])
+
+
+def test_a_failing_slot_is_resubmitted_then_gives_up_and_stops_the_run(spark) -> None:
+    sc = spark.sparkContext
+    lost: list[tuple[int, str]] = []
+    stops: list[str] = []
+
+    outcome = run_slots(
+        sc,
+        width=1,
+        submit=lambda slot: sc.parallelize([slot], 1).mapPartitions(_fail_on_the_executor).collect(),
+        keep_going=lambda: not stops,
+        on_lost=lambda slot, exc: lost.append((slot, short_error(exc))),
+        stop=stops.append,
+        max_attempts=2,
+        group_prefix="test-slots",
+        description="trial worker",
+    )
+    assert [slot for slot, _ in lost] == [0, 0, 0]  # the first try and two more attempts
+    assert all("broke" in line for _, line in lost)
+    [reason] = stops
+    assert reason.startswith("trial worker 0 failed 3 times: ") and "broke" in reason
+    assert list(outcome.gave_up) == [0] and "slot 0 broke" in str(outcome.gave_up[0])
+
+
+def test_progress_restarts_the_failure_count_and_on_lost_can_end_the_run(spark) -> None:
+    sc = spark.sparkContext
+    calls = 0
+    stops: list[str] = []
+    done = threading.Event()
+
+    def submit(slot: int) -> None:
+        nonlocal calls
+        calls += 1
+        raise ConnectionError(f"lost executor ({calls})")
+
+    def on_lost(slot: int, exc: BaseException) -> None:
+        if calls >= 5:
+            done.set()
+
+    # Every failure is followed by progress (calls grows), so max_attempts=1 never gives up.
+    outcome = run_slots(
+        sc,
+        width=1,
+        submit=submit,
+        keep_going=lambda: not done.is_set(),
+        on_lost=on_lost,
+        stop=stops.append,
+        max_attempts=1,
+        group_prefix="test-slots",
+        progress=lambda: calls,
+    )
+    assert calls == 5 and stops == [] and not outcome.gave_up
+
+
+def test_ctrl_c_stops_first_then_cancels_the_job_group(spark) -> None:
+    sc = spark.sparkContext
+    events: list[str] = []
+    stopped = threading.Event()
+
+    def submit(slot: int) -> None:
+        # Ctrl-C on the driver once this slot's job is running (the main thread is in run_slots).
+        threading.Timer(1.0, _thread.interrupt_main).start()
+        try:
+            sc.parallelize([slot], 1).mapPartitions(_sleep_on_the_executor).collect()
+        except Exception:
+            events.append("cancelled")
+            raise
+
+    def stop(reason: str) -> None:
+        events.append(f"stop:{reason}")
+        stopped.set()
+
+    started = time.monotonic()
+    outcome = run_slots(
+        sc,
+        width=1,
+        submit=submit,
+        keep_going=lambda: not stopped.is_set(),
+        on_lost=lambda slot, exc: events.append("lost"),
+        stop=stop,
+        max_attempts=3,
+        group_prefix="test-slots",
+    )
+    assert outcome.interrupted and not outcome.gave_up
+    assert events == ["stop:interrupted", "cancelled", "lost"]
+    assert time.monotonic() - started < 60  # the 120 s task was killed, not waited for
+    # The session is still usable after the cancellation.
+    assert sc.parallelize([3], 1).mapPartitions(_square).collect() == [9]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"width": 0}, "width"), ({"max_attempts": 0}, "max_attempts")]
+)
+def test_run_slots_checks_its_arguments(kwargs, match) -> None:
+    args = {
+        "width": 1,
+        "submit": lambda slot: None,
+        "keep_going": lambda: False,
+        "on_lost": lambda slot, exc: None,
+        "stop": lambda reason: None,
+        "max_attempts": 1,
+        "group_prefix": "x",
+        **kwargs,
+    }
+    with pytest.raises(ValueError, match=match):
+        run_slots(None, **args)
+
+
+def test_short_error_keeps_the_line_naming_the_error() -> None:
+    exc = RuntimeError(
+        "An error occurred while calling o1.collect.\n  py4j stuff\nValueError: bad thing\n more"
+    )
+    assert short_error(exc) == "ValueError: bad thing"
+    assert short_error(RuntimeError("job aborted\n  at x")) == "job aborted"
+    assert short_error(KeyError()) == "KeyError"
