@@ -32,7 +32,17 @@ import torch
 from deepspark.errors import ConfigError, DeepsparkError
 from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
 
-__all__ = ["OUTER", "AverageSettings", "RoundRecord", "RoundServer", "TaskSpec", "average_task"]
+__all__ = [
+    "OUTER",
+    "AverageSettings",
+    "LoadedWorker",
+    "RoundRecord",
+    "RoundServer",
+    "ServerState",
+    "TaskSpec",
+    "average_task",
+    "load_worker",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -105,7 +115,31 @@ class _Round:
     bytes: int = 0
 
 
-class RoundServer:
+class ServerState:
+    """A strategy server's run state under its one condition: ``finished``, ``error``, and waiting on them.
+
+    Subclasses change their state only under ``self._lock`` and notify it on every change.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self.finished = False
+        self.error: BaseException | None = None
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the run to finish or fail; return whether it has."""
+        with self._lock:
+            self._lock.wait_for(lambda: self.finished or self.error is not None, timeout=timeout)
+            return self.finished or self.error is not None
+
+    def fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = error
+            self._lock.notify_all()
+
+
+class RoundServer(ServerState):
     """The driver's side of model averaging: hands out rounds, averages pushes, applies the outer step.
 
     ``on_round(record, weights, outer_state, cursors)`` runs after every round under the server's lock
@@ -131,7 +165,7 @@ class RoundServer:
         outer_state: Mapping[str, Any] | None,
         on_round: Callable[[RoundRecord, Mapping[str, torch.Tensor]], None],
     ) -> None:
-        self._lock = threading.Condition()
+        super().__init__()
         self._weights = {k: v.detach().clone() for k, v in weights.items()}
         self._payload = state_to_bytes(self._weights)
         self._workers = {k: _Worker(cursor=dict(cursors.get(k, {}))) for k in range(workers)}
@@ -159,7 +193,6 @@ class RoundServer:
             if outer_state:
                 self._outer.load_state_dict(dict(outer_state))
         self.finished = self._complete()
-        self.error: BaseException | None = None
         self._round = self._open(first_round)
 
     # --------------------------------------------------------------------------------- state
@@ -195,17 +228,6 @@ class RoundServer:
         # The last round is trimmed so the run takes the requested epochs, not up to tau steps more.
         steps = max(1, min(self._settings.tau, self._total_steps - self._done_steps))
         return _Round(number=number, steps=steps, expected=set(self._workers))
-
-    def wait(self, timeout: float) -> bool:
-        with self._lock:
-            self._lock.wait_for(lambda: self.finished or self.error is not None, timeout=timeout)
-            return self.finished or self.error is not None
-
-    def fail(self, error: BaseException) -> None:
-        with self._lock:
-            if self.error is None:
-                self.error = error
-            self._lock.notify_all()
 
     def worker_lost(self, worker: int) -> None:
         """A worker's Spark task failed or ended: leave it out of the round in progress."""
@@ -374,16 +396,27 @@ class TaskSpec:
     seed: int
 
 
-def average_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
-    """Body of one worker's Spark task (``mapInArrow``): load the partition, then serve rounds."""
-    import pyarrow as pa
+@dataclass(frozen=True)
+class LoadedWorker:
+    """A worker task's partition as tensors, its model and training settings (shared by strategies)."""
+
+    worker: int
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    config: Any  # TrainConfig
+    model: torch.nn.Module
+    rate: Callable[[int], float] | None
+    hello: dict[str, Any]
+
+
+def load_worker(task: TaskSpec, batches: Iterator[Any]) -> LoadedWorker:
+    """Inside a Spark task: limit threads, read the partition, preprocess it and build the model."""
     from pyspark import TaskContext
 
-    from deepspark import wire
     from deepspark.models import Preprocess, build_model
     from deepspark.spark import limit_threads
     from deepspark.training.frame import read_partition
-    from deepspark.training.loop import DataCursor, TrainConfig, cosine_rate, make_optimizer, run_steps
+    from deepspark.training.loop import TrainConfig, cosine_rate
 
     ctx = TaskContext.get()
     worker = ctx.partitionId() if ctx is not None else 0
@@ -394,12 +427,29 @@ def average_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
         if task.layout.kind == "bytes"
         else torch.from_numpy(features)
     )
-    targets = torch.from_numpy(labels)
     config = TrainConfig.from_dict(task.config)
-    model = build_model(task.spec)
-    rate = cosine_rate(config.learning_rate, task.total_steps) if config.lr_schedule == "cosine" else None
+    return LoadedWorker(
+        worker=worker,
+        inputs=inputs,
+        targets=torch.from_numpy(labels),
+        config=config,
+        model=build_model(task.spec),
+        rate=cosine_rate(config.learning_rate, task.total_steps) if config.lr_schedule == "cosine" else None,
+        hello={"worker": worker, "rows": len(labels), "attempt": ctx.attemptNumber() if ctx else 0},
+    )
+
+
+def average_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
+    """Body of one worker's Spark task (``mapInArrow``): load the partition, then serve rounds."""
+    import pyarrow as pa
+
+    from deepspark import wire
+    from deepspark.training.loop import DataCursor, make_optimizer, run_steps
+
+    unit = load_worker(task, batches)
+    worker, inputs, targets = unit.worker, unit.inputs, unit.targets
+    config, model, rate, hello = unit.config, unit.model, unit.rate, unit.hello
     rounds = 0
-    hello = {"worker": worker, "rows": len(labels), "attempt": ctx.attemptNumber() if ctx else 0}
     with wire.connect(task.host, task.port, token=task.token, hello=hello) as conn:
         while True:
             waited = time.perf_counter()

@@ -1,9 +1,11 @@
 """``fit()``: train a model on Spark, data-parallel over a DataFrame's partitions.
 
-Strategies: ``local`` (one process, the default for one worker) and ``average`` (SparkNet's model
-averaging every ``tau`` steps). The run directory holds ``config.json``, ``history.csv`` (a row per
-round), ``curve.png``, ``checkpoint/`` (everything a resume needs, rewritten atomically) and ``model/``,
-the final model as a deepspark checkpoint that ``deepspark predict`` takes as is.
+Strategies: ``local`` (one process, the default for one worker), ``average`` (SparkNet's model
+averaging every ``tau`` steps) and ``async`` (asynchronous SGD against a parameter server on the driver,
+stale-synchronous with bound ``staleness``: :mod:`deepspark.training.paramserver`). The run directory
+holds ``config.json``, ``history.csv`` (a row per round), ``curve.png``, ``checkpoint/`` (everything a
+resume needs, rewritten atomically) and ``model/``, the final model as a deepspark checkpoint that
+``deepspark predict`` takes as is.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -30,7 +32,7 @@ from deepspark.errors import ConfigError, DeepsparkError
 from deepspark.training.average import AverageSettings, RoundRecord, RoundServer, TaskSpec, average_task
 from deepspark.training.frame import KEY, FrameLayout, describe_frame
 from deepspark.training.loop import DataCursor, TrainConfig, evaluate
-from deepspark.validation import check_choice, check_positive_int
+from deepspark.validation import check_choice, check_int, check_number, check_positive_int
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -40,8 +42,9 @@ if TYPE_CHECKING:
 __all__ = ["STRATEGIES", "FitResult", "fit"]
 
 _log = logging.getLogger(__name__)
+_TASK_SCHEMA = "worker long, rounds long"
 
-STRATEGIES = ("local", "average")
+STRATEGIES = ("local", "average", "async")
 CONFIG_FILE, HISTORY, CURVE, CHECKPOINT, MODEL = (
     "config.json",
     "history.csv",
@@ -63,7 +66,11 @@ HISTORY_COLUMNS = (
     "wait_s",
     "bytes",
     "elapsed_s",
+    "staleness",
+    "clock_gap",
 )
+# Asynchronous SGD pushes after every step by default (deepspark.training.paramserver).
+ASYNC_SETTINGS = AverageSettings(tau=1)
 # Distributed strategies reset their inner optimizer every round, so momentum SGD is their default.
 DISTRIBUTED_CONFIG = TrainConfig(optimizer="momentum", learning_rate=0.05, batch_size=64, epochs=5, seed=0)
 
@@ -101,6 +108,7 @@ def fit(
     workers: int = 1,
     config: TrainConfig | Mapping[str, Any] | None = None,
     average: AverageSettings | Mapping[str, Any] | None = None,
+    staleness: int = 2,
     run_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
     test_data: Any = None,
@@ -115,6 +123,7 @@ def fit(
     checkpoint_seconds: float = 10.0,
     master: str | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    slow_worker: tuple[int, float] | None = None,
 ) -> FitResult:
     """Train ``model`` on ``data`` with ``workers`` Spark tasks.
 
@@ -124,6 +133,12 @@ def fit(
     spec. ``strategy`` defaults to ``local`` for one worker and ``average`` otherwise. Every argument is
     checked, and the run directory created, before any training job starts; ``resume=True`` continues
     the run in ``run_dir`` from its last checkpoint with the settings saved there.
+
+    ``average`` holds the distributed strategies' knobs (:class:`AverageSettings`); ``async`` uses its
+    ``tau`` (steps between pushes, 1 unless given) and takes ``staleness`` (>= 1), the most pushes a
+    worker may be ahead of the slowest live one. ``slow_worker=(index, factor)`` is a benchmark and test
+    knob of ``async``: worker ``index`` sleeps ``factor - 1`` times its compute time after each batch of
+    steps, to show how the strategy copes with a straggler.
     """
     started = time.perf_counter()
     if resume:
@@ -132,6 +147,7 @@ def fit(
         saved = _read_config(Path(run_dir))
         strategy, workers = saved["strategy"], saved["workers"]
         config, average = saved["config"], saved["average"]
+        staleness = saved.get("staleness", staleness)
         model = saved["model"]
         threads_per_worker = saved["threads_per_worker"]
         if isinstance(data, str | os.PathLike) and saved.get("data") != str(data):
@@ -145,8 +161,10 @@ def fit(
     check_choice("strategy", strategy, STRATEGIES)
     if strategy == "local" and workers != 1:
         raise ConfigError(f"workers: strategy 'local' runs in one process; expected 1, got {workers}")
+    check_int("staleness", staleness, minimum=1)
+    _check_slow_worker(slow_worker, strategy, workers)
     train_config = _train_config(config, strategy)
-    settings = average if isinstance(average, AverageSettings) else AverageSettings(**dict(average or {}))
+    settings = _settings(average, strategy)
     created = run_dir is None or not Path(run_dir).exists()
     run_path = _run_dir(run_dir, resume=resume)
     try:
@@ -194,6 +212,7 @@ def fit(
                     "workers": workers,
                     "config": train_config.to_dict(),
                     "average": asdict(settings),
+                    "staleness": staleness,
                     "model": model if isinstance(model, str) else load_spec(model).to_dict(),
                     "threads_per_worker": threads_per_worker,
                     "data": str(data) if isinstance(data, str | os.PathLike) else "DataFrame",
@@ -202,20 +221,27 @@ def fit(
                     "rows": prepared.layout.rows,
                 },
             )
-        return _fit_average(
-            spark,
-            prepared,
-            spec,
-            train_config,
-            settings,
-            workers=workers,
-            run_path=run_path,
-            resume=resume,
-            threads=threads_per_worker,
-            checkpoint_seconds=checkpoint_seconds,
-            on_round=on_round,
-            started=started,
-        )
+        common: dict[str, Any] = {
+            "workers": workers,
+            "run_path": run_path,
+            "resume": resume,
+            "threads": threads_per_worker,
+            "checkpoint_seconds": checkpoint_seconds,
+            "on_round": on_round,
+            "started": started,
+        }
+        if strategy == "async":
+            return _fit_async(
+                spark,
+                prepared,
+                spec,
+                train_config,
+                settings,
+                staleness=staleness,
+                slow_worker=slow_worker,
+                **common,
+            )
+        return _fit_average(spark, prepared, spec, train_config, settings, **common)
     except BaseException:
         if created and not (run_path / HISTORY).exists():
             shutil.rmtree(run_path, ignore_errors=True)  # nothing trained: leave nothing half-written
@@ -232,6 +258,35 @@ def _train_config(config: TrainConfig | Mapping[str, Any] | None, strategy: str)
 
         base = DEFAULT_TRAIN_CONFIG
     return TrainConfig.from_dict({**base.to_dict(), **dict(config or {})})
+
+
+def _settings(average: AverageSettings | Mapping[str, Any] | None, strategy: str) -> AverageSettings:
+    if isinstance(average, AverageSettings):
+        settings = average
+    else:
+        base = asdict(ASYNC_SETTINGS) if strategy == "async" else {}
+        settings = AverageSettings(**{**base, **dict(average or {})})
+    if strategy == "async":
+        if settings.round_seconds is not None:
+            raise ConfigError(
+                f"round_seconds: strategy 'async' pushes every tau steps; expected None, got {settings.round_seconds!r}"
+            )
+        if settings.outer != "plain":
+            raise ConfigError(
+                f"outer: strategy 'async' applies each push as it comes; expected 'plain', got {settings.outer!r}"
+            )
+    return settings
+
+
+def _check_slow_worker(slow_worker: Any, strategy: str, workers: int) -> None:
+    if slow_worker is None:
+        return
+    if strategy != "async":
+        raise ConfigError(f"slow_worker: only strategy 'async' takes it; expected None, got {slow_worker!r}")
+    if not isinstance(slow_worker, tuple | list) or len(slow_worker) != 2:
+        raise ConfigError(f"slow_worker: expected (worker index, factor >= 1), got {slow_worker!r}")
+    check_int("slow_worker index", slow_worker[0], minimum=0, maximum=workers - 1)
+    check_number("slow_worker factor", slow_worker[1], low=1)
 
 
 def _run_dir(run_dir: str | os.PathLike[str] | None, *, resume: bool) -> Path:
@@ -404,6 +459,145 @@ def _model_spec(model: Any, layout: FrameLayout) -> ModelSpec:
     return spec
 
 
+# ------------------------------------------------------------------------------------ workers
+class _Server(Protocol):
+    """What the driver loop needs of a strategy's server (:class:`RoundServer`, :class:`ParameterServer`)."""
+
+    finished: bool
+    error: BaseException | None
+
+    def handle(self, conn: Any) -> None: ...
+    def wait(self, timeout: float) -> bool: ...
+    def fail(self, error: BaseException) -> None: ...
+    def worker_lost(self, worker: int) -> None: ...
+
+
+class _Recorder:
+    """After each round: a history row, test scores at epoch boundaries, a checkpoint now and then."""
+
+    def __init__(
+        self,
+        run_path: Path,
+        data: _Data,
+        model: torch.nn.Module,
+        history: list[dict[str, Any]],
+        samples_done: int,
+        checkpoint_seconds: float,
+        on_round: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        self._run_path, self._data, self._model = run_path, data, model
+        self.history = history
+        self._epoch_seen = math.floor(samples_done / data.layout.rows)
+        self._checkpoint_seconds = checkpoint_seconds
+        self._last_checkpoint = time.perf_counter()
+        self._elapsed_before = float(history[-1]["elapsed_s"]) if history else 0.0
+        self._clock = time.perf_counter()
+        self._on_round = on_round
+
+    def record(
+        self,
+        record: RoundRecord,
+        weights: Mapping[str, torch.Tensor],
+        *,
+        done: bool,
+        checkpoint: Callable[[], None],
+    ) -> None:
+        row: dict[str, Any] = dict(asdict(record))
+        row.update(
+            test_accuracy="", test_loss="", elapsed_s=self._elapsed_before + time.perf_counter() - self._clock
+        )
+        epoch_now = math.floor(record.epoch + 1e-9)
+        inputs, labels = self._data.test_inputs, self._data.test_labels
+        if (epoch_now > self._epoch_seen or done) and inputs is not None and labels is not None:
+            self._epoch_seen = epoch_now
+            self._model.load_state_dict(dict(weights))
+            scores = evaluate(self._model, inputs, labels)
+            row.update(test_accuracy=scores["accuracy"], test_loss=scores["loss"])
+        _append_history(self._run_path, row)
+        self.history.append(row)
+        now = time.perf_counter()
+        if done or self._checkpoint_seconds <= 0 or now - self._last_checkpoint >= self._checkpoint_seconds:
+            checkpoint()
+            self._last_checkpoint = now
+        if self._on_round is not None:
+            self._on_round(row)
+
+
+def _run_workers(
+    spark: Any,
+    frame: DataFrame,
+    workers: int,
+    server: _Server,
+    task_fn: Callable[[str, int, str], Callable[[Any], Any]],
+    name: str,
+) -> float:
+    """Serve ``server`` on a fresh endpoint while one Spark job per worker runs ``task_fn(host, port, token)``.
+
+    The endpoint is closed (every connection with it) before this returns, whatever happens; returns the
+    seconds spent scheduling. Raises the server's error, if any.
+    """
+    from deepspark import wire
+
+    token = secrets.token_hex(16)
+    endpoint = wire.Server(token=token, handler=server.handle, bind=_bind_address(spark), name=name)
+    endpoint.start()
+    try:
+        host, port = endpoint.address
+        _log.info("%s: serving %d worker(s) on %s:%d", name, workers, host, port)
+        jobs = frame.repartition(workers, KEY).mapInArrow(task_fn(host, port, token), _TASK_SCHEMA).rdd
+        schedule = _WorkerJobs(spark.sparkContext, jobs, workers, server)
+        try:
+            if not server.finished:
+                schedule.start()
+                while not server.wait(0.5):
+                    if schedule.failed is not None:
+                        server.fail(schedule.failed)
+        except KeyboardInterrupt:
+            server.fail(KeyboardInterrupt())
+            raise
+        finally:
+            schedule.stop()
+    finally:
+        endpoint.close()
+    if server.error is not None:
+        if isinstance(server.error, DeepsparkError):
+            raise server.error
+        raise DeepsparkError(f"training failed: {server.error}") from server.error
+    return schedule.scheduling_s
+
+
+def _task_spec(
+    data: _Data,
+    spec: ModelSpec,
+    config: TrainConfig,
+    total_steps: int,
+    threads: int,
+    endpoint: tuple[str, int, str],
+) -> TaskSpec:
+    """What every worker task needs, copied out of driver objects (``endpoint``: host, port, token)."""
+    host, port, token = endpoint
+    return TaskSpec(
+        host=host,
+        port=port,
+        token=token,
+        spec=spec.to_dict(),
+        preprocess=data.preprocess.to_dict(),
+        layout=data.layout,
+        config=config.to_dict(),
+        total_steps=total_steps,
+        threads=threads,
+        seed=config.seed,
+    )
+
+
+def _new_cursor(config: TrainConfig) -> Callable[[int, int], dict[str, Any]]:
+    def new_cursor(worker: int, rows: int) -> dict[str, Any]:
+        # Worker 0 shuffles exactly as the one-process loop does with the same seed.
+        return DataCursor(rows, config.batch_size, config.seed + worker * 1_000_003).state()
+
+    return new_cursor
+
+
 # ------------------------------------------------------------------------------------------ average
 def _fit_average(
     spark: Any,
@@ -420,12 +614,10 @@ def _fit_average(
     on_round: Callable[[dict[str, Any]], None] | None,
     started: float,
 ) -> FitResult:
-    from deepspark import wire
     from deepspark.models import build_model
 
     layout = data.layout
-    share = math.ceil(layout.rows / workers)
-    steps_per_epoch = math.ceil(share / config.batch_size)
+    steps_per_epoch = math.ceil(math.ceil(layout.rows / workers) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     driver_model = build_model(spec, seed=config.seed)
     if resume:
@@ -439,44 +631,26 @@ def _fit_average(
         outer_state = None
         cursors = {}
         first_round, samples_done, steps_done, history = 0, 0, 0, []
-
-    def new_cursor(worker: int, rows: int) -> dict[str, Any]:
-        # Worker 0 shuffles exactly as the one-process loop does with the same seed.
-        return DataCursor(rows, config.batch_size, config.seed + worker * 1_000_003).state()
-
-    epoch_seen = [math.floor(samples_done / layout.rows)]
-    last_checkpoint = [time.perf_counter()]
-    elapsed_before = float(history[-1]["elapsed_s"]) if history else 0.0
-    clock = time.perf_counter()
+    recorder = _Recorder(run_path, data, driver_model, history, samples_done, checkpoint_seconds, on_round)
 
     def after_round(record: RoundRecord, new_weights: Mapping[str, torch.Tensor]) -> None:
-        row: dict[str, Any] = {k: v for k, v in asdict(record).items()}
-        row.update(test_accuracy="", test_loss="", elapsed_s=elapsed_before + time.perf_counter() - clock)
-        epoch_now = math.floor(record.epoch + 1e-9)
-        done = server.finished
-        if (
-            (epoch_now > epoch_seen[0] or done)
-            and data.test_inputs is not None
-            and data.test_labels is not None
-        ):
-            epoch_seen[0] = epoch_now
-            driver_model.load_state_dict(dict(new_weights))
-            scores = evaluate(driver_model, data.test_inputs, data.test_labels)
-            row.update(test_accuracy=scores["accuracy"], test_loss=scores["loss"])
-        _append_history(run_path, row)
-        history.append(row)
-        now = time.perf_counter()
-        if done or checkpoint_seconds <= 0 or now - last_checkpoint[0] >= checkpoint_seconds:
-            _save_checkpoint(run_path, new_weights, server.outer_state(), record, server)
-            last_checkpoint[0] = now
-        if on_round is not None:
-            on_round(row)
+        def checkpoint() -> None:
+            outer = server.outer_state()
+            state = {
+                "round": record.round,
+                "samples_done": server.samples_done,
+                "steps_done": server.steps_done,
+                "cursors": {str(k): v for k, v in server.cursors().items()},
+            }
+            _save_checkpoint(run_path, new_weights, outer, state)
+
+        recorder.record(record, new_weights, done=server.finished, checkpoint=checkpoint)
 
     server = RoundServer(
         weights=weights,
         cursors=cursors,
         workers=workers,
-        new_cursor=new_cursor,
+        new_cursor=_new_cursor(config),
         settings=settings,
         batch_size=config.batch_size,
         total_steps=total_steps,
@@ -488,56 +662,99 @@ def _fit_average(
         outer_state=outer_state,
         on_round=after_round,
     )
-    sc = spark.sparkContext
-    token = secrets.token_hex(16)
-    endpoint = wire.Server(
-        token=token, handler=server.handle, bind=_bind_address(spark), name="deepspark-average"
-    )
-    endpoint.start()
-    host, port = endpoint.address
-    task = TaskSpec(
-        host=host,
-        port=port,
-        token=token,
-        spec=spec.to_dict(),
-        preprocess=data.preprocess.to_dict(),
-        layout=layout,
-        config=config.to_dict(),
-        total_steps=total_steps,
-        threads=threads,
-        seed=config.seed,
-    )
+
+    def task_fn(host: str, port: int, token: str) -> Callable[[Any], Any]:
+        task = _task_spec(data, spec, config, total_steps, threads, (host, port, token))
+        return functools.partial(average_task, task)
+
     assert data.frame is not None
-    jobs = (
-        data.frame.repartition(workers, KEY)
-        .mapInArrow(functools.partial(average_task, task), "worker long, rounds long")
-        .rdd
-    )
-    schedule = _WorkerJobs(sc, jobs, workers, server)
-    try:
-        if not server.finished:
-            schedule.start()
-            while not server.wait(0.5):
-                if schedule.failed is not None:
-                    server.fail(schedule.failed)
-    except KeyboardInterrupt:
-        server.fail(KeyboardInterrupt())
-        raise
-    finally:
-        schedule.stop()
-        endpoint.close()
-    if server.error is not None:
-        if isinstance(server.error, DeepsparkError):
-            raise server.error
-        raise DeepsparkError(f"training failed: {server.error}") from server.error
+    scheduling_s = _run_workers(spark, data.frame, workers, server, task_fn, "deepspark-average")
     driver_model.load_state_dict(dict(server.weights))
-    return _finish(run_path, driver_model, spec, data, config, history, started, schedule.scheduling_s)
+    return _finish(run_path, driver_model, spec, data, config, history, started, scheduling_s)
+
+
+# -------------------------------------------------------------------------------------------- async
+def _fit_async(
+    spark: Any,
+    data: _Data,
+    spec: ModelSpec,
+    config: TrainConfig,
+    settings: AverageSettings,
+    *,
+    workers: int,
+    staleness: int,
+    slow_worker: tuple[int, float] | None,
+    run_path: Path,
+    resume: bool,
+    threads: int,
+    checkpoint_seconds: float,
+    on_round: Callable[[dict[str, Any]], None] | None,
+    started: float,
+) -> FitResult:
+    from deepspark.models import build_model
+    from deepspark.training.paramserver import AsyncRecord, AsyncTask, ParameterServer, async_task
+
+    layout = data.layout
+    total_steps = math.ceil(math.ceil(layout.rows / workers) / config.batch_size) * config.epochs
+    driver_model = build_model(spec, seed=config.seed)
+    progress: dict[str, Any] = {}
+    if resume:
+        weights, _, state = _load_checkpoint(run_path)
+        progress = {
+            "cursors": {int(k): v for k, v in state["cursors"].items()},
+            "clocks": {int(k): int(v) for k, v in state["clocks"].items()},
+            "version": int(state["version"]),
+            "samples_done": int(state["samples_done"]),
+            "first_round": int(state["round"]) + 1,
+        }
+        history = _read_history(run_path, upto=int(state["round"]))
+    else:
+        weights, history = dict(driver_model.state_dict()), []
+    recorder = _Recorder(
+        run_path, data, driver_model, history, progress.get("samples_done", 0), checkpoint_seconds, on_round
+    )
+
+    def after_round(record: AsyncRecord, new_weights: Mapping[str, torch.Tensor]) -> None:
+        def checkpoint() -> None:
+            _save_checkpoint(run_path, new_weights, None, server.checkpoint_state())
+
+        recorder.record(record, new_weights, done=server.finished, checkpoint=checkpoint)
+
+    server = ParameterServer(
+        weights=weights,
+        workers=workers,
+        staleness=staleness,
+        tau=settings.tau,
+        batch_size=config.batch_size,
+        total_samples=config.epochs * layout.rows,
+        rows=layout.rows,
+        new_cursor=_new_cursor(config),
+        on_round=after_round,
+        **progress,
+    )
+    slow_index, slow_factor = slow_worker if slow_worker is not None else (None, 1.0)
+
+    def task_fn(host: str, port: int, token: str) -> Callable[[Any], Any]:
+        task = _task_spec(data, spec, config, total_steps, threads, (host, port, token))
+        return functools.partial(async_task, AsyncTask(task, slow_index, slow_factor))
+
+    assert data.frame is not None
+    scheduling_s = _run_workers(spark, data.frame, workers, server, task_fn, "deepspark-async")
+    _log.info(
+        "async: %d pushes, largest staleness %d, largest clock gap %d (bound %d)",
+        server.version,
+        server.max_staleness,
+        server.max_clock_gap,
+        staleness,
+    )
+    driver_model.load_state_dict(server.weights)
+    return _finish(run_path, driver_model, spec, data, config, history, started, scheduling_s)
 
 
 class _WorkerJobs:
     """One long-lived Spark job per worker, resubmitted when it fails, cancelled together at the end."""
 
-    def __init__(self, sc: Any, rdd: Any, workers: int, server: RoundServer, max_attempts: int = 4) -> None:
+    def __init__(self, sc: Any, rdd: Any, workers: int, server: _Server, max_attempts: int = 4) -> None:
         self._sc, self._rdd, self._workers, self._server = sc, rdd, workers, server
         self._group = f"deepspark-train-{secrets.token_hex(4)}"
         self._threads: list[threading.Thread] = []
@@ -606,9 +823,10 @@ def _save_checkpoint(
     run_path: Path,
     weights: Mapping[str, torch.Tensor],
     outer_state: Mapping[str, Any] | None,
-    record: RoundRecord,
-    server: RoundServer,
+    progress: Mapping[str, Any],
 ) -> None:
+    """Write ``checkpoint/`` atomically: the weights (and outer optimizer) as safetensors, ``progress``
+    (round, samples_done, cursors, and whatever else the strategy resumes from) as JSON."""
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in weights.items()}
@@ -619,13 +837,7 @@ def _save_checkpoint(
                 if isinstance(value, torch.Tensor):
                     tensors[f"outer.{index}.{name}"] = value.detach().contiguous()
         groups = outer_state["param_groups"]
-    state = {
-        "round": record.round,
-        "samples_done": server.samples_done,
-        "steps_done": server.steps_done,
-        "cursors": {str(k): v for k, v in server.cursors().items()},
-        "outer_param_groups": groups,
-    }
+    state = {**progress, "outer_param_groups": groups}
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run_path))
     try:
         save_file(tensors, str(tmp / "state.safetensors"))

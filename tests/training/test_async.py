@@ -1,0 +1,224 @@
+"""The ``async`` strategy: the parameter server's logic on its own, then ``fit`` on local[2] Spark."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from deepspark import wire
+from deepspark.errors import ConfigError, DeepsparkError
+from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
+from deepspark.training.fit import fit
+from deepspark.training.paramserver import AsyncRecord, ParameterServer
+
+BATCH = 8
+
+
+def _client(port: int, token: str, worker: int, leave_after: int | None, out: dict[int, Any]) -> None:
+    """A fake worker: pushes a delta of ones per pull; closes its connection after ``leave_after`` pushes."""
+    pushes = 0
+    with wire.connect("127.0.0.1", port, token=token, hello={"worker": worker, "rows": 40}) as conn:
+        while True:
+            header, payload = conn.recv()
+            if header["op"] == "stop":
+                out[worker] = ("stop", pushes)
+                return
+            assert set(state_from_bytes(payload)) == {"w"}
+            conn.send(
+                {
+                    "op": "push",
+                    "version": header["version"],
+                    "samples": BATCH * int(header["steps"]),
+                    "loss_sum": 1.0,
+                    "cursor": {"pushes": pushes + 1},
+                    "compute_s": 0.0,
+                    "comm_s": 0.0,
+                },
+                state_to_bytes({"w": torch.ones(4)}),
+            )
+            pushes += 1
+            if leave_after is not None and pushes == leave_after:
+                out[worker] = ("left", pushes)
+                return
+
+
+def test_a_dead_worker_never_stalls_the_others() -> None:
+    records: list[AsyncRecord] = []
+    server = ParameterServer(
+        weights={"w": torch.zeros(4)},
+        workers=2,
+        staleness=1,
+        tau=1,
+        batch_size=BATCH,
+        total_samples=30 * BATCH,
+        rows=10 * BATCH,
+        new_cursor=lambda worker, rows: {"pushes": 0},
+        on_round=lambda record, weights: records.append(record),
+    )
+    out: dict[int, Any] = {}
+    token = "t" * 32
+    endpoint = wire.Server(token=token, handler=server.handle, name="test-paramserver")
+    endpoint.start()
+    try:
+        port = endpoint.address[1]
+        clients = [
+            threading.Thread(target=_client, args=(port, token, 0, None, out), daemon=True),
+            threading.Thread(target=_client, args=(port, token, 1, 2, out), daemon=True),
+        ]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join(timeout=30)
+        assert not any(c.is_alive() for c in clients), f"a client is still waiting: {out}"
+    finally:
+        endpoint.close()
+    assert out == {0: ("stop", 28), 1: ("left", 2)}
+    assert server.finished and server.error is None
+    assert server.version == 30 and server.samples_done == 30 * BATCH
+    # every delta of ones counts 1/workers
+    assert torch.equal(server.weights["w"], torch.full((4,), 15.0))
+    assert server.max_clock_gap <= 1
+    assert all(r.clock_gap <= 1 for r in records)
+    assert sum(r.samples for r in records) == 30 * BATCH
+    assert server.cursors()[0] == {"pushes": 28}
+    assert server.checkpoint_state()["clocks"] == {"0": 28, "1": 2}
+
+
+def test_async_arguments_are_validated(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"staleness: expected an integer >= 1, got 0"):
+        fit("mnist", strategy="async", workers=2, staleness=0, run_dir=tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"round_seconds: strategy 'async'"):
+        fit("mnist", strategy="async", workers=2, average={"round_seconds": 1.0}, run_dir=tmp_path / "b")
+    with pytest.raises(ConfigError, match=r"slow_worker: only strategy 'async'"):
+        fit("mnist", strategy="average", workers=2, slow_worker=(0, 2.0), run_dir=tmp_path / "c")
+    with pytest.raises(ConfigError, match=r"slow_worker index: expected an integer in 0..1, got 2"):
+        fit("mnist", strategy="async", workers=2, slow_worker=(2, 2.0), run_dir=tmp_path / "d")
+
+
+# ------------------------------------------------------------------------------------------ Spark
+def _served_port(caplog: pytest.LogCaptureFixture) -> int:
+    ports = [
+        int(m.group(1))
+        for r in caplog.records
+        if (m := re.search(r"deepspark-async: serving \d+ worker\(s\) on [\d.]+:(\d+)", r.getMessage()))
+    ]
+    assert ports, "fit logged no parameter server address"
+    return ports[-1]
+
+
+def _assert_closed(port: int) -> None:
+    with pytest.raises(OSError):
+        wire.connect("127.0.0.1", port, token="x", hello={}, timeout=5).close()
+
+
+def _history(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "history.csv", newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+def test_async_learns_mnist_and_its_server_is_gone_after_fit(
+    spark: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="deepspark.training.fit")
+    result = fit(
+        "mnist",
+        "lenet",
+        strategy="async",
+        workers=2,
+        config={"epochs": 3},
+        limit_train=3000,
+        limit_test=1000,
+        run_dir=tmp_path / "run",
+    )
+    assert result.test_accuracy is not None and result.test_accuracy > 0.8
+    rows = _history(tmp_path / "run")
+    assert [int(r["round"]) for r in rows] == list(range(len(rows)))
+    # the epochs asked for: the run stops at the push that reaches them
+    assert 3 * 3000 <= sum(int(r["samples"]) for r in rows) < 3 * 3000 + 64
+    assert all(int(r["clock_gap"]) <= 2 for r in rows)
+    assert rows[-1]["test_accuracy"] != ""
+    assert (tmp_path / "run" / "checkpoint" / "state.json").is_file()
+    _assert_closed(_served_port(caplog))
+
+
+@pytest.mark.slow
+def test_a_slow_worker_stays_within_the_staleness_bound(spark: Any, tmp_path: Path) -> None:
+    result = fit(
+        "mnist",
+        "lenet",
+        strategy="async",
+        workers=2,
+        staleness=1,
+        slow_worker=(1, 4.0),
+        config={"epochs": 1},
+        limit_train=1200,
+        limit_test=200,
+        run_dir=tmp_path / "run",
+    )
+    gaps = [int(r["clock_gap"]) for r in result.history]
+    stale = [int(r["staleness"]) for r in result.history]
+    assert max(gaps) <= 1
+    # Between one worker's pull and its push the other pushes at most 2 * staleness + 1 times.
+    assert max(stale) <= 3
+    assert max(gaps) == 1  # the fast worker did run ahead, as far as the bound allows
+
+
+@pytest.mark.slow
+def test_the_server_shuts_down_when_a_worker_dies_and_the_run_resumes(
+    spark: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="deepspark.training.fit")
+    run_dir = tmp_path / "run"
+    killed: list[int] = []
+
+    def kill_workers_once(row: dict[str, Any]) -> None:
+        if row["round"] == 2 and not killed:
+            killed.append(row["round"])
+            spark.sparkContext.cancelAllJobs()  # both worker tasks die; their jobs are resubmitted
+
+    common: dict[str, Any] = {"limit_train": 1200, "limit_test": 200, "run_dir": run_dir}
+    first = fit(
+        "mnist",
+        "lenet",
+        strategy="async",
+        workers=2,
+        config={"epochs": 1},
+        checkpoint_seconds=0,
+        on_round=kill_workers_once,
+        **common,
+    )
+    assert killed == [2]
+    assert 1200 <= sum(int(r["samples"]) for r in first.history) < 1200 + 64
+    _assert_closed(_served_port(caplog))
+
+    def stop_at_round_3(row: dict[str, Any]) -> None:
+        if row["round"] == 3:
+            raise RuntimeError("stopped by the test")
+
+    second = tmp_path / "second"
+    with pytest.raises(DeepsparkError, match="stopped by the test"):
+        fit(
+            "mnist",
+            "lenet",
+            strategy="async",
+            workers=2,
+            config={"epochs": 1},
+            checkpoint_seconds=0,
+            on_round=stop_at_round_3,
+            limit_train=1200,
+            limit_test=200,
+            run_dir=second,
+        )
+    _assert_closed(_served_port(caplog))
+    resumed = fit("mnist", resume=True, run_dir=second)
+    rounds = [int(r["round"]) for r in resumed.history]
+    assert rounds == list(range(len(rounds))) and rounds[3] == 3
+    assert 1200 <= sum(int(r["samples"]) for r in _history(second)) < 1200 + 64
