@@ -12,6 +12,7 @@ __all__ = [
     "DatasetError",
     "DeepsparkError",
     "DivergenceError",
+    "RunError",
     "SpecError",
 ]
 
@@ -22,6 +23,10 @@ class DeepsparkError(Exception):
 
 class ConfigError(DeepsparkError, ValueError):
     """A parameter or configuration value is invalid (raised before any Spark job starts)."""
+
+
+class RunError(DeepsparkError):
+    """Work failed at run time (after the arguments were accepted): the command exits 1, not 2."""
 
 
 class DatasetError(DeepsparkError):

@@ -47,6 +47,7 @@ def run_slots(
     progress: Callable[[], int] = lambda: 0,
     description: str = "slot",
     join_timeout: float = 30.0,
+    group: str | None = None,
 ) -> SlotOutcome:
     """Run ``submit(slot)`` for slots ``0 .. width-1``, each in its own driver thread, until ``keep_going()``
     turns false; return once every slot thread has ended.
@@ -66,12 +67,14 @@ def run_slots(
     - KeyboardInterrupt (Ctrl-C on the driver) calls ``stop("interrupted")``, cancels the job group
       (``interruptOnCancel``: running tasks are killed) and waits up to ``join_timeout`` seconds for the
       slot threads; the outcome is then ``interrupted``.
+    - ``group`` names the job group (default: ``group_prefix`` and a random suffix), so a caller that runs
+      this in a thread of its own can cancel the jobs itself.
     """
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"width: expected an integer >= 1, got {width!r}")
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
         raise ValueError(f"max_attempts: expected an integer >= 1, got {max_attempts!r}")
-    group = f"{group_prefix}-{secrets.token_hex(4)}"
+    group = group or f"{group_prefix}-{secrets.token_hex(4)}"
     gave_up: dict[int, BaseException] = {}
     lock = threading.Lock()
     running = [width]

@@ -133,7 +133,7 @@ def test_async_learns_mnist_and_its_server_is_gone_after_fit(
         "lenet",
         strategy="async",
         workers=2,
-        config={"epochs": 3},
+        config={"epochs": 3, "learning_rate": 0.02},
         limit_train=3000,
         limit_test=1000,
         run_dir=tmp_path / "run",

@@ -21,9 +21,10 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser(
         "train",
-        help="train a model: in one process, or data-parallel on Spark (--strategy average)",
+        help="train a model: in one process, or data-parallel on Spark (--strategy average|allreduce|async)",
         description="Train a zoo model or spec on a dataset. --strategy local (the default for one worker) "
-        "trains in this process; average runs SparkNet-style model averaging over --workers Spark tasks. "
+        "trains in this process; average runs SparkNet-style model averaging over --workers Spark tasks, async a "
+        "parameter server on the driver with a staleness bound. "
         "The run directory holds config.json, history.csv, curve.png, checkpoint/ and model/ (a checkpoint "
         "that `deepspark predict` takes).",
     )
@@ -35,6 +36,9 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--round-seconds", type=float, default=None, help="average: rounds of S seconds instead")
     p.add_argument("--outer", default=None, choices=list(OUTER), help="average: outer step (default plain)")
     p.add_argument("--outer-lr", type=float, default=None, help="average: Nesterov outer learning rate (0.7)")
+    p.add_argument(
+        "--staleness", type=int, default=None, help="async: most pushes a worker may run ahead (default 2)"
+    )
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="learning rate")
     p.add_argument("--batch-size", type=int, default=None, help="per worker")
@@ -112,6 +116,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 ("--strategy", args.strategy),
                 ("--workers", args.workers),
                 ("--threads", args.threads),
+                ("--staleness", args.staleness),
                 *((f"--{k}", v) for k, v in {**config, **average}.items()),
             )
             if value is not None
@@ -139,6 +144,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "run_dir": args.run_dir or f"runs/{Path(dataset).name}-{Path(model).stem}-{stamp}",
             "threads_per_worker": args.threads or 1,
         }
+        if args.staleness is not None:
+            options["staleness"] = args.staleness
     progress = _Progress(console)
     try:
         result = fit(

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from deepspark.errors import ConfigError, DeepsparkError
+from deepspark.errors import ConfigError, DeepsparkError, RunError
+from deepspark.slots import run_slots
 from deepspark.training.average import AverageSettings, RoundRecord, RoundServer, TaskSpec, average_task
 from deepspark.training.frame import KEY, FrameLayout, describe_frame
 from deepspark.training.loop import DataCursor, TrainConfig, evaluate
@@ -530,11 +531,11 @@ def _run_workers(
     server: _Server,
     task_fn: Callable[[str, int, str], Callable[[Any], Any]],
     name: str,
-) -> float:
+) -> None:
     """Serve ``server`` on a fresh endpoint while one Spark job per worker runs ``task_fn(host, port, token)``.
 
-    The endpoint is closed (every connection with it) before this returns, whatever happens; returns the
-    seconds spent scheduling. Raises the server's error, if any.
+    The endpoint is closed (every connection with it) before this returns, whatever happens; the slots run
+    in :func:`deepspark.slots.run_slots`. Raises the server's error, if any.
     """
     from deepspark import wire
 
@@ -545,25 +546,48 @@ def _run_workers(
         host, port = endpoint.address
         _log.info("%s: serving %d worker(s) on %s:%d", name, workers, host, port)
         jobs = frame.repartition(workers, KEY).mapInArrow(task_fn(host, port, token), _TASK_SCHEMA).rdd
-        schedule = _WorkerJobs(spark.sparkContext, jobs, workers, server)
+        sc = spark.sparkContext
+        group = f"{name}-{secrets.token_hex(4)}"
+
+        def give_up(reason: str) -> None:
+            server.fail(RunError(f"training stopped: {reason}"))
+
+        slots = threading.Thread(
+            target=run_slots,
+            args=(sc,),
+            kwargs={
+                "width": workers,
+                "submit": lambda worker: sc.runJob(jobs, _drain, partitions=[worker]),
+                "keep_going": lambda: not server.finished and server.error is None,
+                "on_lost": lambda worker, _exc: server.worker_lost(worker),
+                "stop": give_up,
+                "max_attempts": 3,
+                "group_prefix": "deepspark-train",
+                "description": "training worker",
+                "group": group,
+            },
+            name=f"deepspark-{name}-slots",
+            daemon=True,
+        )
         try:
             if not server.finished:
-                schedule.start()
+                slots.start()
                 while not server.wait(0.5):
-                    if schedule.failed is not None:
-                        server.fail(schedule.failed)
+                    pass
         except KeyboardInterrupt:
             server.fail(KeyboardInterrupt())
             raise
         finally:
-            schedule.stop()
+            slots.join(timeout=10.0)  # workers told to stop end their jobs by themselves
+            if slots.is_alive():
+                sc.cancelJobGroup(group)
+                slots.join(timeout=30.0)
     finally:
         endpoint.close()
     if server.error is not None:
         if isinstance(server.error, DeepsparkError):
             raise server.error
-        raise DeepsparkError(f"training failed: {server.error}") from server.error
-    return schedule.scheduling_s
+        raise RunError(f"training failed: {server.error}") from server.error
 
 
 def _task_spec(
@@ -668,9 +692,9 @@ def _fit_average(
         return functools.partial(average_task, task)
 
     assert data.frame is not None
-    scheduling_s = _run_workers(spark, data.frame, workers, server, task_fn, "deepspark-average")
+    _run_workers(spark, data.frame, workers, server, task_fn, "deepspark-average")
     driver_model.load_state_dict(dict(server.weights))
-    return _finish(run_path, driver_model, spec, data, config, history, started, scheduling_s)
+    return _finish(run_path, driver_model, spec, data, config, history, started)
 
 
 # -------------------------------------------------------------------------------------------- async
@@ -739,7 +763,7 @@ def _fit_async(
         return functools.partial(async_task, AsyncTask(task, slow_index, slow_factor))
 
     assert data.frame is not None
-    scheduling_s = _run_workers(spark, data.frame, workers, server, task_fn, "deepspark-async")
+    _run_workers(spark, data.frame, workers, server, task_fn, "deepspark-async")
     _log.info(
         "async: %d pushes, largest staleness %d, largest clock gap %d (bound %d)",
         server.version,
@@ -748,67 +772,11 @@ def _fit_async(
         staleness,
     )
     driver_model.load_state_dict(server.weights)
-    return _finish(run_path, driver_model, spec, data, config, history, started, scheduling_s)
-
-
-class _WorkerJobs:
-    """One long-lived Spark job per worker, resubmitted when it fails, cancelled together at the end."""
-
-    def __init__(self, sc: Any, rdd: Any, workers: int, server: _Server, max_attempts: int = 4) -> None:
-        self._sc, self._rdd, self._workers, self._server = sc, rdd, workers, server
-        self._group = f"deepspark-train-{secrets.token_hex(4)}"
-        self._threads: list[threading.Thread] = []
-        self._max_attempts = max_attempts
-        self.failed: BaseException | None = None
-        self.scheduling_s = 0.0
-
-    def start(self) -> None:
-        for k in range(self._workers):
-            t = threading.Thread(target=self._loop, args=(k,), name=f"deepspark-worker-{k}", daemon=True)
-            t.start()
-            self._threads.append(t)
-
-    def _loop(self, worker: int) -> None:
-        self._sc.setJobGroup(self._group, f"deepspark training worker {worker}", interruptOnCancel=True)
-        failures = 0
-        while not self._server.finished and self._server.error is None:
-            try:
-                self._sc.runJob(self._rdd, _drain, partitions=[worker])
-                return
-            except Exception as exc:
-                if self._server.finished or self._server.error is not None:
-                    return
-                self._server.worker_lost(worker)
-                failures += 1
-                _log.warning(
-                    "training worker %d: its Spark task failed (%s); resubmitting", worker, _first_line(exc)
-                )
-                if failures >= self._max_attempts:
-                    self.failed = DeepsparkError(
-                        f"training worker {worker} failed {failures} times; last error: {_first_line(exc)}"
-                    )
-                    return
-
-    def stop(self, grace: float = 10.0) -> None:
-        """Let finished workers' jobs end by themselves for up to ``grace`` seconds, then cancel."""
-        deadline = time.monotonic() + grace
-        for t in self._threads:
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
-        if any(t.is_alive() for t in self._threads):
-            self._sc.cancelJobGroup(self._group)
-        for t in self._threads:
-            t.join(timeout=30)
+    return _finish(run_path, driver_model, spec, data, config, history, started)
 
 
 def _drain(rows: Any) -> list[Any]:
     return list(rows)
-
-
-def _first_line(exc: BaseException) -> str:
-    for line in str(exc).splitlines():
-        if "Error" in line or "Exception" in line:
-            return line.strip()[:300]
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
 
 
 def _bind_address(spark: Any) -> str:
@@ -902,7 +870,6 @@ def _finish(
     config: TrainConfig,
     history: list[dict[str, Any]],
     started: float,
-    scheduling_s: float,
 ) -> FitResult:
     from deepspark.models import save_checkpoint
 
@@ -1055,4 +1022,4 @@ def _fit_local(
         test_inputs=result.preprocess.apply(dataset.test_images) if len(dataset.test_labels) else None,
         test_labels=torch.as_tensor(dataset.test_labels) if len(dataset.test_labels) else None,
     )
-    return _finish(run_path, result.model, spec, prepared, config, history, started, 0.0)
+    return _finish(run_path, result.model, spec, prepared, config, history, started)
