@@ -373,6 +373,19 @@ class TaskSpec:
     threads: int
     seed: int
 
+    def read(self, batches: Iterator[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The task's partition as model-ready inputs and int64 labels (on the CPU)."""
+        from deepspark.models import Preprocess
+        from deepspark.training.frame import read_partition
+
+        features, labels = read_partition(batches, self.layout)
+        inputs = (
+            Preprocess.from_dict(self.preprocess).apply(features)
+            if self.layout.kind == "bytes"
+            else torch.from_numpy(features)
+        )
+        return inputs, torch.from_numpy(labels)
+
 
 def average_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
     """Body of one worker's Spark task (``mapInArrow``): load the partition, then serve rounds."""
@@ -380,26 +393,19 @@ def average_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
     from pyspark import TaskContext
 
     from deepspark import wire
-    from deepspark.models import Preprocess, build_model
+    from deepspark.models import build_model
     from deepspark.spark import limit_threads
-    from deepspark.training.frame import read_partition
     from deepspark.training.loop import DataCursor, TrainConfig, cosine_rate, make_optimizer, run_steps
 
     ctx = TaskContext.get()
     worker = ctx.partitionId() if ctx is not None else 0
     limit_threads(max(task.threads, ctx.cpus() if ctx is not None else 1))
-    features, labels = read_partition(batches, task.layout)
-    inputs = (
-        Preprocess.from_dict(task.preprocess).apply(features)
-        if task.layout.kind == "bytes"
-        else torch.from_numpy(features)
-    )
-    targets = torch.from_numpy(labels)
+    inputs, targets = task.read(batches)
     config = TrainConfig.from_dict(task.config)
     model = build_model(task.spec)
     rate = cosine_rate(config.learning_rate, task.total_steps) if config.lr_schedule == "cosine" else None
     rounds = 0
-    hello = {"worker": worker, "rows": len(labels), "attempt": ctx.attemptNumber() if ctx else 0}
+    hello = {"worker": worker, "rows": len(targets), "attempt": ctx.attemptNumber() if ctx else 0}
     with wire.connect(task.host, task.port, token=task.token, hello=hello) as conn:
         while True:
             waited = time.perf_counter()

@@ -1,9 +1,11 @@
 """``fit()``: train a model on Spark, data-parallel over a DataFrame's partitions.
 
-Strategies: ``local`` (one process, the default for one worker) and ``average`` (SparkNet's model
-averaging every ``tau`` steps). The run directory holds ``config.json``, ``history.csv`` (a row per
-round), ``curve.png``, ``checkpoint/`` (everything a resume needs, rewritten atomically) and ``model/``,
-the final model as a deepspark checkpoint that ``deepspark predict`` takes as is.
+Strategies: ``local`` (one process, the default for one worker), ``average`` (SparkNet's model
+averaging every ``tau`` steps) and ``allreduce`` (synchronous data-parallel SGD: gradients all-reduced
+every step by a torch.distributed gang in one Spark barrier job). The run directory holds
+``config.json``, ``history.csv`` (a row per round; ``attempt`` counts the gang restarts of
+``allreduce``), ``curve.png``, ``checkpoint/`` (everything a resume needs, rewritten atomically) and
+``model/``, the final model as a deepspark checkpoint that ``deepspark predict`` takes as is.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ __all__ = ["STRATEGIES", "FitResult", "fit"]
 
 _log = logging.getLogger(__name__)
 
-STRATEGIES = ("local", "average")
+STRATEGIES = ("local", "average", "allreduce")
 CONFIG_FILE, HISTORY, CURVE, CHECKPOINT, MODEL = (
     "config.json",
     "history.csv",
@@ -63,6 +65,7 @@ HISTORY_COLUMNS = (
     "wait_s",
     "bytes",
     "elapsed_s",
+    "attempt",
 )
 # Distributed strategies reset their inner optimizer every round, so momentum SGD is their default.
 DISTRIBUTED_CONFIG = TrainConfig(optimizer="momentum", learning_rate=0.05, batch_size=64, epochs=5, seed=0)
@@ -201,7 +204,8 @@ def fit(
                 "rows": prepared.layout.rows,
             },
         )
-    return _fit_average(
+    run = _fit_allreduce if strategy == "allreduce" else _fit_average
+    return run(
         spark,
         prepared,
         spec,
@@ -424,31 +428,21 @@ def _fit_average(
         # Worker 0 shuffles exactly as the one-process loop does with the same seed.
         return DataCursor(rows, config.batch_size, config.seed + worker * 1_000_003).state()
 
-    epoch_seen = [math.floor(samples_done / layout.rows)]
-    last_checkpoint = [time.perf_counter()]
-    elapsed_before = float(history[-1]["elapsed_s"]) if history else 0.0
-    clock = time.perf_counter()
+    log = _RoundLog(
+        run_path,
+        data,
+        driver_model,
+        history,
+        epochs_done=math.floor(samples_done / layout.rows),
+        checkpoint_seconds=checkpoint_seconds,
+    )
 
     def after_round(record: RoundRecord, new_weights: Mapping[str, torch.Tensor]) -> None:
-        row: dict[str, Any] = {k: v for k, v in asdict(record).items()}
-        row.update(test_accuracy="", test_loss="", elapsed_s=elapsed_before + time.perf_counter() - clock)
-        epoch_now = math.floor(record.epoch + 1e-9)
         done = server.finished
-        if (
-            (epoch_now > epoch_seen[0] or done)
-            and data.test_inputs is not None
-            and data.test_labels is not None
-        ):
-            epoch_seen[0] = epoch_now
-            driver_model.load_state_dict(dict(new_weights))
-            scores = evaluate(driver_model, data.test_inputs, data.test_labels)
-            row.update(test_accuracy=scores["accuracy"], test_loss=scores["loss"])
-        _append_history(run_path, row)
-        history.append(row)
-        now = time.perf_counter()
-        if done or checkpoint_seconds <= 0 or now - last_checkpoint[0] >= checkpoint_seconds:
+        row = log.add(asdict(record), epoch=record.epoch, done=done, weights=lambda: new_weights)
+        if log.checkpoint_due(done):
             _save_checkpoint(run_path, new_weights, server.outer_state(), record, server)
-            last_checkpoint[0] = now
+            log.checkpointed()
         if on_round is not None:
             on_round(row)
 
@@ -512,6 +506,56 @@ def _fit_average(
         raise DeepsparkError(f"training failed: {server.error}") from server.error
     driver_model.load_state_dict(dict(server.weights))
     return _finish(run_path, driver_model, spec, data, config, history, started, schedule.scheduling_s)
+
+
+class _RoundLog:
+    """A run's history: one row a round, the test split evaluated when a round crosses an epoch boundary
+    (and after the last), plus when the next checkpoint is due."""
+
+    def __init__(
+        self,
+        run_path: Path,
+        data: _Data,
+        model: torch.nn.Module,
+        history: list[dict[str, Any]],
+        *,
+        epochs_done: int,
+        checkpoint_seconds: float,
+    ) -> None:
+        self._run_path, self._data, self._model, self.history = run_path, data, model, history
+        self._epoch_seen = epochs_done
+        self._checkpoint_seconds = checkpoint_seconds
+        self._elapsed_before = float(history[-1]["elapsed_s"]) if history else 0.0
+        self._clock = self._last_checkpoint = time.perf_counter()
+
+    def add(
+        self,
+        fields: Mapping[str, Any],
+        *,
+        epoch: float,
+        done: bool,
+        weights: Callable[[], Mapping[str, torch.Tensor]],
+    ) -> dict[str, Any]:
+        row: dict[str, Any] = dict(fields)
+        now = time.perf_counter()
+        row.update(test_accuracy="", test_loss="", elapsed_s=self._elapsed_before + now - self._clock)
+        epoch_now = math.floor(epoch + 1e-9)
+        test_x, test_y = self._data.test_inputs, self._data.test_labels
+        if (epoch_now > self._epoch_seen or done) and test_x is not None and test_y is not None:
+            self._epoch_seen = epoch_now
+            self._model.load_state_dict(dict(weights()))
+            scores = evaluate(self._model, test_x, test_y)
+            row.update(test_accuracy=scores["accuracy"], test_loss=scores["loss"])
+        _append_history(self._run_path, row)
+        self.history.append(row)
+        return row
+
+    def checkpoint_due(self, done: bool) -> bool:
+        seconds = self._checkpoint_seconds
+        return done or seconds <= 0 or time.perf_counter() - self._last_checkpoint >= seconds
+
+    def checkpointed(self) -> None:
+        self._last_checkpoint = time.perf_counter()
 
 
 class _WorkerJobs:
@@ -581,6 +625,186 @@ def _bind_address(spark: Any) -> str:
     return str(spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1"))
 
 
+# ---------------------------------------------------------------------------------------- allreduce
+FAIL_HOOK_ENV = "DEEPSPARK_TEST_GANG_FAIL_AT_STEP"
+"""Test-only: when set to N, the first gang attempt's last rank raises right after step N, so tests can
+check the restart from the checkpoint. Read on the driver and shipped in the task's spec (an executor's
+environment is fixed when Spark starts it); later attempts never carry it."""
+
+
+def _fit_allreduce(
+    spark: Any,
+    data: _Data,
+    spec: ModelSpec,
+    config: TrainConfig,
+    settings: AverageSettings,
+    *,
+    workers: int,
+    run_path: Path,
+    resume: bool,
+    threads: int,
+    checkpoint_seconds: float,
+    on_round: Callable[[dict[str, Any]], None] | None,
+    started: float,
+    max_restarts: int = 3,
+) -> FitResult:
+    """Run the all-reduce gang (``training/allreduce.py``), restarting it from the last round on failure."""
+    del settings  # the strategy has no knobs of its own beyond the training config
+    from deepspark import wire
+    from deepspark.models import build_model
+    from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
+    from deepspark.training.allreduce import MODEL_PREFIX, GangReport, GangServer, GangSpec, allreduce_task
+
+    layout = data.layout
+    steps_per_epoch = math.ceil(math.ceil(layout.rows / workers) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    steps_per_round = max(1, steps_per_epoch // 4)
+    driver_model = build_model(spec, seed=config.seed)
+    if resume:
+        payload, state = _load_gang_checkpoint(run_path)
+        history = _read_history(run_path, upto=int(state["round"]))
+        first_attempt = int(state.get("attempt", 0)) + 1
+    else:
+        payload = state_to_bytes({f"{MODEL_PREFIX}{k}": v for k, v in driver_model.state_dict().items()})
+        state = {"round": -1, "steps_done": 0, "samples_done": 0, "cursors": {}, "optimizer": None}
+        history, first_attempt = [], 0
+    saved_step = [int(state["steps_done"])]
+    log = _RoundLog(
+        run_path,
+        data,
+        driver_model,
+        history,
+        epochs_done=math.floor(int(state["steps_done"]) / steps_per_epoch),
+        checkpoint_seconds=checkpoint_seconds,
+    )
+
+    def weights_of(gang: GangServer) -> dict[str, torch.Tensor]:
+        tensors = state_from_bytes(gang.payload)
+        return {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+
+    def checkpoint(gang: GangServer) -> None:
+        _save_gang_checkpoint(run_path, gang)
+        saved_step[0] = gang.steps_done
+        log.checkpointed()
+
+    def after_round(report: GangReport, gang: GangServer) -> None:
+        fields = {k: v for k, v in asdict(report).items() if k != "steps_done"}
+        row = log.add(fields, epoch=report.epoch, done=gang.finished, weights=lambda: weights_of(gang))
+        if log.checkpoint_due(gang.finished):
+            checkpoint(gang)
+        if on_round is not None:
+            on_round(row)
+
+    gang = GangServer(
+        payload=payload,
+        optimizer=state.get("optimizer"),
+        cursors={int(k): v for k, v in dict(state["cursors"]).items()},
+        steps_done=int(state["steps_done"]),
+        samples_done=int(state["samples_done"]),
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        workers=workers,
+        on_round=after_round,
+    )
+    gang.round_done = int(state["round"])
+    token = secrets.token_hex(16)
+    endpoint = wire.Server(
+        token=token, handler=gang.handle, bind=_bind_address(spark), name="deepspark-allreduce"
+    )
+    endpoint.start()
+    host, port = endpoint.address
+    fail_hook = os.environ.get(FAIL_HOOK_ENV)
+    assert data.frame is not None
+    frame = data.frame.repartition(workers, KEY)
+    sc = spark.sparkContext
+    scheduling = 0.0
+    attempt, restarts = first_attempt, 0
+    try:
+        gang.begin_attempt(attempt)
+        while not gang.finished:
+            task = GangSpec(
+                host=host,
+                port=port,
+                token=token,
+                spec=spec.to_dict(),
+                preprocess=data.preprocess.to_dict(),
+                layout=layout,
+                config=config.to_dict(),
+                workers=workers,
+                total_steps=total_steps,
+                steps_per_round=steps_per_round,
+                threads=threads,
+                seed=config.seed,
+                attempt=attempt,
+                fail_at_step=int(fail_hook) if fail_hook and attempt == first_attempt else None,
+            )
+            job = frame.mapInArrow(
+                functools.partial(allreduce_task, task), "rank long, steps long", barrier=True
+            )
+            failure = _run_gang(sc, job, gang)
+            gang.settle(timeout=30.0)  # rank 0's last words (a divergence, say) are taken before deciding
+            if failure is None and gang.finished:
+                break
+            if gang.fatal is not None:
+                break
+            restarts += 1
+            reason = _first_line(failure) if failure is not None else "the gang ended before the last step"
+            if restarts > max_restarts:
+                raise DeepsparkError(
+                    f"the all-reduce gang failed {restarts} times; last error: {reason}"
+                ) from failure
+            attempt += 1
+            with gang.hold():
+                gang.begin_attempt(attempt)  # from now on, a late report of the failed gang is ignored
+                if gang.steps_done > saved_step[0]:
+                    checkpoint(gang)  # the restart starts from the checkpoint: make it the last round
+            _log.warning(
+                "all-reduce gang attempt %d failed (%s); restarting from step %d of %d",
+                attempt - 1,
+                reason,
+                gang.steps_done,
+                total_steps,
+            )
+    finally:
+        endpoint.close()
+    if gang.fatal is not None:
+        if isinstance(gang.fatal, DeepsparkError):
+            raise gang.fatal
+        raise DeepsparkError(f"training failed: {gang.fatal}") from gang.fatal
+    with gang.hold():
+        if gang.steps_done > saved_step[0] or not (run_path / CHECKPOINT).is_dir():
+            checkpoint(gang)
+    driver_model.load_state_dict(weights_of(gang))
+    return _finish(run_path, driver_model, spec, data, config, history, started, scheduling)
+
+
+def _run_gang(sc: Any, job: Any, gang: Any) -> BaseException | None:
+    """Run the barrier job in a thread; cancel it when the gang failed for good. Returns its error."""
+    group = f"deepspark-allreduce-{secrets.token_hex(4)}"
+    outcome: list[BaseException | None] = [None]
+
+    def run() -> None:
+        sc.setJobGroup(group, "deepspark all-reduce gang", interruptOnCancel=True)
+        try:
+            job.collect()
+        except BaseException as exc:
+            outcome[0] = exc
+
+    thread = threading.Thread(target=run, name="deepspark-allreduce-job", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+            if gang.fatal is not None and thread.is_alive():
+                sc.cancelJobGroup(group)
+                thread.join(timeout=60)
+                break
+    except KeyboardInterrupt:
+        sc.cancelJobGroup(group)
+        raise
+    return outcome[0]
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 def _save_checkpoint(
     run_path: Path,
@@ -589,7 +813,7 @@ def _save_checkpoint(
     record: RoundRecord,
     server: RoundServer,
 ) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in weights.items()}
     groups: list[Any] = []
@@ -606,10 +830,20 @@ def _save_checkpoint(
         "cursors": {str(k): v for k, v in server.cursors().items()},
         "outer_param_groups": groups,
     }
+    _write_checkpoint(
+        run_path, {"state.safetensors": save(tensors), "state.json": json.dumps(state).encode()}
+    )
+
+
+def _write_checkpoint(run_path: Path, files: Mapping[str, bytes]) -> None:
+    """Replace ``run_path/checkpoint/`` by a folder holding ``files``, as atomically as folders allow."""
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run_path))
     try:
-        save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
+        for name, content in files.items():
+            with open(tmp / name, "wb") as fh:
+                fh.write(content)
+                fh.flush()
+                os.fsync(fh.fileno())
         target, old = run_path / CHECKPOINT, run_path / ".checkpoint.old"
         if target.exists():
             target.replace(old)
@@ -617,6 +851,29 @@ def _save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_gang_checkpoint(run_path: Path, gang: Any) -> None:
+    """The all-reduce gang's last round: its safetensors payload (``model.*`` weights, ``optim.*``
+    optimizer tensors) as is, and the step, cursors and optimizer groups as JSON."""
+    state = {
+        "strategy": "allreduce",
+        "round": gang.round_done,
+        "steps_done": gang.steps_done,
+        "samples_done": gang.samples_done,
+        "cursors": {str(k): v for k, v in gang.cursors.items()},
+        "optimizer": gang.optimizer,
+        "attempt": gang.attempt,
+    }
+    _write_checkpoint(run_path, {"state.safetensors": gang.payload, "state.json": json.dumps(state).encode()})
+
+
+def _load_gang_checkpoint(run_path: Path) -> tuple[bytes, dict[str, Any]]:
+    folder = run_path / CHECKPOINT
+    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    if state.get("strategy") != "allreduce":
+        raise ConfigError(f"resume: {folder} was not written by the allreduce strategy")
+    return (folder / "state.safetensors").read_bytes(), dict(state)
 
 
 def _load_checkpoint(run_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
