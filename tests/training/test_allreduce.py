@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepspark.errors import DeepsparkError
+from deepspark.errors import DeepsparkError, DivergenceError
 from deepspark.training.allreduce import GangServer, optimizer_from_tensors, optimizer_to_tensors
 from deepspark.training.fit import CHECKPOINT, FAIL_HOOK_ENV, HISTORY, fit
 
@@ -196,6 +196,17 @@ def test_a_failed_gang_restarts_from_the_checkpoint(spark: Any, tmp_path: Path, 
     assert _checkpoint_weights(again.run_dir).keys() == want.keys()
 
 
+def test_divergence_stops_the_gang_without_a_restart(spark: Any, tmp_path: Path) -> None:
+    # Every rank sees the same all-reduced loss, so all stop at the same step; rank 0 tells the driver,
+    # which raises DivergenceError instead of restarting the gang.
+    x, y = _arrays(16)
+    x[0, 0] = np.inf
+    config = {"optimizer": "sgd", "learning_rate": 0.1, "batch_size": 16, "epochs": 1, "seed": 0}
+    with pytest.raises(DivergenceError, match="diverged"):
+        _fit_tiny(spark, tmp_path / "run", x, y, config)
+    assert not (tmp_path / "run" / HISTORY).exists()
+
+
 @pytest.mark.slow
 def test_allreduce_learns_mnist(spark: Any, tmp_path: Path) -> None:
     result = fit(
@@ -208,6 +219,6 @@ def test_allreduce_learns_mnist(spark: Any, tmp_path: Path) -> None:
         limit_train=3000,
         limit_test=1000,
     )
-    assert result.test_accuracy is not None and result.test_accuracy > 0.8
+    assert result.test_accuracy is not None and result.test_accuracy > 0.8, result.history
     assert any(result.model_dir.iterdir())
     assert sum(float(r["bytes"]) for r in result.history) > 0

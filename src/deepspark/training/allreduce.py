@@ -28,7 +28,7 @@ Choices:
   are gathered at each round's end and the driver stops the run if any two differ.
 - **Rounds.** Every ``max(1, steps_per_epoch // 4)`` steps (the last round is trimmed) rank 0 sends
   the driver one frame: step count, examples, summed loss, compute and communication seconds, every
-  rank's cursor (gathered as JSON strings with ``allGather``: nothing is pickled) and the weights plus
+  rank's cursor (gathered as JSON strings with two torch collectives: nothing is pickled) and the weights plus
   optimizer state as safetensors bytes. The driver writes the history row and the checkpoint.
 - **Bytes.** A round's ``bytes`` is the all-reduce traffic under the ring model,
   ``2 * (W - 1) / W * buffer_bytes`` sent per worker per step (``buffer_bytes`` = 4 bytes times
@@ -323,7 +323,7 @@ def allreduce_task(task: GangSpec, batches: Iterator[Any]) -> Iterator[Any]:
             world_size=world,
             timeout=datetime.timedelta(seconds=task.timeout_s),
         )
-        steps = _train(task, ctx, rank, device, inputs.to(device), targets.to(device), wire)
+        steps = _train(task, rank, device, inputs.to(device), targets.to(device), wire)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -339,7 +339,6 @@ def allreduce_task(task: GangSpec, batches: Iterator[Any]) -> Iterator[Any]:
 
 def _train(
     task: GangSpec,
-    ctx: Any,
     rank: int,
     device: torch.device,
     inputs: torch.Tensor,
@@ -473,7 +472,7 @@ def _train(
             mine = json.dumps(
                 {"rank": rank, "cursor": cursor.state() if n else None, "digest": chain.hexdigest()}
             )
-            gathered = sorted((json.loads(m) for m in ctx.allGather(mine)), key=lambda m: m["rank"])
+            gathered = [json.loads(m) for m in _gather_strings(mine, world, device)]
             if rank == 0:
                 state = {f"{MODEL_PREFIX}{k}": v for k, v in model.state_dict().items()}
                 optim_tensors, optim_rest = optimizer_to_tensors(optimizer.state_dict())
@@ -505,6 +504,28 @@ def _train(
             if reply.get("op") != "ok":
                 raise DeepsparkError(f"gang rank 0: the driver answered {reply!r} to done")
         return task.total_steps - first
+
+
+def _gather_strings(text: str, world: int, device: torch.device) -> list[str]:
+    """Every rank's ``text``, in rank order, with two torch collectives (lengths, then padded UTF-8).
+
+    Not ``BarrierTaskContext.allGather``: Spark answers a barrier call on a one-second tick, which would
+    cost every round a second. Not ``all_gather_object`` either: that pickles.
+    """
+    import torch.distributed as dist
+
+    if world == 1:
+        return [text]
+    data = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).to(device)
+    length = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length)
+    longest = int(max(int(n) for n in lengths))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    chunks = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(chunks, padded)
+    return [c[: int(n)].cpu().numpy().tobytes().decode("utf-8") for c, n in zip(chunks, lengths, strict=True)]
 
 
 def _digest(chain: Any, model: torch.nn.Module) -> None:
