@@ -395,6 +395,19 @@ class TaskSpec:
     threads: int
     seed: int
 
+    def read(self, batches: Iterator[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The task's partition as model-ready inputs and int64 labels (on the CPU)."""
+        from deepspark.models import Preprocess
+        from deepspark.training.frame import read_partition
+
+        features, labels = read_partition(batches, self.layout)
+        inputs = (
+            Preprocess.from_dict(self.preprocess).apply(features)
+            if self.layout.kind == "bytes"
+            else torch.from_numpy(features)
+        )
+        return inputs, torch.from_numpy(labels)
+
 
 @dataclass(frozen=True)
 class LoadedWorker:
@@ -413,29 +426,23 @@ def load_worker(task: TaskSpec, batches: Iterator[Any]) -> LoadedWorker:
     """Inside a Spark task: limit threads, read the partition, preprocess it and build the model."""
     from pyspark import TaskContext
 
-    from deepspark.models import Preprocess, build_model
+    from deepspark.models import build_model
     from deepspark.spark import limit_threads
-    from deepspark.training.frame import read_partition
     from deepspark.training.loop import TrainConfig, cosine_rate
 
     ctx = TaskContext.get()
     worker = ctx.partitionId() if ctx is not None else 0
     limit_threads(max(task.threads, ctx.cpus() if ctx is not None else 1))
-    features, labels = read_partition(batches, task.layout)
-    inputs = (
-        Preprocess.from_dict(task.preprocess).apply(features)
-        if task.layout.kind == "bytes"
-        else torch.from_numpy(features)
-    )
+    inputs, targets = task.read(batches)
     config = TrainConfig.from_dict(task.config)
     return LoadedWorker(
         worker=worker,
         inputs=inputs,
-        targets=torch.from_numpy(labels),
+        targets=targets,
         config=config,
         model=build_model(task.spec),
         rate=cosine_rate(config.learning_rate, task.total_steps) if config.lr_schedule == "cosine" else None,
-        hello={"worker": worker, "rows": len(labels), "attempt": ctx.attemptNumber() if ctx else 0},
+        hello={"worker": worker, "rows": len(targets), "attempt": ctx.attemptNumber() if ctx else 0},
     )
 
 

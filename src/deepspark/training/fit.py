@@ -1,11 +1,13 @@
 """``fit()``: train a model on Spark, data-parallel over a DataFrame's partitions.
 
 Strategies: ``local`` (one process, the default for one worker), ``average`` (SparkNet's model
-averaging every ``tau`` steps) and ``async`` (asynchronous SGD against a parameter server on the driver,
-stale-synchronous with bound ``staleness``: :mod:`deepspark.training.paramserver`). The run directory
-holds ``config.json``, ``history.csv`` (a row per round), ``curve.png``, ``checkpoint/`` (everything a
-resume needs, rewritten atomically) and ``model/``, the final model as a deepspark checkpoint that
-``deepspark predict`` takes as is.
+averaging every ``tau`` steps), ``allreduce`` (synchronous data-parallel SGD: gradients all-reduced
+every step by a torch.distributed gang in one Spark barrier job, :mod:`deepspark.training.allreduce`) and
+``async`` (asynchronous SGD against a parameter server on the driver, stale-synchronous with bound
+``staleness``: :mod:`deepspark.training.paramserver`). The run directory holds ``config.json``,
+``history.csv`` (a row per round; ``attempt`` counts the gang restarts of ``allreduce``), ``curve.png``,
+``checkpoint/`` (everything a resume needs, rewritten atomically) and ``model/``, the final model as a
+deepspark checkpoint that ``deepspark predict`` takes as is.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from deepspark.errors import ConfigError, DeepsparkError, RunError
-from deepspark.slots import run_slots
+from deepspark.slots import run_slots, short_error
 from deepspark.training.average import AverageSettings, RoundRecord, RoundServer, TaskSpec, average_task
 from deepspark.training.frame import KEY, FrameLayout, describe_frame
 from deepspark.training.loop import DataCursor, TrainConfig, evaluate
@@ -45,7 +47,7 @@ __all__ = ["STRATEGIES", "FitResult", "fit"]
 _log = logging.getLogger(__name__)
 _TASK_SCHEMA = "worker long, rounds long"
 
-STRATEGIES = ("local", "average", "async")
+STRATEGIES = ("local", "average", "allreduce", "async")
 CONFIG_FILE, HISTORY, CURVE, CHECKPOINT, MODEL = (
     "config.json",
     "history.csv",
@@ -69,6 +71,7 @@ HISTORY_COLUMNS = (
     "elapsed_s",
     "staleness",
     "clock_gap",
+    "attempt",
 )
 # Asynchronous SGD pushes after every step by default (deepspark.training.paramserver).
 ASYNC_SETTINGS = AverageSettings(tau=1)
@@ -242,6 +245,8 @@ def fit(
                 slow_worker=slow_worker,
                 **common,
             )
+        if strategy == "allreduce":
+            return _fit_allreduce(spark, prepared, spec, train_config, settings, **common)
         return _fit_average(spark, prepared, spec, train_config, settings, **common)
     except BaseException:
         if created and not (run_path / HISTORY).exists():
@@ -549,6 +554,12 @@ def _run_workers(
         sc = spark.sparkContext
         group = f"{name}-{secrets.token_hex(4)}"
 
+        def lost(worker: int, exc: BaseException) -> None:
+            if "DivergenceError" in str(exc):  # deterministic: running it again diverges again
+                server.fail(RunError(short_error(exc)))
+            else:
+                server.worker_lost(worker)
+
         def give_up(reason: str) -> None:
             server.fail(RunError(f"training stopped: {reason}"))
 
@@ -559,7 +570,7 @@ def _run_workers(
                 "width": workers,
                 "submit": lambda worker: sc.runJob(jobs, _drain, partitions=[worker]),
                 "keep_going": lambda: not server.finished and server.error is None,
-                "on_lost": lambda worker, _exc: server.worker_lost(worker),
+                "on_lost": lost,
                 "stop": give_up,
                 "max_attempts": 3,
                 "group_prefix": "deepspark-train",
@@ -786,6 +797,175 @@ def _bind_address(spark: Any) -> str:
     return str(spark.sparkContext.getConf().get("spark.driver.host", "127.0.0.1"))
 
 
+# ---------------------------------------------------------------------------------------- allreduce
+FAIL_HOOK_ENV = "DEEPSPARK_TEST_GANG_FAIL_AT_STEP"
+"""Test-only: when set to N, the first gang attempt's last rank raises right after step N, so tests can
+check the restart from the checkpoint. Read on the driver and shipped in the task's spec (an executor's
+environment is fixed when Spark starts it); later attempts never carry it."""
+
+
+def _fit_allreduce(
+    spark: Any,
+    data: _Data,
+    spec: ModelSpec,
+    config: TrainConfig,
+    settings: AverageSettings,
+    *,
+    workers: int,
+    run_path: Path,
+    resume: bool,
+    threads: int,
+    checkpoint_seconds: float,
+    on_round: Callable[[dict[str, Any]], None] | None,
+    started: float,
+    max_restarts: int = 3,
+) -> FitResult:
+    """Run the all-reduce gang (``training/allreduce.py``), restarting it from the last round on failure."""
+    del settings  # the strategy has no knobs of its own beyond the training config
+    from deepspark import wire
+    from deepspark.models import build_model
+    from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
+    from deepspark.training.allreduce import MODEL_PREFIX, GangReport, GangServer, GangSpec, allreduce_task
+
+    layout = data.layout
+    steps_per_epoch = math.ceil(math.ceil(layout.rows / workers) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    steps_per_round = max(1, steps_per_epoch // 4)
+    driver_model = build_model(spec, seed=config.seed)
+    if resume:
+        payload, state = _load_gang_checkpoint(run_path)
+        history = _read_history(run_path, upto=int(state["round"]))
+        first_attempt = int(state.get("attempt", 0)) + 1
+    else:
+        payload = state_to_bytes({f"{MODEL_PREFIX}{k}": v for k, v in driver_model.state_dict().items()})
+        state = {"round": -1, "steps_done": 0, "samples_done": 0, "cursors": {}, "optimizer": None}
+        history, first_attempt = [], 0
+    saved_step = [int(state["steps_done"])]
+
+    def weights_of(gang: GangServer) -> dict[str, torch.Tensor]:
+        tensors = state_from_bytes(gang.payload)
+        return {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+
+    def checkpoint(gang: GangServer) -> None:
+        _save_gang_checkpoint(run_path, gang)
+        saved_step[0] = gang.steps_done
+
+    recorder = _Recorder(
+        run_path, data, driver_model, history, int(state["samples_done"]), checkpoint_seconds, on_round
+    )
+
+    def after_round(report: GangReport, gang: GangServer) -> None:
+        recorder.record(report, weights_of(gang), done=gang.finished, checkpoint=lambda: checkpoint(gang))
+
+    gang = GangServer(
+        payload=payload,
+        optimizer=state.get("optimizer"),
+        cursors={int(k): v for k, v in dict(state["cursors"]).items()},
+        steps_done=int(state["steps_done"]),
+        samples_done=int(state["samples_done"]),
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        workers=workers,
+        on_round=after_round,
+    )
+    gang.round_done = int(state["round"])
+    token = secrets.token_hex(16)
+    endpoint = wire.Server(
+        token=token, handler=gang.handle, bind=_bind_address(spark), name="deepspark-allreduce"
+    )
+    endpoint.start()
+    host, port = endpoint.address
+    fail_hook = os.environ.get(FAIL_HOOK_ENV)
+    assert data.frame is not None
+    frame = data.frame.repartition(workers, KEY)
+    sc = spark.sparkContext
+    attempt, restarts = first_attempt, 0
+    try:
+        gang.begin_attempt(attempt)
+        while not gang.finished:
+            task = GangSpec(
+                host=host,
+                port=port,
+                token=token,
+                spec=spec.to_dict(),
+                preprocess=data.preprocess.to_dict(),
+                layout=layout,
+                config=config.to_dict(),
+                workers=workers,
+                total_steps=total_steps,
+                steps_per_round=steps_per_round,
+                threads=threads,
+                seed=config.seed,
+                attempt=attempt,
+                fail_at_step=int(fail_hook) if fail_hook and attempt == first_attempt else None,
+            )
+            job = frame.mapInArrow(
+                functools.partial(allreduce_task, task), "rank long, steps long", barrier=True
+            )
+            failure = _run_gang(sc, job, gang)
+            gang.settle(timeout=30.0)  # rank 0's last words (a divergence, say) are taken before deciding
+            if failure is None and gang.finished:
+                break
+            if gang.fatal is not None:
+                break
+            restarts += 1
+            reason = short_error(failure) if failure is not None else "the gang ended before the last step"
+            if restarts > max_restarts:
+                raise RunError(
+                    f"the all-reduce gang failed {restarts} times; last error: {reason}"
+                ) from failure
+            attempt += 1
+            with gang.hold():
+                gang.begin_attempt(attempt)  # from now on, a late report of the failed gang is ignored
+                if gang.steps_done > saved_step[0]:
+                    checkpoint(gang)  # the restart starts from the checkpoint: make it the last round
+            _log.warning(
+                "all-reduce gang attempt %d failed (%s); restarting from step %d of %d",
+                attempt - 1,
+                reason,
+                gang.steps_done,
+                total_steps,
+            )
+    finally:
+        endpoint.close()
+    if gang.fatal is not None:
+        if isinstance(gang.fatal, DeepsparkError):
+            raise gang.fatal
+        raise RunError(f"training failed: {gang.fatal}") from gang.fatal
+    with gang.hold():
+        if gang.steps_done > saved_step[0] or not (run_path / CHECKPOINT).is_dir():
+            checkpoint(gang)
+    driver_model.load_state_dict(weights_of(gang))
+    return _finish(run_path, driver_model, spec, data, config, history, started)
+
+
+def _run_gang(sc: Any, job: Any, gang: Any) -> BaseException | None:
+    """Run the barrier job in a thread; cancel it when the gang failed for good. Returns its error."""
+    group = f"deepspark-allreduce-{secrets.token_hex(4)}"
+    outcome: list[BaseException | None] = [None]
+
+    def run() -> None:
+        sc.setJobGroup(group, "deepspark all-reduce gang", interruptOnCancel=True)
+        try:
+            job.collect()
+        except BaseException as exc:
+            outcome[0] = exc
+
+    thread = threading.Thread(target=run, name="deepspark-allreduce-job", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+            if gang.fatal is not None and thread.is_alive():
+                sc.cancelJobGroup(group)
+                thread.join(timeout=60)
+                break
+    except KeyboardInterrupt:
+        sc.cancelJobGroup(group)
+        raise
+    return outcome[0]
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 def _save_checkpoint(
     run_path: Path,
@@ -795,7 +975,7 @@ def _save_checkpoint(
 ) -> None:
     """Write ``checkpoint/`` atomically: the weights (and outer optimizer) as safetensors, ``progress``
     (round, samples_done, cursors, and whatever else the strategy resumes from) as JSON."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in weights.items()}
     groups: list[Any] = []
@@ -806,17 +986,39 @@ def _save_checkpoint(
                     tensors[f"outer.{index}.{name}"] = value.detach().contiguous()
         groups = outer_state["param_groups"]
     state = {**progress, "outer_param_groups": groups}
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run_path))
-    try:
-        save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
-        target, old = run_path / CHECKPOINT, run_path / ".checkpoint.old"
-        if target.exists():
-            target.replace(old)
-        tmp.replace(target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _write_checkpoint(
+        run_path, {"state.safetensors": save(tensors), "state.json": json.dumps(state).encode()}
+    )
+
+
+def _write_checkpoint(run_path: Path, files: Mapping[str, bytes]) -> None:
+    """Replace ``run_path/checkpoint/`` by a folder holding ``files`` (written and swapped atomically)."""
+    from deepspark import rundir
+
+    rundir.write_dir_atomic(run_path / CHECKPOINT, files)
+
+
+def _save_gang_checkpoint(run_path: Path, gang: Any) -> None:
+    """The all-reduce gang's last round: its safetensors payload (``model.*`` weights, ``optim.*``
+    optimizer tensors) as is, and the step, cursors and optimizer groups as JSON."""
+    state = {
+        "strategy": "allreduce",
+        "round": gang.round_done,
+        "steps_done": gang.steps_done,
+        "samples_done": gang.samples_done,
+        "cursors": {str(k): v for k, v in gang.cursors.items()},
+        "optimizer": gang.optimizer,
+        "attempt": gang.attempt,
+    }
+    _write_checkpoint(run_path, {"state.safetensors": gang.payload, "state.json": json.dumps(state).encode()})
+
+
+def _load_gang_checkpoint(run_path: Path) -> tuple[bytes, dict[str, Any]]:
+    folder = run_path / CHECKPOINT
+    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    if state.get("strategy") != "allreduce":
+        raise ConfigError(f"resume: {folder} was not written by the allreduce strategy")
+    return (folder / "state.safetensors").read_bytes(), dict(state)
 
 
 def _load_checkpoint(run_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:

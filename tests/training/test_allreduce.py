@@ -1,0 +1,224 @@
+"""The ``allreduce`` strategy: one step on the union batch, identical replicas, learning, restarts."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from deepspark.errors import DeepsparkError, DivergenceError
+from deepspark.training.allreduce import GangServer, optimizer_from_tensors, optimizer_to_tensors
+from deepspark.training.fit import CHECKPOINT, FAIL_HOOK_ENV, HISTORY, fit
+
+SHAPE = (1, 4, 4)
+CLASSES = 3
+TINY = {
+    "input_shape": list(SHAPE),
+    "layers": [
+        {"type": "flatten"},
+        {"type": "linear", "out_features": 8},
+        {"type": "relu"},
+        {"type": "linear", "out_features": CLASSES},
+    ],
+}
+
+
+def _arrays(rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, int(np.prod(SHAPE)))).astype(np.float32)
+    y = (np.arange(rows) % CLASSES).astype(np.int64)
+    return x, y
+
+
+def _frame(spark: Any, x: np.ndarray, y: np.ndarray) -> Any:
+    from pyspark.sql import types as T
+
+    schema = T.StructType(
+        [
+            T.StructField("image", T.ArrayType(T.FloatType()), False),
+            T.StructField("label", T.IntegerType(), False),
+        ]
+    )
+    return spark.createDataFrame(
+        [(row.tolist(), int(label)) for row, label in zip(x, y, strict=True)], schema
+    )
+
+
+def _fit_tiny(spark: Any, run_dir: Path, x: np.ndarray, y: np.ndarray, config: dict[str, Any]) -> Any:
+    return fit(
+        _frame(spark, x, y),
+        TINY,
+        strategy="allreduce",
+        workers=2,
+        config=config,
+        run_dir=run_dir,
+        input_shape=SHAPE,
+        num_classes=CLASSES,
+        checkpoint_seconds=0,
+    )
+
+
+def _checkpoint_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(run_dir / CHECKPOINT / "state.safetensors"))
+    return {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def _history(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / HISTORY, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_two_workers_take_one_step_on_the_union_batch(spark: Any, tmp_path: Path) -> None:
+    from deepspark.models import build_model
+
+    # batch_size >= rows: each rank's single step covers its whole partition, whichever rows the hash
+    # repartition gave it, so the union of the two batches is the whole data set.
+    x, y = _arrays(16)
+    config = {"optimizer": "sgd", "learning_rate": 0.5, "batch_size": 16, "epochs": 1, "seed": 3}
+    result = _fit_tiny(spark, tmp_path / "run", x, y, config)
+
+    model = build_model(TINY, seed=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss = torch.nn.functional.cross_entropy(
+        model(torch.from_numpy(x).reshape(-1, *SHAPE)), torch.from_numpy(y)
+    )
+    loss.backward()
+    optimizer.step()
+    got = _checkpoint_weights(result.run_dir)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6)
+    (row,) = result.history
+    assert int(row["samples"]) == 16 and int(row["workers"]) == 2
+    assert float(row["train_loss"]) == pytest.approx(float(loss.detach()), abs=1e-5)
+    state = json.loads((result.run_dir / CHECKPOINT / "state.json").read_text())
+    assert state["steps_done"] == 1
+
+
+def test_replicas_stay_identical_on_uneven_partitions(spark: Any, tmp_path: Path) -> None:
+    # 21 rows over 2 workers: partitions of different sizes, a last short batch, momentum state. The
+    # driver compares every rank's running digest of its weights after every step at each round's end
+    # and fails the run on any difference, so finishing is the check; the steps are counted here.
+    x, y = _arrays(21, seed=1)
+    config = {"optimizer": "momentum", "learning_rate": 0.1, "batch_size": 4, "epochs": 2, "seed": 0}
+    result = _fit_tiny(spark, tmp_path / "run", x, y, config)
+    steps_per_epoch = 3  # ceil(ceil(21 / 2) / 4)
+    state = json.loads((result.run_dir / CHECKPOINT / "state.json").read_text())
+    assert state["steps_done"] == 2 * steps_per_epoch
+    assert [int(r["round"]) for r in result.history] == list(range(2 * steps_per_epoch))  # 1 step a round
+    assert float(result.history[-1]["epoch"]) == 2.0
+
+
+def test_diverged_replicas_stop_the_run() -> None:
+    reports: list[Any] = []
+    server = GangServer(
+        payload=b"",
+        optimizer=None,
+        cursors={},
+        steps_done=0,
+        samples_done=0,
+        total_steps=4,
+        steps_per_epoch=2,
+        workers=2,
+        on_round=lambda report, _: reports.append(report),
+    )
+    header = {
+        "round": 0,
+        "step": 1,
+        "samples": 8,
+        "loss_sum": 4.0,
+        "seconds": 0.1,
+        "compute_s": 0.05,
+        "comm_s": 0.01,
+        "wait_s": 0.0,
+        "allreduce_bytes": 100,
+        "cursors": [None, None],
+        "optimizer": None,
+    }
+    server._take_round({**header, "digests": ["a", "a"]}, b"w1", 50, 0)
+    assert server.fatal is None and server.steps_done == 1 and reports[0].bytes == 150
+    server._take_round({**header, "round": 1, "step": 2, "digests": ["a", "b"]}, b"w2", 50, 0)
+    assert isinstance(server.fatal, DeepsparkError) and "diverged" in str(server.fatal)
+    assert server.steps_done == 1 and server.payload == b"w1" and len(reports) == 1
+    server._take_round({**header, "round": 1, "step": 2, "digests": ["c", "c"]}, b"w3", 50, 7)
+    assert server.steps_done == 1  # a report of another attempt is ignored
+
+
+def test_optimizer_state_round_trips_through_tensors() -> None:
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.ones(4, 3)).sum().backward()
+    optimizer.step()
+    tensors, rest = optimizer_to_tensors(optimizer.state_dict())
+    json.dumps(rest)  # the rest is JSON
+    again = torch.optim.Adam(torch.nn.Linear(3, 2).parameters(), lr=0.5)
+    again.load_state_dict(optimizer_from_tensors(tensors, json.loads(json.dumps(rest))))
+    assert again.param_groups[0]["lr"] == 0.01
+    for index, values in optimizer.state_dict()["state"].items():
+        for name, value in values.items():
+            torch.testing.assert_close(again.state_dict()["state"][index][name], value)
+
+
+def test_a_failed_gang_restarts_from_the_checkpoint(spark: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    # 64 rows, 2 workers, batch 4: 8 steps an epoch, 2 steps a round, 16 steps. The last rank raises
+    # after step 5 of the first attempt (mid round 2); the gang restarts from step 4 and must end with
+    # the weights of an uninterrupted run, every round reported once.
+    x, y = _arrays(64, seed=2)
+    config = {"optimizer": "momentum", "learning_rate": 0.05, "batch_size": 4, "epochs": 2, "seed": 1}
+    clean = _fit_tiny(spark, tmp_path / "clean", x, y, config)
+    monkeypatch.setenv(FAIL_HOOK_ENV, "5")
+    restarted = _fit_tiny(spark, tmp_path / "restarted", x, y, config)
+
+    rows = _history(restarted.run_dir)
+    assert [int(r["round"]) for r in rows] == list(range(8))
+    assert [int(r["attempt"]) for r in rows] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert sum(int(r["samples"]) for r in rows) == sum(int(r["samples"]) for r in clean.history)
+    state = json.loads((restarted.run_dir / CHECKPOINT / "state.json").read_text())
+    assert state["steps_done"] == 16
+    want, got = _checkpoint_weights(clean.run_dir), _checkpoint_weights(restarted.run_dir)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6)
+    for a, b in zip(clean.history, rows, strict=True):
+        assert float(b["train_loss"]) == pytest.approx(float(a["train_loss"]), abs=1e-6)
+
+    # resume=True on the finished run continues from its checkpoint: nothing left to do, nothing redone.
+    monkeypatch.delenv(FAIL_HOOK_ENV)
+    again = fit(
+        _frame(spark, x, y), resume=True, run_dir=restarted.run_dir, input_shape=SHAPE, num_classes=CLASSES
+    )
+    assert len(again.history) == 8
+    assert _checkpoint_weights(again.run_dir).keys() == want.keys()
+
+
+def test_divergence_stops_the_gang_without_a_restart(spark: Any, tmp_path: Path) -> None:
+    # Every rank sees the same all-reduced loss, so all stop at the same step; rank 0 tells the driver,
+    # which raises DivergenceError instead of restarting the gang.
+    x, y = _arrays(16)
+    x[0, 0] = np.inf
+    config = {"optimizer": "sgd", "learning_rate": 0.1, "batch_size": 16, "epochs": 1, "seed": 0}
+    with pytest.raises(DivergenceError, match="diverged"):
+        _fit_tiny(spark, tmp_path / "run", x, y, config)
+    assert not (tmp_path / "run" / HISTORY).exists()
+
+
+@pytest.mark.slow
+def test_allreduce_learns_mnist(spark: Any, tmp_path: Path) -> None:
+    result = fit(
+        "mnist",
+        "lenet",
+        strategy="allreduce",
+        workers=2,
+        config={"epochs": 2, "batch_size": 64, "learning_rate": 0.05},
+        run_dir=tmp_path / "run",
+        limit_train=3000,
+        limit_test=1000,
+    )
+    assert result.test_accuracy is not None and result.test_accuracy > 0.8, result.history
+    assert any(result.model_dir.iterdir())
+    assert sum(float(r["bytes"]) for r in result.history) > 0
