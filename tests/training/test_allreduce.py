@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from deepspark.errors import DeepsparkError, DivergenceError
+from deepspark.training._fit import CHECKPOINT, FAIL_HOOK_ENV, HISTORY, fit
 from deepspark.training.allreduce import GangServer, optimizer_from_tensors, optimizer_to_tensors
-from deepspark.training.fit import CHECKPOINT, FAIL_HOOK_ENV, HISTORY, fit
 
 SHAPE = (1, 4, 4)
 CLASSES = 3

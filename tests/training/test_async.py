@@ -15,7 +15,7 @@ import torch
 from deepspark import wire
 from deepspark.errors import ConfigError, DeepsparkError
 from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
-from deepspark.training.fit import fit
+from deepspark.training._fit import fit
 from deepspark.training.paramserver import AsyncRecord, ParameterServer
 
 BATCH = 8
@@ -127,7 +127,7 @@ def _history(run_dir: Path) -> list[dict[str, str]]:
 def test_async_learns_mnist_and_its_server_is_gone_after_fit(
     spark: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="deepspark.training.fit")
+    caplog.set_level(logging.INFO, logger="deepspark.training._fit")
     result = fit(
         "mnist",
         "lenet",
@@ -175,7 +175,7 @@ def test_a_slow_worker_stays_within_the_staleness_bound(spark: Any, tmp_path: Pa
 def test_the_server_shuts_down_when_a_worker_dies_and_the_run_resumes(
     spark: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="deepspark.training.fit")
+    caplog.set_level(logging.INFO, logger="deepspark.training._fit")
     run_dir = tmp_path / "run"
     killed: list[int] = []
 

@@ -1,6 +1,6 @@
 """Training: one process (:func:`train_one_process`), or data-parallel on Spark (:func:`fit`)."""
 
-from deepspark.training.fit import STRATEGIES, FitResult, fit  # the function shadows its module's name
+from deepspark.training._fit import STRATEGIES, FitResult, fit
 from deepspark.training.loop import (
     DEFAULT_TRAIN_CONFIG,
     DataCursor,

@@ -16,8 +16,8 @@ __all__ = ["add_train_parser"]
 
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``train`` on the ``deepspark`` command's sub-parsers."""
+    from deepspark.training._fit import STRATEGIES
     from deepspark.training.average import OUTER
-    from deepspark.training.fit import STRATEGIES
 
     p = subparsers.add_parser(
         "train",

@@ -1,7 +1,7 @@
 """Training and evaluation in one process: the unit every distributed strategy is built from.
 
 A trial in tuning is one call of :func:`train_one_process` inside a Spark task. The data-parallel
-strategies (:mod:`deepspark.training.fit`) run the same pieces on each partition: a
+strategies (:func:`deepspark.training.fit`) run the same pieces on each partition: a
 :class:`DataCursor` walks a worker's examples in a seeded order, epoch after epoch, and
 :func:`run_steps` takes optimizer steps from it. One worker with tau = 1 therefore takes exactly the
 steps this module's loop takes.
