@@ -96,8 +96,8 @@ def test_async_arguments_are_validated(tmp_path: Path) -> None:
         fit("mnist", strategy="async", workers=2, staleness=0, run_dir=tmp_path / "a")
     with pytest.raises(ConfigError, match=r"round_seconds: strategy 'async'"):
         fit("mnist", strategy="async", workers=2, average={"round_seconds": 1.0}, run_dir=tmp_path / "b")
-    with pytest.raises(ConfigError, match=r"slow_worker: only strategy 'async'"):
-        fit("mnist", strategy="average", workers=2, slow_worker=(0, 2.0), run_dir=tmp_path / "c")
+    with pytest.raises(ConfigError, match=r"slow_worker: only strategies 'average' and 'async'"):
+        fit("mnist", strategy="allreduce", workers=2, slow_worker=(0, 2.0), run_dir=tmp_path / "c")
     with pytest.raises(ConfigError, match=r"slow_worker index: expected an integer in 0..1, got 2"):
         fit("mnist", strategy="async", workers=2, slow_worker=(2, 2.0), run_dir=tmp_path / "d")
 

@@ -141,7 +141,7 @@ def fit(
     ``average`` holds the distributed strategies' knobs (:class:`AverageSettings`); ``async`` uses its
     ``tau`` (steps between pushes, 1 unless given) and takes ``staleness`` (>= 1), the most pushes a
     worker may be ahead of the slowest live one. ``slow_worker=(index, factor)`` is a benchmark and test
-    knob of ``async``: worker ``index`` sleeps ``factor - 1`` times its compute time after each batch of
+    knob of ``average`` and ``async``: worker ``index`` sleeps ``factor - 1`` times its compute time after each batch of
     steps, to show how the strategy copes with a straggler.
     """
     started = time.perf_counter()
@@ -247,7 +247,7 @@ def fit(
             )
         if strategy == "allreduce":
             return _fit_allreduce(spark, prepared, spec, train_config, settings, **common)
-        return _fit_average(spark, prepared, spec, train_config, settings, **common)
+        return _fit_average(spark, prepared, spec, train_config, settings, slow_worker=slow_worker, **common)
     except BaseException:
         if created and not (run_path / HISTORY).exists():
             shutil.rmtree(run_path, ignore_errors=True)  # nothing trained: leave nothing half-written
@@ -287,8 +287,10 @@ def _settings(average: AverageSettings | Mapping[str, Any] | None, strategy: str
 def _check_slow_worker(slow_worker: Any, strategy: str, workers: int) -> None:
     if slow_worker is None:
         return
-    if strategy != "async":
-        raise ConfigError(f"slow_worker: only strategy 'async' takes it; expected None, got {slow_worker!r}")
+    if strategy not in ("average", "async"):
+        raise ConfigError(
+            f"slow_worker: only strategies 'average' and 'async' take it; expected None, got {slow_worker!r}"
+        )
     if not isinstance(slow_worker, tuple | list) or len(slow_worker) != 2:
         raise ConfigError(f"slow_worker: expected (worker index, factor >= 1), got {slow_worker!r}")
     check_int("slow_worker index", slow_worker[0], minimum=0, maximum=workers - 1)
@@ -608,6 +610,7 @@ def _task_spec(
     total_steps: int,
     threads: int,
     endpoint: tuple[str, int, str],
+    slow_worker: tuple[int, float] | None = None,
 ) -> TaskSpec:
     """What every worker task needs, copied out of driver objects (``endpoint``: host, port, token)."""
     host, port, token = endpoint
@@ -622,6 +625,8 @@ def _task_spec(
         total_steps=total_steps,
         threads=threads,
         seed=config.seed,
+        slow_worker=slow_worker[0] if slow_worker is not None else None,
+        slow_factor=slow_worker[1] if slow_worker is not None else 1.0,
     )
 
 
@@ -648,6 +653,7 @@ def _fit_average(
     checkpoint_seconds: float,
     on_round: Callable[[dict[str, Any]], None] | None,
     started: float,
+    slow_worker: tuple[int, float] | None = None,
 ) -> FitResult:
     from deepspark.models import build_model
 
@@ -699,7 +705,7 @@ def _fit_average(
     )
 
     def task_fn(host: str, port: int, token: str) -> Callable[[Any], Any]:
-        task = _task_spec(data, spec, config, total_steps, threads, (host, port, token))
+        task = _task_spec(data, spec, config, total_steps, threads, (host, port, token), slow_worker)
         return functools.partial(average_task, task)
 
     assert data.frame is not None
@@ -727,7 +733,7 @@ def _fit_async(
     started: float,
 ) -> FitResult:
     from deepspark.models import build_model
-    from deepspark.training.paramserver import AsyncRecord, AsyncTask, ParameterServer, async_task
+    from deepspark.training.paramserver import AsyncRecord, ParameterServer, async_task
 
     layout = data.layout
     total_steps = math.ceil(math.ceil(layout.rows / workers) / config.batch_size) * config.epochs
@@ -767,11 +773,10 @@ def _fit_async(
         on_round=after_round,
         **progress,
     )
-    slow_index, slow_factor = slow_worker if slow_worker is not None else (None, 1.0)
 
     def task_fn(host: str, port: int, token: str) -> Callable[[Any], Any]:
-        task = _task_spec(data, spec, config, total_steps, threads, (host, port, token))
-        return functools.partial(async_task, AsyncTask(task, slow_index, slow_factor))
+        task = _task_spec(data, spec, config, total_steps, threads, (host, port, token), slow_worker)
+        return functools.partial(async_task, task)
 
     assert data.frame is not None
     _run_workers(spark, data.frame, workers, server, task_fn, "deepspark-async")

@@ -394,6 +394,13 @@ class TaskSpec:
     total_steps: int
     threads: int
     seed: int
+    slow_worker: int | None = None  # benchmark knob: this worker sleeps (slow_factor - 1) x its compute
+    slow_factor: float = 1.0
+
+    def slowdown(self, worker: int, compute_s: float) -> None:
+        """Make ``worker`` ``slow_factor`` times slower than its peers (benchmarks and tests only)."""
+        if self.slow_worker == worker and self.slow_factor > 1:
+            time.sleep((self.slow_factor - 1) * compute_s)
 
     def read(self, batches: Iterator[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """The task's partition as model-ready inputs and int64 labels (on the CPU)."""
@@ -486,6 +493,7 @@ def average_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
                 if len(targets)
                 else None
             )
+            task.slowdown(worker, time.perf_counter() - loaded)
             computed = time.perf_counter()
             data = state_to_bytes(model.state_dict())
             conn.send(

@@ -46,7 +46,7 @@ from deepspark.errors import DeepsparkError
 from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
 from deepspark.training.average import RoundRecord, ServerState, TaskSpec, load_worker
 
-__all__ = ["AsyncRecord", "AsyncTask", "ParameterServer", "async_task"]
+__all__ = ["AsyncRecord", "ParameterServer", "async_task"]
 
 _log = logging.getLogger(__name__)
 
@@ -313,26 +313,15 @@ class ParameterServer(ServerState):
 
 
 # ----------------------------------------------------------------------------------- executor side
-@dataclass(frozen=True)
-class AsyncTask:
-    """What an asynchronous worker needs: the shared task spec, plus the benchmark's slow-down knob."""
-
-    task: TaskSpec
-    slow_worker: int | None = None
-    slow_factor: float = 1.0
-
-
-def async_task(spec: AsyncTask, batches: Iterator[Any]) -> Iterator[Any]:
+def async_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
     """Body of one worker's Spark task (``mapInArrow``): load the partition, then pull, step and push."""
     import pyarrow as pa
 
     from deepspark import wire
     from deepspark.training.loop import DataCursor, make_optimizer, run_steps
 
-    task = spec.task
     loaded = load_worker(task, batches)
     worker, model, config = loaded.worker, loaded.model, loaded.config
-    slow = spec.slow_factor - 1.0 if spec.slow_worker == worker else 0.0
     optimizer = make_optimizer(model, config)  # kept across pulls: see the module docstring
     cursor: DataCursor | None = None
     pushes = 0
@@ -365,8 +354,7 @@ def async_task(spec: AsyncTask, batches: Iterator[Any]) -> Iterator[Any]:
                 if len(loaded.targets)
                 else None
             )
-            if slow > 0:  # benchmark knob: this worker is `slow_factor` times slower than its peers
-                time.sleep(slow * (time.perf_counter() - ready))
+            task.slowdown(worker, time.perf_counter() - ready)
             computed = time.perf_counter()
             delta = {k: v.detach() - pulled[k] for k, v in model.state_dict().items()}
             data = state_to_bytes(delta)
