@@ -149,6 +149,38 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_tune)
 
 
+# ------------------------------------------------------------------------------------------- report
+def _cmd_report(args: argparse.Namespace) -> int:
+    from deepspark.reporting import report
+
+    result = report(args.run_dirs, output=args.output, by=args.by)
+    for name, reason in result.missing.items():
+        print(f"{name}: not drawn: {reason}", file=sys.stderr)
+    print(f"report: {result.html}")
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="a self-contained HTML report of studies and training runs (read-only)",
+        description="Read run directories (tune or train; a study still running gives a partial report) "
+        "and write one HTML page with the figures inlined, plus a PNG per figure next to it. Several "
+        "studies of the same trials at different parallelism add the scaling figure. Nothing in the run "
+        "directories is changed.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories of deepspark tune / train")
+    p.add_argument("--output", default="report.html", help="the HTML file to write (default report.html)")
+    p.add_argument(
+        "--by",
+        default=None,
+        metavar="PARAM",
+        help="parameter giving one sensitivity line per value (default: the searched integer or choice "
+        "parameter with the most values)",
+    )
+    p.set_defaults(func=_cmd_report)
+
+
 # --------------------------------------------------------------------------------------------- main
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepspark", description=__doc__)
@@ -162,6 +194,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from deepspark.inference._cli import add_predict_parser
 
     add_predict_parser(sub)
+    _add_report(sub)
     return parser
 
 
