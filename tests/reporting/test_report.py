@@ -226,3 +226,38 @@ def test_bad_run_dir_and_output_are_config_errors(tmp_path) -> None:
         report(tmp_path / "missing", output=tmp_path / "x.html")
     with pytest.raises(ConfigError, match=r"output: expected a path ending in \.html"):
         report(_training_dir(tmp_path), output=tmp_path / "x.png")
+
+
+def test_cli_train_writes_the_report_of_a_real_training_run(spark, tmp_path, capsys) -> None:
+    import numpy as np
+
+    from deepspark.data import write_idx
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        labels = (np.arange(n) % 3).astype(np.uint8)
+        images = rng.integers(0, 60, size=(n, 8, 8), dtype=np.uint8)
+        for i, label in enumerate(labels):  # a bright bar per class
+            images[i, label * 2 : label * 2 + 2, :] = 250
+        write_idx(data / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(data / f"{prefix}-labels-idx1-ubyte", labels)
+    run = tmp_path / "run"
+    args = [
+        "train",
+        str(data),
+        "--model",
+        "mlp",
+        "--strategy",
+        "local",
+        "--epochs",
+        "2",
+        "--run-dir",
+        str(run),
+    ]
+    assert main(args) == 0
+    assert f"report: {run / 'report.html'}" in capsys.readouterr().out
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "training run" in page and "test accuracy" in page and len(_inlined(page)) == 3
+    assert _pixels_vary((run / "report-training_curves.png").read_bytes())
