@@ -144,7 +144,11 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="dataset name (mnist) or MNIST-layout directory (default: --data-dir if given, else mnist)",
     )
-    p.add_argument("--preset", default=None, help="a ready study: quick (make run) or paper (the blog's)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="a ready study: quick (make run), paper (the blog's) or sweep (lr x width grid)",
+    )
     p.add_argument("--model", default=None, help="zoo model: mlp, lenet, cnn (default cnn)")
     p.add_argument("--space", default=None, help="search space YAML file (see docs/tune.md)")
     p.add_argument("--trials", type=int, default=None, help="total trials in the study (default 24)")
