@@ -261,3 +261,65 @@ def test_cli_train_writes_the_report_of_a_real_training_run(spark, tmp_path, cap
     page = (run / "report.html").read_text(encoding="utf-8")
     assert "training run" in page and "test accuracy" in page and len(_inlined(page)) == 3
     assert _pixels_vary((run / "report-training_curves.png").read_bytes())
+
+
+def _chromium() -> str:
+    """Debian's chromium, installed with apt when missing; the test is skipped, saying why, without apt."""
+    import os
+    import shutil
+    import subprocess
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if shutil.which("apt-get") is None:
+        pytest.skip("chromium is not installed and apt-get is unavailable to install it")
+    if os.geteuid() != 0:
+        pytest.skip("chromium is not installed and installing it with apt-get needs root")
+    done = subprocess.run(
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    found = shutil.which("chromium")
+    if not found:
+        pytest.skip(f"apt-get install chromium failed: {done.stderr[-500:]}")
+    return found
+
+
+@pytest.mark.slow
+def test_headless_chromium_shows_the_figures_offline(study_dir, tmp_path) -> None:
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    browser = _chromium()
+    result = report(study_dir, output=tmp_path / "report.html")
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--force-device-scale-factor=1",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1200,2400",
+            f"--screenshot={shot}",
+            result.html.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1200, 2400)
+    pixels = np.asarray(image, dtype=np.int16)
+    ink = float((pixels.min(axis=2) < 200).mean())
+    # The plot lines and markers: strongly coloured pixels (matplotlib's blue, orange, red), not text.
+    coloured = int((pixels.max(axis=2) - pixels.min(axis=2) > 80).sum())
+    assert ink > 0.02, f"the screenshot is nearly blank ({ink:.2%} non-white)"
+    assert coloured > 2000, f"no figure visible: {coloured} coloured pixels"
