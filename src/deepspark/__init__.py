@@ -27,6 +27,7 @@ _API = {
     "save_checkpoint": "deepspark.models",
     "load_checkpoint": "deepspark.models",
     "predict": "deepspark.inference",
+    "report": "deepspark.reporting",
     "load_model": "deepspark.inference",
     "session": "deepspark.spark",
     "DeepsparkError": "deepspark.errors",

@@ -118,7 +118,22 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     finally:
         progress.stop()
     print_study(Console(width=max(Console().width, 120)), result)
+    _write_report(result.run_dir)
     return 130 if result.stop_reason == "interrupted" else 0
+
+
+def _write_report(run_dir: Any) -> None:
+    """The run's report.html, written at the end of tune / train; a report that fails is only logged."""
+    from pathlib import Path
+
+    from deepspark.reporting import report
+
+    try:
+        written = report(run_dir, output=Path(run_dir) / "report.html")
+    except Exception:  # the run itself succeeded: never turn it into a failure over a figure
+        logging.getLogger(__name__).exception("could not write the report of %s", run_dir)
+        return
+    print(f"report: {written.html}")
 
 
 def _add_tune(sub: argparse._SubParsersAction) -> None:
@@ -129,7 +144,11 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="dataset name (mnist) or MNIST-layout directory (default: --data-dir if given, else mnist)",
     )
-    p.add_argument("--preset", default=None, help="a ready study: quick (make run) or paper (the blog's)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="a ready study: quick (make run), paper (the blog's) or sweep (lr x width grid)",
+    )
     p.add_argument("--model", default=None, help="zoo model: mlp, lenet, cnn (default cnn)")
     p.add_argument("--space", default=None, help="search space YAML file (see docs/tune.md)")
     p.add_argument("--trials", type=int, default=None, help="total trials in the study (default 24)")
@@ -149,6 +168,38 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_tune)
 
 
+# ------------------------------------------------------------------------------------------- report
+def _cmd_report(args: argparse.Namespace) -> int:
+    from deepspark.reporting import report
+
+    result = report(args.run_dirs, output=args.output, by=args.by)
+    for name, reason in result.missing.items():
+        print(f"{name}: not drawn: {reason}", file=sys.stderr)
+    print(f"report: {result.html}")
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="a self-contained HTML report of studies and training runs (read-only)",
+        description="Read run directories (tune or train; a study still running gives a partial report) "
+        "and write one HTML page with the figures inlined, plus a PNG per figure next to it. Several "
+        "studies of the same trials at different parallelism add the scaling figure. Nothing in the run "
+        "directories is changed.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories of deepspark tune / train")
+    p.add_argument("--output", default="report.html", help="the HTML file to write (default report.html)")
+    p.add_argument(
+        "--by",
+        default=None,
+        metavar="PARAM",
+        help="parameter giving one sensitivity line per value (default: the searched integer or choice "
+        "parameter with the most values)",
+    )
+    p.set_defaults(func=_cmd_report)
+
+
 # --------------------------------------------------------------------------------------------- main
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepspark", description=__doc__)
@@ -162,6 +213,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from deepspark.inference._cli import add_predict_parser
 
     add_predict_parser(sub)
+    _add_report(sub)
     return parser
 
 

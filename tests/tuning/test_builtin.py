@@ -117,6 +117,7 @@ def test_cli_tune_with_a_data_dir_trains_on_that_directory_not_mnist(spark, tmp_
     ckpt = load_checkpoint(run / "best")
     assert tuple(ckpt.spec.input_shape) == (1, 7, 7)
     assert ckpt.class_names == ("0", "1", "2")
+    assert (run / "report.html").is_file() and (run / "report-timeline.png").is_file()
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Named study set-ups: ``quick`` (the ``make run`` job) and ``paper`` (the 2016 blog's experiment)."""
+"""Named study set-ups: ``quick`` (the ``make run`` job), ``paper`` (the 2016 blog's experiment) and
+``sweep`` (the grid behind the blog's sensitivity figure)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,33 @@ PRESETS: dict[str, dict[str, Any]] = {
             "batch_size": 128,
             "lr_schedule": "cosine",
             "augment": True,
+        },
+    },
+    # The blog's sensitivity figure: a grid over learning rate x fully-connected width, short trials
+    # (one epoch of a slim CNN on a third of MNIST), so `deepspark report` draws one error-vs-learning-rate
+    # curve per width. 8 x 3 = 24 grid points plus the default configuration (learning rate 1e-3,
+    # fc 1024: a grid point, trained the same way); an estimated 10-15 minutes on 2 cores.
+    "sweep": {
+        "dataset": "mnist",
+        "model": "cnn",
+        "trials": 24,
+        "parallelism": 2,
+        "threads_per_trial": 1,
+        "sampler": "grid",
+        "pruner": "none",
+        "limit_train": 20000,
+        "limit_test": 5000,
+        "space": {
+            "learning_rate": {
+                "type": "grid",
+                "values": [2.5e-4, 5.0e-4, 1.0e-3, 2.0e-3, 4.0e-3, 8.0e-3, 1.6e-2, 3.2e-2],
+            },
+            "fc": {"type": "grid", "values": [128, 512, 1024]},
+            "conv1": 16,
+            "conv2": 32,
+            "epochs": 1,
+            "batch_size": 128,
+            "lr_schedule": "cosine",
         },
     },
 }

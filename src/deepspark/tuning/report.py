@@ -17,7 +17,14 @@ import optuna
 
 from deepspark.tuning.trial import TrialRecord, TrialState
 
-__all__ = ["error_reduction", "records_from_study", "write_reports"]
+__all__ = [
+    "error_reduction",
+    "plot_sensitivity",
+    "readable_log_ticks",
+    "records_from_study",
+    "width_param",
+    "write_reports",
+]
 
 _log = logging.getLogger(__name__)
 _STATES = {
@@ -156,56 +163,162 @@ def write_reports(
             summary["error_reduction"] = error_reduction(default.value, best.value)
     (run_dir / "best.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     try:
-        _plot(run_dir / "accuracy_vs_lr.png", records, metric=metric)
+        _plot(run_dir / "accuracy_vs_lr.png", records, metric=metric, maximize=maximize)
     except Exception:  # a plot is a nicety; never lose the study over it
         _log.exception("could not draw the learning-rate plot")
     return summary
 
 
-def _plot(path: Path, records: Sequence[TrialRecord], *, metric: str) -> None:
-    complete = [
-        r
-        for r in records
-        if r.state is TrialState.COMPLETE and r.value is not None and "learning_rate" in r.params
+LEARNING_RATES = ("learning_rate", "lr")
+
+
+def width_param(records: Sequence[TrialRecord], *, lr: str | None = None) -> str | None:
+    """The parameter that splits the sensitivity plot into lines: the searched integer or choice
+    parameter, other than the learning rate, with the most distinct values (ties: by name).
+
+    Read from the trials, not from a list of zoo names: a parameter that does not vary across the
+    non-default trials is fixed, and a float that is not an integer is a continuous parameter.
+    """
+    trials = [r for r in records if not r.is_default]
+    names = sorted({k for r in trials for k in r.params} - {lr or "", *LEARNING_RATES})
+    best, best_count = None, 1
+    for name in names:
+        values = [r.params.get(name) for r in trials if name in r.params]
+        if not values or not all(_discrete(v) for v in values):
+            continue
+        count = len({repr(v) for v in values})
+        if count > best_count:
+            best, best_count = name, count
+    return best
+
+
+def _discrete(value: Any) -> bool:
+    if isinstance(value, bool | str):
+        return True
+    return isinstance(value, int | float) and math.isfinite(value) and float(value).is_integer()
+
+
+def learning_rate_param(records: Sequence[TrialRecord]) -> str | None:
+    return next((n for n in LEARNING_RATES if any(n in r.params for r in records)), None)
+
+
+def plot_sensitivity(
+    ax: Any, records: Sequence[TrialRecord], *, metric: str, maximize: bool, by: str | None = None
+) -> bool:
+    """Draw the blog's figure on ``ax``: test error (log) vs learning rate (log), a line per width.
+
+    Failed trials (diverged or raised) are crosses along the top edge at their learning rate, pruned
+    trials hollow circles at their last reported value; the default configuration is a star, not
+    joined to the lines (it may train differently, e.g. for fewer epochs). With an accuracy-like
+    metric (maximised, within [0, 1]) the y axis is the error 1 - metric. Returns False (nothing drawn)
+    when no trial has a learning rate.
+    """
+    lr = learning_rate_param(records)
+    if lr is None:
+        return False
+    rated = [r for r in records if is_finite(r.params.get(lr))]
+    scored = [r for r in rated if r.state is TrialState.COMPLETE and is_finite(r.value)]
+    values = [float(r.value or 0.0) for r in scored]
+    as_error = maximize and all(0.0 <= v <= 1.0 for v in values)
+
+    def y(value: float) -> float:
+        return 1.0 - value if as_error else value
+
+    by = by or width_param(rated, lr=lr)
+    groups: dict[Any, list[TrialRecord]] = {}
+    for r in scored:
+        if not r.is_default:
+            groups.setdefault(r.params.get(by) if by else "trials", []).append(r)
+
+    def order(key: Any) -> tuple[int, float, str]:  # widths numerically, anything else after, by name
+        if isinstance(key, int | float) and not isinstance(key, bool):
+            return (0, float(key), "")
+        return (1, 0.0, str(key))
+
+    for key in sorted(groups, key=order):
+        rs = sorted(groups[key], key=lambda r: float(r.params[lr]))
+        ax.plot(
+            [float(r.params[lr]) for r in rs],
+            [y(float(r.value or 0.0)) for r in rs],
+            "o-",
+            label=f"{by}={key}" if by else "trials",
+        )
+    for r in scored:
+        if r.is_default:
+            ax.plot(float(r.params[lr]), y(float(r.value or 0.0)), "k*", markersize=14, label="default")
+    pruned = [
+        (float(r.params[lr]), y(r.intermediate[max(r.intermediate)]))
+        for r in rated
+        if r.state is TrialState.PRUNED and r.intermediate
     ]
-    if not complete:
+    if pruned:
+        ax.plot(*zip(*pruned, strict=True), "o", mfc="none", color="gray", label="pruned (last value)")
+    ys = [y(v) for v in values] + [p[1] for p in pruned]
+    positive = [v for v in ys if v > 0]
+    failed = [r for r in rated if r.state is TrialState.FAIL]
+    if failed:
+        top = max(positive) * 1.3 if positive else 1.0
+        diverged = [r for r in failed if "diverg" in (r.error or "").lower()]
+        for group, label, marker in (
+            (diverged, "diverged", "v"),
+            ([r for r in failed if r not in diverged], "failed", "x"),
+        ):
+            if group:
+                xs = [float(r.params[lr]) for r in group]
+                ax.plot(xs, [top] * len(xs), marker, color="tab:red", markersize=9, label=label)
+        positive.append(top)
+    ax.set_xscale("log")
+    if ys and all(v > 0 for v in ys):
+        ax.set_yscale("log")
+    readable_log_ticks(ax.xaxis, [float(r.params[lr]) for r in rated])
+    readable_log_ticks(ax.yaxis, positive)
+    ax.set_xlabel(lr.replace("_", " "))
+    ax.set_ylabel(f"test error (1 - {metric})" if as_error else f"test {metric}")
+    ax.set_title(
+        f"Test {'error' if as_error else metric} vs {lr.replace('_', ' ')}" + (f" by {by}" if by else "")
+    )
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    return True
+
+
+def readable_log_ticks(axis: Any, values: Sequence[float]) -> None:
+    """On a log axis spanning less than a decade matplotlib shows one labelled tick or none: label
+    a few round values inside the range instead."""
+    positive = [v for v in values if v > 0]
+    if not positive or axis.get_scale() != "log":
         return
+    low, high = min(positive), max(positive)
+    if high / low >= 10:
+        return
+    import matplotlib.ticker as mticker
+
+    if high == low:
+        low, high = low / 1.5, high * 1.5
+    ticks = sorted({float(f"{v:.2g}") for v in _geomspace(low, high, 5)})
+    axis.set_major_locator(mticker.FixedLocator(ticks))
+    axis.set_major_formatter(mticker.FuncFormatter(lambda v, _pos: f"{v:.3g}"))
+    axis.set_minor_formatter(mticker.NullFormatter())
+
+
+def _geomspace(low: float, high: float, n: int) -> list[float]:
+    step = (math.log(high) - math.log(low)) / (n - 1)
+    return [math.exp(math.log(low) + i * step) for i in range(n)]
+
+
+def _plot(path: Path, records: Sequence[TrialRecord], *, metric: str, maximize: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    width = next(
-        (w for w in ("fc", "hidden", "conv2", "conv1") if all(w in r.params for r in complete)), None
-    )
     fig, ax = plt.subplots(figsize=(6, 4))
-    groups: dict[Any, list[TrialRecord]] = {}
-    for r in complete:
-        groups.setdefault(r.params.get(width) if width else "all", []).append(r)
-
-    def order(key: Any) -> tuple[int, float, str]:  # widths numerically, anything else after, by name
-        return (0, float(key), "") if isinstance(key, int | float) else (1, 0.0, str(key))
-
-    for key in sorted(groups, key=order):
-        rs = sorted(groups[key], key=lambda r: float(r.params["learning_rate"]))
-        ax.plot(
-            [r.params["learning_rate"] for r in rs],
-            [float(r.value or 0.0) for r in rs],
-            "o-",
-            label=f"{width}={key}" if width else "trials",
-        )
-    for r in complete:
-        if r.is_default:
-            ax.plot(r.params["learning_rate"], float(r.value or 0.0), "k*", markersize=12, label="default")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel(f"test {metric}")
-    ax.set_title("Test accuracy vs learning rate" + (f" by {width} width" if width else ""))
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        if plot_sensitivity(ax, records, metric=metric, maximize=maximize):
+            fig.tight_layout()
+            fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def is_finite(value: Any) -> bool:

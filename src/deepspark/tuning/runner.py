@@ -40,7 +40,7 @@ from deepspark.tuning.space import SearchSpace, load_space
 from deepspark.tuning.trial import Reporter, TrialRecord, TrialState
 from deepspark.tuning.worker import WorkerSpec, run_worker
 
-__all__ = ["PRUNERS", "SAMPLERS", "StudyResult", "tune"]
+__all__ = ["CLUSTER_ATTR", "JOURNAL", "PRUNERS", "SAMPLERS", "STUDY_NAME", "StudyResult", "tune"]
 
 _log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("none", "median", "asha")
 JOURNAL = "study.journal"
 STUDY_NAME = "deepspark"
+CLUSTER_ATTR = "deepspark:cluster"
 
 Objective = Callable[[dict[str, Any], Reporter], Any]
 
@@ -446,6 +447,18 @@ def _execute(
             slots,
         )
     width = min(wanted, slots, to_run)
+    # For the report's summary and scaling figure: where this (part of the) study ran.
+    study.set_user_attr(
+        CLUSTER_ATTR,
+        {
+            "master": sc.master,
+            "cores": cores,
+            "task_cpus": cpus,
+            "slots": slots,
+            "parallelism": width,
+            "threads_per_trial": effective_threads,
+        },
+    )
     if on_start is not None:
         on_start(to_run, width)
 

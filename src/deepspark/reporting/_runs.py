@@ -1,0 +1,155 @@
+"""Reading run directories without touching them.
+
+A study's journal is copied (its complete lines only: a running driver may be halfway through
+appending one) into a temporary directory and opened there, so nothing the report does can write to
+the run directory: not a lock file, not a repaired journal, not ``best.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as _dt
+import json
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from deepspark.errors import ConfigError
+from deepspark.tuning.coordinator import INTERRUPTED_ATTR
+from deepspark.tuning.report import records_from_study
+from deepspark.tuning.runner import CLUSTER_ATTR, JOURNAL, STUDY_NAME
+from deepspark.tuning.trial import TrialRecord
+
+__all__ = ["StudyRun", "TrainingRun", "open_runs"]
+
+HISTORY = "history.csv"
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """A tuning run directory as the report sees it: the study (a private copy) and its records."""
+
+    path: Path
+    config: Mapping[str, Any]
+    study: optuna.Study
+    records: tuple[TrialRecord, ...]
+    # The journal's last write: the end of the timeline for trials still running.
+    last_write: _dt.datetime
+
+    @property
+    def maximize(self) -> bool:
+        return self.config.get("direction", "maximize") == "maximize"
+
+    @property
+    def metric(self) -> str:
+        return str(self.config.get("metric", "accuracy"))
+
+    @property
+    def cluster(self) -> Mapping[str, Any]:
+        value = self.study.user_attrs.get(CLUSTER_ATTR)
+        return value if isinstance(value, Mapping) else {}
+
+    def trials(self) -> list[optuna.trial.FrozenTrial]:
+        """Every trial but the attempts a crash interrupted (each was run again as a new trial)."""
+        return [t for t in self.study.get_trials(deepcopy=False) if not t.user_attrs.get(INTERRUPTED_ATTR)]
+
+    def running(self) -> list[optuna.trial.FrozenTrial]:
+        return [t for t in self.trials() if t.state == optuna.trial.TrialState.RUNNING]
+
+    def span(self) -> tuple[_dt.datetime, _dt.datetime] | None:
+        """From the first trial's start to the last finish (or the last write, while trials run)."""
+        starts = [t.datetime_start for t in self.trials() if t.datetime_start is not None]
+        if not starts:
+            return None
+        ends = [t.datetime_complete for t in self.trials() if t.datetime_complete is not None]
+        if self.running():
+            ends.append(self.last_write)
+        return min(starts), max([*ends, min(starts)])
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """A training run directory: its config.json, history.csv rows and the final model's metrics."""
+
+    path: Path
+    config: Mapping[str, Any]
+    history: tuple[Mapping[str, str], ...]
+    model_metrics: Mapping[str, Any] = field(default_factory=dict)
+
+
+Run = StudyRun | TrainingRun
+
+
+@contextlib.contextmanager
+def open_runs(paths: Sequence[str | Path]) -> Iterator[list[Run]]:
+    """Open each run directory read-only; the studies live in a temporary copy until the block ends."""
+    if not paths:
+        raise ConfigError("run_dirs: expected at least one run directory, got none")
+    with tempfile.TemporaryDirectory(prefix="deepspark-report-") as tmp:
+        runs: list[Run] = []
+        for i, given in enumerate(paths):
+            path = Path(given)
+            if not path.is_dir():
+                raise ConfigError(f"run_dirs: {path} is not a directory")
+            if (path / JOURNAL).is_file():
+                runs.append(_open_study(path, Path(tmp) / str(i)))
+            elif (path / HISTORY).is_file() or "strategy" in _config(path):
+                runs.append(_open_training(path))
+            else:
+                raise ConfigError(
+                    f"run_dirs: {path} is neither a study (no {JOURNAL}) nor a training run (no {HISTORY})"
+                )
+        yield runs
+
+
+def _config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _open_study(path: Path, tmp: Path) -> StudyRun:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    source = path / JOURNAL
+    last_write = _dt.datetime.fromtimestamp(source.stat().st_mtime)
+    data = source.read_bytes()
+    tmp.mkdir(parents=True)
+    copy = tmp / JOURNAL
+    copy.write_bytes(data[: data.rfind(b"\n") + 1])  # a line still being appended is left out
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = JournalStorage(JournalFileBackend(str(copy)))
+        names = [s.study_name for s in storage.get_all_studies()]
+        if not names:
+            raise ConfigError(f"run_dirs: {source} holds no study yet")
+        study = optuna.load_study(study_name=STUDY_NAME if STUDY_NAME in names else names[0], storage=storage)
+    return StudyRun(
+        path=path,
+        config=_config(path),
+        study=study,
+        records=tuple(records_from_study(study)),
+        last_write=last_write,
+    )
+
+
+def _open_training(path: Path) -> TrainingRun:
+    history: list[dict[str, str]] = []
+    if (path / HISTORY).is_file():
+        with (path / HISTORY).open(newline="", encoding="utf-8") as fh:
+            history = [dict(row) for row in csv.DictReader(fh)]
+    metrics: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        meta = json.loads((path / "model" / "metadata.json").read_text(encoding="utf-8"))
+        metrics = dict(meta.get("metrics") or {})
+    return TrainingRun(path=path, config=_config(path), history=tuple(history), model_metrics=metrics)

@@ -1,0 +1,325 @@
+"""deepspark report: a self-contained HTML page of studies and training runs that never touches them."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from deepspark.cli import main
+from deepspark.errors import ConfigError
+from deepspark.reporting import report
+
+SPACE = {
+    "learning_rate": {"type": "loguniform", "low": 1e-3, "high": 1e-1},
+    "hidden": {"type": "choice", "values": [64, 128, 256]},
+    "epochs": 3,
+}
+DEFAULT = {"learning_rate": 0.01, "hidden": 128, "epochs": 2}
+
+
+def _sensitive(config, reporter):
+    """An error curve with its minimum near lr=0.01, better with width; learning rates above 0.04 "diverge"."""
+    lr, width = config["learning_rate"], config["hidden"]
+    if lr > 0.04:
+        raise FloatingPointError("training diverged: loss is nan")
+    error = 0.01 * (1 + math.log10(lr / 0.01) ** 2) * (256 / width) ** 0.3
+    for epoch in range(1, config["epochs"] + 1):
+        reporter.report(epoch, 1 - error * (1 + 1 / epoch), final=epoch == config["epochs"])
+    return {"accuracy": 1 - error}
+
+
+def _pixels_vary(png: bytes) -> bool:
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    colours = image.getcolors(maxcolors=1 << 16)
+    return colours is None or len(colours) > 8
+
+
+@pytest.fixture(scope="module")
+def study_dir(spark, tmp_path_factory, request) -> Path:
+    from pyspark import cloudpickle
+
+    from deepspark.tuning import tune
+
+    cloudpickle.register_pickle_by_value(request.module)  # the autouse fixture runs after this one
+
+    run = tmp_path_factory.mktemp("study") / "run"
+    tune(
+        _sensitive,
+        space=SPACE,
+        trials=8,
+        parallelism=2,
+        sampler="random",
+        pruner="none",
+        default_config=DEFAULT,
+        run_dir=run,
+        seed=3,
+    )
+    return run
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _inlined(html: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)]
+
+
+def test_study_report_has_every_figure_with_data_and_is_self_contained(study_dir, tmp_path) -> None:
+    result = report(study_dir, output=tmp_path / "out" / "report.html")
+    expected = {
+        "sensitivity",
+        "importance",
+        "parallel",
+        "history",
+        "history_time",
+        "intermediate",
+        "timeline",
+    }
+    assert set(result.figures) == expected, result.missing
+    for name, path in result.figures.items():
+        assert path.parent == tmp_path / "out" and path.name == f"report-{name}.png"
+        assert _pixels_vary(path.read_bytes()), name
+    page = result.html.read_text(encoding="utf-8")
+    images = _inlined(page)
+    assert len(images) == len(expected) and all(_pixels_vary(png) for png in images)
+    # Self-contained: nothing is fetched from anywhere.
+    assert not re.search(r'(src|href)="(?!data:)', page) and "<script" not in page
+    assert "best configuration" in page and "error reduction" in page
+    assert "complete 7, fail 1" in page  # the one learning rate above 0.04 (seed 3) "diverged"
+
+
+def test_sensitivity_lines_follow_the_width_parameter_from_the_trials(study_dir, tmp_path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from deepspark.reporting._runs import open_runs
+    from deepspark.tuning.report import plot_sensitivity, width_param
+
+    with open_runs([study_dir]) as (run,):
+        assert width_param(run.records) == "hidden"
+        fig, ax = plt.subplots()
+        assert plot_sensitivity(ax, run.records, metric="accuracy", maximize=True)
+        labels = ax.get_legend_handles_labels()[1]
+        plt.close(fig)
+    widths = sorted(
+        {r.params["hidden"] for r in run.records if not r.is_default and r.state.value == "complete"}
+    )
+    assert [lab for lab in labels if lab.startswith("hidden=")] == [f"hidden={w}" for w in widths]
+    assert "default" in labels and "diverged" in labels
+
+
+def test_report_never_changes_the_run_directory(study_dir, tmp_path) -> None:
+    before = _snapshot(study_dir)
+    assert main(["report", str(study_dir), "--output", str(tmp_path / "r.html")]) == 0
+    assert _snapshot(study_dir) == before
+    assert (tmp_path / "r.html").is_file() and (tmp_path / "r-sensitivity.png").is_file()
+
+
+def test_partial_study_shows_running_trials(study_dir, tmp_path) -> None:
+    """A journal copied mid-study (a trial asked for but not told, and a torn last line) is reported."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("config.json", "study.journal"):
+        (partial / name).write_bytes((study_dir / name).read_bytes())
+    storage = JournalStorage(JournalFileBackend(str(partial / "study.journal")))
+    study = optuna.load_study(study_name="deepspark", storage=storage)
+    trial = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})
+    trial.report(0.9, 1)
+    with (partial / "study.journal").open("ab") as fh:
+        fh.write(b'{"op_code": 6, "worker_id": "x", "tri')  # a write in progress
+    result = report(partial, output=tmp_path / "p.html")
+    page = result.html.read_text(encoding="utf-8")
+    assert "PARTIAL: 1 trial(s) still running" in page and "running 1" in page
+    assert "timeline" in result.figures and "intermediate" in result.figures
+
+
+def _training_dir(root: Path) -> Path:
+    run = root / "train"
+    run.mkdir()
+    config = {"strategy": "average", "workers": 2, "model": "lenet", "data": "mnist", "config": {"epochs": 2}}
+    (run / "config.json").write_text(json.dumps(config))
+    from deepspark.training.fit import HISTORY_COLUMNS
+
+    with (run / "history.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS)
+        writer.writeheader()
+        for i in range(8):
+            writer.writerow(
+                {
+                    "round": i,
+                    "epoch": (i + 1) / 4,
+                    "samples": 15000,
+                    "workers": 2,
+                    "train_loss": 2.0 / (i + 1),
+                    "test_accuracy": 0.9 + i / 100 if i % 2 else "",
+                    "test_loss": "",
+                    "seconds": 3.0 + i % 3,
+                    "compute_s": 2.5,
+                    "comm_s": 0.3,
+                    "wait_s": 0.1,
+                    "bytes": 2_000_000,
+                    "elapsed_s": 4.0 * (i + 1),
+                }
+            )
+    return run
+
+
+def test_training_run_report(tmp_path) -> None:
+    run = _training_dir(tmp_path)
+    before = _snapshot(run)
+    result = report(run, output=tmp_path / "t.html")
+    assert set(result.figures) == {"training_curves", "training_throughput", "time_split"}
+    assert all(_pixels_vary(p.read_bytes()) for p in result.figures.values())
+    page = result.html.read_text(encoding="utf-8")
+    assert "training run" in page and "0.9700" in page and "communication" in page
+    assert _snapshot(run) == before
+
+
+def test_scaling_figure_from_two_studies_at_different_parallelism(spark, tmp_path) -> None:
+    from deepspark.tuning import tune
+
+    grid = {"learning_rate": {"type": "grid", "values": [0.01, 0.02, 0.03, 0.04]}, "hidden": 64, "epochs": 1}
+    runs = []
+    for p in (1, 2):
+        runs.append(tmp_path / f"p{p}")
+        tune(
+            _sensitive,
+            space=grid,
+            trials=4,
+            parallelism=p,
+            sampler="grid",
+            pruner="none",
+            default_config=False,
+            run_dir=runs[-1],
+        )
+    result = report(runs, output=tmp_path / "s.html")
+    assert "scaling" in result.figures and _pixels_vary(result.figures["scaling"].read_bytes())
+    assert "p1-sensitivity" in result.figures and "p2-timeline" in result.figures
+    page = result.html.read_text(encoding="utf-8")
+    assert "1 parallel" in page and "2 parallel" in page and "efficiency" in page
+
+
+def test_bad_run_dir_and_output_are_config_errors(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="neither a study"):
+        report(tmp_path, output=tmp_path / "x.html")
+    with pytest.raises(ConfigError, match="not a directory"):
+        report(tmp_path / "missing", output=tmp_path / "x.html")
+    with pytest.raises(ConfigError, match=r"output: expected a path ending in \.html"):
+        report(_training_dir(tmp_path), output=tmp_path / "x.png")
+
+
+def test_cli_train_writes_the_report_of_a_real_training_run(spark, tmp_path, capsys) -> None:
+    import numpy as np
+
+    from deepspark.data import write_idx
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        labels = (np.arange(n) % 3).astype(np.uint8)
+        images = rng.integers(0, 60, size=(n, 8, 8), dtype=np.uint8)
+        for i, label in enumerate(labels):  # a bright bar per class
+            images[i, label * 2 : label * 2 + 2, :] = 250
+        write_idx(data / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(data / f"{prefix}-labels-idx1-ubyte", labels)
+    run = tmp_path / "run"
+    args = [
+        "train",
+        str(data),
+        "--model",
+        "mlp",
+        "--strategy",
+        "local",
+        "--epochs",
+        "2",
+        "--run-dir",
+        str(run),
+    ]
+    assert main(args) == 0
+    assert f"report: {run / 'report.html'}" in capsys.readouterr().out
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "training run" in page and "test accuracy" in page and len(_inlined(page)) == 3
+    assert _pixels_vary((run / "report-training_curves.png").read_bytes())
+
+
+def _chromium() -> str:
+    """Debian's chromium, installed with apt when missing; the test is skipped, saying why, without apt."""
+    import os
+    import shutil
+    import subprocess
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if shutil.which("apt-get") is None:
+        pytest.skip("chromium is not installed and apt-get is unavailable to install it")
+    if os.geteuid() != 0:
+        pytest.skip("chromium is not installed and installing it with apt-get needs root")
+    done = subprocess.run(
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    found = shutil.which("chromium")
+    if not found:
+        pytest.skip(f"apt-get install chromium failed: {done.stderr[-500:]}")
+    return found
+
+
+@pytest.mark.slow
+def test_headless_chromium_shows_the_figures_offline(study_dir, tmp_path) -> None:
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    browser = _chromium()
+    result = report(study_dir, output=tmp_path / "report.html")
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--force-device-scale-factor=1",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1200,2400",
+            f"--screenshot={shot}",
+            result.html.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1200, 2400)
+    pixels = np.asarray(image, dtype=np.int16)
+    ink = float((pixels.min(axis=2) < 200).mean())
+    # The plot lines and markers: strongly coloured pixels (matplotlib's blue, orange, red), not text.
+    coloured = int((pixels.max(axis=2) - pixels.min(axis=2) > 80).sum())
+    assert ink > 0.02, f"the screenshot is nearly blank ({ink:.2%} non-white)"
+    assert coloured > 2000, f"no figure visible: {coloured} coloured pixels"
