@@ -118,22 +118,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     finally:
         progress.stop()
     print_study(Console(width=max(Console().width, 120)), result)
-    _write_report(result.run_dir)
+    from deepspark.reporting import write_run_report
+
+    write_run_report(result.run_dir)
     return 130 if result.stop_reason == "interrupted" else 0
-
-
-def _write_report(run_dir: Any) -> None:
-    """The run's report.html, written at the end of tune / train; a report that fails is only logged."""
-    from pathlib import Path
-
-    from deepspark.reporting import report
-
-    try:
-        written = report(run_dir, output=Path(run_dir) / "report.html")
-    except Exception:  # the run itself succeeded: never turn it into a failure over a figure
-        logging.getLogger(__name__).exception("could not write the report of %s", run_dir)
-        return
-    print(f"report: {written.html}")
 
 
 def _add_tune(sub: argparse._SubParsersAction) -> None:

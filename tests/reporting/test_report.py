@@ -158,7 +158,7 @@ def _training_dir(root: Path) -> Path:
     run.mkdir()
     config = {"strategy": "average", "workers": 2, "model": "lenet", "data": "mnist", "config": {"epochs": 2}}
     (run / "config.json").write_text(json.dumps(config))
-    from deepspark.training.fit import HISTORY_COLUMNS
+    from deepspark.training._fit import HISTORY_COLUMNS
 
     with (run / "history.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS)

@@ -179,9 +179,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if result.bytes_per_epoch:
         print(f"communicated: {result.bytes_per_epoch / 1e6:.1f} MB per epoch")
     print(f"model: {result.model_dir}" + (f" (and {output})" if output else ""))
-    from deepspark.cli import _write_report  # the report layer sits above training: imported here only
+    from deepspark.reporting import write_run_report  # the report layer sits above training: CLI only
 
-    _write_report(result.run_dir)
+    write_run_report(result.run_dir)
     return 0
 
 
