@@ -91,10 +91,14 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         "max_failures": args.max_failures,
         "limit_train": args.limit_train,
         "limit_test": args.limit_test,
+        "timeout": args.timeout,
+        "trial_timeout": args.trial_timeout,
+        "heartbeat_timeout": args.heartbeat_timeout,
     }
     options.update({k: v for k, v in given.items() if v is not None})
     if args.resume:
-        options = {k: v for k, v in options.items() if k in ("trials", "parallelism", "max_failures")}
+        run_time = ("trials", "parallelism", "max_failures", "timeout", "trial_timeout", "heartbeat_timeout")
+        options = {k: v for k, v in options.items() if k in run_time}
         options.update(run_dir=args.resume, resume=True)
     else:
         if args.data_dir is not None and args.dataset is None:
@@ -138,6 +142,27 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", default=None, choices=["tpe", "random", "grid"])
     p.add_argument("--pruner", default=None, choices=["none", "median", "asha"])
     p.add_argument("--max-failures", type=int, default=None, help="stop after N failed trials")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop the study after SECONDS: running trials are interrupted (as Ctrl-C) for --resume",
+    )
+    p.add_argument(
+        "--trial-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="a trial running longer FAILs ('trial timed out'), is not retried, and its task is cancelled",
+    )
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="re-run a trial whose worker has been silent this long (a frozen host; default 60)",
+    )
     p.add_argument("--run-dir", default=None, help="where the study lives (must not exist yet)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the study in RUN_DIR")
     p.add_argument("--master", default=None, help="Spark master URL (default: active session or local[*])")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
+import secrets
 import shutil
 import tempfile
 import time
@@ -29,6 +31,7 @@ from deepspark.slots import run_slots, short_error
 from deepspark.tuning.coordinator import (
     CARRIED_ATTRS,
     DEFAULT_ATTR,
+    DEFAULT_HEARTBEAT_TIMEOUT,
     GRID_ATTR,
     INTERRUPTED_ATTR,
     OVERRIDES_ATTR,
@@ -78,6 +81,19 @@ def _check_int(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     return value
+
+
+def _check_seconds(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(f"{name}: expected a positive number of seconds (or None), got {value!r}")
+    return float(value)
 
 
 def _sampler(name: str, space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
@@ -163,6 +179,8 @@ def tune(
     master: str | None = None,
     seed: int = 0,
     timeout: float | None = None,
+    trial_timeout: float | None = None,
+    heartbeat_timeout: float | None = DEFAULT_HEARTBEAT_TIMEOUT,
     on_event: Callable[[TrialEvent], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
 ) -> StudyResult:
@@ -175,6 +193,12 @@ def tune(
     ``run_dir`` holds the Optuna journal (open it with optuna-dashboard), ``trials.csv``, ``best.json`` and
     the best model. ``resume=True`` continues a study after a crash or Ctrl-C: finished trials are kept,
     interrupted ones run again. Every argument is checked before a Spark job starts.
+
+    Clocks, in seconds: ``timeout`` bounds the whole study (at the deadline running trials are
+    interrupted and queued for ``resume``, as on Ctrl-C; ``stop_reason`` is ``"timeout"``);
+    ``trial_timeout`` bounds each trial (it FAILs with ``"trial timed out after N s"``, is not retried,
+    and its Spark task is cancelled); a worker silent for ``heartbeat_timeout`` while it holds a trial
+    (a frozen host) is taken for dead and the trial runs again elsewhere (None turns this off).
     """
     from deepspark.tuning.objectives import TorchObjective
 
@@ -198,6 +222,9 @@ def tune(
     trials = _check_int("trials", 24 if trials is None else trials)
     threads_per_trial = _check_int("threads_per_trial", threads_per_trial)
     _check_int("max_attempts", max_attempts)
+    timeout = _check_seconds("timeout", timeout)
+    trial_timeout = _check_seconds("trial_timeout", trial_timeout)
+    heartbeat_timeout = _check_seconds("heartbeat_timeout", heartbeat_timeout)
     if parallelism is not None:
         _check_int("parallelism", parallelism)
     if max_failures is not None:
@@ -333,6 +360,8 @@ def tune(
             on_event=on_event,
             on_start=on_start,
             timeout=timeout,
+            trial_timeout=trial_timeout,
+            heartbeat_timeout=heartbeat_timeout,
         )
     wall = time.perf_counter() - started
     records = records_from_study(study)
@@ -410,6 +439,8 @@ def _execute(
     on_event: Callable[[TrialEvent], None] | None,
     on_start: Callable[[int, int], None] | None,
     timeout: float | None,
+    trial_timeout: float | None,
+    heartbeat_timeout: float | None,
 ) -> tuple[str | None, int]:
     from deepspark.spark import session, task_cpus
 
@@ -450,6 +481,13 @@ def _execute(
         on_start(to_run, width)
 
     broadcast = sc.broadcast(data) if data is not None else None
+    # Job tags (thread-local, like job groups) name the study's jobs and each slot's, so one slot's job
+    # (a hung trial) or all of them (the study's deadline) can be cancelled.
+    study_tag = f"deepspark-tune-{secrets.token_hex(4)}"
+
+    def cancel(slot: int | None) -> None:
+        sc.cancelJobsWithTag(study_tag if slot is None else f"{study_tag}-slot-{slot}")
+
     coordinator = Coordinator(
         study,
         distributions=distributions,
@@ -461,6 +499,9 @@ def _execute(
         on_event=on_event,
         on_model=functools.partial(_save_model, run_path),
         timeout=timeout,
+        trial_timeout=trial_timeout,
+        heartbeat_timeout=heartbeat_timeout,
+        cancel=cancel,
     )
     try:
         coordinator.start()
@@ -477,6 +518,8 @@ def _execute(
         body = functools.partial(run_worker, spec)
 
         def submit(slot: int) -> None:
+            sc.addJobTag(study_tag)
+            sc.addJobTag(f"{study_tag}-slot-{slot}")
             sc.parallelize([slot], 1).mapPartitions(functools.partial(body, slot)).collect()
 
         run_slots(
