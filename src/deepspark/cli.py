@@ -1,6 +1,10 @@
 """The ``deepspark`` command: parses arguments, calls the public API, prints results.
 
 No logic of its own lives here; each sub-command maps onto one API call.
+
+Exit codes: 0 success; 1 a failure at run time (:class:`~deepspark.errors.RunError`, or a study that
+stopped early or completed no trial); 2 a usage error (every other :class:`DeepsparkError`, raised before
+work starts; argparse's own errors too); 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from deepspark.errors import DeepsparkError
+from deepspark.errors import DeepsparkError, RunError
 
 __all__ = ["main"]
 
@@ -122,7 +126,26 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     finally:
         progress.stop()
     print_study(Console(width=max(Console().width, 120)), result)
-    return 130 if result.stop_reason == "interrupted" else 0
+    if result.stop_reason == "interrupted":
+        return 130
+    problem = _study_failure(result.stop_reason, result.counts()["complete"])
+    if problem is not None:
+        print(f"deepspark: error: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _study_failure(stop_reason: str | None, completed: int) -> str | None:
+    """Why a finished study counts as a failure at run time (exit 1), or None.
+
+    A deadline (``--timeout``) that still let trials complete is the user's choice, not a failure;
+    ``--max-failures`` and slots that gave up are.
+    """
+    if stop_reason not in (None, "timeout"):
+        return f"the study stopped early: {stop_reason}"
+    if completed == 0:
+        return "no trial completed" + (" before the --timeout" if stop_reason == "timeout" else "")
+    return None
 
 
 def _add_tune(sub: argparse._SubParsersAction) -> None:
@@ -197,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
+    except RunError as exc:
+        print(f"deepspark: error: {exc}", file=sys.stderr)
+        return 1
     except DeepsparkError as exc:
         print(f"deepspark: error: {exc}", file=sys.stderr)
         return 2

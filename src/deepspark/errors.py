@@ -12,6 +12,7 @@ __all__ = [
     "DatasetError",
     "DeepsparkError",
     "DivergenceError",
+    "RunError",
     "SpecError",
 ]
 
@@ -22,6 +23,13 @@ class DeepsparkError(Exception):
 
 class ConfigError(DeepsparkError, ValueError):
     """A parameter or configuration value is invalid (raised before any Spark job starts)."""
+
+
+class RunError(DeepsparkError):
+    """The work started and then failed as a whole (every Spark task failed the same way, say).
+
+    The command line exits 1 for it, and 2 for the other errors, which are raised before work starts.
+    """
 
 
 class DatasetError(DeepsparkError):

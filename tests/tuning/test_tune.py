@@ -342,3 +342,24 @@ def test_heartbeats_keep_trials_longer_than_the_heartbeat_timeout_alive(spark, t
     )
     assert result.counts()["complete"] == 2
     assert all(r.attempts == 1 for r in result.records)
+
+
+def _cannot_import(spec, slot, partition):
+    raise ModuleNotFoundError("No module named 'deepspark'")
+
+
+def test_every_slot_failing_the_same_way_stops_after_one_round_with_the_fix(
+    spark, tmp_path, monkeypatch, caplog
+) -> None:
+    from deepspark.errors import RunError
+    from deepspark.tuning import runner
+
+    monkeypatch.setattr(runner, "run_worker", _cannot_import)
+    with pytest.raises(RunError) as caught:
+        tune(_quadratic, space=X, trials=4, sampler="random", pruner="none", run_dir=tmp_path / "s")
+    message = str(caught.value)
+    assert "ModuleNotFoundError: No module named 'deepspark'" in message
+    assert "install deepspark on the executors" in message and "spark.pyspark.python" in message
+    assert len(message.splitlines()) == 1
+    assert "resubmitting (2)" not in caplog.text  # one round, not max_attempts per slot
+    assert not (tmp_path / "s").exists()  # a failed start leaves no run directory

@@ -197,6 +197,12 @@ class Coordinator:
             return out
 
     @property
+    def connections(self) -> int:
+        """How many workers have reached the coordinator so far (verified connections)."""
+        with self._lock:
+            return self._connections
+
+    @property
     def best_value(self) -> float | None:
         return self._best[0] if self._best is not None else None
 
