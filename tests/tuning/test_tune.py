@@ -363,3 +363,14 @@ def test_every_slot_failing_the_same_way_stops_after_one_round_with_the_fix(
     assert len(message.splitlines()) == 1
     assert "resubmitting (2)" not in caplog.text  # one round, not max_attempts per slot
     assert not (tmp_path / "s").exists()  # a failed start leaves no run directory
+
+
+def test_cli_resume_of_a_python_objective_study_says_how_to_resume_it(spark, tmp_path, capsys) -> None:
+    from deepspark.cli import main
+
+    run = tmp_path / "py"
+    tune(_quadratic, space=X, trials=1, sampler="random", pruner="none", run_dir=run)
+    assert main(["tune", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deepspark: error: resume:") and "\n" not in err
+    assert f"deepspark.tune(_quadratic, run_dir='{run}', resume=True)" in err

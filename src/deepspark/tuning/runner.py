@@ -212,6 +212,13 @@ def tune(
         trials = trials if trials is not None else saved.get("trials")
         sampler, pruner = saved.get("sampler", sampler), saved.get("pruner", pruner)
         metric, direction = saved.get("metric", metric), saved.get("direction", direction)
+        kind = saved.get("objective", "builtin")
+        if objective is None and kind != "builtin":
+            raise ConfigError(
+                f"resume: {run_path} is a study of the Python objective {kind!r}, which the run directory "
+                f"cannot hold; resume it from Python: deepspark.tune({kind}, run_dir={str(run_path)!r}, "
+                "resume=True) (`deepspark tune --resume` resumes studies of the built-in objective only)"
+            )
         if objective is None:
             dataset = saved.get("dataset", dataset)
             data_dir = data_dir if data_dir is not None else saved.get("data_dir")
