@@ -1,6 +1,10 @@
 """The ``deepspark`` command: parses arguments, calls the public API, prints results.
 
 No logic of its own lives here; each sub-command maps onto one API call.
+
+Exit codes: 0 success; 1 a failure at run time (:class:`~deepspark.errors.RunError`, or a study that
+stopped early or completed no trial); 2 a usage error (every other :class:`DeepsparkError`, raised before
+work starts; argparse's own errors too); 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from deepspark.errors import DeepsparkError
+from deepspark.errors import DeepsparkError, RunError
 
 __all__ = ["main"]
 
@@ -91,10 +95,14 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         "max_failures": args.max_failures,
         "limit_train": args.limit_train,
         "limit_test": args.limit_test,
+        "timeout": args.timeout,
+        "trial_timeout": args.trial_timeout,
+        "heartbeat_timeout": args.heartbeat_timeout,
     }
     options.update({k: v for k, v in given.items() if v is not None})
     if args.resume:
-        options = {k: v for k, v in options.items() if k in ("trials", "parallelism", "max_failures")}
+        run_time = ("trials", "parallelism", "max_failures", "timeout", "trial_timeout", "heartbeat_timeout")
+        options = {k: v for k, v in options.items() if k in run_time}
         options.update(run_dir=args.resume, resume=True)
     else:
         if args.data_dir is not None and args.dataset is None:
@@ -121,7 +129,26 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from deepspark.reporting import write_run_report
 
     write_run_report(result.run_dir)
-    return 130 if result.stop_reason == "interrupted" else 0
+    if result.stop_reason == "interrupted":
+        return 130
+    problem = _study_failure(result.stop_reason, result.counts()["complete"])
+    if problem is not None:
+        print(f"deepspark: error: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _study_failure(stop_reason: str | None, completed: int) -> str | None:
+    """Why a finished study counts as a failure at run time (exit 1), or None.
+
+    A deadline (``--timeout``) that still let trials complete is the user's choice, not a failure;
+    ``--max-failures`` and slots that gave up are.
+    """
+    if stop_reason not in (None, "timeout"):
+        return f"the study stopped early: {stop_reason}"
+    if completed == 0:
+        return "no trial completed" + (" before the --timeout" if stop_reason == "timeout" else "")
+    return None
 
 
 def _add_tune(sub: argparse._SubParsersAction) -> None:
@@ -145,6 +172,27 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", default=None, choices=["tpe", "random", "grid"])
     p.add_argument("--pruner", default=None, choices=["none", "median", "asha"])
     p.add_argument("--max-failures", type=int, default=None, help="stop after N failed trials")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop the study after SECONDS: running trials are interrupted (as Ctrl-C) for --resume",
+    )
+    p.add_argument(
+        "--trial-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="a trial running longer FAILs ('trial timed out'), is not retried, and its task is cancelled",
+    )
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="re-run a trial whose worker has been silent this long (a frozen host; default 60)",
+    )
     p.add_argument("--run-dir", default=None, help="where the study lives (must not exist yet)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the study in RUN_DIR")
     p.add_argument("--master", default=None, help="Spark master URL (default: active session or local[*])")
@@ -212,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
+    except RunError as exc:
+        print(f"deepspark: error: {exc}", file=sys.stderr)
+        return 1
     except DeepsparkError as exc:
         print(f"deepspark: error: {exc}", file=sys.stderr)
         return 2

@@ -26,7 +26,10 @@ class ConfigError(DeepsparkError, ValueError):
 
 
 class RunError(DeepsparkError):
-    """Work failed at run time (after the arguments were accepted): the command exits 1, not 2."""
+    """The work started and then failed as a whole (every Spark task failed the same way, say).
+
+    The command line exits 1 for it, and 2 for the other errors, which are raised before work starts.
+    """
 
 
 class DatasetError(DeepsparkError):

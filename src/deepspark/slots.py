@@ -9,15 +9,19 @@ job that fails as a whole (``local[N]`` never retries a task): submit it again, 
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SlotOutcome", "run_slots", "short_error"]
+__all__ = ["SlotOutcome", "root_cause", "run_slots", "short_error"]
 
 _log = logging.getLogger(__name__)
+
+# The last line of a traceback: "ModuleNotFoundError: No module named 'x'", "pkg.mod.SomeError", ...
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)(?::.*)?$")
 
 
 @dataclass(frozen=True)
@@ -145,3 +149,12 @@ def short_error(exc: BaseException) -> str:
         if "Error" in line or "Exception" in line or "exited" in line:
             return line.strip()[:300]
     return (text[0] if text else type(exc).__name__)[:300]
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost exception line of a Spark job error (the last line of the task's Python traceback,
+    say ``ModuleNotFoundError: No module named 'deepspark'``): the same on every slot that failed for
+    the same reason, whatever its stage and task numbers."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    causes = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    return (causes[-1] if causes else short_error(exc))[:300]

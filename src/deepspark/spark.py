@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -18,11 +19,12 @@ from deepspark.errors import ConfigError
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-__all__ = ["limit_threads", "session", "task_cpus", "total_slots"]
+__all__ = ["check_master", "limit_threads", "session", "task_cpus", "total_slots"]
 
 _log = logging.getLogger(__name__)
 
 _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+_PROBE_S = 5.0  # a standalone master that does not accept a TCP connection in this time is taken as down
 
 
 def session(
@@ -49,6 +51,9 @@ def session(
                 master,
             )
         return active
+    check_master(
+        master if master is not None else (conf or {}).get("spark.master") or os.environ.get("MASTER")
+    )
     builder = SparkSession.builder.appName(app_name)
     if master is not None:
         builder = builder.master(master)
@@ -65,9 +70,54 @@ def session(
     settings.update({k: str(v) for k, v in (conf or {}).items()})
     for key, value in settings.items():
         builder = builder.config(key, value)
-    spark = builder.getOrCreate()
+    try:
+        spark = builder.getOrCreate()
+    except Exception as exc:
+        _raise_gateway_error(exc, master)
+        raise
     spark.sparkContext.setLogLevel(os.environ.get("DEEPSPARK_SPARK_LOG_LEVEL", "WARN"))
     return spark
+
+
+def check_master(master: str | None) -> None:
+    """Fail fast, with the URL, when a standalone master (``spark://host:port[,host:port]``) does not answer.
+
+    Spark itself retries a dead master for about a minute and then fails with "Cannot call methods on a
+    stopped SparkContext" in a long trace; one TCP connect per address takes ``_PROBE_S`` at most and
+    needs no JVM. Other masters (local, yarn, k8s) are left to Spark.
+    """
+    if not master or not master.startswith("spark://"):
+        return
+    errors = []
+    for address in master[len("spark://") :].split(","):
+        host, _, port = address.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"master: expected spark://HOST:PORT, got {master!r}")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=_PROBE_S):
+                return  # one live master (of a high-availability list) is enough
+        except OSError as exc:
+            errors.append(f"{address}: {exc.strerror or exc}")
+    raise ConfigError(
+        f"master {master}: no Spark master answers ({'; '.join(errors)}); start it "
+        "(Spark's sbin/start-master.sh) or fix --master"
+    )
+
+
+def _raise_gateway_error(exc: Exception, master: str | None) -> None:
+    """Turn a JVM that could not start (no Java, a Java that exits) into a one-line ConfigError."""
+    text = f"{type(exc).__name__}: {exc}"
+    if "JAVA_GATEWAY_EXITED" in text or "Java gateway process exited" in text:
+        raise ConfigError(
+            "Spark could not start its JVM (Java gateway exited"
+            + (f", master {master}" if master else "")
+            + "): install Java 17 or 21 (e.g. apt-get install openjdk-17-jre-headless) and set JAVA_HOME, "
+            "or see the lines above for Spark's own error"
+        ) from exc
+    if isinstance(exc, FileNotFoundError) and "java" in text:
+        raise ConfigError(
+            f"Spark could not start its JVM: no java found ({exc}); install Java 17 or 21 and set JAVA_HOME"
+        ) from exc
 
 
 def task_cpus(spark: SparkSession) -> int:

@@ -118,9 +118,10 @@ class Connection:
     """One verified connection, made by :class:`Server` (passed to its handler) or :func:`connect`.
 
     ``hello`` is the client's hello header without the token; ``peer`` is ``"host:port"`` of the other
-    end. ``bytes_sent`` / ``bytes_received`` count whole frames, the hello and welcome included. One thread
-    at a time may send, and one may receive; :meth:`close` may be called from any thread and wakes a
-    thread blocked in :meth:`recv` (it raises).
+    end. ``bytes_sent`` / ``bytes_received`` count whole frames, the hello and welcome included. Any thread
+    may send (frames are serialised by a lock, so a heartbeat thread can share the connection with the
+    thread doing the work); one thread at a time may receive. :meth:`close` may be called from any thread
+    and wakes a thread blocked in :meth:`recv` (it raises).
     """
 
     def __init__(self, sock: socket.socket, *, hello: Mapping[str, Any], peer: str) -> None:
@@ -131,10 +132,12 @@ class Connection:
         self.bytes_received = 0
         self._closed = False
         self._close_lock = threading.Lock()
+        self._send_lock = threading.Lock()
 
     def send(self, header: Mapping[str, Any], payload: bytes | bytearray | memoryview = b"") -> int:
-        n = send(self._sock, header, payload)
-        self.bytes_sent += n
+        with self._send_lock:
+            n = send(self._sock, header, payload)
+            self.bytes_sent += n
         return n
 
     def recv(self) -> tuple[dict[str, Any], bytes]:

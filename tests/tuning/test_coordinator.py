@@ -12,13 +12,14 @@ from deepspark import wire
 from deepspark.tuning.coordinator import Coordinator
 
 
-def _started(study: optuna.Study, n_trials: int) -> Coordinator:
+def _started(study: optuna.Study, n_trials: int, **clocks) -> Coordinator:
     coord = Coordinator(
         study,
         distributions={"x": optuna.distributions.FloatDistribution(0.0, 1.0)},
         fixed={},
         n_trials=n_trials,
         token="secret",
+        **clocks,
     )
     coord.start()
     return coord
@@ -151,3 +152,85 @@ def test_the_best_model_arrives_as_payload_bytes_and_workers_get_the_endpoint() 
     finally:
         coord.close()
     assert saved == [(0, {"model.safetensors": weights, "spec.json": b"{}"})]
+
+
+def _clocked(n_trials: int = 1, **clocks) -> Coordinator:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return _started(optuna.create_study(direction="maximize"), n_trials, **clocks)
+
+
+def test_a_silent_worker_loses_its_trial_after_the_heartbeat_timeout() -> None:
+    # A frozen host: the worker says hello, takes a trial, then sends nothing and never closes its socket.
+    coord = _clocked(heartbeat_timeout=1.0)
+    try:
+        frozen = _connect(coord, 0)
+        first = _ask(frozen, {"op": "next"})
+        assert 0 < first["heartbeat_s"] <= 0.25
+        began = time.monotonic()
+        _until(lambda: coord.counts()["running"] == 0)
+        assert 0.9 < time.monotonic() - began < 5.0
+        # Re-queued exactly as for a closed socket: the next worker runs it as its second attempt.
+        with _connect(coord, 1) as spare:
+            again = _ask(spare, {"op": "next"})
+            assert (again["trial"], again["attempt"]) == (first["trial"], 2)
+            _ask(spare, {"op": "done", "trial": again["trial"], "state": "complete", "value": 0.5})
+        _until(lambda: coord.finished)
+        frozen.close()
+    finally:
+        coord.close()
+    [record] = coord.records
+    assert record.attempts == 2 and record.value == 0.5
+
+
+def test_heartbeats_keep_a_long_trial_alive() -> None:
+    coord = _clocked(heartbeat_timeout=0.6)
+    try:
+        with _connect(coord, 0) as worker:
+            trial = _ask(worker, {"op": "next"})
+            for _ in range(12):  # 1.8 s of work, three heartbeat timeouts, with a beat every 0.15 s
+                worker.send({"op": "heartbeat", "trial": trial["trial"]})
+                time.sleep(0.15)
+            assert _ask(worker, {"op": "done", "trial": trial["trial"], "state": "complete", "value": 0.7})
+        _until(lambda: coord.finished)
+    finally:
+        coord.close()
+    [record] = coord.records
+    assert record.attempts == 1 and record.value == 0.7
+
+
+def test_a_trial_over_its_timeout_fails_is_not_retried_and_its_slot_is_cancelled() -> None:
+    cancelled: list[int | None] = []
+    coord = _clocked(n_trials=2, trial_timeout=0.5, heartbeat_timeout=None, cancel=cancelled.append)
+    try:
+        hung = _connect(coord, 0)
+        first = _ask(hung, {"op": "next"})
+        _until(lambda: coord.records)
+        [record] = coord.records
+        assert record.state.value == "fail" and record.error == "trial timed out after 0.5 s"
+        assert cancelled == [0]
+        with pytest.raises(ConnectionError):  # the hung worker's connection is closed
+            _ask(hung, {"op": "done", "trial": first["trial"], "state": "complete", "value": 1.0})
+        with _connect(coord, 1) as worker:
+            second = _ask(worker, {"op": "next"})
+            assert second["trial"] != first["trial"] and second["attempt"] == 1
+            _ask(worker, {"op": "done", "trial": second["trial"], "state": "complete", "value": 0.4})
+        _until(lambda: coord.finished)
+    finally:
+        coord.close()
+    assert [r.state.value for r in coord.records] == ["fail", "complete"]
+
+
+def test_the_study_deadline_interrupts_running_trials() -> None:
+    cancelled: list[int | None] = []
+    coord = _clocked(n_trials=3, timeout=0.5, cancel=cancelled.append)
+    try:
+        hung = _connect(coord, 0)
+        first = _ask(hung, {"op": "next"})
+        _until(lambda: coord.finished)
+        assert coord.stop_reason == "timeout" and cancelled == [None]
+        trial = coord.study.trials[first["trial"]]
+        assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["deepspark:interrupted"]
+        hung.close()
+    finally:
+        coord.close()
+    assert coord.records == []

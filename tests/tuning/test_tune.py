@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,93 @@ def test_resume_runs_only_what_is_missing(spark, tmp_path) -> None:
     resumed = [r for r in second.records if r.metrics.get("resumed")]
     assert sorted(r.number for r in resumed) == [3, 4]
     assert Path(run / "study.journal").is_file()
+
+
+def _hangs_in_trial_0(config, reporter):
+    if reporter.number == 0:
+        time.sleep(3600)
+    return {"accuracy": config["x"]}
+
+
+def test_a_hung_trial_fails_after_trial_timeout_and_the_study_goes_on(spark, tmp_path) -> None:
+    result = tune(
+        _hangs_in_trial_0,
+        space=X,
+        trials=4,
+        sampler="random",
+        pruner="none",
+        parallelism=2,
+        trial_timeout=2,
+        run_dir=tmp_path / "t",
+    )
+    assert result.counts() == {"complete": 3, "pruned": 0, "fail": 1}
+    [hung] = [r for r in result.records if r.state is TrialState.FAIL]
+    assert (hung.number, hung.error, hung.attempts) == (0, "trial timed out after 2 s", 1)
+    assert result.stop_reason is None
+
+
+def _always_hangs(config, reporter):
+    time.sleep(3600)
+
+
+def test_the_study_timeout_interrupts_hung_trials(spark, tmp_path) -> None:
+    started = time.monotonic()
+    result = tune(
+        _always_hangs, space=X, trials=4, sampler="random", pruner="none", timeout=5, run_dir=tmp_path / "d"
+    )
+    assert time.monotonic() - started < 30
+    assert result.stop_reason == "timeout"
+    assert result.records == ()  # the interrupted trials are queued for resume, not counted
+
+
+def _slow_reporting(config, reporter):
+    for step in range(3):  # 1.5 s per trial: twice the heartbeat timeout, with reports between beats
+        time.sleep(0.5)
+        reporter.report(step, config["x"])
+    return {"accuracy": config["x"]}
+
+
+def test_heartbeats_keep_trials_longer_than_the_heartbeat_timeout_alive(spark, tmp_path) -> None:
+    result = tune(
+        _slow_reporting,
+        space=X,
+        trials=2,
+        sampler="random",
+        pruner="none",
+        heartbeat_timeout=0.8,
+        run_dir=tmp_path / "h",
+    )
+    assert result.counts()["complete"] == 2
+    assert all(r.attempts == 1 for r in result.records)
+
+
+def _cannot_import(spec, slot, partition):
+    raise ModuleNotFoundError("No module named 'deepspark'")
+
+
+def test_every_slot_failing_the_same_way_stops_after_one_round_with_the_fix(
+    spark, tmp_path, monkeypatch, caplog
+) -> None:
+    from deepspark.errors import RunError
+    from deepspark.tuning import runner
+
+    monkeypatch.setattr(runner, "run_worker", _cannot_import)
+    with pytest.raises(RunError) as caught:
+        tune(_quadratic, space=X, trials=4, sampler="random", pruner="none", run_dir=tmp_path / "s")
+    message = str(caught.value)
+    assert "ModuleNotFoundError: No module named 'deepspark'" in message
+    assert "install deepspark on the executors" in message and "spark.pyspark.python" in message
+    assert len(message.splitlines()) == 1
+    assert "resubmitting (2)" not in caplog.text  # one round, not max_attempts per slot
+    assert not (tmp_path / "s").exists()  # a failed start leaves no run directory
+
+
+def test_cli_resume_of_a_python_objective_study_says_how_to_resume_it(spark, tmp_path, capsys) -> None:
+    from deepspark.cli import main
+
+    run = tmp_path / "py"
+    tune(_quadratic, space=X, trials=1, sampler="random", pruner="none", run_dir=run)
+    assert main(["tune", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deepspark: error: resume:") and "\n" not in err
+    assert f"deepspark.tune(_quadratic, run_dir='{run}', resume=True)" in err

@@ -4,6 +4,11 @@ Optuna owns sampling, pruning and storage; this class owns *execution*: which tr
 worker, what happens when a worker disappears (the trial runs again: infrastructure failure) and when
 an objective raises (the trial FAILs with its traceback: not retried). All Optuna calls happen under
 one lock, so samplers see a consistent study.
+
+A worker is lost when its socket closes, or when it has been silent (no frame, heartbeats included)
+for ``heartbeat_timeout`` seconds while it holds a trial: a frozen host never closes its socket. A
+watchdog thread also enforces ``trial_timeout`` (the trial FAILs, its slot's Spark job is cancelled)
+and the study's ``timeout`` (running trials are interrupted, as on Ctrl-C).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import optuna
 from deepspark import wire
 from deepspark.tuning.trial import TrialRecord, TrialState
 
-__all__ = ["Coordinator", "Endpoint", "TrialEvent"]
+__all__ = ["DEFAULT_HEARTBEAT_TIMEOUT", "Coordinator", "Endpoint", "TrialEvent"]
 
 _log = logging.getLogger(__name__)
 
@@ -34,6 +39,12 @@ CONFIG_ATTR = "deepspark:config"
 GRID_ATTR = "deepspark:grid_point"
 #: What a re-run of an interrupted trial inherits from it.
 CARRIED_ATTRS = (DEFAULT_ATTR, OVERRIDES_ATTR, GRID_ATTR)
+#: Seconds a worker holding a trial may stay silent before the trial is re-queued. Spark declares an
+#: executor lost after its own 60 s heartbeat timeout; ours is the same order, for the same reason
+#: (a long garbage-collection pause must not look like a death).
+DEFAULT_HEARTBEAT_TIMEOUT = 60.0
+#: Workers send a heartbeat every ``min(HEARTBEAT_EVERY, heartbeat_timeout / 4)`` seconds.
+HEARTBEAT_EVERY = 5.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,7 @@ class _Running:
     slot: int
     conn_id: int = 0
     started: float = field(default_factory=time.perf_counter)
+    began: float = field(default_factory=time.monotonic)  # this attempt's start, for the clocks
     intermediate: dict[int, float] = field(default_factory=dict)
 
 
@@ -71,6 +83,14 @@ class Coordinator:
     ``on_model`` is called with a trial record and its model files when a trial becomes the best so far.
     Workers connect with :func:`deepspark.wire.connect` to :attr:`endpoint` (known after :meth:`start`);
     ``token`` defaults to a fresh random one.
+
+    Clocks (seconds; None turns one off): ``timeout`` bounds the study (then every running trial is
+    interrupted and queued for ``--resume``, as on Ctrl-C); ``trial_timeout`` bounds one attempt of a
+    trial (it FAILs with ``"trial timed out after N s"`` and is not retried: a trial that hangs once
+    would hang again, and retrying would triple the time lost); ``heartbeat_timeout`` bounds a worker's
+    silence while it holds a trial (the trial is re-queued, as when its socket closes). ``cancel(slot)``
+    cancels that slot's Spark job (``cancel(None)``: every slot's), so a hung objective stops using
+    its cores; without it only the connection is closed.
     """
 
     def __init__(
@@ -87,8 +107,20 @@ class Coordinator:
         on_event: Callable[[TrialEvent], None] | None = None,
         on_model: Callable[[TrialRecord, Mapping[str, bytes]], None] | None = None,
         timeout: float | None = None,
+        trial_timeout: float | None = None,
+        heartbeat_timeout: float | None = DEFAULT_HEARTBEAT_TIMEOUT,
+        cancel: Callable[[int | None], None] | None = None,
     ) -> None:
         self._deadline = time.monotonic() + timeout if timeout is not None else None
+        self._trial_timeout = trial_timeout
+        self._heartbeat_timeout = heartbeat_timeout
+        self._cancel = cancel
+        clocks = [c / 4 for c in (timeout, trial_timeout, heartbeat_timeout) if c is not None]
+        self._tick = max(0.05, min([1.0, *clocks]))
+        self._heard: dict[int, float] = {}  # conn_id -> when its last frame arrived (monotonic)
+        self._conns: dict[int, wire.Connection] = {}
+        self._closing = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="deepspark-watchdog", daemon=True)
         self.study = study
         self._distributions = dict(distributions)
         self._fixed = dict(fixed)
@@ -129,9 +161,13 @@ class Coordinator:
 
     def start(self) -> None:
         self._server.start()
+        self._watchdog.start()
 
     def close(self) -> None:
+        self._closing.set()
         self._server.close()
+        if self._watchdog.ident is not None and self._watchdog is not threading.current_thread():
+            self._watchdog.join(5.0)
 
     def stop(self, reason: str) -> None:
         """Hand out no more trials; running ones may finish."""
@@ -159,6 +195,12 @@ class Coordinator:
                 out[r.state.value] += 1
             out["running"] = len(self._running)
             return out
+
+    @property
+    def connections(self) -> int:
+        """How many workers have reached the coordinator so far (verified connections)."""
+        with self._lock:
+            return self._connections
 
     @property
     def best_value(self) -> float | None:
@@ -193,12 +235,16 @@ class Coordinator:
         with self._lock:
             self._connections += 1
             conn_id = self._connections
+            self._conns[conn_id] = conn
         try:
             slot, worker = int(conn.hello.get("slot", -1)), str(conn.hello.get("worker", "?"))
             self._supersede(slot, conn_id)
             while True:
                 msg, payload = conn.recv()
+                self._heard[conn_id] = time.monotonic()
                 op = msg.get("op")
+                if op == "heartbeat":
+                    continue  # never answered: the worker's other frames expect their own replies
                 if op == "next":
                     conn.send(self._next(slot, worker, conn_id, conn))
                 elif op == "report":
@@ -223,6 +269,9 @@ class Coordinator:
         except (OSError, ValueError, KeyError) as exc:
             _log.debug("worker %s disconnected: %s", worker, exc)
         finally:
+            with self._lock:
+                self._conns.pop(conn_id, None)
+                self._heard.pop(conn_id, None)
             self.worker_lost(slot, reason=f"worker {worker} disconnected", conn_id=conn_id)
 
     def _supersede(self, slot: int, conn_id: int) -> None:
@@ -258,6 +307,7 @@ class Coordinator:
                 run = self._retry.popleft()
                 run.attempt += 1
                 run.worker, run.slot, run.conn_id, run.started = worker, slot, conn_id, time.perf_counter()
+                run.began = time.monotonic()
                 run.trial.set_user_attr(ATTEMPTS_ATTR, run.attempt)
                 kind = "retry"
             elif self._to_start > 0:
@@ -275,7 +325,10 @@ class Coordinator:
             self._running[run.trial.number] = run
             self._by_slot.setdefault(slot, set()).add(run.trial.number)
         self._emit(TrialEvent(kind, run.trial.number, worker=worker))
-        return {"trial": run.trial.number, "params": run.params, "attempt": run.attempt}
+        task: dict[str, Any] = {"trial": run.trial.number, "params": run.params, "attempt": run.attempt}
+        if self._heartbeat_timeout is not None:
+            task["heartbeat_s"] = min(HEARTBEAT_EVERY, self._heartbeat_timeout / 4)
+        return task
 
     def _report(self, number: int, step: int, value: float, conn_id: int, *, final: bool) -> bool:
         with self._lock:
@@ -373,19 +426,97 @@ class Coordinator:
                     )
                     self._retry.append(run)
                 else:
-                    record = TrialRecord(
-                        number=run.trial.number,
-                        state=TrialState.FAIL,
-                        params=run.params,
-                        attempts=run.attempt,
-                        worker=run.worker,
-                        error=f"infrastructure: {reason}; gave up after {run.attempt} attempts",
-                    )
-                    run.trial.set_user_attr("error", record.error)
-                    self.study.tell(run.trial, state=optuna.trial.TrialState.FAIL)
-                    self.records.append(record)
-                    self._emit(TrialEvent("finish", run.trial.number, record=record))
+                    self._fail(run, f"infrastructure: {reason}; gave up after {run.attempt} attempts")
             self._changed.notify_all()
+
+    def _fail(self, run: _Running, error: str) -> TrialRecord:
+        """Record ``run`` (already out of ``_running``) as FAIL with ``error``; call under the lock."""
+        record = TrialRecord(
+            number=run.trial.number,
+            state=TrialState.FAIL,
+            params=run.params,
+            attempts=run.attempt,
+            worker=run.worker,
+            error=error,
+            is_default=bool(run.trial.user_attrs.get(DEFAULT_ATTR)),
+            intermediate=dict(run.intermediate),
+        )
+        run.trial.set_user_attr("error", record.error)
+        self.study.tell(run.trial, state=optuna.trial.TrialState.FAIL)
+        self.records.append(record)
+        self._emit(TrialEvent("finish", run.trial.number, record=record))
+        return record
+
+    # ------------------------------------------------------------------------------- clocks
+    def _watch(self) -> None:
+        """The watchdog: every tick, apply the study deadline, the trial timeout and the heartbeat timeout."""
+        while not self._closing.wait(self._tick):
+            try:
+                self.check_clocks()
+            except Exception:  # never let the watchdog die: it is what un-hangs a study
+                _log.exception("the coordinator's watchdog failed")
+
+    def check_clocks(self, now: float | None = None) -> None:
+        """Apply the three clocks once (the watchdog calls this every tick)."""
+        now = time.monotonic() if now is None else now
+        timed_out: list[_Running] = []
+        silent: list[tuple[_Running, float]] = []
+        interrupted: list[int] = []
+        with self._lock:
+            deadline_hit = (
+                self._deadline is not None
+                and now > self._deadline
+                and self.stop_reason is None
+                and not self.finished
+            )
+            if deadline_hit:
+                self.stop_reason = "timeout"
+                interrupted = sorted({run.conn_id for run in self._running.values()})
+            for run in list(self._running.values()):
+                quiet = now - max(run.began, self._heard.get(run.conn_id, run.began))
+                if self._trial_timeout is not None and now - run.began > self._trial_timeout:
+                    del self._running[run.trial.number]
+                    self._by_slot.get(run.slot, set()).discard(run.trial.number)
+                    timed_out.append(run)
+                    self._failures += 1
+                    self._fail(run, f"trial timed out after {self._trial_timeout:g} s")
+                elif self._heartbeat_timeout is not None and quiet > self._heartbeat_timeout:
+                    silent.append((run, quiet))
+            if self._max_failures is not None and self._failures >= self._max_failures and timed_out:
+                self.stop_reason = self.stop_reason or (
+                    f"{self._failures} failed trial(s) reached --max-failures {self._max_failures}"
+                )
+            self._changed.notify_all()
+        for run in timed_out:
+            _log.warning(
+                "trial %d: timed out after %g s; cancelling its task", run.trial.number, now - run.began
+            )
+            self._hang_up(run.conn_id, cancel_slot=run.slot)
+        for run, quiet in silent:
+            reason = f"worker {run.worker} silent for {quiet:.0f} s (heartbeat_timeout {self._heartbeat_timeout:g} s)"
+            self.worker_lost(run.slot, reason=reason, conn_id=run.conn_id)
+            self._hang_up(run.conn_id)
+        if deadline_hit:
+            _log.warning("the study's timeout has passed: interrupting %d running trial(s)", len(interrupted))
+            if self._cancel is not None:
+                try:
+                    self._cancel(None)
+                except Exception:
+                    _log.exception("could not cancel the study's Spark jobs")
+            for conn_id in interrupted:
+                self._hang_up(conn_id)
+
+    def _hang_up(self, conn_id: int, *, cancel_slot: int | None = None) -> None:
+        """Close a worker's connection (its handler then ends) and, for a hung trial, cancel its slot's job."""
+        if cancel_slot is not None and self._cancel is not None:
+            try:
+                self._cancel(cancel_slot)
+            except Exception:
+                _log.exception("could not cancel the Spark job of slot %d", cancel_slot)
+        with self._lock:
+            conn = self._conns.get(conn_id)
+        if conn is not None:
+            conn.close()
 
     # ------------------------------------------------------------------------------- helpers
     def _better(self, value: float | None, number: int) -> bool:

@@ -12,8 +12,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
+import secrets
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -24,11 +27,12 @@ from typing import Any
 import optuna
 
 from deepspark import rundir
-from deepspark.errors import ConfigError
-from deepspark.slots import run_slots, short_error
+from deepspark.errors import ConfigError, RunError
+from deepspark.slots import root_cause, run_slots, short_error
 from deepspark.tuning.coordinator import (
     CARRIED_ATTRS,
     DEFAULT_ATTR,
+    DEFAULT_HEARTBEAT_TIMEOUT,
     GRID_ATTR,
     INTERRUPTED_ATTR,
     OVERRIDES_ATTR,
@@ -79,6 +83,19 @@ def _check_int(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     return value
+
+
+def _check_seconds(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(f"{name}: expected a positive number of seconds (or None), got {value!r}")
+    return float(value)
 
 
 def _sampler(name: str, space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
@@ -164,6 +181,8 @@ def tune(
     master: str | None = None,
     seed: int = 0,
     timeout: float | None = None,
+    trial_timeout: float | None = None,
+    heartbeat_timeout: float | None = DEFAULT_HEARTBEAT_TIMEOUT,
     on_event: Callable[[TrialEvent], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
 ) -> StudyResult:
@@ -176,6 +195,12 @@ def tune(
     ``run_dir`` holds the Optuna journal (open it with optuna-dashboard), ``trials.csv``, ``best.json`` and
     the best model. ``resume=True`` continues a study after a crash or Ctrl-C: finished trials are kept,
     interrupted ones run again. Every argument is checked before a Spark job starts.
+
+    Clocks, in seconds: ``timeout`` bounds the whole study (at the deadline running trials are
+    interrupted and queued for ``resume``, as on Ctrl-C; ``stop_reason`` is ``"timeout"``);
+    ``trial_timeout`` bounds each trial (it FAILs with ``"trial timed out after N s"``, is not retried,
+    and its Spark task is cancelled); a worker silent for ``heartbeat_timeout`` while it holds a trial
+    (a frozen host) is taken for dead and the trial runs again elsewhere (None turns this off).
     """
     from deepspark.tuning.objectives import TorchObjective
 
@@ -188,6 +213,13 @@ def tune(
         trials = trials if trials is not None else saved.get("trials")
         sampler, pruner = saved.get("sampler", sampler), saved.get("pruner", pruner)
         metric, direction = saved.get("metric", metric), saved.get("direction", direction)
+        kind = saved.get("objective", "builtin")
+        if objective is None and kind != "builtin":
+            raise ConfigError(
+                f"resume: {run_path} is a study of the Python objective {kind!r}, which the run directory "
+                f"cannot hold; resume it from Python: deepspark.tune({kind}, run_dir={str(run_path)!r}, "
+                "resume=True) (`deepspark tune --resume` resumes studies of the built-in objective only)"
+            )
         if objective is None:
             dataset = saved.get("dataset", dataset)
             data_dir = data_dir if data_dir is not None else saved.get("data_dir")
@@ -199,6 +231,9 @@ def tune(
     trials = _check_int("trials", 24 if trials is None else trials)
     threads_per_trial = _check_int("threads_per_trial", threads_per_trial)
     _check_int("max_attempts", max_attempts)
+    timeout = _check_seconds("timeout", timeout)
+    trial_timeout = _check_seconds("trial_timeout", trial_timeout)
+    heartbeat_timeout = _check_seconds("heartbeat_timeout", heartbeat_timeout)
     if parallelism is not None:
         _check_int("parallelism", parallelism)
     if max_failures is not None:
@@ -250,91 +285,104 @@ def tune(
                     "widen the space to include it, or pass default_config=False (--no-default)"
                 )
 
-    # ------------------------------------------------------------------ the study, in the run directory
-    run_path.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        config = {
-            "space": search.to_dict(),
-            "trials": trials,
-            "sampler": sampler,
-            "pruner": pruner,
-            "metric": metric,
-            "direction": direction,
-            "seed": seed,
-            "threads_per_trial": threads_per_trial,
-            "objective": "builtin" if builtin is not None else getattr(objective, "__qualname__", "user"),
-            "dataset": dataset,
-            "data_dir": str(Path(data_dir).expanduser().absolute()) if data_dir is not None else None,
-            "model": model if builtin is not None else None,
-            "limit_train": limit_train,
-            "limit_test": limit_test,
-        }
-        rundir.write_config(run_path, config)
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
+    created = not run_path.exists() or not any(run_path.iterdir())
+    study: optuna.Study | None = None
+    try:
+        # ------------------------------------------------------------------ the study, in the run directory
+        run_path.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            config = {
+                "space": search.to_dict(),
+                "trials": trials,
+                "sampler": sampler,
+                "pruner": pruner,
+                "metric": metric,
+                "direction": direction,
+                "seed": seed,
+                "threads_per_trial": threads_per_trial,
+                "objective": "builtin" if builtin is not None else getattr(objective, "__qualname__", "user"),
+                "dataset": dataset,
+                "data_dir": str(Path(data_dir).expanduser().absolute()) if data_dir is not None else None,
+                "model": model if builtin is not None else None,
+                "limit_train": limit_train,
+                "limit_test": limit_test,
+            }
+            rundir.write_config(run_path, config)
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = JournalStorage(JournalFileBackend(str(run_path / JOURNAL)))
-        study = optuna.create_study(
-            study_name=STUDY_NAME,
-            storage=storage,
-            load_if_exists=True,
-            direction=optuna.study.StudyDirection.MAXIMIZE
-            if direction == "maximize"
-            else optuna.study.StudyDirection.MINIMIZE,
-            sampler=_sampler(sampler, search, seed),
-            pruner=_pruner(pruner),
-        )
-    study_id = storage.get_study_id_from_name(STUDY_NAME)
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        # Running when the driver died: keep nothing of it, run its configuration again. The storage we
-        # opened is how a trial nobody holds a live ``optuna.Trial`` for gets its attribute.
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-        storage.set_trial_user_attr(trial_id, INTERRUPTED_ATTR, True)
-        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"deepspark:rerun_of": t.number, **_carried(t.user_attrs)})
-    finished = len(records_from_study(study))
-    if default_params is not None and not study.trials:
-        study.enqueue_trial(
-            default_params, user_attrs={DEFAULT_ATTR: True, OVERRIDES_ATTR: default_overrides}
-        )
-    if sampler == "grid":
-        # `trials` grid points, each once; the default configuration (and re-runs of interrupted
-        # trials) come on top: everything still to run is a waiting trial.
-        _plan_grid(study, search, points=trials, seed=seed)
-        to_run = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
-    else:
-        to_run = max(0, trials - finished)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = JournalStorage(JournalFileBackend(str(run_path / JOURNAL)))
+            study = optuna.create_study(
+                study_name=STUDY_NAME,
+                storage=storage,
+                load_if_exists=True,
+                direction=optuna.study.StudyDirection.MAXIMIZE
+                if direction == "maximize"
+                else optuna.study.StudyDirection.MINIMIZE,
+                sampler=_sampler(sampler, search, seed),
+                pruner=_pruner(pruner),
+            )
+        study_id = storage.get_study_id_from_name(STUDY_NAME)
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            # Running when the driver died: keep nothing of it, run its configuration again. The storage we
+            # opened is how a trial nobody holds a live ``optuna.Trial`` for gets its attribute.
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            storage.set_trial_user_attr(trial_id, INTERRUPTED_ATTR, True)
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            study.enqueue_trial(
+                t.params, user_attrs={"deepspark:rerun_of": t.number, **_carried(t.user_attrs)}
+            )
+        finished = len(records_from_study(study))
+        if default_params is not None and not study.trials:
+            study.enqueue_trial(
+                default_params, user_attrs={DEFAULT_ATTR: True, OVERRIDES_ATTR: default_overrides}
+            )
+        if sampler == "grid":
+            # `trials` grid points, each once; the default configuration (and re-runs of interrupted
+            # trials) come on top: everything still to run is a waiting trial.
+            _plan_grid(study, search, points=trials, seed=seed)
+            to_run = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+        else:
+            to_run = max(0, trials - finished)
 
-    started = time.perf_counter()
-    stop_reason: str | None = None
-    used_parallelism = 0
-    if to_run:
-        stop_reason, used_parallelism = _execute(
-            study,
-            objective,
-            search=search,
-            distributions=distributions,
-            to_run=to_run,
-            run_path=run_path,
-            parallelism=parallelism,
-            threads=threads_per_trial,
-            max_failures=max_failures,
-            max_attempts=max_attempts,
-            metric=metric,
-            data=data,
-            builtin=builtin,
-            dataset=dataset,
-            data_dir=data_dir,
-            limit_train=limit_train,
-            limit_test=limit_test,
-            master=master,
-            on_event=on_event,
-            on_start=on_start,
-            timeout=timeout,
-        )
+        started = time.perf_counter()
+        stop_reason: str | None = None
+        used_parallelism = 0
+        if to_run:
+            stop_reason, used_parallelism = _execute(
+                study,
+                objective,
+                search=search,
+                distributions=distributions,
+                to_run=to_run,
+                run_path=run_path,
+                parallelism=parallelism,
+                threads=threads_per_trial,
+                max_failures=max_failures,
+                max_attempts=max_attempts,
+                metric=metric,
+                data=data,
+                builtin=builtin,
+                dataset=dataset,
+                data_dir=data_dir,
+                limit_train=limit_train,
+                limit_test=limit_test,
+                master=master,
+                on_event=on_event,
+                on_start=on_start,
+                timeout=timeout,
+                trial_timeout=trial_timeout,
+                heartbeat_timeout=heartbeat_timeout,
+            )
+    except BaseException:
+        # A start that failed (no Spark, a bad master or dataset, executors that cannot run the study,
+        # Ctrl-C while the JVM starts) leaves nothing behind, so the corrected command runs as is.
+        if created and not resume and (study is None or not records_from_study(study)):
+            shutil.rmtree(run_path, ignore_errors=True)
+        raise
     wall = time.perf_counter() - started
     records = records_from_study(study)
     maximize = direction == "maximize"
@@ -411,6 +459,8 @@ def _execute(
     on_event: Callable[[TrialEvent], None] | None,
     on_start: Callable[[int, int], None] | None,
     timeout: float | None,
+    trial_timeout: float | None,
+    heartbeat_timeout: float | None,
 ) -> tuple[str | None, int]:
     from deepspark.spark import session, task_cpus
 
@@ -463,6 +513,13 @@ def _execute(
         on_start(to_run, width)
 
     broadcast = sc.broadcast(data) if data is not None else None
+    # Job tags (thread-local, like job groups) name the study's jobs and each slot's, so one slot's job
+    # (a hung trial) or all of them (the study's deadline) can be cancelled.
+    study_tag = f"deepspark-tune-{secrets.token_hex(4)}"
+
+    def cancel(slot: int | None) -> None:
+        sc.cancelJobsWithTag(study_tag if slot is None else f"{study_tag}-slot-{slot}")
+
     coordinator = Coordinator(
         study,
         distributions=distributions,
@@ -474,6 +531,9 @@ def _execute(
         on_event=on_event,
         on_model=functools.partial(_save_model, run_path),
         timeout=timeout,
+        trial_timeout=trial_timeout,
+        heartbeat_timeout=heartbeat_timeout,
+        cancel=cancel,
     )
     try:
         coordinator.start()
@@ -488,8 +548,18 @@ def _execute(
             threads=effective_threads,
         )
         body = functools.partial(run_worker, spec)
+        systematic = _SystematicFailure(width)
+
+        def on_lost(slot: int, exc: BaseException) -> None:
+            coordinator.worker_lost(slot, reason=short_error(exc))
+            # A worker that reached the driver shows the executors can run the study: later failures
+            # are the cluster's (lost executors), for the retries to absorb.
+            if coordinator.connections == 0 and systematic.failed(slot, exc):
+                coordinator.stop(f"every trial worker failed: {systematic.cause}")
 
         def submit(slot: int) -> None:
+            sc.addJobTag(study_tag)
+            sc.addJobTag(f"{study_tag}-slot-{slot}")
             sc.parallelize([slot], 1).mapPartitions(functools.partial(body, slot)).collect()
 
         run_slots(
@@ -497,7 +567,7 @@ def _execute(
             width=width,
             submit=submit,
             keep_going=lambda: not coordinator.finished and coordinator.stop_reason is None,
-            on_lost=lambda slot, exc: coordinator.worker_lost(slot, reason=short_error(exc)),
+            on_lost=on_lost,
             stop=coordinator.stop,
             max_attempts=max_attempts,
             group_prefix="deepspark-tune",
@@ -512,5 +582,41 @@ def _execute(
         coordinator.close()
         if broadcast is not None:
             broadcast.destroy()
+    if systematic.cause is not None:
+        raise RunError(systematic.message())
     reason = coordinator.stop_reason
     return (None if reason == "done" else reason), width
+
+
+class _SystematicFailure:
+    """Every slot's first job failed with the same error before any worker reached the driver.
+
+    Resubmitting cannot help then (the executors cannot import deepspark, say): the study stops after
+    that first round instead of after ``max_attempts`` rounds of the same traceback.
+    """
+
+    def __init__(self, width: int) -> None:
+        self._width = width
+        self._lock = threading.Lock()
+        self._causes: dict[int, str] = {}
+        self.cause: str | None = None
+
+    def failed(self, slot: int, exc: BaseException) -> bool:
+        with self._lock:
+            self._causes.setdefault(slot, root_cause(exc))
+            causes = set(self._causes.values())
+            if len(self._causes) == self._width and len(causes) == 1:
+                self.cause = causes.pop()
+            return self.cause is not None
+
+    def message(self) -> str:
+        fix = "see the executors' logs for the cause"
+        if self.cause is not None and ("ModuleNotFoundError" in self.cause or "ImportError" in self.cause):
+            fix = (
+                "install deepspark on the executors (with its dependencies), or set spark.pyspark.python "
+                "to a Python that has it"
+            )
+        return (
+            f"every trial worker failed the same way before reaching the driver ({self.cause}); "
+            f"no trial ran. Fix: {fix}"
+        )
