@@ -59,3 +59,41 @@ def test_a_bad_master_leaves_no_run_directory_and_the_corrected_command_runs(
     assert not run.exists()
     result = tune(lambda c, r: c["x"], space=space, trials=1, sampler="random", run_dir=run)
     assert result.counts()["complete"] == 1
+
+
+class _Resource:
+    def __init__(self, addresses: list[str]) -> None:
+        self.addresses = addresses
+
+
+class _Context:
+    def __init__(self, gpus: list[str] | None) -> None:
+        self._resources = {"gpu": _Resource(gpus)} if gpus is not None else {}
+
+    def resources(self) -> dict[str, _Resource]:
+        return self._resources
+
+
+def test_task_device_follows_spark_gpu_assignment_and_never_falls_back_silently(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    from deepspark.errors import ConfigError
+    from deepspark.spark import task_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert task_device("auto", _Context(["1"])) == torch.device("cpu")
+    assert task_device("cpu", _Context(["1"])) == torch.device("cpu")
+    assert task_device("auto", _Context(None)) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="cannot use GPU 1: CUDA is not available"):
+        task_device("cuda", _Context(["1"]))
+    with pytest.raises(ConfigError, match="assigned this task no GPU"):
+        task_device("cuda", _Context(None))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert task_device("auto", _Context(["1"])) == torch.device("cuda:1")
+    with pytest.raises(ConfigError, match="CUDA sees 2 device"):
+        task_device("cuda", _Context(["5"]))
+    with pytest.raises(ConfigError, match="device: expected one of"):
+        task_device("gpu", _Context(None))

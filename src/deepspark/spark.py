@@ -19,7 +19,7 @@ from deepspark.errors import ConfigError
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-__all__ = ["check_master", "limit_threads", "session", "task_cpus", "total_slots"]
+__all__ = ["DEVICES", "check_master", "limit_threads", "session", "task_cpus", "task_device", "total_slots"]
 
 _log = logging.getLogger(__name__)
 
@@ -157,3 +157,41 @@ def limit_threads(threads: int) -> None:
     except RuntimeError:
         # set_num_interop_threads may only be called once, before any inter-op work started.
         pass
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def task_device(requested: str = "auto", context: Any = None) -> Any:
+    """The torch device a Spark task should use: the GPU Spark assigned it, else the CPU.
+
+    Spark assigns GPUs through its resource scheduling (``spark.task.resource.gpu.amount`` and a
+    discovery script on the workers); the task finds the address in ``TaskContext.resources()``.
+    ``auto`` uses that GPU when CUDA can, the CPU otherwise; ``cuda`` insists (an assigned GPU that CUDA
+    cannot use, or none assigned, is an error naming why: never a silent fall back); ``cpu`` ignores GPUs.
+    """
+    import torch
+
+    if requested not in DEVICES:
+        raise ConfigError(f"device: expected one of {list(DEVICES)}, got {requested!r}")
+    if requested == "cpu":
+        return torch.device("cpu")
+    if context is None:
+        from pyspark import TaskContext
+
+        context = TaskContext.get()
+    gpus = context.resources().get("gpu") if context is not None else None
+    addresses = list(gpus.addresses) if gpus is not None else []
+    if addresses and torch.cuda.is_available():
+        index = int(addresses[0])
+        if index < torch.cuda.device_count():
+            return torch.device(f"cuda:{index}")
+        why = f"CUDA sees {torch.cuda.device_count()} device(s)"
+    elif addresses:
+        why = "CUDA is not available to torch in this Python worker"
+    else:
+        why = "Spark assigned this task no GPU (set spark.task.resource.gpu.amount)"
+    if requested == "cuda":
+        where = f"GPU {addresses[0]}" if addresses else "a GPU"
+        raise ConfigError(f"device 'cuda': cannot use {where}: {why}; use --device auto or cpu")
+    return torch.device("cpu")

@@ -39,6 +39,13 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--staleness", type=int, default=None, help="async: most pushes a worker may run ahead (default 2)"
     )
+    p.add_argument(
+        "--device",
+        default=None,
+        choices=["auto", "cpu", "cuda"],
+        help="auto: the GPU Spark assigned each task (spark.task.resource.gpu.amount) when CUDA can use it, "
+        "else CPU; cuda: an unusable GPU is an error",
+    )
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="learning rate")
     p.add_argument("--batch-size", type=int, default=None, help="per worker")
@@ -117,6 +124,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 ("--workers", args.workers),
                 ("--threads", args.threads),
                 ("--staleness", args.staleness),
+                ("--device", args.device),
                 *((f"--{k}", v) for k, v in {**config, **average}.items()),
             )
             if value is not None
@@ -146,6 +154,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         }
         if args.staleness is not None:
             options["staleness"] = args.staleness
+        if args.device is not None:
+            options["device"] = args.device
     progress = _Progress(console)
     try:
         result = fit(
@@ -178,6 +188,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"time: {parts}")
     if result.bytes_per_epoch:
         print(f"communicated: {result.bytes_per_epoch / 1e6:.1f} MB per epoch")
+    if result.devices:
+        print("devices: " + ", ".join(f"worker {k}: {v}" for k, v in sorted(result.devices.items())))
     print(f"model: {result.model_dir}" + (f" (and {output})" if output else ""))
     from deepspark.reporting import write_run_report  # the report layer sits above training: CLI only
 

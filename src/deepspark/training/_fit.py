@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from deepspark.errors import ConfigError, DeepsparkError, RunError
-from deepspark.slots import run_slots, short_error
+from deepspark.slots import root_cause, run_slots, short_error
+from deepspark.spark import DEVICES
 from deepspark.training.average import AverageSettings, RoundRecord, RoundServer, TaskSpec, average_task
 from deepspark.training.frame import KEY, FrameLayout, describe_frame
 from deepspark.training.loop import DataCursor, TrainConfig, evaluate
@@ -48,6 +49,9 @@ _log = logging.getLogger(__name__)
 _TASK_SCHEMA = "worker long, rounds long"
 
 STRATEGIES = ("local", "average", "allreduce", "async")
+# Errors a worker raises on purpose (a divergence, an unusable GPU, bad data): a resubmitted task would
+# raise them again, so they stop the run at once instead of being retried.
+_DETERMINISTIC = ("DivergenceError", "ConfigError", "DatasetError", "SpecError", "CheckpointError")
 CONFIG_FILE, HISTORY, CURVE, CHECKPOINT, MODEL = (
     "config.json",
     "history.csv",
@@ -90,6 +94,7 @@ class FitResult:
     wall_s: float
     time_split: Mapping[str, float] = field(default_factory=dict)
     bytes_per_epoch: float = 0.0
+    devices: Mapping[int, str] = field(default_factory=dict)  # worker -> device it trained on
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,7 @@ def fit(
     master: str | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     slow_worker: tuple[int, float] | None = None,
+    device: str = "auto",
 ) -> FitResult:
     """Train ``model`` on ``data`` with ``workers`` Spark tasks.
 
@@ -142,7 +148,9 @@ def fit(
     ``tau`` (steps between pushes, 1 unless given) and takes ``staleness`` (>= 1), the most pushes a
     worker may be ahead of the slowest live one. ``slow_worker=(index, factor)`` is a benchmark and test
     knob of ``average`` and ``async``: worker ``index`` sleeps ``factor - 1`` times its compute time after each batch of
-    steps, to show how the strategy copes with a straggler.
+    steps, to show how the strategy copes with a straggler. ``device``: ``auto`` trains each worker on
+    the GPU Spark assigned its task (``spark.task.resource.gpu.amount``) when CUDA can use it, else on
+    the CPU; ``cuda`` makes an unusable or missing GPU an error; ``cpu`` ignores GPUs.
     """
     started = time.perf_counter()
     if resume:
@@ -152,6 +160,7 @@ def fit(
         strategy, workers = saved["strategy"], saved["workers"]
         config, average = saved["config"], saved["average"]
         staleness = saved.get("staleness", staleness)
+        device = saved.get("device", device)
         model = saved["model"]
         threads_per_worker = saved["threads_per_worker"]
         if isinstance(data, str | os.PathLike) and saved.get("data") != str(data):
@@ -166,6 +175,7 @@ def fit(
     if strategy == "local" and workers != 1:
         raise ConfigError(f"workers: strategy 'local' runs in one process; expected 1, got {workers}")
     check_int("staleness", staleness, minimum=1)
+    check_choice("device", device, DEVICES)
     _check_slow_worker(slow_worker, strategy, workers)
     train_config = _train_config(config, strategy)
     settings = _settings(average, strategy)
@@ -217,6 +227,7 @@ def fit(
                     "config": train_config.to_dict(),
                     "average": asdict(settings),
                     "staleness": staleness,
+                    "device": device,
                     "model": model if isinstance(model, str) else load_spec(model).to_dict(),
                     "threads_per_worker": threads_per_worker,
                     "data": str(data) if isinstance(data, str | os.PathLike) else "DataFrame",
@@ -233,6 +244,7 @@ def fit(
             "checkpoint_seconds": checkpoint_seconds,
             "on_round": on_round,
             "started": started,
+            "device": device,
         }
         if strategy == "async":
             return _fit_async(
@@ -557,8 +569,9 @@ def _run_workers(
         group = f"{name}-{secrets.token_hex(4)}"
 
         def lost(worker: int, exc: BaseException) -> None:
-            if "DivergenceError" in str(exc):  # deterministic: running it again diverges again
-                server.fail(RunError(short_error(exc)))
+            cause = root_cause(exc)
+            if any(name in cause for name in _DETERMINISTIC):  # running it again fails again
+                server.fail(RunError(f"training worker {worker} failed: {cause}"))
             else:
                 server.worker_lost(worker)
 
@@ -611,6 +624,7 @@ def _task_spec(
     threads: int,
     endpoint: tuple[str, int, str],
     slow_worker: tuple[int, float] | None = None,
+    device: str = "auto",
 ) -> TaskSpec:
     """What every worker task needs, copied out of driver objects (``endpoint``: host, port, token)."""
     host, port, token = endpoint
@@ -627,6 +641,7 @@ def _task_spec(
         seed=config.seed,
         slow_worker=slow_worker[0] if slow_worker is not None else None,
         slow_factor=slow_worker[1] if slow_worker is not None else 1.0,
+        device=device,
     )
 
 
@@ -653,6 +668,7 @@ def _fit_average(
     checkpoint_seconds: float,
     on_round: Callable[[dict[str, Any]], None] | None,
     started: float,
+    device: str = "auto",
     slow_worker: tuple[int, float] | None = None,
 ) -> FitResult:
     from deepspark.models import build_model
@@ -705,13 +721,13 @@ def _fit_average(
     )
 
     def task_fn(host: str, port: int, token: str) -> Callable[[Any], Any]:
-        task = _task_spec(data, spec, config, total_steps, threads, (host, port, token), slow_worker)
+        task = _task_spec(data, spec, config, total_steps, threads, (host, port, token), slow_worker, device)
         return functools.partial(average_task, task)
 
     assert data.frame is not None
     _run_workers(spark, data.frame, workers, server, task_fn, "deepspark-average")
     driver_model.load_state_dict(dict(server.weights))
-    return _finish(run_path, driver_model, spec, data, config, history, started)
+    return _finish(run_path, driver_model, spec, data, config, history, started, devices=server.devices)
 
 
 # -------------------------------------------------------------------------------------------- async
@@ -731,6 +747,7 @@ def _fit_async(
     checkpoint_seconds: float,
     on_round: Callable[[dict[str, Any]], None] | None,
     started: float,
+    device: str = "auto",
 ) -> FitResult:
     from deepspark.models import build_model
     from deepspark.training.paramserver import AsyncRecord, ParameterServer, async_task
@@ -775,7 +792,7 @@ def _fit_async(
     )
 
     def task_fn(host: str, port: int, token: str) -> Callable[[Any], Any]:
-        task = _task_spec(data, spec, config, total_steps, threads, (host, port, token), slow_worker)
+        task = _task_spec(data, spec, config, total_steps, threads, (host, port, token), slow_worker, device)
         return functools.partial(async_task, task)
 
     assert data.frame is not None
@@ -788,7 +805,7 @@ def _fit_async(
         staleness,
     )
     driver_model.load_state_dict(server.weights)
-    return _finish(run_path, driver_model, spec, data, config, history, started)
+    return _finish(run_path, driver_model, spec, data, config, history, started, devices=server.devices)
 
 
 def _drain(rows: Any) -> list[Any]:
@@ -823,6 +840,7 @@ def _fit_allreduce(
     checkpoint_seconds: float,
     on_round: Callable[[dict[str, Any]], None] | None,
     started: float,
+    device: str = "auto",
     max_restarts: int = 3,
 ) -> FitResult:
     """Run the all-reduce gang (``training/allreduce.py``), restarting it from the last round on failure."""
@@ -902,6 +920,7 @@ def _fit_allreduce(
                 threads=threads,
                 seed=config.seed,
                 attempt=attempt,
+                device=device,
                 fail_at_step=int(fail_hook) if fail_hook and attempt == first_attempt else None,
             )
             job = frame.mapInArrow(
@@ -1077,6 +1096,8 @@ def _finish(
     config: TrainConfig,
     history: list[dict[str, Any]],
     started: float,
+    *,
+    devices: Mapping[int, str] | None = None,
 ) -> FitResult:
     from deepspark.models import save_checkpoint
 
@@ -1106,6 +1127,7 @@ def _finish(
         wall_s=wall,
         time_split=split,
         bytes_per_epoch=total_bytes / epochs if epochs else 0.0,
+        devices=dict(devices or {}),
     )
 
 

@@ -286,18 +286,13 @@ def allreduce_task(task: GangSpec, batches: Iterator[Any]) -> Iterator[Any]:
     from pyspark import BarrierTaskContext
 
     from deepspark import wire
-    from deepspark.spark import limit_threads
+    from deepspark.spark import limit_threads, task_device
 
     ctx = BarrierTaskContext.get()
     rank, world = ctx.partitionId(), task.workers
     limit_threads(max(task.threads, ctx.cpus()))
     inputs, targets = task.read(batches)
-    gpus = ctx.resources().get("gpu")
-    device = (
-        torch.device(f"cuda:{gpus.addresses[0]}")
-        if gpus is not None and gpus.addresses and torch.cuda.is_available()
-        else torch.device("cpu")
-    )
+    device = task_device(task.device, ctx)
     # Rendezvous: rank 0 picks a free port on its host; everyone learns it (and each other's rows).
     if rank == 0:
         with socket.socket() as probe:

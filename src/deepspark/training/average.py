@@ -125,6 +125,12 @@ class ServerState:
         self._lock = threading.Condition()
         self.finished = False
         self.error: BaseException | None = None
+        self.devices: dict[int, str] = {}  # worker -> the device it trains on (from its hello)
+
+    def note_device(self, worker: int, hello: Mapping[str, Any]) -> None:
+        device, gpus = str(hello.get("device", "cpu")), list(hello.get("gpus") or [])
+        with self._lock:
+            self.devices[worker] = device + (f" (Spark assigned GPU {','.join(gpus)})" if gpus else "")
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the run to finish or fail; return whether it has."""
@@ -245,6 +251,7 @@ class RoundServer(ServerState):
     def handle(self, conn: Any) -> None:
         """Serve one worker connection: round message → push → … → stop."""
         worker = int(conn.hello.get("worker", -1))
+        self.note_device(worker, conn.hello)
         if worker not in self._workers:
             _log.warning("a worker announced itself as %r; expected 0..%d", worker, len(self._workers) - 1)
             return
@@ -394,6 +401,7 @@ class TaskSpec:
     total_steps: int
     threads: int
     seed: int
+    device: str = "auto"  # auto | cpu | cuda: see deepspark.spark.task_device
     slow_worker: int | None = None  # benchmark knob: this worker sleeps (slow_factor - 1) x its compute
     slow_factor: float = 1.0
 
@@ -434,22 +442,30 @@ def load_worker(task: TaskSpec, batches: Iterator[Any]) -> LoadedWorker:
     from pyspark import TaskContext
 
     from deepspark.models import build_model
-    from deepspark.spark import limit_threads
+    from deepspark.spark import limit_threads, task_device
     from deepspark.training.loop import TrainConfig, cosine_rate
 
     ctx = TaskContext.get()
     worker = ctx.partitionId() if ctx is not None else 0
     limit_threads(max(task.threads, ctx.cpus() if ctx is not None else 1))
+    device = task_device(task.device, ctx)
+    gpus = ctx.resources().get("gpu") if ctx is not None else None
     inputs, targets = task.read(batches)
     config = TrainConfig.from_dict(task.config)
     return LoadedWorker(
         worker=worker,
-        inputs=inputs,
-        targets=targets,
+        inputs=inputs.to(device),
+        targets=targets.to(device),
         config=config,
-        model=build_model(task.spec),
+        model=build_model(task.spec).to(device),
         rate=cosine_rate(config.learning_rate, task.total_steps) if config.lr_schedule == "cosine" else None,
-        hello={"worker": worker, "rows": len(targets), "attempt": ctx.attemptNumber() if ctx else 0},
+        hello={
+            "worker": worker,
+            "rows": len(targets),
+            "attempt": ctx.attemptNumber() if ctx else 0,
+            "device": str(device),
+            "gpus": list(gpus.addresses) if gpus is not None else [],
+        },
     )
 
 

@@ -192,6 +192,7 @@ class ParameterServer(ServerState):
     def handle(self, conn: Any) -> None:
         """Serve one worker connection: pull → push → … → stop."""
         worker = int(conn.hello.get("worker", -1))
+        self.note_device(worker, conn.hello)
         if worker not in self._workers:
             _log.warning("a worker announced itself as %r; expected 0..%d", worker, len(self._workers) - 1)
             return
@@ -356,7 +357,7 @@ def async_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
             )
             task.slowdown(worker, time.perf_counter() - ready)
             computed = time.perf_counter()
-            delta = {k: v.detach() - pulled[k] for k, v in model.state_dict().items()}
+            delta = {k: v.detach().cpu() - pulled[k] for k, v in model.state_dict().items()}
             data = state_to_bytes(delta)
             conn.send(
                 {
