@@ -25,7 +25,6 @@ schema as a checkpoint's, which :func:`export_model` writes).
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import io
 import json
@@ -40,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from deepspark._compat import StrEnum
 from deepspark.errors import CheckpointError, ConfigError
 from deepspark.models.checkpoint import METADATA, SPEC, WEIGHTS
 from deepspark.models.preprocess import Preprocess
@@ -63,7 +63,7 @@ _TORCHSCRIPT_SUFFIXES = {".pt", ".pth", ".ts", ".torchscript", ".jit"}
 _ONNX_OPSET = 17
 
 
-class ModelFormat(enum.StrEnum):
+class ModelFormat(StrEnum):
     """The on-disk formats :func:`read_model` accepts."""
 
     CHECKPOINT = "checkpoint"
