@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from deepspark._optional import skip_unless
 from deepspark.errors import ConfigError, DeepsparkError
 from deepspark.training.average import AverageSettings, RoundRecord, RoundServer, TaskSpec, average_task
 from deepspark.training.frame import KEY, FrameLayout, describe_frame
@@ -950,7 +951,7 @@ def _time_split(history: list[dict[str, Any]], wall: float) -> dict[str, float]:
 
 
 def _plot(run_path: Path, history: list[dict[str, Any]]) -> None:
-    if not history:
+    if not history or not skip_unless("matplotlib", feature="the training curve (curve.png)"):
         return
     import matplotlib
 

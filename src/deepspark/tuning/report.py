@@ -15,6 +15,7 @@ from typing import Any
 
 import optuna
 
+from deepspark._optional import skip_unless
 from deepspark.tuning.trial import TrialRecord, TrialState
 
 __all__ = ["error_reduction", "records_from_study", "write_reports"]
@@ -168,7 +169,7 @@ def _plot(path: Path, records: Sequence[TrialRecord], *, metric: str) -> None:
         for r in records
         if r.state is TrialState.COMPLETE and r.value is not None and "learning_rate" in r.params
     ]
-    if not complete:
+    if not complete or not skip_unless("matplotlib", feature="the learning-rate plot (accuracy_vs_lr.png)"):
         return
     import matplotlib
 
