@@ -8,9 +8,10 @@ RUN_DIR ?= runs/mnist-$(PRESET)
 
 .PHONY: install data run test test-fast lint bench clean
 
-$(STAMP): pyproject.toml
+# Every extra, at the exact versions of constraints.txt (pyproject.toml only gives compatible ranges).
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,all]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -90,6 +90,10 @@ def _needs_pkg_resources_shim() -> bool:
 
 def import_hyperopt() -> types.ModuleType:
     """``import hyperopt``, with the pkg_resources shim in place if this setuptools lacks it."""
+    from deepspark._optional import available, require
+
+    if not available("hyperopt"):
+        require("hyperopt", feature="the hyperopt benchmark")  # raises, with the pip install line
     if not _needs_pkg_resources_shim():
         import hyperopt
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from deepspark import cli
+from deepspark.cli import _build_parser, main
 from deepspark.errors import ConfigError, RunError
 from deepspark.tuning import StudyResult
 
@@ -55,3 +61,134 @@ def test_tune_exit_codes(monkeypatch, capsys, tmp_path, outcome, code) -> None:
     if code in (1, 2):
         assert sum(line.startswith("deepspark: error:") for line in err.splitlines()) == 1
         assert "Traceback" not in err
+
+
+CHATTER = (
+    "Using Spark's default log4j profile",
+    "NativeCodeLoader",
+    "resolves to a loopback address",
+    "Set SPARK_LOCAL_IP",
+    "could not bind on port",
+    "Setting default log level",
+)
+
+
+def _deepspark(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "deepspark", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_python_m_deepspark_and_version(tmp_path: Path) -> None:
+    from deepspark import __version__
+
+    done = _deepspark("--version", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"deepspark {__version__} (pyspark ")
+    assert "torch " in done.stdout and "Python 3." in done.stdout
+
+
+def test_verbosity_conf_and_json_are_accepted_after_the_sub_command() -> None:
+    parser = _build_parser()
+    args = parser.parse_args(
+        ["-v", "tune", "mnist", "-v", "--conf", "spark.a=1", "--conf", "b=x=y", "--json"]
+    )
+    assert (args.verbose, args.sub_verbose, args.quiet, args.sub_quiet) == (1, 1, 0, 0)
+    assert args.conf == [("spark.a", "1"), ("b", "x=y")] and args.json
+    for command in (["train", "mnist"], ["predict", "--model", "m", "--input", "i", "--output", "o"]):
+        args = parser.parse_args([*command, "-q", "--conf", "spark.master=local[1]", "--json"])
+        assert args.sub_quiet == 1 and args.conf == [("spark.master", "local[1]")] and args.json
+    args = parser.parse_args(["data", "verify", "--data-dir", "d", "-vv"])
+    assert args.sub_verbose == 2 and args.name is None
+
+
+@pytest.mark.parametrize("bad", ["novalue", "=x"])
+def test_conf_must_be_key_equals_value(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["tune", "mnist", "--conf", bad])
+    assert exit_.value.code == 2
+    assert "expected key=value" in capsys.readouterr().err
+
+
+def _tiny_study(root: Path) -> list[str]:
+    from deepspark.data import write_idx
+    from deepspark.data.datasets import MNIST_FILES
+
+    rng = np.random.default_rng(0)
+    data = root / "data"
+    data.mkdir()
+    for i, name in enumerate(MNIST_FILES):  # train images, labels, test images, labels: 3 classes, 8x8
+        count = 40 if i < 2 else 20
+        labels = (np.arange(count) % 3).astype(np.uint8)
+        write_idx(data / name, labels if i % 2 else rng.integers(0, 256, (count, 8, 8), dtype=np.uint8))
+    (root / "space.yaml").write_text("learning_rate: {type: loguniform, low: 0.01, high: 0.1}\nepochs: 1\n")
+    return [
+        "tune",
+        "--data-dir",
+        "data",
+        "--model",
+        "mlp",
+        "--space",
+        "space.yaml",
+        "--trials",
+        "1",
+        "--no-default",
+    ]
+
+
+@pytest.mark.slow
+def test_tune_starts_quietly_takes_conf_and_prints_one_json_object(tmp_path: Path) -> None:
+    study = _tiny_study(tmp_path)
+    done = _deepspark(
+        *study, "--run-dir", "run", "--conf", "spark.master=local[1]", "--json", cwd=tmp_path,
+        env={"DEEPSPARK_SPARK_LOG_LEVEL": "WARN", "SPARK_CONF_DIR": str(tmp_path / "no-conf")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)  # stdout is the JSON object and nothing else
+    assert summary["counts"] == {"complete": 1, "pruned": 0, "fail": 0}
+    assert summary["parallelism"] == 1  # --conf spark.master=local[1] reached the session
+    assert summary["run_dir"] == "run" and summary["best"]["trial"] == 0
+    assert "leaderboard" in done.stderr  # the table for people went to stderr
+    assert not [line for line in done.stderr.splitlines() if any(c in line for c in CHATTER)], done.stderr
+
+
+@pytest.mark.slow
+def test_verbose_after_the_sub_command_restores_spark_logging_and_spark_defaults_set_the_master(
+    tmp_path: Path,
+) -> None:
+    study = _tiny_study(tmp_path)
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    (conf_dir / "spark-defaults.conf").write_text("spark.master   local[1]\n", encoding="utf-8")
+    done = _deepspark(*study, "--run-dir", "run", "-v", cwd=tmp_path, env={"SPARK_CONF_DIR": str(conf_dir)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Using Spark's default log4j profile" in done.stderr
+    ui = [line for line in done.stderr.splitlines() if "Spark UI: " in line]
+    assert len(ui) == 1 and "(master local[1])" in ui[0], done.stderr  # not local[*]
+    assert "leaderboard" in done.stdout
+
+
+def test_train_json_prints_one_object_on_stdout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _tiny_study(tmp_path)
+    argv = [
+        "train",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--model",
+        "mlp",
+        "--epochs",
+        "1",
+        "--threads",
+        "1",
+    ]
+    assert main([*argv, "--run-dir", str(tmp_path / "run"), "--json", "-q"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["run_dir"] == str(tmp_path / "run") and summary["epochs"] == pytest.approx(1.0)
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and Path(summary["model_dir"]).is_dir()
+    assert "test accuracy:" in captured.err

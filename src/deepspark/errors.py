@@ -12,6 +12,7 @@ __all__ = [
     "DatasetError",
     "DeepsparkError",
     "DivergenceError",
+    "MissingDependencyError",
     "RunError",
     "SpecError",
 ]
@@ -42,6 +43,14 @@ class SpecError(DeepsparkError, ValueError):
 
 class CheckpointError(DeepsparkError):
     """A checkpoint is missing, malformed, or in a format we refuse to load (pickle)."""
+
+
+class MissingDependencyError(DeepsparkError, ImportError):
+    """An optional dependency a feature needs is not installed; the message has the ``pip install`` line.
+
+    Raised when the feature is used, never at import time (Optuna's ``try_import`` habit), so a plain
+    ``pip install deepspark`` tunes and trains without the extras.
+    """
 
 
 class DivergenceError(DeepsparkError, FloatingPointError):

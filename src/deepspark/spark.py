@@ -1,17 +1,23 @@
 """Finding or starting a SparkSession, and matching threads to Spark task slots.
 
 deepspark never manages a cluster. It uses the active SparkSession when there is one, otherwise it
-builds one from ordinary Spark configuration (``--master``/``spark.master``), defaulting to the
-embedded ``local[*]``.
+builds one from ordinary Spark configuration (``--master``, ``--conf spark.master=...``, ``MASTER``,
+``spark.master`` in ``spark-defaults.conf``), defaulting to the embedded ``local[*]`` only when none of
+them names a master.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deepspark.errors import ConfigError
@@ -19,12 +25,110 @@ from deepspark.errors import ConfigError
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-__all__ = ["DEVICES", "check_master", "limit_threads", "session", "task_cpus", "task_device", "total_slots"]
+__all__ = [
+    "DEVICES",
+    "check_master",
+    "configured",
+    "environment_conf",
+    "limit_threads",
+    "quiet_log_options",
+    "session",
+    "task_cpus",
+    "task_device",
+    "total_slots",
+]
 
 _log = logging.getLogger(__name__)
 
 _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _PROBE_S = 5.0  # a standalone master that does not accept a TCP connection in this time is taken as down
+_JAVA_OPTIONS = "spark.driver.extraJavaOptions"
+_VERBOSE_SPARK_LEVELS = {"ALL", "TRACE", "DEBUG", "INFO"}
+
+
+@dataclass(frozen=True)
+class _Settings:
+    conf: Mapping[str, str] = field(default_factory=dict)
+    quiet_start: bool = True
+
+
+_SETTINGS: contextvars.ContextVar[_Settings | None] = contextvars.ContextVar("deepspark_spark", default=None)
+
+
+@contextlib.contextmanager
+def configured(conf: Mapping[str, Any] | None = None, *, quiet_start: bool = True) -> Iterator[None]:
+    """Within the block, a session deepspark starts gets ``conf`` (it wins over deepspark's own settings,
+    such as ``spark.task.cpus`` from ``threads_per_trial``) and, unless ``quiet_start`` is false, the quiet
+    log4j2 configuration. This is how the command line's ``--conf key=value`` and ``-v`` reach the session
+    that ``tune``, ``fit`` and ``predict`` start, without a Spark parameter on each of them.
+    """
+    token = _SETTINGS.set(_Settings({k: str(v) for k, v in (conf or {}).items()}, quiet_start))
+    try:
+        yield
+    finally:
+        _SETTINGS.reset(token)
+
+
+def _conf_dir(env: Mapping[str, str]) -> Path | None:
+    if env.get("SPARK_CONF_DIR"):
+        return Path(env["SPARK_CONF_DIR"])
+    if env.get("SPARK_HOME"):
+        return Path(env["SPARK_HOME"]) / "conf"
+    return None
+
+
+def environment_conf(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The properties of ``spark-defaults.conf`` in ``$SPARK_CONF_DIR`` (else ``$SPARK_HOME/conf``).
+
+    spark-submit (which pyspark runs to start the driver JVM) applies this file itself; we read it only
+    to know whether it names a master, so that ``local[*]`` never overrides the cluster's own choice.
+    """
+    directory = _conf_dir(os.environ if env is None else env)
+    path = directory / "spark-defaults.conf" if directory is not None else None
+    if path is None or not path.is_file():
+        return {}
+    props: dict[str, str] = {}
+    for raw in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", "!")):
+            continue
+        # Java properties syntax, as Spark reads it: key and value split by whitespace, '=' or ':'.
+        key, value = line, ""
+        for i, ch in enumerate(line):
+            if ch.isspace() or ch in "=:":
+                key, value = line[:i], line[i + 1 :].strip()
+                if ch.isspace() and value[:1] in ("=", ":"):
+                    value = value[1:].strip()
+                break
+        props[key] = value
+    return props
+
+
+def _log4j_configured(options: str, env: Mapping[str, str]) -> bool:
+    if "log4j2.configurationFile" in options or "log4j.configurationFile" in options:
+        return True
+    directory = _conf_dir(env)
+    return directory is not None and any(
+        (directory / name).is_file() for name in ("log4j2.properties", "log4j2.xml", "log4j2.yaml")
+    )
+
+
+def quiet_log_options(conf: Mapping[str, str], env: Mapping[str, str] | None = None) -> str | None:
+    """The ``spark.driver.extraJavaOptions`` that make the driver JVM start quietly, or None to leave it.
+
+    Our ``log4j2.properties`` goes first, followed by the options the user's conf or spark-defaults.conf
+    already had (a value given here replaces the file's, so we keep both). A user's own log4j2
+    configuration, or ``DEEPSPARK_SPARK_LOG_LEVEL`` at INFO or more verbose, leaves Spark's logging as it is.
+    """
+    env = os.environ if env is None else env
+    if env.get("DEEPSPARK_SPARK_LOG_LEVEL", "").upper() in _VERBOSE_SPARK_LEVELS:
+        return None
+    existing = conf.get(_JAVA_OPTIONS, environment_conf(env).get(_JAVA_OPTIONS, ""))
+    if _log4j_configured(existing, env):
+        return None
+    with resources.as_file(resources.files("deepspark") / "log4j2.properties") as path:
+        uri = path.resolve().as_uri()  # a URI: no spaces to quote in the option string
+    return f"-Dlog4j2.configurationFile={uri} {existing}".strip()
 
 
 def session(
@@ -37,11 +141,14 @@ def session(
 
     An active session always wins: deepspark runs inside the user's application as it is (a
     ``master`` or ``conf`` that disagrees with it is logged, not applied, since Spark cannot change
-    them on a live context). Without one, ``master`` (default: ``spark.master`` from the
-    environment's Spark configuration, else ``local[*]``) and ``conf`` configure a new session.
+    them on a live context). Without one, ``master`` and ``conf`` configure a new session; the master
+    defaults to ``spark.master`` from the configuration (``conf``, ``MASTER``, ``spark-defaults.conf``),
+    and to ``local[*]`` only when none names one. Settings from an enclosing :func:`configured` block win
+    over ``conf``; ``master`` wins over both.
     """
     from pyspark.sql import SparkSession
 
+    settings_ = _SETTINGS.get() or _Settings()
     active = SparkSession.getActiveSession()
     if active is not None:
         if master is not None and active.sparkContext.master != master:
@@ -51,23 +158,30 @@ def session(
                 master,
             )
         return active
+    given = {**{k: str(v) for k, v in (conf or {}).items()}, **settings_.conf}
     check_master(
-        master if master is not None else (conf or {}).get("spark.master") or os.environ.get("MASTER")
+        master
+        if master is not None
+        else given.get("spark.master") or os.environ.get("MASTER") or environment_conf().get("spark.master")
     )
-    builder = SparkSession.builder.appName(app_name)
-    if master is not None:
-        builder = builder.master(master)
-    elif "spark.master" not in (conf or {}) and not os.environ.get("MASTER"):
-        builder = builder.master("local[*]")
     settings = {
         "spark.ui.showConsoleProgress": "false",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.python.worker.reuse": "true",
+        **given,
     }
-    if not os.environ.get("PYSPARK_PYTHON") and "spark.pyspark.python" not in (conf or {}):
+    if master is not None:
+        settings["spark.master"] = master
+    elif not _names_master(given):
+        settings["spark.master"] = "local[*]"
+    if not os.environ.get("PYSPARK_PYTHON") and "spark.pyspark.python" not in settings:
         # Python workers must run this interpreter (our virtualenv), not whatever python3 is on PATH.
         os.environ["PYSPARK_PYTHON"] = sys.executable
-    settings.update({k: str(v) for k, v in (conf or {}).items()})
+    if settings_.quiet_start:
+        options = quiet_log_options(settings)
+        if options is not None:
+            settings[_JAVA_OPTIONS] = options
+    builder = SparkSession.builder.appName(app_name)
     for key, value in settings.items():
         builder = builder.config(key, value)
     try:
@@ -76,6 +190,7 @@ def session(
         _raise_gateway_error(exc, master)
         raise
     spark.sparkContext.setLogLevel(os.environ.get("DEEPSPARK_SPARK_LOG_LEVEL", "WARN"))
+    _log.info("Spark UI: %s (master %s)", spark.sparkContext.uiWebUrl, spark.sparkContext.master)
     return spark
 
 
@@ -118,6 +233,16 @@ def _raise_gateway_error(exc: Exception, master: str | None) -> None:
         raise ConfigError(
             f"Spark could not start its JVM: no java found ({exc}); install Java 17 or 21 and set JAVA_HOME"
         ) from exc
+
+
+def _names_master(conf: Mapping[str, str]) -> bool:
+    """Whether the user's configuration names a master: then ``local[*]`` must not override it."""
+    return (
+        "spark.master" in conf
+        or bool(os.environ.get("MASTER"))
+        or "--master" in os.environ.get("PYSPARK_SUBMIT_ARGS", "").split()
+        or "spark.master" in environment_conf()
+    )
 
 
 def task_cpus(spark: SparkSession) -> int:

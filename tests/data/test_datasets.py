@@ -428,3 +428,33 @@ def test_a_stray_test_label_is_refused_not_turned_into_extra_classes(
         load_dataset("mnist", data_dir=reg[0].parent)
     message = str(err.value)
     assert str(reg[3]) in message and "label 200" in message and "expected labels 0..9" in message
+
+
+def test_cli_data_fetch_and_verify_with_only_a_data_dir_check_that_directory(
+    tmp_path: Path, cached_mnist: Path, tiny: DatasetInfo, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from deepspark.cli import main
+
+    # A registered dataset's files: checked against its checksums, in that directory (not the cache).
+    good = _write_layout(tmp_path / "good")[0].parent
+    assert main(["data", "verify", "--data-dir", str(good)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == dict.fromkeys(MNIST_FILES, "ok")
+    assert f"checked {good}" in captured.err and str(cached_mnist) not in captured.err
+    assert main(["data", "fetch", "--data-dir", str(good)]) == 0
+    assert f"checked {good}" in capsys.readouterr().out
+    # Any other MNIST-layout directory: read, and said to have no registered checksums.
+    other = _write_other(tmp_path / "other")
+    assert main(["data", "verify", "--data-dir", str(other), "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == set(MNIST_FILES)
+    assert all(
+        v.startswith("ok (read as other: 50 train, 20 test") and "not mnist" in v for v in report.values()
+    )
+    # Neither a name nor a directory: the error says what to give.
+    assert main(["data", "fetch"]) == 2
+    assert "--data-dir DIR" in capsys.readouterr().err
+    (other / "train-labels-idx1-ubyte").write_bytes(b"junk")
+    assert main(["data", "fetch", "--data-dir", str(other)]) == 2

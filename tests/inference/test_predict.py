@@ -288,3 +288,28 @@ def test_cli_runs_predict_and_prints_the_summary(
     printed = capsys.readouterr().out
     assert "rows/s" in printed and "model loads" in printed
     assert spark.read.parquet(str(out)).count() == len(small_model.images) // 2
+
+
+def test_cli_predict_json_prints_one_object_on_stdout(
+    spark: Any, small_model: Model, image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from deepspark.cli import main
+
+    out = tmp_path / "preds.parquet"
+    argv = [
+        "predict",
+        "--model",
+        str(small_model.path),
+        "--input",
+        f"{image_dir}/0*.png",
+        "--output",
+        str(out),
+    ]
+    assert main([*argv, "--top-k", "2", "--json", "--conf", "spark.ignored.here=1"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["rows"] == len(small_model.images) // 2 and summary["errors"] == 0
+    assert summary["output"] == str(out) and "forward" in summary["phase_seconds"]
+    assert "rows/s" in captured.err  # the table went to stderr

@@ -13,6 +13,7 @@ from deepspark.data.datasets import (
     fetch,
     info,
     load_dataset,
+    locations,
     verify,
 )
 from deepspark.data.frames import image_shape, iter_batches, to_dataframe, to_numpy
@@ -28,6 +29,7 @@ __all__ = [
     "iter_batches",
     "load_cifar10",
     "load_dataset",
+    "locations",
     "read_cifar10",
     "read_idx",
     "to_dataframe",

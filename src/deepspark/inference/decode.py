@@ -6,7 +6,6 @@ rows go on. Decoding runs in worker threads (Pillow and zlib release the GIL whi
 
 from __future__ import annotations
 
-import enum
 import http.client
 import io
 import math
@@ -21,6 +20,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from deepspark._compat import StrEnum
 from deepspark.errors import ConfigError
 from deepspark.models.preprocess import Preprocess
 
@@ -30,7 +30,7 @@ _ALLOWED_SCHEMES = ("http", "https")
 _CHUNK = 1 << 16
 
 
-class InputKind(enum.StrEnum):
+class InputKind(StrEnum):
     """What the values of the input column are."""
 
     IMAGE = "image"  # encoded image files (PNG, JPEG, …) as bytes

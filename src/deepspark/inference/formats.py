@@ -25,7 +25,6 @@ schema as a checkpoint's, which :func:`export_model` writes).
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import io
 import json
@@ -40,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from deepspark._compat import StrEnum
+from deepspark._optional import available, install_hint, require
 from deepspark.errors import CheckpointError, ConfigError
 from deepspark.models.checkpoint import METADATA, SPEC, WEIGHTS
 from deepspark.models.preprocess import Preprocess
@@ -63,7 +64,7 @@ _TORCHSCRIPT_SUFFIXES = {".pt", ".pth", ".ts", ".torchscript", ".jit"}
 _ONNX_OPSET = 17
 
 
-class ModelFormat(enum.StrEnum):
+class ModelFormat(StrEnum):
     """The on-disk formats :func:`read_model` accepts."""
 
     CHECKPOINT = "checkpoint"
@@ -333,7 +334,7 @@ def _export_batch(module: Any) -> int | None:
 def build_runner(artifact: ModelArtifact, *, backend: str, threads: int) -> Runner:
     """A function ``float32 [N, C, H, W] -> logits [N, classes]`` for ``artifact`` (slow: loads)."""
     if backend == "onnx":
-        import onnxruntime as ort
+        ort = require("onnxruntime", feature="the ONNX backend (backend='onnx')")
 
         payload = artifact.payload if artifact.format is ModelFormat.ONNX else to_onnx(artifact)
         options = ort.SessionOptions()
@@ -367,6 +368,8 @@ def build_runner(artifact: ModelArtifact, *, backend: str, threads: int) -> Runn
 # ----------------------------------------------------------------------------------------- exporting
 def _export_onnx(module: Any, example: Any, buffer: Any) -> None:
     import torch
+
+    require("onnx", feature="ONNX export")  # torch.onnx writes the model with the onnx package
 
     with warnings.catch_warnings():
         # torch 2.9+ warns that the TorchScript-based exporter is legacy; the dynamo one needs onnxscript.
@@ -516,10 +519,19 @@ def resolve_backend(backend: str, artifact: ModelArtifact) -> str:
     if backend not in BACKENDS:
         raise ConfigError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
     if backend == "auto":
-        return artifact.default_backend()
+        chosen = artifact.default_backend()
+        if chosen == "onnx" and artifact.format is not ModelFormat.ONNX and not _onnx_installed():
+            # ONNX is only faster here; without the [onnx] extra our checkpoints run with torch.
+            _log.info("backend auto: onnx/onnxruntime not installed (%s); using torch", install_hint("onnx"))
+            return "torch"
+        return chosen
     if backend == "torch" and artifact.format is ModelFormat.ONNX:
         raise ConfigError("backend: an ONNX model runs only with backend='onnx' (or 'auto')")
     return backend
+
+
+def _onnx_installed() -> bool:
+    return available("onnx") and available("onnxruntime")
 
 
 def load_model(

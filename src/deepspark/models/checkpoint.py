@@ -113,7 +113,7 @@ def checkpoint_files(
         "metrics": dict(metrics or {}),
         "config": dict(config or {}),
         "versions": _versions(),
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     metadata.update(extra or {})
     return {

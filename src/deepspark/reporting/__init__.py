@@ -14,12 +14,11 @@ __all__ = ["Report", "report", "write_run_report"]
 
 
 def write_run_report(run_dir: str | os.PathLike[str]) -> Path | None:
-    """``RUN_DIR/report.html`` at the end of ``tune`` / ``train``; printed, or only logged if it fails:
-    the run itself succeeded, and a figure never turns it into a failure."""
+    """Write ``RUN_DIR/report.html`` at the end of ``tune`` / ``train`` and return its path; a failure is
+    only logged (None): the run itself succeeded, and a figure never turns it into a failure."""
     try:
         written = report(Path(run_dir), output=Path(run_dir) / "report.html")
     except Exception:
         logging.getLogger(__name__).exception("could not write the report of %s", run_dir)
         return None
-    print(f"report: {written.html}")
     return Path(written.html)

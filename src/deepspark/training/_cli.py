@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +175,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     split = result.time_split
     wall = max(split.get("wall_s", result.wall_s), 1e-9)
     accuracy = f"{result.test_accuracy:.4f}" if result.test_accuracy is not None else "n/a"
-    print(f"test accuracy: {accuracy}  wall: {result.wall_s:.1f} s  run: {result.run_dir}")
+    as_json = getattr(args, "json", False)  # --json: stdout holds the JSON object alone
+    out = sys.stderr if as_json else sys.stdout
+    print(f"test accuracy: {accuracy}  wall: {result.wall_s:.1f} s  run: {result.run_dir}", file=out)
     if split:
         parts = ", ".join(
             f"{name} {split[key]:.1f} s ({100 * split[key] / wall:.0f}%)"
@@ -185,21 +189,37 @@ def _cmd_train(args: argparse.Namespace) -> int:
             )
             if key in split
         )
-        print(f"time: {parts}")
+        print(f"time: {parts}", file=out)
     if result.bytes_per_epoch:
-        print(f"communicated: {result.bytes_per_epoch / 1e6:.1f} MB per epoch")
+        print(f"communicated: {result.bytes_per_epoch / 1e6:.1f} MB per epoch", file=out)
     if result.devices:
-        print("devices: " + ", ".join(f"worker {k}: {v}" for k, v in sorted(result.devices.items())))
-    print(f"model: {result.model_dir}" + (f" (and {output})" if output else ""))
+        print(
+            "devices: " + ", ".join(f"worker {k}: {v}" for k, v in sorted(result.devices.items())), file=out
+        )
+    print(f"model: {result.model_dir}" + (f" (and {output})" if output else ""), file=out)
     from deepspark.reporting import write_run_report  # the report layer sits above training: CLI only
 
-    write_run_report(result.run_dir)
+    written = write_run_report(result.run_dir)
+    if written is not None:
+        print(f"report: {written}", file=out)
+    if as_json:
+        summary = {
+            "run_dir": str(result.run_dir),
+            "model_dir": str(result.model_dir),
+            "output": str(output) if output else None,
+            "test_accuracy": result.test_accuracy,
+            "wall_s": result.wall_s,
+            "time_split": dict(split),
+            "bytes_per_epoch": result.bytes_per_epoch,
+            "devices": {str(k): v for k, v in result.devices.items()},
+            "report": str(written) if written is not None else None,
+            "epochs": float(result.history[-1]["epoch"]) if result.history else 0.0,
+        }
+        print(json.dumps(summary, sort_keys=True, default=str), flush=True)
     return 0
 
 
 def _saved_data(run_dir: str) -> str:
-    import json
-
     from deepspark.errors import ConfigError
 
     try:

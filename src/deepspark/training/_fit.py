@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from deepspark._optional import skip_unless
 from deepspark.errors import ConfigError, DeepsparkError, RunError
 from deepspark.slots import root_cause, run_slots, short_error
 from deepspark.spark import DEVICES
@@ -1146,7 +1147,7 @@ def _time_split(history: list[dict[str, Any]], wall: float) -> dict[str, float]:
 
 
 def _plot(run_path: Path, history: list[dict[str, Any]]) -> None:
-    if not history:
+    if not history or not skip_unless("matplotlib", feature="the training curve (curve.png)"):
         return
     import matplotlib
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import optuna
 
+from deepspark._optional import skip_unless
 from deepspark.tuning.trial import TrialRecord, TrialState
 
 __all__ = [
@@ -307,6 +308,8 @@ def _geomspace(low: float, high: float, n: int) -> list[float]:
 
 
 def _plot(path: Path, records: Sequence[TrialRecord], *, metric: str, maximize: bool) -> None:
+    if not skip_unless("matplotlib", feature="the learning-rate plot (accuracy_vs_lr.png)"):
+        return
     import matplotlib
 
     matplotlib.use("Agg")

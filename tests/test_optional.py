@@ -1,0 +1,109 @@
+"""Optional dependencies: ``pip install deepspark`` alone tunes; the extras raise their install hint when used."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from deepspark._optional import available, install_hint, require
+from deepspark.errors import DeepsparkError, MissingDependencyError
+
+# Installed as ``sitecustomize`` on PYTHONPATH, so the driver and every Spark Python worker it starts
+# behave as if the extras were not installed.
+_HIDE_EXTRAS = """
+import sys
+
+# None in sys.modules: ``import onnx`` raises ModuleNotFoundError and importlib.util.find_spec("onnx") is
+# None, as when the package is not installed (a refusing meta-path finder would make find_spec raise).
+for name in ("onnx", "onnxruntime", "matplotlib", "hyperopt"):
+    sys.modules[name] = None
+"""
+
+_SCRIPT = """
+import sys
+from pathlib import Path
+
+import deepspark
+from deepspark.errors import MissingDependencyError
+
+for name in ("onnx", "onnxruntime", "matplotlib"):
+    try:
+        __import__(name)
+    except ImportError:
+        pass
+    else:
+        sys.exit(f"{name} was importable")
+
+work = Path(sys.argv[1])
+
+
+def objective(config, reporter):
+    return {"accuracy": 1.0 - (config["x"] - 0.3) ** 2}
+
+
+result = deepspark.tune(
+    objective,
+    space={"x": {"type": "uniform", "low": 0.0, "high": 1.0}},
+    trials=2,
+    parallelism=1,
+    sampler="random",
+    pruner="none",
+    default_config=False,
+    run_dir=work / "study",
+    master="local[1]",
+)
+assert result.counts()["complete"] == 2, result.counts()
+assert (work / "study" / "best.json").exists()
+assert not (work / "study" / "accuracy_vs_lr.png").exists()
+
+from deepspark.inference import load_model
+from deepspark.models import Preprocess, build_model, model_spec, save_checkpoint
+
+spec = model_spec("mlp", hidden=8)
+preprocess = Preprocess(input_shape=(1, 28, 28), mean=(0.0,), std=(1.0,))
+save_checkpoint(work / "ckpt", build_model(spec, seed=0).eval(), spec, preprocess=preprocess)
+assert load_model(work / "ckpt").backend == "torch"  # auto: ONNX is only an optimisation
+try:
+    load_model(work / "ckpt", backend="onnx")
+except MissingDependencyError as exc:
+    print("HINT:", exc)
+else:
+    sys.exit("backend='onnx' ran without onnx installed")
+"""
+
+
+def test_require_names_the_extra_that_installs_a_missing_module() -> None:
+    with pytest.raises(MissingDependencyError, match=r"pip install 'deepspark\[onnx\]'") as info:
+        require("onnx.no_such_submodule", feature="ONNX export")
+    assert isinstance(info.value, DeepsparkError) and isinstance(info.value, ImportError)
+    assert "ONNX export" in str(info.value)
+    assert install_hint("matplotlib.pyplot") == "pip install 'deepspark[report]'"
+    assert install_hint("hyperopt") == "pip install 'deepspark[bench]'"
+    assert not available("onnx.no_such_submodule") and available("json")
+
+
+@pytest.mark.slow
+def test_without_the_extras_tune_works_and_onnx_says_how_to_install(tmp_path: Path) -> None:
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(_HIDE_EXTRAS, encoding="utf-8")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(hide), os.environ.get("PYTHONPATH")])),
+        "PYSPARK_PYTHON": sys.executable,
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_SCRIPT), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    hint = next(line for line in done.stdout.splitlines() if line.startswith("HINT:"))
+    assert "pip install 'deepspark[onnx]'" in hint and "onnxruntime" in hint
