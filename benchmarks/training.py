@@ -31,9 +31,9 @@ from typing import Any
 TARGET = 0.99
 CONFIG = {
     "optimizer": "momentum",
-    "learning_rate": 0.05,
+    "learning_rate": 0.02,
     "batch_size": 64,
-    "lr_schedule": "constant",
+    "lr_schedule": "cosine",
     "seed": 0,
 }
 ALL_RUNS = (
@@ -118,6 +118,7 @@ def _ddp_loop(epochs: int, limit_train: int | None, config: dict[str, Any]) -> l
     loader = DataLoader(train, batch_size=config["batch_size"], sampler=sampler)
     model = DistributedDataParallel(build_model(model_spec("lenet"), seed=config["seed"]))
     optimizer = torch.optim.SGD(model.parameters(), lr=config["learning_rate"], momentum=0.9)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(loader))
     x_test, y_test = pre.apply(data.test_images), torch.as_tensor(data.test_labels)
     curve: list[tuple[float, float]] = []
     for epoch in range(epochs):
@@ -127,6 +128,7 @@ def _ddp_loop(epochs: int, limit_train: int | None, config: dict[str, Any]) -> l
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
+            schedule.step()
         if rank == 0:
             curve.append((time.perf_counter() - started, evaluate(model.module, x_test, y_test)["accuracy"]))
     dist.destroy_process_group()

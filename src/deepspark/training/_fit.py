@@ -81,7 +81,9 @@ HISTORY_COLUMNS = (
 # Asynchronous SGD pushes after every step by default (deepspark.training.paramserver).
 ASYNC_SETTINGS = AverageSettings(tau=1)
 # Distributed strategies reset their inner optimizer every round, so momentum SGD is their default.
-DISTRIBUTED_CONFIG = TrainConfig(optimizer="momentum", learning_rate=0.05, batch_size=64, epochs=5, seed=0)
+DISTRIBUTED_CONFIG = TrainConfig(
+    optimizer="momentum", learning_rate=0.02, batch_size=64, epochs=4, lr_schedule="cosine", seed=0
+)
 
 
 @dataclass(frozen=True)
