@@ -7,6 +7,10 @@ no work, so everything a study costs is orchestration overhead:
 * overhead per trial     = wall / N
 * slot-seconds per trial = wall x parallelism / N (the task-slot time each trial occupies)
 * ratio                  = SparkTrials' overhead per trial / deepspark's
+* the floor              = plain Optuna in this one process (``study.optimize`` of the same no-op objective,
+  N trials, one at a time) on the same ``JournalStorage`` file backend deepspark uses: what sampling and
+  storing a trial costs with no distribution at all. deepspark's overhead per trial (wall / N) and its
+  steady state (first start to last finish / N) are printed as multiples of it.
 
 What is excluded, for both tools alike:
 
@@ -29,6 +33,7 @@ Run (needs the ``bench`` extra, ``hyperopt==0.2.7``)::
     .venv/bin/python benchmarks/hpo_overhead.py                 # 200 trials, random search
     .venv/bin/python benchmarks/hpo_overhead.py --trials 40     # quicker
     .venv/bin/python benchmarks/hpo_overhead.py --tpe           # also compare with TPE
+    .venv/bin/python benchmarks/hpo_overhead.py --floor-only    # only the plain-Optuna floor (no Spark)
 
 The script exits 0 whether or not the target ratio (``--target``, default 20x) is met; the last line
 says PASS or FAIL.
@@ -189,6 +194,65 @@ def run_deepspark(n: int, algo: str, workdir: Path, label: str) -> Run:
     return Run("deepspark", algo, n, wall, result.counts().get("complete", 0), len(workers), first, steady)
 
 
+@dataclass(frozen=True)
+class Floor:
+    algo: str
+    trials: int
+    wall_s: float
+
+    @property
+    def per_trial(self) -> float:
+        return self.wall_s / self.trials
+
+
+def optuna_sampler(algo: str, seed: int) -> Any:
+    """The sampler deepspark's ``tune`` makes for ``algo`` on a one-parameter space (runner._sampler)."""
+    import optuna
+
+    if algo == "tpe":
+        return optuna.samplers.TPESampler(
+            seed=seed, constant_liar=True, multivariate=True, n_startup_trials=2
+        )
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def run_optuna_floor(n: int, algo: str, workdir: Path, seed: int) -> Floor:
+    """Plain Optuna, one process, N trials of the no-op objective, journal file storage as deepspark's."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    path = Path(tempfile.mkdtemp(prefix=f"optuna-{algo}-", dir=workdir)) / "study.journal"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = JournalStorage(JournalFileBackend(str(path)))
+    study = optuna.create_study(
+        storage=storage,
+        study_name="floor",
+        direction="maximize",
+        sampler=optuna_sampler(algo, seed),
+        pruner=optuna.pruners.NopPruner(),
+    )
+    started = time.perf_counter()
+    study.optimize(lambda trial: trial.suggest_float("x", 0.0, 1.0), n_trials=n)
+    return Floor(algo, n, time.perf_counter() - started)
+
+
+def measure_floors(n: int, algos: list[str], workdir: Path, args: argparse.Namespace) -> dict[str, Floor]:
+    """The floor per sampler, after an untimed study that pays for the imports and the first journal."""
+    run_optuna_floor(max(args.warmup, 1), "random", workdir, args.seed)
+    floors = {}
+    for algo in algos:
+        floors[algo] = floor = run_optuna_floor(n, algo, workdir, args.seed)
+        print(
+            f"floor: plain Optuna ({algo}), one process, journal file: {n} trials in {floor.wall_s:.2f} s, "
+            f"{floor.per_trial * 1000:.2f} ms per trial",
+            flush=True,
+        )
+    return floors
+
+
 def run_sparktrials(spark: Any, n: int, algo: str, max_queue_len: int, seed: int) -> Run:
     import numpy as np
 
@@ -256,7 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--target", type=float, default=20.0, help="the ratio SparkTrials/deepspark to reach (default 20)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="hyperopt rstate seed")
+    parser.add_argument("--seed", type=int, default=0, help="hyperopt rstate and Optuna sampler seed")
+    parser.add_argument(
+        "--floor-only", action="store_true", help="measure only the plain-Optuna floor (no Spark, no tools)"
+    )
     args = parser.parse_args(argv)
     if args.trials < 1 or args.warmup < 0 or args.max_queue_len < 1:
         parser.error("--trials and --max-queue-len must be >= 1, --warmup >= 0")
@@ -270,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from deepspark.spark import session
 
+    if args.floor_only:
+        with tempfile.TemporaryDirectory(prefix="hpo-overhead-") as tmp:
+            measure_floors(args.trials, ["random", "tpe"] if args.tpe else ["random"], Path(tmp), args)
+        return 0
     load_before = _load()
     print("HPO orchestration overhead: deepspark.tuning.tune vs hyperopt SparkTrials (no-op objective)")
     print(
@@ -292,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="hpo-overhead-") as tmp:
         workdir = Path(tmp)
+        floors = measure_floors(args.trials, algos, workdir, args)
         if ship_pkg_resources_shim(spark, workdir):
             print(
                 "hyperopt 0.2.7 needs pkg_resources, which this setuptools lacks: shipped a shim "
@@ -338,6 +410,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"deepspark ({r.algo}): {r.first_start_s:.2f} s from tune() to the first trial "
                 f"(Spark jobs, Python workers, imports), then {r.steady_s * 1000:.1f} ms per trial"
             )
+    for r in runs:
+        floor = floors.get(r.algo)
+        if r.tool != "deepspark" or floor is None or floor.per_trial <= 0:
+            continue
+        steady = (
+            f"; steady state {r.steady_s * 1000:.1f} ms = {r.steady_s / floor.per_trial:.1f}x"
+            if r.steady_s is not None
+            else ""
+        )
+        print(
+            f"deepspark ({r.algo}) vs the plain-Optuna floor of {floor.per_trial * 1000:.2f} ms per trial: "
+            f"overhead {r.per_trial * 1000:.1f} ms = {r.per_trial / floor.per_trial:.1f}x the floor{steady}"
+        )
     print(f"load avg (1/5/15 min): before {load_before}, after {_load()} on {os.cpu_count()} cores")
     incomplete = [r for r in runs if r.ok != r.trials]
     for r in incomplete:

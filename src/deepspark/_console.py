@@ -96,16 +96,29 @@ def print_study(console: Console, result: StudyResult, *, top: int = 10) -> None
     params = sorted(
         k for k in {k for r in rows for k in r.params} if len({repr(r.params.get(k)) for r in rows}) > 1
     )
-    table = Table(title=f"leaderboard ({metric})")
-    for col in ("trial", metric, *params, "seconds", "note"):
+    selected_on = result.selected_on
+    tests = _tests(summary)
+    if selected_on == "validation":
+        # Ranked on validation; test accuracy only where it was measured (the best and the default).
+        title = f"leaderboard (validation {metric}; test {metric} of the best and the default)"
+        values: tuple[str, ...] = ("validation", "test")
+    elif selected_on == "test":
+        title = f"leaderboard (test {metric}: selected on TEST, the 2016 blog's protocol: optimistic)"
+        values = ("test",)
+    else:
+        title, values = f"leaderboard ({metric})", (metric,)
+    table = Table(title=title)
+    for col in ("trial", *values, *params, "seconds", "note"):
         table.add_column(col, justify="right" if col != "note" else "left")
     for r in rows:
         note = "default" if r.is_default else ""
         if r.attempts > 1:
             note += f" {r.attempts} attempts"
+        test = tests.get(r.number)
+        shown = [f"{r.value:.4f}"] + ([] if len(values) == 1 else ["-" if test is None else f"{test:.4f}"])
         table.add_row(
             str(r.number),
-            f"{r.value:.4f}",
+            *shown,
             *[_fmt(r.params.get(p)) for p in params],
             f"{r.duration_s:.1f}",
             note.strip(),
@@ -121,16 +134,45 @@ def print_study(console: Console, result: StudyResult, *, top: int = 10) -> None
         console.print(f"[red]trial {r.number} failed:[/red] {r.error}")
     if result.best is not None:
         console.print(
-            f"best: trial {result.best.number}, {metric} {result.best.value:.4f}, "
+            f"best: trial {result.best.number}, {_scores(result.best, selected_on, tests, metric)}, "
             f"config {dict(summary['best']['config'])}"
         )
     if result.default is not None and result.default.value is not None:
-        console.print(f"default configuration: {metric} {result.default.value:.4f}")
+        console.print(f"default configuration: {_scores(result.default, selected_on, tests, metric)}")
     if result.error_reduction is not None:
-        console.print(f"error reduction vs the default configuration: {100 * result.error_reduction:.1f}%")
+        on = summary.get("error_reduction_on")
+        console.print(
+            f"error reduction vs the default configuration: {100 * result.error_reduction:.1f}%"
+            + (f" (on {on} {metric})" if on else "")
+        )
+    if selected_on == "test":
+        console.print(
+            "[yellow]selected on the test split (--select-on test, the 2016 blog's protocol): the best "
+            "trial's test accuracy is optimistic[/yellow]"
+        )
     if result.stop_reason:
         console.print(f"[yellow]stopped early: {result.stop_reason}[/yellow]")
     console.print(f"run directory: {result.run_dir} (trials.csv, best.json, best/, study.journal)")
+
+
+def _tests(summary: Any) -> dict[int, float]:
+    """Test accuracy by trial, where best.json has it."""
+    out = {}
+    for key in ("best", "default"):
+        entry = summary.get(key) or {}
+        if entry.get("test_accuracy") is not None:
+            out[int(entry["trial"])] = float(entry["test_accuracy"])
+    return out
+
+
+def _scores(record: Any, selected_on: str | None, tests: dict[int, float], metric: str) -> str:
+    if selected_on == "validation":
+        test = tests.get(record.number)
+        shown = "not measured (its model did not arrive)" if test is None else f"{test:.4f}"
+        return f"validation {metric} {record.value:.4f}, test {metric} {shown}"
+    if selected_on == "test":
+        return f"test {metric} {record.value:.4f} (selected on test)"
+    return f"{metric} {record.value:.4f}"
 
 
 def _fmt(value: Any) -> str:

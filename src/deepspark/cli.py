@@ -140,6 +140,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         "max_failures": args.max_failures,
         "limit_train": args.limit_train,
         "limit_test": args.limit_test,
+        "select_on": args.select_on,
+        "validation": args.validation,
         "timeout": args.timeout,
         "trial_timeout": args.trial_timeout,
         "heartbeat_timeout": args.heartbeat_timeout,
@@ -260,9 +262,37 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit-train", type=int, default=None, help="use the first N training images")
     p.add_argument("--limit-test", type=int, default=None, help="use the first N test images")
     p.add_argument("--no-default", action="store_true", help="do not run the default configuration first")
+    p.add_argument(
+        "--select-on",
+        default=None,
+        choices=["validation", "test"],
+        help="the split trials are chosen on (default validation; test is the 2016 blog's protocol, "
+        "whose chosen accuracy is optimistic)",
+    )
+    p.add_argument(
+        "--validation",
+        type=_fraction_or_count,
+        default=None,
+        metavar="SIZE",
+        help="the validation hold-out of the training split: a fraction (default 0.1) or a count; "
+        "seeded with --seed, stratified by class",
+    )
     p.add_argument("--seed", type=int, default=0)
     add_common_options(p, spark=True, json_summary=True)
     p.set_defaults(func=_cmd_tune)
+
+
+def _fraction_or_count(text: str) -> float | int:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction (0.1) or a count (5000), got {text!r}"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------- report

@@ -5,6 +5,7 @@ Layout shared by every command that writes one::
     RUN_DIR/
       config.json    the run's arguments, written once when the run starts, read back on resume
       best/          the best model so far (a checkpoint directory), replaced atomically
+      default/       tune: the default configuration's model (its test accuracy is measured at the end)
       ...            the command's own files (tune: study.journal, trials.csv, best.json, ...)
 
 Every write here is atomic: a reader (or a driver that dies halfway) sees the old content or the new,
@@ -28,6 +29,7 @@ from deepspark.errors import ConfigError, DeepsparkError
 __all__ = [
     "BEST_DIR",
     "CONFIG_FILE",
+    "DEFAULT_DIR",
     "prepare",
     "read_config",
     "write_config",
@@ -37,6 +39,7 @@ __all__ = [
 
 CONFIG_FILE = "config.json"
 BEST_DIR = "best"
+DEFAULT_DIR = "default"
 
 
 def prepare(run_dir: str | os.PathLike[str], *, resume: bool) -> Path:

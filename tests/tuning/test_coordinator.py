@@ -154,6 +154,39 @@ def test_the_best_model_arrives_as_payload_bytes_and_workers_get_the_endpoint() 
     assert saved == [(0, {"model.safetensors": weights, "spec.json": b"{}"})]
 
 
+def test_the_default_trials_model_is_kept_even_when_it_is_not_the_best() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"x": 0.5}, user_attrs={"deepspark:default": True})
+    best: list[int] = []
+    defaults: list[int] = []
+    coord = Coordinator(
+        study,
+        distributions={"x": optuna.distributions.FloatDistribution(0.0, 1.0)},
+        fixed={},
+        n_trials=2,
+        on_model=lambda record, files: best.append(record.number),
+        on_default_model=lambda record, files: defaults.append(record.number),
+    )
+    coord.start()
+    try:
+        endpoint = coord.endpoint
+        hello = {"slot": 0, "worker": "w0"}
+        with wire.connect(endpoint.host, endpoint.port, token=endpoint.token, hello=hello) as worker:
+            worker.settimeout(10)
+            for value in (0.1, 0.9):  # the default (trial 0), then a better trial
+                trial = _ask(worker, {"op": "next"})
+                done = {"op": "done", "trial": trial["trial"], "state": "complete", "value": value}
+                assert _ask(worker, done) == {"send_model": True}
+                files = [["spec.json", 2]]
+                worker.send({"op": "model", "trial": trial["trial"], "files": files}, b"{}")
+                assert worker.recv() == ({"ok": True}, b"")
+        _until(lambda: coord.finished)
+    finally:
+        coord.close()
+    assert best == [0, 1] and defaults == [0]  # trial 0 was the best until trial 1 came
+
+
 def _clocked(n_trials: int = 1, **clocks) -> Coordinator:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return _started(optuna.create_study(direction="maximize"), n_trials, **clocks)

@@ -8,12 +8,14 @@ from __future__ import annotations
 from deepspark.data.cifar import load_cifar10, read_cifar10
 from deepspark.data.datasets import (
     DATASETS,
+    DEFAULT_VALIDATION,
     DatasetInfo,
     ImageDataset,
     fetch,
     info,
     load_dataset,
     locations,
+    validation_indices,
     verify,
 )
 from deepspark.data.frames import image_shape, iter_batches, to_dataframe, to_numpy
@@ -21,6 +23,7 @@ from deepspark.data.idx import read_idx, write_idx
 
 __all__ = [
     "DATASETS",
+    "DEFAULT_VALIDATION",
     "DatasetInfo",
     "ImageDataset",
     "fetch",
@@ -34,6 +37,7 @@ __all__ = [
     "read_idx",
     "to_dataframe",
     "to_numpy",
+    "validation_indices",
     "verify",
     "write_idx",
 ]

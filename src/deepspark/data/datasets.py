@@ -27,7 +27,8 @@ import tempfile
 import urllib.request
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from fractions import Fraction
 from http.client import HTTPException
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,12 +40,14 @@ from deepspark.errors import ConfigError, DatasetError
 
 __all__ = [
     "DATASETS",
+    "DEFAULT_VALIDATION",
     "MNIST_FILES",
     "DatasetInfo",
     "ImageDataset",
     "fetch",
     "info",
     "load_dataset",
+    "validation_indices",
     "verify",
 ]
 
@@ -127,12 +130,20 @@ def _registered(name: str) -> DatasetInfo:
 
 
 # ---------------------------------------------------------------------------------------- the record
+#: The hold-out that :meth:`ImageDataset.split_validation` takes when none is given: 10% of training.
+DEFAULT_VALIDATION = 0.1
+
+
 @dataclass(frozen=True, eq=False)
 class ImageDataset:
     """An image classification dataset held in memory as uint8 arrays.
 
     Images stay uint8 (4× smaller than float32) so the whole of MNIST ships cheaply to Spark
     tasks; scaling and normalising with :attr:`mean`/:attr:`std` happens where tensors are made.
+
+    ``validation_images``/``validation_labels`` hold a validation split when there is one: a
+    dataset that ships its own sets them when it is loaded; otherwise :meth:`split_validation`
+    carves a seeded, stratified one out of the training split. Both are None, or both arrays.
     """
 
     name: str
@@ -144,9 +155,16 @@ class ImageDataset:
     class_names: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    validation_images: np.ndarray | None = None
+    validation_labels: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        for split in ("train", "test"):
+        if (self.validation_images is None) != (self.validation_labels is None):
+            raise ConfigError(
+                "validation_images and validation_labels must both be arrays or both be None; got "
+                f"{type(self.validation_images).__name__} and {type(self.validation_labels).__name__}"
+            )
+        for split in self.splits:
             images = getattr(self, f"{split}_images")
             labels = getattr(self, f"{split}_labels")
             if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim not in (3, 4):
@@ -164,11 +182,11 @@ class ImageDataset:
                     f"{split}_images and {split}_labels must have the same length; "
                     f"got {len(images)} and {len(labels)}"
                 )
-        if self.train_images.shape[1:] != self.test_images.shape[1:]:
-            raise ConfigError(
-                f"train and test images must have the same shape; got {self.train_images.shape[1:]} "
-                f"and {self.test_images.shape[1:]}"
-            )
+            if split != "train" and images.shape[1:] != self.train_images.shape[1:]:
+                raise ConfigError(
+                    f"train and {split} images must have the same shape; got {self.train_images.shape[1:]} "
+                    f"and {images.shape[1:]}"
+                )
         if len(self.class_names) != self.num_classes:
             raise ConfigError(
                 f"class_names must have num_classes={self.num_classes} entries; got {len(self.class_names)}"
@@ -178,6 +196,15 @@ class ImageDataset:
             raise ConfigError(
                 f"mean and std must have one value per channel ({channels}); got {self.mean} and {self.std}"
             )
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits this dataset holds: ``("train", "test")``, with ``"validation"`` when it has one."""
+        return ("train", "test") if self.validation_labels is None else ("train", "validation", "test")
+
+    @property
+    def has_validation(self) -> bool:
+        return self.validation_labels is not None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -191,30 +218,130 @@ class ImageDataset:
         """The first ``train`` training and ``test`` test examples (None keeps a whole split).
 
         A limit above a split's size keeps the whole split. Normalisation statistics are kept
-        from the full training split so a quick run preprocesses exactly like a full one.
+        from the full training split so a quick run preprocesses exactly like a full one. A
+        validation split is kept whole: take the subset first and :meth:`split_validation` after,
+        so the hold-out comes out of the ``train`` examples kept (``train=6000`` with the default
+        10% trains on 5,400 and validates on 600).
         """
         for pname, value in (("train", train), ("test", test)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ConfigError(f"subset: {pname} must be a non-negative integer or None; got {value!r}")
         n_train = len(self.train_labels) if train is None else train
         n_test = len(self.test_labels) if test is None else test
-        return ImageDataset(
-            name=self.name,
+        return replace(
+            self,
             train_images=self.train_images[:n_train],
             train_labels=self.train_labels[:n_train],
             test_images=self.test_images[:n_test],
             test_labels=self.test_labels[:n_test],
-            num_classes=self.num_classes,
-            class_names=self.class_names,
-            mean=self.mean,
-            std=self.std,
+        )
+
+    def split_validation(self, size: float | int = DEFAULT_VALIDATION, *, seed: int = 0) -> ImageDataset:
+        """This dataset with a validation split held out of its training split.
+
+        ``size`` is a fraction of the training split (a float in (0, 1), default 0.1) or a number of
+        examples (an int >= 1). The hold-out is stratified and seeded (:func:`validation_indices`):
+        each class gives its share to within one example, the same ``seed`` takes the same examples,
+        and a class keeps at least one example in training. The examples held out leave the training
+        split, which keeps its order otherwise. A dataset that already has a validation split (one
+        that ships it, or one split before) is returned as it is: the split it has is the one to use.
+        """
+        if self.has_validation:
+            return self
+        held = validation_indices(self.train_labels, size, seed=seed)
+        keep = np.ones(len(self.train_labels), dtype=bool)
+        keep[held] = False
+        return replace(
+            self,
+            train_images=self.train_images[keep],
+            train_labels=self.train_labels[keep],
+            validation_images=self.train_images[held],
+            validation_labels=self.train_labels[held],
+        )
+
+    def validation_as_test(self) -> ImageDataset:
+        """The training split with the validation split in the test split's place.
+
+        What a model selection sees: a trainer that evaluates on ``test_*`` (``train_one_process``)
+        then reports validation accuracy, and the real test split is not in the record at all (so it
+        never ships to a Spark task). Raises :class:`ConfigError` when there is no validation split.
+        """
+        if self.validation_images is None or self.validation_labels is None:
+            raise ConfigError(
+                f"validation_as_test: dataset {self.name!r} has no validation split; call "
+                "split_validation() first"
+            )
+        return replace(
+            self,
+            test_images=self.validation_images,
+            test_labels=self.validation_labels,
+            validation_images=None,
+            validation_labels=None,
         )
 
     def __repr__(self) -> str:
-        return (
-            f"ImageDataset(name={self.name!r}, train={len(self.train_labels)}, test={len(self.test_labels)}, "
-            f"input_shape={self.input_shape}, num_classes={self.num_classes})"
+        validation = (
+            f", validation={len(self.validation_labels)}" if self.validation_labels is not None else ""
         )
+        return (
+            f"ImageDataset(name={self.name!r}, train={len(self.train_labels)}{validation}, "
+            f"test={len(self.test_labels)}, input_shape={self.input_shape}, num_classes={self.num_classes})"
+        )
+
+
+def validation_indices(
+    labels: np.ndarray, size: float | int = DEFAULT_VALIDATION, *, seed: int = 0
+) -> np.ndarray:
+    """The sorted indices of a seeded, stratified validation hold-out of ``labels``.
+
+    ``size`` is a fraction (float in (0, 1)) or a count (int >= 1) of ``len(labels)``. The total is
+    ``round(fraction * n)`` (halves up), or the count. It is shared between classes by largest
+    remainder: class ``c`` with ``n_c`` examples gives ``floor(f * n_c)`` or one more, the extra
+    examples going to the largest remainders ``f * n_c - floor(f * n_c)`` (ties: the lower class),
+    so each class is within one example of its exact share ``f * n_c`` and the total is exact. A
+    class never gives all its examples: at least one stays in training (a class of one example
+    gives none), so the total may come out smaller on tiny datasets. Which examples of a class are
+    held out is a permutation drawn from ``numpy.random.default_rng(seed)``: the same seed takes
+    the same indices.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or (len(labels) and labels.dtype.kind not in "iu"):
+        raise ConfigError(f"labels: expected a 1-D integer array; got {labels.dtype} {labels.shape}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise ConfigError(f"seed: expected an integer; got {seed!r}")
+    n = len(labels)
+    if isinstance(size, bool) or not isinstance(size, int | float | np.integer | np.floating):
+        raise ConfigError(f"validation size: expected a fraction in (0, 1) or a count >= 1; got {size!r}")
+    if isinstance(size, int | np.integer):
+        if size < 1:
+            raise ConfigError(
+                f"validation size: expected a count >= 1 (or a fraction in (0, 1)); got {size!r}"
+            )
+        if size >= n:
+            raise ConfigError(
+                f"validation size: a count must be smaller than the training split ({n} examples); got {size}"
+            )
+        fraction = Fraction(int(size), n)
+    else:
+        if not 0.0 < float(size) < 1.0:
+            raise ConfigError(f"validation size: expected a fraction in (0, 1) or a count >= 1; got {size!r}")
+        # The decimal the user wrote (0.1), not the binary float nearest to it: 0.1 * 60000 is 6000.
+        fraction = Fraction(str(float(size)))
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = [fraction * int(c) for c in counts]
+    caps = [int(c) - 1 for c in counts]
+    take = [min(int(e), cap) for e, cap in zip(exact, caps, strict=True)]
+    target = min(int(fraction * n + Fraction(1, 2)), sum(caps))
+    by_remainder = sorted(range(len(classes)), key=lambda i: (-(exact[i] - int(exact[i])), i))
+    for i in by_remainder:
+        if sum(take) >= target:
+            break
+        if take[i] < caps[i] and take[i] < exact[i]:
+            take[i] += 1
+    rng = np.random.default_rng(int(seed))
+    held = [rng.permutation(np.flatnonzero(labels == cls))[:k] for cls, k in zip(classes, take, strict=True)]
+    out = np.concatenate(held) if held else np.empty(0, dtype=np.int64)
+    return np.sort(out).astype(np.int64)
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -80,7 +80,9 @@ class _Running:
 class Coordinator:
     """Runs ``n_trials`` new trials of ``study`` on whichever workers connect.
 
-    ``on_model`` is called with a trial record and its model files when a trial becomes the best so far.
+    ``on_model`` is called with a trial record and its model files when a trial becomes the best so far;
+    ``on_default_model`` with the default configuration's trial and its files when that trial completes
+    (so its test accuracy can be measured at the end without training it again).
     Workers connect with :func:`deepspark.wire.connect` to :attr:`endpoint` (known after :meth:`start`);
     ``token`` defaults to a fresh random one.
 
@@ -106,6 +108,7 @@ class Coordinator:
         max_attempts: int = 3,
         on_event: Callable[[TrialEvent], None] | None = None,
         on_model: Callable[[TrialRecord, Mapping[str, bytes]], None] | None = None,
+        on_default_model: Callable[[TrialRecord, Mapping[str, bytes]], None] | None = None,
         timeout: float | None = None,
         trial_timeout: float | None = None,
         heartbeat_timeout: float | None = DEFAULT_HEARTBEAT_TIMEOUT,
@@ -130,6 +133,7 @@ class Coordinator:
         self._max_attempts = max_attempts
         self._on_event = on_event
         self._on_model = on_model
+        self._on_default_model = on_default_model
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._retry: deque[_Running] = deque()
@@ -386,20 +390,25 @@ class Coordinator:
             else:
                 self.study.tell(run.trial, record.value)
             self.records.append(record)
-            send_model = state is TrialState.COMPLETE and self._better(record.value, number)
-            if send_model and record.value is not None:
+            new_best = state is TrialState.COMPLETE and self._better(record.value, number)
+            if new_best and record.value is not None:
                 self._best = (record.value, number)
+            keep_default = (
+                state is TrialState.COMPLETE and record.is_default and self._on_default_model is not None
+            )
+            send_model = new_best or keep_default
             self._changed.notify_all()
         self._emit(TrialEvent("finish", number, record=record, worker=worker))
         return send_model
 
     def _model(self, number: int, files: Mapping[str, bytes] | None) -> None:
-        if not files or self._on_model is None:
-            return
         record = next((r for r in self.records if r.number == number), None)
-        if record is None or self._best is None or self._best[1] != number:
-            return  # a better trial finished meanwhile
-        self._on_model(record, files)
+        if not files or record is None:
+            return
+        if record.is_default and self._on_default_model is not None:
+            self._on_default_model(record, files)
+        if self._on_model is not None and self._best is not None and self._best[1] == number:
+            self._on_model(record, files)  # unless a better trial finished meanwhile
 
     def worker_lost(self, slot: int, *, reason: str, conn_id: int | None = None) -> None:
         """The worker on ``slot`` died: its running trials go back in the queue (or FAIL after retries).

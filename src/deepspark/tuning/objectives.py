@@ -20,14 +20,23 @@ class TorchObjective:
     """``objective(config, reporter)`` for a zoo model; ``reporter.data`` is the broadcast ImageDataset.
 
     Config keys that name :class:`TrainConfig` fields go to the trainer, the rest are the network's
-    hyperparameters (``fc``, ``conv1``, …). Reports test accuracy after every epoch, so pruners can act.
+    hyperparameters (``fc``, ``conv1``, …). Trains on ``data.train_*`` and reports the accuracy on
+    ``data.test_*`` after every epoch, so pruners can act. ``tune`` selecting on validation (its
+    default) broadcasts ``split.validation_as_test()``: the trials train on the training part, report
+    validation accuracy, and never hold the test split. ``evaluated_on`` names that split
+    (``"validation"`` or ``"test"``) in the checkpoint's metrics.
     """
 
-    def __init__(self, *, model: str, base: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, *, model: str, base: Mapping[str, Any] | None = None, evaluated_on: str = "test"
+    ) -> None:
         if model not in ZOO:
             raise ConfigError(f"model: expected one of {sorted(ZOO)}, got {model!r}")
+        if evaluated_on not in ("validation", "test"):
+            raise ConfigError(f"evaluated_on: expected 'validation' or 'test', got {evaluated_on!r}")
         self.model = model
         self.base = dict(base or {})
+        self.evaluated_on = evaluated_on
 
     def split(self, config: Mapping[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
         merged = {**self.base, **config}
@@ -74,6 +83,7 @@ class TorchObjective:
             reporter.report(m.epoch, m.test_accuracy, final=m.epoch == train_config.epochs)
 
         result = train_one_process(spec, data, train_config, callback=on_epoch)
+        split = self.evaluated_on
 
         def files() -> dict[str, bytes]:
             # Made in memory: the weights travel to the driver as safetensors bytes in a frame's payload.
@@ -82,7 +92,10 @@ class TorchObjective:
                 spec,
                 preprocess=result.preprocess,
                 class_names=data.class_names,
-                metrics={"accuracy": result.test_accuracy, "loss": result.test_loss},
+                metrics={
+                    f"{split}_accuracy": result.test_accuracy,
+                    f"{split}_loss": result.test_loss,
+                },
                 config={**train_config.to_dict(), **hyper},
             )
 

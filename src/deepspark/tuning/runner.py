@@ -27,6 +27,7 @@ from typing import Any
 import optuna
 
 from deepspark import rundir
+from deepspark.data.datasets import DEFAULT_VALIDATION
 from deepspark.errors import ConfigError, RunError
 from deepspark.slots import root_cause, run_slots, short_error
 from deepspark.tuning.coordinator import (
@@ -44,12 +45,24 @@ from deepspark.tuning.space import SearchSpace, load_space
 from deepspark.tuning.trial import Reporter, TrialRecord, TrialState
 from deepspark.tuning.worker import WorkerSpec, run_worker
 
-__all__ = ["CLUSTER_ATTR", "JOURNAL", "PRUNERS", "SAMPLERS", "STUDY_NAME", "StudyResult", "tune"]
+__all__ = [
+    "CLUSTER_ATTR",
+    "JOURNAL",
+    "PRUNERS",
+    "SAMPLERS",
+    "SELECT_ON",
+    "STUDY_NAME",
+    "StudyResult",
+    "tune",
+]
 
 _log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("none", "median", "asha")
+#: The split the built-in objective's trials are chosen on: "validation" (the default), or "test" (the
+#: 2016 blog's protocol, kept for comparison; the chosen trial's test accuracy is then optimistic).
+SELECT_ON = ("validation", "test")
 JOURNAL = "study.journal"
 STUDY_NAME = "deepspark"
 CLUSTER_ATTR = "deepspark:cluster"
@@ -69,9 +82,12 @@ class StudyResult:
     wall_s: float = 0.0
     stop_reason: str | None = None
     parallelism: int = 1
+    #: The built-in objective's selection split ("validation" or "test"); None for a user objective.
+    selected_on: str | None = None
 
     @property
     def error_reduction(self) -> float | None:
+        """The best trial's drop in error rate from the default's (on test accuracy when measured)."""
         value = self.summary.get("error_reduction")
         return float(value) if value is not None else None
 
@@ -120,9 +136,81 @@ def _pruner(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def _save_model(run_dir: Path, record: TrialRecord, files: Mapping[str, bytes]) -> None:
+def _save_model(
+    run_dir: Path, record: TrialRecord, files: Mapping[str, bytes], *, name: str = rundir.BEST_DIR
+) -> None:
     trial = json.dumps({"trial": record.number, "value": record.value}).encode("utf-8")
-    rundir.write_dir_atomic(run_dir / rundir.BEST_DIR, {**files, "trial.json": trial})
+    rundir.write_dir_atomic(run_dir / name, {**files, "trial.json": trial})
+
+
+def _held_trial(model_dir: Path) -> int | None:
+    """The trial whose model ``model_dir`` holds (its ``trial.json``), or None."""
+    try:
+        held = json.loads((model_dir / "trial.json").read_text(encoding="utf-8")).get("trial")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return held if isinstance(held, int) else None
+
+
+def _test_accuracies(run_dir: Path, test: Any, trials: Mapping[str, TrialRecord | None]) -> dict[int, float]:
+    """Test accuracy of the models kept in ``run_dir/<name>/`` for ``trials`` ({name: record}), by trial.
+
+    Measured once per study end on the driver: the test split never reaches a trial, so the choice
+    cannot have seen it. A model that never arrived (its worker died first) has no test accuracy.
+    """
+    import torch
+
+    from deepspark.models import load_checkpoint
+    from deepspark.training import evaluate
+
+    out: dict[int, float] = {}
+    for name, record in trials.items():
+        model_dir = run_dir / name
+        if record is None or record.number in out or _held_trial(model_dir) != record.number:
+            continue
+        checkpoint = load_checkpoint(model_dir)
+        inputs = checkpoint.preprocess.apply(test.test_images)
+        scores = evaluate(checkpoint.model, inputs, torch.as_tensor(test.test_labels))
+        out[record.number] = scores["accuracy"]
+    return out
+
+
+def _study_data(
+    dataset: str | None,
+    data_dir: str | None,
+    *,
+    limit_train: int | None,
+    limit_test: int | None,
+    select_on: str,
+    validation: float | int,
+    seed: int,
+) -> tuple[Any, Any]:
+    """The built-in objective's data: (what trials get, the dataset holding the test split).
+
+    Selecting on validation, trials get the training part with the validation split in the test
+    split's place (:meth:`ImageDataset.validation_as_test`), so the test split stays on the driver.
+    ``limit_train`` applies first: the hold-out comes out of the examples kept.
+    """
+    from deepspark.data import load_dataset
+
+    data = load_dataset(dataset, data_dir=data_dir)
+    if limit_train is not None or limit_test is not None:
+        data = data.subset(train=limit_train, test=limit_test)
+    if select_on == "test":
+        return data, data
+    split = data.split_validation(validation, seed=seed)
+    trials = split.validation_as_test()
+    if len(trials.test_labels) == 0:
+        raise ConfigError(
+            f"validation={validation!r} holds out no example of the {len(data.train_labels)} training "
+            "examples; give a larger validation (a fraction or a count), or select_on='test'"
+        )
+    _log.info(
+        "selecting on a validation split of %d examples; training on %d",
+        len(trials.test_labels),
+        len(trials.train_labels),
+    )
+    return trials, split
 
 
 def _drop_stale_model(best_dir: Path, best: TrialRecord | None) -> None:
@@ -178,6 +266,8 @@ def tune(
     model: str = "cnn",
     limit_train: int | None = None,
     limit_test: int | None = None,
+    select_on: str | None = None,
+    validation: float | int = DEFAULT_VALIDATION,
     master: str | None = None,
     seed: int = 0,
     timeout: float | None = None,
@@ -190,7 +280,12 @@ def tune(
 
     Either give ``objective(config, reporter) -> float | dict`` (any framework; ``data`` is broadcast once
     and reaches it as ``reporter.data``), or leave it out and name a ``dataset`` and zoo ``model``: the
-    built-in objective trains it with each trial's config and reports per-epoch test accuracy.
+    built-in objective trains it with each trial's config and reports per-epoch accuracy on the split
+    ``select_on`` names: ``"validation"`` (the default; a seeded, stratified hold-out of ``validation``
+    of the training split, 10% by default, seeded with ``seed``) or ``"test"`` (the 2016 blog's
+    protocol, whose chosen accuracy is optimistic). Selecting on validation, the best trial's and the
+    default configuration's test accuracy are measured once, at the end, and written beside their
+    validation accuracy in ``best.json`` and ``trials.csv`` (docs/tune.md).
 
     ``run_dir`` holds the Optuna journal (open it with optuna-dashboard), ``trials.csv``, ``best.json`` and
     the best model. ``resume=True`` continues a study after a crash or Ctrl-C: finished trials are kept,
@@ -226,6 +321,9 @@ def tune(
             model = saved.get("model", model)
             limit_train = saved.get("limit_train", limit_train)
             limit_test = saved.get("limit_test", limit_test)
+            # A study from before the validation split was chosen on the test split: it stays so.
+            select_on = saved.get("select_on", "test")
+            validation = saved.get("validation", validation)
         seed = saved.get("seed", seed)
         threads_per_trial = saved.get("threads_per_trial", threads_per_trial)
     trials = _check_int("trials", 24 if trials is None else trials)
@@ -258,11 +356,22 @@ def tune(
             raise ConfigError(
                 "give an objective function, or a dataset or data_dir (and model) for the built-in objective"
             )
-        builtin = TorchObjective(model=model)
+        select_on = "validation" if select_on is None else select_on
+        if select_on not in SELECT_ON:
+            raise ConfigError(f"select_on: expected one of {list(SELECT_ON)}, got {select_on!r}")
+        if select_on == "validation":
+            _check_validation(validation)
+        builtin = TorchObjective(model=model, evaluated_on=select_on)
         search.check(builtin.check)  # names, and every value the space can give, before Spark starts
         objective = builtin
     elif not callable(objective):
         raise ConfigError(f"objective: expected a callable objective(config, reporter), got {objective!r}")
+    elif select_on is not None:
+        raise ConfigError(
+            f"select_on: applies to the built-in objective only (got {select_on!r} with a Python "
+            "objective, which chooses its own metric and data: hold out a validation split in it, e.g. "
+            "with ImageDataset.split_validation)"
+        )
     default_params: dict[str, Any] | None = None
     default_overrides: dict[str, Any] = {}
     if default_config is True and builtin is not None:
@@ -306,6 +415,8 @@ def tune(
                 "model": model if builtin is not None else None,
                 "limit_train": limit_train,
                 "limit_test": limit_test,
+                "select_on": select_on if builtin is not None else None,
+                "validation": validation if builtin is not None and select_on == "validation" else None,
             }
             rundir.write_config(run_path, config)
         from optuna.storages import JournalStorage
@@ -348,6 +459,18 @@ def tune(
         else:
             to_run = max(0, trials - finished)
 
+        test_data = None
+        if builtin is not None:
+            assert select_on is not None
+            data, test_data = _study_data(
+                dataset,
+                data_dir,
+                limit_train=limit_train,
+                limit_test=limit_test,
+                select_on=select_on,
+                validation=validation,
+                seed=seed,
+            )
         started = time.perf_counter()
         stop_reason: str | None = None
         used_parallelism = 0
@@ -365,11 +488,7 @@ def tune(
                 max_attempts=max_attempts,
                 metric=metric,
                 data=data,
-                builtin=builtin,
-                dataset=dataset,
-                data_dir=data_dir,
-                limit_train=limit_train,
-                limit_test=limit_test,
+                keep_default=select_on == "validation",
                 master=master,
                 on_event=on_event,
                 on_start=on_start,
@@ -389,6 +508,9 @@ def tune(
     best, default = best_and_default(records, maximize=maximize)
     best_dir = run_path / rundir.BEST_DIR
     _drop_stale_model(best_dir, best)
+    tests: dict[int, float] = {}
+    if test_data is not None and select_on == "validation":
+        tests = _test_accuracies(run_path, test_data, {rundir.BEST_DIR: best, rundir.DEFAULT_DIR: default})
     summary = write_reports(
         run_path,
         records,
@@ -397,6 +519,8 @@ def tune(
         fixed=dict(search.fixed),
         wall_s=wall,
         best_checkpoint=best_dir if best_dir.is_dir() else None,
+        selected_on=select_on if builtin is not None else None,
+        test_accuracy=tests,
     )
     return StudyResult(
         run_dir=run_path,
@@ -407,7 +531,18 @@ def tune(
         wall_s=wall,
         stop_reason=stop_reason,
         parallelism=used_parallelism,
+        selected_on=select_on if builtin is not None else None,
     )
+
+
+def _check_validation(value: Any) -> None:
+    """The validation size's type and range, before any data is read (its count is checked later)."""
+    fraction = isinstance(value, float) and 0.0 < value < 1.0
+    count = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    if not (fraction or count):
+        raise ConfigError(
+            f"validation: expected a fraction of the training split in (0, 1) or a count >= 1, got {value!r}"
+        )
 
 
 def _plan_grid(study: optuna.Study, search: SearchSpace, *, points: int, seed: int) -> None:
@@ -450,11 +585,7 @@ def _execute(
     max_attempts: int,
     metric: str,
     data: Any,
-    builtin: Any,
-    dataset: str | None,
-    data_dir: str | None,
-    limit_train: int | None,
-    limit_test: int | None,
+    keep_default: bool,
     master: str | None,
     on_event: Callable[[TrialEvent], None] | None,
     on_start: Callable[[int, int], None] | None,
@@ -464,12 +595,6 @@ def _execute(
 ) -> tuple[str | None, int]:
     from deepspark.spark import session, task_cpus
 
-    if builtin is not None:
-        from deepspark.data import load_dataset
-
-        data = load_dataset(dataset, data_dir=data_dir)
-        if limit_train is not None or limit_test is not None:
-            data = data.subset(train=limit_train, test=limit_test)
     spark = session(master, app_name="deepspark-tune", conf={"spark.task.cpus": threads})
     sc = spark.sparkContext
     cpus = task_cpus(spark)
@@ -530,6 +655,9 @@ def _execute(
         max_attempts=max_attempts,
         on_event=on_event,
         on_model=functools.partial(_save_model, run_path),
+        on_default_model=functools.partial(_save_model, run_path, name=rundir.DEFAULT_DIR)
+        if keep_default
+        else None,
         timeout=timeout,
         trial_timeout=trial_timeout,
         heartbeat_timeout=heartbeat_timeout,
