@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from deepspark.errors import ConfigError, SpecError
-from deepspark.models import ZOO, checkpoint_files, model_spec
+from deepspark.models import ZOO, ModelSpec, checkpoint_files, load_spec, model_spec
 from deepspark.training import DEFAULT_TRAIN_CONFIG, EpochMetrics, TrainConfig, train_one_process
 from deepspark.tuning.trial import Reporter
 
@@ -17,28 +17,54 @@ TRAIN_KEYS = frozenset(TrainConfig.__dataclass_fields__) - {"threads"}
 
 
 class TorchObjective:
-    """``objective(config, reporter)`` for a zoo model; ``reporter.data`` is the broadcast ImageDataset.
+    """``objective(config, reporter)`` for a zoo model or a model spec; ``reporter.data`` is the broadcast
+    ImageDataset.
 
-    Config keys that name :class:`TrainConfig` fields go to the trainer, the rest are the network's
-    hyperparameters (``fc``, ``conv1``, …). Reports test accuracy after every epoch, so pruners can act.
+    Config keys that name :class:`TrainConfig` fields go to the trainer, the rest are the zoo network's
+    hyperparameters (``fc``, ``conv1``, …; a spec has none: its layers are fixed). Reports test accuracy
+    after every epoch, so pruners can act.
     """
 
-    def __init__(self, *, model: str, base: Mapping[str, Any] | None = None) -> None:
-        if model not in ZOO:
-            raise ConfigError(f"model: expected one of {sorted(ZOO)}, got {model!r}")
-        self.model = model
+    def __init__(
+        self, *, model: str | ModelSpec | Mapping[str, Any], base: Mapping[str, Any] | None = None
+    ) -> None:
+        self.spec: ModelSpec | None = None
+        if isinstance(model, str) and model in ZOO:
+            self.model = model
+        else:
+            try:
+                self.spec = load_spec(model)  # read once, here: the executors get the spec, not the path
+                self.spec.output_shape()
+            except SpecError as exc:
+                raise ConfigError(
+                    f"model: expected a zoo model ({', '.join(sorted(ZOO))}) or a model spec (a JSON/YAML "
+                    f"file or mapping), got {model if isinstance(model, str) else type(model).__name__!r}: "
+                    f"{exc}"
+                ) from None
+            self.model = self.spec.name
         self.base = dict(base or {})
+
+    @property
+    def saved_model(self) -> str | dict[str, Any]:
+        """What a run directory's ``config.json`` keeps to rebuild this objective on resume."""
+        return self.model if self.spec is None else self.spec.to_dict()
+
+    def check_data(self, *, input_shape: tuple[int, ...], num_classes: int) -> None:
+        """Raise :class:`ConfigError` unless the network fits the dataset (a spec's input shape and
+        output count; a zoo network is built for the data, so it always does)."""
+        if self.spec is not None:
+            self.spec.check_fits(input_shape=input_shape, num_classes=num_classes)
 
     def split(self, config: Mapping[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
         merged = {**self.base, **config}
         train_cfg = {k: v for k, v in merged.items() if k in TRAIN_KEYS}
         hyper = {k: v for k, v in merged.items() if k not in TRAIN_KEYS}
-        allowed = set(ZOO[self.model][1])
+        allowed = set(ZOO[self.model][1]) if self.spec is None else set()
         unknown = set(hyper) - allowed
         if unknown:
             raise ConfigError(
                 f"parameter(s) {sorted(unknown)} are neither training options ({sorted(TRAIN_KEYS)}) nor "
-                f"hyperparameters of model {self.model!r} ({sorted(allowed)})"
+                f"hyperparameters of model {self.model!r} ({sorted(allowed) or 'none: a spec is fixed'})"
             )
         return TrainConfig.from_dict({**DEFAULT_TRAIN_CONFIG.to_dict(), **train_cfg}), hyper
 
@@ -46,6 +72,8 @@ class TorchObjective:
         """Raise :class:`ConfigError` unless a trial could train with ``config``: names, training
         options and the model's hyperparameters (the network is built for 28x28 grey inputs)."""
         _, hyper = self.split(config)
+        if self.spec is not None:
+            return
         try:
             model_spec(self.model, **hyper)
         except SpecError as exc:
@@ -55,8 +83,10 @@ class TorchObjective:
         """The default configuration's value for each searched parameter (for the baseline trial)."""
         import inspect
 
-        make = ZOO[self.model][0]
-        defaults = {k: p.default for k, p in inspect.signature(make).parameters.items()}
+        defaults: dict[str, Any] = {}
+        if self.spec is None:
+            make = ZOO[self.model][0]
+            defaults = {k: p.default for k, p in inspect.signature(make).parameters.items()}
         defaults.update(DEFAULT_TRAIN_CONFIG.to_dict())
         defaults.update(self.base)
         missing = [n for n in names if n not in defaults]
@@ -68,7 +98,9 @@ class TorchObjective:
         data = reporter.data
         train_config, hyper = self.split(config)
         train_config = TrainConfig.from_dict({**train_config.to_dict(), "threads": reporter.threads})
-        spec = model_spec(self.model, input_shape=data.input_shape, num_classes=data.num_classes, **hyper)
+        spec = self.spec or model_spec(
+            self.model, input_shape=data.input_shape, num_classes=data.num_classes, **hyper
+        )
 
         def on_epoch(m: EpochMetrics) -> None:
             reporter.report(m.epoch, m.test_accuracy, final=m.epoch == train_config.epochs)
