@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pyspark
@@ -103,9 +103,23 @@ def standalone_cluster(
             kill_group(proc)
 
 
-def executor_pids(worker: subprocess.Popen) -> list[int]:
-    """PIDs of the executor JVMs a standalone Worker we started has launched (its child processes)."""
-    pids = []
+def start_driver(script: Path, tmp_path: Path, procs: list[subprocess.Popen]) -> subprocess.Popen:
+    """Run the driver ``script`` (a process holds one SparkContext) in its own session, its output piped,
+    and add it to ``procs`` so the cluster's ``finally`` kills it too."""
+    driver = subprocess.Popen(
+        [sys.executable, str(script)],
+        env=cluster_env(tmp_path),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    procs.append(driver)
+    return driver
+
+
+def _processes() -> dict[int, tuple[int, bytes]]:
+    """Every live process: pid -> (parent pid, command line), read from /proc."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -114,7 +128,47 @@ def executor_pids(worker: subprocess.Popen) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == worker.pid and b"CoarseGrainedExecutorBackend" in cmdline:
-            pids.append(int(entry.name))
-    return pids
+        found[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmdline)
+    return found
+
+
+def executor_pids(worker: subprocess.Popen) -> list[int]:
+    """PIDs of the executor JVMs a standalone Worker we started has launched (its child processes)."""
+    return [
+        pid
+        for pid, (ppid, cmdline) in _processes().items()
+        if ppid == worker.pid and b"CoarseGrainedExecutorBackend" in cmdline
+    ]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``: a Worker's executor JVMs and their Python daemon and workers (which
+    pyspark puts in a process group of their own, so ``killpg`` on the Worker misses them)."""
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in _processes().items():
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@contextmanager
+def frozen(proc: subprocess.Popen) -> Iterator[list[int]]:
+    """SIGSTOP ``proc`` and everything below it, as a host that stops answering; yield the stopped PIDs.
+
+    On exit every one of them gets SIGCONT and SIGKILL: nothing we froze outlives the test.
+    """
+    pids = [proc.pid, *descendants(proc.pid)]
+    try:
+        for pid in pids:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        yield pids
+    finally:
+        for pid in pids:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                with suppress(ProcessLookupError):
+                    os.kill(pid, sig)

@@ -158,3 +158,31 @@ def test_quiet_start_gives_way_to_the_users_logging(tmp_path: Path) -> None:
     conf_dir.mkdir()
     (conf_dir / "log4j2.properties").write_text("rootLogger.level = info\n", encoding="utf-8")
     assert quiet_log_options({}, {"SPARK_CONF_DIR": str(conf_dir)}) is None
+
+
+def test_the_cores_of_an_executor_are_known_from_a_local_master_before_the_jvm() -> None:
+    import os
+
+    from deepspark.spark import master_cores
+
+    assert master_cores("local") == 1
+    assert master_cores("local[3]") == 3
+    assert master_cores("local[2, 4]") == 2
+    assert master_cores("local[*]") == (os.cpu_count() or 1)
+    assert master_cores("local-cluster[2, 3, 1024]") == 3
+    for master in ("spark://127.0.0.1:7077", "yarn", "k8s://https://example.invalid:443"):
+        assert master_cores(master) is None
+
+
+def test_sparks_cpus_per_task_error_becomes_one_line_naming_both_numbers() -> None:
+    from deepspark.spark import _raise_gateway_error
+
+    java = (
+        "An error occurred while calling None.org.apache.spark.api.java.JavaSparkContext.\n"
+        ": org.apache.spark.SparkException: The number of cores per executor (=2) has to be >= the number "
+        "of cpus per task = 3.\n\tat org.apache.spark.SparkContext..."
+    )
+    with pytest.raises(ConfigError) as caught:
+        _raise_gateway_error(RuntimeError(java), "spark://h:7077")
+    assert str(caught.value).startswith("spark.task.cpus: expected at most 2 (the cores of one executor of")
+    assert "got 3" in str(caught.value) and "\n" not in str(caught.value)

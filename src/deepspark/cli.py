@@ -226,7 +226,11 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="a ready study: quick (make run), paper (the blog's) or sweep (lr x width grid)",
     )
-    p.add_argument("--model", default=None, help="zoo model: mlp, lenet, cnn (default cnn)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="zoo model (mlp, lenet, cnn; default cnn) or a model spec file (JSON/YAML)",
+    )
     p.add_argument("--space", default=None, help="search space YAML file (see docs/tune.md)")
     p.add_argument("--trials", type=int, default=None, help="total trials in the study (default 24)")
     p.add_argument("--parallelism", type=int, default=None, help="trials at once (default: every task slot)")

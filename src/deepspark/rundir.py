@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "BEST_DIR",
     "CONFIG_FILE",
     "DEFAULT_DIR",
+    "check_writable",
     "prepare",
     "read_config",
     "write_config",
@@ -46,7 +47,8 @@ def prepare(run_dir: str | os.PathLike[str], *, resume: bool) -> Path:
     """Check ``run_dir`` for a new run (absent or empty) or a resumed one (holds ``config.json``).
 
     Raises :class:`ConfigError` before anything is written, so a typo never mixes two runs in one
-    directory. Creates nothing: the caller makes the directory once every argument has been checked.
+    directory, and a directory that cannot be written (under a file, ``/proc``) fails now, not after the
+    work. Leaves nothing: the caller makes the directory once every argument has been checked.
     """
     path = Path(run_dir)
     if resume:
@@ -57,11 +59,19 @@ def prepare(run_dir: str | os.PathLike[str], *, resume: bool) -> Path:
             f"run_dir: {path} already exists; pass resume=True (--resume {path}) to continue that run, "
             "or choose a new directory"
         )
+    else:
+        check_writable(path, name="run_dir")
     return path
 
 
-def read_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``config.json`` of a run directory (a :class:`ConfigError` if it is missing or not JSON)."""
+def read_config(
+    run_dir: str | os.PathLike[str], *, required: Collection[str] = (), kind: str = "deepspark run"
+) -> dict[str, Any]:
+    """The ``config.json`` of a run directory (a :class:`ConfigError` if it is missing or not JSON).
+
+    ``required`` names the keys the caller reads back; a file without them is another command's run or
+    an incompatible version's, and is refused with that said rather than read with defaults.
+    """
     path = Path(run_dir) / CONFIG_FILE
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -73,6 +83,12 @@ def read_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"{path}: expected a JSON object, could not read it: {exc}") from exc
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    missing = sorted(set(required) - set(config))
+    if missing:
+        raise ConfigError(
+            f"resume: {path} is not a {kind}'s configuration (no {', '.join(missing)}): another command's "
+            "run directory, or one from an incompatible deepspark version; start a new run instead"
+        )
     return config
 
 
@@ -132,6 +148,34 @@ def write_dir_atomic(path: str | os.PathLike[str], files: Mapping[str, bytes]) -
         _remove(tmp)
         _remove(old)
     return target
+
+
+def check_writable(path: str | os.PathLike[str], *, name: str) -> None:
+    """Raise :class:`ConfigError` (naming parameter ``name``) unless a file can be written at ``path``.
+
+    Checked by doing it, before any work: the missing directories up to ``path``'s parent are made, a
+    probe file is written and everything made is removed again. Permission bits alone do not tell (root,
+    ``/proc``, read-only mounts, a regular file where a directory should be).
+    """
+    target = Path(path)
+    made: list[Path] = []
+    folder = target if target.is_dir() else target.parent
+    try:
+        missing = [d for d in (folder, *folder.parents) if not d.exists()]
+        for directory in reversed(missing):
+            directory.mkdir()
+            made.append(directory)
+        fd, probe = tempfile.mkstemp(prefix=".deepspark-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(
+            f"{name}: cannot write {target} ({exc.strerror or exc}); choose a path in a writable directory"
+        ) from None
+    finally:
+        for directory in reversed(made):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
 
 def _remove(path: Path) -> None:

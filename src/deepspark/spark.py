@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import re
 import socket
 import sys
 from collections.abc import Iterator, Mapping
@@ -28,9 +29,12 @@ if TYPE_CHECKING:
 __all__ = [
     "DEVICES",
     "check_master",
+    "check_task_cpus",
     "configured",
     "environment_conf",
+    "executor_cores",
     "limit_threads",
+    "master_cores",
     "quiet_log_options",
     "session",
     "task_cpus",
@@ -159,11 +163,14 @@ def session(
             )
         return active
     given = {**{k: str(v) for k, v in (conf or {}).items()}, **settings_.conf}
-    check_master(
+    planned = (
         master
         if master is not None
         else given.get("spark.master") or os.environ.get("MASTER") or environment_conf().get("spark.master")
     )
+    check_master(planned)
+    if "spark.task.cpus" in given:
+        _check_cores("spark.task.cpus", int(given["spark.task.cpus"]), planned or "local[*]")
     settings = {
         "spark.ui.showConsoleProgress": "false",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
@@ -219,9 +226,75 @@ def check_master(master: str | None) -> None:
     )
 
 
+def master_cores(master: str) -> int | None:
+    """The cores of one executor of a local master, known before any JVM starts: ``local`` 1,
+    ``local[N]`` (and ``local[N,F]``) N, ``local[*]`` every core, ``local-cluster[E,C,M]`` C; None for a
+    cluster manager (its executors' cores are the cluster's to say)."""
+    text = master.strip()
+    if text == "local":
+        return 1
+    m = re.fullmatch(r"local\[(\*|\d+)(?:,\s*(?:\*|\d+))?\]", text)
+    if m is not None:
+        return (os.cpu_count() or 1) if m.group(1) == "*" else int(m.group(1))
+    m = re.fullmatch(r"local-cluster\[\s*\d+\s*,\s*(\d+)\s*,\s*\d+\s*\]", text)
+    return int(m.group(1)) if m is not None else None
+
+
+def executor_cores(spark: SparkSession) -> int | None:
+    """The cores of one executor of a live session: its local master's, else ``spark.executor.cores`` when
+    set, else None (a standalone executor takes what its worker offers)."""
+    sc = spark.sparkContext
+    cores = master_cores(str(sc.master))
+    if cores is not None:
+        return cores
+    value = sc.getConf().get("spark.executor.cores", None)
+    return int(value) if value else None
+
+
+def check_task_cpus(name: str, threads: int, *, master: str | None = None) -> None:
+    """Raise :class:`ConfigError` (naming ``name``) when a task's ``threads`` exceed one executor's cores.
+
+    Checked against the session :func:`session` would use (the active one, else the one ``master``
+    starts), before any JVM starts or job runs: otherwise Spark fails in the SparkContext's constructor
+    with a Java trace, or never schedules the task. Where the cores are unknown (a cluster manager
+    without ``spark.executor.cores``) nothing is checked.
+    """
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        cores, where = executor_cores(active), str(active.sparkContext.master)
+    else:
+        where = master or os.environ.get("MASTER") or "local[*]"
+        cores = master_cores(where)
+    if cores is not None and threads > cores:
+        raise _too_many(name, threads, cores, where)
+
+
+def _check_cores(name: str, threads: int, master: str) -> None:
+    cores = master_cores(master)
+    if cores is not None and threads > cores:
+        raise _too_many(name, threads, cores, master)
+
+
+def _too_many(name: str, threads: int, cores: int, master: str) -> ConfigError:
+    return ConfigError(
+        f"{name}: expected at most {cores} (the cores of one executor of {master}), got {threads}; "
+        "use fewer threads, or executors with more cores"
+    )
+
+
+_CPUS_PER_TASK = re.compile(r"cores per executor \(=(\d+)\) has to be >= the number of cpus per task = (\d+)")
+
+
 def _raise_gateway_error(exc: Exception, master: str | None) -> None:
     """Turn a JVM that could not start (no Java, a Java that exits) into a one-line ConfigError."""
     text = f"{type(exc).__name__}: {exc}"
+    found = _CPUS_PER_TASK.search(text)
+    if found is not None:  # spark.executor.cores below spark.task.cpus, from the user's Spark configuration
+        raise _too_many(
+            "spark.task.cpus", int(found.group(2)), int(found.group(1)), master or "the configured master"
+        ) from exc
     if "JAVA_GATEWAY_EXITED" in text or "Java gateway process exited" in text:
         raise ConfigError(
             "Spark could not start its JVM (Java gateway exited"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from test_fit import SGD, _layout_dir
 
-from _cluster import cluster_env, executor_pids, kill_group, standalone_cluster
+from _cluster import executor_pids, kill_group, standalone_cluster, start_driver
 from deepspark.training import fit
 
 
@@ -62,14 +62,7 @@ def test_average_survives_an_executor_killed_mid_training(tmp_path: Path) -> Non
             json.dump({{"accuracy": result.test_accuracy}}, open({str(out)!r}, "w"))
             """)
         )
-        driver = subprocess.Popen(
-            [sys.executable, str(script)],
-            env=cluster_env(tmp_path),
-            start_new_session=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        procs.append(driver)
+        driver = start_driver(script, tmp_path, procs)
         _wait_rows(run, driver, 3)
         victims = executor_pids(procs[2])  # the second Worker's executor JVM
         assert victims, "the second worker runs no executor"

@@ -42,6 +42,7 @@ from deepspark.inference.formats import (
 )
 from deepspark.inference.topk import softmax, top_k
 from deepspark.models.preprocess import Preprocess
+from deepspark.rundir import check_writable
 
 if TYPE_CHECKING:
     from pyspark import Broadcast
@@ -561,6 +562,8 @@ def predict(
         and not overwrite
     ):
         raise ConfigError(f"output: {output_path} already exists; pass overwrite=True or choose another path")
+    if output_path is not None and _is_local(output_path):
+        check_writable(_local(output_path), name="output")  # not after the job: Spark's write fails late
     names = read_labels(labels) if isinstance(labels, str | os.PathLike) else labels
     artifact = read_model(model, preprocess=preprocess, class_names=names)
     chosen = resolve_backend(backend, artifact)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepspark.errors import SpecError
+from deepspark.errors import ConfigError, SpecError
 
 __all__ = ["LAYER_TYPES", "ModelSpec", "SpecModel", "build_model", "load_spec"]
 
@@ -109,6 +109,24 @@ class ModelSpec:
         for i, layer in enumerate(self.layers):
             _, shape = _make_layer(i, layer, shape)
         return shape
+
+    def check_fits(self, *, input_shape: Sequence[int], num_classes: int) -> None:
+        """Raise :class:`ConfigError` unless this network takes the data's inputs and scores all its classes.
+
+        The one check train and tune make before Spark starts: a last layer with fewer outputs than the
+        data has classes would otherwise fail in the first step, inside a task ("Target 9 is out of
+        bounds"). More outputs than classes are allowed (the extra logits are never a target).
+        """
+        if tuple(self.input_shape) != tuple(input_shape):
+            raise ConfigError(
+                f"model: its input shape {list(self.input_shape)} does not match the data's {list(input_shape)}"
+            )
+        outputs = self.output_shape()
+        if len(outputs) != 1 or outputs[0] < num_classes:
+            raise ConfigError(
+                f"model: its output {list(outputs)} cannot score the data's {num_classes} classes; "
+                f"its last layer needs {num_classes} outputs"
+            )
 
 
 def load_spec(obj: ModelSpec | Mapping[str, Any] | str | os.PathLike[str]) -> ModelSpec:

@@ -469,16 +469,7 @@ def _model_spec(model: Any, layout: FrameLayout) -> ModelSpec:
     if isinstance(model, str) and model in ZOO:
         return model_spec(model, input_shape=layout.shape, num_classes=layout.num_classes)
     spec = load_spec(model)
-    if tuple(spec.input_shape) != tuple(layout.shape):
-        raise ConfigError(
-            f"model: its input shape {list(spec.input_shape)} does not match the data's {list(layout.shape)}"
-        )
-    outputs = spec.output_shape()
-    if len(outputs) != 1 or outputs[0] < layout.num_classes:
-        raise ConfigError(
-            f"model: its output {list(outputs)} cannot score the data's {layout.num_classes} classes; "
-            f"its last layer needs {layout.num_classes} outputs"
-        )
+    spec.check_fits(input_shape=layout.shape, num_classes=layout.num_classes)
     return spec
 
 

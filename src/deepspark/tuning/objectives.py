@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from deepspark.errors import ConfigError, SpecError
-from deepspark.models import ZOO, checkpoint_files, model_spec
+from deepspark.models import ZOO, ModelSpec, checkpoint_files, load_spec, model_spec
 from deepspark.training import DEFAULT_TRAIN_CONFIG, EpochMetrics, TrainConfig, train_one_process
 from deepspark.tuning.trial import Reporter
 
@@ -17,37 +17,64 @@ TRAIN_KEYS = frozenset(TrainConfig.__dataclass_fields__) - {"threads"}
 
 
 class TorchObjective:
-    """``objective(config, reporter)`` for a zoo model; ``reporter.data`` is the broadcast ImageDataset.
+    """``objective(config, reporter)`` for a zoo model or a model spec; ``reporter.data`` is the broadcast
+    ImageDataset.
 
-    Config keys that name :class:`TrainConfig` fields go to the trainer, the rest are the network's
-    hyperparameters (``fc``, ``conv1``, …). Trains on ``data.train_*`` and reports the accuracy on
-    ``data.test_*`` after every epoch, so pruners can act. ``tune`` selecting on validation (its
-    default) broadcasts ``split.validation_as_test()``: the trials train on the training part, report
-    validation accuracy, and never hold the test split. ``evaluated_on`` names that split
-    (``"validation"`` or ``"test"``) in the checkpoint's metrics.
+    Config keys that name :class:`TrainConfig` fields go to the trainer, the rest are the zoo network's
+    hyperparameters (``fc``, ``conv1``, …; a spec has none: its layers are fixed). Trains on
+    ``data.train_*`` and reports the accuracy on ``data.test_*`` after every epoch, so pruners can act.
+    ``tune`` selecting on validation (its default) broadcasts ``split.validation_as_test()``: the trials
+    train on the training part, report validation accuracy, and never hold the test split.
+    ``evaluated_on`` names that split (``"validation"`` or ``"test"``) in the checkpoint's metrics.
     """
 
     def __init__(
-        self, *, model: str, base: Mapping[str, Any] | None = None, evaluated_on: str = "test"
+        self,
+        *,
+        model: str | ModelSpec | Mapping[str, Any],
+        base: Mapping[str, Any] | None = None,
+        evaluated_on: str = "test",
     ) -> None:
-        if model not in ZOO:
-            raise ConfigError(f"model: expected one of {sorted(ZOO)}, got {model!r}")
         if evaluated_on not in ("validation", "test"):
             raise ConfigError(f"evaluated_on: expected 'validation' or 'test', got {evaluated_on!r}")
-        self.model = model
+        self.spec: ModelSpec | None = None
+        if isinstance(model, str) and model in ZOO:
+            self.model = model
+        else:
+            try:
+                self.spec = load_spec(model)  # read once, here: the executors get the spec, not the path
+                self.spec.output_shape()
+            except SpecError as exc:
+                raise ConfigError(
+                    f"model: expected a zoo model ({', '.join(sorted(ZOO))}) or a model spec (a JSON/YAML "
+                    f"file or mapping), got {model if isinstance(model, str) else type(model).__name__!r}: "
+                    f"{exc}"
+                ) from None
+            self.model = self.spec.name
         self.base = dict(base or {})
         self.evaluated_on = evaluated_on
+
+    @property
+    def saved_model(self) -> str | dict[str, Any]:
+        """What a run directory's ``config.json`` keeps to rebuild this objective on resume."""
+        return self.model if self.spec is None else self.spec.to_dict()
+
+    def check_data(self, *, input_shape: tuple[int, ...], num_classes: int) -> None:
+        """Raise :class:`ConfigError` unless the network fits the dataset (a spec's input shape and
+        output count; a zoo network is built for the data, so it always does)."""
+        if self.spec is not None:
+            self.spec.check_fits(input_shape=input_shape, num_classes=num_classes)
 
     def split(self, config: Mapping[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
         merged = {**self.base, **config}
         train_cfg = {k: v for k, v in merged.items() if k in TRAIN_KEYS}
         hyper = {k: v for k, v in merged.items() if k not in TRAIN_KEYS}
-        allowed = set(ZOO[self.model][1])
+        allowed = set(ZOO[self.model][1]) if self.spec is None else set()
         unknown = set(hyper) - allowed
         if unknown:
             raise ConfigError(
                 f"parameter(s) {sorted(unknown)} are neither training options ({sorted(TRAIN_KEYS)}) nor "
-                f"hyperparameters of model {self.model!r} ({sorted(allowed)})"
+                f"hyperparameters of model {self.model!r} ({sorted(allowed) or 'none: a spec is fixed'})"
             )
         return TrainConfig.from_dict({**DEFAULT_TRAIN_CONFIG.to_dict(), **train_cfg}), hyper
 
@@ -55,6 +82,8 @@ class TorchObjective:
         """Raise :class:`ConfigError` unless a trial could train with ``config``: names, training
         options and the model's hyperparameters (the network is built for 28x28 grey inputs)."""
         _, hyper = self.split(config)
+        if self.spec is not None:
+            return
         try:
             model_spec(self.model, **hyper)
         except SpecError as exc:
@@ -64,8 +93,10 @@ class TorchObjective:
         """The default configuration's value for each searched parameter (for the baseline trial)."""
         import inspect
 
-        make = ZOO[self.model][0]
-        defaults = {k: p.default for k, p in inspect.signature(make).parameters.items()}
+        defaults: dict[str, Any] = {}
+        if self.spec is None:
+            make = ZOO[self.model][0]
+            defaults = {k: p.default for k, p in inspect.signature(make).parameters.items()}
         defaults.update(DEFAULT_TRAIN_CONFIG.to_dict())
         defaults.update(self.base)
         missing = [n for n in names if n not in defaults]
@@ -77,7 +108,9 @@ class TorchObjective:
         data = reporter.data
         train_config, hyper = self.split(config)
         train_config = TrainConfig.from_dict({**train_config.to_dict(), "threads": reporter.threads})
-        spec = model_spec(self.model, input_shape=data.input_shape, num_classes=data.num_classes, **hyper)
+        spec = self.spec or model_spec(
+            self.model, input_shape=data.input_shape, num_classes=data.num_classes, **hyper
+        )
 
         def on_epoch(m: EpochMetrics) -> None:
             reporter.report(m.epoch, m.test_accuracy, final=m.epoch == train_config.epochs)

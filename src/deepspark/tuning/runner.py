@@ -30,6 +30,7 @@ from deepspark import rundir
 from deepspark.data.datasets import DEFAULT_VALIDATION
 from deepspark.errors import ConfigError, RunError
 from deepspark.slots import root_cause, run_slots, short_error
+from deepspark.spark import check_task_cpus
 from deepspark.tuning.coordinator import (
     CARRIED_ATTRS,
     DEFAULT_ATTR,
@@ -68,6 +69,8 @@ STUDY_NAME = "deepspark"
 CLUSTER_ATTR = "deepspark:cluster"
 
 Objective = Callable[[dict[str, Any], Reporter], Any]
+# What every study's config.json holds (see tune()); a resume reads them back.
+_SAVED_KEYS = ("space", "trials", "sampler", "pruner", "metric", "direction", "objective")
 
 
 @dataclass(frozen=True)
@@ -263,7 +266,7 @@ def tune(
     data: Any = None,
     dataset: str | None = None,
     data_dir: str | None = None,
-    model: str = "cnn",
+    model: str | Mapping[str, Any] = "cnn",
     limit_train: int | None = None,
     limit_test: int | None = None,
     select_on: str | None = None,
@@ -279,8 +282,9 @@ def tune(
     """Run a hyperparameter study whose trials are Spark tasks.
 
     Either give ``objective(config, reporter) -> float | dict`` (any framework; ``data`` is broadcast once
-    and reaches it as ``reporter.data``), or leave it out and name a ``dataset`` and zoo ``model``: the
-    built-in objective trains it with each trial's config and reports per-epoch accuracy on the split
+    and reaches it as ``reporter.data``), or leave it out and name a ``dataset`` and ``model`` (a zoo
+    name, or a model spec: a JSON/YAML file or mapping whose output count covers the dataset's classes):
+    the built-in objective trains it with each trial's config and reports per-epoch accuracy on the split
     ``select_on`` names: ``"validation"`` (the default; a seeded, stratified hold-out of ``validation``
     of the training split, 10% by default, seeded with ``seed``) or ``"test"`` (the 2016 blog's
     protocol, whose chosen accuracy is optimistic). Selecting on validation, the best trial's and the
@@ -303,7 +307,7 @@ def tune(
     rundir.prepare(run_path, resume=resume)
     saved: dict[str, Any] = {}
     if resume:
-        saved = rundir.read_config(run_path)
+        saved = rundir.read_config(run_path, required=_SAVED_KEYS, kind="tune study")
         space = space if space is not None else saved.get("space")
         trials = trials if trials is not None else saved.get("trials")
         sampler, pruner = saved.get("sampler", sampler), saved.get("pruner", pruner)
@@ -328,6 +332,7 @@ def tune(
         threads_per_trial = saved.get("threads_per_trial", threads_per_trial)
     trials = _check_int("trials", 24 if trials is None else trials)
     threads_per_trial = _check_int("threads_per_trial", threads_per_trial)
+    check_task_cpus("threads_per_trial", threads_per_trial, master=master)
     _check_int("max_attempts", max_attempts)
     timeout = _check_seconds("timeout", timeout)
     trial_timeout = _check_seconds("trial_timeout", trial_timeout)
@@ -336,6 +341,9 @@ def tune(
         _check_int("parallelism", parallelism)
     if max_failures is not None:
         _check_int("max_failures", max_failures)
+    for name, limit in (("limit_train", limit_train), ("limit_test", limit_test)):
+        if limit is not None:
+            _check_int(name, limit)  # an empty split fails every trial, and an empty test split scores none
     if sampler not in SAMPLERS:
         raise ConfigError(f"sampler: expected one of {list(SAMPLERS)}, got {sampler!r}")
     if pruner not in PRUNERS:
@@ -412,7 +420,7 @@ def tune(
                 "objective": "builtin" if builtin is not None else getattr(objective, "__qualname__", "user"),
                 "dataset": dataset,
                 "data_dir": str(Path(data_dir).expanduser().absolute()) if data_dir is not None else None,
-                "model": model if builtin is not None else None,
+                "model": builtin.saved_model if builtin is not None else None,
                 "limit_train": limit_train,
                 "limit_test": limit_test,
                 "select_on": select_on if builtin is not None else None,
@@ -471,6 +479,7 @@ def tune(
                 validation=validation,
                 seed=seed,
             )
+            builtin.check_data(input_shape=data.input_shape, num_classes=data.num_classes)
         started = time.perf_counter()
         stop_reason: str | None = None
         used_parallelism = 0
