@@ -8,6 +8,7 @@ same number of epochs, bytes communicated per epoch, and the time split. Runs (`
     allreduce, async                the other strategies, 2x1
     torchdistributor                pyspark.ml.torch.TorchDistributor running a DDP loop 2x1
     RUN@slow3                       RUN with worker 1 slowed 3x (it sleeps twice its compute time)
+    RUN:lr=X                        RUN with learning rate X (e.g. scaled by the worker count)
 
 Targets (the training issue): average 2x1 reaches 99.0% >= 1.7x faster than local1, faster than local2,
 and no slower than TorchDistributor; average at tau >= 50 communicates <= 1/25 of allreduce's bytes per
@@ -59,8 +60,10 @@ def run_fit(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from deepspark.errors import ConfigError
     from deepspark.training import fit
 
-    config = {**CONFIG, "epochs": args.epochs}
-    options: dict[str, Any] = {"config": config, "limit_train": args.limit_train, "run_dir": work / name}
+    full = name
+    name, _, rate = name.partition(":lr=")
+    config = {**CONFIG, "epochs": args.epochs, **({"learning_rate": float(rate)} if rate else {})}
+    options: dict[str, Any] = {"config": config, "limit_train": args.limit_train, "run_dir": work / full}
     label, _, slow = name.partition("@slow")
     if slow:
         options["slow_worker"] = (1, float(slow))
@@ -75,7 +78,7 @@ def run_fit(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     try:
         result = fit("mnist", "lenet", **options)
     except ConfigError as exc:
-        return {"run": name, "error": str(exc)}
+        return {"run": full, "error": str(exc)}
     rounds = [r for r in result.history if r.get("seconds") not in ("", None)]
     per_round = sum(float(r["seconds"]) for r in rounds) / max(len(rounds), 1)
     compute = sum(float(r["compute_s"]) for r in rounds)
@@ -83,7 +86,7 @@ def run_fit(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     # (de)serialising and moving the weights, averaging, and waiting for the slower worker.
     overhead = 1 - compute / max(sum(float(r["seconds"]) for r in rounds), 1e-9)
     return {
-        "run": label + (f"@slow{slow}" if slow else ""),
+        "run": full,
         "to_99_s": _time_to_target(list(result.history)),
         "accuracy": result.test_accuracy,
         "wall_s": result.wall_s,
@@ -219,6 +222,7 @@ def _report(results: list[dict[str, Any]]) -> None:
             f"async@slow3: {ratio('async@slow3', 'avg-plain-50@slow3')} faster than avg-plain-50@slow3 (> 1x)"
         )
     for avg in (k for k in by if k.startswith("avg-") and "@" not in k):
+        # (runs with another learning rate are compared like the others: same epochs, same data)
         print(
             f"{avg}: {ratio(avg, 'local1')} faster than local1 (target 1.7x), {ratio(avg, 'local2')} than "
             f"local2 (> 1x), {ratio(avg, 'torchdistributor')} than TorchDistributor (>= 1x)"

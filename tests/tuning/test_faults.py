@@ -334,3 +334,36 @@ def test_a_frozen_worker_costs_one_heartbeat_timeout_not_the_study(tmp_path) -> 
     # Bounded by the heartbeat timeout (5 s) plus the trials left (2 s each, on one worker), not by how
     # long the frozen processes live; 90 s above is the hard limit, this the expected size.
     assert took < 45, took
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_two_thousand_noop_trials_complete_on_the_standalone_cluster(tmp_path: Path) -> None:
+    """Load: 2,000 no-op trials through `deepspark tune` on a master and 2 workers on 127.0.0.1 all finish,
+    each exactly once (the speed is measured by benchmarks/hpo_overhead.py, not here)."""
+    run, out = tmp_path / "run", tmp_path / "result.json"
+    with standalone_cluster(tmp_path, workers=2, cores=1, memory="1g") as (url, procs):
+        script = tmp_path / "driver.py"
+        script.write_text(
+            textwrap.dedent(f"""
+            import json
+            from deepspark.spark import session
+            from deepspark.tuning import tune
+            session({url!r}, conf={{"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1",
+                    "spark.executor.memory": "512m", "spark.cores.max": "2"}})
+            result = tune(lambda config, reporter: config["x"], space={X!r}, trials=2000, sampler="random",
+                          pruner="none", parallelism=2, run_dir={str(run)!r})
+            json.dump({{"counts": result.counts(), "numbers": sorted(r.number for r in result.records),
+                        "stop": result.stop_reason}}, open({str(out)!r}, "w"))
+            """)
+        )
+        driver = start_driver(script, tmp_path, procs)
+        try:
+            output, _ = driver.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            pytest.fail("2,000 no-op trials did not finish in 600 s")
+        assert driver.returncode == 0, output.decode(errors="replace")[-3000:]
+    result = json.loads(out.read_text())
+    assert result["stop"] is None
+    assert result["counts"] == {"complete": 2000, "pruned": 0, "fail": 0}
+    assert result["numbers"] == list(range(2000))  # none lost, none run twice
