@@ -199,6 +199,7 @@ def fit(
                 limit_test,
                 threads_per_worker,
                 started,
+                on_round,
             )
         spark = session(master, app_name="deepspark-train", conf={"spark.task.cpus": threads_per_worker})
         slots = total_slots(spark)
@@ -1184,6 +1185,7 @@ def _fit_local(
     limit_test: int | None,
     threads: int,
     started: float,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> FitResult:
     from deepspark.models import Preprocess
     from deepspark.training.loop import EpochMetrics, train_one_process
@@ -1233,6 +1235,8 @@ def _fit_local(
         }
         _append_history(run_path, row)
         history.append(row)
+        if on_round is not None:
+            on_round(row)
 
     result = train_one_process(spec, dataset, replace(config, threads=threads), callback=on_epoch)
     prepared = _Data(

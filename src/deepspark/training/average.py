@@ -273,6 +273,7 @@ class RoundServer(ServerState):
                     self._leave(worker)
 
     def _serve(self, conn: Any, worker: int) -> None:
+        synced = False  # whether this connection's worker already holds the cursor the driver has for it
         while True:
             waited = time.perf_counter()
             with self._lock:
@@ -294,12 +295,15 @@ class RoundServer(ServerState):
                     "round": current.number,
                     "steps": current.steps,
                     "seconds": self._settings.round_seconds,
-                    "cursor": self._workers[worker].cursor,
                     "waited_s": time.perf_counter() - waited,
                 }
+                if not synced:  # a new or re-joined worker: where its data stands (it keeps it from now on)
+                    header["cursor"] = self._workers[worker].cursor
                 payload = self._payload
-            sent = conn.send(header, payload)
+            before = conn.bytes_sent + conn.bytes_received
+            conn.send(header, payload)
             reply, data = conn.recv()
+            moved = conn.bytes_sent + conn.bytes_received - before  # both frames, headers included
             if reply.get("op") != "push" or int(reply.get("round", -1)) != current.number:
                 raise DeepsparkError(f"worker {worker}: expected its push for round {current.number}")
             push = _Push(
@@ -313,9 +317,11 @@ class RoundServer(ServerState):
             )
             with self._lock:
                 if current is not self._round or worker not in current.expected:
+                    synced = False  # its push was not taken: it must step from the driver's cursor again
                     continue  # left out of this round meanwhile (it was too slow): take the next one
                 current.pushes[worker] = push
-                current.bytes += sent + len(data)
+                current.bytes += moved
+                synced = True
                 self._maybe_finish()
 
     # ------------------------------------------------------------------------------ rounds
@@ -480,6 +486,7 @@ def average_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
     worker, inputs, targets = unit.worker, unit.inputs, unit.targets
     config, model, rate, hello = unit.config, unit.model, unit.rate, unit.hello
     rounds = 0
+    cursor: DataCursor | None = None
     with wire.connect(task.host, task.port, token=task.token, hello=hello) as conn:
         while True:
             waited = time.perf_counter()
@@ -488,7 +495,10 @@ def average_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
                 break
             received = time.perf_counter()
             model.load_state_dict(state_from_bytes(payload))
-            cursor = DataCursor.from_state(header["cursor"])
+            if "cursor" in header:  # the driver's record; otherwise this worker's own, as it pushed it
+                cursor = DataCursor.from_state(header["cursor"])
+            if cursor is None:
+                raise DeepsparkError("the driver sent no data cursor with a worker's first round")
             torch.manual_seed(task.seed * 1_000_003 + int(header["round"]) * 1009 + worker)
             optimizer = make_optimizer(model, config)  # fresh every round: see the module docstring
             loaded = time.perf_counter()
