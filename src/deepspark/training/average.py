@@ -127,10 +127,16 @@ class ServerState:
         self.error: BaseException | None = None
         self.devices: dict[int, str] = {}  # worker -> the device it trains on (from its hello)
 
-    def note_device(self, worker: int, hello: Mapping[str, Any]) -> None:
-        device, gpus = str(hello.get("device", "cpu")), list(hello.get("gpus") or [])
+    def admit(self, conn: Any, workers: int) -> int | None:
+        """The worker index a connection's hello names (its device noted), or None if it is not one of ours."""
+        worker = int(conn.hello.get("worker", -1))
+        if not 0 <= worker < workers:
+            _log.warning("a worker announced itself as %r; expected 0..%d", worker, workers - 1)
+            return None
+        device, gpus = str(conn.hello.get("device", "cpu")), list(conn.hello.get("gpus") or [])
         with self._lock:
             self.devices[worker] = device + (f" (Spark assigned GPU {','.join(gpus)})" if gpus else "")
+        return worker
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the run to finish or fail; return whether it has."""
@@ -250,10 +256,8 @@ class RoundServer(ServerState):
     # ------------------------------------------------------------------------------ handler
     def handle(self, conn: Any) -> None:
         """Serve one worker connection: round message → push → … → stop."""
-        worker = int(conn.hello.get("worker", -1))
-        self.note_device(worker, conn.hello)
-        if worker not in self._workers:
-            _log.warning("a worker announced itself as %r; expected 0..%d", worker, len(self._workers) - 1)
+        worker = self.admit(conn, len(self._workers))
+        if worker is None:
             return
         with self._lock:
             state = self._workers[worker]

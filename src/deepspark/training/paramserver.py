@@ -191,10 +191,8 @@ class ParameterServer(ServerState):
     # --------------------------------------------------------------------------------- handler
     def handle(self, conn: Any) -> None:
         """Serve one worker connection: pull → push → … → stop."""
-        worker = int(conn.hello.get("worker", -1))
-        self.note_device(worker, conn.hello)
-        if worker not in self._workers:
-            _log.warning("a worker announced itself as %r; expected 0..%d", worker, len(self._workers) - 1)
+        worker = self.admit(conn, len(self._workers))
+        if worker is None:
             return
         with self._lock:
             state = self._workers[worker]
