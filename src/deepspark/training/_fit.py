@@ -640,6 +640,12 @@ def _task_spec(
     )
 
 
+def _step_budget(rows: int, workers: int, config: TrainConfig) -> tuple[int, int]:
+    """Steps per epoch and in all for every worker: an even share of the rows, in batches."""
+    steps_per_epoch = math.ceil(math.ceil(rows / workers) / config.batch_size)
+    return steps_per_epoch, steps_per_epoch * config.epochs
+
+
 def _new_cursor(config: TrainConfig) -> Callable[[int, int], dict[str, Any]]:
     def new_cursor(worker: int, rows: int) -> dict[str, Any]:
         # Worker 0 shuffles exactly as the one-process loop does with the same seed.
@@ -669,8 +675,7 @@ def _fit_average(
     from deepspark.models import build_model
 
     layout = data.layout
-    steps_per_epoch = math.ceil(math.ceil(layout.rows / workers) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    _, total_steps = _step_budget(layout.rows, workers, config)
     driver_model = build_model(spec, seed=config.seed)
     if resume:
         weights, outer_state, state = _load_checkpoint(run_path)
@@ -748,7 +753,7 @@ def _fit_async(
     from deepspark.training.paramserver import AsyncRecord, ParameterServer, async_task
 
     layout = data.layout
-    total_steps = math.ceil(math.ceil(layout.rows / workers) / config.batch_size) * config.epochs
+    _, total_steps = _step_budget(layout.rows, workers, config)
     driver_model = build_model(spec, seed=config.seed)
     progress: dict[str, Any] = {}
     if resume:
@@ -846,8 +851,7 @@ def _fit_allreduce(
     from deepspark.training.allreduce import MODEL_PREFIX, GangReport, GangServer, GangSpec, allreduce_task
 
     layout = data.layout
-    steps_per_epoch = math.ceil(math.ceil(layout.rows / workers) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    steps_per_epoch, total_steps = _step_budget(layout.rows, workers, config)
     steps_per_round = max(1, steps_per_epoch // 4)
     driver_model = build_model(spec, seed=config.seed)
     if resume:
@@ -1097,7 +1101,10 @@ def _finish(
     from deepspark.models import save_checkpoint
 
     accuracy = None
-    if data.test_inputs is not None and data.test_labels is not None:
+    last = history[-1].get("test_accuracy", "") if history else ""
+    if last not in ("", None):
+        accuracy = float(last)  # every strategy scores its last round with the final weights: not again
+    elif data.test_inputs is not None and data.test_labels is not None:
         accuracy = evaluate(model, data.test_inputs, data.test_labels)["accuracy"]
     save_checkpoint(
         run_path / MODEL,

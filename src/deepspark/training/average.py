@@ -445,6 +445,34 @@ class LoadedWorker:
     model: torch.nn.Module
     rate: Callable[[int], float] | None
     hello: dict[str, Any]
+    slowdown: Callable[[int, float], None]
+
+    def take_steps(
+        self, optimizer: torch.optim.Optimizer, cursor: Any, steps: int, *, deadline: float | None = None
+    ) -> Any:
+        """Up to ``steps`` steps from ``cursor`` (a ``StepStats``; None for an empty partition), then the
+        benchmark's straggler delay if this worker is the slowed one."""
+        from deepspark.training.loop import run_steps
+
+        started = time.perf_counter()
+        stats = (
+            run_steps(
+                self.model,
+                optimizer,
+                self.inputs,
+                self.targets,
+                cursor,
+                steps,
+                augment=self.config.augment,
+                learning_rate=self.rate,
+                first_step=cursor.epoch * cursor.steps_per_epoch + cursor.step,
+                deadline=deadline,
+            )
+            if len(self.targets)
+            else None
+        )
+        self.slowdown(self.worker, time.perf_counter() - started)
+        return stats
 
 
 def load_worker(task: TaskSpec, batches: Iterator[Any]) -> LoadedWorker:
@@ -469,6 +497,7 @@ def load_worker(task: TaskSpec, batches: Iterator[Any]) -> LoadedWorker:
         config=config,
         model=build_model(task.spec).to(device),
         rate=cosine_rate(config.learning_rate, task.total_steps) if config.lr_schedule == "cosine" else None,
+        slowdown=task.slowdown,
         hello={
             "worker": worker,
             "rows": len(targets),
@@ -484,11 +513,10 @@ def average_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
     import pyarrow as pa
 
     from deepspark import wire
-    from deepspark.training.loop import DataCursor, make_optimizer, run_steps
+    from deepspark.training.loop import DataCursor, make_optimizer
 
     unit = load_worker(task, batches)
-    worker, inputs, targets = unit.worker, unit.inputs, unit.targets
-    config, model, rate, hello = unit.config, unit.model, unit.rate, unit.hello
+    worker, config, model, hello = unit.worker, unit.config, unit.model, unit.hello
     rounds = 0
     cursor: DataCursor | None = None
     with wire.connect(task.host, task.port, token=task.token, hello=hello) as conn:
@@ -507,23 +535,12 @@ def average_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
             optimizer = make_optimizer(model, config)  # fresh every round: see the module docstring
             loaded = time.perf_counter()
             seconds = header.get("seconds")
-            stats = (
-                run_steps(
-                    model,
-                    optimizer,
-                    inputs,
-                    targets,
-                    cursor,
-                    int(header["steps"]) if seconds is None else 1 << 30,
-                    augment=config.augment,
-                    learning_rate=rate,
-                    first_step=cursor.epoch * cursor.steps_per_epoch + cursor.step,
-                    deadline=None if seconds is None else loaded + float(seconds),
-                )
-                if len(targets)
-                else None
+            stats = unit.take_steps(
+                optimizer,
+                cursor,
+                int(header["steps"]) if seconds is None else 1 << 30,
+                deadline=None if seconds is None else loaded + float(seconds),
             )
-            task.slowdown(worker, time.perf_counter() - loaded)
             computed = time.perf_counter()
             data = state_to_bytes(model.state_dict())
             conn.send(

@@ -317,7 +317,7 @@ def async_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
     import pyarrow as pa
 
     from deepspark import wire
-    from deepspark.training.loop import DataCursor, make_optimizer, run_steps
+    from deepspark.training.loop import DataCursor, make_optimizer
 
     loaded = load_worker(task, batches)
     worker, model, config = loaded.worker, loaded.model, loaded.config
@@ -338,22 +338,7 @@ def async_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
                 raise DeepsparkError("the parameter server sent no data cursor with the first pull")
             torch.manual_seed(task.seed * 1_000_003 + int(header["clock"]) * 1009 + worker)
             ready = time.perf_counter()
-            stats = (
-                run_steps(
-                    model,
-                    optimizer,
-                    loaded.inputs,
-                    loaded.targets,
-                    cursor,
-                    int(header["steps"]),
-                    augment=config.augment,
-                    learning_rate=loaded.rate,
-                    first_step=cursor.epoch * cursor.steps_per_epoch + cursor.step,
-                )
-                if len(loaded.targets)
-                else None
-            )
-            task.slowdown(worker, time.perf_counter() - ready)
+            stats = loaded.take_steps(optimizer, cursor, int(header["steps"]))
             computed = time.perf_counter()
             delta = {k: v.detach().cpu() - pulled[k] for k, v in model.state_dict().items()}
             data = state_to_bytes(delta)
