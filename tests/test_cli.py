@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from deepspark import cli
-from deepspark.cli import _build_parser, main
+from deepspark.cli import build_parser, main
 from deepspark.errors import ConfigError, RunError
 from deepspark.tuning import StudyResult
 
@@ -94,7 +94,7 @@ def test_python_m_deepspark_and_version(tmp_path: Path) -> None:
 
 
 def test_verbosity_conf_and_json_are_accepted_after_the_sub_command() -> None:
-    parser = _build_parser()
+    parser = build_parser()
     args = parser.parse_args(
         ["-v", "tune", "mnist", "-v", "--conf", "spark.a=1", "--conf", "b=x=y", "--json"]
     )

@@ -348,7 +348,7 @@ def _version() -> str:
     return f"deepspark {__version__} ({', '.join(found)}, Python {python})"
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepspark", description=__doc__)
     parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -369,7 +369,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from deepspark.spark import configured
 
-    parser = _build_parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     verbosity = args.verbose + args.sub_verbose - args.quiet - args.sub_quiet
     level = min(max(logging.WARNING - 10 * verbosity, logging.DEBUG), logging.ERROR)
