@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -186,3 +190,23 @@ def test_sparks_cpus_per_task_error_becomes_one_line_naming_both_numbers() -> No
         _raise_gateway_error(RuntimeError(java), "spark://h:7077")
     assert str(caught.value).startswith("spark.task.cpus: expected at most 2 (the cores of one executor of")
     assert "got 3" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_limit_threads_also_limits_blas_pools_loaded_before_it() -> None:
+    """numpy's OpenBLAS is loaded with the worker, before the task sets the variables: it must follow too."""
+    code = (
+        "import json, numpy, torch\n"
+        "from threadpoolctl import threadpool_info\n"
+        "from deepspark.spark import limit_threads\n"
+        "before = [p['num_threads'] for p in threadpool_info()]\n"
+        "limit_threads(1)\n"
+        "after = [p['num_threads'] for p in threadpool_info()]\n"
+        "print(json.dumps({'before': before, 'after': after, 'torch': torch.get_num_threads()}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, check=True
+    ).stdout
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert seen["after"] and all(n == 1 for n in seen["after"]), seen
+    assert seen["torch"] == 1

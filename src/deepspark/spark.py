@@ -343,8 +343,13 @@ def limit_threads(threads: int) -> None:
     """
     if threads < 1:
         raise ConfigError(f"threads must be a positive integer, got {threads!r}")
-    for name in _THREAD_ENV:
+    for name in _THREAD_ENV:  # for BLAS/OpenMP libraries loaded from now on
         os.environ[name] = str(threads)
+    from threadpoolctl import threadpool_limits
+
+    # The ones already loaded ignore the variables: numpy's OpenBLAS, imported with the worker, kept
+    # every core until this call (measured: threadpool_info() said 2 threads after the env and torch).
+    threadpool_limits(limits=threads)
     import torch
 
     if torch.get_num_threads() != threads:
