@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ from deepspark.data import ImageDataset
 from deepspark.errors import ConfigError, DivergenceError
 from deepspark.models import model_spec
 from deepspark.training import EpochMetrics, TrainConfig, evaluate, train_one_process
-from deepspark.training.loop import _random_shift
+from deepspark.training.loop import DataCursor, _random_shift
 
 
 def _toy(n: int = 256, seed: int = 0) -> ImageDataset:
@@ -120,3 +122,34 @@ def test_short_mnist_run_beats_chance(mnist) -> None:
     data = mnist.subset(train=3000, test=1000)
     result = train_one_process(model_spec("lenet"), data, TrainConfig(epochs=1, batch_size=32, threads=2))
     assert result.test_accuracy > 0.85  # chance is 0.10
+
+
+def test_a_data_cursor_is_its_position_and_resumes_the_same_batches_and_augmentation() -> None:
+    cursor = DataCursor(103, 10, seed=7)
+    for _ in range(25):  # two epochs and a half: 11 steps per epoch
+        cursor.next_indices()
+    state = cursor.state()
+    assert len(json.dumps(state)) < 120  # it travels with every round of average and async
+    copy = DataCursor.from_state(json.loads(json.dumps(state)))
+    for _ in range(15):  # across the next epoch boundary
+        a, b = cursor.next_indices(), copy.next_indices()
+        assert torch.equal(a, b)
+        assert torch.equal(
+            torch.randint(0, 5, (8,), generator=cursor.batch_generator()),
+            torch.randint(0, 5, (8,), generator=copy.batch_generator()),
+        )
+    # every epoch is a permutation of all examples, and epochs differ
+    fresh = DataCursor(103, 10, seed=7)
+    epochs = [torch.cat([fresh.next_indices() for _ in range(11)]) for _ in range(2)]
+    assert all(sorted(e.tolist()) == list(range(103)) for e in epochs)
+    assert not torch.equal(epochs[0], epochs[1])
+    # augmentation streams differ from step to step
+    fresh.next_indices()
+    g1 = torch.randint(0, 1000, (8,), generator=fresh.batch_generator())
+    fresh.next_indices()
+    assert not torch.equal(g1, torch.randint(0, 1000, (8,), generator=fresh.batch_generator()))
+
+
+def test_a_data_cursor_of_the_earlier_generator_format_is_refused_clearly() -> None:
+    with pytest.raises(ConfigError, match="start the run again"):
+        DataCursor.from_state({"n": 10, "batch_size": 2, "epoch": 0, "step": 1, "generator": "AAAA"})

@@ -401,7 +401,7 @@ def _train(
                 idx = cursor.next_indices()
                 batch = inputs[idx.to(device)]
                 if config.augment:
-                    batch = _random_shift(batch.cpu(), cursor.generator).to(device)
+                    batch = _random_shift(batch.cpu(), cursor.batch_generator()).to(device)
                 loss = nn.functional.cross_entropy(model(batch), targets[idx.to(device)])
                 loss.backward()
                 count = int(idx.shape[0])

@@ -9,6 +9,7 @@ steps this module's loop takes.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -169,20 +170,24 @@ def evaluate(
 
 
 class DataCursor:
-    """Where one worker is in its data: the epoch, the step within it, and the shuffling generator.
+    """Where one worker is in its data: the epoch and the step within it.
 
-    Each epoch visits the ``n`` examples in the order ``torch.randperm(n)`` drawn from one generator
-    seeded with ``seed``; augmentation draws from the same generator, batch after batch. :meth:`state`
-    and :meth:`from_state` make the position exact across processes (a checkpoint, a worker that
-    replaces a lost one), so a resumed run takes the very same batches.
+    Epoch ``e`` visits the ``n`` examples in the order ``torch.randperm(n)`` drawn from a generator
+    seeded from ``(seed, e)``; the augmentation of step ``s`` draws from one seeded from
+    ``(seed, e, s)``. Every random draw is a function of the position, so the position is the whole
+    state: :meth:`state` is five integers (it travels with every ``average`` and ``async`` round; a torch
+    generator's state is 5 KB), and :meth:`from_state` makes it exact across processes (a checkpoint, a
+    worker that replaces a lost one): a resumed run takes the very same batches.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int) -> None:
-        self.n, self.batch_size = int(n), int(batch_size)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
         self.epoch, self.step = 0, 0
-        self._epoch_start = self.generator.get_state()
-        self._order = torch.randperm(self.n, generator=self.generator)
+        self._order = torch.randperm(self.n, generator=self._generator(self.epoch))
+
+    def _generator(self, *position: int) -> torch.Generator:
+        digest = hashlib.blake2b(repr((self.seed, *position)).encode("ascii"), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -194,38 +199,35 @@ class DataCursor:
             raise ConfigError("this worker has no examples to train on")
         if self.step >= self.steps_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
-            self._epoch_start = self.generator.get_state()
-            self._order = torch.randperm(self.n, generator=self.generator)
+            self._order = torch.randperm(self.n, generator=self._generator(self.epoch))
         start = self.step * self.batch_size
         self.step += 1
         return self._order[start : start + self.batch_size]
 
-    def state(self) -> dict[str, Any]:
-        """JSON-ready position: epoch, step and the generator at the epoch's start and now."""
-        import base64
+    def batch_generator(self) -> torch.Generator:
+        """The generator for the augmentation of the batch :meth:`next_indices` returned last."""
+        return self._generator(self.epoch, self.step - 1)
 
+    def state(self) -> dict[str, Any]:
+        """JSON-ready position: the seed, the epoch and the step (and the sizes it is valid for)."""
         return {
             "n": self.n,
             "batch_size": self.batch_size,
+            "seed": self.seed,
             "epoch": self.epoch,
             "step": self.step,
-            "epoch_start": base64.b64encode(self._epoch_start.numpy().tobytes()).decode("ascii"),
-            "generator": base64.b64encode(self.generator.get_state().numpy().tobytes()).decode("ascii"),
         }
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> DataCursor:
-        import base64
-
-        def tensor(text: str) -> torch.Tensor:
-            return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
-        cursor = cls(int(state["n"]), int(state["batch_size"]), 0)
+        if "seed" not in state:
+            raise ConfigError(
+                "this checkpoint's data position was written by an earlier deepspark (a torch generator "
+                "state, before positions became seeds): start the run again rather than resume it"
+            )
+        cursor = cls(int(state["n"]), int(state["batch_size"]), int(state["seed"]))
         cursor.epoch, cursor.step = int(state["epoch"]), int(state["step"])
-        cursor._epoch_start = tensor(state["epoch_start"])
-        cursor.generator.set_state(cursor._epoch_start)
-        cursor._order = torch.randperm(cursor.n, generator=cursor.generator)
-        cursor.generator.set_state(tensor(state["generator"]))
+        cursor._order = torch.randperm(cursor.n, generator=cursor._generator(cursor.epoch))
         return cursor
 
 
@@ -271,7 +273,7 @@ def run_steps(
         epoch, step = cursor.epoch, cursor.step - 1
         batch = inputs[idx]
         if augment:
-            batch = _random_shift(batch, cursor.generator)
+            batch = _random_shift(batch, cursor.batch_generator())
         logits = model(batch)
         loss = nn.functional.cross_entropy(logits, labels[idx])
         value = loss.item()
