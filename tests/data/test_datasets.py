@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepspark.data import DATASETS, fetch, info, load_dataset, verify, write_idx
-from deepspark.data.datasets import MNIST_FILES, DatasetInfo, ImageDataset
+from deepspark.data import DATASETS, DatasetInfo, ImageDataset, fetch, info, load_dataset, verify, write_idx
+from deepspark.data.files import MNIST_FILES
 from deepspark.errors import ConfigError, DatasetError
 
 
@@ -293,7 +293,7 @@ def test_subset_takes_the_first_examples_and_validates(tmp_path: Path) -> None:
     np.testing.assert_array_equal(small.train_images, data.train_images[:5])
     assert len(small.test_labels) == 2 and small.mean == data.mean
     assert len(data.subset(test=100).test_labels) == 6
-    with pytest.raises(ConfigError, match="train must be a non-negative integer"):
+    with pytest.raises(ConfigError, match="train: expected an integer >= 0, got -1"):
         data.subset(train=-1)
     with pytest.raises(ConfigError, match="test_labels must be an int64"):
         dataclasses.replace(data, test_labels=data.test_labels.astype(np.int32))
@@ -314,7 +314,7 @@ def test_info_describes_splits_classes_and_files(tmp_path: Path) -> None:
 def test_developers_md_lists_the_digests_the_registry_checks() -> None:
     import re
 
-    from deepspark.data.datasets import MNIST
+    from deepspark.data.registry import MNIST
 
     text = (Path(__file__).parents[2] / "DEVELOPERS.md").read_text()
     documented = dict(re.findall(r"\| `([a-z0-9-]+-ubyte)` \| `([0-9a-f]{64})` \|", text))
