@@ -93,6 +93,8 @@ def _attempt(
             # read1: at most one socket read, so the deadline is checked however slowly bytes arrive.
             chunk = resp.read1(_CHUNK)
             if not chunk:
+                if total is not None and size < total:  # read1, unlike read, does not raise for this
+                    raise ConnectionError(f"connection closed after {size} of {total} bytes")
                 return size
             size += len(chunk)
             if size > max_bytes:
