@@ -142,7 +142,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
             "name",
             nargs="?",
             default=None,
-            help="registered dataset name (mnist); omit with --data-dir for any MNIST-layout directory",
+            help="registered dataset name (mnist); omit it to check the --data-dir directory itself "
+            "(MNIST layout or CIFAR-10)",
         )
         q.add_argument(
             "--data-dir", default=None, help="directory holding the files (default: $DEEPSPARK_DATA)"

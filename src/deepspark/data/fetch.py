@@ -20,7 +20,6 @@ import tempfile
 import zlib
 from collections.abc import Callable
 from functools import partial
-from http.client import HTTPException
 from pathlib import Path
 
 from deepspark import http
@@ -77,7 +76,7 @@ def _install(cache: Path, raw_name: str, stream: Reader, expected: str, max_byte
         tmp = None
         remember(final, got)
         return "ok"
-    except (OSError, EOFError, zlib.error, HTTPException) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         return f"failed: {exc}"
     finally:
         if tmp is not None:
@@ -118,7 +117,8 @@ def _from_mirrors(
     ds: DatasetInfo, cache: Path, needed: list[str], reports: list[str], progress: DownloadProgress | None
 ) -> None:
     for base in _mirror_list(ds):
-        for raw_name in list(needed):
+        pending = list(needed)
+        for i, raw_name in enumerate(pending):
             url = base.rstrip("/") + "/" + raw_name + ".gz"
             try:
                 outcome = _from_mirror(ds, cache, raw_name, url, progress)
@@ -128,11 +128,11 @@ def _from_mirrors(
                     # Unreachable, cut off or failing even after retries: this mirror is down, and
                     # asking it for the other files would only repeat the wait.
                     reports.append(f"mirror {url}: {outcome}")
-                    rest = [n for n in needed if n != raw_name]
+                    rest = pending[i + 1 :]
                     if rest:
                         reports.append(f"mirror {base}: not asked for {', '.join(rest)} (down)")
                     break
-            except (OSError, HTTPException, ValueError) as exc:
+            except OSError as exc:  # the temporary file, or the cache directory
                 outcome = f"failed: {exc}"
             if outcome == "ok":
                 needed.remove(raw_name)
