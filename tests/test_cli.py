@@ -117,7 +117,7 @@ def test_conf_must_be_key_equals_value(bad: str, capsys: pytest.CaptureFixture[s
 
 def _tiny_study(root: Path) -> list[str]:
     from deepspark.data import write_idx
-    from deepspark.data.datasets import MNIST_FILES
+    from deepspark.data.files import MNIST_FILES
 
     rng = np.random.default_rng(0)
     data = root / "data"

@@ -63,11 +63,55 @@ def add_common_options(
 
 
 # --------------------------------------------------------------------------------------------- data
+class _DownloadBars:
+    """One rich bar per mirror download (bytes, speed, time left) on stderr; started by the first byte."""
+
+    def __init__(self, console: Any) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=24),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self._tasks: dict[str, Any] = {}
+
+    def __call__(self, url: str, done: int, total: int | None) -> None:
+        if url not in self._tasks:
+            if not self._tasks:
+                self._progress.start()
+            self._tasks[url] = self._progress.add_task(url.rsplit("/", 1)[-1], total=total)
+        self._progress.update(self._tasks[url], completed=done, total=total)
+
+    def stop(self) -> None:
+        if self._tasks:
+            self._progress.stop()
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from deepspark import data
 
     if args.data_command == "fetch":
-        path = data.fetch(args.name, data_dir=args.data_dir, mirrors=not args.no_mirrors)
+        console = Console(stderr=True)
+        # Bars for people at a terminal; in CI logs and pipes, only the result line below.
+        bars = _DownloadBars(console) if console.is_terminal else None
+        try:
+            path = data.fetch(args.name, data_dir=args.data_dir, mirrors=not args.no_mirrors, progress=bars)
+        finally:
+            if bars is not None:
+                bars.stop()
         if args.name is None:
             print(
                 f"checked {path}: its files are a usable dataset (a registered one's are checksum-verified)"
@@ -98,7 +142,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
             "name",
             nargs="?",
             default=None,
-            help="registered dataset name (mnist); omit with --data-dir for any MNIST-layout directory",
+            help="registered dataset name (mnist); omit it to check the --data-dir directory itself "
+            "(MNIST layout or CIFAR-10)",
         )
         q.add_argument(
             "--data-dir", default=None, help="directory holding the files (default: $DEEPSPARK_DATA)"

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepspark.data import DATASETS, fetch, info, load_dataset, verify, write_idx
-from deepspark.data.datasets import MNIST_FILES, DatasetInfo, ImageDataset
+from deepspark.data import DATASETS, DatasetInfo, ImageDataset, fetch, info, load_dataset, verify, write_idx
+from deepspark.data.files import MNIST_FILES
 from deepspark.errors import ConfigError, DatasetError
 
 
@@ -214,6 +214,79 @@ def test_failed_or_partial_download_leaves_no_file_under_the_final_name(
     assert _leftovers(cache) == []
 
 
+@pytest.fixture
+def good_mirror(monkeypatch: pytest.MonkeyPatch, tiny: DatasetInfo, mirror: str) -> str:
+    """The synthetic "mnist" registered, and the local mirror's good files as its only mirror."""
+    monkeypatch.setenv("DEEPSPARK_MNIST_MIRRORS", f"{mirror}/good/")
+    return mirror
+
+
+def test_mirror_downloads_report_progress_in_bytes_and_print_nothing(
+    tmp_path: Path, good_mirror: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mirror = good_mirror
+    calls: dict[str, list[tuple[int, int | None]]] = {}
+    fetch("mnist", progress=lambda url, done, total: calls.setdefault(url, []).append((done, total)))
+    assert capsys.readouterr() == ("", "")  # library code never prints; the caller draws the bars
+    www = tmp_path / "www" / "good"
+    assert sorted(calls) == sorted(f"{mirror}/good/{name}.gz" for name in MNIST_FILES)
+    for url, seen in calls.items():
+        size = (www / url.rsplit("/", 1)[1]).stat().st_size
+        assert seen[0] == (0, size) and seen[-1] == (size, size)
+        assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    with pytest.raises(ConfigError, match="progress: expected a callable"):
+        fetch("mnist", progress="bars")  # type: ignore[arg-type]
+
+
+def test_a_mirror_that_is_down_is_not_asked_for_every_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny: DatasetInfo, mirror: str
+) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}/"
+    monkeypatch.setenv("DEEPSPARK_MNIST_MIRRORS", f"{down},{mirror}/missing/")
+    with pytest.raises(DatasetError) as err:
+        fetch("mnist")
+    message = str(err.value)
+    assert f"mirror {down}train-images-idx3-ubyte.gz: failed: cannot fetch" in message
+    rest = ", ".join(MNIST_FILES[1:])
+    assert f"mirror {down}: not asked for {rest} (down)" in message
+    assert message.count(down) == 2
+    # A 404 is one missing file, not a mirror that is down: the next mirror is asked for every file.
+    for name in MNIST_FILES:
+        assert f"mirror {mirror}/missing/{name}.gz: failed: HTTP 404" in message
+    # And a mirror after a down one still serves everything.
+    monkeypatch.setenv("DEEPSPARK_MNIST_MIRRORS", f"{down},{mirror}/good/")
+    assert fetch("mnist") == _cache_dir(tmp_path)
+    assert verify("mnist") == dict.fromkeys(MNIST_FILES, "ok")
+
+
+def test_cli_data_fetch_draws_byte_bars_only_on_a_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, good_mirror: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deepspark.cli import main
+
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
+    assert main(["data", "fetch", "mnist"]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"mnist: verified files in {_cache_dir(tmp_path)}\n"
+    assert ".gz" not in err  # not a terminal (a CI log): no bars
+    for name in MNIST_FILES:
+        (_cache_dir(tmp_path) / name).unlink()
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich's own switch: behave as on a terminal
+    monkeypatch.setenv("COLUMNS", "120")
+    assert main(["data", "fetch", "mnist"]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"mnist: verified files in {_cache_dir(tmp_path)}\n"
+    for name in MNIST_FILES:
+        assert f"{name}.gz" in err
+    size = (tmp_path / "www" / "good" / "train-images-idx3-ubyte.gz").stat().st_size
+    assert f"{size}/{size} bytes" in err  # the finished bar shows every byte of the download
+
+
 def test_verified_marker_is_keyed_by_size_and_mtime(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny: DatasetInfo, mirror: str
 ) -> None:
@@ -293,7 +366,7 @@ def test_subset_takes_the_first_examples_and_validates(tmp_path: Path) -> None:
     np.testing.assert_array_equal(small.train_images, data.train_images[:5])
     assert len(small.test_labels) == 2 and small.mean == data.mean
     assert len(data.subset(test=100).test_labels) == 6
-    with pytest.raises(ConfigError, match="train must be a non-negative integer"):
+    with pytest.raises(ConfigError, match="train: expected an integer >= 0, got -1"):
         data.subset(train=-1)
     with pytest.raises(ConfigError, match="test_labels must be an int64"):
         dataclasses.replace(data, test_labels=data.test_labels.astype(np.int32))
@@ -314,7 +387,7 @@ def test_info_describes_splits_classes_and_files(tmp_path: Path) -> None:
 def test_developers_md_lists_the_digests_the_registry_checks() -> None:
     import re
 
-    from deepspark.data.datasets import MNIST
+    from deepspark.data.registry import MNIST
 
     text = (Path(__file__).parents[2] / "DEVELOPERS.md").read_text()
     documented = dict(re.findall(r"\| `([a-z0-9-]+-ubyte)` \| `([0-9a-f]{64})` \|", text))

@@ -94,7 +94,7 @@ def test_cli_tune_with_a_data_dir_trains_on_that_directory_not_mnist(spark, tmp_
     import numpy as np
 
     from deepspark.data import write_idx
-    from deepspark.data.datasets import MNIST_FILES
+    from deepspark.data.files import MNIST_FILES
 
     # An MNIST-layout directory that is not MNIST: 3 classes, 7x7 images, 50 train / 20 test.
     other = tmp_path / "other"

@@ -12,7 +12,7 @@ import torch
 
 from deepspark.cli import main
 from deepspark.data import load_dataset, write_idx
-from deepspark.data.datasets import MNIST_FILES
+from deepspark.data.files import MNIST_FILES
 from deepspark.errors import ConfigError
 from deepspark.models import load_checkpoint
 from deepspark.training import evaluate

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepspark.data.datasets import ImageDataset, channel_stats
+from deepspark.data.record import ImageDataset
 from deepspark.errors import DatasetError
 
 __all__ = ["CIFAR10_CLASSES", "find_cifar10", "load_cifar10", "read_cifar10"]
@@ -98,15 +98,6 @@ def load_cifar10(directory: str | os.PathLike[str]) -> ImageDataset:
         if len(names) != len(CIFAR10_CLASSES):
             raise DatasetError(f"{meta}: expected {len(CIFAR10_CLASSES)} class names, found {len(names)}")
         class_names = names
-    mean, std = channel_stats(train_images)
-    return ImageDataset(
-        name="cifar10",
-        train_images=train_images,
-        train_labels=train_labels,
-        test_images=test_images,
-        test_labels=test_labels,
-        num_classes=len(class_names),
-        class_names=class_names,
-        mean=mean,
-        std=std,
+    return ImageDataset.from_splits(
+        "cifar10", (train_images, train_labels), (test_images, test_labels), class_names
     )

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deepspark.errors import ConfigError, DatasetError
+from deepspark.validation import check_choice, check_positive_int, fail
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -68,12 +69,8 @@ def to_dataframe(
     arr = np.asarray(images)
     if arr.dtype != np.uint8 or arr.ndim < 2:
         raise ConfigError(f"to_dataframe: images must be a uint8 array [N, ...]; got {arr.dtype} {arr.shape}")
-    if num_partitions is not None and (
-        isinstance(num_partitions, bool) or not isinstance(num_partitions, int) or num_partitions < 1
-    ):
-        raise ConfigError(
-            f"to_dataframe: num_partitions must be a positive integer or None; got {num_partitions!r}"
-        )
+    if num_partitions is not None:
+        check_positive_int("num_partitions", num_partitions)
     if not image_column or not label_column or image_column in ("id", label_column) or label_column == "id":
         raise ConfigError(
             f"to_dataframe: image_column and label_column must be distinct non-empty names other than 'id'; "
@@ -106,10 +103,7 @@ def to_dataframe(
 
 def image_shape(df: DataFrame, image_column: str = "image") -> tuple[int, ...]:
     """The per-image shape recorded by :func:`to_dataframe` in the image column's metadata."""
-    if image_column not in df.columns:
-        raise ConfigError(
-            f"image_column must be a column of the DataFrame ({df.columns}); got {image_column!r}"
-        )
+    check_choice("image_column", image_column, df.columns)
     shape = df.schema[image_column].metadata.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape):
         raise ConfigError(
@@ -125,7 +119,7 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
     except (TypeError, ValueError):
         dims = ()
     if not dims or any(d < 1 for d in dims) or any(isinstance(d, bool) for d in shape):
-        raise ConfigError(f"shape must be a non-empty sequence of positive ints; got {shape!r}")
+        raise fail("shape", "a non-empty sequence of positive ints", shape)
     return dims
 
 
@@ -194,8 +188,7 @@ def iter_batches(
     import pyarrow as pa
 
     dims = _check_shape(shape)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"iter_batches: batch_size must be a positive integer; got {batch_size!r}")
+    check_positive_int("batch_size", batch_size)
     source: Iterable[Any] = (
         [chunks] if isinstance(chunks, pd.DataFrame | pa.RecordBatch | pa.Table) else chunks
     )

@@ -2,8 +2,8 @@
 
 An IDX file is a 4-byte magic number (two zero bytes, a type code, the number of dimensions), one
 big-endian ``uint32`` per dimension, then the data in C order, big-endian. Files are often gzip
-compressed; we detect that by the gzip magic bytes rather than trusting the file name, because
-mirrors and browsers rename files freely.
+compressed; we detect that by the gzip magic bytes (:func:`deepspark.data.files.is_gzip`) rather than
+trusting the file name, because mirrors and browsers rename files freely.
 
 A corrupt file is the most common way a training run goes wrong before it starts, so every check
 here raises :class:`~deepspark.errors.DatasetError` naming the file and what is wrong with it.
@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from deepspark.data.files import is_gzip
 from deepspark.errors import ConfigError, DatasetError
 
 __all__ = ["read_idx", "write_idx"]
-
-_GZIP_MAGIC = b"\x1f\x8b"
 
 # IDX type code -> big-endian numpy dtype.
 _TYPES: dict[int, np.dtype] = {
@@ -36,11 +35,6 @@ _TYPES: dict[int, np.dtype] = {
 }
 _CODES: dict[tuple[str, int], int] = {(dt.kind, dt.itemsize): code for code, dt in _TYPES.items()}
 _MAX_NDIM = 4
-
-
-def _is_gzip(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(2) == _GZIP_MAGIC
 
 
 def _parse_header(path: Path, head: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
@@ -99,7 +93,9 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     if not p.is_file():
         raise DatasetError(f"{p}: no such file")
     try:
-        if _is_gzip(p):
+        with open(p, "rb") as f:
+            compressed = is_gzip(f.read(2))
+        if compressed:
             try:
                 with gzip.open(p, "rb") as f:
                     blob = f.read()

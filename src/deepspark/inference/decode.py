@@ -6,28 +6,22 @@ rows go on. Decoding runs in worker threads (Pillow and zlib release the GIL whi
 
 from __future__ import annotations
 
-import http.client
 import io
 import math
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 
+from deepspark import http
 from deepspark._compat import StrEnum
 from deepspark.errors import ConfigError
 from deepspark.models.preprocess import Preprocess
 
 __all__ = ["Decoded", "InputKind", "RowError", "UrlPolicy", "decode_column", "decode_image", "fetch_url"]
-
-_ALLOWED_SCHEMES = ("http", "https")
-_CHUNK = 1 << 16
 
 
 class InputKind(StrEnum):
@@ -91,65 +85,22 @@ def decode_image(data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- URLs
-class _SafeRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects only to http(s) (urllib also follows ftp:// by default)."""
-
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
-        scheme = urlsplit(newurl).scheme.lower()
-        if scheme not in _ALLOWED_SCHEMES:
-            raise RowError(f"redirect to a non-http(s) URL refused ({scheme}://)")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-_opener = urllib.request.build_opener(_SafeRedirects())
-_opener.addheaders = [("User-Agent", "deepspark-predict")]
-
-
-def _fetch_once(url: str, policy: UrlPolicy) -> bytes:
-    deadline = time.monotonic() + policy.timeout
-    with _opener.open(url, timeout=policy.timeout) as resp:
-        length = resp.headers.get("Content-Length")
-        if length and length.isdigit() and int(length) > policy.max_bytes:
-            raise RowError(f"too large: {int(length)} bytes > max {policy.max_bytes}")
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no complete answer within {policy.timeout:g} s")
-            chunk = resp.read(_CHUNK)
-            if not chunk:
-                return b"".join(parts)
-            size += len(chunk)
-            if size > policy.max_bytes:
-                raise RowError(f"too large: more than max {policy.max_bytes} bytes")
-            parts.append(chunk)
-
-
 def fetch_url(url: str, policy: UrlPolicy) -> bytes:
-    """GET an http(s) URL within ``policy``; any failure is a :class:`RowError`."""
+    """GET an http(s) URL within ``policy`` (:func:`deepspark.http.download`); any failure is a :class:`RowError`."""
+    body = io.BytesIO()
     try:
-        scheme = urlsplit(url).scheme.lower()
-    except ValueError as exc:
-        raise RowError(f"malformed URL: {exc}") from None
-    if scheme not in _ALLOWED_SCHEMES:
-        raise RowError(
-            f"unsupported URL scheme {scheme + '://' if scheme else '(none)'}: only http and https"
+        http.download(
+            url,
+            body,
+            timeout=policy.timeout,
+            max_bytes=policy.max_bytes,
+            retries=policy.retries,
+            backoff=policy.backoff,
+            user_agent="deepspark-predict",
         )
-    message = ""
-    for attempt in range(policy.retries + 1):
-        if attempt:
-            time.sleep(policy.backoff * 2 ** (attempt - 1))  # backoff between retries, not a polling loop
-        try:
-            return _fetch_once(url, policy)
-        except urllib.error.HTTPError as exc:
-            message = f"HTTP {exc.code} {exc.reason}"
-            if not 500 <= exc.code < 600:
-                break  # 4xx: asking again will not help
-        except urllib.error.URLError as exc:
-            message = f"cannot fetch: {exc.reason}"
-        except (http.client.HTTPException, OSError) as exc:
-            message = f"cannot fetch: {type(exc).__name__}: {exc}"
-    raise RowError(message)
+    except http.FetchError as exc:
+        raise RowError(str(exc)) from None
+    return body.getvalue()
 
 
 # ------------------------------------------------------------------------------------------- columns

@@ -27,7 +27,7 @@ from typing import Any
 import optuna
 
 from deepspark import rundir
-from deepspark.data.datasets import DEFAULT_VALIDATION
+from deepspark.data.record import DEFAULT_VALIDATION
 from deepspark.errors import ConfigError, RunError
 from deepspark.slots import root_cause, run_slots, short_error
 from deepspark.spark import check_task_cpus

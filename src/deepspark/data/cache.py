@@ -1,0 +1,126 @@
+"""Where dataset files live (the user's directory, our cache) and their verified checksums.
+
+Every file of a registered dataset is checked against the SHA-256 of its raw (uncompressed) bytes
+before we use it. Hashing 55 MB on every load would dominate short runs, so a successful check is
+remembered in a small marker file keyed by the file's size and ``mtime_ns``; touching or replacing the
+file invalidates it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+from deepspark.data.files import open_raw
+
+__all__ = ["CHUNK", "cache_root", "check", "raw_sha256", "remember", "user_dir"]
+
+_log = logging.getLogger(__name__)
+
+#: Bytes read at a time when hashing or copying dataset files.
+CHUNK = 1 << 20
+_MARKER = ".verified.json"
+
+
+def cache_root() -> Path:
+    """``$DEEPSPARK_CACHE``, else ``~/.cache/deepspark``: one subdirectory per registered dataset."""
+    env = os.environ.get("DEEPSPARK_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "deepspark"
+
+
+def user_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
+    """The directory the user named: ``data_dir``, else ``$DEEPSPARK_DATA``, else None."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    env = os.environ.get("DEEPSPARK_DATA")
+    return Path(env).expanduser() if env else None
+
+
+def _marker_path(directory: Path) -> Path:
+    """Where verification results for files in ``directory`` are remembered.
+
+    Our cache directories hold their marker themselves; for a user's directory (which may be
+    read-only, and which we should not litter) the marker lives under the cache root, keyed by
+    the directory's resolved path.
+    """
+    resolved = directory.resolve()
+    root = cache_root().resolve()
+    if resolved == root or root in resolved.parents:
+        return resolved / _MARKER
+    key = hashlib.sha256(str(resolved).encode()).hexdigest()[:20]
+    return root / "verified" / f"{key}.json"
+
+
+def _read_marker(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def remember(path: Path, digest: str) -> None:
+    """Record ``digest`` for ``path``'s current (size, mtime_ns); best effort, atomic."""
+    marker = _marker_path(path.parent)
+    try:
+        st = path.stat()
+        data = _read_marker(marker)
+        data[path.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=marker.parent, prefix=".marker.", suffix=".part")
+        try:
+            with os.fdopen(fd, "w") as out:
+                json.dump(data, out, indent=1, sort_keys=True)
+            os.replace(tmp, marker)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        _log.debug("could not record the checksum of %s: %s", path, exc)
+
+
+def raw_sha256(path: Path) -> str:
+    """SHA-256 of the file's raw bytes (decompressed when gzip), from the marker when still valid."""
+    st = path.stat()
+    entry = _read_marker(_marker_path(path.parent)).get(path.name)
+    if (
+        isinstance(entry, dict)
+        and entry.get("size") == st.st_size
+        and entry.get("mtime_ns") == st.st_mtime_ns
+        and isinstance(entry.get("sha256"), str)
+    ):
+        return str(entry["sha256"])
+    _log.info("computing the SHA-256 of %s", path)
+    h = hashlib.sha256()
+    try:
+        with open_raw(path) as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise OSError(f"corrupt gzip stream ({exc})") from exc
+    digest = h.hexdigest()
+    remember(path, digest)
+    return digest
+
+
+def check(path: Path, expected: str) -> str:
+    """ "ok", or what is wrong with the file (logged as a warning: the file will not be used)."""
+    try:
+        got = raw_sha256(path)
+    except OSError as exc:
+        problem = f"unreadable: {exc}"
+    else:
+        if got == expected:
+            return "ok"
+        problem = f"sha256 mismatch: expected {expected}, got {got}"
+    _log.warning("%s: %s; not using it", path, problem)
+    return problem

@@ -1,0 +1,92 @@
+"""MNIST-layout directories: four IDX files (train/test images and labels) loaded as an ImageDataset.
+
+The twin of :mod:`deepspark.data.cifar`: both build the record, neither knows the other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from deepspark.data.files import MNIST_FILES, find_file
+from deepspark.data.idx import read_idx
+from deepspark.data.record import ImageDataset
+from deepspark.data.registry import DatasetInfo
+from deepspark.errors import DatasetError
+
+__all__ = ["find_mnist_layout", "load_mnist_layout"]
+
+
+def find_mnist_layout(directory: Path) -> list[Path]:
+    """The four files of an MNIST-layout directory (in :data:`MNIST_FILES` order), or a DatasetError."""
+    found = [find_file(directory, raw_name) for raw_name in MNIST_FILES]
+    missing = [n for n, p in zip(MNIST_FILES, found, strict=True) if p is None]
+    if missing:
+        raise DatasetError(
+            f"{directory}: not an MNIST-layout directory: missing {', '.join(missing)} "
+            f"(each may also be .gz, or spelled with '.idx' instead of '-idx')"
+        )
+    return [p for p in found if p is not None]
+
+
+def _read_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise DatasetError(
+            f"{images_path}: images must be uint8 with 3 ([N,H,W]) or 4 ([N,C,H,W]) dimensions; "
+            f"got {images.dtype} {images.shape}"
+        )
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise DatasetError(
+            f"{labels_path}: labels must be a 1-D integer array; got {labels.dtype} {labels.shape}"
+        )
+    if len(images) != len(labels):
+        raise DatasetError(
+            f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels"
+        )
+    labels = labels.astype(np.int64)
+    if len(labels) and labels.min() < 0:
+        raise DatasetError(f"{labels_path}: labels must be non-negative; found {int(labels.min())}")
+    return images, labels
+
+
+def load_mnist_layout(name: str, files: list[Path], ds: DatasetInfo | None) -> ImageDataset:
+    """The dataset in ``files`` (from :func:`find_mnist_layout`).
+
+    With a registry entry ``ds``, its class names and statistics apply and labels must fit its classes;
+    without one, the training labels define the classes and a test label never seen in training is an
+    error (one stray 255 must not make a 10-class set 256 classes).
+    """
+    train_images, train_labels = _read_split(files[0], files[1])
+    test_images, test_labels = _read_split(files[2], files[3])
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise DatasetError(
+            f"{files[0]} holds images of shape {train_images.shape[1:]} but {files[2]} holds "
+            f"{test_images.shape[1:]}"
+        )
+    if ds is not None:
+        class_names = ds.class_names
+        for labels, path in ((train_labels, files[1]), (test_labels, files[3])):
+            if len(labels) and labels.max() >= len(class_names):
+                raise DatasetError(
+                    f"{path}: label {int(labels.max())} is out of range for {len(class_names)} classes "
+                    f"({ds.name}: expected labels 0..{len(class_names) - 1})"
+                )
+    else:
+        # The training labels define the classes; one stray test label must not add classes that
+        # no model output was ever trained for (a 255 would make a 10-class set 256 classes).
+        top = int(train_labels.max()) if len(train_labels) else -1
+        class_names = tuple(str(i) for i in range(top + 1))
+        unseen = np.setdiff1d(test_labels, train_labels)
+        if len(unseen):
+            raise DatasetError(
+                f"{files[3]}: label {int(unseen[0])} never occurs in the training labels of {files[1]} "
+                f"({len(class_names)} classes, labels 0..{top}); "
+                f"{len(unseen)} test label value(s) unseen in training: {unseen[:10].tolist()}"
+            )
+    stats = (ds.mean, ds.std) if ds is not None and ds.mean is not None and ds.std is not None else None
+    return ImageDataset.from_splits(
+        name, (train_images, train_labels), (test_images, test_labels), class_names, stats=stats
+    )
