@@ -10,7 +10,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from deepspark.inference._predict import OUTPUT_COLUMNS, PredictResult, PredictSummary, predict
+    from deepspark.inference._predict import (
+        OUTPUT_COLUMNS,
+        PredictProgress,
+        PredictResult,
+        PredictSummary,
+        predict,
+    )
     from deepspark.inference.decode import InputKind, UrlPolicy
     from deepspark.inference.formats import ModelFormat
     from deepspark.inference.model import InferenceModel, export_model, load_model, read_labels
@@ -24,6 +30,7 @@ _WHERE = {
     "load_model": "model",
     "read_labels": "model",
     "OUTPUT_COLUMNS": "_predict",
+    "PredictProgress": "_predict",
     "PredictResult": "_predict",
     "PredictSummary": "_predict",
     "predict": "_predict",
@@ -34,6 +41,7 @@ __all__ = [
     "InferenceModel",
     "InputKind",
     "ModelFormat",
+    "PredictProgress",
     "PredictResult",
     "PredictSummary",
     "UrlPolicy",
