@@ -172,3 +172,35 @@ def frozen(proc: subprocess.Popen) -> Iterator[list[int]]:
             for sig in (signal.SIGCONT, signal.SIGKILL):
                 with suppress(ProcessLookupError):
                     os.kill(pid, sig)
+
+
+def gpu_cluster_conf(tmp_path: Path, addresses: tuple[str, ...] = ("0", "1")) -> dict[str, str]:
+    """Spark conf for ``local-cluster[1,N,1024]`` whose worker announces ``addresses`` as GPUs (a discovery
+    script; no GPU needed), one per task."""
+    discovery = tmp_path / "gpus.sh"
+    found = ", ".join(f'"{a}"' for a in addresses)
+    discovery.write_text(f'#!/bin/sh\necho \'{{"name": "gpu", "addresses": [{found}]}}\'\n')
+    discovery.chmod(0o755)
+    return {
+        "spark.driver.host": "127.0.0.1",
+        "spark.driver.bindAddress": "127.0.0.1",
+        "spark.worker.resource.gpu.amount": str(len(addresses)),
+        "spark.worker.resource.gpu.discoveryScript": str(discovery),
+        "spark.executor.resource.gpu.amount": str(len(addresses)),
+        "spark.task.resource.gpu.amount": "1",
+    }
+
+
+def run_driver_script(source: str, tmp_path: Path, *, timeout: float = 300) -> None:
+    """Run ``source`` as a driver program in its own Python process; fail with its output's tail."""
+    script = tmp_path / "driver.py"
+    script.write_text(source)
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        env={**os.environ, "SPARK_LOCAL_IP": "127.0.0.1"},
+        capture_output=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, (
+        proc.stdout.decode(errors="replace")[-3000:] + proc.stderr.decode(errors="replace")[-3000:]
+    )

@@ -89,3 +89,19 @@ def test_to_dataframe_validates(spark: Any) -> None:
         to_dataframe(spark, _images(3), np.zeros(2, dtype=np.int64))
     with pytest.raises(ConfigError, match="num_partitions"):
         to_dataframe(spark, _images(3), num_partitions=0)
+
+
+def test_rebatch_keeps_every_column_and_the_row_order() -> None:
+    from deepspark.data.frames import rebatch
+
+    table = pa.table({"id": np.arange(11), "name": [f"r{i}" for i in range(11)]})
+    parts = [table.slice(0, 3).to_batches()[0], table.slice(3, 0), table.slice(3, 5), table.slice(8, 3)]
+    out = list(rebatch(iter(parts), 4))
+    assert [t.num_rows for t in out] == [4, 4, 3]
+    joined = pa.concat_tables(out)
+    assert joined.column("id").to_pylist() == list(range(11))
+    assert joined.column("name").to_pylist() == [f"r{i}" for i in range(11)]
+    assert [t.num_rows for t in rebatch(iter(parts), 11)] == [11]
+    assert list(rebatch(iter([]), 4)) == []
+    with pytest.raises(ConfigError, match="batch_size: expected an integer >= 1, got 0"):
+        list(rebatch(iter(parts), 0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import struct
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 from _inference_support import CLASS_NAMES, Model, Server, png_bytes, reference_probabilities
 
 from deepspark.errors import ConfigError
-from deepspark.inference import UrlPolicy, export_model, predict
+from deepspark.inference import PredictProgress, UrlPolicy, export_model, predict
 from deepspark.inference._cli import add_predict_parser
 
 FAST_URLS = UrlPolicy(timeout=5, retries=1, backoff=0.01)
@@ -77,6 +78,7 @@ def test_images_every_row_once_predictions_exact_and_bad_files_are_error_rows(
     assert set(summary.phase_seconds) == {"load", "read", "decode", "forward", "write"}
     assert summary.phase_seconds["forward"] > 0
     assert summary.threads_per_task == 1
+    assert summary.devices == ("cpu",)  # local[2] assigns no GPUs
 
 
 @pytest.mark.parametrize("form", ["dir", "glob"])
@@ -252,6 +254,8 @@ def test_parameters_are_checked_before_any_job(
         ({"batch_size": 0}, "batch_size"),
         ({"batch_size": 2.5}, "batch_size"),
         ({"backend": "tensorflow"}, "backend"),
+        ({"device": "gpu"}, r"device: expected one of \['auto', 'cpu', 'cuda'\], got 'gpu'"),
+        ({"progress": "bar"}, "progress: expected a callable"),
         ({"labels": ["a", "b"]}, "10 classes but 2"),
         ({"output": image_dir}, "already exists"),
         ({"input_column": "nope"}, "input_column"),
@@ -313,3 +317,53 @@ def test_cli_predict_json_prints_one_object_on_stdout(
     assert summary["rows"] == len(small_model.images) // 2 and summary["errors"] == 0
     assert summary["output"] == str(out) and "forward" in summary["phase_seconds"]
     assert "rows/s" in captured.err  # the table went to stderr
+
+
+def test_progress_reports_rows_and_tasks_and_leaves_the_results_alone(
+    spark: Any, small_model: Model, image_dir: Path, tmp_path: Path
+) -> None:
+    seen: list[PredictProgress] = []
+    data = f"{image_dir}/**/*.png"
+    watched = predict(
+        data, small_model.path, output=tmp_path / "a", batch_size=4, progress=seen.append, spark=spark
+    )
+    plain = predict(data, small_model.path, output=tmp_path / "b", batch_size=4, spark=spark)
+    assert watched.summary is not None and plain.summary is not None
+
+    rows = len(small_model.images) + 2
+    last = seen[-1]
+    assert last.finished and [p.finished for p in seen].count(True) == 1
+    assert (last.rows_done, last.rows_total) == (rows, rows)
+    assert last.tasks_done == last.tasks_total == watched.summary.partitions
+    assert all(
+        a.rows_done <= b.rows_done and a.tasks_done <= b.tasks_done for a, b in itertools.pairwise(seen)
+    )
+    assert spark.sparkContext.getLocalProperty("spark.jobGroup.id") is None  # the job group was restored
+
+    def table(result: Any) -> list[tuple[Any, ...]]:
+        return sorted(
+            (r["path"], r["label"], r["probability"], r["error"]) for r in result.dataframe.collect()
+        )
+
+    assert table(watched) == table(plain)
+
+
+def test_cli_progress_logs_lines_without_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
+    import io
+    import logging
+
+    from rich.console import Console
+
+    from deepspark.inference._cli import _Progress
+
+    draw = _Progress(Console(file=io.StringIO()))  # not a terminal: log lines, no bar
+    with caplog.at_level(logging.INFO, logger="deepspark.predict"):
+        draw(PredictProgress(0, 100, 0, 4, 0.5))  # nothing finished yet: no line
+        draw(PredictProgress(25, 100, 1, 4, 6.0))
+        draw(PredictProgress(50, 100, 2, 4, 7.0))  # within 5 s of the last line: skipped
+        draw(PredictProgress(100, 100, 4, 4, 8.0, finished=True))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "predict: 25/100 rows, 1/4 tasks (6.0 s)",
+        "predict: 100/100 rows, 4/4 tasks (8.0 s) done",
+    ]

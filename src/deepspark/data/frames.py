@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
     from pyspark.sql import DataFrame, SparkSession
 
-__all__ = ["decode_binary", "image_shape", "iter_batches", "to_dataframe", "to_numpy"]
+__all__ = ["decode_binary", "image_shape", "iter_batches", "rebatch", "to_dataframe", "to_numpy"]
 
 # Arrow's binary type addresses its data with int32 offsets: keep each chunk well below 2 GiB.
 _MAX_CHUNK_BYTES = 1 << 30
@@ -192,25 +192,49 @@ def iter_batches(
     source: Iterable[Any] = (
         [chunks] if isinstance(chunks, pd.DataFrame | pa.RecordBatch | pa.Table) else chunks
     )
-    pending: list[np.ndarray] = []
+    for table in rebatch((_image_table(chunk, image_column) for chunk in source), batch_size):
+        images = decode_binary(table.column(image_column), dims, image_column)
+        yield images if images.flags.owndata else np.array(images)
+
+
+def _image_table(chunk: Any, column: str) -> pa.Table:
+    """The image column of a pandas or Arrow chunk, alone, as an Arrow table (so every chunk has the
+    same schema, whatever else the rows carry)."""
+    import pyarrow as pa
+
+    values = _column(chunk, column)
+    if not isinstance(values, pa.Array | pa.ChunkedArray):
+        try:
+            values = pa.array(values, type=pa.binary(), from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise DatasetError(f"column {column!r}: expected binary image values: {exc}") from exc
+    return pa.table({column: values})
+
+
+def rebatch(batches: Iterable[pa.RecordBatch | pa.Table], batch_size: int) -> Iterator[pa.Table]:
+    """Tables of exactly ``batch_size`` rows out of Arrow batches of any size; only the last is short.
+
+    Spark's Arrow batch boundaries have nothing to do with the batch size a model wants. Rows keep their
+    order and every column; slicing and joining do not copy the data. The one re-batcher: training reads
+    images through :func:`iter_batches` and ``deepspark predict`` whole rows through this.
+    """
+    import pyarrow as pa
+
+    check_positive_int("batch_size", batch_size)
+    pending: list[pa.Table] = []
     count = 0
-    for chunk in source:
-        decoded = decode_binary(_column(chunk, image_column), dims, image_column)
-        if not len(decoded):
+    for batch in batches:
+        if batch.num_rows == 0:
             continue
-        pending.append(decoded)
-        count += len(decoded)
-        if count < batch_size:
-            continue
-        joined = np.concatenate(pending) if len(pending) > 1 else pending[0]
-        full = (count // batch_size) * batch_size
-        for start in range(0, full, batch_size):
-            yield np.array(joined[start : start + batch_size])
-        rest = joined[full:]
-        pending = [np.array(rest)] if len(rest) else []
-        count = len(rest)
+        pending.append(pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch)
+        count += batch.num_rows
+        while count >= batch_size:
+            table = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
+            yield table.slice(0, batch_size)
+            rest = table.slice(batch_size)
+            pending, count = ([rest] if rest.num_rows else []), rest.num_rows
     if count:
-        yield np.concatenate(pending) if len(pending) > 1 else np.array(pending[0])
+        yield pa.concat_tables(pending) if len(pending) > 1 else pending[0]
 
 
 def to_numpy(df: DataFrame, shape: Sequence[int] | None = None, *, image_column: str = "image") -> np.ndarray:

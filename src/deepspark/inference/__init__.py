@@ -10,19 +10,27 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from deepspark.inference._predict import OUTPUT_COLUMNS, PredictResult, PredictSummary, predict
+    from deepspark.inference._predict import (
+        OUTPUT_COLUMNS,
+        PredictProgress,
+        PredictResult,
+        PredictSummary,
+        predict,
+    )
     from deepspark.inference.decode import InputKind, UrlPolicy
-    from deepspark.inference.formats import InferenceModel, ModelFormat, export_model, load_model, read_labels
+    from deepspark.inference.formats import ModelFormat
+    from deepspark.inference.model import InferenceModel, export_model, load_model, read_labels
 
 _WHERE = {
     "InputKind": "decode",
     "UrlPolicy": "decode",
-    "InferenceModel": "formats",
+    "InferenceModel": "model",
     "ModelFormat": "formats",
-    "export_model": "formats",
-    "load_model": "formats",
-    "read_labels": "formats",
+    "export_model": "model",
+    "load_model": "model",
+    "read_labels": "model",
     "OUTPUT_COLUMNS": "_predict",
+    "PredictProgress": "_predict",
     "PredictResult": "_predict",
     "PredictSummary": "_predict",
     "predict": "_predict",
@@ -33,6 +41,7 @@ __all__ = [
     "InferenceModel",
     "InputKind",
     "ModelFormat",
+    "PredictProgress",
     "PredictResult",
     "PredictSummary",
     "UrlPolicy",

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from dataclasses import asdict
 from typing import Any
 
 __all__ = ["add_predict_parser"]
+
+_log = logging.getLogger("deepspark.predict")
 
 _INPUT_HELP = (
     "what to predict: a glob of image files ('images/**/*.png'; ** recurses), a directory of images, "
@@ -50,6 +53,12 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="text file with one class name per line")
     p.add_argument("--batch-size", type=int, default=256, help="rows per forward pass (default: 256)")
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto", help="default: auto")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto: the GPU Spark assigned each task when usable, else the CPU; cuda: insist (default: auto)",
+    )
     p.add_argument("--master", default=None, help="Spark master (default: spark.master, else local[*])")
     p.add_argument("--input-column", default=None, help="the image/tensor/URL column of a Parquet/CSV input")
     p.add_argument("--decode-threads", type=int, default=2, help="decode threads per task (default: 2)")
@@ -65,6 +74,52 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+class _Progress:
+    """Draws :class:`~deepspark.inference.PredictProgress` snapshots: a rich bar on a terminal, otherwise a
+    log line when tasks finish (at most one every few seconds, and one at the end)."""
+
+    _LOG_EVERY = 5.0
+
+    def __init__(self, console: Any) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._console = console
+        self._bar = (
+            Progress(
+                TextColumn("[bold]predict"),
+                BarColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+                console=console,
+                transient=False,
+            )
+            if console.is_terminal
+            else None
+        )
+        self._task: Any = None
+        self._logged = (0, 0.0)  # (tasks done, seconds) at the last log line
+
+    def __call__(self, p: Any) -> None:
+        rows = f"{p.rows_done:,}" + (f"/{p.rows_total:,}" if p.rows_total else "") + " rows"
+        status = f"{rows}, {p.tasks_done}/{p.tasks_total} tasks"
+        if self._bar is not None:
+            if self._task is None:
+                self._task = self._bar.add_task("predict", total=None, status=status)
+                self._bar.start()
+            self._bar.update(self._task, completed=p.tasks_done, total=p.tasks_total or None, status=status)
+            if p.finished:
+                self._bar.stop()
+            return
+        done, at = self._logged
+        if p.finished or (p.tasks_done != done and p.seconds - at >= self._LOG_EVERY):
+            self._logged = (p.tasks_done, p.seconds)
+            _log.info("predict: %s (%.1f s)%s", status, p.seconds, " done" if p.finished else "")
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -75,23 +130,29 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     preprocess = (
         Preprocess(input_shape=args.input_shape, mean=args.mean, std=args.std) if args.input_shape else None
     )
-    result = predict(
-        args.input,
-        args.model,
-        top_k=args.top_k,
-        labels=args.labels,
-        batch_size=args.batch_size,
-        backend=args.backend,
-        input_column=args.input_column,
-        output=args.output,
-        overwrite=args.overwrite,
-        preprocess=preprocess,
-        url_policy=UrlPolicy(
-            timeout=args.url_timeout, max_bytes=args.url_max_bytes, retries=args.url_retries
-        ),
-        decode_threads=args.decode_threads,
-        master=args.master,
-    )
+    progress = _Progress(Console(stderr=True))
+    try:
+        result = predict(
+            args.input,
+            args.model,
+            top_k=args.top_k,
+            labels=args.labels,
+            batch_size=args.batch_size,
+            backend=args.backend,
+            input_column=args.input_column,
+            output=args.output,
+            overwrite=args.overwrite,
+            preprocess=preprocess,
+            url_policy=UrlPolicy(
+                timeout=args.url_timeout, max_bytes=args.url_max_bytes, retries=args.url_retries
+            ),
+            decode_threads=args.decode_threads,
+            device=args.device,
+            progress=progress,
+            master=args.master,
+        )
+    finally:
+        progress.stop()
     s = result.summary
     assert s is not None  # output= was given, so the job ran
     table = Table(title=f"predictions written to {s.output}", show_header=False)
@@ -102,6 +163,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         "model loads", f"{s.model_loads} in {s.workers} Python worker(s), {s.partitions} partition(s)"
     )
     table.add_row("backend", f"{s.backend} ({s.model_format}), {s.threads_per_task} thread(s) per task")
+    table.add_row("devices", ", ".join(s.devices) or "-")
     table.add_row("batch size", str(s.batch_size))
     phases = ", ".join(f"{name} {sec:.2f}" for name, sec in s.phase_seconds.items())
     table.add_row("task seconds", f"{phases}  (summed over tasks; decode overlaps forward)")

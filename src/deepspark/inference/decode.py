@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -80,7 +81,9 @@ def decode_image(data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
             image = image.resize((width, height), Image.Resampling.BILINEAR)
         pixels = np.asarray(image, dtype=np.uint8)
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError…
-        raise RowError(f"cannot decode image: {exc}") from None
+        # Without the object's address Pillow puts in some messages, so the same file gives the same row.
+        why = re.sub(r" ?<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(exc))
+        raise RowError(f"cannot decode image: {why}") from None
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 

@@ -2,13 +2,16 @@
 
 from deepspark.models.checkpoint import (
     Checkpoint,
+    CheckpointFiles,
     checkpoint_files,
     load_checkpoint,
-    refuse_pickle,
+    read_checkpoint,
     save_checkpoint,
     state_from_bytes,
     state_to_bytes,
 )
+from deepspark.models.export import export_onnx
+from deepspark.models.pickles import refuse_pickle
 from deepspark.models.preprocess import Preprocess
 from deepspark.models.spec import ModelSpec, SpecModel, build_model, load_spec
 from deepspark.models.zoo import ZOO, model_spec
@@ -16,14 +19,17 @@ from deepspark.models.zoo import ZOO, model_spec
 __all__ = [
     "ZOO",
     "Checkpoint",
+    "CheckpointFiles",
     "ModelSpec",
     "Preprocess",
     "SpecModel",
     "build_model",
     "checkpoint_files",
+    "export_onnx",
     "load_checkpoint",
     "load_spec",
     "model_spec",
+    "read_checkpoint",
     "refuse_pickle",
     "save_checkpoint",
     "state_from_bytes",

@@ -1,7 +1,7 @@
 """Checkpoints: safetensors weights + a JSON spec + JSON metadata, in one directory.
 
-Loading never unpickles. A ``.pt``/``.pkl`` file (or anything that starts like a pickle or a
-``torch.save`` zip) is refused, because unpickling runs arbitrary code from whoever wrote the file.
+Loading never unpickles: a pickle (by :mod:`deepspark.models.pickles`' one rule) is refused, because
+unpickling runs arbitrary code from whoever wrote the file.
 
 Layout of ``DIR/``::
 
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from deepspark.errors import CheckpointError, SpecError
+from deepspark.models.pickles import PICKLE_SUFFIXES, refuse_pickle
 from deepspark.models.preprocess import Preprocess
 from deepspark.models.spec import ModelSpec, SpecModel, build_model
 from deepspark.rundir import write_dir_atomic
@@ -32,8 +33,12 @@ from deepspark.rundir import write_dir_atomic
 __all__ = [
     "FORMAT",
     "Checkpoint",
+    "CheckpointFiles",
+    "build_checkpoint_model",
     "checkpoint_files",
     "load_checkpoint",
+    "read_checkpoint",
+    "read_metadata",
     "refuse_pickle",
     "save_checkpoint",
     "state_from_bytes",
@@ -42,7 +47,6 @@ __all__ = [
 
 FORMAT = "deepspark-checkpoint"
 WEIGHTS, SPEC, METADATA = "model.safetensors", "spec.json", "metadata.json"
-_PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".joblib"}
 
 
 @dataclass(frozen=True)
@@ -151,27 +155,57 @@ def save_checkpoint(
     return write_dir_atomic(target, files)
 
 
-def refuse_pickle(path: str | os.PathLike[str]) -> None:
-    """Raise CheckpointError if ``path`` looks like a pickle or a ``torch.save`` archive."""
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A ``metadata.json`` (a checkpoint's, or the one :func:`export_model` writes next to a model file);
+    ``{}`` when there is none."""
     p = Path(path)
-    head = b""
-    if p.is_file():
-        with p.open("rb") as fh:
-            head = fh.read(4)
-    looks_pickled = head[:1] == b"\x80" or (head[:2] == b"PK" and p.suffix.lower() != ".onnx")
-    if p.suffix.lower() in _PICKLE_SUFFIXES or looks_pickled:
-        raise CheckpointError(
-            f"refusing to load {p}: it is (or looks like) a pickle / torch.save file, and unpickling runs "
-            "arbitrary code. Save the weights with safetensors (deepspark.save_checkpoint) or export the "
-            "model to TorchScript, torch.export or ONNX instead."
-        )
+    if not p.is_file():
+        return {}
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{p} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{p}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Load a checkpoint directory (or the ``model.safetensors`` inside one). Never unpickles."""
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """A checkpoint as read from disk, before any model is built: cheap to send to executors as bytes."""
+
+    path: Path
+    weights: bytes
+    spec: ModelSpec
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def build(self) -> SpecModel:
+        """The model (eval mode) with these weights; the one place checkpoint weights are read."""
+        return build_checkpoint_model(self.spec, self.weights, source=self.path)
+
+    def load(self) -> Checkpoint:
+        return Checkpoint(model=self.build(), spec=self.spec, metadata=self.metadata, path=self.path)
+
+
+def build_checkpoint_model(spec: ModelSpec, weights: bytes, *, source: str | os.PathLike[str]) -> SpecModel:
+    """``spec``'s model with the safetensors ``weights`` of the checkpoint at ``source``, in eval mode."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
+    model = build_model(spec)
+    try:
+        state = load(bytes(weights))
+    except (SafetensorError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {source}: cannot read {WEIGHTS}: {exc}") from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {source}: weights do not match {SPEC}: {exc}") from exc
+    return model.eval()
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointFiles:
+    """Read a checkpoint directory (or a file inside one) without building the model. Never unpickles."""
     p = Path(path)
     if p.is_file():
         refuse_pickle(p)
@@ -185,27 +219,27 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise CheckpointError(f"checkpoint {p} does not exist")
     for name in (WEIGHTS, SPEC):
         if not (p / name).is_file():
-            pickles = sorted(q.name for q in p.iterdir() if q.suffix.lower() in _PICKLE_SUFFIXES)
-            hint = f" (found {pickles}: pickled files are refused)" if pickles else ""
+            found = sorted(
+                q.name for q in p.iterdir() if q.suffix.lower() in PICKLE_SUFFIXES | {".pt", ".pth"}
+            )
+            hint = (
+                f" (found {found}: pickled files are refused; pass a TorchScript file itself to inference)"
+                if found
+                else ""
+            )
             raise CheckpointError(f"checkpoint {p} has no {name}{hint}")
+    refuse_pickle(p / WEIGHTS)
     try:
         spec = ModelSpec.from_file(p / SPEC)
     except SpecError as exc:
         raise CheckpointError(f"checkpoint {p}: bad {SPEC}: {exc}") from exc
-    metadata: dict[str, Any] = {}
-    if (p / METADATA).is_file():
-        try:
-            metadata = json.loads((p / METADATA).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"checkpoint {p}: {METADATA} is not valid JSON: {exc}") from exc
-    model = build_model(spec)
     try:
-        state = load_file(str(p / WEIGHTS))
-    except (SafetensorError, OSError) as exc:
+        weights = (p / WEIGHTS).read_bytes()
+    except OSError as exc:
         raise CheckpointError(f"checkpoint {p}: cannot read {WEIGHTS}: {exc}") from exc
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {p}: weights do not match {SPEC}: {exc}") from exc
-    model.eval()
-    return Checkpoint(model=model, spec=spec, metadata=metadata, path=p)
+    return CheckpointFiles(path=p, weights=weights, spec=spec, metadata=read_metadata(p / METADATA))
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Load a checkpoint directory (or the ``model.safetensors`` inside one). Never unpickles."""
+    return read_checkpoint(path).load()

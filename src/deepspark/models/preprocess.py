@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from deepspark.errors import ConfigError
+from deepspark.validation import fail
 
 __all__ = ["Preprocess"]
 
@@ -26,10 +27,11 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         channels = self.input_shape[0]
-        if len(self.mean) not in (1, channels) or len(self.std) not in (1, channels):
-            raise ConfigError(f"mean/std need 1 or {channels} values, got {self.mean} and {self.std}")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (1, channels):
+                raise fail(name, f"1 or {channels} values (one per channel)", values)
         if any(s <= 0 for s in self.std):
-            raise ConfigError(f"std values must be positive, got {self.std}")
+            raise fail("std", "positive values", self.std)
 
     def apply(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(images)

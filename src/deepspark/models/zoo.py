@@ -7,6 +7,7 @@ from typing import Any
 
 from deepspark.errors import ConfigError
 from deepspark.models.spec import ModelSpec
+from deepspark.validation import check_choice, check_int, fail
 
 __all__ = ["ZOO", "model_spec"]
 
@@ -67,8 +68,7 @@ def model_spec(
 
     Hyperparameters are checked against the network's list, so a typo is an error, not a silent default.
     """
-    if name not in ZOO:
-        raise ConfigError(f"model: expected one of {sorted(ZOO)}, got {name!r}")
+    check_choice("model", name, sorted(ZOO))
     make, allowed = ZOO[name]
     unknown = set(hyperparameters) - set(allowed)
     if unknown:
@@ -83,10 +83,9 @@ def model_spec(
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise ConfigError(f"model {name!r}: {key} must be {kind.__name__}, got {value!r}")
+            raise fail(f"model {name!r}: {key}", "an integer" if kind is int else "a number", value)
         values[key] = value
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise ConfigError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
+    check_int("num_classes", num_classes, minimum=2)
     layers = [*make(**values), {"type": "linear", "out_features": num_classes}]
     spec = ModelSpec(
         input_shape=tuple(int(d) for d in input_shape),

@@ -1,0 +1,203 @@
+"""What ``predict`` reads: a DataFrame, or a path resolved into one (image files, Parquet, IDX files,
+URL lists), with the input column, its kind and the identity columns to carry through. Driver side."""
+
+from __future__ import annotations
+
+import glob as _glob
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from deepspark.errors import ConfigError
+from deepspark.inference.decode import InputKind
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+__all__ = ["Input", "is_local", "local_path", "resolve_input"]
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+_IMAGE_GLOB = "*.{png,PNG,jpg,JPG,jpeg,JPEG,bmp,BMP,gif,GIF,tif,TIF,tiff,TIFF,webp,WEBP}"
+
+
+@dataclass(frozen=True)
+class Input:
+    """A resolved input: the DataFrame, its input column and kind, and the columns to carry through."""
+
+    dataframe: DataFrame
+    kind: InputKind
+    column: str
+    passthrough: tuple[str, ...]
+    ours: bool  # we built the DataFrame (so we may choose its partitioning)
+    rows_hint: int | None = None
+
+
+def is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def local_path(path: str) -> str:
+    return path[len("file://") :] if path.startswith("file://") else path
+
+
+def _binary_files(
+    spark: SparkSession, path: str | list[str], *, pattern: str | None, recursive: bool
+) -> Input:
+    reader = spark.read.format("binaryFile")
+    if pattern:
+        reader = reader.option("pathGlobFilter", pattern)
+    if recursive:
+        reader = reader.option("recursiveFileLookup", "true")
+    df = reader.load(path).select("path", "content")
+    files = df.inputFiles()
+    empty = _empty_files(spark, files)
+    if empty:
+        # Spark's file scan skips zero-byte files, so binaryFile has no row for them: add one each
+        # (empty content, which becomes an error row) so that every input file appears once.
+        df = df.unionByName(spark.createDataFrame([(p, bytearray()) for p in empty], df.schema))
+    return Input(df, InputKind.IMAGE, "content", ("path",), ours=True, rows_hint=len(files))
+
+
+def _empty_files(spark: SparkSession, uris: Sequence[str]) -> list[str]:
+    """The zero-byte files among ``uris`` (as ``inputFiles()`` lists them), written as binaryFile's
+    ``path`` column writes them. Local files are checked with ``stat``; others through Hadoop's
+    FileSystem, one metadata call per file."""
+    from urllib.parse import unquote, urlsplit
+
+    empty = []
+    jvm = spark.sparkContext._jvm
+    conf = spark.sparkContext._jsc.hadoopConfiguration()
+    for uri in uris:
+        parts = urlsplit(uri)
+        if parts.scheme in ("", "file"):
+            local = unquote(parts.path)
+            if os.path.getsize(local) == 0:
+                empty.append(f"file:{local}")
+            continue
+        hpath = jvm.org.apache.hadoop.fs.Path(jvm.java.net.URI(uri))  # type: ignore[union-attr]
+        if hpath.getFileSystem(conf).getFileStatus(hpath).getLen() == 0:
+            empty.append(str(hpath.toString()))
+    return empty
+
+
+def _idx_input(spark: SparkSession, files: Sequence[Path]) -> Input:
+    import pandas as pd
+
+    from deepspark.data import read_idx
+    from deepspark.data.files import labels_file_for
+
+    frames = []
+    for file in files:
+        images = np.asarray(read_idx(file), dtype=np.uint8)
+        labels_file = labels_file_for(file)
+        labels = np.asarray(read_idx(labels_file), dtype=np.int64) if labels_file is not None else None
+        frames.append(
+            pd.DataFrame(
+                {
+                    "file": file.name,
+                    "index": np.arange(len(images), dtype=np.int64),
+                    "target": labels if labels is not None and len(labels) == len(images) else None,
+                    "pixels": [row.tobytes() for row in images.reshape(len(images), -1)],
+                }
+            )
+        )
+    pdf = pd.concat(frames, ignore_index=True)
+    pdf["target"] = pdf["target"].astype("Int64")
+    df = spark.createDataFrame(pdf, schema="file string, index long, target long, pixels binary")
+    return Input(df, InputKind.RAW, "pixels", ("file", "index", "target"), ours=True, rows_hint=len(pdf))
+
+
+def _dataframe_input(df: DataFrame, column: str | None, *, ours: bool = False) -> Input:
+    from pyspark.sql import types as T
+
+    fields = {f.name: f.dataType for f in df.schema.fields}
+    if column is None:
+        candidates = [n for n, t in fields.items() if isinstance(t, T.BinaryType | T.ArrayType)]
+        if len(candidates) == 1:
+            column = candidates[0]
+        elif not candidates and isinstance(fields.get("url"), T.StringType):
+            column = "url"
+        else:
+            raise ConfigError(
+                "input_column: expected the name of the image/tensor/URL column; the DataFrame has "
+                f"{sorted(fields)} and no single binary or array column to choose"
+            )
+    if column not in fields:
+        raise ConfigError(f"input_column: expected one of {sorted(fields)}, got {column!r}")
+    typ = fields[column]
+    if isinstance(typ, T.BinaryType):
+        kind = InputKind.IMAGE
+    elif isinstance(typ, T.ArrayType):
+        kind = InputKind.TENSOR
+    elif isinstance(typ, T.StringType):
+        kind = InputKind.URL
+    else:
+        raise ConfigError(
+            f"input_column: {column!r} is {typ.simpleString()}; expected binary (image files), an array "
+            "(pixel tensors) or a string (http(s) URLs)"
+        )
+    keep = tuple(n for n in fields if n != column or kind is InputKind.URL)
+    return Input(df, kind, column, keep, ours=ours)
+
+
+def resolve_input(spark: SparkSession, data: Any, input_column: str | None) -> Input:
+    from pyspark.sql import DataFrame
+
+    if isinstance(data, DataFrame):
+        return _dataframe_input(data, input_column)
+    if not isinstance(data, str | os.PathLike):
+        raise ConfigError(f"data: expected a DataFrame or a path/glob, got {type(data).__name__}")
+    path = os.fspath(data)
+    has_glob = any(ch in path for ch in "*?[{")
+    if is_local(path):
+        local = local_path(path)
+        if has_glob:
+            # Python's glob has no {a,b} alternatives (Hadoop's has): leave those to Spark.
+            if "{" not in local and not _glob.glob(local, recursive=True):
+                raise ConfigError(f"data: no files match {path!r}")
+        elif not os.path.exists(local):
+            raise ConfigError(f"data: expected an existing path, DataFrame or glob, got {path!r}")
+        p = Path(local)
+        if not has_glob and p.is_dir():
+            idx = sorted(q for q in p.iterdir() if "idx3-ubyte" in q.name or "idx3.ubyte" in q.name)
+            if idx:
+                return _idx_input(spark, idx)
+            if any(q.suffix == ".parquet" or q.name == "_SUCCESS" for q in p.iterdir()):
+                return _dataframe_input(spark.read.parquet(path), input_column, ours=False)
+            return _binary_files(spark, path, pattern=_IMAGE_GLOB, recursive=True)
+        if not has_glob and ("idx3-ubyte" in p.name or "idx3.ubyte" in p.name):
+            return _idx_input(spark, [p])
+    suffix = Path(path).suffix.lower()
+    if has_glob:
+        parts = path.split("/")
+        first = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?[{"))
+        if "**" in path or first == len(parts) - 1:
+            # Hadoop globs have no '**': list the fixed prefix (recursively for '**') and filter on the
+            # file name; a glob in the file name alone is read the same way.
+            base = "/".join(parts[:first]) or "."
+            return _binary_files(spark, base, pattern=parts[-1], recursive="**" in path)
+        if is_local(path) and "{" not in path:
+            # A glob in a directory: list the directories here and let Spark filter the file names. Given
+            # the glob itself, Spark logs a long, harmless FileNotFoundException while it looks for a
+            # streaming-sink metadata folder named like the pattern.
+            prefix = "file://" if path.startswith("file://") else ""
+            dirs = sorted(d for d in _glob.glob(local_path("/".join(parts[:-1]))) if Path(d).is_dir())
+            return _binary_files(spark, [prefix + d for d in dirs], pattern=parts[-1], recursive=False)
+        return _binary_files(spark, path, pattern=None, recursive=False)
+    if suffix == ".parquet":
+        return _dataframe_input(spark.read.parquet(path), input_column)
+    if suffix == ".txt":
+        df = spark.read.text(path).withColumnRenamed("value", "url").filter("trim(url) != ''")
+        return _dataframe_input(df, "url", ours=True)
+    if suffix == ".csv":
+        return _dataframe_input(spark.read.csv(path, header=True), input_column or "url", ours=True)
+    if suffix in _IMAGE_SUFFIXES:
+        return _binary_files(spark, path, pattern=None, recursive=False)
+    raise ConfigError(
+        f"data: cannot tell what {path!r} holds; expected image files (a glob or directory), a Parquet "
+        "table, a directory of IDX files, a .txt/.csv list of URLs, or a DataFrame"
+    )
