@@ -43,6 +43,7 @@ from deepspark._compat import StrEnum
 from deepspark._optional import available, install_hint, require
 from deepspark.errors import CheckpointError, ConfigError
 from deepspark.models.checkpoint import METADATA, SPEC, WEIGHTS
+from deepspark.models.export import export_onnx
 from deepspark.models.preprocess import Preprocess
 
 __all__ = [
@@ -61,7 +62,6 @@ _log = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "onnx")
 _ALWAYS_PICKLE = {".pkl", ".pickle", ".joblib"}
 _TORCHSCRIPT_SUFFIXES = {".pt", ".pth", ".ts", ".torchscript", ".jit"}
-_ONNX_OPSET = 17
 
 
 class ModelFormat(StrEnum):
@@ -366,33 +366,6 @@ def build_runner(artifact: ModelArtifact, *, backend: str, threads: int) -> Runn
 
 
 # ----------------------------------------------------------------------------------------- exporting
-def _export_onnx(module: Any, example: Any, buffer: Any) -> None:
-    import torch
-
-    require("onnx", feature="ONNX export")  # torch.onnx writes the model with the onnx package
-
-    with warnings.catch_warnings():
-        # torch 2.9+ warns that the TorchScript-based exporter is legacy; the dynamo one needs onnxscript.
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(
-                module,
-                (example,),
-                buffer,
-                dynamo=False,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                opset_version=_ONNX_OPSET,
-                # A torch.export module refuses .train(); our modules are already in eval mode.
-                training=torch.onnx.TrainingMode.PRESERVE,
-            )
-        except Exception as exc:
-            raise CheckpointError(
-                f"ONNX export failed ({exc}); with a newer torch, `pip install onnxscript` may be needed"
-            ) from exc
-
-
 def to_onnx(artifact: ModelArtifact) -> bytes:
     """Convert a torch-format artifact to ONNX bytes (in memory, on the driver)."""
     import torch
@@ -401,9 +374,7 @@ def to_onnx(artifact: ModelArtifact) -> bytes:
         return artifact.payload
     module = _torch_module(artifact)
     example = torch.zeros((2, *artifact.preprocess.input_shape), dtype=torch.float32)
-    buffer = io.BytesIO()
-    _export_onnx(module, example, buffer)
-    return buffer.getvalue()
+    return export_onnx(module, example)
 
 
 def export_model(
@@ -452,8 +423,7 @@ def export_model(
         program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
         torch.export.save(program, str(target))
     else:
-        with target.open("wb") as fh:
-            _export_onnx(module, example, fh)
+        target.write_bytes(export_onnx(module, example))
     sidecar.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return target
 

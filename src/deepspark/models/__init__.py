@@ -9,6 +9,7 @@ from deepspark.models.checkpoint import (
     state_from_bytes,
     state_to_bytes,
 )
+from deepspark.models.export import export_onnx
 from deepspark.models.preprocess import Preprocess
 from deepspark.models.spec import ModelSpec, SpecModel, build_model, load_spec
 from deepspark.models.zoo import ZOO, model_spec
@@ -21,6 +22,7 @@ __all__ = [
     "SpecModel",
     "build_model",
     "checkpoint_files",
+    "export_onnx",
     "load_checkpoint",
     "load_spec",
     "model_spec",
