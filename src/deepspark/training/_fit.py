@@ -34,6 +34,7 @@ from deepspark._optional import skip_unless
 from deepspark.errors import ConfigError, DeepsparkError, RunError
 from deepspark.slots import root_cause, run_slots, short_error
 from deepspark.spark import DEVICES
+from deepspark.training._model import FACTORY_KEY, TrainModel, factory_of
 from deepspark.training.average import AverageSettings, RoundRecord, RoundServer, TaskSpec, average_task
 from deepspark.training.frame import KEY, FrameLayout, describe_frame
 from deepspark.training.loop import DataCursor, TrainConfig, evaluate
@@ -91,13 +92,14 @@ class FitResult:
     """The outcome of :func:`fit`."""
 
     run_dir: Path
-    model_dir: Path
+    model_dir: Path  # the final model's folder
     history: tuple[dict[str, Any], ...]
     test_accuracy: float | None
     wall_s: float
     time_split: Mapping[str, float] = field(default_factory=dict)
     bytes_per_epoch: float = 0.0
     devices: Mapping[int, str] = field(default_factory=dict)  # worker -> device it trained on
+    model_path: Path | None = None  # what `deepspark predict --model` takes: model_dir, or its model.onnx
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ class _Run:
 
     spark: Any  # the SparkSession; None for the local strategy
     data: _Data
-    spec: ModelSpec
+    model: TrainModel
     config: TrainConfig
     settings: AverageSettings
     workers: int
@@ -163,11 +165,15 @@ def fit(
     """Train ``model`` on ``data`` with ``workers`` Spark tasks.
 
     ``data`` is a dataset name or MNIST-layout directory (its test split is evaluated after every
-    epoch), or a Spark DataFrame with ``feature_column`` (raw image bytes or arrays) and an integral
-    ``label_column`` (``test_data``, another such DataFrame, is optional). ``model`` is a zoo name or a
-    spec. ``strategy`` defaults to ``local`` for one worker and ``average`` otherwise. Every argument is
+    epoch), or a Spark DataFrame with ``feature_column`` (raw image bytes, encoded image files such as
+    PNG or JPEG, or arrays) and an integral ``label_column`` (``test_data``, another such DataFrame, is
+    optional). ``model`` is a zoo name, a spec, or a zero-argument factory returning a
+    ``torch.nn.Module``: called without arguments (it is not told the input shape or class count), its
+    module is checked against the data before any job, and the final model is ONNX (``model_path``).
+    ``strategy`` defaults to ``local`` for one worker and ``average`` otherwise. Every argument is
     checked, and the run directory created, before any training job starts; ``resume=True`` continues
-    the run in ``run_dir`` from its last checkpoint with the settings saved there.
+    the run in ``run_dir`` from its last checkpoint with the settings saved there (a factory's run must
+    be given the factory again).
 
     ``average`` holds the distributed strategies' knobs (:class:`AverageSettings`); ``async`` uses its
     ``tau`` (steps between pushes, 1 unless given) and takes ``staleness`` (>= 1), the most pushes a
@@ -178,6 +184,7 @@ def fit(
     the CPU; ``cuda`` makes an unusable or missing GPU an error; ``cpu`` ignores GPUs.
     """
     started = time.perf_counter()
+    factory = factory_of(model)
     if resume:
         if run_dir is None:
             raise ConfigError("resume: give the run_dir to continue")
@@ -186,7 +193,7 @@ def fit(
         config, average = saved["config"], saved["average"]
         staleness = saved.get("staleness", staleness)
         device = saved.get("device", device)
-        model = saved["model"]
+        model = _resumed_model(saved["model"], factory, run_dir)
         threads_per_worker = saved["threads_per_worker"]
         if isinstance(data, str | os.PathLike) and saved.get("data") != str(data):
             raise ConfigError(
@@ -204,10 +211,15 @@ def fit(
     _check_slow_worker(slow_worker, strategy, workers)
     train_config = _train_config(config, strategy)
     settings = _settings(average, strategy)
+    if factory is not None and strategy == "local":
+        raise ConfigError(
+            "strategy: 'local' trains a zoo model or spec; a model factory trains with 'average' "
+            "(one worker at tau 1 takes the one-process steps)"
+        )
+    made = TrainModel.from_factory(factory) if factory is not None else None  # before any Spark job
     created = run_dir is None or not Path(run_dir).exists()
     run_path = _run_dir(run_dir, resume=resume)
     try:
-        from deepspark.models import load_spec
         from deepspark.spark import session, total_slots
 
         if strategy == "local":
@@ -242,8 +254,9 @@ def fit(
             data_dir=data_dir,
             limit_train=limit_train,
             limit_test=limit_test,
+            check_shape=made.check_input if made is not None else None,
         )
-        spec = _model_spec(model, prepared.layout)
+        train_model = _train_model(model, made, prepared.layout)
         if not resume:
             _write_config(
                 run_path,
@@ -254,7 +267,7 @@ def fit(
                     "average": asdict(settings),
                     "staleness": staleness,
                     "device": device,
-                    "model": model if isinstance(model, str) else load_spec(model).to_dict(),
+                    "model": train_model.config_entry(model),
                     "threads_per_worker": threads_per_worker,
                     "data": str(data) if isinstance(data, str | os.PathLike) else "DataFrame",
                     "limit_train": limit_train,
@@ -265,7 +278,7 @@ def fit(
         run = _Run(
             spark=spark,
             data=prepared,
-            spec=spec,
+            model=train_model,
             config=train_config,
             settings=settings,
             workers=workers,
@@ -387,7 +400,9 @@ def _prepare_data(
     data_dir: str | os.PathLike[str] | None,
     limit_train: int | None,
     limit_test: int | None,
+    check_shape: Callable[[tuple[int, int, int]], None] | None = None,
 ) -> _Data:
+    """The training rows, test arrays and preprocess; ``check_shape(input shape)`` runs before any job."""
     from pyspark.sql import DataFrame
     from pyspark.sql import functions as F
 
@@ -400,6 +415,7 @@ def _prepare_data(
             label_column=label_column,
             input_shape=input_shape,
             num_classes=num_classes,
+            check_shape=check_shape,
         )
         preprocess = Preprocess(input_shape=layout.shape, mean=(0.0,), std=(1.0,))
         frame = data.select(feature_column, label_column).withColumn(KEY, F.monotonically_increasing_id())
@@ -430,6 +446,8 @@ def _prepare_data(
     dataset = _load(data, data_dir, limit_train, limit_test)
     if len(dataset.train_labels) == 0:
         raise ConfigError("limit_train: the training split would be empty; give at least 1")
+    if check_shape is not None:
+        check_shape(tuple(dataset.input_shape))
     preprocess = Preprocess(input_shape=dataset.input_shape, mean=tuple(dataset.mean), std=tuple(dataset.std))
     frame = to_dataframe(spark, dataset.train_images, dataset.train_labels, image_column=feature_column)
     frame = frame.withColumn(KEY, F.col("id")).drop("id")
@@ -480,7 +498,7 @@ def _collect(df: Any, layout: FrameLayout, preprocess: Preprocess) -> tuple[torc
         .toArrow()
     )
     x, y = read_partition(table.to_batches(), layout)
-    inputs = preprocess.apply(x) if layout.kind == "bytes" else torch.from_numpy(x)
+    inputs = preprocess.apply(x) if layout.pixels else torch.from_numpy(x)
     return inputs, torch.from_numpy(y)
 
 
@@ -492,6 +510,32 @@ def _model_spec(model: Any, layout: FrameLayout) -> ModelSpec:
     spec = load_spec(model)
     spec.check_fits(input_shape=layout.shape, num_classes=layout.num_classes)
     return spec
+
+
+def _train_model(model: Any, made: TrainModel | None, layout: FrameLayout) -> TrainModel:
+    """The run's model, checked against the data: the factory's module, or the zoo model or spec."""
+    if made is None:
+        return TrainModel(spec=_model_spec(model, layout))
+    made.check_fits(layout.shape, layout.num_classes)
+    return made
+
+
+def _resumed_model(saved: Any, factory: Callable[[], Any] | None, run_dir: Any) -> Any:
+    """The model a resumed run trains: the saved zoo name or spec, or the factory given again."""
+    if isinstance(saved, Mapping) and FACTORY_KEY in saved:
+        if factory is None:
+            raise ConfigError(
+                f"resume: the run in {run_dir} trained the module of the factory {saved[FACTORY_KEY]}, which "
+                "config.json cannot hold; resume it from Python with the same factory: "
+                "deepspark.fit(data, model=factory, run_dir=..., resume=True)"
+            )
+        return factory
+    if factory is not None:
+        raise ConfigError(
+            f"resume: the run in {run_dir} trained a zoo model or spec, not a factory's module; "
+            "resume it without model="
+        )
+    return saved
 
 
 # ------------------------------------------------------------------------------------ workers
@@ -631,7 +675,7 @@ def _task_spec(run: _Run, total_steps: int, endpoint: tuple[str, int, str]) -> T
         host=host,
         port=port,
         token=token,
-        spec=run.spec.to_dict(),
+        **run.model.task_fields(),
         preprocess=run.data.preprocess.to_dict(),
         layout=run.data.layout,
         config=run.config.to_dict(),
@@ -660,14 +704,13 @@ def _new_cursor(config: TrainConfig) -> Callable[[int, int], dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------------ average
 def _fit_average(run: _Run) -> FitResult:
-    from deepspark.models import build_model
-
     data, config, run_path, workers = run.data, run.config, run.run_path, run.workers
     layout = data.layout
     _, total_steps = _step_budget(layout.rows, workers, config)
-    driver_model = build_model(run.spec, seed=config.seed)
+    driver_model = run.model.build(seed=config.seed)
     if run.resume:
         weights, outer_state, state = _load_checkpoint(run_path)
+        _check_resumed(driver_model, weights, run_path)
         cursors = {int(k): v for k, v in state["cursors"].items()}
         first_round, samples_done = int(state["round"]) + 1, int(state["samples_done"])
         steps_done = int(state["steps_done"])
@@ -720,16 +763,16 @@ def _fit_average(run: _Run) -> FitResult:
 
 # -------------------------------------------------------------------------------------------- async
 def _fit_async(run: _Run) -> FitResult:
-    from deepspark.models import build_model
     from deepspark.training.paramserver import AsyncRecord, ParameterServer, async_task
 
     data, config, run_path, workers = run.data, run.config, run.run_path, run.workers
     layout = data.layout
     _, total_steps = _step_budget(layout.rows, workers, config)
-    driver_model = build_model(run.spec, seed=config.seed)
+    driver_model = run.model.build(seed=config.seed)
     progress: dict[str, Any] = {}
     if run.resume:
         weights, _, state = _load_checkpoint(run_path)
+        _check_resumed(driver_model, weights, run_path)
         progress = {
             "cursors": {int(k): v for k, v in state["cursors"].items()},
             "clocks": {int(k): int(v) for k, v in state["clocks"].items()},
@@ -800,7 +843,6 @@ def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
 
     The strategy has no knobs of its own beyond the training config (``run.settings`` is unused)."""
     from deepspark import wire
-    from deepspark.models import build_model
     from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
     from deepspark.training.allreduce import MODEL_PREFIX, GangReport, GangServer, GangSpec, allreduce_task
 
@@ -808,7 +850,7 @@ def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
     layout = data.layout
     steps_per_epoch, total_steps = _step_budget(layout.rows, workers, config)
     steps_per_round = max(1, steps_per_epoch // 4)
-    driver_model = build_model(run.spec, seed=config.seed)
+    driver_model = run.model.build(seed=config.seed)
     if run.resume:
         payload, state = _load_gang_checkpoint(run_path)
         history = _read_history(run_path, upto=int(state["round"]))
@@ -992,6 +1034,16 @@ def _load_gang_checkpoint(run_path: Path) -> tuple[bytes, dict[str, Any]]:
     return (folder / "state.safetensors").read_bytes(), dict(state)
 
 
+def _check_resumed(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], run_path: Path) -> None:
+    """The checkpoint's weights must fit the model being resumed (a factory given again may differ)."""
+    try:
+        model.load_state_dict(dict(weights))
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"resume: the weights in {run_path / CHECKPOINT} do not fit the model given: {exc}"
+        ) from exc
+
+
 def _load_checkpoint(run_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
     from safetensors.torch import load_file
 
@@ -1042,8 +1094,6 @@ def _finish(
     *,
     devices: Mapping[int, str] | None = None,
 ) -> FitResult:
-    from deepspark.models import save_checkpoint
-
     run_path, data, config = run.run_path, run.data, run.config
 
     accuracy = None
@@ -1052,15 +1102,13 @@ def _finish(
         accuracy = float(last)  # every strategy scores its last round with the final weights: not again
     elif data.test_inputs is not None and data.test_labels is not None:
         accuracy = evaluate(model, data.test_inputs, data.test_labels)["accuracy"]
-    save_checkpoint(
+    run.model.save(
         run_path / MODEL,
         model,
-        run.spec,
         preprocess=data.preprocess,
         class_names=data.class_names,
         metrics={"test_accuracy": accuracy} if accuracy is not None else {},
         config=config.to_dict(),
-        overwrite=True,
     )
     _plot(run_path, history)
     wall = time.perf_counter() - run.started
@@ -1076,6 +1124,7 @@ def _finish(
         time_split=split,
         bytes_per_epoch=total_bytes / epochs if epochs else 0.0,
         devices=dict(devices or {}),
+        model_path=run.model.predictable(run_path / MODEL),
     )
 
 
@@ -1205,7 +1254,7 @@ def _fit_local(
     run = _Run(
         spark=None,
         data=prepared,
-        spec=spec,
+        model=TrainModel(spec=spec),
         config=config,
         settings=AverageSettings(),
         workers=1,
