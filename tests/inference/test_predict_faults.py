@@ -1,7 +1,7 @@
 """predict under a real fault: an executor SIGKILLed mid-job on a standalone cluster on 127.0.0.1.
 
 The driver runs in a subprocess (a process holds one SparkContext), bounded in time; everything started
-is torn down in ``finally`` (``tests/_cluster.py``).
+is torn down in ``finally`` (``deepspark.standalone``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from _cluster import executor_pids, standalone_cluster, start_driver
+from deepspark.standalone import executor_pids, standalone_cluster, start_driver
 
 
 @pytest.mark.slow

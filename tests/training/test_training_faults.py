@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from test_fit import SGD, _layout_dir
 
-from _cluster import executor_pids, kill_group, standalone_cluster, start_driver
+from deepspark.standalone import executor_pids, kill_group, standalone_cluster, start_driver
 from deepspark.training import fit
 
 
