@@ -16,14 +16,24 @@ epoch with final accuracy within 0.1 point of local1; scheduling <= 10% of a rou
 with one worker slowed 3x reaches 99.0% sooner than average under the same slowdown. Run:
 
     .venv/bin/python benchmarks/training.py [--epochs 4] [--runs local1,avg-plain-50] [--limit-train N]
+
+--standalone runs the same comparison on a Spark standalone cluster on 127.0.0.1 instead of local[2]: a
+Master and two Workers of 1 core each (tests/_cluster.py, the fault tests' harness), started before the
+first run, waited for (bounded) and killed by PID when the benchmark ends; TorchDistributor then runs on the executors
+(local_mode=False). The one-process runs stay on the driver. A smoke test of the option:
+
+    .venv/bin/python benchmarks/training.py --standalone --runs avg-plain-50 --epochs 1 \
+        --limit-train 2000 --limit-test 1000
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,7 +66,12 @@ def run_fit(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     full = name
     name, _, rate = name.partition(":lr=")
     config = {**CONFIG, "epochs": args.epochs, **({"learning_rate": float(rate)} if rate else {})}
-    options: dict[str, Any] = {"config": config, "limit_train": args.limit_train, "run_dir": work / full}
+    options: dict[str, Any] = {
+        "config": config,
+        "limit_train": args.limit_train,
+        "limit_test": args.limit_test,
+        "run_dir": work / full,
+    }
     label, _, slow = name.partition("@slow")
     if slow:
         options["slow_worker"] = (1, float(slow))
@@ -102,7 +117,7 @@ def run_fit(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def _ddp_loop(
-    epochs: int, limit_train: int | None, config: dict[str, Any], called: float
+    epochs: int, limit_train: int | None, limit_test: int | None, config: dict[str, Any], called: float
 ) -> list[tuple[float, float]]:
     """The same LeNet training as a plain DDP loop, the way TorchDistributor users write it."""
     import torch
@@ -118,8 +133,8 @@ def _ddp_loop(
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     data = load_dataset("mnist")
-    if limit_train:
-        data = data.subset(train=limit_train)
+    if limit_train or limit_test:
+        data = data.subset(train=limit_train, test=limit_test)
     pre = Preprocess(input_shape=data.input_shape, mean=data.mean, std=data.std)
     train = TensorDataset(pre.apply(data.train_images), torch.as_tensor(data.train_labels))
     sampler = DistributedSampler(train, seed=config["seed"])
@@ -150,8 +165,9 @@ def run_torchdistributor(args: argparse.Namespace) -> dict[str, Any]:
     from deepspark.models import build_model, model_spec
 
     started = time.perf_counter()
-    curve = TorchDistributor(num_processes=2, local_mode=True, use_gpu=False).run(
-        _ddp_loop, args.epochs, args.limit_train, CONFIG, time.time()
+    # On the standalone cluster its processes run in barrier tasks on the executors, as ours do.
+    curve = TorchDistributor(num_processes=2, local_mode=not args.standalone, use_gpu=False).run(
+        _ddp_loop, args.epochs, args.limit_train, args.limit_test, CONFIG, time.time()
     )
     wall = time.perf_counter() - started
     params = sum(p.numel() for p in build_model(model_spec("lenet")).parameters())
@@ -176,20 +192,26 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--limit-train", type=int, default=None)
+    parser.add_argument("--limit-train", type=int, default=None, help="the first N training images only")
+    parser.add_argument("--limit-test", type=int, default=None, help="the first N test images only")
     parser.add_argument("--runs", default=",".join(ALL_RUNS))
+    parser.add_argument(
+        "--standalone",
+        action="store_true",
+        help="run on a standalone cluster on 127.0.0.1 (a Master and 2 Workers of 1 core each, started "
+        "and killed by the benchmark) instead of local[2]",
+    )
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
     runs = [r for r in args.runs.split(",") if r]
-    from deepspark.spark import session
-
-    session("local[2]", app_name="training-benchmark")
-    print(
-        f"{os.cpu_count()} cores; LeNet, {args.epochs} epoch(s) of {args.limit_train or 60000} MNIST images; "
-        f"{CONFIG}; load average at start {os.getloadavg()[0]:.1f}"
-    )
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        where = _start_spark(stack, Path(tmp), standalone=args.standalone)
+        print(
+            f"{os.cpu_count()} cores, {where}; LeNet, {args.epochs} epoch(s) of {args.limit_train or 60000} "
+            f"MNIST images; {CONFIG}; load average at start {os.getloadavg()[0]:.1f}"
+        )
         for name in runs:
             row = run_torchdistributor(args) if name == "torchdistributor" else run_fit(name, args, Path(tmp))
             results.append(row)
@@ -197,6 +219,47 @@ def main() -> None:
     _report(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def _start_spark(stack: contextlib.ExitStack, tmp: Path, *, standalone: bool) -> str:
+    """The benchmark's Spark session (stopped by ``stack``): local[2], or a 2x1-core standalone cluster
+    on 127.0.0.1 whose processes ``stack`` kills after the session stops."""
+    from deepspark.spark import session
+
+    if not standalone:
+        session("local[2]", app_name="training-benchmark")
+        return "local[2]"
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fault tests' harness
+    from _cluster import standalone_cluster
+
+    url, _ = stack.enter_context(standalone_cluster(tmp / "cluster", workers=2, cores=1, memory="1536m"))
+    spark = session(
+        url,
+        app_name="training-benchmark",
+        conf={
+            "spark.driver.host": "127.0.0.1",
+            "spark.driver.bindAddress": "127.0.0.1",
+            "spark.executor.memory": "1g",
+            "spark.cores.max": "2",
+        },
+    )
+    stack.callback(spark.stop)  # before the cluster's processes are killed
+    _wait_for_executors(spark, 2, timeout=120.0)
+    return f"standalone cluster {url} (2 workers x 1 core)"
+
+
+def _wait_for_executors(spark: Any, count: int, *, timeout: float) -> None:
+    """Until tasks have run on ``count`` executors (each has its own working directory), at most
+    ``timeout`` seconds: the first run must not pay for executors still registering."""
+    sc = spark.sparkContext
+    deadline = time.monotonic() + timeout
+    seen: set[str] = set()
+    while time.monotonic() < deadline:
+        seen |= set(sc.parallelize(range(2 * count), 2 * count).map(lambda _: os.getcwd()).collect())
+        if len(seen) >= count:
+            return
+        time.sleep(1.0)
+    raise SystemExit(f"only {len(seen)} of {count} executors started within {timeout:.0f} s")
 
 
 def _report(results: list[dict[str, Any]]) -> None:

@@ -1,5 +1,6 @@
-"""A real Spark standalone cluster on 127.0.0.1 for fault tests: a Master and Workers started with
-``spark-class``, every process in its own session and killed (by the PIDs we started) on exit."""
+"""A throwaway Spark standalone cluster on 127.0.0.1, for the fault tests and benchmarks/training.py: a Master and
+Workers started with ``spark-class``, every process in its own session, waits bounded, and every process
+killed (by the PIDs we started) on exit. Not part of the user API; it runs nothing at import."""
 
 from __future__ import annotations
 
@@ -18,6 +19,19 @@ import pyspark
 SPARK_CLASS = Path(pyspark.__file__).parent / "bin" / "spark-class"
 
 
+__all__ = [
+    "cluster_env",
+    "descendants",
+    "executor_pids",
+    "free_port",
+    "frozen",
+    "kill_group",
+    "standalone_cluster",
+    "start_driver",
+    "wait_port",
+]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -34,7 +48,7 @@ def wait_port(port: int, timeout: float) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
-def kill_group(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
@@ -53,14 +67,14 @@ def cluster_env(tmp_path: Path) -> dict[str, str]:
 @contextmanager
 def standalone_cluster(
     tmp_path: Path, *, workers: int = 1, cores: int = 2, memory: str = "2g"
-) -> Iterator[tuple[str, list[subprocess.Popen]]]:
+) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
     """Yield ``(master URL, procs)``; ``procs`` (master, workers, and whatever the caller appends) are
     killed in ``finally``."""
     env = cluster_env(tmp_path)
     port = free_port()
-    procs: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen[bytes]] = []
 
-    def start(*args: str) -> subprocess.Popen:
+    def start(*args: str) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
             [str(SPARK_CLASS), *args],
             env=env,
@@ -103,7 +117,9 @@ def standalone_cluster(
             kill_group(proc)
 
 
-def start_driver(script: Path, tmp_path: Path, procs: list[subprocess.Popen]) -> subprocess.Popen:
+def start_driver(
+    script: Path, tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> subprocess.Popen[bytes]:
     """Run the driver ``script`` (a process holds one SparkContext) in its own session, its output piped,
     and add it to ``procs`` so the cluster's ``finally`` kills it too."""
     driver = subprocess.Popen(
@@ -132,7 +148,7 @@ def _processes() -> dict[int, tuple[int, bytes]]:
     return found
 
 
-def executor_pids(worker: subprocess.Popen) -> list[int]:
+def executor_pids(worker: subprocess.Popen[bytes]) -> list[int]:
     """PIDs of the executor JVMs a standalone Worker we started has launched (its child processes)."""
     return [
         pid
@@ -156,7 +172,7 @@ def descendants(pid: int) -> list[int]:
 
 
 @contextmanager
-def frozen(proc: subprocess.Popen) -> Iterator[list[int]]:
+def frozen(proc: subprocess.Popen[bytes]) -> Iterator[list[int]]:
     """SIGSTOP ``proc`` and everything below it, as a host that stops answering; yield the stopped PIDs.
 
     On exit every one of them gets SIGCONT and SIGKILL: nothing we froze outlives the test.

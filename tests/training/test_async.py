@@ -173,7 +173,7 @@ def test_a_slow_worker_stays_within_the_staleness_bound(spark: Any, tmp_path: Pa
 
 @pytest.mark.slow
 def test_the_server_shuts_down_when_a_worker_dies_and_the_run_resumes(
-    spark: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    spark: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, driver_crash: Any
 ) -> None:
     caplog.set_level(logging.INFO, logger="deepspark.training._fit")
     run_dir = tmp_path / "run"
@@ -199,12 +199,8 @@ def test_the_server_shuts_down_when_a_worker_dies_and_the_run_resumes(
     assert 1200 <= sum(int(r["samples"]) for r in first.history) < 1200 + 64
     _assert_closed(_served_port(caplog))
 
-    def stop_at_round_3(row: dict[str, Any]) -> None:
-        if row["round"] == 3:
-            raise RuntimeError("stopped by the test")
-
     second = tmp_path / "second"
-    with pytest.raises(DeepsparkError, match="stopped by the test"):
+    with pytest.raises(DeepsparkError, match="driver crash"):
         fit(
             "mnist",
             "lenet",
@@ -212,7 +208,7 @@ def test_the_server_shuts_down_when_a_worker_dies_and_the_run_resumes(
             workers=2,
             config={"epochs": 1},
             checkpoint_seconds=0,
-            on_round=stop_at_round_3,
+            on_round=driver_crash(3),
             limit_train=1200,
             limit_test=200,
             run_dir=second,

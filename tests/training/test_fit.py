@@ -145,14 +145,12 @@ def test_nesterov_outer_step_moves_past_the_average_and_is_checkpointed(
     assert any(k.startswith("outer.") for k in saved)
 
 
-def test_resume_continues_the_same_loss_curve(spark: Any, toy: Path, tmp_path: Path) -> None:
+def test_resume_continues_the_same_loss_curve(
+    spark: Any, toy: Path, tmp_path: Path, driver_crash: Any
+) -> None:
     config = {**SGD, "batch_size": 8, "epochs": 3, "seed": 2}
     whole = fit(str(toy), "mlp", workers=2, config=config, average={"tau": 2}, run_dir=tmp_path / "whole")
     expected = [float(r["train_loss"]) for r in _history(whole.run_dir)]
-
-    def crash(row: dict[str, Any]) -> None:
-        if row["round"] == 3:
-            raise RuntimeError("driver crash (test)")
 
     run_dir = tmp_path / "crashed"
     with pytest.raises(DeepsparkError, match="driver crash"):
@@ -164,7 +162,7 @@ def test_resume_continues_the_same_loss_curve(spark: Any, toy: Path, tmp_path: P
             average={"tau": 2},
             run_dir=run_dir,
             checkpoint_seconds=0,
-            on_round=crash,
+            on_round=driver_crash(3),
         )
     assert [int(r["round"]) for r in _history(run_dir)] == [0, 1, 2, 3]
     resumed = fit(str(toy), run_dir=run_dir, resume=True)

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from _cluster import cluster_env, descendants, frozen, kill_group, standalone_cluster, start_driver
+from _cluster import (
+    cluster_env,
+    descendants,
+    frozen,
+    kill_group,
+    standalone_cluster,
+    start_driver,
+)
 from deepspark.tuning import TrialState, tune
 
 X = {"x": {"type": "uniform", "low": 0.0, "high": 1.0}}

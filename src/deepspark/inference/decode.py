@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -19,6 +18,7 @@ import numpy as np
 
 from deepspark import http
 from deepspark._compat import StrEnum
+from deepspark.data.images import RowError, decode_image
 from deepspark.errors import ConfigError
 from deepspark.models.preprocess import Preprocess
 
@@ -32,10 +32,6 @@ class InputKind(StrEnum):
     RAW = "raw"  # uint8 pixels, exactly C*H*W bytes (IDX records)
     TENSOR = "tensor"  # an array column of pixel values, C*H*W of them (flat or nested)
     URL = "url"  # http(s) URLs of image files
-
-
-class RowError(Exception):
-    """One input value cannot be used; its message becomes the row's ``error``."""
 
 
 @dataclass(frozen=True)
@@ -60,31 +56,6 @@ class UrlPolicy:
             raise ConfigError(f"url retries: expected an integer >= 0, got {self.retries!r}")
         if not (isinstance(self.backoff, int | float) and self.backoff >= 0):
             raise ConfigError(f"url backoff: expected a number >= 0, got {self.backoff!r}")
-
-
-# -------------------------------------------------------------------------------------------- images
-def decode_image(data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
-    """Encoded image bytes → uint8 ``[C, H, W]`` of ``shape`` (grey for C=1, RGB for C=3), resized."""
-    from PIL import Image
-
-    channels, height, width = shape
-    if channels not in (1, 3):
-        raise RowError(f"images can feed models with 1 or 3 input channels, this one has {channels}")
-    mode = "L" if channels == 1 else "RGB"
-    if not data:
-        raise RowError("empty input (0 bytes): there is no image to decode")
-    try:
-        with Image.open(io.BytesIO(data)) as opened:
-            opened.draft(mode, (width, height))  # JPEG: decode at a reduced scale when that is enough
-            image = opened.convert(mode)
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.Resampling.BILINEAR)
-        pixels = np.asarray(image, dtype=np.uint8)
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError…
-        # Without the object's address Pillow puts in some messages, so the same file gives the same row.
-        why = re.sub(r" ?<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(exc))
-        raise RowError(f"cannot decode image: {why}") from None
-    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
 # ---------------------------------------------------------------------------------------------- URLs

@@ -39,6 +39,7 @@ from pathlib import Path
 from deepspark._compat import StrEnum
 from deepspark.errors import CheckpointError, ConfigError
 from deepspark.models.checkpoint import METADATA, SPEC, read_checkpoint, read_metadata
+from deepspark.models.export import ONNX_FILE
 from deepspark.models.pickles import archive_names, refusal, refuse_pickle
 from deepspark.models.preprocess import Preprocess
 
@@ -90,7 +91,8 @@ class ModelArtifact:
 def detect_format(path: str | os.PathLike[str]) -> ModelFormat:
     """Tell the model format from the file's content (suffixes only decide for ONNX and pickles).
 
-    A directory can only be a checkpoint; :func:`~deepspark.models.checkpoint.read_checkpoint` says what
+    A directory is a checkpoint (:func:`read_model` first takes a folder's ``model.onnx`` when it holds
+    no ``spec.json``); :func:`~deepspark.models.checkpoint.read_checkpoint` says what
     one lacks."""
     p = Path(path)
     if not p.exists():
@@ -173,6 +175,8 @@ def read_model(
 ) -> ModelArtifact:
     """Read a model file once (on the driver) into a :class:`ModelArtifact`, refusing pickles."""
     p = Path(path)
+    if p.is_dir() and not (p / SPEC).exists() and (p / ONNX_FILE).is_file():
+        p = p / ONNX_FILE  # a folder holding an ONNX model (fit() with a model factory saves one)
     fmt = detect_format(p)
     spec_json: str | None = None
     if fmt is ModelFormat.CHECKPOINT:

@@ -17,7 +17,10 @@ import torch
 from deepspark._optional import require
 from deepspark.errors import CheckpointError
 
-__all__ = ["ONNX_OPSET", "export_onnx"]
+__all__ = ["ONNX_FILE", "ONNX_OPSET", "export_onnx"]
+
+#: The file name of an ONNX model saved in a folder (what fit() saves for a model factory; predict finds it).
+ONNX_FILE = "model.onnx"
 
 ONNX_OPSET = 17
 

@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,6 +34,7 @@ from deepspark._optional import skip_unless
 from deepspark.errors import ConfigError, DeepsparkError, RunError
 from deepspark.slots import root_cause, run_slots, short_error
 from deepspark.spark import DEVICES
+from deepspark.training._model import FACTORY_KEY, TrainModel, factory_of
 from deepspark.training.average import AverageSettings, RoundRecord, RoundServer, TaskSpec, average_task
 from deepspark.training.frame import KEY, FrameLayout, describe_frame
 from deepspark.training.loop import DataCursor, TrainConfig, evaluate
@@ -91,13 +92,14 @@ class FitResult:
     """The outcome of :func:`fit`."""
 
     run_dir: Path
-    model_dir: Path
+    model_dir: Path  # the final model's folder
     history: tuple[dict[str, Any], ...]
     test_accuracy: float | None
     wall_s: float
     time_split: Mapping[str, float] = field(default_factory=dict)
     bytes_per_epoch: float = 0.0
     devices: Mapping[int, str] = field(default_factory=dict)  # worker -> device it trained on
+    model_path: Path | None = None  # what `deepspark predict --model` takes: model_dir, or its model.onnx
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,28 @@ class _Data:
     class_names: tuple[str, ...]
     test_inputs: torch.Tensor | None
     test_labels: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One run's fixed context, handed whole to each strategy's driver function: a new setting is a new
+    field here, not a keyword threaded through every strategy."""
+
+    spark: Any  # the SparkSession; None for the local strategy
+    data: _Data
+    model: TrainModel
+    config: TrainConfig
+    settings: AverageSettings
+    workers: int
+    run_path: Path
+    resume: bool
+    threads: int
+    checkpoint_seconds: float
+    started: float  # perf_counter() when fit() was called
+    device: str = "auto"
+    staleness: int = 2
+    slow_worker: tuple[int, float] | None = None
+    on_round: Callable[[dict[str, Any]], None] | None = None
 
 
 def fit(
@@ -141,11 +165,15 @@ def fit(
     """Train ``model`` on ``data`` with ``workers`` Spark tasks.
 
     ``data`` is a dataset name or MNIST-layout directory (its test split is evaluated after every
-    epoch), or a Spark DataFrame with ``feature_column`` (raw image bytes or arrays) and an integral
-    ``label_column`` (``test_data``, another such DataFrame, is optional). ``model`` is a zoo name or a
-    spec. ``strategy`` defaults to ``local`` for one worker and ``average`` otherwise. Every argument is
+    epoch), or a Spark DataFrame with ``feature_column`` (raw image bytes, encoded image files such as
+    PNG or JPEG, or arrays) and an integral ``label_column`` (``test_data``, another such DataFrame, is
+    optional). ``model`` is a zoo name, a spec, or a zero-argument factory returning a
+    ``torch.nn.Module``: called without arguments (it is not told the input shape or class count), its
+    module is checked against the data before any job, and the final model is ONNX (``model_path``).
+    ``strategy`` defaults to ``local`` for one worker and ``average`` otherwise. Every argument is
     checked, and the run directory created, before any training job starts; ``resume=True`` continues
-    the run in ``run_dir`` from its last checkpoint with the settings saved there.
+    the run in ``run_dir`` from its last checkpoint with the settings saved there (a factory's run must
+    be given the factory again).
 
     ``average`` holds the distributed strategies' knobs (:class:`AverageSettings`); ``async`` uses its
     ``tau`` (steps between pushes, 1 unless given) and takes ``staleness`` (>= 1), the most pushes a
@@ -156,6 +184,7 @@ def fit(
     the CPU; ``cuda`` makes an unusable or missing GPU an error; ``cpu`` ignores GPUs.
     """
     started = time.perf_counter()
+    factory = factory_of(model)
     if resume:
         if run_dir is None:
             raise ConfigError("resume: give the run_dir to continue")
@@ -164,7 +193,7 @@ def fit(
         config, average = saved["config"], saved["average"]
         staleness = saved.get("staleness", staleness)
         device = saved.get("device", device)
-        model = saved["model"]
+        model = _resumed_model(saved["model"], factory, run_dir)
         threads_per_worker = saved["threads_per_worker"]
         if isinstance(data, str | os.PathLike) and saved.get("data") != str(data):
             raise ConfigError(
@@ -182,10 +211,15 @@ def fit(
     _check_slow_worker(slow_worker, strategy, workers)
     train_config = _train_config(config, strategy)
     settings = _settings(average, strategy)
+    if factory is not None and strategy == "local":
+        raise ConfigError(
+            "strategy: 'local' trains a zoo model or spec; a model factory trains with 'average' "
+            "(one worker at tau 1 takes the one-process steps)"
+        )
+    made = TrainModel.from_factory(factory) if factory is not None else None  # before any Spark job
     created = run_dir is None or not Path(run_dir).exists()
     run_path = _run_dir(run_dir, resume=resume)
     try:
-        from deepspark.models import load_spec
         from deepspark.spark import session, total_slots
 
         if strategy == "local":
@@ -220,8 +254,9 @@ def fit(
             data_dir=data_dir,
             limit_train=limit_train,
             limit_test=limit_test,
+            check_shape=made.check_input if made is not None else None,
         )
-        spec = _model_spec(model, prepared.layout)
+        train_model = _train_model(model, made, prepared.layout)
         if not resume:
             _write_config(
                 run_path,
@@ -232,7 +267,7 @@ def fit(
                     "average": asdict(settings),
                     "staleness": staleness,
                     "device": device,
-                    "model": model if isinstance(model, str) else load_spec(model).to_dict(),
+                    "model": train_model.config_entry(model),
                     "threads_per_worker": threads_per_worker,
                     "data": str(data) if isinstance(data, str | os.PathLike) else "DataFrame",
                     "limit_train": limit_train,
@@ -240,30 +275,28 @@ def fit(
                     "rows": prepared.layout.rows,
                 },
             )
-        common: dict[str, Any] = {
-            "workers": workers,
-            "run_path": run_path,
-            "resume": resume,
-            "threads": threads_per_worker,
-            "checkpoint_seconds": checkpoint_seconds,
-            "on_round": on_round,
-            "started": started,
-            "device": device,
-        }
+        run = _Run(
+            spark=spark,
+            data=prepared,
+            model=train_model,
+            config=train_config,
+            settings=settings,
+            workers=workers,
+            run_path=run_path,
+            resume=resume,
+            threads=threads_per_worker,
+            checkpoint_seconds=checkpoint_seconds,
+            started=started,
+            device=device,
+            staleness=staleness,
+            slow_worker=(int(slow_worker[0]), float(slow_worker[1])) if slow_worker is not None else None,
+            on_round=on_round,
+        )
         if strategy == "async":
-            return _fit_async(
-                spark,
-                prepared,
-                spec,
-                train_config,
-                settings,
-                staleness=staleness,
-                slow_worker=slow_worker,
-                **common,
-            )
+            return _fit_async(run)
         if strategy == "allreduce":
-            return _fit_allreduce(spark, prepared, spec, train_config, settings, **common)
-        return _fit_average(spark, prepared, spec, train_config, settings, slow_worker=slow_worker, **common)
+            return _fit_allreduce(run)
+        return _fit_average(run)
     except BaseException:
         if created and not (run_path / HISTORY).exists():
             shutil.rmtree(run_path, ignore_errors=True)  # nothing trained: leave nothing half-written
@@ -367,7 +400,9 @@ def _prepare_data(
     data_dir: str | os.PathLike[str] | None,
     limit_train: int | None,
     limit_test: int | None,
+    check_shape: Callable[[tuple[int, int, int]], None] | None = None,
 ) -> _Data:
+    """The training rows, test arrays and preprocess; ``check_shape(input shape)`` runs before any job."""
     from pyspark.sql import DataFrame
     from pyspark.sql import functions as F
 
@@ -380,6 +415,7 @@ def _prepare_data(
             label_column=label_column,
             input_shape=input_shape,
             num_classes=num_classes,
+            check_shape=check_shape,
         )
         preprocess = Preprocess(input_shape=layout.shape, mean=(0.0,), std=(1.0,))
         frame = data.select(feature_column, label_column).withColumn(KEY, F.monotonically_increasing_id())
@@ -410,6 +446,8 @@ def _prepare_data(
     dataset = _load(data, data_dir, limit_train, limit_test)
     if len(dataset.train_labels) == 0:
         raise ConfigError("limit_train: the training split would be empty; give at least 1")
+    if check_shape is not None:
+        check_shape(tuple(dataset.input_shape))
     preprocess = Preprocess(input_shape=dataset.input_shape, mean=tuple(dataset.mean), std=tuple(dataset.std))
     frame = to_dataframe(spark, dataset.train_images, dataset.train_labels, image_column=feature_column)
     frame = frame.withColumn(KEY, F.col("id")).drop("id")
@@ -460,7 +498,7 @@ def _collect(df: Any, layout: FrameLayout, preprocess: Preprocess) -> tuple[torc
         .toArrow()
     )
     x, y = read_partition(table.to_batches(), layout)
-    inputs = preprocess.apply(x) if layout.kind == "bytes" else torch.from_numpy(x)
+    inputs = preprocess.apply(x) if layout.pixels else torch.from_numpy(x)
     return inputs, torch.from_numpy(y)
 
 
@@ -472,6 +510,32 @@ def _model_spec(model: Any, layout: FrameLayout) -> ModelSpec:
     spec = load_spec(model)
     spec.check_fits(input_shape=layout.shape, num_classes=layout.num_classes)
     return spec
+
+
+def _train_model(model: Any, made: TrainModel | None, layout: FrameLayout) -> TrainModel:
+    """The run's model, checked against the data: the factory's module, or the zoo model or spec."""
+    if made is None:
+        return TrainModel(spec=_model_spec(model, layout))
+    made.check_fits(layout.shape, layout.num_classes)
+    return made
+
+
+def _resumed_model(saved: Any, factory: Callable[[], Any] | None, run_dir: Any) -> Any:
+    """The model a resumed run trains: the saved zoo name or spec, or the factory given again."""
+    if isinstance(saved, Mapping) and FACTORY_KEY in saved:
+        if factory is None:
+            raise ConfigError(
+                f"resume: the run in {run_dir} trained the module of the factory {saved[FACTORY_KEY]}, which "
+                "config.json cannot hold; resume it from Python with the same factory: "
+                "deepspark.fit(data, model=factory, run_dir=..., resume=True)"
+            )
+        return factory
+    if factory is not None:
+        raise ConfigError(
+            f"resume: the run in {run_dir} trained a zoo model or spec, not a factory's module; "
+            "resume it without model="
+        )
+    return saved
 
 
 # ------------------------------------------------------------------------------------ workers
@@ -491,23 +555,16 @@ class _Recorder:
     """After each round: a history row, test scores at epoch boundaries, a checkpoint now and then."""
 
     def __init__(
-        self,
-        run_path: Path,
-        data: _Data,
-        model: torch.nn.Module,
-        history: list[dict[str, Any]],
-        samples_done: int,
-        checkpoint_seconds: float,
-        on_round: Callable[[dict[str, Any]], None] | None,
+        self, run: _Run, model: torch.nn.Module, history: list[dict[str, Any]], samples_done: int
     ) -> None:
-        self._run_path, self._data, self._model = run_path, data, model
+        self._run_path, self._data, self._model = run.run_path, run.data, model
         self.history = history
-        self._epoch_seen = math.floor(samples_done / data.layout.rows)
-        self._checkpoint_seconds = checkpoint_seconds
+        self._epoch_seen = math.floor(samples_done / run.data.layout.rows)
+        self._checkpoint_seconds = run.checkpoint_seconds
         self._last_checkpoint = time.perf_counter()
         self._elapsed_before = float(history[-1]["elapsed_s"]) if history else 0.0
         self._clock = time.perf_counter()
-        self._on_round = on_round
+        self._on_round = run.on_round
 
     def record(
         self,
@@ -611,32 +668,23 @@ def _run_workers(
         raise RunError(f"training failed: {server.error}") from server.error
 
 
-def _task_spec(
-    data: _Data,
-    spec: ModelSpec,
-    config: TrainConfig,
-    total_steps: int,
-    threads: int,
-    endpoint: tuple[str, int, str],
-    slow_worker: tuple[int, float] | None = None,
-    device: str = "auto",
-) -> TaskSpec:
+def _task_spec(run: _Run, total_steps: int, endpoint: tuple[str, int, str]) -> TaskSpec:
     """What every worker task needs, copied out of driver objects (``endpoint``: host, port, token)."""
     host, port, token = endpoint
     return TaskSpec(
         host=host,
         port=port,
         token=token,
-        spec=spec.to_dict(),
-        preprocess=data.preprocess.to_dict(),
-        layout=data.layout,
-        config=config.to_dict(),
+        **run.model.task_fields(),
+        preprocess=run.data.preprocess.to_dict(),
+        layout=run.data.layout,
+        config=run.config.to_dict(),
         total_steps=total_steps,
-        threads=threads,
-        seed=config.seed,
-        slow_worker=slow_worker[0] if slow_worker is not None else None,
-        slow_factor=slow_worker[1] if slow_worker is not None else 1.0,
-        device=device,
+        threads=run.threads,
+        seed=run.config.seed,
+        slow_worker=run.slow_worker[0] if run.slow_worker is not None else None,
+        slow_factor=run.slow_worker[1] if run.slow_worker is not None else 1.0,
+        device=run.device,
     )
 
 
@@ -655,30 +703,14 @@ def _new_cursor(config: TrainConfig) -> Callable[[int, int], dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------ average
-def _fit_average(
-    spark: Any,
-    data: _Data,
-    spec: ModelSpec,
-    config: TrainConfig,
-    settings: AverageSettings,
-    *,
-    workers: int,
-    run_path: Path,
-    resume: bool,
-    threads: int,
-    checkpoint_seconds: float,
-    on_round: Callable[[dict[str, Any]], None] | None,
-    started: float,
-    device: str = "auto",
-    slow_worker: tuple[int, float] | None = None,
-) -> FitResult:
-    from deepspark.models import build_model
-
+def _fit_average(run: _Run) -> FitResult:
+    data, config, run_path, workers = run.data, run.config, run.run_path, run.workers
     layout = data.layout
     _, total_steps = _step_budget(layout.rows, workers, config)
-    driver_model = build_model(spec, seed=config.seed)
-    if resume:
+    driver_model = run.model.build(seed=config.seed)
+    if run.resume:
         weights, outer_state, state = _load_checkpoint(run_path)
+        _check_resumed(driver_model, weights, run_path)
         cursors = {int(k): v for k, v in state["cursors"].items()}
         first_round, samples_done = int(state["round"]) + 1, int(state["samples_done"])
         steps_done = int(state["steps_done"])
@@ -688,7 +720,7 @@ def _fit_average(
         outer_state = None
         cursors = {}
         first_round, samples_done, steps_done, history = 0, 0, 0, []
-    recorder = _Recorder(run_path, data, driver_model, history, samples_done, checkpoint_seconds, on_round)
+    recorder = _Recorder(run, driver_model, history, samples_done)
 
     def after_round(record: RoundRecord, new_weights: Mapping[str, torch.Tensor]) -> None:
         def checkpoint() -> None:
@@ -708,7 +740,7 @@ def _fit_average(
         cursors=cursors,
         workers=workers,
         new_cursor=_new_cursor(config),
-        settings=settings,
+        settings=run.settings,
         batch_size=config.batch_size,
         total_steps=total_steps,
         total_samples=config.epochs * layout.rows,
@@ -721,43 +753,26 @@ def _fit_average(
     )
 
     def task_fn(host: str, port: int, token: str) -> Callable[[Any], Any]:
-        task = _task_spec(data, spec, config, total_steps, threads, (host, port, token), slow_worker, device)
-        return functools.partial(average_task, task)
+        return functools.partial(average_task, _task_spec(run, total_steps, (host, port, token)))
 
     assert data.frame is not None
-    _run_workers(spark, data.frame, workers, server, task_fn, "deepspark-average")
+    _run_workers(run.spark, data.frame, workers, server, task_fn, "deepspark-average")
     driver_model.load_state_dict(dict(server.weights))
-    return _finish(run_path, driver_model, spec, data, config, history, started, devices=server.devices)
+    return _finish(run, driver_model, history, devices=server.devices)
 
 
 # -------------------------------------------------------------------------------------------- async
-def _fit_async(
-    spark: Any,
-    data: _Data,
-    spec: ModelSpec,
-    config: TrainConfig,
-    settings: AverageSettings,
-    *,
-    workers: int,
-    staleness: int,
-    slow_worker: tuple[int, float] | None,
-    run_path: Path,
-    resume: bool,
-    threads: int,
-    checkpoint_seconds: float,
-    on_round: Callable[[dict[str, Any]], None] | None,
-    started: float,
-    device: str = "auto",
-) -> FitResult:
-    from deepspark.models import build_model
+def _fit_async(run: _Run) -> FitResult:
     from deepspark.training.paramserver import AsyncRecord, ParameterServer, async_task
 
+    data, config, run_path, workers = run.data, run.config, run.run_path, run.workers
     layout = data.layout
     _, total_steps = _step_budget(layout.rows, workers, config)
-    driver_model = build_model(spec, seed=config.seed)
+    driver_model = run.model.build(seed=config.seed)
     progress: dict[str, Any] = {}
-    if resume:
+    if run.resume:
         weights, _, state = _load_checkpoint(run_path)
+        _check_resumed(driver_model, weights, run_path)
         progress = {
             "cursors": {int(k): v for k, v in state["cursors"].items()},
             "clocks": {int(k): int(v) for k, v in state["clocks"].items()},
@@ -768,9 +783,7 @@ def _fit_async(
         history = _read_history(run_path, upto=int(state["round"]))
     else:
         weights, history = dict(driver_model.state_dict()), []
-    recorder = _Recorder(
-        run_path, data, driver_model, history, progress.get("samples_done", 0), checkpoint_seconds, on_round
-    )
+    recorder = _Recorder(run, driver_model, history, progress.get("samples_done", 0))
 
     def after_round(record: AsyncRecord, new_weights: Mapping[str, torch.Tensor]) -> None:
         def checkpoint() -> None:
@@ -781,8 +794,8 @@ def _fit_async(
     server = ParameterServer(
         weights=weights,
         workers=workers,
-        staleness=staleness,
-        tau=settings.tau,
+        staleness=run.staleness,
+        tau=run.settings.tau,
         batch_size=config.batch_size,
         total_samples=config.epochs * layout.rows,
         rows=layout.rows,
@@ -792,20 +805,19 @@ def _fit_async(
     )
 
     def task_fn(host: str, port: int, token: str) -> Callable[[Any], Any]:
-        task = _task_spec(data, spec, config, total_steps, threads, (host, port, token), slow_worker, device)
-        return functools.partial(async_task, task)
+        return functools.partial(async_task, _task_spec(run, total_steps, (host, port, token)))
 
     assert data.frame is not None
-    _run_workers(spark, data.frame, workers, server, task_fn, "deepspark-async")
+    _run_workers(run.spark, data.frame, workers, server, task_fn, "deepspark-async")
     _log.info(
         "async: %d pushes, largest staleness %d, largest clock gap %d (bound %d)",
         server.version,
         server.max_staleness,
         server.max_clock_gap,
-        staleness,
+        run.staleness,
     )
     driver_model.load_state_dict(server.weights)
-    return _finish(run_path, driver_model, spec, data, config, history, started, devices=server.devices)
+    return _finish(run, driver_model, history, devices=server.devices)
 
 
 def _drain(rows: Any) -> list[Any]:
@@ -826,35 +838,20 @@ check the restart from the checkpoint. Read on the driver and shipped in the tas
 environment is fixed when Spark starts it); later attempts never carry it."""
 
 
-def _fit_allreduce(
-    spark: Any,
-    data: _Data,
-    spec: ModelSpec,
-    config: TrainConfig,
-    settings: AverageSettings,
-    *,
-    workers: int,
-    run_path: Path,
-    resume: bool,
-    threads: int,
-    checkpoint_seconds: float,
-    on_round: Callable[[dict[str, Any]], None] | None,
-    started: float,
-    device: str = "auto",
-    max_restarts: int = 3,
-) -> FitResult:
-    """Run the all-reduce gang (``training/allreduce.py``), restarting it from the last round on failure."""
-    del settings  # the strategy has no knobs of its own beyond the training config
+def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
+    """Run the all-reduce gang (``training/allreduce.py``), restarting it from the last round on failure.
+
+    The strategy has no knobs of its own beyond the training config (``run.settings`` is unused)."""
     from deepspark import wire
-    from deepspark.models import build_model
     from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
     from deepspark.training.allreduce import MODEL_PREFIX, GangReport, GangServer, GangSpec, allreduce_task
 
+    data, config, run_path, workers, spark = run.data, run.config, run.run_path, run.workers, run.spark
     layout = data.layout
     steps_per_epoch, total_steps = _step_budget(layout.rows, workers, config)
     steps_per_round = max(1, steps_per_epoch // 4)
-    driver_model = build_model(spec, seed=config.seed)
-    if resume:
+    driver_model = run.model.build(seed=config.seed)
+    if run.resume:
         payload, state = _load_gang_checkpoint(run_path)
         history = _read_history(run_path, upto=int(state["round"]))
         first_attempt = int(state.get("attempt", 0)) + 1
@@ -872,9 +869,7 @@ def _fit_allreduce(
         _save_gang_checkpoint(run_path, gang)
         saved_step[0] = gang.steps_done
 
-    recorder = _Recorder(
-        run_path, data, driver_model, history, int(state["samples_done"]), checkpoint_seconds, on_round
-    )
+    recorder = _Recorder(run, driver_model, history, int(state["samples_done"]))
 
     def after_round(report: GangReport, gang: GangServer) -> None:
         recorder.record(report, weights_of(gang), done=gang.finished, checkpoint=lambda: checkpoint(gang))
@@ -906,20 +901,10 @@ def _fit_allreduce(
         gang.begin_attempt(attempt)
         while not gang.finished:
             task = GangSpec(
-                host=host,
-                port=port,
-                token=token,
-                spec=spec.to_dict(),
-                preprocess=data.preprocess.to_dict(),
-                layout=layout,
-                config=config.to_dict(),
+                **_fields(_task_spec(run, total_steps, (host, port, token))),
                 workers=workers,
-                total_steps=total_steps,
                 steps_per_round=steps_per_round,
-                threads=threads,
-                seed=config.seed,
                 attempt=attempt,
-                device=device,
                 fail_at_step=int(fail_hook) if fail_hook and attempt == first_attempt else None,
             )
             job = frame.mapInArrow(
@@ -959,7 +944,12 @@ def _fit_allreduce(
         if gang.steps_done > saved_step[0] or not (run_path / CHECKPOINT).is_dir():
             checkpoint(gang)
     driver_model.load_state_dict(weights_of(gang))
-    return _finish(run_path, driver_model, spec, data, config, history, started)
+    return _finish(run, driver_model, history)
+
+
+def _fields(record: Any) -> dict[str, Any]:
+    """A dataclass's fields by name, values as they are (``asdict`` would turn nested records into dicts)."""
+    return {f.name: getattr(record, f.name) for f in fields(record)}
 
 
 def _run_gang(sc: Any, job: Any, gang: Any) -> BaseException | None:
@@ -1044,6 +1034,16 @@ def _load_gang_checkpoint(run_path: Path) -> tuple[bytes, dict[str, Any]]:
     return (folder / "state.safetensors").read_bytes(), dict(state)
 
 
+def _check_resumed(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], run_path: Path) -> None:
+    """The checkpoint's weights must fit the model being resumed (a factory given again may differ)."""
+    try:
+        model.load_state_dict(dict(weights))
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"resume: the weights in {run_path / CHECKPOINT} do not fit the model given: {exc}"
+        ) from exc
+
+
 def _load_checkpoint(run_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
     from safetensors.torch import load_file
 
@@ -1088,17 +1088,13 @@ def _read_history(run_path: Path, *, upto: int) -> list[dict[str, Any]]:
 
 
 def _finish(
-    run_path: Path,
+    run: _Run,
     model: torch.nn.Module,
-    spec: ModelSpec,
-    data: _Data,
-    config: TrainConfig,
     history: list[dict[str, Any]],
-    started: float,
     *,
     devices: Mapping[int, str] | None = None,
 ) -> FitResult:
-    from deepspark.models import save_checkpoint
+    run_path, data, config = run.run_path, run.data, run.config
 
     accuracy = None
     last = history[-1].get("test_accuracy", "") if history else ""
@@ -1106,18 +1102,16 @@ def _finish(
         accuracy = float(last)  # every strategy scores its last round with the final weights: not again
     elif data.test_inputs is not None and data.test_labels is not None:
         accuracy = evaluate(model, data.test_inputs, data.test_labels)["accuracy"]
-    save_checkpoint(
+    run.model.save(
         run_path / MODEL,
         model,
-        spec,
         preprocess=data.preprocess,
         class_names=data.class_names,
         metrics={"test_accuracy": accuracy} if accuracy is not None else {},
         config=config.to_dict(),
-        overwrite=True,
     )
     _plot(run_path, history)
-    wall = time.perf_counter() - started
+    wall = time.perf_counter() - run.started
     split = _time_split(history, wall)
     epochs = float(history[-1]["epoch"]) if history else 0.0
     total_bytes = sum(float(r["bytes"] or 0) for r in history)
@@ -1130,6 +1124,7 @@ def _finish(
         time_split=split,
         bytes_per_epoch=total_bytes / epochs if epochs else 0.0,
         devices=dict(devices or {}),
+        model_path=run.model.predictable(run_path / MODEL),
     )
 
 
@@ -1256,4 +1251,18 @@ def _fit_local(
         test_inputs=result.preprocess.apply(dataset.test_images) if len(dataset.test_labels) else None,
         test_labels=torch.as_tensor(dataset.test_labels) if len(dataset.test_labels) else None,
     )
-    return _finish(run_path, result.model, spec, prepared, config, history, started)
+    run = _Run(
+        spark=None,
+        data=prepared,
+        model=TrainModel(spec=spec),
+        config=config,
+        settings=AverageSettings(),
+        workers=1,
+        run_path=run_path,
+        resume=False,
+        threads=threads,
+        checkpoint_seconds=0.0,
+        started=started,
+        on_round=on_round,
+    )
+    return _finish(run, result.model, history)

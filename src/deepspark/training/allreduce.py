@@ -344,13 +344,12 @@ def _train(
     import torch.distributed as dist
     from torch import nn
 
-    from deepspark.models import build_model
     from deepspark.training.loop import DataCursor, TrainConfig, _random_shift, cosine_rate, make_optimizer
 
     config = TrainConfig.from_dict(task.config)
     world = task.workers
     n = int(targets.shape[0])
-    model = build_model(task.spec).to(device)
+    model = task.build_model().to(device)
     optimizer = make_optimizer(model, config)
     rate = cosine_rate(config.learning_rate, task.total_steps) if config.lr_schedule == "cosine" else None
     hello = {"rank": rank, "attempt": task.attempt, "rows": n}

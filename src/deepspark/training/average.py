@@ -404,7 +404,7 @@ class TaskSpec:
     host: str
     port: int
     token: str
-    spec: dict[str, Any]
+    spec: dict[str, Any] | None  # the model's spec, or None when ``factory`` builds it
     preprocess: dict[str, Any]
     layout: Any  # FrameLayout
     config: dict[str, Any]  # TrainConfig.to_dict()
@@ -414,6 +414,16 @@ class TaskSpec:
     device: str = "auto"  # auto | cpu | cuda: see deepspark.spark.task_device
     slow_worker: int | None = None  # benchmark knob: this worker sleeps (slow_factor - 1) x its compute
     slow_factor: float = 1.0
+    factory: Callable[[], torch.nn.Module] | None = None  # the user's model factory (pickled by Spark)
+
+    def build_model(self) -> torch.nn.Module:
+        """The task's own module: from the factory, else from the spec (weights come from the driver)."""
+        from deepspark.models import build_model
+
+        if self.factory is not None:
+            return self.factory()
+        assert self.spec is not None
+        return build_model(self.spec)
 
     def slowdown(self, worker: int, compute_s: float) -> None:
         """Make ``worker`` ``slow_factor`` times slower than its peers (benchmarks and tests only)."""
@@ -428,7 +438,7 @@ class TaskSpec:
         features, labels = read_partition(batches, self.layout)
         inputs = (
             Preprocess.from_dict(self.preprocess).apply(features)
-            if self.layout.kind == "bytes"
+            if self.layout.pixels
             else torch.from_numpy(features)
         )
         return inputs, torch.from_numpy(labels)
@@ -479,7 +489,6 @@ def load_worker(task: TaskSpec, batches: Iterator[Any]) -> LoadedWorker:
     """Inside a Spark task: limit threads, read the partition, preprocess it and build the model."""
     from pyspark import TaskContext
 
-    from deepspark.models import build_model
     from deepspark.spark import limit_threads, task_device
     from deepspark.training.loop import TrainConfig, cosine_rate
 
@@ -495,7 +504,7 @@ def load_worker(task: TaskSpec, batches: Iterator[Any]) -> LoadedWorker:
         inputs=inputs.to(device),
         targets=targets.to(device),
         config=config,
-        model=build_model(task.spec).to(device),
+        model=task.build_model().to(device),
         rate=cosine_rate(config.learning_rate, task.total_steps) if config.lr_schedule == "cosine" else None,
         slowdown=task.slowdown,
         hello={

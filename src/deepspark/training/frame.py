@@ -1,16 +1,23 @@
 """Training data as a Spark DataFrame: checked on the driver, read as tensors inside each task.
 
-The driver checks the columns (a feature column of raw image bytes or numeric arrays, an integral
-label column), counts rows and classes in one small job, and repartitions the rows to the worker count
-by a hash of a stable row key, so every partition gets a fair sample of classes and a retried task
-reads the same rows. Inside the task, :func:`read_partition` streams the partition's Arrow batches into
-one array, sorted by the key so the order (and hence training) does not depend on shuffle timing.
+The driver checks the columns (a feature column of raw image bytes, encoded image files or numeric
+arrays, an integral label column), counts rows and classes in one small job, and repartitions the rows
+to the worker count by a hash of a stable row key, so every partition gets a fair sample of classes and
+a retried task reads the same rows. Inside the task, :func:`read_partition` streams the partition's
+Arrow batches into one array, sorted by the key so the order (and hence training) does not depend on
+shuffle timing.
+
+Encoded images (PNG, JPEG, …, e.g. the ``content`` of ``spark.read.format("binaryFile")``) are told from
+raw pixels by the file signature of the column's first rows, read on the driver, and decoded inside the
+task. They must have the model's input size (no silent resizing while training); a row that does not
+decode stops the run with a :class:`DatasetError` naming its row key, rather than being skipped, since
+skipping would silently change the data and every worker's step budget.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,14 +31,16 @@ if TYPE_CHECKING:
 __all__ = ["KEY", "FrameLayout", "describe_frame", "read_partition"]
 
 KEY = "_deepspark_key"
-FEATURE_KINDS = ("bytes", "array")
+FEATURE_KINDS = ("bytes", "image", "array")
+_SAMPLE_ROWS = 16  # first rows read on the driver to tell encoded images from raw pixels
 
 
 @dataclass(frozen=True)
 class FrameLayout:
     """Which columns hold what, and how a feature value becomes an image of ``shape`` (C, H, W).
 
-    ``kind`` is ``bytes`` (raw uint8 pixels, C order: scaled and normalised by the preprocess) or
+    ``kind`` is ``bytes`` (raw uint8 pixels, C order: scaled and normalised by the preprocess),
+    ``image`` (encoded image files, decoded to uint8 pixels in the task, then like ``bytes``) or
     ``array`` (numbers already in model scale). Small and picklable: it travels in task closures.
     """
 
@@ -41,6 +50,11 @@ class FrameLayout:
     shape: tuple[int, int, int]
     rows: int
     num_classes: int
+
+    @property
+    def pixels(self) -> bool:
+        """Whether features come out as uint8 pixels, which the preprocess scales and normalises."""
+        return self.kind != "array"
 
 
 def _integral(dtype: Any) -> bool:
@@ -56,10 +70,13 @@ def describe_frame(
     label_column: str,
     input_shape: Sequence[int] | None,
     num_classes: int | None,
+    check_shape: Callable[[tuple[int, int, int]], None] | None = None,
 ) -> FrameLayout:
-    """Check ``df``'s columns against the model's input and count its rows and classes (one small job).
+    """Check ``df``'s columns against the model's input and count its rows and classes (one small job;
+    a binary column's first rows are read first, to tell encoded images from raw pixels).
 
-    Raises :class:`ConfigError` naming the column, what was expected and what was found.
+    ``check_shape(shape)`` runs as soon as the input shape is known, before the counting job. Raises
+    :class:`ConfigError` naming the column, what was expected and what was found.
     """
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
@@ -76,10 +93,12 @@ def describe_frame(
             f"F.col({label_column!r}).cast('int'))"
         )
     feature = fields[feature_column]
+    images: set[tuple[int, int, int]] = set()
     if isinstance(feature.dataType, T.BinaryType):
-        kind = "bytes"
-        stored = feature.metadata.get("shape")
-        shape_src = input_shape if input_shape is not None else stored
+        images = _sample_images(df, feature_column)
+        kind = "image" if images else "bytes"
+        stored = None if images else feature.metadata.get("shape")
+        shape_src = input_shape if input_shape is not None else (stored or _only(images, feature_column))
     elif isinstance(feature.dataType, T.ArrayType) and isinstance(
         feature.dataType.elementType, T.NumericType
     ):
@@ -96,13 +115,17 @@ def describe_frame(
             "(or build the DataFrame with deepspark.data.to_dataframe, which records it)"
         )
     shape = _chw(shape_src)
+    if kind == "image":
+        _check_image_sizes(images, shape, feature_column)
+    if check_shape is not None:
+        check_shape(shape)
     stats = df.agg(
         F.count(F.lit(1)).alias("rows"),
         F.min(label_column).alias("low"),
         F.max(label_column).alias("high"),
         F.count(F.col(label_column)).alias("labelled"),
-        F.min(F.length(feature_column) if kind == "bytes" else F.size(feature_column)).alias("short"),
-        F.max(F.length(feature_column) if kind == "bytes" else F.size(feature_column)).alias("long"),
+        F.min(F.length(feature_column) if kind != "array" else F.size(feature_column)).alias("short"),
+        F.max(F.length(feature_column) if kind != "array" else F.size(feature_column)).alias("long"),
     ).first()
     assert stats is not None  # an aggregate always yields one row
     rows = int(stats["rows"])
@@ -111,7 +134,7 @@ def describe_frame(
     if int(stats["labelled"]) != rows:
         raise ConfigError(f"label_column {label_column!r}: {rows - int(stats['labelled'])} null label(s)")
     want = math.prod(shape)
-    for bound in ("short", "long"):
+    for bound in ("short", "long") if kind != "image" else ():
         size = stats[bound]
         if size is None or int(size) != want:
             unit = "bytes" if kind == "bytes" else "values"
@@ -137,6 +160,52 @@ def describe_frame(
     )
 
 
+def _sample_images(df: DataFrame, column: str) -> set[tuple[int, int, int]]:
+    """The ``(C, H, W)`` of the encoded images among the column's first rows; empty for raw pixels."""
+    from deepspark.data.images import RowError, image_shapes, is_encoded_image
+
+    values = [
+        bytes(r[0]) for r in df.select(column).where(df[column].isNotNull()).limit(_SAMPLE_ROWS).collect()
+    ]
+    encoded = [is_encoded_image(v) for v in values]
+    if not any(encoded):
+        return set()
+    if not all(encoded):
+        raise ConfigError(
+            f"feature_column {column!r}: its first rows mix encoded image files with other bytes "
+            f"({sum(encoded)} of {len(values)} start like an image file); expected one or the other"
+        )
+    try:
+        return image_shapes(values)
+    except RowError as exc:
+        raise ConfigError(
+            f"feature_column {column!r}: one of its first rows is not an image: {exc}"
+        ) from None
+
+
+def _only(images: set[tuple[int, int, int]], column: str) -> tuple[int, int, int] | None:
+    """The one shape the sampled images share (the model's input when no input_shape is given)."""
+    if not images:
+        return None
+    if len(images) > 1:
+        sizes = sorted(f"{w}x{h}" for _, h, w in images)
+        raise ConfigError(
+            f"feature_column {column!r}: its first images have different sizes ({', '.join(sizes)} pixels); "
+            "training takes every image at the model's input size: resize them, or pass input_shape and "
+            "give images of that size"
+        )
+    return next(iter(images))
+
+
+def _check_image_sizes(images: set[tuple[int, int, int]], shape: tuple[int, int, int], column: str) -> None:
+    wrong = sorted(f"{w}x{h}" for _, h, w in images if (h, w) != shape[1:])
+    if wrong:
+        raise ConfigError(
+            f"feature_column {column!r}: images of {', '.join(wrong)} pixels among its first rows, but the "
+            f"model's input is {shape[2]}x{shape[1]} (width x height); resize them first"
+        )
+
+
 def _chw(shape: Sequence[int]) -> tuple[int, int, int]:
     dims = tuple(int(d) for d in shape)
     if len(dims) == 2:
@@ -149,7 +218,8 @@ def _chw(shape: Sequence[int]) -> tuple[int, int, int]:
 def read_partition(batches: Iterable[Any], layout: FrameLayout) -> tuple[np.ndarray, np.ndarray]:
     """A task's Arrow record batches → (features ``[n, C, H, W]``, int64 labels), in key order.
 
-    Features are uint8 for ``bytes`` columns and float32 for ``array`` columns.
+    Features are uint8 for ``bytes`` and ``image`` columns and float32 for ``array`` columns. Raises
+    :class:`DatasetError` naming the row key of an image that does not decode to the input's shape.
     """
     from deepspark.data.frames import decode_binary
 
@@ -165,6 +235,8 @@ def read_partition(batches: Iterable[Any], layout: FrameLayout) -> tuple[np.ndar
             raise DatasetError(f"feature_column {layout.feature_column!r}: {column.null_count} null value(s)")
         if layout.kind == "bytes":
             features.append(decode_binary(column, layout.shape, layout.feature_column))
+        elif layout.kind == "image":
+            features.append(_decode_images(column, batch.column(KEY), layout))
         else:
             values = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
             if values.size != width * batch.num_rows:
@@ -174,10 +246,30 @@ def read_partition(batches: Iterable[Any], layout: FrameLayout) -> tuple[np.ndar
             features.append(values.reshape(-1, *layout.shape))
         labels.append(np.asarray(batch.column(layout.label_column).to_numpy(), dtype=np.int64))
         keys.append(np.asarray(batch.column(KEY).to_numpy(), dtype=np.int64))
-    dtype = np.uint8 if layout.kind == "bytes" else np.float32
+    dtype = np.uint8 if layout.pixels else np.float32
     if not features:
         return np.zeros((0, *layout.shape), dtype=dtype), np.zeros(0, dtype=np.int64)
     x = np.concatenate(features)
     y = np.concatenate(labels)
     order = np.argsort(np.concatenate(keys), kind="stable")
     return np.ascontiguousarray(x[order]), y[order]
+
+
+def _decode_images(column: Any, keys: Any, layout: FrameLayout) -> np.ndarray:
+    from deepspark.data.images import RowError, decode_image
+
+    out = np.empty((len(column), *layout.shape), dtype=np.uint8)
+    for i, (value, key) in enumerate(zip(column.to_pylist(), keys.to_pylist(), strict=True)):
+        try:
+            out[i] = decode_image(value, layout.shape, resize=False)
+        except RowError as exc:
+            raise DatasetError(
+                f"feature_column {layout.feature_column!r}: the image in {describe_key(key)} cannot be "
+                f"used: {exc}"
+            ) from None
+    return out
+
+
+def describe_key(key: int) -> str:
+    """A row key of a DataFrame (``monotonically_increasing_id``: input partition << 33 | row) in words."""
+    return f"row key {key} (row {key & ((1 << 33) - 1)} of the DataFrame's partition {key >> 33})"

@@ -1,0 +1,88 @@
+"""Encoded image files (PNG, JPEG, GIF, BMP, TIFF, WebP) as bytes: recognising them and decoding them to
+uint8 pixels. Shared by inference (which resizes to the model's input and turns a bad row into that row's
+error) and training (which refuses an image whose size differs from the model's input, and stops at a
+bad row: see docs/training.md)."""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterable
+
+import numpy as np
+
+__all__ = ["RowError", "decode_image", "image_shapes", "is_encoded_image"]
+
+# File signatures Pillow decodes; raw pixel records (IDX) almost never start with one of them.
+_SIGNATURES = (
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff",  # JPEG
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",  # BMP
+    b"II*\x00",  # TIFF, little-endian
+    b"MM\x00*",  # TIFF, big-endian
+)
+
+
+class RowError(Exception):
+    """One input value cannot be used; its message says why (inference makes it the row's ``error``)."""
+
+
+def is_encoded_image(head: bytes) -> bool:
+    """Whether ``head`` (the first bytes of a value) starts like an image file Pillow reads."""
+    data = bytes(head[:12])
+    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def image_shapes(values: Iterable[bytes]) -> set[tuple[int, int, int]]:
+    """The distinct ``(C, H, W)`` of encoded images, read from their headers only (C is 1 for grey
+    images, 3 otherwise: what :func:`decode_image` makes of them). Raises :class:`RowError` for a value
+    that is not an image."""
+    from PIL import Image
+
+    shapes = set()
+    for data in values:
+        try:
+            with Image.open(io.BytesIO(bytes(data))) as opened:
+                width, height = opened.size
+                grey = opened.mode in ("1", "L", "LA", "I", "I;16", "F")
+        except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, …
+            raise RowError(f"cannot read the image header: {exc}") from None
+        shapes.add((1 if grey else 3, height, width))
+    return shapes
+
+
+def decode_image(data: bytes, shape: tuple[int, int, int], *, resize: bool = True) -> np.ndarray:
+    """Encoded image bytes → uint8 ``[C, H, W]`` of ``shape`` (grey for C=1, RGB for C=3).
+
+    An image of another size is resized to ``shape``, or with ``resize=False`` refused
+    (:class:`RowError` naming both sizes): training takes images at the model's input size only.
+    """
+    from PIL import Image
+
+    channels, height, width = shape
+    if channels not in (1, 3):
+        raise RowError(f"images can feed models with 1 or 3 input channels, this one has {channels}")
+    mode = "L" if channels == 1 else "RGB"
+    if not data:
+        raise RowError("empty input (0 bytes): there is no image to decode")
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            if not resize and opened.size != (width, height):
+                raise RowError(
+                    f"the image is {opened.size[0]}x{opened.size[1]} pixels but the model's input is "
+                    f"{width}x{height} (width x height)"
+                )
+            opened.draft(mode, (width, height))  # JPEG: decode at a reduced scale when that is enough
+            image = opened.convert(mode)
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
+        pixels = np.asarray(image, dtype=np.uint8)
+    except RowError:
+        raise
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError…
+        # Without the object's address Pillow puts in some messages, so the same file gives the same row.
+        why = re.sub(r" ?<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(exc))
+        raise RowError(f"cannot decode image: {why}") from None
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)

@@ -1,0 +1,247 @@
+"""fit() inputs beyond zoo names and specs: encoded-image DataFrame columns and nn.Module factories."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from deepspark.errors import ConfigError, DeepsparkError, RunError
+from deepspark.training import fit
+
+SGD = {"optimizer": "sgd", "learning_rate": 0.1, "lr_schedule": "constant", "threads": 1}
+CLASSES, SIZE = 3, 8
+
+
+def _images(n: int, *, seed: int = 0, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` grey ``size``x``size`` images with a bright bar per class (learnable), and their labels."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % CLASSES
+    images = rng.integers(0, 60, size=(n, size, size), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        images[i, label * 2 : label * 2 + 2, :] = 250
+    return images, labels
+
+
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _history(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "history.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _png_frame(spark: Any, images: np.ndarray, labels: np.ndarray, blobs: list[bytes] | None = None) -> Any:
+    blobs = blobs if blobs is not None else [_png(i) for i in images]
+    return spark.createDataFrame(
+        [(b, int(y)) for b, y in zip(blobs, labels, strict=True)], "image binary, label int"
+    )
+
+
+def _fit_one_worker(df: Any, run_dir: Path, **kwargs: Any) -> Any:
+    return fit(
+        df,
+        "mlp",
+        strategy="average",
+        workers=1,
+        config={**SGD, "batch_size": 8, "epochs": 2, "seed": 3},
+        average={"tau": 1},
+        run_dir=run_dir,
+        **kwargs,
+    )
+
+
+# ------------------------------------------------------------------------------------ image columns
+def test_png_column_trains_exactly_like_the_same_pixels(spark: Any, tmp_path: Path) -> None:
+    images, labels = _images(40)
+    png = _fit_one_worker(_png_frame(spark, images, labels), tmp_path / "png")
+    raw = _fit_one_worker(
+        spark.createDataFrame(
+            [(i.tobytes(), int(y)) for i, y in zip(images, labels, strict=True)], "image binary, label int"
+        ),
+        tmp_path / "raw",
+        input_shape=(1, SIZE, SIZE),
+    )
+    scaled = images.astype(np.float32) * np.float32(1 / 255)  # what the preprocess makes of the pixels
+    arrays = _fit_one_worker(
+        spark.createDataFrame(
+            [(i.reshape(-1).tolist(), int(y)) for i, y in zip(scaled, labels, strict=True)],
+            "image array<float>, label int",
+        ),
+        tmp_path / "arrays",
+        input_shape=(1, SIZE, SIZE),
+    )
+    losses = {
+        name: [float(r["train_loss"]) for r in _history(result.run_dir)]
+        for name, result in (("png", png), ("raw", raw), ("arrays", arrays))
+    }
+    assert len(losses["png"]) == 2 * 5  # ceil(40 / 8) steps per epoch, one step per round
+    assert losses["png"] == losses["raw"]  # the same pixels, bit for bit
+    np.testing.assert_allclose(losses["png"], losses["arrays"], rtol=0, atol=1e-6)
+    assert losses["png"][-1] < losses["png"][0]
+
+
+def _blobs_with(bad: bytes, at: int, n: int = 20) -> tuple[list[bytes], np.ndarray]:
+    images, labels = _images(n)
+    blobs = [_png(i) for i in images]
+    blobs[at] = bad
+    return blobs, labels
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (_png(_images(1)[0][0])[:60], "cannot decode image"),  # a truncated file: its header still reads
+        (_png(_images(1, size=10)[0][0]), r"the image is 10x10 pixels but the model's input is 8x8"),
+    ],
+    ids=["truncated", "other-size"],
+)
+def test_a_bad_image_row_stops_the_run_naming_its_row(
+    spark: Any, tmp_path: Path, bad: bytes, message: str
+) -> None:
+    # Row 17 lies beyond the 16 first rows the driver reads, so the task finds it. One input partition:
+    # its row key is its position.
+    blobs, labels = _blobs_with(bad, at=17)
+    df = _png_frame(spark, labels, labels, blobs).coalesce(1)
+    with pytest.raises(RunError, match=rf"row key 17 \(row 17 of the DataFrame's partition 0\).*{message}"):
+        fit(df, "mlp", workers=2, config={**SGD, "epochs": 1}, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing left behind
+
+
+def test_image_sizes_that_disagree_are_refused_before_training(spark: Any, tmp_path: Path) -> None:
+    blobs, labels = _blobs_with(_png(_images(1, size=10)[0][0]), at=3)
+    with pytest.raises(ConfigError, match=r"first images have different sizes \(10x10, 8x8 pixels\)"):
+        fit(_png_frame(spark, labels, labels, blobs), "mlp", workers=2, run_dir=tmp_path / "a")
+    images, labels = _images(20)
+    with pytest.raises(ConfigError, match=r"images of 8x8 pixels .* but the model's input is 10x10"):
+        fit(
+            _png_frame(spark, images, labels),
+            "mlp",
+            workers=2,
+            input_shape=(1, 10, 10),
+            run_dir=tmp_path / "b",
+        )
+    blobs, labels = _blobs_with(b"\x00" * 64, at=2)
+    with pytest.raises(ConfigError, match=r"mix encoded image files with other bytes \(15 of 16"):
+        fit(_png_frame(spark, labels, labels, blobs), "mlp", workers=2, run_dir=tmp_path / "c")
+
+
+# ---------------------------------------------------------------------------------------- factories
+def small_net() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, 16), nn.ReLU(), nn.Linear(16, CLASSES))
+
+
+def test_factory_model_trains_and_predicts_the_driver_modules_logits(spark: Any, tmp_path: Path) -> None:
+    import deepspark
+    from deepspark.models import Preprocess
+    from deepspark.models.checkpoint import state_from_bytes
+
+    images, labels = _images(48)
+    df = _png_frame(spark, images, labels)
+    result = fit(
+        df,
+        small_net,
+        workers=2,
+        config={**SGD, "batch_size": 8, "epochs": 2},
+        average={"tau": 2},
+        test_data=df,
+        run_dir=tmp_path / "run",
+    )
+    assert result.model_path == result.model_dir / "model.onnx"
+    assert json.loads((result.run_dir / "config.json").read_text())["model"] == {
+        "factory": f"{__name__}.small_net"
+    }
+    assert result.test_accuracy is not None and result.test_accuracy > 0.6  # chance is 1/3
+    # The driver's module: the factory's, with the saved weights.
+    module = small_net().eval()
+    module.load_state_dict(state_from_bytes((result.model_dir / "weights.safetensors").read_bytes()))
+    metadata = json.loads((result.model_dir / "metadata.json").read_text())
+    inputs = Preprocess.from_dict(metadata["preprocess"]).apply(images)
+    with torch.no_grad():
+        expected = torch.softmax(module(inputs), dim=1).numpy()
+    predicted = deepspark.predict(  # the folder, as `deepspark predict --model RUN/model` takes it
+        df.select("image"), result.model_dir, top_k=CLASSES, input_column="image"
+    ).dataframe.collect()
+    assert len(predicted) == len(images) and all(r["error"] is None for r in predicted)
+    got = np.zeros_like(expected)
+    for i, row in enumerate(predicted):  # predict keeps the input's order within one partition job
+        for entry in row["top_k"]:
+            got[i, int(entry["label"])] = entry["probability"]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    assert metadata["class_names"] == ["0", "1", "2"]
+
+
+def _no_job_ran(spark: Any, call: Any) -> None:
+    sc = spark.sparkContext
+    group = "deepspark-test-no-job"
+    sc.setJobGroup(group, "must stay empty")
+    try:
+        call()
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+    assert list(sc.statusTracker().getJobIdsForGroup(group)) == []
+
+
+def test_factory_that_does_not_return_a_module_fails_before_any_job(spark: Any, tmp_path: Path) -> None:
+    images, labels = _images(8)
+    df = _png_frame(spark, images, labels)
+
+    def wrong() -> None:
+        with pytest.raises(
+            ConfigError, match=r"model: expected the factory .*<lambda> to return a torch.nn.Module, got str"
+        ):
+            fit(df, lambda: "not a module", workers=2, run_dir=tmp_path / "a")
+
+    _no_job_ran(spark, wrong)
+    with pytest.raises(ConfigError, match=r"got a Sequential instance; pass a factory instead"):
+        fit(df, small_net(), workers=2, run_dir=tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_factory_input_shape_mismatch_fails_before_any_job(spark: Any, tmp_path: Path) -> None:
+    df = spark.createDataFrame([([0.0] * 4, 0), ([1.0] * 4, 1)], "x array<float>, y int")
+
+    def wrong() -> None:
+        with pytest.raises(ConfigError, match=r"cannot take the data's input \[1, 2, 2\] .*mat1 and mat2"):
+            fit(
+                df,
+                small_net,
+                workers=2,
+                feature_column="x",
+                label_column="y",
+                input_shape=(1, 2, 2),
+                run_dir=tmp_path / "run",
+            )
+
+    _no_job_ran(spark, wrong)
+
+
+def test_resume_needs_the_factory_again(spark: Any, tmp_path: Path, driver_crash: Any) -> None:
+    images, labels = _images(40)
+    df = _png_frame(spark, images, labels)
+    train = functools.partial(
+        fit, df, small_net, workers=2, config={**SGD, "batch_size": 8, "epochs": 2}, average={"tau": 1}
+    )
+    expected = [float(r["train_loss"]) for r in _history(train(run_dir=tmp_path / "whole").run_dir)]
+    run_dir = tmp_path / "crashed"
+    with pytest.raises(DeepsparkError, match="driver crash"):
+        train(run_dir=run_dir, checkpoint_seconds=0, on_round=driver_crash(3))
+    with pytest.raises(ConfigError, match=r"factory .*small_net, which config.json cannot hold"):
+        fit(df, run_dir=run_dir, resume=True)
+    resumed = fit(df, small_net, run_dir=run_dir, resume=True)
+    np.testing.assert_allclose(
+        [float(r["train_loss"]) for r in _history(resumed.run_dir)], expected, rtol=0, atol=1e-6
+    )
