@@ -172,3 +172,20 @@ def frozen(proc: subprocess.Popen) -> Iterator[list[int]]:
             for sig in (signal.SIGCONT, signal.SIGKILL):
                 with suppress(ProcessLookupError):
                     os.kill(pid, sig)
+
+
+def fake_gpu_conf(directory: Path, addresses: tuple[str, ...] = ("0", "1")) -> dict[str, str]:
+    """Spark configuration for `local-cluster[1,N,...]` whose worker announces ``addresses`` as GPUs (a
+    discovery script written into ``directory``) and gives each task one: GPU plumbing without a GPU."""
+    discovery = directory / "gpus.sh"
+    names = ", ".join(f'"{a}"' for a in addresses)
+    discovery.write_text(f'#!/bin/sh\necho \'{{"name": "gpu", "addresses": [{names}]}}\'\n')
+    discovery.chmod(0o755)
+    return {
+        "spark.driver.host": "127.0.0.1",
+        "spark.driver.bindAddress": "127.0.0.1",
+        "spark.worker.resource.gpu.amount": str(len(addresses)),
+        "spark.worker.resource.gpu.discoveryScript": str(discovery),
+        "spark.executor.resource.gpu.amount": str(len(addresses)),
+        "spark.task.resource.gpu.amount": "1",
+    }

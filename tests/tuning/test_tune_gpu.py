@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 from test_selection import _layout
 
+from _cluster import fake_gpu_conf
+
 
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_each_trial_gets_the_gpu_spark_assigned_it(tmp_path: Path) -> None:
     data = _layout(tmp_path / "data")
-    discovery = tmp_path / "gpus.sh"
-    discovery.write_text('#!/bin/sh\necho \'{"name": "gpu", "addresses": ["0", "1"]}\'\n')
-    discovery.chmod(0o755)
+    conf = fake_gpu_conf(tmp_path)
     out = tmp_path / "out.json"
     script = tmp_path / "driver.py"
     script.write_text(
@@ -30,12 +30,7 @@ def test_each_trial_gets_the_gpu_spark_assigned_it(tmp_path: Path) -> None:
         import json
         from deepspark.spark import session
         from deepspark.tuning import tune
-        spark = session("local-cluster[1,2,1024]", conf={{
-            "spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1",
-            "spark.worker.resource.gpu.amount": "2",
-            "spark.worker.resource.gpu.discoveryScript": {str(discovery)!r},
-            "spark.executor.resource.gpu.amount": "2",
-            "spark.task.resource.gpu.amount": "1"}})
+        spark = session("local-cluster[1,2,1024]", conf={conf!r})
         space = {{"hidden": {{"type": "choice", "values": [8, 16]}}, "epochs": 1, "batch_size": 16}}
         common = dict(data_dir={str(data)!r}, model="mlp", space=space, trials=4, sampler="random",
                       pruner="none", parallelism=2, default_config=False)
@@ -52,15 +47,9 @@ def test_each_trial_gets_the_gpu_spark_assigned_it(tmp_path: Path) -> None:
         }}, open({str(out)!r}, "w"))
         """)
     )
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        env={**os.environ, "SPARK_LOCAL_IP": "127.0.0.1"},
-        capture_output=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, (
-        proc.stdout.decode(errors="replace")[-3000:] + proc.stderr.decode(errors="replace")[-3000:]
-    )
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout.decode(errors="replace")[-3000:] + proc.stderr.decode()[-3000:]
     result = json.loads(out.read_text())
     assert result["counts"] == {"complete": 4, "pruned": 0, "fail": 0}
     # Each trial's task got a GPU address from Spark (two tasks at once: both addresses are used), and
