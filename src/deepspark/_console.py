@@ -19,7 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from deepspark.tuning import StudyResult, TrialEvent, TrialState
+from deepspark.tuning import StudyResult, TrialEvent, TrialEventKind, TrialState
 
 __all__ = ["StudyProgress", "print_study"]
 
@@ -64,9 +64,9 @@ class StudyProgress:
 
     def __call__(self, event: TrialEvent) -> None:
         with self._lock:
-            if event.kind == "start":
+            if event.kind is TrialEventKind.START:
                 self._counts["running"] += 1
-            elif event.kind == "retry":
+            elif event.kind is TrialEventKind.RETRY:
                 self._counts["retry"] += 1
                 self._counts["running"] += 1
             elif event.record is not None:

@@ -190,11 +190,14 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         "timeout": args.timeout,
         "trial_timeout": args.trial_timeout,
         "heartbeat_timeout": args.heartbeat_timeout,
+        "seed": args.seed,
+        "device": args.device,
+        "study_name": args.study_name,
+        "storage": args.storage,
     }
     options.update({k: v for k, v in given.items() if v is not None})
     if args.resume:
-        run_time = ("trials", "parallelism", "max_failures", "timeout", "trial_timeout", "heartbeat_timeout")
-        options = {k: v for k, v in options.items() if k in run_time}
+        # Settings not given are the saved study's; one given that differs from it is refused by tune().
         options.update(run_dir=args.resume, resume=True)
     else:
         if args.data_dir is not None and args.dataset is None:
@@ -210,7 +213,6 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             **options,
             data_dir=args.data_dir,
             master=args.master,
-            seed=args.seed,
             default_config=not args.no_default,
             on_event=progress,
             on_start=progress.start,
@@ -305,7 +307,13 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
         help="re-run a trial whose worker has been silent this long (a frozen host; default 60)",
     )
     p.add_argument("--run-dir", default=None, help="where the study lives (must not exist yet)")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the study in RUN_DIR")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the study in RUN_DIR with its saved settings (a different one given is an error; "
+        "a larger --trials extends the study)",
+    )
     p.add_argument("--master", default=None, help="Spark master URL (default: active session or local[*])")
     p.add_argument("--data-dir", default=None, help=_DATA_DIR_HELP)
     p.add_argument("--limit-train", type=int, default=None, help="use the first N training images")
@@ -326,7 +334,20 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
         help="the validation hold-out of the training split: a fraction (default 0.1) or a count; "
         "seeded with --seed, stratified by class",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="the study's seed (default 0)")
+    from deepspark.spark import DEVICES
+
+    device_help = "built-in objective: the GPU Spark assigned each trial's task (auto: when CUDA can use it)"
+    p.add_argument("--device", default=None, choices=DEVICES, help=f"{device_help}, else the CPU")
+    p.add_argument(
+        "--study-name", default=None, help="the Optuna study's name (default: the run directory's name)"
+    )
+    p.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="an Optuna storage URL (e.g. sqlite:///studies.db) instead of the run directory's journal",
+    )
     add_common_options(p, spark=True, json_summary=True)
     p.set_defaults(func=_cmd_tune)
 

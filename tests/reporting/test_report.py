@@ -142,7 +142,7 @@ def test_partial_study_shows_running_trials(study_dir, tmp_path) -> None:
     for name in ("config.json", "study.journal"):
         (partial / name).write_bytes((study_dir / name).read_bytes())
     storage = JournalStorage(JournalFileBackend(str(partial / "study.journal")))
-    study = optuna.load_study(study_name="deepspark", storage=storage)
+    study = optuna.load_study(study_name=None, storage=storage)
     trial = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})
     trial.report(0.9, 1)
     with (partial / "study.journal").open("ab") as fh:

@@ -38,7 +38,7 @@ def _journal_states(run: Path) -> dict[str, int]:
     if not (run / "study.journal").exists():
         return {}
     study = optuna.load_study(
-        study_name="deepspark", storage=JournalStorage(JournalFileBackend(str(run / "study.journal")))
+        study_name=None, storage=JournalStorage(JournalFileBackend(str(run / "study.journal")))
     )
     out: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
@@ -112,7 +112,7 @@ def test_driver_killed_mid_study_resumes_without_repeating_finished_trials(spark
     from optuna.storages.journal import JournalFileBackend
 
     study = optuna.load_study(
-        study_name="deepspark", storage=JournalStorage(JournalFileBackend(str(run / "study.journal")))
+        study_name=None, storage=JournalStorage(JournalFileBackend(str(run / "study.journal")))
     )
     interrupted = sorted(t.params["x"] for t in study.trials if t.user_attrs.get("deepspark:interrupted"))
     assert len(interrupted) == 2

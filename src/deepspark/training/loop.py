@@ -310,8 +310,12 @@ def train_one_process(
     config: TrainConfig | None = None,
     *,
     callback: Callable[[EpochMetrics], None] | None = None,
+    device: torch.device | str | None = None,
 ) -> TrainResult:
     """Train ``spec`` on ``data.train_*`` in this process; evaluate on ``data.test_*`` after every epoch.
+
+    ``device`` is where the model and data live while training (default the CPU; a Spark task picks it
+    with :func:`deepspark.spark.task_device`); the returned model is on the CPU.
 
     Deterministic for a given ``config.seed`` and thread count. ``callback`` receives each epoch's
     metrics; an exception it raises (a pruner's, say) stops training and propagates.
@@ -331,7 +335,7 @@ def train_one_process(
         with torch.random.fork_rng(devices=[]):
             if config.threads is not None and threads_before != config.threads:
                 torch.set_num_threads(config.threads)
-            return _train(spec, data, config, callback)
+            return _train(spec, data, config, callback, torch.device(device or "cpu"))
     finally:
         if torch.get_num_threads() != threads_before:
             torch.set_num_threads(threads_before)
@@ -342,15 +346,16 @@ def _train(
     data: ImageDataset,
     config: TrainConfig,
     callback: Callable[[EpochMetrics], None] | None,
+    device: torch.device,
 ) -> TrainResult:
     preprocess = Preprocess(input_shape=data.input_shape, mean=tuple(data.mean), std=tuple(data.std))
-    x_train = preprocess.apply(data.train_images)
-    y_train = torch.as_tensor(np.asarray(data.train_labels, dtype=np.int64))
-    x_test = preprocess.apply(data.test_images)
-    y_test = torch.as_tensor(np.asarray(data.test_labels, dtype=np.int64))
+    x_train = preprocess.apply(data.train_images).to(device)
+    y_train = torch.as_tensor(np.asarray(data.train_labels, dtype=np.int64)).to(device)
+    x_test = preprocess.apply(data.test_images).to(device)
+    y_test = torch.as_tensor(np.asarray(data.test_labels, dtype=np.int64)).to(device)
 
     torch.manual_seed(config.seed)
-    model = build_model(spec, seed=config.seed)
+    model = build_model(spec, seed=config.seed).to(device)
     optimizer = make_optimizer(model, config)
     n = int(y_train.shape[0])
     cursor = DataCursor(n, config.batch_size, config.seed)
@@ -385,4 +390,4 @@ def _train(
         if callback is not None:
             callback(metrics)
     model.eval()
-    return TrainResult(model=model, spec=spec, preprocess=preprocess, history=tuple(history))
+    return TrainResult(model=model.to("cpu"), spec=spec, preprocess=preprocess, history=tuple(history))

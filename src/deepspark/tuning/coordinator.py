@@ -25,9 +25,17 @@ from typing import Any
 import optuna
 
 from deepspark import wire
+from deepspark._compat import StrEnum
 from deepspark.tuning.trial import TrialRecord, TrialState
 
-__all__ = ["DEFAULT_HEARTBEAT_TIMEOUT", "Coordinator", "Endpoint", "TrialEvent"]
+__all__ = [
+    "DEFAULT_HEARTBEAT_TIMEOUT",
+    "Coordinator",
+    "Endpoint",
+    "TrialEvent",
+    "TrialEventKind",
+    "interrupted_attrs",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -37,6 +45,11 @@ ATTEMPTS_ATTR = "deepspark:attempts"
 OVERRIDES_ATTR = "deepspark:overrides"
 CONFIG_ATTR = "deepspark:config"
 GRID_ATTR = "deepspark:grid_point"
+RERUN_ATTR = "deepspark:rerun_of"
+#: Plain markers for Optuna's own tools (optuna-dashboard shows user attributes): an interrupted attempt
+#: is a FAIL in Optuna's states, with ``interrupted: true``; every FAIL has a ``fail_reason``.
+INTERRUPTED_MARK = "interrupted"
+FAIL_REASON = "fail_reason"
 #: What a re-run of an interrupted trial inherits from it.
 CARRIED_ATTRS = (DEFAULT_ATTR, OVERRIDES_ATTR, GRID_ATTR)
 #: Seconds a worker holding a trial may stay silent before the trial is re-queued. Spark declares an
@@ -47,9 +60,27 @@ DEFAULT_HEARTBEAT_TIMEOUT = 60.0
 HEARTBEAT_EVERY = 5.0
 
 
+def interrupted_attrs(why: str) -> dict[str, Any]:
+    """The user attributes of an interrupted attempt: Optuna records it as FAIL (a trial cannot go back
+    to waiting), but it is no failure of the configuration, which runs again as a new trial."""
+    return {
+        INTERRUPTED_ATTR: True,
+        INTERRUPTED_MARK: True,
+        FAIL_REASON: f"interrupted ({why}): not a failure; its configuration runs again as a new trial",
+    }
+
+
+class TrialEventKind(StrEnum):
+    """What happened to a trial: it started, started again after its worker was lost, or finished."""
+
+    START = "start"
+    RETRY = "retry"
+    FINISH = "finish"
+
+
 @dataclass(frozen=True)
 class TrialEvent:
-    kind: str  # "start" | "retry" | "finish"
+    kind: TrialEventKind
     number: int
     record: TrialRecord | None = None
     worker: str = ""
@@ -186,12 +217,6 @@ class Coordinator:
             idle = not self._running and not self._retry
             return idle and (self._to_start <= 0 or self.stop_reason is not None)
 
-    def wait(self, timeout: float) -> bool:
-        with self._lock:
-            if not self.finished:
-                self._changed.wait(timeout)
-            return self.finished
-
     def counts(self) -> dict[str, int]:
         with self._lock:
             out = {s.value: 0 for s in TrialState}
@@ -206,30 +231,22 @@ class Coordinator:
         with self._lock:
             return self._connections
 
-    @property
-    def best_value(self) -> float | None:
-        return self._best[0] if self._best is not None else None
-
-    def interrupt_running(self) -> list[int]:
+    def interrupt_running(self) -> None:
         """Mark every running or to-be-retried trial interrupted and queue its params for ``--resume``."""
         with self._lock:
             pending = list(self._running.values()) + list(self._retry)
             self._running.clear()
             self._retry.clear()
-            numbers = []
             for run in pending:
                 self._interrupt(run)
-                numbers.append(run.trial.number)
             self._changed.notify_all()
-            return numbers
 
     def _interrupt(self, run: _Running) -> None:
-        run.trial.set_user_attr(INTERRUPTED_ATTR, True)
+        for key, value in interrupted_attrs(self.stop_reason or "stopped").items():
+            run.trial.set_user_attr(key, value)
         self.study.tell(run.trial, state=optuna.trial.TrialState.FAIL)
         carried = {k: run.trial.user_attrs[k] for k in CARRIED_ATTRS if k in run.trial.user_attrs}
-        self.study.enqueue_trial(
-            dict(run.trial.params), user_attrs={"deepspark:rerun_of": run.trial.number, **carried}
-        )
+        self.study.enqueue_trial(dict(run.trial.params), user_attrs={RERUN_ATTR: run.trial.number, **carried})
 
     # ------------------------------------------------------------------------------- protocol
     def _serve(self, conn: wire.Connection) -> None:
@@ -313,7 +330,7 @@ class Coordinator:
                 run.worker, run.slot, run.conn_id, run.started = worker, slot, conn_id, time.perf_counter()
                 run.began = time.monotonic()
                 run.trial.set_user_attr(ATTEMPTS_ATTR, run.attempt)
-                kind = "retry"
+                kind = TrialEventKind.RETRY
             elif self._to_start > 0:
                 trial = self.study.ask(self._distributions)
                 self._to_start -= 1
@@ -323,7 +340,7 @@ class Coordinator:
                 run = _Running(
                     trial=trial, params=params, attempt=1, worker=worker, slot=slot, conn_id=conn_id
                 )
-                kind = "start"
+                kind = TrialEventKind.START
             else:
                 return {"stop": True}
             self._running[run.trial.number] = run
@@ -378,6 +395,7 @@ class Coordinator:
             run.trial.set_user_attr("worker", worker)
             if state is TrialState.FAIL:
                 run.trial.set_user_attr("error", record.error)
+                run.trial.set_user_attr(FAIL_REASON, record.error)
                 run.trial.set_user_attr("traceback", record.traceback)
                 self.study.tell(run.trial, state=optuna.trial.TrialState.FAIL)
                 self._failures += 1
@@ -398,7 +416,7 @@ class Coordinator:
             )
             send_model = new_best or keep_default
             self._changed.notify_all()
-        self._emit(TrialEvent("finish", number, record=record, worker=worker))
+        self._emit(TrialEvent(TrialEventKind.FINISH, number, record=record, worker=worker))
         return send_model
 
     def _model(self, number: int, files: Mapping[str, bytes] | None) -> None:
@@ -451,9 +469,10 @@ class Coordinator:
             intermediate=dict(run.intermediate),
         )
         run.trial.set_user_attr("error", record.error)
+        run.trial.set_user_attr(FAIL_REASON, record.error)
         self.study.tell(run.trial, state=optuna.trial.TrialState.FAIL)
         self.records.append(record)
-        self._emit(TrialEvent("finish", run.trial.number, record=record))
+        self._emit(TrialEvent(TrialEventKind.FINISH, run.trial.number, record=record))
         return record
 
     # ------------------------------------------------------------------------------- clocks
@@ -550,9 +569,6 @@ class Coordinator:
                 self._on_event(event)
             except Exception:
                 _log.exception("progress callback failed")
-
-    def record_for(self, number: int) -> TrialRecord | None:
-        return next((r for r in self.records if r.number == number), None)
 
 
 def _ranks_above(a: tuple[float, int], b: tuple[float, int], *, maximize: bool) -> bool:

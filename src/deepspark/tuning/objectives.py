@@ -1,19 +1,136 @@
-"""The built-in objective: train a zoo network on a broadcast image dataset with one trial's config."""
+"""The built-in objective: train a zoo network on a broadcast image dataset with one trial's config.
+
+:class:`BuiltinOptions` is what a study of the built-in objective is about (dataset, model, limits, the
+selection split): a frozen, validated record that ``config.json`` keeps beside the study's settings, and
+the factory of the objective (:meth:`BuiltinOptions.objective`) and of its data (:meth:`BuiltinOptions.data`).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from deepspark.data.record import DEFAULT_VALIDATION
 from deepspark.errors import ConfigError, SpecError
 from deepspark.models import ZOO, ModelSpec, checkpoint_files, load_spec, model_spec
+from deepspark.spark import DEVICES
 from deepspark.training import DEFAULT_TRAIN_CONFIG, EpochMetrics, TrainConfig, train_one_process
 from deepspark.tuning.trial import Reporter
+from deepspark.validation import check_choice, check_positive_int, fail
 
-__all__ = ["TRAIN_KEYS", "TorchObjective"]
+__all__ = ["BUILTIN_KEYS", "SELECT_ON", "TRAIN_KEYS", "BuiltinOptions", "TorchObjective"]
+
+_log = logging.getLogger(__name__)
 
 TRAIN_KEYS = frozenset(TrainConfig.__dataclass_fields__) - {"threads"}
+#: The split the built-in objective's trials are chosen on: "validation" (the default), or "test" (the
+#: 2016 blog's protocol, kept for comparison; the chosen trial's test accuracy is then optimistic).
+SELECT_ON = ("validation", "test")
+
+
+@dataclass(frozen=True)
+class BuiltinOptions:
+    """What a study of the built-in objective trains and on what: validated when made, JSON-ready.
+
+    ``model`` is a zoo name or a model spec (a JSON/YAML file or mapping; the record keeps the spec
+    itself, so a resume needs no file). ``data_dir`` is kept absolute. ``validation`` is the hold-out
+    (a fraction of the training split or a count) when ``select_on`` is ``"validation"``, else None.
+    """
+
+    dataset: str | None = None
+    data_dir: str | None = None
+    model: str | Mapping[str, Any] = "cnn"
+    limit_train: int | None = None
+    limit_test: int | None = None
+    select_on: str = "validation"
+    validation: float | int | None = DEFAULT_VALIDATION
+
+    def __post_init__(self) -> None:
+        if self.dataset is None and self.data_dir is None:
+            raise ConfigError(
+                "give an objective function, or a dataset or data_dir (and model) for the built-in objective"
+            )
+        if self.dataset is not None and not isinstance(self.dataset, str):
+            raise fail("dataset", "a registered dataset name", self.dataset)
+        if self.data_dir is not None:
+            object.__setattr__(self, "data_dir", str(Path(self.data_dir).expanduser().absolute()))
+        for name in ("limit_train", "limit_test"):
+            # an empty split fails every trial, and an empty test split scores none
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
+        check_choice("select_on", self.select_on, SELECT_ON)
+        if self.select_on == "test":
+            object.__setattr__(self, "validation", None)
+        else:
+            _check_validation(self.validation)
+        # The spec (read once, here: the executors get the spec, not the path), checked before Spark starts.
+        object.__setattr__(self, "model", TorchObjective(model=self.model).saved_model)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in BUILTIN_KEYS}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BuiltinOptions:
+        """Read back :meth:`to_dict`; a study saved before ``select_on`` existed was chosen on test."""
+        select_on = data.get("select_on") or "test"
+        return cls(
+            dataset=data.get("dataset"),
+            data_dir=data.get("data_dir"),
+            model=data.get("model") or "cnn",
+            limit_train=data.get("limit_train"),
+            limit_test=data.get("limit_test"),
+            select_on=select_on,
+            validation=data.get("validation", DEFAULT_VALIDATION) if select_on == "validation" else None,
+        )
+
+    def objective(self, *, device: str = "auto") -> TorchObjective:
+        """The objective the study's trials run, on ``device`` (see :func:`deepspark.spark.task_device`)."""
+        return TorchObjective(model=self.model, evaluated_on=self.select_on, device=device)
+
+    def data(self, *, seed: int) -> tuple[Any, Any]:
+        """The data: (what trials get, the dataset holding the test split).
+
+        Selecting on validation, trials get the training part with the validation split in the test
+        split's place (:meth:`ImageDataset.validation_as_test`), so the test split stays on the driver.
+        ``limit_train`` applies first: the hold-out comes out of the examples kept.
+        """
+        from deepspark.data import load_dataset
+
+        data = load_dataset(self.dataset, data_dir=self.data_dir)
+        if self.limit_train is not None or self.limit_test is not None:
+            data = data.subset(train=self.limit_train, test=self.limit_test)
+        if self.select_on == "test":
+            return data, data
+        assert self.validation is not None
+        split = data.split_validation(self.validation, seed=seed)
+        trials = split.validation_as_test()
+        if len(trials.test_labels) == 0:
+            raise ConfigError(
+                f"validation={self.validation!r} holds out no example of the {len(data.train_labels)} "
+                "training examples; give a larger validation (a fraction or a count), or select_on='test'"
+            )
+        _log.info(
+            "selecting on a validation split of %d examples; training on %d",
+            len(trials.test_labels),
+            len(trials.train_labels),
+        )
+        return trials, split
+
+
+#: The keys :class:`BuiltinOptions` writes in a run directory's ``config.json``.
+BUILTIN_KEYS = ("dataset", "data_dir", "model", "limit_train", "limit_test", "select_on", "validation")
+
+
+def _check_validation(value: Any) -> None:
+    """The validation size's type and range, before any data is read (its count is checked later)."""
+    fraction = isinstance(value, float) and 0.0 < value < 1.0
+    count = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    if not (fraction or count):
+        raise fail("validation", "a fraction of the training split in (0, 1) or a count >= 1", value)
 
 
 class TorchObjective:
@@ -34,9 +151,10 @@ class TorchObjective:
         model: str | ModelSpec | Mapping[str, Any],
         base: Mapping[str, Any] | None = None,
         evaluated_on: str = "test",
+        device: str = "auto",
     ) -> None:
-        if evaluated_on not in ("validation", "test"):
-            raise ConfigError(f"evaluated_on: expected 'validation' or 'test', got {evaluated_on!r}")
+        check_choice("evaluated_on", evaluated_on, SELECT_ON)
+        self.device = check_choice("device", device, DEVICES)
         self.spec: ModelSpec | None = None
         if isinstance(model, str) and model in ZOO:
             self.model = model
@@ -105,7 +223,16 @@ class TorchObjective:
         return {n: defaults[n] for n in names}
 
     def __call__(self, config: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
+        from pyspark import TaskContext
+
+        from deepspark.spark import task_device
+
         data = reporter.data
+        # The GPU Spark assigned this task (auto: when CUDA can use it); cuda without one is an error.
+        context = TaskContext.get()
+        device = task_device(self.device, context)
+        assigned = context.resources().get("gpu") if context is not None else None
+        gpus = list(assigned.addresses) if assigned is not None else []
         train_config, hyper = self.split(config)
         train_config = TrainConfig.from_dict({**train_config.to_dict(), "threads": reporter.threads})
         spec = self.spec or model_spec(
@@ -115,7 +242,7 @@ class TorchObjective:
         def on_epoch(m: EpochMetrics) -> None:
             reporter.report(m.epoch, m.test_accuracy, final=m.epoch == train_config.epochs)
 
-        result = train_one_process(spec, data, train_config, callback=on_epoch)
+        result = train_one_process(spec, data, train_config, callback=on_epoch, device=device)
         split = self.evaluated_on
 
         def files() -> dict[str, bytes]:
@@ -140,4 +267,5 @@ class TorchObjective:
             "train_seconds": sum(m.seconds for m in result.history),
             "threads": reporter.threads,
             "pid": os.getpid(),
+            "device": str(device) + (f" (Spark assigned GPU {','.join(gpus)})" if gpus else ""),
         }

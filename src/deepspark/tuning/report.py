@@ -9,16 +9,21 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
 
+from deepspark import rundir
 from deepspark._optional import skip_unless
+from deepspark.tuning.space import SearchSpace
 from deepspark.tuning.trial import TrialRecord, TrialState
 
 __all__ = [
+    "StudySummary",
+    "TrialSummary",
     "error_reduction",
     "plot_sensitivity",
     "readable_log_ticks",
@@ -33,6 +38,119 @@ _STATES = {
     optuna.trial.TrialState.PRUNED: TrialState.PRUNED,
     optuna.trial.TrialState.FAIL: TrialState.FAIL,
 }
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    """The best or the default trial in ``best.json``: number, full config, value and metrics; with the
+    built-in objective, its accuracy on the validation and the test split (None where not measured)."""
+
+    trial: int
+    config: Mapping[str, Any]
+    value: float | None
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    validation_accuracy: float | None = None
+    test_accuracy: float | None = None
+
+    def to_dict(self, *, splits: bool) -> dict[str, Any]:
+        out = {
+            "trial": self.trial,
+            "config": dict(self.config),
+            "value": self.value,
+            "metrics": dict(self.metrics),
+        }
+        if splits:
+            out.update(validation_accuracy=self.validation_accuracy, test_accuracy=self.test_accuracy)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> TrialSummary | None:
+        if data is None:
+            return None
+        return cls(
+            trial=int(data["trial"]),
+            config=dict(data.get("config") or {}),
+            value=data.get("value"),
+            metrics=dict(data.get("metrics") or {}),
+            validation_accuracy=data.get("validation_accuracy"),
+            test_accuracy=data.get("test_accuracy"),
+        )
+
+
+@dataclass(frozen=True)
+class StudySummary(Mapping[str, Any]):
+    """What ``best.json`` holds, as an immutable record.
+
+    It also reads as the mapping ``best.json`` is (``summary["best"]["config"]``, ``dict(summary)``),
+    so scripts written against the JSON file work on the record unchanged.
+    """
+
+    metric: str = "accuracy"
+    direction: str = "maximize"
+    counts: Mapping[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    best: TrialSummary | None = None
+    default: TrialSummary | None = None
+    error_reduction: float | None = None
+    #: The split (or metric) ``error_reduction`` is computed on.
+    error_reduction_on: str | None = None
+    #: Selecting on validation: the error reduction on the validation accuracies.
+    validation_error_reduction: float | None = None
+    checkpoint: str | None = None
+    #: The built-in objective's selection split; None for a Python objective.
+    selected_on: str | None = None
+    protocol: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """``best.json``'s JSON object (keys that do not apply are left out, as they always were)."""
+        splits = self.selected_on is not None
+        out: dict[str, Any] = {
+            "metric": self.metric,
+            "direction": self.direction,
+            "counts": dict(self.counts),
+            "wall_s": self.wall_s,
+            "fixed": dict(self.fixed),
+            "best": self.best.to_dict(splits=splits) if self.best is not None else None,
+            "default": self.default.to_dict(splits=splits) if self.default is not None else None,
+            "error_reduction": self.error_reduction,
+            "checkpoint": self.checkpoint,
+        }
+        optional = {
+            "selected_on": self.selected_on,
+            "protocol": self.protocol,
+            "error_reduction_on": self.error_reduction_on,
+            "validation_error_reduction": self.validation_error_reduction,
+        }
+        out.update({k: v for k, v in optional.items() if v is not None})
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StudySummary:
+        return cls(
+            metric=str(data["metric"]),
+            direction=str(data["direction"]),
+            counts=dict(data.get("counts") or {}),
+            wall_s=float(data.get("wall_s") or 0.0),
+            fixed=dict(data.get("fixed") or {}),
+            best=TrialSummary.from_dict(data.get("best")),
+            default=TrialSummary.from_dict(data.get("default")),
+            error_reduction=data.get("error_reduction"),
+            error_reduction_on=data.get("error_reduction_on"),
+            validation_error_reduction=data.get("validation_error_reduction"),
+            checkpoint=data.get("checkpoint"),
+            selected_on=data.get("selected_on"),
+            protocol=data.get("protocol"),
+        )
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
 
 
 def records_from_study(study: optuna.Study) -> list[TrialRecord]:
@@ -98,13 +216,15 @@ def write_reports(
     best_checkpoint: Path | None,
     selected_on: str | None = None,
     test_accuracy: Mapping[int, float] | None = None,
-) -> dict[str, Any]:
-    """Write trials.csv, best.json and accuracy_vs_lr.png; return best.json's content.
+    space: SearchSpace | None = None,
+) -> StudySummary:
+    """Write trials.csv, best.json and accuracy_vs_lr.png; return best.json's content as a record.
 
     ``selected_on`` is the split the built-in objective's trials report ("validation" or "test"; None
     for a Python objective); ``test_accuracy`` holds the test accuracy measured at the end, by trial
     (the best and the default when selecting on validation). Both then appear beside each other as
-    ``validation_accuracy`` and ``test_accuracy`` in ``best.json`` and ``trials.csv``.
+    ``validation_accuracy`` and ``test_accuracy`` in ``best.json`` and ``trials.csv``. ``space`` names
+    the plot's width parameter (see :func:`width_param`).
     """
     tests = _split_accuracies(records, selected_on, test_accuracy or {})
     param_names = sorted({k for r in records for k in r.params})
@@ -144,38 +264,55 @@ def write_reports(
                     r.error or "",
                 ]
             )
+    summary = summarise(
+        records,
+        metric=metric,
+        maximize=maximize,
+        fixed=fixed,
+        wall_s=wall_s,
+        best_checkpoint=best_checkpoint,
+        selected_on=selected_on,
+        tests=tests,
+    )
+    text = json.dumps(summary.to_dict(), indent=2, default=str)
+    rundir.write_file_atomic(run_dir / "best.json", text.encode("utf-8"))
+    try:
+        _plot(run_dir / "accuracy_vs_lr.png", records, metric=metric, maximize=maximize, space=space)
+    except Exception:  # a plot is a nicety; never lose the study over it
+        _log.exception("could not draw the learning-rate plot")
+    return summary
+
+
+def summarise(
+    records: Sequence[TrialRecord],
+    *,
+    metric: str,
+    maximize: bool,
+    fixed: Mapping[str, Any],
+    wall_s: float,
+    best_checkpoint: Path | None,
+    selected_on: str | None,
+    tests: Mapping[int, tuple[float | None, float | None]],
+) -> StudySummary:
+    """The study's summary (best.json): ``tests`` is (validation, test) accuracy by trial."""
     best, default = best_and_default(records, maximize=maximize)
-    counts = {s.value: sum(r.state is s for r in records) for s in TrialState}
-    summary: dict[str, Any] = {
-        "metric": metric,
-        "direction": "maximize" if maximize else "minimize",
-        "counts": counts,
-        "wall_s": wall_s,
-        "fixed": fixed,
-        "best": None,
-        "default": None,
-        "error_reduction": None,
-        "checkpoint": str(best_checkpoint) if best_checkpoint else None,
-    }
-    if selected_on is not None:
-        summary["selected_on"] = selected_on
-        if selected_on == "test":
-            summary["protocol"] = (
-                "selected on the test split (the 2016 blog's protocol): the best trial's test accuracy "
-                "is optimistic"
-            )
-    for key, record in (("best", best), ("default", default)):
+
+    def entry(record: TrialRecord | None) -> TrialSummary | None:
         if record is None:
-            continue
-        summary[key] = {
-            "trial": record.number,
-            "config": dict(record.params),
-            "value": record.value,
-            "metrics": dict(record.metrics),
-        }
-        if selected_on is not None:
-            validation, test = tests.get(record.number, (None, None))
-            summary[key].update(validation_accuracy=validation, test_accuracy=test)
+            return None
+        validation, test = tests.get(record.number, (None, None))
+        return TrialSummary(
+            trial=record.number,
+            config=dict(record.params),
+            value=record.value,
+            metrics=dict(record.metrics),
+            validation_accuracy=validation,
+            test_accuracy=test,
+        )
+
+    reduction: float | None = None
+    reduction_on: str | None = None
+    validation_reduction: float | None = None
     if best is not None and default is not None and metric == "accuracy":
         # The honest figure is on test accuracy, measured once for both at the end; a study without
         # those (a Python objective, a model that never arrived) falls back on the selection metric.
@@ -184,19 +321,29 @@ def write_reports(
             tests.get(default.number, (None, None))[1],
         )
         if best_test is not None and default_test is not None:
-            summary["error_reduction"] = error_reduction(default_test, best_test)
-            summary["error_reduction_on"] = "test"
+            reduction, reduction_on = error_reduction(default_test, best_test), "test"
         elif best.value is not None and default.value is not None:
-            summary["error_reduction"] = error_reduction(default.value, best.value)
-            summary["error_reduction_on"] = selected_on or metric
+            reduction, reduction_on = error_reduction(default.value, best.value), selected_on or metric
         if selected_on == "validation" and best.value is not None and default.value is not None:
-            summary["validation_error_reduction"] = error_reduction(default.value, best.value)
-    (run_dir / "best.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-    try:
-        _plot(run_dir / "accuracy_vs_lr.png", records, metric=metric, maximize=maximize)
-    except Exception:  # a plot is a nicety; never lose the study over it
-        _log.exception("could not draw the learning-rate plot")
-    return summary
+            validation_reduction = error_reduction(default.value, best.value)
+    protocol = None
+    if selected_on == "test":
+        protocol = "selected on the test split (the 2016 blog's protocol): the best trial's test accuracy is optimistic"
+    return StudySummary(
+        metric=metric,
+        direction="maximize" if maximize else "minimize",
+        counts={s.value: sum(r.state is s for r in records) for s in TrialState},
+        wall_s=wall_s,
+        fixed=dict(fixed),
+        best=entry(best),
+        default=entry(default),
+        error_reduction=reduction,
+        error_reduction_on=reduction_on,
+        validation_error_reduction=validation_reduction,
+        checkpoint=str(best_checkpoint) if best_checkpoint else None,
+        selected_on=selected_on,
+        protocol=protocol,
+    )
 
 
 def _split_accuracies(
@@ -220,19 +367,29 @@ def _split_accuracies(
 LEARNING_RATES = ("learning_rate", "lr")
 
 
-def width_param(records: Sequence[TrialRecord], *, lr: str | None = None) -> str | None:
-    """The parameter that splits the sensitivity plot into lines: the searched integer or choice
-    parameter, other than the learning rate, with the most distinct values (ties: by name).
+def width_param(
+    records: Sequence[TrialRecord], *, lr: str | None = None, space: SearchSpace | None = None
+) -> str | None:
+    """The parameter that splits the sensitivity plot into lines: a searched integer or choice
+    parameter, other than the learning rate, with the most distinct values among the trials (ties: by
+    name); None when none varies.
 
-    Read from the trials, not from a list of zoo names: a parameter that does not vary across the
-    non-default trials is fixed, and a float that is not an integer is a continuous parameter.
+    With ``space``, the candidates are the space's ``int``/``choice``/``grid`` parameters, whatever their
+    names. Without it (a report that has only the trials) they are read from the trials: a parameter
+    whose values are all integers or labels and that varies across the non-default trials.
     """
     trials = [r for r in records if not r.is_default]
-    names = sorted({k for r in trials for k in r.params} - {lr or "", *LEARNING_RATES})
+    skip = {lr or "", *LEARNING_RATES}
+    if space is not None:
+        names = sorted(
+            n for n, p in space.params.items() if p["type"] in ("int", "choice", "grid") and n not in skip
+        )
+    else:
+        names = sorted({k for r in trials for k in r.params} - skip)
     best, best_count = None, 1
     for name in names:
         values = [r.params.get(name) for r in trials if name in r.params]
-        if not values or not all(_discrete(v) for v in values):
+        if not values or (space is None and not all(_discrete(v) for v in values)):
             continue
         count = len({repr(v) for v in values})
         if count > best_count:
@@ -251,7 +408,13 @@ def learning_rate_param(records: Sequence[TrialRecord]) -> str | None:
 
 
 def plot_sensitivity(
-    ax: Any, records: Sequence[TrialRecord], *, metric: str, maximize: bool, by: str | None = None
+    ax: Any,
+    records: Sequence[TrialRecord],
+    *,
+    metric: str,
+    maximize: bool,
+    by: str | None = None,
+    space: SearchSpace | None = None,
 ) -> bool:
     """Draw the blog's figure on ``ax``: test error (log) vs learning rate (log), a line per width.
 
@@ -264,15 +427,15 @@ def plot_sensitivity(
     lr = learning_rate_param(records)
     if lr is None:
         return False
-    rated = [r for r in records if is_finite(r.params.get(lr))]
-    scored = [r for r in rated if r.state is TrialState.COMPLETE and is_finite(r.value)]
+    rated = [r for r in records if _finite(r.params.get(lr))]
+    scored = [r for r in rated if r.state is TrialState.COMPLETE and _finite(r.value)]
     values = [float(r.value or 0.0) for r in scored]
     as_error = maximize and all(0.0 <= v <= 1.0 for v in values)
 
     def y(value: float) -> float:
         return 1.0 - value if as_error else value
 
-    by = by or width_param(rated, lr=lr)
+    by = by or width_param(rated, lr=lr, space=space)
     groups: dict[Any, list[TrialRecord]] = {}
     for r in scored:
         if not r.is_default:
@@ -354,7 +517,9 @@ def _geomspace(low: float, high: float, n: int) -> list[float]:
     return [math.exp(math.log(low) + i * step) for i in range(n)]
 
 
-def _plot(path: Path, records: Sequence[TrialRecord], *, metric: str, maximize: bool) -> None:
+def _plot(
+    path: Path, records: Sequence[TrialRecord], *, metric: str, maximize: bool, space: SearchSpace | None
+) -> None:
     if not skip_unless("matplotlib", feature="the learning-rate plot (accuracy_vs_lr.png)"):
         return
     import matplotlib
@@ -364,12 +529,12 @@ def _plot(path: Path, records: Sequence[TrialRecord], *, metric: str, maximize: 
 
     fig, ax = plt.subplots(figsize=(6, 4))
     try:
-        if plot_sensitivity(ax, records, metric=metric, maximize=maximize):
+        if plot_sensitivity(ax, records, metric=metric, maximize=maximize, space=space):
             fig.tight_layout()
             fig.savefig(path, dpi=100)
     finally:
         plt.close(fig)
 
 
-def is_finite(value: Any) -> bool:
+def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)

@@ -12,25 +12,35 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import secrets
 import shutil
 import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages import BaseStorage, JournalStorage
+from optuna.storages.journal import JournalFileBackend
 
 from deepspark import rundir
-from deepspark.data.record import DEFAULT_VALIDATION
 from deepspark.errors import ConfigError, RunError
 from deepspark.slots import root_cause, run_slots, short_error
 from deepspark.spark import check_task_cpus
+from deepspark.tuning.config import (
+    BUILTIN,
+    LEGACY_STUDY_NAME,
+    OBJECT_PREFIX,
+    PRUNERS,
+    SAMPLERS,
+    RunOptions,
+    StudyConfig,
+    object_name,
+)
 from deepspark.tuning.coordinator import (
     CARRIED_ATTRS,
     DEFAULT_ATTR,
@@ -38,13 +48,18 @@ from deepspark.tuning.coordinator import (
     GRID_ATTR,
     INTERRUPTED_ATTR,
     OVERRIDES_ATTR,
+    RERUN_ATTR,
     Coordinator,
     TrialEvent,
+    TrialEventKind,
+    interrupted_attrs,
 )
-from deepspark.tuning.report import best_and_default, records_from_study, write_reports
+from deepspark.tuning.objectives import SELECT_ON, BuiltinOptions, TorchObjective
+from deepspark.tuning.report import StudySummary, best_and_default, records_from_study, write_reports
 from deepspark.tuning.space import SearchSpace, load_space
 from deepspark.tuning.trial import Reporter, TrialRecord, TrialState
 from deepspark.tuning.worker import WorkerSpec, run_worker
+from deepspark.validation import fail
 
 __all__ = [
     "CLUSTER_ATTR",
@@ -59,13 +74,10 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-SAMPLERS = ("tpe", "random", "grid")
-PRUNERS = ("none", "median", "asha")
-#: The split the built-in objective's trials are chosen on: "validation" (the default), or "test" (the
-#: 2016 blog's protocol, kept for comparison; the chosen trial's test accuracy is then optimistic).
-SELECT_ON = ("validation", "test")
 JOURNAL = "study.journal"
-STUDY_NAME = "deepspark"
+#: The study name of run directories written before studies were named after their run directory
+#: (a new study's name is config.json's ``study_name``; a journal holds one study).
+STUDY_NAME = LEGACY_STUDY_NAME
 CLUSTER_ATTR = "deepspark:cluster"
 
 Objective = Callable[[dict[str, Any], Reporter], Any]
@@ -75,66 +87,56 @@ _SAVED_KEYS = ("space", "trials", "sampler", "pruner", "metric", "direction", "o
 
 @dataclass(frozen=True)
 class StudyResult:
-    """The outcome of :func:`tune`: every finished trial of the study (this run and earlier ones)."""
+    """The outcome of :func:`tune`: every finished trial of the study (this run and earlier ones).
+
+    ``summary`` is what ``best.json`` holds, as a :class:`~deepspark.tuning.report.StudySummary`
+    record (read like a mapping too: ``summary["best"]["config"]``).
+    """
 
     run_dir: Path
     records: tuple[TrialRecord, ...]
     best: TrialRecord | None
     default: TrialRecord | None
-    summary: Mapping[str, Any] = field(default_factory=dict)
+    summary: StudySummary = field(default_factory=StudySummary)
     wall_s: float = 0.0
     stop_reason: str | None = None
     parallelism: int = 1
     #: The built-in objective's selection split ("validation" or "test"); None for a user objective.
     selected_on: str | None = None
+    #: The Optuna study's name in its storage.
+    study_name: str | None = None
 
     @property
     def error_reduction(self) -> float | None:
         """The best trial's drop in error rate from the default's (on test accuracy when measured)."""
-        value = self.summary.get("error_reduction")
-        return float(value) if value is not None else None
+        return self.summary.error_reduction
 
     def counts(self) -> dict[str, int]:
         return {s.value: sum(r.state is s for r in self.records) for s in TrialState}
 
 
-def _check_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_seconds(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigError(f"{name}: expected a positive number of seconds (or None), got {value!r}")
-    return float(value)
-
-
-def _sampler(name: str, space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
-    if name == "tpe":
+def _sampler(config: StudyConfig, search: SearchSpace, given: object) -> optuna.samplers.BaseSampler:
+    if isinstance(given, optuna.samplers.BaseSampler):
+        return given
+    if config.sampler == "tpe":
         return optuna.samplers.TPESampler(
-            seed=seed,
+            seed=config.seed,
             constant_liar=True,
             multivariate=True,
-            n_startup_trials=min(10, max(2, len(space.params) * 2)),
+            n_startup_trials=min(10, max(2, len(search.params) * 2)),
         )
     # "grid": every point is enqueued up front (see _plan_grid), so the sampler is never asked for a value.
     # Optuna's GridSampler is not used: it calls study.stop() from tell() once the grid is exhausted
     # (an error outside study.optimize) and gives a grid point to the enqueued default trial's number.
-    return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=config.seed)
 
 
-def _pruner(name: str) -> optuna.pruners.BasePruner:
-    if name == "median":
+def _pruner(config: StudyConfig, given: object) -> optuna.pruners.BasePruner:
+    if isinstance(given, optuna.pruners.BasePruner):
+        return given
+    if config.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
-    if name == "asha":
+    if config.pruner == "asha":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     return optuna.pruners.NopPruner()
 
@@ -178,44 +180,6 @@ def _test_accuracies(run_dir: Path, test: Any, trials: Mapping[str, TrialRecord 
     return out
 
 
-def _study_data(
-    dataset: str | None,
-    data_dir: str | None,
-    *,
-    limit_train: int | None,
-    limit_test: int | None,
-    select_on: str,
-    validation: float | int,
-    seed: int,
-) -> tuple[Any, Any]:
-    """The built-in objective's data: (what trials get, the dataset holding the test split).
-
-    Selecting on validation, trials get the training part with the validation split in the test
-    split's place (:meth:`ImageDataset.validation_as_test`), so the test split stays on the driver.
-    ``limit_train`` applies first: the hold-out comes out of the examples kept.
-    """
-    from deepspark.data import load_dataset
-
-    data = load_dataset(dataset, data_dir=data_dir)
-    if limit_train is not None or limit_test is not None:
-        data = data.subset(train=limit_train, test=limit_test)
-    if select_on == "test":
-        return data, data
-    split = data.split_validation(validation, seed=seed)
-    trials = split.validation_as_test()
-    if len(trials.test_labels) == 0:
-        raise ConfigError(
-            f"validation={validation!r} holds out no example of the {len(data.train_labels)} training "
-            "examples; give a larger validation (a fraction or a count), or select_on='test'"
-        )
-    _log.info(
-        "selecting on a validation split of %d examples; training on %d",
-        len(trials.test_labels),
-        len(trials.train_labels),
-    )
-    return trials, split
-
-
 def _drop_stale_model(best_dir: Path, best: TrialRecord | None) -> None:
     """Remove ``best_dir`` unless it holds the model of ``best``, the trial best.json names.
 
@@ -253,305 +217,430 @@ def tune(
     space: SearchSpace | Mapping[str, Any] | str | None = None,
     trials: int | None = None,
     parallelism: int | None = None,
-    threads_per_trial: int = 1,
-    sampler: str = "tpe",
-    pruner: str = "median",
+    threads_per_trial: int | None = None,
+    sampler: str | optuna.samplers.BaseSampler | None = None,
+    pruner: str | optuna.pruners.BasePruner | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
     max_failures: int | None = None,
     max_attempts: int = 3,
-    metric: str = "accuracy",
-    direction: str = "maximize",
+    metric: str | None = None,
+    direction: str | None = None,
     default_config: Mapping[str, Any] | bool = True,
     data: Any = None,
     dataset: str | None = None,
     data_dir: str | None = None,
-    model: str | Mapping[str, Any] = "cnn",
+    model: str | Mapping[str, Any] | None = None,
     limit_train: int | None = None,
     limit_test: int | None = None,
     select_on: str | None = None,
-    validation: float | int = DEFAULT_VALIDATION,
+    validation: float | int | None = None,
     master: str | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     timeout: float | None = None,
     trial_timeout: float | None = None,
     heartbeat_timeout: float | None = DEFAULT_HEARTBEAT_TIMEOUT,
     on_event: Callable[[TrialEvent], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
+    study_name: str | None = None,
+    storage: str | None = None,
+    callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] | None = None,
+    device: str = "auto",
 ) -> StudyResult:
     """Run a hyperparameter study whose trials are Spark tasks.
 
     Either give ``objective(config, reporter) -> float | dict`` (any framework; ``data`` is broadcast once
     and reaches it as ``reporter.data``), or leave it out and name a ``dataset`` and ``model`` (a zoo
-    name, or a model spec: a JSON/YAML file or mapping whose output count covers the dataset's classes):
-    the built-in objective trains it with each trial's config and reports per-epoch accuracy on the split
-    ``select_on`` names: ``"validation"`` (the default; a seeded, stratified hold-out of ``validation``
-    of the training split, 10% by default, seeded with ``seed``) or ``"test"`` (the 2016 blog's
-    protocol, whose chosen accuracy is optimistic). Selecting on validation, the best trial's and the
-    default configuration's test accuracy are measured once, at the end, and written beside their
-    validation accuracy in ``best.json`` and ``trials.csv`` (docs/tune.md).
+    name, default ``"cnn"``, or a model spec: a JSON/YAML file or mapping whose output count covers the
+    dataset's classes): the built-in objective trains it with each trial's config on ``device``
+    (``"auto"``: the GPU Spark assigned the task when CUDA can use it, else the CPU; ``"cuda"``; ``"cpu"``)
+    and reports per-epoch accuracy on the split ``select_on`` names: ``"validation"`` (the default; a
+    seeded, stratified hold-out of ``validation`` of the training split, 10% by default, seeded with
+    ``seed``) or ``"test"`` (the 2016 blog's protocol, whose chosen accuracy is optimistic). Selecting
+    on validation, the best trial's and the default configuration's test accuracy are measured once, at
+    the end, and written beside their validation accuracy in ``best.json`` and ``trials.csv``.
 
-    ``run_dir`` holds the Optuna journal (open it with optuna-dashboard), ``trials.csv``, ``best.json`` and
-    the best model. ``resume=True`` continues a study after a crash or Ctrl-C: finished trials are kept,
-    interrupted ones run again. Every argument is checked before a Spark job starts.
+    The study's settings (``space``, ``trials`` (default 24), ``sampler`` (``"tpe"``, ``"random"``,
+    ``"grid"`` or an Optuna sampler object), ``pruner`` (``"median"``, ``"asha"``, ``"none"`` or an
+    Optuna pruner object), ``metric`` (``"accuracy"``), ``direction`` (``"maximize"``), ``seed`` (0),
+    ``threads_per_trial`` (1), ``study_name`` (the run directory's name), ``storage`` (an Optuna storage
+    URL; default: the journal file in the run directory) and the built-in objective's options) become
+    one validated :class:`~deepspark.tuning.config.StudyConfig`, saved as ``run_dir/config.json`` and as
+    the Optuna study's user attributes. ``resume=True`` continues that study after a crash or Ctrl-C:
+    finished trials are kept, interrupted ones run again, settings not given are the saved ones, and a
+    setting given that differs from the saved one is a :class:`ConfigError` naming every such setting.
+    ``trials`` larger than saved extends the study; smaller bounds this run only. Sampler and pruner
+    objects cannot be saved: a resume of a study that used one must pass it again.
+
+    ``callbacks`` are Optuna study callbacks, called on the driver with ``(study, frozen_trial)`` after
+    each finished trial (a callback that raises is logged; the study goes on).
 
     Clocks, in seconds: ``timeout`` bounds the whole study (at the deadline running trials are
     interrupted and queued for ``resume``, as on Ctrl-C; ``stop_reason`` is ``"timeout"``);
     ``trial_timeout`` bounds each trial (it FAILs with ``"trial timed out after N s"``, is not retried,
     and its Spark task is cancelled); a worker silent for ``heartbeat_timeout`` while it holds a trial
     (a frozen host) is taken for dead and the trial runs again elsewhere (None turns this off).
+    Every argument is checked before a Spark job starts.
     """
-    from deepspark.tuning.objectives import TorchObjective
-
-    run_path = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="deepspark-tune-"))
-    rundir.prepare(run_path, resume=resume)
-    saved: dict[str, Any] = {}
-    if resume:
-        saved = rundir.read_config(run_path, required=_SAVED_KEYS, kind="tune study")
-        space = space if space is not None else saved.get("space")
-        trials = trials if trials is not None else saved.get("trials")
-        sampler, pruner = saved.get("sampler", sampler), saved.get("pruner", pruner)
-        metric, direction = saved.get("metric", metric), saved.get("direction", direction)
-        kind = saved.get("objective", "builtin")
-        if objective is None and kind != "builtin":
-            raise ConfigError(
-                f"resume: {run_path} is a study of the Python objective {kind!r}, which the run directory "
-                f"cannot hold; resume it from Python: deepspark.tune({kind}, run_dir={str(run_path)!r}, "
-                "resume=True) (`deepspark tune --resume` resumes studies of the built-in objective only)"
-            )
-        if objective is None:
-            dataset = saved.get("dataset", dataset)
-            data_dir = data_dir if data_dir is not None else saved.get("data_dir")
-            model = saved.get("model", model)
-            limit_train = saved.get("limit_train", limit_train)
-            limit_test = saved.get("limit_test", limit_test)
-            # A study from before the validation split was chosen on the test split: it stays so.
-            select_on = saved.get("select_on", "test")
-            validation = saved.get("validation", validation)
-        seed = saved.get("seed", seed)
-        threads_per_trial = saved.get("threads_per_trial", threads_per_trial)
-    trials = _check_int("trials", 24 if trials is None else trials)
-    threads_per_trial = _check_int("threads_per_trial", threads_per_trial)
-    check_task_cpus("threads_per_trial", threads_per_trial, master=master)
-    _check_int("max_attempts", max_attempts)
-    timeout = _check_seconds("timeout", timeout)
-    trial_timeout = _check_seconds("trial_timeout", trial_timeout)
-    heartbeat_timeout = _check_seconds("heartbeat_timeout", heartbeat_timeout)
-    if parallelism is not None:
-        _check_int("parallelism", parallelism)
-    if max_failures is not None:
-        _check_int("max_failures", max_failures)
-    for name, limit in (("limit_train", limit_train), ("limit_test", limit_test)):
-        if limit is not None:
-            _check_int(name, limit)  # an empty split fails every trial, and an empty test split scores none
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"sampler: expected one of {list(SAMPLERS)}, got {sampler!r}")
-    if pruner not in PRUNERS:
-        raise ConfigError(f"pruner: expected one of {list(PRUNERS)}, got {pruner!r}")
-    if direction not in ("maximize", "minimize"):
-        raise ConfigError(f"direction: expected 'maximize' or 'minimize', got {direction!r}")
-    search = load_space(space)
-    if not search.params:
-        raise ConfigError("space: no parameter to search; give at least one distribution (see docs/tune.md)")
-    if sampler == "grid":
-        size = search.grid_size()
-        if size < trials:
-            _log.warning("the grid has %d points; running each once, not %d trials", size, trials)
-            trials = size
-    builtin: TorchObjective | None = None
-    if objective is None:
-        if dataset is None and data_dir is None:
-            raise ConfigError(
-                "give an objective function, or a dataset or data_dir (and model) for the built-in objective"
-            )
-        select_on = "validation" if select_on is None else select_on
-        if select_on not in SELECT_ON:
-            raise ConfigError(f"select_on: expected one of {list(SELECT_ON)}, got {select_on!r}")
-        if select_on == "validation":
-            _check_validation(validation)
-        builtin = TorchObjective(model=model, evaluated_on=select_on)
-        search.check(builtin.check)  # names, and every value the space can give, before Spark starts
-        objective = builtin
-    elif not callable(objective):
-        raise ConfigError(f"objective: expected a callable objective(config, reporter), got {objective!r}")
-    elif select_on is not None:
+    options = RunOptions(
+        parallelism=parallelism,
+        max_failures=max_failures,
+        max_attempts=max_attempts,
+        timeout=timeout,
+        trial_timeout=trial_timeout,
+        heartbeat_timeout=heartbeat_timeout,
+        master=master,
+        device=device,
+        callbacks=tuple(callbacks or ()),
+        on_event=on_event,
+        on_start=on_start,
+    )
+    if objective is not None and not callable(objective):
+        raise fail("objective", "a callable objective(config, reporter)", objective)
+    if objective is not None and select_on is not None:
         raise ConfigError(
             f"select_on: applies to the built-in objective only (got {select_on!r} with a Python "
             "objective, which chooses its own metric and data: hold out a validation split in it, e.g. "
             "with ImageDataset.split_validation)"
         )
-    default_params: dict[str, Any] | None = None
-    default_overrides: dict[str, Any] = {}
+    given: dict[str, Any] = {
+        "trials": trials,
+        "sampler": _named("sampler", sampler, SAMPLERS, optuna.samplers.BaseSampler),
+        "pruner": _named("pruner", pruner, PRUNERS, optuna.pruners.BasePruner),
+        "metric": metric,
+        "direction": direction,
+        "seed": seed,
+        "threads_per_trial": threads_per_trial,
+        "study_name": study_name,
+        "storage": storage,
+    }
+    builtin_given: dict[str, Any] = {
+        "dataset": dataset,
+        "model": model,
+        "limit_train": limit_train,
+        "limit_test": limit_test,
+        "select_on": select_on,
+        "validation": validation,
+    }
+    run_path = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="deepspark-tune-"))
+    rundir.prepare(run_path, resume=resume)
+    saved: dict[str, Any] = {}
+    if resume:
+        saved = rundir.read_config(run_path, required=_SAVED_KEYS, kind="tune study")
+        config = _resumed_config(
+            run_path, saved, objective, given, builtin_given, space=space, data_dir=data_dir
+        )
+        _check_objects(config, sampler=sampler, pruner=pruner)
+    else:
+        search = load_space(space)
+        if not search.params:
+            raise ConfigError(
+                "space: no parameter to search; give at least one distribution (see docs/tune.md)"
+            )
+        builtin = None
+        if objective is None:
+            builtin = BuiltinOptions(
+                **{k: v for k, v in builtin_given.items() if v is not None}, data_dir=data_dir
+            )
+        defaults = {
+            "trials": 24,
+            "seed": 0,
+            "threads_per_trial": 1,
+            "study_name": run_path.absolute().name or LEGACY_STUDY_NAME,
+        }
+        config = StudyConfig(
+            space=search.to_dict(),
+            objective=BUILTIN if objective is None else getattr(objective, "__qualname__", "user"),
+            builtin=builtin,
+            **{**defaults, **{k: v for k, v in given.items() if v is not None}},
+        )
+    search = load_space(config.space)
+    target = trials if resume and trials is not None else config.trials
+    if config.sampler == "grid":
+        size = search.grid_size()
+        if size < target:
+            _log.warning("the grid has %d points; running each once, not %d trials", size, target)
+        config, target = replace(config, trials=min(size, config.trials)), min(size, target)
+    check_task_cpus("threads_per_trial", config.threads_per_trial, master=master)
+    builtin_objective: TorchObjective | None = None
+    if config.builtin is not None:
+        builtin_objective = config.builtin.objective(device=options.device)
+        search.check(builtin_objective.check)  # names, and every value the space can give, before Spark
+    default = _default_trial(search, builtin_objective, default_config)
+    assert objective is not None or builtin_objective is not None
+    return _run(
+        config,
+        options,
+        search=search,
+        objective=builtin_objective or objective,  # type: ignore[arg-type]
+        builtin=builtin_objective is not None,
+        data=data,
+        default=default,
+        target=target,
+        run_path=run_path,
+        resume=resume,
+        saved=saved,
+        objects=(sampler, pruner),
+    )
+
+
+def _named(name: str, value: Any, names: Sequence[str], base: type) -> str | None:
+    """A sampler or pruner as :class:`StudyConfig` holds it: its name, or ``object:ClassName``."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, base):
+        return object_name(value)
+    raise fail(name, f"one of {list(names)} or an {base.__module__}.{base.__name__}", value)
+
+
+def _resumed_config(
+    run_path: Path,
+    saved: Mapping[str, Any],
+    objective: Objective | None,
+    given: Mapping[str, Any],
+    builtin_given: Mapping[str, Any],
+    *,
+    space: Any,
+    data_dir: str | None,
+) -> StudyConfig:
+    """The saved study, checked against what the caller gave again (one error naming every conflict)."""
+    config = StudyConfig.from_dict(saved, where=str(run_path / rundir.CONFIG_FILE))
+    if objective is None and config.objective != BUILTIN:
+        kind = config.objective
+        raise ConfigError(
+            f"resume: {run_path} is a study of the Python objective {kind!r}, which the run directory "
+            f"cannot hold; resume it from Python: deepspark.tune({kind}, run_dir={str(run_path)!r}, "
+            "resume=True) (`deepspark tune --resume` resumes studies of the built-in objective only)"
+        )
+    compared = {**given, "space": load_space(space).to_dict() if space is not None else None}
+    conflicts = []
+    if objective is not None and config.objective == BUILTIN:
+        name = getattr(objective, "__qualname__", "user")
+        conflicts.append(f"objective (saved 'builtin', given the Python objective {name!r})")
+    if config.builtin is not None:
+        model = builtin_given.get("model")
+        compared.update(builtin_given)
+        compared["model"] = TorchObjective(model=model).saved_model if model is not None else None
+    conflicts += config.conflicts(compared)
+    if conflicts:
+        raise ConfigError(
+            f"resume: the study in {run_path} was saved with other settings than those given: "
+            f"{'; '.join(conflicts)}. Drop them to continue the saved study, or start a new run directory"
+        )
+    if data_dir is not None and config.builtin is not None:
+        # Where the data lives may change between runs (checksums say whether it is the same dataset).
+        config = replace(config, builtin=replace(config.builtin, data_dir=data_dir))
+    return config.resumed(given.get("trials"))
+
+
+def _check_objects(config: StudyConfig, *, sampler: object, pruner: object) -> None:
+    """A study run with the caller's own sampler or pruner object needs it again on resume."""
+    for name, saved, value in (("sampler", config.sampler, sampler), ("pruner", config.pruner, pruner)):
+        if saved.startswith(OBJECT_PREFIX) and value is None:
+            cls = saved[len(OBJECT_PREFIX) :]
+            raise ConfigError(
+                f"resume: the study's {name} is your own {cls} object, which config.json cannot hold; "
+                f"pass {name}=<a {cls}> again (deepspark.tune(..., resume=True, {name}=...))"
+            )
+
+
+def _default_trial(
+    search: SearchSpace, builtin: TorchObjective | None, default_config: Mapping[str, Any] | bool
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The default configuration's trial as (searched params, overrides of ``fixed``), or None."""
+    params: dict[str, Any] | None = None
+    overrides: dict[str, Any] = {}
     if default_config is True and builtin is not None:
-        default_params = builtin.default_params(sorted(search.params))
+        params = builtin.default_params(sorted(search.params))
     elif isinstance(default_config, Mapping):
         # A full configuration: searched keys become the trial's params, the rest override ``fixed``.
-        default_params = {k: default_config[k] for k in search.params if k in default_config}
-        default_overrides = {k: v for k, v in default_config.items() if k not in search.params}
-        missing = sorted(set(search.params) - set(default_params))
+        params = {k: default_config[k] for k in search.params if k in default_config}
+        overrides = {k: v for k, v in default_config.items() if k not in search.params}
+        missing = sorted(set(search.params) - set(params))
         if missing:
             raise ConfigError(f"default_config: lacks a value for searched parameter(s) {missing}")
         if builtin is not None:
             builtin.check({**default_config})
-    distributions = search.distributions()
-    if default_params is not None:
-        for name, value in default_params.items():
-            if not search.contains(name, value):
-                raise ConfigError(
-                    f"the default configuration's {name}={value!r} lies outside the space for {name}; "
-                    "widen the space to include it, or pass default_config=False (--no-default)"
-                )
+    if params is None:
+        return None
+    for name, value in params.items():
+        if not search.contains(name, value):
+            raise ConfigError(
+                f"the default configuration's {name}={value!r} lies outside the space for {name}; "
+                "widen the space to include it, or pass default_config=False (--no-default)"
+            )
+    return params, overrides
 
+
+@dataclass(frozen=True)
+class _Work:
+    """What one run executes: the study's settings and what was made from them (never saved)."""
+
+    config: StudyConfig
+    search: SearchSpace
+    objective: Objective
+    data: Any
+    to_run: int
+    run_path: Path
+    keep_default: bool
+
+
+def _run(
+    config: StudyConfig,
+    options: RunOptions,
+    *,
+    search: SearchSpace,
+    objective: Objective,
+    builtin: bool,
+    data: Any,
+    default: tuple[dict[str, Any], dict[str, Any]] | None,
+    target: int,
+    run_path: Path,
+    resume: bool,
+    saved: Mapping[str, Any],
+    objects: tuple[object, object],
+) -> StudyResult:
+    """Open (or make) the study, run what is missing, write the reports."""
     created = not run_path.exists() or not any(run_path.iterdir())
     study: optuna.Study | None = None
+    made = False
+    selected_on = config.builtin.select_on if config.builtin is not None else None
     try:
-        # ------------------------------------------------------------------ the study, in the run directory
         run_path.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            config = {
-                "space": search.to_dict(),
-                "trials": trials,
-                "sampler": sampler,
-                "pruner": pruner,
-                "metric": metric,
-                "direction": direction,
-                "seed": seed,
-                "threads_per_trial": threads_per_trial,
-                "objective": "builtin" if builtin is not None else getattr(objective, "__qualname__", "user"),
-                "dataset": dataset,
-                "data_dir": str(Path(data_dir).expanduser().absolute()) if data_dir is not None else None,
-                "model": builtin.saved_model if builtin is not None else None,
-                "limit_train": limit_train,
-                "limit_test": limit_test,
-                "select_on": select_on if builtin is not None else None,
-                "validation": validation if builtin is not None and select_on == "validation" else None,
-            }
-            rundir.write_config(run_path, config)
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = JournalStorage(JournalFileBackend(str(run_path / JOURNAL)))
-            study = optuna.create_study(
-                study_name=STUDY_NAME,
-                storage=storage,
-                load_if_exists=True,
-                direction=optuna.study.StudyDirection.MAXIMIZE
-                if direction == "maximize"
-                else optuna.study.StudyDirection.MINIMIZE,
-                sampler=_sampler(sampler, search, seed),
-                pruner=_pruner(pruner),
-            )
-        study_id = storage.get_study_id_from_name(STUDY_NAME)
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            # Running when the driver died: keep nothing of it, run its configuration again. The storage we
-            # opened is how a trial nobody holds a live ``optuna.Trial`` for gets its attribute.
-            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-            storage.set_trial_user_attr(trial_id, INTERRUPTED_ATTR, True)
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-            study.enqueue_trial(
-                t.params, user_attrs={"deepspark:rerun_of": t.number, **_carried(t.user_attrs)}
-            )
+        if config.to_dict() != dict(saved):
+            rundir.write_config(run_path, config.to_dict())
+        study, storage, made = _open_study(config, run_path, resume=resume, search=search, objects=objects)
+        _requeue_running(study, storage, config.study_name)
         finished = len(records_from_study(study))
-        if default_params is not None and not study.trials:
-            study.enqueue_trial(
-                default_params, user_attrs={DEFAULT_ATTR: True, OVERRIDES_ATTR: default_overrides}
-            )
-        if sampler == "grid":
+        if default is not None and not study.trials:
+            params, overrides = default
+            study.enqueue_trial(params, user_attrs={DEFAULT_ATTR: True, OVERRIDES_ATTR: overrides})
+        if config.sampler == "grid":
             # `trials` grid points, each once; the default configuration (and re-runs of interrupted
             # trials) come on top: everything still to run is a waiting trial.
-            _plan_grid(study, search, points=trials, seed=seed)
+            _plan_grid(study, search, points=target, seed=config.seed)
             to_run = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
         else:
-            to_run = max(0, trials - finished)
-
+            to_run = max(0, target - finished)
         test_data = None
-        if builtin is not None:
-            assert select_on is not None
-            data, test_data = _study_data(
-                dataset,
-                data_dir,
-                limit_train=limit_train,
-                limit_test=limit_test,
-                select_on=select_on,
-                validation=validation,
-                seed=seed,
-            )
-            builtin.check_data(input_shape=data.input_shape, num_classes=data.num_classes)
+        if builtin:
+            assert config.builtin is not None and isinstance(objective, TorchObjective)
+            data, test_data = config.builtin.data(seed=config.seed)
+            objective.check_data(input_shape=data.input_shape, num_classes=data.num_classes)
         started = time.perf_counter()
         stop_reason: str | None = None
         used_parallelism = 0
         if to_run:
-            stop_reason, used_parallelism = _execute(
-                study,
-                objective,
+            work = _Work(
+                config=config,
                 search=search,
-                distributions=distributions,
+                objective=objective,
+                data=data,
                 to_run=to_run,
                 run_path=run_path,
-                parallelism=parallelism,
-                threads=threads_per_trial,
-                max_failures=max_failures,
-                max_attempts=max_attempts,
-                metric=metric,
-                data=data,
-                keep_default=select_on == "validation",
-                master=master,
-                on_event=on_event,
-                on_start=on_start,
-                timeout=timeout,
-                trial_timeout=trial_timeout,
-                heartbeat_timeout=heartbeat_timeout,
+                keep_default=selected_on == "validation",
             )
+            stop_reason, used_parallelism = _execute(study, work, options)
     except BaseException:
         # A start that failed (no Spark, a bad master or dataset, executors that cannot run the study,
         # Ctrl-C while the JVM starts) leaves nothing behind, so the corrected command runs as is.
         if created and not resume and (study is None or not records_from_study(study)):
+            if made and config.storage is not None:
+                optuna.delete_study(study_name=config.study_name, storage=config.storage)
             shutil.rmtree(run_path, ignore_errors=True)
         raise
     wall = time.perf_counter() - started
     records = records_from_study(study)
-    maximize = direction == "maximize"
-    best, default = best_and_default(records, maximize=maximize)
-    best_dir = run_path / rundir.BEST_DIR
-    _drop_stale_model(best_dir, best)
-    tests: dict[int, float] = {}
-    if test_data is not None and select_on == "validation":
-        tests = _test_accuracies(run_path, test_data, {rundir.BEST_DIR: best, rundir.DEFAULT_DIR: default})
-    summary = write_reports(
-        run_path,
-        records,
-        metric=metric,
-        maximize=maximize,
-        fixed=dict(search.fixed),
-        wall_s=wall,
-        best_checkpoint=best_dir if best_dir.is_dir() else None,
-        selected_on=select_on if builtin is not None else None,
-        test_accuracy=tests,
-    )
+    best, default_record = best_and_default(records, maximize=config.maximize)
+    summary = _previous_summary(run_path) if resume and len(records) == finished else None
+    if summary is None:
+        # Nothing is rewritten by a resume that finished no trial: best.json keeps the study's figures.
+        best_dir = run_path / rundir.BEST_DIR
+        _drop_stale_model(best_dir, best)
+        tests: dict[int, float] = {}
+        if test_data is not None and selected_on == "validation":
+            chosen = {rundir.BEST_DIR: best, rundir.DEFAULT_DIR: default_record}
+            tests = _test_accuracies(run_path, test_data, chosen)
+        summary = write_reports(
+            run_path,
+            records,
+            metric=config.metric,
+            maximize=config.maximize,
+            fixed=dict(search.fixed),
+            wall_s=wall,
+            best_checkpoint=best_dir if best_dir.is_dir() else None,
+            selected_on=selected_on,
+            test_accuracy=tests,
+            space=search,
+        )
     return StudyResult(
         run_dir=run_path,
         records=tuple(records),
         best=best,
-        default=default,
+        default=default_record,
         summary=summary,
         wall_s=wall,
         stop_reason=stop_reason,
         parallelism=used_parallelism,
-        selected_on=select_on if builtin is not None else None,
+        selected_on=selected_on,
+        study_name=config.study_name,
     )
 
 
-def _check_validation(value: Any) -> None:
-    """The validation size's type and range, before any data is read (its count is checked later)."""
-    fraction = isinstance(value, float) and 0.0 < value < 1.0
-    count = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-    if not (fraction or count):
-        raise ConfigError(
-            f"validation: expected a fraction of the training split in (0, 1) or a count >= 1, got {value!r}"
+def _previous_summary(run_path: Path) -> StudySummary | None:
+    try:
+        return StudySummary.from_dict(json.loads((run_path / "best.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _open_study(
+    config: StudyConfig, run_path: Path, *, resume: bool, search: SearchSpace, objects: tuple[object, object]
+) -> tuple[optuna.Study, BaseStorage, bool]:
+    """The study in its storage (made when missing), its settings set as user attributes; and whether
+    this call made it. A new run never joins a study of the same name that a shared storage holds."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if config.storage is None:
+            storage: BaseStorage = JournalStorage(JournalFileBackend(str(run_path / JOURNAL)))
+        else:
+            try:
+                storage = optuna.storages.get_storage(config.storage)
+            except Exception as exc:  # a bad URL, a missing database driver, an unreachable server
+                raise ConfigError(f"storage: cannot open {config.storage!r}: {short_error(exc)}") from None
+        exists = config.study_name in optuna.get_all_study_names(storage)
+        if exists and not resume:
+            raise ConfigError(
+                f"study_name: the storage already holds a study named {config.study_name!r}; choose another "
+                "study_name (or run directory), or resume that study from its run directory"
+            )
+        study = optuna.create_study(
+            study_name=config.study_name,
+            storage=storage,
+            load_if_exists=True,
+            direction=optuna.study.StudyDirection.MAXIMIZE
+            if config.maximize
+            else optuna.study.StudyDirection.MINIMIZE,
+            sampler=_sampler(config, search, objects[0]),
+            pruner=_pruner(config, objects[1]),
         )
+    for key, value in config.user_attrs().items():
+        study.set_user_attr(key, value)
+    return study, storage, not exists
+
+
+def _requeue_running(study: optuna.Study, storage: BaseStorage, study_name: str) -> None:
+    """Trials still RUNNING in the storage were running when the driver died: keep nothing of them, mark
+    them interrupted (not failed) and run their configuration again. The storage we opened is how a
+    trial nobody holds a live ``optuna.Trial`` for gets its attributes."""
+    study_id = storage.get_study_id_from_name(study_name)
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        for key, value in interrupted_attrs("the driver stopped while it ran").items():
+            storage.set_trial_user_attr(trial_id, key, value)
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={RERUN_ATTR: t.number, **_carried(t.user_attrs)})
 
 
 def _plan_grid(study: optuna.Study, search: SearchSpace, *, points: int, seed: int) -> None:
@@ -580,28 +669,10 @@ def _carried(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return {k: attrs[k] for k in CARRIED_ATTRS if k in attrs}
 
 
-def _execute(
-    study: optuna.Study,
-    objective: Objective,
-    *,
-    search: SearchSpace,
-    distributions: Mapping[str, Any],
-    to_run: int,
-    run_path: Path,
-    parallelism: int | None,
-    threads: int,
-    max_failures: int | None,
-    max_attempts: int,
-    metric: str,
-    data: Any,
-    keep_default: bool,
-    master: str | None,
-    on_event: Callable[[TrialEvent], None] | None,
-    on_start: Callable[[int, int], None] | None,
-    timeout: float | None,
-    trial_timeout: float | None,
-    heartbeat_timeout: float | None,
-) -> tuple[str | None, int]:
+def _execute(study: optuna.Study, work: _Work, options: RunOptions) -> tuple[str | None, int]:
+    """Run ``work.to_run`` trials of ``study`` on Spark; return (why it stopped early or None, width)."""
+    threads, to_run, parallelism = work.config.threads_per_trial, work.to_run, options.parallelism
+    master, data, run_path = options.master, work.data, work.run_path
     from deepspark.spark import session, task_cpus
 
     spark = session(master, app_name="deepspark-tune", conf={"spark.task.cpus": threads})
@@ -643,8 +714,8 @@ def _execute(
             "threads_per_trial": effective_threads,
         },
     )
-    if on_start is not None:
-        on_start(to_run, width)
+    if options.on_start is not None:
+        options.on_start(to_run, width)
 
     broadcast = sc.broadcast(data) if data is not None else None
     # Job tags (thread-local, like job groups) name the study's jobs and each slot's, so one slot's job
@@ -656,20 +727,20 @@ def _execute(
 
     coordinator = Coordinator(
         study,
-        distributions=distributions,
-        fixed=search.fixed,
+        distributions=work.search.distributions(),
+        fixed=work.search.fixed,
         n_trials=to_run,
         bind=_bind_address(spark),
-        max_failures=max_failures,
-        max_attempts=max_attempts,
-        on_event=on_event,
+        max_failures=options.max_failures,
+        max_attempts=options.max_attempts,
+        on_event=_notify(study, options),
         on_model=functools.partial(_save_model, run_path),
         on_default_model=functools.partial(_save_model, run_path, name=rundir.DEFAULT_DIR)
-        if keep_default
+        if work.keep_default
         else None,
-        timeout=timeout,
-        trial_timeout=trial_timeout,
-        heartbeat_timeout=heartbeat_timeout,
+        timeout=options.timeout,
+        trial_timeout=options.trial_timeout,
+        heartbeat_timeout=options.heartbeat_timeout,
         cancel=cancel,
     )
     try:
@@ -679,8 +750,8 @@ def _execute(
             host=endpoint.host,
             port=endpoint.port,
             token=endpoint.token,
-            objective=objective,
-            metric=metric,
+            objective=work.objective,
+            metric=work.config.metric,
             broadcast=broadcast,
             threads=effective_threads,
         )
@@ -706,7 +777,7 @@ def _execute(
             keep_going=lambda: not coordinator.finished and coordinator.stop_reason is None,
             on_lost=on_lost,
             stop=coordinator.stop,
-            max_attempts=max_attempts,
+            max_attempts=options.max_attempts,
             group_prefix="deepspark-tune",
             progress=lambda: len(coordinator.records),
             description="trial worker",
@@ -723,6 +794,33 @@ def _execute(
         raise RunError(systematic.message())
     reason = coordinator.stop_reason
     return (None if reason == "done" else reason), width
+
+
+def _notify(study: optuna.Study, options: RunOptions) -> Callable[[TrialEvent], None] | None:
+    """The coordinator's event hook: the caller's ``on_event``, then, for each finished trial, the
+    Optuna ``callbacks`` with ``(study, frozen_trial)`` (as ``study.optimize`` calls them)."""
+    if options.on_event is None and not options.callbacks:
+        return None
+
+    def on_event(event: TrialEvent) -> None:
+        if options.on_event is not None:
+            try:
+                options.on_event(event)
+            except Exception:
+                _log.exception("the on_event callback failed")
+        if event.kind is not TrialEventKind.FINISH or not options.callbacks:
+            return
+        trials = study.get_trials(deepcopy=False)
+        frozen = trials[event.number] if event.number < len(trials) else None
+        if frozen is None or frozen.number != event.number:
+            frozen = next(t for t in trials if t.number == event.number)
+        for callback in options.callbacks:
+            try:
+                callback(study, frozen)
+            except Exception:
+                _log.exception("the Optuna callback %r failed on trial %d", callback, event.number)
+
+    return on_event
 
 
 class _SystematicFailure:
