@@ -62,6 +62,17 @@ def add_common_options(
         )
 
 
+def add_mlflow_option(parser: argparse.ArgumentParser, *, what: str) -> None:
+    """``--mlflow URI`` (the mlflow extra): log the run directory to MLflow when the command ends."""
+    parser.add_argument(
+        "--mlflow",
+        default=None,
+        metavar="URI",
+        help=f"log {what} to the MLflow tracking URI (http://host:5000, sqlite:///mlflow.db) when it ends; "
+        "logging again updates the same runs (docs/tune.md)",
+    )
+
+
 # --------------------------------------------------------------------------------------------- data
 def _cmd_data(args: argparse.Namespace) -> int:
     from deepspark import data
@@ -158,6 +169,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         elif args.data_dir is None:
             options.setdefault("dataset", "mnist")
         options["run_dir"] = args.run_dir
+    if args.mlflow is not None:
+        from deepspark.reporting import check_tracking_uri
+
+        check_tracking_uri(args.mlflow)  # the extra and the URI, before any Spark job
     console = Console(stderr=True)
     progress = StudyProgress(console, maximize=True)
     try:
@@ -191,6 +206,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     written = write_run_report(result.run_dir)
     if written is not None:
         print(f"report: {written}", file=sys.stderr if args.json else sys.stdout)
+    if args.mlflow is not None:
+        from deepspark.reporting import log_to_mlflow
+
+        tracked = log_to_mlflow(result.run_dir, tracking_uri=args.mlflow)
+        print(f"mlflow: {tracked}", file=sys.stderr if args.json else sys.stdout)
     if result.stop_reason == "interrupted":
         return 130
     problem = _study_failure(result.stop_reason, result.counts()["complete"])
@@ -282,6 +302,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
         "seeded with --seed, stratified by class",
     )
     p.add_argument("--seed", type=int, default=0)
+    add_mlflow_option(p, what="the study (one run, a nested run per trial, the best model)")
     add_common_options(p, spark=True, json_summary=True)
     p.set_defaults(func=_cmd_tune)
 
@@ -301,12 +322,16 @@ def _fraction_or_count(text: str) -> float | int:
 
 # ------------------------------------------------------------------------------------------- report
 def _cmd_report(args: argparse.Namespace) -> int:
-    from deepspark.reporting import report
+    from deepspark.reporting import check_tracking_uri, log_to_mlflow, report
 
+    if args.mlflow is not None:
+        check_tracking_uri(args.mlflow)
     result = report(args.run_dirs, output=args.output, by=args.by)
     for name, reason in result.missing.items():
         print(f"{name}: not drawn: {reason}", file=sys.stderr)
     print(f"report: {result.html}")
+    for run_dir in args.run_dirs if args.mlflow is not None else ():
+        print(f"mlflow: {log_to_mlflow(run_dir, tracking_uri=args.mlflow)}")
     return 0
 
 
@@ -328,6 +353,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         help="parameter giving one sensitivity line per value (default: the searched integer or choice "
         "parameter with the most values)",
     )
+    add_mlflow_option(p, what="each run directory (a study or a training run)")
     add_common_options(p)
     p.set_defaults(func=_cmd_report)
 
@@ -357,7 +383,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     from deepspark.training._cli import add_train_parser
 
-    add_common_options(add_train_parser(sub), spark=True, json_summary=True)
+    train = add_train_parser(sub)
+    add_mlflow_option(train, what="the run (one run: params, per-round metrics, the final model)")
+    add_common_options(train, spark=True, json_summary=True)
     _add_tune(sub)
     from deepspark.inference._cli import add_predict_parser
 
