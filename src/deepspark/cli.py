@@ -63,13 +63,13 @@ def add_common_options(
 
 
 def add_mlflow_option(parser: argparse.ArgumentParser, *, what: str) -> None:
-    """``--mlflow URI`` (the mlflow extra): log the run directory to MLflow when the command ends."""
+    """``--mlflow URI`` (the mlflow extra): log the run directory to MLflow once the command's work is done."""
     parser.add_argument(
         "--mlflow",
         default=None,
         metavar="URI",
-        help=f"log {what} to the MLflow tracking URI (http://host:5000, sqlite:///mlflow.db) when it ends; "
-        "logging again updates the same runs (docs/tune.md)",
+        help=f"log {what} to the MLflow tracking URI (http://host:5000, sqlite:///mlflow.db); logging "
+        "again updates the same runs (docs/tune.md)",
     )
 
 
@@ -302,7 +302,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
         "seeded with --seed, stratified by class",
     )
     p.add_argument("--seed", type=int, default=0)
-    add_mlflow_option(p, what="the study (one run, a nested run per trial, the best model)")
+    add_mlflow_option(p, what="the study when it ends (a run, a nested run per trial, the best model)")
     add_common_options(p, spark=True, json_summary=True)
     p.set_defaults(func=_cmd_tune)
 
@@ -384,7 +384,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from deepspark.training._cli import add_train_parser
 
     train = add_train_parser(sub)
-    add_mlflow_option(train, what="the run (one run: params, per-round metrics, the final model)")
+    add_mlflow_option(train, what="the run when it ends (one run: per-round metrics, the final model)")
     add_common_options(train, spark=True, json_summary=True)
     _add_tune(sub)
     from deepspark.inference._cli import add_predict_parser

@@ -407,7 +407,7 @@ def test_optuna_dashboard_reads_the_journal_and_finds_every_trial(study_dir, tmp
 
 
 @pytest.mark.slow
-def test_against_an_mlflow_server_on_localhost(study_dir, tmp_path) -> None:
+def test_against_an_mlflow_server_on_localhost(study_dir, tmp_path, capfd) -> None:
     """`mlflow server` on 127.0.0.1 (a free port, started and stopped here), logged to over HTTP."""
     from deepspark.reporting import log_to_mlflow
 
@@ -430,8 +430,11 @@ def test_against_an_mlflow_server_on_localhost(study_dir, tmp_path) -> None:
         str(tmp_path / "artifacts"),
     ]
     with _server(argv, url, ready="/health", timeout=180) as proc:
+        capfd.readouterr()
         tracked = log_to_mlflow(study_dir, tracking_uri=url)
         again = log_to_mlflow(study_dir, tracking_uri=url)
+        assert capfd.readouterr().out == ""  # MLflow's "View run" lines would spoil --json's stdout
+        assert "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT" not in os.environ
         runs = _runs(url)
         assert len(runs) == 5 and not again.created and again.run_id == tracked.run_id
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tracked.run_id]

@@ -60,6 +60,7 @@ _TRAINING_FILES = ("config.json", HISTORY, "report.html")
 _MAX_PARAM = 6000  # MLflow's longest parameter value
 _BATCH = 1000  # MLflow's most metrics (and entities) in one log_batch
 _FEATURE = "experiment tracking with MLflow (--mlflow)"
+_NO_URLS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
 @dataclass(frozen=True)
@@ -146,13 +147,20 @@ def log_to_mlflow(
 @contextlib.contextmanager
 def _tracking(mlflow: Any, tracking_uri: str) -> Iterator[None]:
     """Models are logged through MLflow's fluent API, which reads the global tracking URI: set it for
-    the call and put the previous one back (None: unset, as it was)."""
+    the call and put the previous one back (None: unset, as it was). MLflow also prints two lines to
+    stdout each time a run ends on a server (``--json`` keeps stdout for its object): not during the call."""
     previous = mlflow.get_tracking_uri() if mlflow.tracking.is_tracking_uri_set() else None
+    quiet = os.environ.get(_NO_URLS)
     mlflow.set_tracking_uri(tracking_uri)
+    os.environ[_NO_URLS] = "true"
     try:
         yield
     finally:
         mlflow.set_tracking_uri(previous)
+        if quiet is None:
+            os.environ.pop(_NO_URLS, None)
+        else:
+            os.environ[_NO_URLS] = quiet
 
 
 def _first_line(exc: BaseException) -> str:
