@@ -46,10 +46,12 @@ def test_dependencies_are_ranges_not_pins() -> None:
 def test_optional_parts_are_extras() -> None:
     deps = {_norm(Requirement(r).name) for r in _project()["dependencies"]}
     extras = _project()["optional-dependencies"]
-    assert deps.isdisjoint({"onnx", "onnxruntime", "matplotlib", "hyperopt"})
+    assert deps.isdisjoint({"onnx", "onnxruntime", "matplotlib", "hyperopt", "mlflow", "optuna-dashboard"})
     assert {_norm(Requirement(r).name) for r in extras["onnx"]} == {"onnx", "onnxruntime"}
     assert {_norm(Requirement(r).name) for r in extras["report"]} == {"matplotlib"}
     assert {_norm(Requirement(r).name) for r in extras["bench"]} == {"hyperopt"}
+    assert {_norm(Requirement(r).name) for r in extras["mlflow"]} == {"mlflow"}
+    assert {_norm(Requirement(r).name) for r in extras["dashboard"]} == {"optuna-dashboard"}
 
 
 def test_constraints_pin_the_tested_versions_inside_the_ranges() -> None:
@@ -74,6 +76,8 @@ def test_make_installs_every_extra_with_the_constraints() -> None:
         "onnx",
         "report",
         "bench",
+        "mlflow",
+        "dashboard",
     }
 
 

@@ -19,7 +19,14 @@ __all__ = ["EXTRAS", "available", "install_hint", "require", "skip_unless"]
 _log = logging.getLogger(__name__)
 
 #: module -> the extra of ``deepspark`` that installs it
-EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "matplotlib": "report", "hyperopt": "bench"}
+EXTRAS = {
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "matplotlib": "report",
+    "hyperopt": "bench",
+    "mlflow": "mlflow",
+    "optuna_dashboard": "dashboard",
+}
 
 _warned: set[str] = set()
 

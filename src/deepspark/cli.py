@@ -62,6 +62,17 @@ def add_common_options(
         )
 
 
+def add_mlflow_option(parser: argparse.ArgumentParser, *, what: str) -> None:
+    """``--mlflow URI`` (the mlflow extra): log the run directory to MLflow once the command's work is done."""
+    parser.add_argument(
+        "--mlflow",
+        default=None,
+        metavar="URI",
+        help=f"log {what} to the MLflow tracking URI (http://host:5000, sqlite:///mlflow.db); logging "
+        "again updates the same runs (docs/tune.md)",
+    )
+
+
 # --------------------------------------------------------------------------------------------- data
 class _DownloadBars:
     """One rich bar per mirror download (bytes, speed, time left) on stderr; started by the first byte."""
@@ -206,6 +217,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         elif args.data_dir is None:
             options.setdefault("dataset", "mnist")
         options["run_dir"] = args.run_dir
+    if args.mlflow is not None:
+        from deepspark.reporting import check_tracking_uri
+
+        check_tracking_uri(args.mlflow)  # the extra and the URI, before any Spark job
     console = Console(stderr=True)
     progress = StudyProgress(console, maximize=True)
     try:
@@ -238,6 +253,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     written = write_run_report(result.run_dir)
     if written is not None:
         print(f"report: {written}", file=sys.stderr if args.json else sys.stdout)
+    if args.mlflow is not None:
+        from deepspark.reporting import log_to_mlflow
+
+        tracked = log_to_mlflow(result.run_dir, tracking_uri=args.mlflow)
+        print(f"mlflow: {tracked}", file=sys.stderr if args.json else sys.stdout)
     if result.stop_reason == "interrupted":
         return 130
     problem = _study_failure(result.stop_reason, result.counts()["complete"])
@@ -348,6 +368,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
         metavar="URL",
         help="an Optuna storage URL (e.g. sqlite:///studies.db) instead of the run directory's journal",
     )
+    add_mlflow_option(p, what="the study when it ends (a run, a nested run per trial, the best model)")
     add_common_options(p, spark=True, json_summary=True)
     p.set_defaults(func=_cmd_tune)
 
@@ -367,12 +388,16 @@ def _fraction_or_count(text: str) -> float | int:
 
 # ------------------------------------------------------------------------------------------- report
 def _cmd_report(args: argparse.Namespace) -> int:
-    from deepspark.reporting import report
+    from deepspark.reporting import check_tracking_uri, log_to_mlflow, report
 
+    if args.mlflow is not None:
+        check_tracking_uri(args.mlflow)
     result = report(args.run_dirs, output=args.output, by=args.by)
     for name, reason in result.missing.items():
         print(f"{name}: not drawn: {reason}", file=sys.stderr)
     print(f"report: {result.html}")
+    for run_dir in args.run_dirs if args.mlflow is not None else ():
+        print(f"mlflow: {log_to_mlflow(run_dir, tracking_uri=args.mlflow)}")
     return 0
 
 
@@ -394,6 +419,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         help="parameter giving one sensitivity line per value (default: the searched integer or choice "
         "parameter with the most values)",
     )
+    add_mlflow_option(p, what="each run directory (a study or a training run)")
     add_common_options(p)
     p.set_defaults(func=_cmd_report)
 
@@ -423,7 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     from deepspark.training._cli import add_train_parser
 
-    add_common_options(add_train_parser(sub), spark=True, json_summary=True)
+    train = add_train_parser(sub)
+    add_mlflow_option(train, what="the run when it ends (one run: per-round metrics, the final model)")
+    add_common_options(train, spark=True, json_summary=True)
     _add_tune(sub)
     from deepspark.inference._cli import add_predict_parser
 

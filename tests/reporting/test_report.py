@@ -229,20 +229,9 @@ def test_bad_run_dir_and_output_are_config_errors(tmp_path) -> None:
 
 
 def test_cli_train_writes_the_report_of_a_real_training_run(spark, tmp_path, capsys) -> None:
-    import numpy as np
+    from _datasets import bar_dataset
 
-    from deepspark.data import write_idx
-
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 40), ("t10k", 20)):
-        labels = (np.arange(n) % 3).astype(np.uint8)
-        images = rng.integers(0, 60, size=(n, 8, 8), dtype=np.uint8)
-        for i, label in enumerate(labels):  # a bright bar per class
-            images[i, label * 2 : label * 2 + 2, :] = 250
-        write_idx(data / f"{prefix}-images-idx3-ubyte", images)
-        write_idx(data / f"{prefix}-labels-idx1-ubyte", labels)
+    data = bar_dataset(tmp_path / "data", train=40, test=20)
     run = tmp_path / "run"
     args = [
         "train",

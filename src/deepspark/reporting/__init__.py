@@ -1,4 +1,5 @@
-"""Reports: a read-only, self-contained HTML view of tuning studies and training runs.
+"""Reports: a read-only, self-contained HTML view of tuning studies and training runs, and the same
+run directories logged to MLflow (:func:`log_to_mlflow`, the ``mlflow`` extra).
 
 This layer sits above both ``tuning/`` and ``training/`` (it reads what either leaves in a run
 directory) and is imported by neither, except through the command-line entry points.
@@ -9,8 +10,9 @@ import os
 from pathlib import Path
 
 from deepspark.reporting._report import Report, report
+from deepspark.reporting._tracking import TrackedRun, check_tracking_uri, log_to_mlflow
 
-__all__ = ["Report", "report", "write_run_report"]
+__all__ = ["Report", "TrackedRun", "check_tracking_uri", "log_to_mlflow", "report", "write_run_report"]
 
 
 def write_run_report(run_dir: str | os.PathLike[str]) -> Path | None:

@@ -26,9 +26,10 @@ from deepspark.tuning.report import records_from_study
 from deepspark.tuning.runner import CLUSTER_ATTR, JOURNAL, STUDY_NAME
 from deepspark.tuning.trial import TrialRecord
 
-__all__ = ["StudyRun", "TrainingRun", "open_runs"]
+__all__ = ["StudyRun", "TrainingRun", "open_runs", "read_json_object"]
 
 HISTORY = "history.csv"
+MODEL_DIR = "model"  # a training run's final model (a checkpoint directory)
 
 
 @dataclass(frozen=True)
@@ -108,12 +109,18 @@ def open_runs(paths: Sequence[str | Path]) -> Iterator[list[Run]]:
         yield runs
 
 
-def _config(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A run directory's JSON file (config.json, best.json, a model's trial.json) as a dict; {} when it
+    is missing, torn or not an object: a report shows what is there."""
     try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return config if isinstance(config, dict) else {}
+    return value if isinstance(value, dict) else {}
+
+
+def _config(path: Path) -> dict[str, Any]:
+    return read_json_object(path / "config.json")
 
 
 def _open_study(path: Path, tmp: Path) -> StudyRun:
@@ -133,10 +140,13 @@ def _open_study(path: Path, tmp: Path) -> StudyRun:
         names = [s.study_name for s in storage.get_all_studies()]
         if not names:
             raise ConfigError(f"run_dirs: {source} holds no study yet")
-        study = optuna.load_study(study_name=STUDY_NAME if STUDY_NAME in names else names[0], storage=storage)
+        config = _config(path)
+        # config.json names the study (studies are named after their run directory); older ones used STUDY_NAME
+        name = next((n for n in (config.get("study_name"), STUDY_NAME) if n in names), names[0])
+        study = optuna.load_study(study_name=name, storage=storage)
     return StudyRun(
         path=path,
-        config=_config(path),
+        config=config,
         study=study,
         records=tuple(records_from_study(study)),
         last_write=last_write,
@@ -150,6 +160,6 @@ def _open_training(path: Path) -> TrainingRun:
             history = [dict(row) for row in csv.DictReader(fh)]
     metrics: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        meta = json.loads((path / "model" / "metadata.json").read_text(encoding="utf-8"))
+        meta = json.loads((path / MODEL_DIR / "metadata.json").read_text(encoding="utf-8"))
         metrics = dict(meta.get("metrics") or {})
     return TrainingRun(path=path, config=_config(path), history=tuple(history), model_metrics=metrics)

@@ -80,6 +80,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from deepspark.errors import ConfigError
     from deepspark.training import fit
 
+    if args.mlflow is not None:
+        from deepspark.reporting import check_tracking_uri  # the report layer sits above training: CLI only
+
+        check_tracking_uri(args.mlflow)  # the extra and the URI, before any Spark job
     output = Path(args.output) if args.output else None
     if output is not None:  # checked before any work, so a finished model is never lost to a bad path
         if output.exists():
@@ -202,6 +206,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     written = write_run_report(result.run_dir)
     if written is not None:
         print(f"report: {written}", file=out)
+    if args.mlflow is not None:
+        from deepspark.reporting import log_to_mlflow
+
+        print(f"mlflow: {log_to_mlflow(result.run_dir, tracking_uri=args.mlflow)}", file=out)
     if as_json:
         summary = {
             "run_dir": str(result.run_dir),
