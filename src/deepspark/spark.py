@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deepspark.errors import ConfigError
+from deepspark.validation import check_positive_int
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -341,8 +342,7 @@ def limit_threads(threads: int) -> None:
 
     A task owns ``spark.task.cpus`` cores; using more oversubscribes the executor (hyperopt#921).
     """
-    if threads < 1:
-        raise ConfigError(f"threads must be a positive integer, got {threads!r}")
+    check_positive_int("threads", threads)
     for name in _THREAD_ENV:  # for BLAS/OpenMP libraries loaded from now on
         os.environ[name] = str(threads)
     from threadpoolctl import threadpool_limits

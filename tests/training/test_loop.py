@@ -36,7 +36,7 @@ def _toy(n: int = 256, seed: int = 0) -> ImageDataset:
 def test_config_validation_names_the_parameter() -> None:
     with pytest.raises(ConfigError, match="optimizer: expected one of"):
         TrainConfig(optimizer="adagrad")
-    with pytest.raises(ConfigError, match="learning_rate: expected a positive float, got -1"):
+    with pytest.raises(ConfigError, match="learning_rate: expected a number > 0, got -1"):
         TrainConfig(learning_rate=-1.0)
     with pytest.raises(ConfigError, match="batch_size"):
         TrainConfig(batch_size=0)

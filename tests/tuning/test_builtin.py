@@ -131,15 +131,15 @@ def test_cli_tune_with_a_data_dir_trains_on_that_directory_not_mnist(spark, tmp_
         ),
         (
             {"learning_rate": {"type": "uniform", "low": 0.0, "high": 0.1}},
-            r"parameter 'learning_rate' is uniform from 0 to 0.1, .* learning_rate=0.0: .*expected a positive",
+            r"parameter 'learning_rate' is uniform from 0 to 0.1, .* learning_rate=0.0: .*expected a number > 0",
         ),
         (
             {"batch_size": {"type": "choice", "values": [64, 0]}},
-            r"parameter 'batch_size' is choice \[64, 0\], .* batch_size=0: .*expected a positive int",
+            r"parameter 'batch_size' is choice \[64, 0\], .* batch_size=0: .*expected an integer >= 1",
         ),
         (
             {"batch_size": {"type": "uniform", "low": 32, "high": 64}},
-            r"parameter 'batch_size' is uniform from 32 to 64, .*expected a positive int",
+            r"parameter 'batch_size' is uniform from 32 to 64, .*expected an integer >= 1",
         ),
         (
             {"fc": {"type": "int", "low": 0, "high": 1024}},

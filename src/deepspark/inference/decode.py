@@ -19,8 +19,8 @@ import numpy as np
 from deepspark import http
 from deepspark._compat import StrEnum
 from deepspark.data.images import RowError, decode_image
-from deepspark.errors import ConfigError
 from deepspark.models.preprocess import Preprocess
+from deepspark.validation import check_int, check_number, check_positive_int
 
 __all__ = ["Decoded", "InputKind", "RowError", "UrlPolicy", "decode_column", "decode_image", "fetch_url"]
 
@@ -48,14 +48,10 @@ class UrlPolicy:
     backoff: float = 0.5
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.timeout, int | float) and self.timeout > 0):
-            raise ConfigError(f"url timeout: expected a positive number of seconds, got {self.timeout!r}")
-        if not (isinstance(self.max_bytes, int) and self.max_bytes > 0):
-            raise ConfigError(f"url max_bytes: expected a positive integer, got {self.max_bytes!r}")
-        if not (isinstance(self.retries, int) and self.retries >= 0):
-            raise ConfigError(f"url retries: expected an integer >= 0, got {self.retries!r}")
-        if not (isinstance(self.backoff, int | float) and self.backoff >= 0):
-            raise ConfigError(f"url backoff: expected a number >= 0, got {self.backoff!r}")
+        check_number("url timeout", self.timeout, low=0, low_open=True)
+        check_positive_int("url max_bytes", self.max_bytes)
+        check_int("url retries", self.retries, minimum=0)
+        check_number("url backoff", self.backoff, low=0)
 
 
 # ---------------------------------------------------------------------------------------------- URLs

@@ -22,6 +22,7 @@ from torch import nn
 
 from deepspark.errors import ConfigError, DivergenceError
 from deepspark.models import ModelSpec, Preprocess, SpecModel, build_model, load_spec
+from deepspark.validation import check_choice, check_number, check_positive_int, fail
 
 if TYPE_CHECKING:
     from deepspark.data import ImageDataset
@@ -60,21 +61,17 @@ class TrainConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer: expected one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.lr_schedule not in SCHEDULES:
-            raise ConfigError(f"lr_schedule: expected one of {list(SCHEDULES)}, got {self.lr_schedule!r}")
-        _positive("learning_rate", self.learning_rate, float)
-        _positive("batch_size", self.batch_size, int)
-        _positive("epochs", self.epochs, int)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("lr_schedule", self.lr_schedule, SCHEDULES)
+        check_number("learning_rate", self.learning_rate, low=0, low_open=True)
+        check_positive_int("batch_size", self.batch_size)
+        check_positive_int("epochs", self.epochs)
         if self.threads is not None:
-            _positive("threads", self.threads, int)
-        if not isinstance(self.weight_decay, int | float) or self.weight_decay < 0:
-            raise ConfigError(f"weight_decay: expected a number >= 0, got {self.weight_decay!r}")
+            check_positive_int("threads", self.threads)
+        check_number("weight_decay", self.weight_decay, low=0)
         if not isinstance(self.augment, bool):
-            raise ConfigError(f"augment: expected true or false, got {self.augment!r}")
-        if not isinstance(self.momentum, int | float) or not 0 <= self.momentum < 1:
-            raise ConfigError(f"momentum: expected a number in [0, 1), got {self.momentum!r}")
+            raise fail("augment", "true or false", self.augment)
+        check_number("momentum", self.momentum, low=0, high=1, high_open=True)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
@@ -86,12 +83,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _positive(name: str, value: Any, kind: type) -> None:
-    ok = isinstance(value, int | float) if kind is float else isinstance(value, int)
-    if not ok or isinstance(value, bool) or value <= 0 or (kind is float and not math.isfinite(value)):
-        raise ConfigError(f"{name}: expected a positive {kind.__name__}, got {value!r}")
 
 
 # The default configuration: TensorFlow's deep-MNIST CNN trained with Adam (cosine-decayed over 4
