@@ -229,10 +229,6 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
 
 
 def test_mnist_idx_directory(spark: Any, small_model: Model, tmp_path: Path) -> None:
-    try:
-        from deepspark.data import read_idx  # noqa: F401 (predict reads IDX files with it)
-    except ImportError:
-        pytest.skip("deepspark.data.read_idx is not available yet")
     images = small_model.images[:12]
     _write_idx(tmp_path / "t10k-images-idx3-ubyte", images)
     _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(12) % 10)

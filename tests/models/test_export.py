@@ -12,8 +12,9 @@ from deepspark.models.export import ONNX_OPSET, export_onnx
 
 
 def test_export_has_named_io_a_dynamic_batch_and_matches_torch() -> None:
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+    import onnx  # the [onnx] extra, which make installs: a missing one must fail here, not skip
+    import onnxruntime as ort
+
     module = build_model(model_spec("cnn", conv1=4, conv2=8, fc=16), seed=0).eval()
     payload = export_onnx(module, torch.zeros((2, 1, 28, 28)))
 
@@ -32,7 +33,6 @@ def test_export_has_named_io_a_dynamic_batch_and_matches_torch() -> None:
 
 
 def test_a_failed_export_is_a_checkpoint_error() -> None:
-    pytest.importorskip("onnx")
     module = build_model(model_spec("cnn", conv1=4, conv2=8, fc=16), seed=0).eval()
     with pytest.raises(CheckpointError, match=r"^ONNX export failed \("):
         export_onnx(module, torch.zeros((2, 3, 5, 5)))  # the wrong input shape for a 1x28x28 model
