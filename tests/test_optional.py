@@ -107,3 +107,51 @@ def test_without_the_extras_tune_works_and_onnx_says_how_to_install(tmp_path: Pa
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     hint = next(line for line in done.stdout.splitlines() if line.startswith("HINT:"))
     assert "pip install 'deepspark[onnx]'" in hint and "onnxruntime" in hint
+
+
+@pytest.mark.slow
+def test_a_fresh_venv_without_extras_installs_and_tunes(tmp_path: Path) -> None:
+    """``pip install deepspark`` (no extras) in a new virtual environment, then a tiny tune there.
+
+    The same script as above, but nothing is hidden: the extras are really absent. pip takes the
+    versions of constraints.txt (wheels from its cache, which ``make`` filled, and this machine's torch).
+    """
+    root = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    install = subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-c",
+            str(root / "constraints.txt"),
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+    listed = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True, check=True
+    ).stdout.lower()
+    assert "deepspark==" in listed and "onnx==" not in listed and "matplotlib==" not in listed
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PYSPARK_PYTHON"] = str(python)
+    work = tmp_path / "work"
+    work.mkdir()
+    done = subprocess.run(
+        [str(python), "-c", textwrap.dedent(_SCRIPT), str(work)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "pip install 'deepspark[onnx]'" in done.stdout
