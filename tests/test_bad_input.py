@@ -293,16 +293,16 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing(
 def test_a_spec_file_that_fits_is_a_tune_model(world: World) -> None:
     """The other half of the spec-file case: a spec that fits is accepted, and saved as a spec."""
     from deepspark.data import load_dataset
-    from deepspark.tuning.objectives import TorchObjective
+    from deepspark.tuning.objectives import ImageClassifierObjective
 
-    objective = TorchObjective(model=str(world.fitting_spec))
+    objective = ImageClassifierObjective(model=str(world.fitting_spec))
     data = load_dataset(None, data_dir=world.data)
     objective.check_data(input_shape=data.input_shape, num_classes=data.num_classes)
     objective.check({"learning_rate": 0.01, "epochs": 1})
     assert objective.default_params(["learning_rate"]) == {"learning_rate": 1e-3}
     saved = objective.saved_model
     assert isinstance(saved, dict) and saved["layers"][-1]["out_features"] == 10
-    assert TorchObjective(model=saved).spec == objective.spec  # what a resume rebuilds
+    assert ImageClassifierObjective(model=saved).spec == objective.spec  # what a resume rebuilds
     with pytest.raises(Exception, match=r"\['fc'\] are neither training options"):
         objective.check({"fc": 32})
 

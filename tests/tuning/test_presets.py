@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deepspark.tuning.objectives import TorchObjective
+from deepspark.tuning.objectives import ImageClassifierObjective
 from deepspark.tuning.presets import PRESETS, preset
 from deepspark.tuning.space import load_space
 
@@ -13,7 +13,7 @@ from deepspark.tuning.space import load_space
 def test_preset_space_and_default_configuration_are_valid(name) -> None:
     options = preset(name)
     space = load_space(options["space"])
-    objective = TorchObjective(model=options["model"])
+    objective = ImageClassifierObjective(model=options["model"])
     space.check(objective.check)
     for param, value in objective.default_params(sorted(space.params)).items():
         assert space.contains(param, value), (param, value)

@@ -22,7 +22,7 @@ from deepspark.training import DEFAULT_TRAIN_CONFIG, EpochMetrics, TrainConfig, 
 from deepspark.tuning.trial import Reporter
 from deepspark.validation import check_choice, check_positive_int, fail
 
-__all__ = ["BUILTIN_KEYS", "SELECT_ON", "TRAIN_KEYS", "BuiltinOptions", "TorchObjective"]
+__all__ = ["BUILTIN_KEYS", "SELECT_ON", "TRAIN_KEYS", "BuiltinOptions", "ImageClassifierObjective"]
 
 _log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class BuiltinOptions:
         else:
             _check_validation(self.validation)
         # The spec (read once, here: the executors get the spec, not the path), checked before Spark starts.
-        object.__setattr__(self, "model", TorchObjective(model=self.model).saved_model)
+        object.__setattr__(self, "model", ImageClassifierObjective(model=self.model).saved_model)
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in BUILTIN_KEYS}
@@ -87,9 +87,9 @@ class BuiltinOptions:
             validation=data.get("validation", DEFAULT_VALIDATION) if select_on == "validation" else None,
         )
 
-    def objective(self, *, device: str = "auto") -> TorchObjective:
+    def objective(self, *, device: str = "auto") -> ImageClassifierObjective:
         """The objective the study's trials run, on ``device`` (see :func:`deepspark.spark.task_device`)."""
-        return TorchObjective(model=self.model, evaluated_on=self.select_on, device=device)
+        return ImageClassifierObjective(model=self.model, evaluated_on=self.select_on, device=device)
 
     def data(self, *, seed: int) -> tuple[Any, Any]:
         """The data: (what trials get, the dataset holding the test split).
@@ -133,7 +133,7 @@ def _check_validation(value: Any) -> None:
         raise fail("validation", "a fraction of the training split in (0, 1) or a count >= 1", value)
 
 
-class TorchObjective:
+class ImageClassifierObjective:
     """``objective(config, reporter)`` for a zoo model or a model spec; ``reporter.data`` is the broadcast
     ImageDataset.
 

@@ -54,7 +54,7 @@ from deepspark.tuning.coordinator import (
     TrialEventKind,
     interrupted_attrs,
 )
-from deepspark.tuning.objectives import SELECT_ON, BuiltinOptions, TorchObjective
+from deepspark.tuning.objectives import SELECT_ON, BuiltinOptions, ImageClassifierObjective
 from deepspark.tuning.report import StudySummary, best_and_default, records_from_study, write_reports
 from deepspark.tuning.space import SearchSpace, load_space
 from deepspark.tuning.trial import Reporter, TrialRecord, TrialState
@@ -362,7 +362,7 @@ def tune(
             _log.warning("the grid has %d points; running each once, not %d trials", size, target)
         config, target = replace(config, trials=min(size, config.trials)), min(size, target)
     check_task_cpus("threads_per_trial", config.threads_per_trial, master=master)
-    builtin_objective: TorchObjective | None = None
+    builtin_objective: ImageClassifierObjective | None = None
     if config.builtin is not None:
         builtin_objective = config.builtin.objective(device=options.device)
         search.check(builtin_objective.check)  # names, and every value the space can give, before Spark
@@ -420,7 +420,7 @@ def _resumed_config(
     if config.builtin is not None:
         model = builtin_given.get("model")
         compared.update(builtin_given)
-        compared["model"] = TorchObjective(model=model).saved_model if model is not None else None
+        compared["model"] = ImageClassifierObjective(model=model).saved_model if model is not None else None
     conflicts += config.conflicts(compared)
     if conflicts:
         raise ConfigError(
@@ -445,7 +445,7 @@ def _check_objects(config: StudyConfig, *, sampler: object, pruner: object) -> N
 
 
 def _default_trial(
-    search: SearchSpace, builtin: TorchObjective | None, default_config: Mapping[str, Any] | bool
+    search: SearchSpace, builtin: ImageClassifierObjective | None, default_config: Mapping[str, Any] | bool
 ) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """The default configuration's trial as (searched params, overrides of ``fixed``), or None."""
     params: dict[str, Any] | None = None
@@ -524,7 +524,7 @@ def _run(
             to_run = max(0, target - finished)
         test_data = None
         if builtin:
-            assert config.builtin is not None and isinstance(objective, TorchObjective)
+            assert config.builtin is not None and isinstance(objective, ImageClassifierObjective)
             data, test_data = config.builtin.data(seed=config.seed)
             objective.check_data(input_shape=data.input_shape, num_classes=data.num_classes)
         started = time.perf_counter()
