@@ -124,6 +124,30 @@ def test_sensitivity_lines_follow_the_width_parameter_from_the_trials(study_dir,
     assert "default" in labels and "diverged" in labels
 
 
+def test_sensitivity_axis_names_the_split_the_trials_were_chosen_on(study_dir) -> None:
+    """Selected on validation, the plot must not call its values test error (test is measured once)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from deepspark.reporting._runs import open_runs
+    from deepspark.tuning.report import plot_sensitivity
+
+    with open_runs([study_dir]) as (run,):
+        # a Python objective's values are its own: no split; the built-in objective's say which
+        assert run.split == (None if run.config["objective"] != "builtin" else run.config["select_on"])
+        seen = {}
+        for split in ("validation", None):
+            fig, ax = plt.subplots()
+            assert plot_sensitivity(ax, run.records, metric="accuracy", maximize=True, split=split)
+            seen[split] = (ax.get_ylabel(), ax.get_title())
+            plt.close(fig)
+    assert seen["validation"][0] == "validation error (1 - accuracy)"
+    assert seen["validation"][1].startswith("Validation error vs learning rate")
+    assert seen[None][0] == "error (1 - accuracy)" and "test" not in seen[None][1].lower()
+
+
 def test_report_never_changes_the_run_directory(study_dir, tmp_path) -> None:
     before = _snapshot(study_dir)
     assert main(["report", str(study_dir), "--output", str(tmp_path / "r.html")]) == 0

@@ -63,7 +63,7 @@ def study_figures(run: StudyRun, *, by: str | None = None) -> dict[str, Drawn]:
     plt = _pyplot()
     out: dict[str, Drawn] = {}
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    if plot_sensitivity(ax, run.records, metric=run.metric, maximize=run.maximize, by=by):
+    if plot_sensitivity(ax, run.records, metric=run.metric, maximize=run.maximize, by=by, split=run.split):
         fig.tight_layout()
         out["sensitivity"] = fig
     else:
@@ -142,7 +142,8 @@ def _intermediate(run: StudyRun) -> Drawn:
         ax.set_yscale("log")
         readable_log_ticks(ax.yaxis, [1.0 - v for v in values])
     ax.set_xlabel("step (epoch)")
-    ax.set_ylabel(f"test error (1 - {run.metric})" if as_error else run.metric)
+    quantity = f"error (1 - {run.metric})" if as_error else run.metric
+    ax.set_ylabel(f"{run.split} {quantity}" if run.split else quantity)
     ax.set_title("Per-epoch curves of every trial")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)

@@ -30,8 +30,9 @@ __all__ = ["Report", "report"]
 _log = logging.getLogger(__name__)
 
 _CAPTIONS = {
-    "sensitivity": "Sensitivity: test error vs learning rate, one line per width; the star is the default "
-    "configuration (not joined to the lines); crosses at the top are failed or diverged trials.",
+    "sensitivity": "Sensitivity: error on the split trials are chosen on vs learning rate, one line per "
+    "width; the star is the default configuration (not joined to the lines); crosses at the top are "
+    "failed or diverged trials.",
     "importance": "Parameter importance (Optuna's evaluator).",
     "parallel": "Parallel coordinates of the complete trials (Optuna).",
     "history": "Optimisation history by trial number (Optuna).",

@@ -52,6 +52,14 @@ class StudyRun:
         return str(self.config.get("metric", "accuracy"))
 
     @property
+    def split(self) -> str | None:
+        """The split the trials' values were measured on: the built-in objective's (studies from before
+        the validation split selected on test); None for a Python objective."""
+        if self.config.get("objective", "builtin") != "builtin":
+            return None
+        return str(self.config.get("select_on") or "test")
+
+    @property
     def cluster(self) -> Mapping[str, Any]:
         value = self.study.user_attrs.get(CLUSTER_ATTR)
         return value if isinstance(value, Mapping) else {}

@@ -277,7 +277,14 @@ def write_reports(
     text = json.dumps(summary.to_dict(), indent=2, default=str)
     rundir.write_file_atomic(run_dir / "best.json", text.encode("utf-8"))
     try:
-        _plot(run_dir / "accuracy_vs_lr.png", records, metric=metric, maximize=maximize, space=space)
+        _plot(
+            run_dir / "accuracy_vs_lr.png",
+            records,
+            metric=metric,
+            maximize=maximize,
+            space=space,
+            split=selected_on,
+        )
     except Exception:  # a plot is a nicety; never lose the study over it
         _log.exception("could not draw the learning-rate plot")
     return summary
@@ -415,8 +422,12 @@ def plot_sensitivity(
     maximize: bool,
     by: str | None = None,
     space: SearchSpace | None = None,
+    split: str | None = None,
 ) -> bool:
-    """Draw the blog's figure on ``ax``: test error (log) vs learning rate (log), a line per width.
+    """Draw the blog's figure on ``ax``: error (log) vs learning rate (log), a line per width.
+
+    ``split`` names the split the trials' values were measured on ("validation" or "test"; None for a
+    Python objective, whose values are whatever it returned): it is what the axis says.
 
     Failed trials (diverged or raised) are crosses along the top edge at their learning rate, pruned
     trials hollow circles at their last reported value; the default configuration is a star, not
@@ -484,10 +495,10 @@ def plot_sensitivity(
     readable_log_ticks(ax.xaxis, [float(r.params[lr]) for r in rated])
     readable_log_ticks(ax.yaxis, positive)
     ax.set_xlabel(lr.replace("_", " "))
-    ax.set_ylabel(f"test error (1 - {metric})" if as_error else f"test {metric}")
-    ax.set_title(
-        f"Test {'error' if as_error else metric} vs {lr.replace('_', ' ')}" + (f" by {by}" if by else "")
-    )
+    quantity = f"error (1 - {metric})" if as_error else metric
+    ax.set_ylabel(f"{split} {quantity}" if split else quantity)
+    title = f"{split + ' ' if split else ''}{'error' if as_error else metric} vs {lr.replace('_', ' ')}"
+    ax.set_title(title[:1].upper() + title[1:] + (f" by {by}" if by else ""))
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     return True
@@ -518,7 +529,13 @@ def _geomspace(low: float, high: float, n: int) -> list[float]:
 
 
 def _plot(
-    path: Path, records: Sequence[TrialRecord], *, metric: str, maximize: bool, space: SearchSpace | None
+    path: Path,
+    records: Sequence[TrialRecord],
+    *,
+    metric: str,
+    maximize: bool,
+    space: SearchSpace | None,
+    split: str | None,
 ) -> None:
     if not skip_unless("matplotlib", feature="the learning-rate plot (accuracy_vs_lr.png)"):
         return
@@ -529,7 +546,7 @@ def _plot(
 
     fig, ax = plt.subplots(figsize=(6, 4))
     try:
-        if plot_sensitivity(ax, records, metric=metric, maximize=maximize, space=space):
+        if plot_sensitivity(ax, records, metric=metric, maximize=maximize, space=space, split=split):
             fig.tight_layout()
             fig.savefig(path, dpi=100)
     finally:
