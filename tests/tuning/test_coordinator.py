@@ -240,6 +240,7 @@ def test_a_trial_over_its_timeout_fails_is_not_retried_and_its_slot_is_cancelled
         _until(lambda: coord.records)
         [record] = coord.records
         assert record.state.value == "fail" and record.error == "trial timed out after 0.5 s"
+        _until(lambda: cancelled)  # the watchdog cancels the slot just after it records the failure
         assert cancelled == [0]
         with pytest.raises(ConnectionError):  # the hung worker's connection is closed
             _ask(hung, {"op": "done", "trial": first["trial"], "state": "complete", "value": 1.0})
