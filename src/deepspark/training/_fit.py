@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import torch
 
@@ -663,9 +663,7 @@ def _run_workers(
     finally:
         endpoint.close()
     if server.error is not None:
-        if isinstance(server.error, DeepsparkError):
-            raise server.error
-        raise RunError(f"training failed: {server.error}") from server.error
+        _raise_training_error(server.error)
 
 
 def _task_spec(run: _Run, total_steps: int, endpoint: tuple[str, int, str]) -> TaskSpec:
@@ -937,9 +935,7 @@ def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
     finally:
         endpoint.close()
     if gang.fatal is not None:
-        if isinstance(gang.fatal, DeepsparkError):
-            raise gang.fatal
-        raise RunError(f"training failed: {gang.fatal}") from gang.fatal
+        _raise_training_error(gang.fatal)
     with gang.hold():
         if gang.steps_done > saved_step[0] or not (run_path / CHECKPOINT).is_dir():
             checkpoint(gang)
@@ -1266,3 +1262,10 @@ def _fit_local(
         on_round=on_round,
     )
     return _finish(run, result.model, history)
+
+
+def _raise_training_error(error: BaseException) -> NoReturn:
+    """A driver server's recorded failure: ours as it is (a clear user error), anything else as a RunError."""
+    if isinstance(error, DeepsparkError):
+        raise error
+    raise RunError(f"training failed: {error}") from error
