@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import socket
 import time
 
@@ -268,3 +269,97 @@ def test_the_study_deadline_interrupts_running_trials() -> None:
     finally:
         coord.close()
     assert coord.records == []
+
+
+def _states(study: optuna.Study) -> list[str]:
+    return [t.state.name for t in study.get_trials(deepcopy=False)]
+
+
+def test_sampling_ahead_keeps_k_trials_asked_and_never_asks_more_than_the_study_runs() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    coord = _started(study, n_trials=5, sample_ahead=2)
+    try:
+        # Before any worker asks, the sampler thread has two trials ready: RUNNING in the study.
+        _until(lambda: _states(study) == ["RUNNING", "RUNNING"])
+        time.sleep(0.2)
+        assert _states(study) == ["RUNNING", "RUNNING"]  # and no more than two
+        worker = _connect(coord, 0)
+        try:
+            handed = []
+            for _ in range(5):
+                task = _ask(worker, {"op": "next"})
+                handed.append(task["trial"])
+                # Each trial the worker gets was sampled before it asked: the next ones are ready.
+                done = {
+                    "op": "done",
+                    "trial": task["trial"],
+                    "state": "complete",
+                    "value": task["params"]["x"],
+                }
+                _ask(worker, done)
+            assert _ask(worker, {"op": "next"}) == {"stop": True}
+        finally:
+            worker.close()
+        _until(lambda: coord.finished)
+        assert handed == [0, 1, 2, 3, 4]
+        assert _states(study) == ["COMPLETE"] * 5  # exactly n_trials asked, none left over
+        assert [r.number for r in coord.records] == handed
+        for t in study.get_trials(deepcopy=False):
+            assert t.user_attrs["deepspark:config"] == t.params  # the configuration the worker ran
+            # Optuna's start is the ask; the hand-over to the worker is recorded apart, later.
+            handed_over = datetime.datetime.fromisoformat(t.user_attrs["deepspark:started"])
+            assert t.datetime_start <= handed_over <= t.datetime_complete
+    finally:
+        coord.close()
+
+
+def test_trials_sampled_ahead_of_a_stop_are_interrupted_and_queued_for_resume() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    coord = _started(study, n_trials=10, sample_ahead=2)
+    try:
+        worker = _connect(coord, 0)
+        try:
+            task = _ask(worker, {"op": "next"})
+            _until(lambda: _states(study).count("RUNNING") == 3)  # the one running + two ahead
+            ahead = [t.params for t in study.get_trials(deepcopy=False) if t.number != task["trial"]]
+            coord.stop("interrupted by the user")
+            # The running trial may finish; nothing more is handed out.
+            _ask(worker, {"op": "done", "trial": task["trial"], "state": "complete", "value": 0.5})
+            assert _ask(worker, {"op": "next"}) == {"stop": True}
+        finally:
+            worker.close()
+        _until(lambda: coord.finished)
+    finally:
+        coord.close()
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "FAIL", "WAITING", "WAITING"]
+    for t in trials[1:3]:
+        assert t.user_attrs["deepspark:interrupted"] is True
+        assert "interrupted by the user" in t.user_attrs["fail_reason"]
+    # Their configurations run first on --resume, as re-runs of the interrupted trials.
+    assert [t.user_attrs["deepspark:rerun_of"] for t in trials[3:]] == [1, 2]
+    distributions = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    assert [study.ask(distributions).params for _ in range(2)] == ahead
+    assert len(coord.records) == 1
+
+
+def test_a_sampler_that_raises_stops_the_study_with_its_error() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    class Broken(optuna.samplers.RandomSampler):
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            raise RuntimeError("the sampler broke")
+
+    study = optuna.create_study(direction="maximize", sampler=Broken())
+    coord = _started(study, n_trials=3, sample_ahead=1)
+    try:
+        worker = _connect(coord, 0)
+        try:
+            assert _ask(worker, {"op": "next"}) == {"stop": True}
+        finally:
+            worker.close()
+        assert coord.stop_reason == "the sampler failed: the sampler broke"
+    finally:
+        coord.close()

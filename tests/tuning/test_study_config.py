@@ -12,6 +12,7 @@ from optuna.storages.journal import JournalFileBackend
 
 from deepspark.cli import main
 from deepspark.errors import ConfigError
+from deepspark.reporting import report
 from deepspark.tuning import (
     BuiltinOptions,
     StudyConfig,
@@ -362,3 +363,9 @@ def test_own_sampler_and_pruner_objects_and_a_sqlite_storage(spark, tmp_path) ->
         resumed.counts()["complete"] == 3
         and len(optuna.load_study(study_name="shared", storage=url).trials) == 3
     )
+    # The report reads the study from the storage config.json names (the run directory has no journal),
+    # without writing to the run directory.
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    written = report(run, output=tmp_path / "team.html")
+    assert "history" in written.figures and "complete 3" in written.html.read_text()
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before

@@ -159,7 +159,7 @@ def _slot(worker: str) -> str:
 
 
 def _timeline(run: StudyRun) -> Drawn:
-    trials = [t for t in run.trials() if t.datetime_start is not None]
+    trials = [t for t in run.trials() if run.started(t) is not None]
     if not trials:
         return "no trial has started yet"
     span = run.span()
@@ -173,7 +173,7 @@ def _timeline(run: StudyRun) -> Drawn:
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(names)))
     for i, name in enumerate(names):
         for t in rows[name]:
-            start = _seconds(run, t.datetime_start)
+            start = _seconds(run, run.started(t))
             end = _seconds(run, t.datetime_complete or end_of_run)
             running = t.state == optuna.trial.TrialState.RUNNING
             ax.barh(
@@ -206,8 +206,9 @@ def observed_parallelism(run: StudyRun) -> int:
         return recorded
     events = []
     for t in run.trials():
-        if t.datetime_start is not None and t.datetime_complete is not None:
-            events += [(t.datetime_start, 1), (t.datetime_complete, -1)]
+        begun = run.started(t)
+        if begun is not None and t.datetime_complete is not None:
+            events += [(begun, 1), (t.datetime_complete, -1)]
     level = peak = 0
     for _, step in sorted(events, key=lambda e: (e[0], e[1])):
         level += step

@@ -2,7 +2,9 @@
 
 A study's journal is copied (its complete lines only: a running driver may be halfway through
 appending one) into a temporary directory and opened there, so nothing the report does can write to
-the run directory: not a lock file, not a repaired journal, not ``best.json``.
+the run directory: not a lock file, not a repaired journal, not ``best.json``. A study kept in an
+Optuna storage URL (``tune(storage=...)``: its run directory has no journal) is loaded from the URL
+that ``config.json`` names, under the study name it names; the report only reads it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import optuna
 
 from deepspark.errors import ConfigError
-from deepspark.tuning.coordinator import INTERRUPTED_ATTR
+from deepspark.tuning.coordinator import INTERRUPTED_ATTR, STARTED_ATTR
 from deepspark.tuning.report import records_from_study
 from deepspark.tuning.runner import CLUSTER_ATTR, JOURNAL, STUDY_NAME
 from deepspark.tuning.trial import TrialRecord
@@ -71,9 +73,19 @@ class StudyRun:
     def running(self) -> list[optuna.trial.FrozenTrial]:
         return [t for t in self.trials() if t.state == optuna.trial.TrialState.RUNNING]
 
+    @staticmethod
+    def started(trial: optuna.trial.FrozenTrial) -> _dt.datetime | None:
+        """When the trial reached its worker: Optuna's ``datetime_start`` is when it was asked, which for
+        a trial the coordinator sampled ahead is earlier (it records the hand-over apart)."""
+        value = trial.user_attrs.get(STARTED_ATTR)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return _dt.datetime.fromisoformat(value)
+        return trial.datetime_start
+
     def span(self) -> tuple[_dt.datetime, _dt.datetime] | None:
         """From the first trial's start to the last finish (or the last write, while trials run)."""
-        starts = [t.datetime_start for t in self.trials() if t.datetime_start is not None]
+        starts = [s for s in map(self.started, self.trials()) if s is not None]
         if not starts:
             return None
         ends = [t.datetime_complete for t in self.trials() if t.datetime_complete is not None]
@@ -108,6 +120,8 @@ def open_runs(paths: Sequence[str | Path]) -> Iterator[list[Run]]:
                 raise ConfigError(f"run_dirs: {path} is not a directory")
             if (path / JOURNAL).is_file():
                 runs.append(_open_study(path, Path(tmp) / str(i)))
+            elif isinstance(_config(path).get("storage"), str):
+                runs.append(_open_stored_study(path))
             elif (path / HISTORY).is_file() or "strategy" in _config(path):
                 runs.append(_open_training(path))
             else:
@@ -158,6 +172,32 @@ def _open_study(path: Path, tmp: Path) -> StudyRun:
         study=study,
         records=tuple(records_from_study(study)),
         last_write=last_write,
+    )
+
+
+def _open_stored_study(path: Path) -> StudyRun:
+    """A study that ``tune(storage=URL)`` kept in that storage: its run directory holds no journal."""
+    config = _config(path)
+    url, name = str(config["storage"]), config.get("study_name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"run_dirs: {path / 'config.json'} names the storage {url} but no study_name")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=name, storage=url)
+    except KeyError:
+        raise ConfigError(
+            f"run_dirs: the storage {url} holds no study named {name!r} (from {path})"
+        ) from None
+    except (ImportError, ValueError, RuntimeError) as exc:  # no driver for the URL, a bad URL, a bad file
+        raise ConfigError(f"run_dirs: cannot open the storage {url} named by {path}: {exc}") from None
+    stamps = [
+        stamp
+        for t in study.get_trials(deepcopy=False)
+        if (stamp := t.datetime_complete or t.datetime_start) is not None
+    ]
+    last_write = max(stamps, default=_dt.datetime.fromtimestamp((path / "config.json").stat().st_mtime))
+    return StudyRun(
+        path=path, config=config, study=study, records=tuple(records_from_study(study)), last_write=last_write
     )
 
 

@@ -327,7 +327,7 @@ class _Logger:
                     models[model[0]] = self._model(trial_runs[record.number], model[1], model[2], step=0)
                     self.client.set_terminated(trial_runs[record.number], _STATUS[record.state], end_time=end)
                 continue
-            run_id = self._create_trial(parent, record, trial.datetime_start if trial is not None else None)
+            run_id = self._create_trial(parent, record, run.started(trial) if trial is not None else None)
             if model is not None:
                 models[model[0]] = self._model(run_id, model[1], model[2], step=0)
             self._trial_data(run, run_id, record, end)

@@ -742,6 +742,7 @@ def _execute(study: optuna.Study, work: _Work, options: RunOptions) -> tuple[str
         trial_timeout=options.trial_timeout,
         heartbeat_timeout=options.heartbeat_timeout,
         cancel=cancel,
+        sample_ahead=_sample_ahead(width),
     )
     try:
         coordinator.start()
@@ -794,6 +795,17 @@ def _execute(study: optuna.Study, work: _Work, options: RunOptions) -> tuple[str
         raise RunError(systematic.message())
     reason = coordinator.stop_reason
     return (None if reason == "done" else reason), width
+
+
+def _sample_ahead(width: int) -> int:
+    """How many trials the coordinator samples ahead with ``width`` trials at once: one per 8 slots.
+
+    With 16 one-second trials at once, a slot asks for a trial every 62 ms on average, about what
+    TPE's ask costs at 10,000 trials; sampled ahead, the ask leaves the gap between trials. Below 8 slots
+    nothing is sampled ahead: every configuration is sampled knowing all results so far, as before
+    (sampling ahead adds ``width // 8`` pending trials to the ``width`` the sampler already sees).
+    """
+    return width // 8
 
 
 def _notify(study: optuna.Study, options: RunOptions) -> Callable[[TrialEvent], None] | None:
