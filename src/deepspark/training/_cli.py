@@ -34,7 +34,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="zoo model (mlp, lenet, cnn) or a spec JSON/YAML file")
     p.add_argument("--strategy", default=None, choices=list(STRATEGIES))
     p.add_argument("--workers", type=int, default=None, help="Spark tasks training at once (default 1)")
-    p.add_argument("--tau", type=int, default=None, help="average: local steps per round (default 50)")
+    p.add_argument(
+        "--tau",
+        type=int,
+        default=None,
+        help="average: local steps per round (default 50); async: steps between pushes (default 1)",
+    )
     p.add_argument("--round-seconds", type=float, default=None, help="average: rounds of S seconds instead")
     p.add_argument("--outer", default=None, choices=list(OUTER), help="average: outer step (default plain)")
     p.add_argument("--outer-lr", type=float, default=None, help="average: Nesterov outer learning rate (0.7)")
