@@ -354,13 +354,8 @@ class Coordinator:
                 if self._retry:
                     run = self._retry.popleft()
                     run.attempt += 1
-                    run.worker, run.slot, run.conn_id, run.started = (
-                        worker,
-                        slot,
-                        conn_id,
-                        time.perf_counter(),
-                    )
-                    run.began = time.monotonic()
+                    run.worker, run.slot, run.conn_id = worker, slot, conn_id
+                    run.started, run.began = time.perf_counter(), time.monotonic()
                     run.trial.set_user_attr(ATTEMPTS_ATTR, run.attempt)
                     kind = TrialEventKind.RETRY
                     break
