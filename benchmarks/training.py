@@ -71,6 +71,8 @@ def run_fit(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     unknown = set(given) - {"lr", "staleness", "tau"}
     if unknown:
         raise SystemExit(f"training.py: error: run {full!r}: unknown setting(s) {sorted(unknown)}")
+    if {"staleness", "tau"} & set(given) and not name.startswith("async"):
+        raise SystemExit(f"training.py: error: run {full!r}: staleness and tau settings are for async runs")
     rate = given.get("lr")
     config = {**CONFIG, "epochs": args.epochs, **({"learning_rate": float(rate)} if rate else {})}
     options: dict[str, Any] = {

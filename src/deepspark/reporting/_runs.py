@@ -120,8 +120,8 @@ def open_runs(paths: Sequence[str | Path]) -> Iterator[list[Run]]:
                 raise ConfigError(f"run_dirs: {path} is not a directory")
             if (path / JOURNAL).is_file():
                 runs.append(_open_study(path, Path(tmp) / str(i)))
-            elif isinstance(_config(path).get("storage"), str):
-                runs.append(_open_stored_study(path))
+            elif isinstance((config := _config(path)).get("storage"), str):
+                runs.append(_open_stored_study(path, config))
             elif (path / HISTORY).is_file() or "strategy" in _config(path):
                 runs.append(_open_training(path))
             else:
@@ -155,7 +155,7 @@ def _open_study(path: Path, tmp: Path) -> StudyRun:
     tmp.mkdir(parents=True)
     copy = tmp / JOURNAL
     copy.write_bytes(data[: data.rfind(b"\n") + 1])  # a line still being appended is left out
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _quiet_optuna()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = JournalStorage(JournalFileBackend(str(copy)))
@@ -166,22 +166,15 @@ def _open_study(path: Path, tmp: Path) -> StudyRun:
         # config.json names the study (studies are named after their run directory); older ones used STUDY_NAME
         name = next((n for n in (config.get("study_name"), STUDY_NAME) if n in names), names[0])
         study = optuna.load_study(study_name=name, storage=storage)
-    return StudyRun(
-        path=path,
-        config=config,
-        study=study,
-        records=tuple(records_from_study(study)),
-        last_write=last_write,
-    )
+    return _study_run(path, config, study, last_write)
 
 
-def _open_stored_study(path: Path) -> StudyRun:
+def _open_stored_study(path: Path, config: Mapping[str, Any]) -> StudyRun:
     """A study that ``tune(storage=URL)`` kept in that storage: its run directory holds no journal."""
-    config = _config(path)
     url, name = str(config["storage"]), config.get("study_name")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"run_dirs: {path / 'config.json'} names the storage {url} but no study_name")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _quiet_optuna()
     try:
         study = optuna.load_study(study_name=name, storage=url)
     except KeyError:
@@ -196,6 +189,16 @@ def _open_stored_study(path: Path) -> StudyRun:
         if (stamp := t.datetime_complete or t.datetime_start) is not None
     ]
     last_write = max(stamps, default=_dt.datetime.fromtimestamp((path / "config.json").stat().st_mtime))
+    return _study_run(path, config, study, last_write)
+
+
+def _quiet_optuna() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _study_run(
+    path: Path, config: Mapping[str, Any], study: optuna.Study, last_write: _dt.datetime
+) -> StudyRun:
     return StudyRun(
         path=path, config=config, study=study, records=tuple(records_from_study(study)), last_write=last_write
     )
