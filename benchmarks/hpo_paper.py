@@ -3,8 +3,10 @@ learning rate x fully-connected width (plus a cosine schedule and small random s
 tuned trials), on full MNIST, on the embedded local Spark.
 
 The default configuration is trial 0 of the same study: deepspark's DEFAULT_TRAIN_CONFIG on the
-zoo `cnn`. Prints test accuracy of both and the error reduction; target: best >= 99.5% within the
-time budget (60 minutes on 2 cores). Run:
+zoo `cnn`. Trials are selected on validation; then the selected configuration and the default are
+trained again on all 60,000 training images (the preset's refit) and measured once on test. Prints the
+test accuracy of both and the error reduction; target: the selected configuration's test accuracy >= 99.5%
+within the time budget (60 minutes on 2 cores, refit included). Run:
 
     .venv/bin/python benchmarks/hpo_paper.py [--budget-min 60] [--trials 6] [--epochs 10] [--seed 0]
 """
@@ -36,8 +38,8 @@ def main() -> None:
         "--epoch-s",
         type=float,
         default=150.0,
-        help="expected seconds per epoch of one trial: no trial starts after the budget minus one trial's "
-        "length, so the study ends within the budget",
+        help="expected seconds per epoch of one trial: the study's timeout is the budget minus one "
+        "trial's length, which the refit of the selected configuration then takes",
     )
     args = parser.parse_args()
     # The `paper` preset's study. Earlier studies here (6 epochs, lr up to 4e-3) found nothing good
@@ -79,16 +81,26 @@ def main() -> None:
         f"default configuration: validation accuracy {result.default.value:.4f}, "
         f"test accuracy {_fmt(tests['default'])}"
     )
-    best_test = tests["best"]
-    verdict = "PASS" if best_test is not None and best_test >= 0.995 else "FAIL"
+    refits = {k: (result.summary.get(k) or {}).get("refit_test_accuracy") for k in ("best", "default")}
     print(
         f"best (trial {result.best.number}): validation accuracy {result.best.value:.4f}, "
-        f"test accuracy {_fmt(best_test)} (target: test >= 0.9950: {verdict})"
+        f"test accuracy {_fmt(tests['best'])} (trained on training - validation)"
     )
     if result.error_reduction is not None:
         on = result.summary.get("error_reduction_on", "test")
         print(f"error reduction vs default (on {on}): {100 * result.error_reduction:.1f}% (the blog: 34%)")
-    print(f"wall: {wall / 60:.1f} min (budget {args.budget_min:.0f} min); run dir {run_dir}")
+    # The preset refits: the selected configuration (and the default) trained again on all the
+    # training images, measured once on test. That is the selected configuration's test accuracy.
+    best_test = refits["best"]
+    verdict = "PASS" if best_test is not None and best_test >= 0.995 else "FAIL"
+    print(
+        f"refitted on training + validation: default {_fmt(refits['default'])}, best {_fmt(best_test)} "
+        f"(target: best's test >= 0.9950: {verdict})"
+    )
+    reduction = result.summary.get("refit_error_reduction")
+    if reduction is not None:
+        print(f"error reduction vs default, refitted models on test: {100 * reduction:.1f}% (the blog: 34%)")
+    print(f"wall: {wall / 60:.1f} min with the refit (budget {args.budget_min:.0f} min); run dir {run_dir}")
 
 
 def _fmt(value: float | None) -> str:

@@ -145,6 +145,15 @@ def print_study(console: Console, result: StudyResult, *, top: int = 10) -> None
             f"error reduction vs the default configuration: {100 * result.error_reduction:.1f}%"
             + (f" (on {on} {metric})" if on else "")
         )
+    refits = {k: (summary.get(k) or {}).get("refit_test_accuracy") for k in ("best", "default")}
+    if any(v is not None for v in refits.values()):
+        refitted = ", ".join(f"{k} {v:.4f}" for k, v in refits.items() if v is not None)
+        reduction = summary.get("refit_error_reduction")
+        console.print(
+            f"refitted on training + validation, test {metric}: {refitted}"
+            + (f"; error reduction {100 * reduction:.1f}%" if reduction is not None else "")
+            + f" (models in {result.run_dir / 'refit'})"
+        )
     if selected_on == "test":
         console.print(
             "[yellow]selected on the test split (--select-on test, the 2016 blog's protocol): the best "

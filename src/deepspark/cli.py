@@ -198,6 +198,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         "limit_test": args.limit_test,
         "select_on": args.select_on,
         "validation": args.validation,
+        "refit": True if args.refit else None,
         "timeout": args.timeout,
         "trial_timeout": args.trial_timeout,
         "heartbeat_timeout": args.heartbeat_timeout,
@@ -353,6 +354,12 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
         metavar="SIZE",
         help="the validation hold-out of the training split: a fraction (default 0.1) or a count; "
         "seeded with --seed, stratified by class",
+    )
+    p.add_argument(
+        "--refit",
+        action="store_true",
+        help="once the study ends, train the best and the default configuration again on training + "
+        "validation and measure those models on test (run_dir/refit/; selecting on validation only)",
     )
     p.add_argument("--seed", type=int, default=None, help="the study's seed (default 0)")
     from deepspark.spark import DEVICES

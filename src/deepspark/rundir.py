@@ -6,6 +6,7 @@ Layout shared by every command that writes one::
       config.json    the run's arguments, written once when the run starts, read back on resume
       best/          the best model so far (a checkpoint directory), replaced atomically
       default/       tune: the default configuration's model (its test accuracy is measured at the end)
+      refit/         tune --refit: best/ and default/ trained again on training + validation
       ...            the command's own files (tune: study.journal, trials.csv, best.json, ...)
 
 Every write here is atomic: a reader (or a driver that dies halfway) sees the old content or the new,
@@ -30,6 +31,7 @@ __all__ = [
     "BEST_DIR",
     "CONFIG_FILE",
     "DEFAULT_DIR",
+    "REFIT_DIR",
     "check_writable",
     "prepare",
     "read_config",
@@ -41,6 +43,7 @@ __all__ = [
 CONFIG_FILE = "config.json"
 BEST_DIR = "best"
 DEFAULT_DIR = "default"
+REFIT_DIR = "refit"
 
 
 def prepare(run_dir: str | os.PathLike[str], *, resume: bool) -> Path:

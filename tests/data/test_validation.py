@@ -181,3 +181,16 @@ def test_half_a_validation_split_is_refused() -> None:
                 "validation_images": np.zeros((1, 4, 4), dtype=np.uint8),
             }
         )
+
+
+def test_validation_in_training_gives_back_every_training_example_once() -> None:
+    data = _dataset([30, 20, 25])
+    split = data.split_validation(0.2, seed=3)
+    merged = split.validation_in_training()
+    assert merged.validation_images is None and merged.splits == ("train", "test")
+    assert len(merged.train_labels) == len(data.train_labels) == 75
+    # Image i carries i in its first pixel: each training example exactly once, its label with it.
+    assert sorted(merged.train_images[:, 0, 0].tolist()) == list(range(75))
+    assert np.array_equal(merged.train_labels, merged.train_images[:, 0, 1].astype(np.int64))
+    assert np.array_equal(merged.test_images, data.test_images)
+    assert data.validation_in_training() is data  # nothing held out: nothing to give back

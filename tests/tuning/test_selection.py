@@ -15,8 +15,10 @@ from deepspark.data import load_dataset, write_idx
 from deepspark.data.files import MNIST_FILES
 from deepspark.errors import ConfigError
 from deepspark.models import load_checkpoint
-from deepspark.training import evaluate
+from deepspark.models.zoo import model_spec
+from deepspark.training import evaluate, train_one_process
 from deepspark.tuning import tune
+from deepspark.tuning.objectives import ImageClassifierObjective
 
 SPACE = {"hidden": {"type": "choice", "values": [4, 256]}, "epochs": 2, "batch_size": 16}
 
@@ -101,6 +103,49 @@ def test_trials_report_validation_accuracy_and_best_json_has_test_beside_it(spar
     )
 
 
+def test_refit_trains_the_chosen_configurations_again_on_training_plus_validation(
+    spark, tmp_path, capsys
+) -> None:
+    data_dir = _layout(tmp_path / "data")
+    run = tmp_path / "run"
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "hidden: {type: choice, values: [4, 256]}\nlearning_rate: {type: choice, values: [0.001, 0.02]}\n"
+        "epochs: 2\nbatch_size: 16\nseed: 3\n"
+    )
+    args = ["tune", "--data-dir", str(data_dir), "--model", "mlp", "--space", str(space), "--trials", "3"]
+    args += ["--sampler", "random", "--pruner", "none", "--validation", "0.2", "--seed", "5", "--refit"]
+    assert main([*args, "--run-dir", str(run)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    summary = json.loads((run / "best.json").read_text())
+    assert json.loads((run / "config.json").read_text())["refit"] is True
+    data = load_dataset(data_dir=data_dir)
+    merged = data.split_validation(0.2, seed=5).validation_in_training()
+    assert len(merged.train_labels) == 300  # every training example, the validation ones included
+    refitted = {}
+    for name in ("best", "default"):
+        entry = summary[name]
+        held = json.loads((run / "refit" / name / "trial.json").read_text())
+        assert held["trial"] == entry["trial"] and held["test_accuracy"] == entry["refit_test_accuracy"]
+        # The record matches the model: its accuracy on the real test split.
+        on_test = _accuracy(run / "refit" / name, data.test_images, data.test_labels)
+        assert entry["refit_test_accuracy"] == pytest.approx(on_test, abs=1e-9)
+        # The model is the trial's configuration trained on training + validation, seed for seed.
+        config, hyper = ImageClassifierObjective(model="mlp").split(entry["config"])
+        spec = model_spec("mlp", input_shape=merged.input_shape, num_classes=merged.num_classes, **hyper)
+        expected = train_one_process(spec, merged, config).model.state_dict()
+        got = load_checkpoint(run / "refit" / name).model.state_dict()
+        assert got.keys() == expected.keys()
+        for key in got:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+        trial_model = load_checkpoint(run / name).model.state_dict()
+        assert any(not torch.equal(got[k], trial_model[k]) for k in got)  # more data: another model
+        refitted[name] = entry["refit_test_accuracy"]
+    expected_reduction = (refitted["best"] - refitted["default"]) / (1 - refitted["default"])
+    assert summary["refit_error_reduction"] == pytest.approx(expected_reduction)
+    assert f"refitted on training + validation, test accuracy: best {refitted['best']:.4f}" in out
+
+
 def test_cli_select_on_test_keeps_the_blogs_protocol_and_says_so(spark, tmp_path, capsys) -> None:
     data_dir = _layout(tmp_path / "data")
     space = tmp_path / "space.yaml"
@@ -131,4 +176,8 @@ def test_select_on_is_checked_before_spark(tmp_path) -> None:
         tune(dataset="mnist", model="mlp", space=SPACE, validation=1.5, run_dir=tmp_path / "b")
     with pytest.raises(ConfigError, match="built-in objective only"):
         tune(lambda c, r: 1.0, space={"x": {"type": "uniform", "low": 0, "high": 1}}, select_on="test")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(ConfigError, match="refit: applies when trials are selected on validation"):
+        tune(dataset="mnist", model="mlp", space=SPACE, select_on="test", refit=True, run_dir=tmp_path / "c")
+    with pytest.raises(ConfigError, match="refit: applies to the built-in objective only"):
+        tune(lambda c, r: 1.0, space={"x": {"type": "uniform", "low": 0, "high": 1}}, refit=True)
+    assert not any((tmp_path / name).exists() for name in "abc")

@@ -193,6 +193,20 @@ class ImageDataset:
             validation_labels=None,
         )
 
+    def validation_in_training(self) -> ImageDataset:
+        """The training split with the validation split appended (and no validation split): what a
+        model is refitted on once its configuration was chosen on validation. A dataset without a
+        validation split is returned as it is."""
+        if self.validation_images is None or self.validation_labels is None:
+            return self
+        return replace(
+            self,
+            train_images=np.concatenate([self.train_images, self.validation_images]),
+            train_labels=np.concatenate([self.train_labels, self.validation_labels]),
+            validation_images=None,
+            validation_labels=None,
+        )
+
     def __repr__(self) -> str:
         validation = (
             f", validation={len(self.validation_labels)}" if self.validation_labels is not None else ""

@@ -39,6 +39,8 @@ class BuiltinOptions:
     ``model`` is a zoo name or a model spec (a JSON/YAML file or mapping; the record keeps the spec
     itself, so a resume needs no file). ``data_dir`` is kept absolute. ``validation`` is the hold-out
     (a fraction of the training split or a count) when ``select_on`` is ``"validation"``, else None.
+    ``refit``: once the study ends, train the best and the default configuration again on training +
+    validation and measure those models on test (:mod:`deepspark.tuning.refit`); validation only.
     """
 
     dataset: str | None = None
@@ -48,6 +50,7 @@ class BuiltinOptions:
     limit_test: int | None = None
     select_on: str = "validation"
     validation: float | int | None = DEFAULT_VALIDATION
+    refit: bool = False
 
     def __post_init__(self) -> None:
         if self.dataset is None and self.data_dir is None:
@@ -63,6 +66,13 @@ class BuiltinOptions:
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
         check_choice("select_on", self.select_on, SELECT_ON)
+        if not isinstance(self.refit, bool):
+            raise fail("refit", "true or false", self.refit)
+        if self.refit and self.select_on == "test":
+            raise ConfigError(
+                "refit: applies when trials are selected on validation (it trains the chosen "
+                "configuration again on training + validation); drop refit or select_on='test'"
+            )
         if self.select_on == "test":
             object.__setattr__(self, "validation", None)
         else:
@@ -85,11 +95,15 @@ class BuiltinOptions:
             limit_test=data.get("limit_test"),
             select_on=select_on,
             validation=data.get("validation", DEFAULT_VALIDATION) if select_on == "validation" else None,
+            refit=data.get("refit") or False,
         )
 
-    def objective(self, *, device: str = "auto") -> ImageClassifierObjective:
-        """The objective the study's trials run, on ``device`` (see :func:`deepspark.spark.task_device`)."""
-        return ImageClassifierObjective(model=self.model, evaluated_on=self.select_on, device=device)
+    def objective(self, *, device: str = "auto", evaluated_on: str | None = None) -> ImageClassifierObjective:
+        """The objective the study's trials run, on ``device`` (see :func:`deepspark.spark.task_device`);
+        ``evaluated_on="test"`` is the refit's (trained on training + validation, scored on test)."""
+        return ImageClassifierObjective(
+            model=self.model, evaluated_on=evaluated_on or self.select_on, device=device
+        )
 
     def data(self, *, seed: int) -> tuple[Any, Any]:
         """The data: (what trials get, the dataset holding the test split).
@@ -122,7 +136,16 @@ class BuiltinOptions:
 
 
 #: The keys :class:`BuiltinOptions` writes in a run directory's ``config.json``.
-BUILTIN_KEYS = ("dataset", "data_dir", "model", "limit_train", "limit_test", "select_on", "validation")
+BUILTIN_KEYS = (
+    "dataset",
+    "data_dir",
+    "model",
+    "limit_train",
+    "limit_test",
+    "select_on",
+    "validation",
+    "refit",
+)
 
 
 def _check_validation(value: Any) -> None:

@@ -39,6 +39,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "threads_per_trial": 1,
         "sampler": "tpe",
         "pruner": "median",
+        # Chosen on validation, then the best and the default configuration trained again on all
+        # 60,000 training images and measured once on test (the blog trained on all of them).
+        "refit": True,
         "space": {
             "learning_rate": {"type": "loguniform", "low": 5.0e-4, "high": 2.5e-3},
             "fc": {"type": "choice", "values": [512, 1024, 2048]},

@@ -43,7 +43,8 @@ _STATES = {
 @dataclass(frozen=True)
 class TrialSummary:
     """The best or the default trial in ``best.json``: number, full config, value and metrics; with the
-    built-in objective, its accuracy on the validation and the test split (None where not measured)."""
+    built-in objective, its accuracy on the validation and the test split (None where not measured),
+    and with ``refit``, the test accuracy of its configuration trained again on training + validation."""
 
     trial: int
     config: Mapping[str, Any]
@@ -51,6 +52,7 @@ class TrialSummary:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     validation_accuracy: float | None = None
     test_accuracy: float | None = None
+    refit_test_accuracy: float | None = None
 
     def to_dict(self, *, splits: bool) -> dict[str, Any]:
         out = {
@@ -61,6 +63,8 @@ class TrialSummary:
         }
         if splits:
             out.update(validation_accuracy=self.validation_accuracy, test_accuracy=self.test_accuracy)
+        if self.refit_test_accuracy is not None:
+            out["refit_test_accuracy"] = self.refit_test_accuracy
         return out
 
     @classmethod
@@ -74,6 +78,7 @@ class TrialSummary:
             metrics=dict(data.get("metrics") or {}),
             validation_accuracy=data.get("validation_accuracy"),
             test_accuracy=data.get("test_accuracy"),
+            refit_test_accuracy=data.get("refit_test_accuracy"),
         )
 
 
@@ -97,6 +102,8 @@ class StudySummary(Mapping[str, Any]):
     error_reduction_on: str | None = None
     #: Selecting on validation: the error reduction on the validation accuracies.
     validation_error_reduction: float | None = None
+    #: With refit: the error reduction between the refitted best and default models, on test.
+    refit_error_reduction: float | None = None
     checkpoint: str | None = None
     #: The built-in objective's selection split; None for a Python objective.
     selected_on: str | None = None
@@ -121,6 +128,7 @@ class StudySummary(Mapping[str, Any]):
             "protocol": self.protocol,
             "error_reduction_on": self.error_reduction_on,
             "validation_error_reduction": self.validation_error_reduction,
+            "refit_error_reduction": self.refit_error_reduction,
         }
         out.update({k: v for k, v in optional.items() if v is not None})
         return out
@@ -138,6 +146,7 @@ class StudySummary(Mapping[str, Any]):
             error_reduction=data.get("error_reduction"),
             error_reduction_on=data.get("error_reduction_on"),
             validation_error_reduction=data.get("validation_error_reduction"),
+            refit_error_reduction=data.get("refit_error_reduction"),
             checkpoint=data.get("checkpoint"),
             selected_on=data.get("selected_on"),
             protocol=data.get("protocol"),
@@ -216,6 +225,7 @@ def write_reports(
     best_checkpoint: Path | None,
     selected_on: str | None = None,
     test_accuracy: Mapping[int, float] | None = None,
+    refit_test_accuracy: Mapping[int, float] | None = None,
     space: SearchSpace | None = None,
 ) -> StudySummary:
     """Write trials.csv, best.json and accuracy_vs_lr.png; return best.json's content as a record.
@@ -223,8 +233,10 @@ def write_reports(
     ``selected_on`` is the split the built-in objective's trials report ("validation" or "test"; None
     for a Python objective); ``test_accuracy`` holds the test accuracy measured at the end, by trial
     (the best and the default when selecting on validation). Both then appear beside each other as
-    ``validation_accuracy`` and ``test_accuracy`` in ``best.json`` and ``trials.csv``. ``space`` names
-    the plot's width parameter (see :func:`width_param`).
+    ``validation_accuracy`` and ``test_accuracy`` in ``best.json`` and ``trials.csv``.
+    ``refit_test_accuracy`` holds, by trial, the test accuracy of the configuration refitted on training
+    + validation (:mod:`deepspark.tuning.refit`), written as ``refit_test_accuracy`` in ``best.json``.
+    ``space`` names the plot's width parameter (see :func:`width_param`).
     """
     tests = _split_accuracies(records, selected_on, test_accuracy or {})
     param_names = sorted({k for r in records for k in r.params})
@@ -273,6 +285,7 @@ def write_reports(
         best_checkpoint=best_checkpoint,
         selected_on=selected_on,
         tests=tests,
+        refits=refit_test_accuracy or {},
     )
     text = json.dumps(summary.to_dict(), indent=2, default=str)
     rundir.write_file_atomic(run_dir / "best.json", text.encode("utf-8"))
@@ -300,8 +313,11 @@ def summarise(
     best_checkpoint: Path | None,
     selected_on: str | None,
     tests: Mapping[int, tuple[float | None, float | None]],
+    refits: Mapping[int, float] | None = None,
 ) -> StudySummary:
-    """The study's summary (best.json): ``tests`` is (validation, test) accuracy by trial."""
+    """The study's summary (best.json): ``tests`` is (validation, test) accuracy by trial, ``refits``
+    the refitted configuration's test accuracy by trial."""
+    refits = refits or {}
     best, default = best_and_default(records, maximize=maximize)
 
     def entry(record: TrialRecord | None) -> TrialSummary | None:
@@ -315,11 +331,13 @@ def summarise(
             metrics=dict(record.metrics),
             validation_accuracy=validation,
             test_accuracy=test,
+            refit_test_accuracy=refits.get(record.number),
         )
 
     reduction: float | None = None
     reduction_on: str | None = None
     validation_reduction: float | None = None
+    refit_reduction: float | None = None
     if best is not None and default is not None and metric == "accuracy":
         # The honest figure is on test accuracy, measured once for both at the end; a study without
         # those (a Python objective, a model that never arrived) falls back on the selection metric.
@@ -333,6 +351,8 @@ def summarise(
             reduction, reduction_on = error_reduction(default.value, best.value), selected_on or metric
         if selected_on == "validation" and best.value is not None and default.value is not None:
             validation_reduction = error_reduction(default.value, best.value)
+        if best.number in refits and default.number in refits:
+            refit_reduction = error_reduction(refits[default.number], refits[best.number])
     protocol = None
     if selected_on == "test":
         protocol = "selected on the test split (the 2016 blog's protocol): the best trial's test accuracy is optimistic"
@@ -347,6 +367,7 @@ def summarise(
         error_reduction=reduction,
         error_reduction_on=reduction_on,
         validation_error_reduction=validation_reduction,
+        refit_error_reduction=refit_reduction,
         checkpoint=str(best_checkpoint) if best_checkpoint else None,
         selected_on=selected_on,
         protocol=protocol,

@@ -55,6 +55,7 @@ from deepspark.tuning.coordinator import (
     interrupted_attrs,
 )
 from deepspark.tuning.objectives import SELECT_ON, BuiltinOptions, ImageClassifierObjective
+from deepspark.tuning.refit import refit
 from deepspark.tuning.report import StudySummary, best_and_default, records_from_study, write_reports
 from deepspark.tuning.space import SearchSpace, load_space
 from deepspark.tuning.trial import Reporter, TrialRecord, TrialState
@@ -235,6 +236,7 @@ def tune(
     limit_test: int | None = None,
     select_on: str | None = None,
     validation: float | int | None = None,
+    refit: bool | None = None,
     master: str | None = None,
     seed: int | None = None,
     timeout: float | None = None,
@@ -258,7 +260,10 @@ def tune(
     seeded, stratified hold-out of ``validation`` of the training split, 10% by default, seeded with
     ``seed``) or ``"test"`` (the 2016 blog's protocol, whose chosen accuracy is optimistic). Selecting
     on validation, the best trial's and the default configuration's test accuracy are measured once, at
-    the end, and written beside their validation accuracy in ``best.json`` and ``trials.csv``.
+    the end, and written beside their validation accuracy in ``best.json`` and ``trials.csv``; with
+    ``refit=True`` those two configurations are then trained again on training + validation (as Spark
+    tasks) and measured once on test (``refit_test_accuracy`` in ``best.json``, the models in
+    ``run_dir/refit/``; see :mod:`deepspark.tuning.refit`).
 
     The study's settings (``space``, ``trials`` (default 24), ``sampler`` (``"tpe"``, ``"random"``,
     ``"grid"`` or an Optuna sampler object), ``pruner`` (``"median"``, ``"asha"``, ``"none"`` or an
@@ -303,6 +308,11 @@ def tune(
             "objective, which chooses its own metric and data: hold out a validation split in it, e.g. "
             "with ImageDataset.split_validation)"
         )
+    if objective is not None and refit:
+        raise ConfigError(
+            "refit: applies to the built-in objective only (a Python objective holds its own data: "
+            "train the best configuration again yourself from best.json's config)"
+        )
     given: dict[str, Any] = {
         "trials": trials,
         "sampler": _named("sampler", sampler, SAMPLERS, optuna.samplers.BaseSampler),
@@ -321,6 +331,7 @@ def tune(
         "limit_test": limit_test,
         "select_on": select_on,
         "validation": validation,
+        "refit": refit,
     }
     run_path = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="deepspark-tune-"))
     rundir.prepare(run_path, resume=resume)
@@ -558,10 +569,11 @@ def _run(
         best_dir = run_path / rundir.BEST_DIR
         _drop_stale_model(best_dir, best)
         tests: dict[int, float] = {}
+        chosen = {rundir.BEST_DIR: best, rundir.DEFAULT_DIR: default_record}
         if test_data is not None and selected_on == "validation":
-            chosen = {rundir.BEST_DIR: best, rundir.DEFAULT_DIR: default_record}
             tests = _test_accuracies(run_path, test_data, chosen)
-        summary = write_reports(
+        report = functools.partial(
+            write_reports,
             run_path,
             records,
             metric=config.metric,
@@ -573,6 +585,10 @@ def _run(
             test_accuracy=tests,
             space=search,
         )
+        summary = report()
+        if test_data is not None and config.builtin is not None and config.builtin.refit:
+            # After the reports: a refit that fails (or Ctrl-C) leaves the study's own figures written.
+            summary = report(refit_test_accuracy=_refit(config, options, test_data, chosen, run_path))
     return StudyResult(
         run_dir=run_path,
         records=tuple(records),
@@ -584,6 +600,30 @@ def _run(
         parallelism=used_parallelism,
         selected_on=selected_on,
         study_name=config.study_name,
+    )
+
+
+def _refit(
+    config: StudyConfig,
+    options: RunOptions,
+    split: Any,
+    chosen: Mapping[str, TrialRecord | None],
+    run_path: Path,
+) -> dict[int, float]:
+    """The chosen configurations trained again on training + validation and scored on test, by trial."""
+    from deepspark.spark import session, task_cpus
+
+    assert config.builtin is not None
+    threads = config.threads_per_trial
+    spark = session(options.master, app_name="deepspark-tune", conf={"spark.task.cpus": threads})
+    _log.info("refitting %s on training + validation", ", ".join(k for k, r in chosen.items() if r))
+    return refit(
+        spark,
+        objective=config.builtin.objective(device=options.device, evaluated_on="test"),
+        data=split.validation_in_training(),
+        chosen=chosen,
+        threads=max(threads, task_cpus(spark)),
+        run_dir=run_path,
     )
 
 
