@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,27 @@ def test_refit_trains_the_chosen_configurations_again_on_training_plus_validatio
     expected_reduction = (refitted["best"] - refitted["default"]) / (1 - refitted["default"])
     assert summary["refit_error_reduction"] == pytest.approx(expected_reduction)
     assert f"refitted on training + validation, test accuracy: best {refitted['best']:.4f}" in out
+    # The HTML report shows each split's figure beside the others, from the study and its best.json.
+    from deepspark.reporting import report
+
+    page = report(run, output=tmp_path / "report.html").html.read_text(encoding="utf-8")
+    best = summary["best"]
+    assert f"validation accuracy {best['value']:.6g} (trial {best['trial']}); test accuracy" in page
+    assert f"refitted on training + validation: test accuracy {best['refit_test_accuracy']:.6g}" in page
+    assert "relative drop in test error" in page
+
+    # A refit that never finished (its reports were written first, then Ctrl-C): --resume does it, the
+    # same models again (same configurations, data and seed).
+    shutil.rmtree(run / "refit")
+    cut = {**summary, "best": {k: v for k, v in best.items() if k != "refit_test_accuracy"}}
+    (run / "best.json").write_text(json.dumps(cut))
+    assert main(["tune", "--resume", str(run)]) == 0
+    again = json.loads((run / "best.json").read_text())
+    assert again["best"]["refit_test_accuracy"] == best["refit_test_accuracy"]
+    assert (
+        json.loads((run / "refit" / "default" / "trial.json").read_text())["trial"]
+        == summary["default"]["trial"]
+    )
 
 
 def test_cli_select_on_test_keeps_the_blogs_protocol_and_says_so(spark, tmp_path, capsys) -> None:

@@ -564,6 +564,14 @@ def _run(
     records = records_from_study(study)
     best, default_record = best_and_default(records, maximize=config.maximize)
     summary = _previous_summary(run_path) if resume and len(records) == finished else None
+    refitting = test_data is not None and config.builtin is not None and config.builtin.refit
+    if (
+        summary is not None
+        and refitting
+        and summary.best is not None
+        and summary.best.refit_test_accuracy is None
+    ):
+        summary = None  # the refit never finished (Ctrl-C, a failure): this resume does it
     if summary is None:
         # Nothing is rewritten by a resume that finished no trial: best.json keeps the study's figures.
         best_dir = run_path / rundir.BEST_DIR
@@ -586,7 +594,7 @@ def _run(
             space=search,
         )
         summary = report()
-        if test_data is not None and config.builtin is not None and config.builtin.refit:
+        if refitting:
             # After the reports: a refit that fails (or Ctrl-C) leaves the study's own figures written.
             summary = report(refit_test_accuracy=_refit(config, options, test_data, chosen, run_path))
     return StudyResult(
