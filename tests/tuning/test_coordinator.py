@@ -363,3 +363,31 @@ def test_a_sampler_that_raises_stops_the_study_with_its_error() -> None:
         assert coord.stop_reason == "the sampler failed: the sampler broke"
     finally:
         coord.close()
+
+
+def test_a_finished_trial_keeps_its_result_in_one_user_attribute_that_records_read(coordinator) -> None:
+    from deepspark.tuning.report import records_from_study
+    from deepspark.tuning.trial import RESULT_ATTR, read_result
+
+    w0 = _connect(coordinator, 0)
+    try:
+        task = _ask(w0, {"op": "next"})
+        metrics = {"accuracy": 0.5, "loss": 1.25, "device": "cpu", "shape": [1, 2]}
+        done = {"op": "done", "trial": task["trial"], "state": "complete", "value": 0.5}
+        _ask(w0, {**done, "metrics": metrics, "duration_s": 2.5})
+    finally:
+        w0.close()
+    _until(lambda: coordinator.counts()["running"] == 0)
+    trial = coordinator.study.trials[0]
+    # One journal write for the result (each user attribute is one); the list is left out (not a scalar).
+    assert trial.user_attrs[RESULT_ATTR] == {
+        "metrics": {"accuracy": 0.5, "loss": 1.25, "device": "cpu"},
+        "duration_s": 2.5,
+        "worker": "w0",
+    }
+    assert not {"worker", "duration_s"} & set(trial.user_attrs)
+    (record,) = records_from_study(coordinator.study)
+    assert (record.metrics["loss"], record.duration_s, record.worker) == (1.25, 2.5, "w0")
+    # Studies written before RESULT_ATTR kept one attribute each; they read the same.
+    legacy = {"metric:accuracy": 0.5, "metric:loss": 1.25, "duration_s": 2.5, "worker": "w0"}
+    assert read_result(legacy) == ({"accuracy": 0.5, "loss": 1.25}, 2.5, "w0")

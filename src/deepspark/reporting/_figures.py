@@ -17,6 +17,7 @@ import optuna
 
 from deepspark.reporting._runs import StudyRun, TrainingRun
 from deepspark.tuning.report import plot_sensitivity, readable_log_ticks
+from deepspark.tuning.trial import read_result
 
 __all__ = ["Drawn", "scaling", "study_figures", "training_figures"]
 
@@ -166,7 +167,7 @@ def _timeline(run: StudyRun) -> Drawn:
     end_of_run = span[1] if span else None
     rows: dict[str, list[optuna.trial.FrozenTrial]] = {}
     for t in trials:
-        worker = str(t.user_attrs.get("worker", ""))
+        worker = read_result(t.user_attrs)[2]
         rows.setdefault(_slot(worker) if worker else "(not yet recorded)", []).append(t)
     names = sorted(rows, key=lambda n: (n.startswith("("), n))
     plt = _pyplot()

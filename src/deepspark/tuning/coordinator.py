@@ -35,7 +35,7 @@ import optuna
 
 from deepspark import wire
 from deepspark._compat import StrEnum
-from deepspark.tuning.trial import TrialRecord, TrialState
+from deepspark.tuning.trial import RESULT_ATTR, TrialRecord, TrialState, result_attr
 
 __all__ = [
     "DEFAULT_HEARTBEAT_TIMEOUT",
@@ -462,11 +462,7 @@ class Coordinator:
                 is_default=bool(run.trial.user_attrs.get(DEFAULT_ATTR)),
                 intermediate=dict(run.intermediate),
             )
-            for key, val in record.metrics.items():
-                if isinstance(val, int | float | str | bool):
-                    run.trial.set_user_attr(f"metric:{key}", val)
-            run.trial.set_user_attr("duration_s", record.duration_s)
-            run.trial.set_user_attr("worker", worker)
+            run.trial.set_user_attr(RESULT_ATTR, result_attr(record))
             if state is TrialState.FAIL:
                 run.trial.set_user_attr("error", record.error)
                 run.trial.set_user_attr(FAIL_REASON, record.error)

@@ -19,7 +19,7 @@ import optuna
 from deepspark import rundir
 from deepspark._optional import skip_unless
 from deepspark.tuning.space import SearchSpace
-from deepspark.tuning.trial import TrialRecord, TrialState
+from deepspark.tuning.trial import TrialRecord, TrialState, read_result
 
 __all__ = [
     "StudySummary",
@@ -168,7 +168,7 @@ def records_from_study(study: optuna.Study) -> list[TrialRecord]:
     for t in study.get_trials(deepcopy=False):
         if t.state not in _STATES or t.user_attrs.get("deepspark:interrupted"):
             continue
-        metrics = {k[len("metric:") :]: v for k, v in t.user_attrs.items() if k.startswith("metric:")}
+        metrics, duration_s, worker = read_result(t.user_attrs)
         out.append(
             TrialRecord(
                 number=t.number,
@@ -176,9 +176,9 @@ def records_from_study(study: optuna.Study) -> list[TrialRecord]:
                 params=dict(t.user_attrs.get("deepspark:config") or t.params),
                 value=t.value if t.state == optuna.trial.TrialState.COMPLETE else None,
                 metrics=metrics,
-                duration_s=float(t.user_attrs.get("duration_s", 0.0)),
+                duration_s=duration_s,
                 attempts=int(t.user_attrs.get("deepspark:attempts", 1)),
-                worker=str(t.user_attrs.get("worker", "")),
+                worker=worker,
                 error=t.user_attrs.get("error"),
                 traceback=t.user_attrs.get("traceback"),
                 is_default=bool(t.user_attrs.get("deepspark:default")),
