@@ -25,7 +25,7 @@ from typing import Any
 from deepspark import rundir
 from deepspark.tuning.trial import Reporter, TrialRecord
 
-__all__ = ["refit"]
+__all__ = ["refit_models"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def _task(spec: _Spec, items: Iterable[_Item]) -> Iterator[tuple[str, float, dic
         yield name, float(out["accuracy"]), dict(reporter.model_files() or {})
 
 
-def refit(
+def refit_models(
     spark: Any,
     *,
     objective: Any,

@@ -55,7 +55,7 @@ from deepspark.tuning.coordinator import (
     interrupted_attrs,
 )
 from deepspark.tuning.objectives import SELECT_ON, BuiltinOptions, ImageClassifierObjective
-from deepspark.tuning.refit import refit
+from deepspark.tuning.refit import refit_models
 from deepspark.tuning.report import StudySummary, best_and_default, records_from_study, write_reports
 from deepspark.tuning.space import SearchSpace, load_space
 from deepspark.tuning.trial import Reporter, TrialRecord, TrialState
@@ -625,7 +625,7 @@ def _refit(
     threads = config.threads_per_trial
     spark = session(options.master, app_name="deepspark-tune", conf={"spark.task.cpus": threads})
     _log.info("refitting %s on training + validation", ", ".join(k for k, r in chosen.items() if r))
-    return refit(
+    return refit_models(
         spark,
         objective=config.builtin.objective(device=options.device, evaluated_on="test"),
         data=split.validation_in_training(),
