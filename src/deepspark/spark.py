@@ -362,6 +362,15 @@ def limit_threads(threads: int) -> None:
         pass
 
 
+def limit_task_threads(requested: int, context: Any = None) -> int:
+    """Limit this Spark task's threads (:func:`limit_threads`) to the larger of ``requested`` and the
+    cores Spark gave it (``spark.task.cpus``, from ``context``: a ``TaskContext`` or ``BarrierTaskContext``;
+    None outside a task); return that count. The driver sized the task's parallelism for it."""
+    threads = max(requested, context.cpus() if context is not None else 1)
+    limit_threads(threads)
+    return threads
+
+
 DEVICES = ("auto", "cpu", "cuda")
 
 

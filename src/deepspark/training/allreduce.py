@@ -286,11 +286,11 @@ def allreduce_task(task: GangSpec, batches: Iterator[Any]) -> Iterator[Any]:
     from pyspark import BarrierTaskContext
 
     from deepspark import wire
-    from deepspark.spark import limit_threads, task_device
+    from deepspark.spark import limit_task_threads, task_device
 
     ctx = BarrierTaskContext.get()
     rank, world = ctx.partitionId(), task.workers
-    limit_threads(max(task.threads, ctx.cpus()))
+    limit_task_threads(task.threads, ctx)
     inputs, targets = task.read(batches)
     device = task_device(task.device, ctx)
     # Rendezvous: rank 0 picks a free port on its host; everyone learns it (and each other's rows).

@@ -489,12 +489,12 @@ def load_worker(task: TaskSpec, batches: Iterator[Any]) -> LoadedWorker:
     """Inside a Spark task: limit threads, read the partition, preprocess it and build the model."""
     from pyspark import TaskContext
 
-    from deepspark.spark import limit_threads, task_device
+    from deepspark.spark import limit_task_threads, task_device
     from deepspark.training.loop import TrainConfig, cosine_rate
 
     ctx = TaskContext.get()
     worker = ctx.partitionId() if ctx is not None else 0
-    limit_threads(max(task.threads, ctx.cpus() if ctx is not None else 1))
+    limit_task_threads(task.threads, ctx)
     device = task_device(task.device, ctx)
     gpus = ctx.resources().get("gpu") if ctx is not None else None
     inputs, targets = task.read(batches)

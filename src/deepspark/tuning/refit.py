@@ -43,11 +43,9 @@ _Item = tuple[str, int, dict[str, Any]]
 def _task(spec: _Spec, items: Iterable[_Item]) -> Iterator[tuple[str, float, dict[str, bytes]]]:
     from pyspark import TaskContext
 
-    from deepspark.spark import limit_threads
+    from deepspark.spark import limit_task_threads
 
-    context = TaskContext.get()
-    threads = max(spec.threads, context.cpus() if context is not None else 1)
-    limit_threads(threads)
+    threads = limit_task_threads(spec.threads, TaskContext.get())
     data = spec.broadcast.value
     for name, number, config in items:
         # No connection: nothing is reported per epoch, nothing is pruned.

@@ -120,7 +120,7 @@ def run_worker(spec: WorkerSpec, slot: int, partition: Iterable[Any]) -> Iterato
     """Body of the Spark task: connect, then ask → run → tell until the driver says stop."""
     from pyspark import TaskContext
 
-    from deepspark.spark import limit_threads
+    from deepspark.spark import limit_task_threads
 
     for _ in partition:
         # Spark reuses a Python worker only after a task that consumed its whole input (SPARK-26549);
@@ -128,8 +128,7 @@ def run_worker(spec: WorkerSpec, slot: int, partition: Iterable[Any]) -> Iterato
         pass
     ctx = TaskContext.get()
     # The driver sized parallelism so that this many threads per task never oversubscribes the cores.
-    threads = max(spec.threads, ctx.cpus() if ctx is not None else 1)
-    limit_threads(threads)
+    threads = limit_task_threads(spec.threads, ctx)
     data = spec.broadcast.value if spec.broadcast is not None else None
     worker = f"{socket.gethostname()}:{os.getpid()}:slot{slot}"
     if ctx is not None:
