@@ -148,6 +148,11 @@ def _processes() -> dict[int, tuple[int, bytes]]:
     return found
 
 
+def children(marker: bytes) -> list[int]:
+    """PIDs of this process's live children whose command line holds ``marker``."""
+    return [pid for pid, (ppid, cmdline) in _processes().items() if ppid == os.getpid() and marker in cmdline]
+
+
 def executor_pids(worker: subprocess.Popen[bytes]) -> list[int]:
     """PIDs of the executor JVMs a standalone Worker we started has launched (its child processes)."""
     return [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import socket
+import threading
 import time
 
 import optuna
@@ -287,7 +288,10 @@ def test_sampling_ahead_keeps_k_trials_asked_and_never_asks_more_than_the_study_
         worker = _connect(coord, 0)
         try:
             handed = []
-            for _ in range(5):
+            for i in range(5):
+                # The sampler thread refills as trials leave (min(2, trials not yet handed out) ahead);
+                # waited for, as a one-second trial would, so the hand-over below never races it.
+                _until(lambda i=i: _states(study).count("RUNNING") == min(2, 5 - i))
                 task = _ask(worker, {"op": "next"})
                 handed.append(task["trial"])
                 # Each trial the worker gets was sampled before it asked: the next ones are ready.
@@ -391,3 +395,83 @@ def test_a_finished_trial_keeps_its_result_in_one_user_attribute_that_records_re
     # Studies written before RESULT_ATTR kept one attribute each; they read the same.
     legacy = {"metric:accuracy": 0.5, "metric:loss": 1.25, "duration_s": 2.5, "worker": "w0"}
     assert read_result(legacy) == ({"accuracy": 0.5, "loss": 1.25}, 2.5, "w0")
+
+
+class _Gated(optuna.samplers.RandomSampler):
+    """A sampler whose asks wait at a gate, as a sampler in another process waits on its pipe (no GIL)."""
+
+    def __init__(self) -> None:
+        super().__init__(seed=0)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.waiting = threading.Event()
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        if not self.gate.is_set():
+            self.waiting.set()
+            assert self.gate.wait(10.0), "the test never opened the gate"
+        return super().sample_independent(study, trial, param_name, param_distribution)
+
+
+def test_with_a_sampler_elsewhere_a_slow_ask_holds_up_no_other_worker() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = _Gated()
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    coord = _started(study, n_trials=3, parallel_asks=1)
+    a, b = _connect(coord, 0), _connect(coord, 1)
+    try:
+        first = _ask(a, {"op": "next"})
+        sampler.gate.clear()
+        second: dict = {}
+        asking = threading.Thread(target=lambda: second.update(_ask(b, {"op": "next"})))
+        asking.start()
+        assert sampler.waiting.wait(10.0)  # b's ask is in the sampler now
+        # a's result is taken while b's ask waits: the ask does not hold the coordinator's lock.
+        _ask(a, {"op": "done", "trial": first["trial"], "state": "complete", "value": 0.1})
+        assert not sampler.gate.is_set() and asking.is_alive()
+        assert [r.number for r in coord.records] == [first["trial"]]
+        sampler.gate.set()
+        asking.join(10.0)
+        assert second["trial"] == 1
+        _ask(b, {"op": "done", "trial": 1, "state": "complete", "value": 0.2})
+        third = _ask(a, {"op": "next"})
+        _ask(a, {"op": "done", "trial": third["trial"], "state": "complete", "value": 0.3})
+        assert _ask(a, {"op": "next"}) == {"stop": True}
+        assert _ask(b, {"op": "next"}) == {"stop": True}
+    finally:
+        sampler.gate.set()
+        a.close()
+        b.close()
+        coord.close()
+    assert _states(study) == ["COMPLETE"] * 3  # every trial asked once, run once
+    assert sorted(r.number for r in coord.records) == [0, 1, 2]
+    assert coord.finished
+
+
+def test_a_trial_asked_outside_the_lock_as_the_study_stops_is_interrupted_and_queued() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = _Gated()
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    coord = _started(study, n_trials=5, sample_ahead=1, parallel_asks=1)
+    try:
+        _until(lambda: _states(study) == ["RUNNING"])  # one sampled ahead
+        sampler.gate.clear()
+        worker = _connect(coord, 0)
+        try:
+            task = _ask(worker, {"op": "next"})  # takes the one ahead; the sampler thread asks again
+            assert sampler.waiting.wait(10.0)
+            assert not coord.finished  # an ask in flight is work in progress
+            coord.stop("interrupted by the user")
+            sampler.gate.set()
+            _ask(worker, {"op": "done", "trial": task["trial"], "state": "complete", "value": 0.5})
+            assert _ask(worker, {"op": "next"}) == {"stop": True}
+        finally:
+            worker.close()
+        _until(lambda: coord.finished)
+    finally:
+        sampler.gate.set()
+        coord.close()
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "WAITING"]
+    assert trials[1].user_attrs["deepspark:interrupted"] is True
+    assert trials[2].user_attrs["deepspark:rerun_of"] == 1

@@ -374,3 +374,49 @@ def test_cli_resume_of_a_python_objective_study_says_how_to_resume_it(spark, tmp
     err = capsys.readouterr().err.strip()
     assert err.startswith("deepspark: error: resume:") and "\n" not in err
     assert f"deepspark.tune(_quadratic, run_dir='{run}', resume=True)" in err
+
+
+@pytest.mark.slow
+def test_a_large_tpe_study_samples_in_processes_that_end_with_it(spark, tmp_path, monkeypatch) -> None:
+    import deepspark.tuning.runner as runner
+    from _cluster import children
+    from deepspark.tuning.sampling import sampler_processes
+
+    large = 400  # "large" lowered from 5,000 trials for the test's sake
+    monkeypatch.setattr(runner, "PROCESS_FROM_TRIALS", large)
+    seen: dict[int, list[int]] = {}
+
+    def look(event) -> None:
+        if event.kind.value == "start" and event.number == 5:  # the samplers start before the trials
+            seen[len(seen)] = children(b"deepspark.tuning.sampling")
+
+    result = tune(
+        _quadratic,
+        space=X,
+        trials=large,
+        sampler="tpe",
+        pruner="none",
+        parallelism=2,
+        run_dir=tmp_path / "big",
+        on_event=look,
+    )
+    assert result.counts() == {"complete": large, "pruned": 0, "fail": 0}
+    assert sorted(r.number for r in result.records) == list(range(large))
+    # One sampler process per driver core (at most 4) sampled for the whole study, and they ended with it.
+    assert len(seen[0]) == sampler_processes()
+    assert not children(b"deepspark.tuning.sampling")
+    # It sampled as TPE does: concentrated on the optimum at 0.3 once it had seen trials.
+    late = [r.params["x"] for r in result.records if r.number >= large - 100]
+    assert sum(abs(x - 0.3) < 0.1 for x in late) > 50
+    # A study below the threshold samples in the driver: no process.
+    small = tune(
+        _quadratic,
+        space=X,
+        trials=20,
+        sampler="tpe",
+        pruner="none",
+        parallelism=2,
+        run_dir=tmp_path / "small",
+        on_event=look,
+    )
+    assert small.counts()["complete"] == 20 and seen[1] == []

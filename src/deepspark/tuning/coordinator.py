@@ -3,7 +3,10 @@
 Optuna owns sampling, pruning and storage; this class owns *execution*: which trial goes to which
 worker, what happens when a worker disappears (the trial runs again: infrastructure failure) and when
 an objective raises (the trial FAILs with its traceback: not retried). All Optuna calls happen under
-one lock, so samplers see a consistent study.
+one lock, so samplers see a consistent study; except, with ``parallel_asks`` > 0, the ask of a
+sampler that runs in other processes (:class:`deepspark.tuning.sampling.ProcessSampler`): its wait
+holds neither the GIL nor the lock, so workers' results are taken meanwhile (the trial is counted
+before the ask), and up to ``parallel_asks`` sampler threads ask at once.
 
 Sampling ahead (``sample_ahead=k``): a sampler thread keeps up to ``k`` asked trials ready, so a worker
 that finishes a trial gets its next one without waiting for the sampler (when none is ready, the
@@ -156,6 +159,7 @@ class Coordinator:
         heartbeat_timeout: float | None = DEFAULT_HEARTBEAT_TIMEOUT,
         cancel: Callable[[int | None], None] | None = None,
         sample_ahead: int = 0,
+        parallel_asks: int = 0,
     ) -> None:
         self._deadline = time.monotonic() + timeout if timeout is not None else None
         self._trial_timeout = trial_timeout
@@ -173,7 +177,13 @@ class Coordinator:
         self._to_start = n_trials  # trials not asked yet
         self._sample_ahead = max(0, sample_ahead)
         self._ahead: deque[tuple[optuna.Trial, dict[str, Any]]] = deque()  # asked, not started
-        self._sampler = threading.Thread(target=self._sample, name="deepspark-sampler", daemon=True)
+        self._ask_unlocked = parallel_asks > 0
+        self._asking = 0  # asks in flight outside the lock (counted out of _to_start already)
+        self._asking_ahead = 0  # of which the sampler threads' (the trials they will put in _ahead)
+        self._samplers = [
+            threading.Thread(target=self._sample, name=f"deepspark-sampler-{i}", daemon=True)
+            for i in range(max(1, parallel_asks))
+        ]
         self._token = token if token is not None else secrets.token_hex(16)
         self._max_failures = max_failures
         self._max_attempts = max_attempts
@@ -213,14 +223,15 @@ class Coordinator:
         self._server.start()
         self._watchdog.start()
         if self._sample_ahead:
-            self._sampler.start()
+            for thread in self._samplers:
+                thread.start()
 
     def close(self) -> None:
         self._closing.set()
         with self._lock:
             self._changed.notify_all()
         self._server.close()
-        for thread in (self._watchdog, self._sampler):
+        for thread in (self._watchdog, *self._samplers):
             if thread.ident is not None and thread is not threading.current_thread():
                 thread.join(30.0)  # the sampler finishes the ask it is in (tens of ms)
         with self._lock:
@@ -245,7 +256,7 @@ class Coordinator:
     @property
     def finished(self) -> bool:
         with self._lock:
-            idle = not self._running and not self._retry and not self._ahead
+            idle = not self._running and not self._retry and not self._ahead and not self._asking
             return idle and (self._to_start <= 0 or self.stop_reason is not None)
 
     def counts(self) -> dict[str, int]:
@@ -339,6 +350,7 @@ class Coordinator:
             self.worker_lost(slot, reason="its Spark task was restarted", conn_id=old)
 
     def _next(self, slot: int, worker: str, conn_id: int, conn: wire.Connection) -> dict[str, Any]:
+        run: _Running | None = None
         with self._lock:
             while True:
                 if self._slot_conn.get(slot, conn_id) != conn_id:
@@ -362,31 +374,77 @@ class Coordinator:
                 # A trial sampled ahead if one is ready, else asked now: a worker never waits for the
                 # sampler thread (16 of them woken at every ask cost the 10,000-trial study 6 points).
                 if self._ahead or self._to_start > 0:
+                    kind = TrialEventKind.START
                     if self._ahead:
                         trial, params = self._ahead.popleft()
                         trial.set_user_attr(STARTED_ATTR, datetime.datetime.now().isoformat())
+                    elif self._ask_unlocked:
+                        self._to_start -= 1
+                        self._asking += 1
+                        break  # asked below, outside the lock
                     else:
                         self._to_start -= 1
-                        trial, params = self._ask_trial()
+                        try:
+                            trial, params = self._ask_trial()
+                        except Exception as exc:
+                            self._sampler_failed(exc)
+                            return {"stop": True}
                     if self._sample_ahead and self._to_start > 0:
                         self._changed.notify_all()  # the sampler thread refills
                     run = _Running(
                         trial=trial, params=params, attempt=1, worker=worker, slot=slot, conn_id=conn_id
                     )
-                    kind = TrialEventKind.START
                     break
                 # With nothing left to start, wait for a running trial elsewhere that may still be lost
                 # and need a new home.
                 if not self._running:
                     return {"stop": True}
                 self._changed.wait(timeout=1.0)
-            self._running[run.trial.number] = run
-            self._by_slot.setdefault(slot, set()).add(run.trial.number)
+            if run is not None:
+                self._register(run)
+        if run is None:
+            try:
+                trial, params = self._ask_outside_lock()
+            except Exception as exc:
+                with self._lock:
+                    self._sampler_failed(exc, counted=True)
+                return {"stop": True}
+            with self._lock:
+                if self.stop_reason is not None:
+                    self._interrupt(trial)
+                    return {"stop": True}
+                if self._slot_conn.get(slot, conn_id) != conn_id or conn.peer_closed():
+                    self._ahead.appendleft((trial, params))  # for the next worker that asks
+                    self._changed.notify_all()
+                    return {"stop": True}
+                run = _Running(
+                    trial=trial, params=params, attempt=1, worker=worker, slot=slot, conn_id=conn_id
+                )
+                self._register(run)
         self._emit(TrialEvent(kind, run.trial.number, worker=worker))
         task: dict[str, Any] = {"trial": run.trial.number, "params": run.params, "attempt": run.attempt}
         if self._heartbeat_timeout is not None:
             task["heartbeat_s"] = min(HEARTBEAT_EVERY, self._heartbeat_timeout / 4)
         return task
+
+    def _register(self, run: _Running) -> None:
+        """``run`` holds its slot now; under the lock."""
+        self._running[run.trial.number] = run
+        self._by_slot.setdefault(run.slot, set()).add(run.trial.number)
+
+    def _ask_outside_lock(self) -> tuple[optuna.Trial, dict[str, Any]]:
+        """Ask for a trial already counted (``_to_start``, ``_asking``) without holding the lock: the
+        sampler runs in another process, so the wait holds neither the lock nor the GIL."""
+        try:
+            return self._ask_trial()
+        except BaseException:
+            with self._lock:
+                self._to_start += 1
+                raise
+        finally:
+            with self._lock:
+                self._asking -= 1
+                self._changed.notify_all()
 
     def _ask_trial(self) -> tuple[optuna.Trial, dict[str, Any]]:
         """Ask the sampler for a new trial and record its whole configuration (the caller counts it)."""
@@ -399,31 +457,57 @@ class Coordinator:
     def _sample(self) -> None:
         """The sampler thread: keep ``sample_ahead`` trials asked and ready while trials remain to start.
 
-        The ask runs under the coordinator's lock, like every Optuna call. Outside it (tried: Optuna
-        allows it) the 10,000-trial TPE study got slower, 0.856 against 0.929 without sampling ahead:
-        the sampler thread, busy for 50 ms an ask, held the GIL against the 16 connection threads.
-        Workers never wait for this thread either (tried: 0.872, with every waiting worker's thread
-        woken at each ask); they ask themselves when nothing is ready.
+        With a sampler in the driver's process, the ask runs under the coordinator's lock, like every
+        Optuna call. Outside it (tried: Optuna allows it) the 10,000-trial TPE study got slower, 0.856
+        against 0.929 without sampling ahead: the sampler thread, busy for 50 ms an ask, held the GIL
+        against the 16 connection threads. With a sampler in other processes (``parallel_asks``), the
+        ask waits on a pipe, holding neither, and runs outside the lock, on ``parallel_asks`` threads at
+        once. Workers never wait for these threads either (tried: 0.872, with every waiting worker's
+        thread woken at each ask); they ask themselves when nothing is ready.
         """
         while True:
             with self._lock:  # one ask per hold: workers waiting for the lock get it between asks
                 while not self._closing.is_set() and (
                     self.stop_reason is not None
                     or self._to_start <= 0
-                    or len(self._ahead) >= self._sample_ahead
+                    or len(self._ahead) + self._asking_ahead >= self._sample_ahead
                 ):
                     self._changed.wait(timeout=1.0)
                 if self._closing.is_set():
                     return
                 self._to_start -= 1
+                if not self._ask_unlocked:
+                    try:
+                        self._ahead.append(self._ask_trial())
+                    except Exception as exc:
+                        self._sampler_failed(exc)
+                    self._changed.notify_all()
+                else:
+                    self._asking += 1
+                    self._asking_ahead += 1
+            if self._ask_unlocked:
                 try:
-                    self._ahead.append(self._ask_trial())
+                    asked = self._ask_outside_lock()
                 except Exception as exc:
-                    _log.exception("the sampler failed")
-                    self._to_start += 1
-                    self._halt(f"the sampler failed: {exc}")
-                self._changed.notify_all()
+                    with self._lock:
+                        self._asking_ahead -= 1
+                        self._sampler_failed(exc, counted=True)
+                else:
+                    with self._lock:
+                        self._asking_ahead -= 1
+                        if self.stop_reason is not None or self._closing.is_set():
+                            self._interrupt(asked[0])
+                        else:
+                            self._ahead.append(asked)
+                        self._changed.notify_all()
             time.sleep(0)  # let a worker's thread take the lock (and the GIL) before the next ask
+
+    def _sampler_failed(self, exc: Exception, *, counted: bool = False) -> None:
+        """The ask raised: stop the study with its error (under the lock); ``counted``: already given back."""
+        _log.error("the sampler failed", exc_info=exc)
+        if not counted:
+            self._to_start += 1
+        self._halt(f"the sampler failed: {exc}")
 
     def _report(self, number: int, step: int, value: float, conn_id: int, *, final: bool) -> bool:
         with self._lock:

@@ -57,6 +57,7 @@ from deepspark.tuning.coordinator import (
 from deepspark.tuning.objectives import SELECT_ON, BuiltinOptions, ImageClassifierObjective
 from deepspark.tuning.refit import refit_models
 from deepspark.tuning.report import StudySummary, best_and_default, records_from_study, write_reports
+from deepspark.tuning.sampling import PROCESS_FROM_TRIALS, ProcessSampler, sampler_processes, tpe_sampler
 from deepspark.tuning.space import SearchSpace, load_space
 from deepspark.tuning.trial import Reporter, TrialRecord, TrialState
 from deepspark.tuning.worker import WorkerSpec, run_worker
@@ -116,16 +117,30 @@ class StudyResult:
         return {s.value: sum(r.state is s for r in self.records) for s in TrialState}
 
 
-def _sampler(config: StudyConfig, search: SearchSpace, given: object) -> optuna.samplers.BaseSampler:
+def _sampler(
+    config: StudyConfig,
+    search: SearchSpace,
+    given: object,
+    *,
+    journal: Path | None,
+    trials: int,
+    parallelism: int | None,
+) -> optuna.samplers.BaseSampler:
     if isinstance(given, optuna.samplers.BaseSampler):
         return given
     if config.sampler == "tpe":
-        return optuna.samplers.TPESampler(
-            seed=config.seed,
-            constant_liar=True,
-            multivariate=True,
-            n_startup_trials=min(10, max(2, len(search.params) * 2)),
-        )
+        n_startup = min(10, max(2, len(search.params) * 2))
+        if journal is not None and trials >= PROCESS_FROM_TRIALS:
+            # A large study: TPE's ask grows with it, so it runs beside the driver, not in it (in one
+            # process for a study that runs one trial at a time: its asks come one at a time).
+            return ProcessSampler(
+                journal=str(journal.resolve()),
+                study_name=config.study_name,
+                seed=config.seed,
+                n_startup_trials=n_startup,
+                processes=1 if parallelism == 1 else sampler_processes(),
+            )
+        return tpe_sampler(seed=config.seed, n_startup_trials=n_startup)
     # "grid": every point is enqueued up front (see _plan_grid), so the sampler is never asked for a value.
     # Optuna's GridSampler is not used: it calls study.stop() from tell() once the grid is exhausted
     # (an error outside study.optimize) and gives a grid point to the enqueued default trial's number.
@@ -520,7 +535,15 @@ def _run(
         run_path.mkdir(parents=True, exist_ok=True)
         if config.to_dict() != dict(saved):
             rundir.write_config(run_path, config.to_dict())
-        study, storage, made = _open_study(config, run_path, resume=resume, search=search, objects=objects)
+        study, storage, made = _open_study(
+            config,
+            run_path,
+            resume=resume,
+            search=search,
+            objects=objects,
+            trials=target,
+            parallelism=options.parallelism,
+        )
         _requeue_running(study, storage, config.study_name)
         finished = len(records_from_study(study))
         if default is not None and not study.trials:
@@ -551,7 +574,13 @@ def _run(
                 run_path=run_path,
                 keep_default=selected_on == "validation",
             )
-            stop_reason, used_parallelism = _execute(study, work, options)
+            try:
+                if isinstance(study.sampler, ProcessSampler):
+                    study.sampler.start()
+                stop_reason, used_parallelism = _execute(study, work, options)
+            finally:
+                if isinstance(study.sampler, ProcessSampler):
+                    study.sampler.close()  # its process never outlives the trials it samples for
     except BaseException:
         # A start that failed (no Spark, a bad master or dataset, executors that cannot run the study,
         # Ctrl-C while the JVM starts) leaves nothing behind, so the corrected command runs as is.
@@ -643,15 +672,23 @@ def _previous_summary(run_path: Path) -> StudySummary | None:
 
 
 def _open_study(
-    config: StudyConfig, run_path: Path, *, resume: bool, search: SearchSpace, objects: tuple[object, object]
+    config: StudyConfig,
+    run_path: Path,
+    *,
+    resume: bool,
+    search: SearchSpace,
+    objects: tuple[object, object],
+    trials: int,
+    parallelism: int | None,
 ) -> tuple[optuna.Study, BaseStorage, bool]:
     """The study in its storage (made when missing), its settings set as user attributes; and whether
     this call made it. A new run never joins a study of the same name that a shared storage holds."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if config.storage is None:
-            storage: BaseStorage = JournalStorage(JournalFileBackend(str(run_path / JOURNAL)))
+        journal = run_path / JOURNAL if config.storage is None else None
+        if journal is not None:
+            storage: BaseStorage = JournalStorage(JournalFileBackend(str(journal)))
         else:
             try:
                 storage = optuna.storages.get_storage(config.storage)
@@ -670,7 +707,9 @@ def _open_study(
             direction=optuna.study.StudyDirection.MAXIMIZE
             if config.maximize
             else optuna.study.StudyDirection.MINIMIZE,
-            sampler=_sampler(config, search, objects[0]),
+            sampler=_sampler(
+                config, search, objects[0], journal=journal, trials=trials, parallelism=parallelism
+            ),
             pruner=_pruner(config, objects[1]),
         )
     for key, value in config.user_attrs().items():
@@ -790,7 +829,8 @@ def _execute(study: optuna.Study, work: _Work, options: RunOptions) -> tuple[str
         trial_timeout=options.trial_timeout,
         heartbeat_timeout=options.heartbeat_timeout,
         cancel=cancel,
-        sample_ahead=_sample_ahead(width),
+        sample_ahead=_sample_ahead(width, sampled_elsewhere=isinstance(study.sampler, ProcessSampler)),
+        parallel_asks=study.sampler.processes if isinstance(study.sampler, ProcessSampler) else 0,
     )
     try:
         coordinator.start()
@@ -845,15 +885,17 @@ def _execute(study: optuna.Study, work: _Work, options: RunOptions) -> tuple[str
     return (None if reason == "done" else reason), width
 
 
-def _sample_ahead(width: int) -> int:
-    """How many trials the coordinator samples ahead with ``width`` trials at once: one per 8 slots.
+def _sample_ahead(width: int, *, sampled_elsewhere: bool = False) -> int:
+    """How many trials the coordinator samples ahead with ``width`` trials at once: one per 8 slots, or
+    one per 4 when the sampler runs in its own processes (its asks take longer, so more are in flight).
 
     With 16 one-second trials at once, a slot asks for a trial every 62 ms on average, about what
     TPE's ask costs at 10,000 trials; sampled ahead, the ask leaves the gap between trials. Below 8 slots
-    nothing is sampled ahead: every configuration is sampled knowing all results so far, as before
-    (sampling ahead adds ``width // 8`` pending trials to the ``width`` the sampler already sees).
+    (4 when sampled elsewhere) nothing is sampled ahead: every configuration is sampled knowing all
+    results so far, as before (sampling ahead adds that many pending trials to the ``width`` the
+    sampler already sees).
     """
-    return width // 8
+    return width // 4 if sampled_elsewhere else width // 8
 
 
 def _notify(study: optuna.Study, options: RunOptions) -> Callable[[TrialEvent], None] | None:
