@@ -104,6 +104,25 @@ def test_a_zero_byte_file_is_an_error_row_not_a_dropped_row(
     assert result.summary is not None and (result.summary.rows, result.summary.errors) == (3, 1)
 
 
+def test_input_files_are_listed_in_one_jvm_call_exactly_as_spark_lists_them(
+    spark: Any, tmp_path: Path
+) -> None:
+    from deepspark.inference._inputs import _input_files
+
+    root = tmp_path / "odd names"
+    root.mkdir()
+    for name in ["a, b.png", "ü ñ.png", "x%20y.png", "plain.png", "empty.png"]:
+        (root / name).write_bytes(b"" if name == "empty.png" else b"x")
+    df = spark.read.format("binaryFile").load(str(root))
+    expected = list(df.inputFiles())  # pyspark's: one Py4J round trip per file
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(df), "inputFiles", lambda self: pytest.fail("listed file by file"))
+        listed = _input_files(df)
+    assert listed == expected and len(listed) == 5
+    nothing = spark.read.format("binaryFile").option("pathGlobFilter", "*.jpg").load(str(root))
+    assert _input_files(nothing) == []
+
+
 def test_model_is_loaded_once_per_worker_not_per_partition(
     spark: Any, small_model: Model, tmp_path: Path
 ) -> None:
@@ -198,6 +217,22 @@ def test_a_glob_in_a_directory_matches_one_level_like_a_shell(
     rows = predict(f"{root}/*/*.png", small_model.path, spark=spark).dataframe.collect()
     assert sorted(r["path"].split("/tree/", 1)[1] for r in rows) == ["a/1.png", "b/2.png"]
     assert all(r["error"] is None for r in rows)
+    # Hadoop's {x,y} alternatives, in the directories and in the file name, read as Spark reads them.
+    rows = predict(f"{root}/{{a,b,none}}/{{1,2}}.png", small_model.path, spark=spark).dataframe.collect()
+    assert sorted(r["path"].split("/tree/", 1)[1] for r in rows) == ["a/1.png", "b/2.png"]
+    rows = predict(f"{root}/{{b,b/deep}}/*.png", small_model.path, spark=spark).dataframe.collect()
+    assert sorted(r["path"].split("/tree/", 1)[1] for r in rows) == ["b/2.png", "b/deep/3.png"]
+    with pytest.raises(ConfigError, match="no files match"):
+        predict(f"{root}/{{x,y}}/*.png", small_model.path, spark=spark)
+
+
+def test_brace_alternatives_expand_as_hadoop_globs_read_them() -> None:
+    from deepspark.inference._inputs import braces
+
+    assert braces("d/{a,b{1,2}}/*.png") == ["d/a/*.png", "d/b1/*.png", "d/b2/*.png"]
+    assert braces("{00,01}/{*.png,*.jpg}") == ["00/*.png", "00/*.jpg", "01/*.png", "01/*.jpg"]
+    assert braces("{,x}y") == ["y", "xy"]
+    assert braces("no{close") == ["no{close"] and braces("plain/*.png") == ["plain/*.png"]
 
 
 def test_onnx_backend_and_exported_formats_agree_with_torch(
