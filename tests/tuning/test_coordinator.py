@@ -309,8 +309,9 @@ def test_sampling_ahead_keeps_k_trials_asked_and_never_asks_more_than_the_study_
         assert handed == [0, 1, 2, 3, 4]
         assert _states(study) == ["COMPLETE"] * 5  # exactly n_trials asked, none left over
         assert [r.number for r in coord.records] == handed
-        for t in study.get_trials(deepcopy=False):
-            assert t.user_attrs["deepspark:config"] == t.params  # the configuration the worker ran
+        for t, record in zip(study.get_trials(deepcopy=False), coord.records, strict=True):
+            # The configuration the worker ran is Optuna's parameters: not written twice.
+            assert "deepspark:config" not in t.user_attrs and record.params == t.params
             # Optuna's start is the ask; the hand-over to the worker is recorded apart, later.
             handed_over = datetime.datetime.fromisoformat(t.user_attrs["deepspark:started"])
             assert t.datetime_start <= handed_over <= t.datetime_complete
@@ -475,3 +476,33 @@ def test_a_trial_asked_outside_the_lock_as_the_study_stops_is_interrupted_and_qu
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "WAITING"]
     assert trials[1].user_attrs["deepspark:interrupted"] is True
     assert trials[2].user_attrs["deepspark:rerun_of"] == 1
+
+
+def test_a_configuration_beyond_optunas_parameters_is_recorded_and_read_back() -> None:
+    from deepspark.tuning.report import records_from_study
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    coord = Coordinator(
+        study,
+        distributions={"x": optuna.distributions.FloatDistribution(0.0, 1.0)},
+        fixed={"epochs": 3},
+        n_trials=2,
+        token="secret",
+    )
+    coord.start()
+    try:
+        worker = _connect(coord, 0)
+        try:
+            for _ in range(2):
+                task = _ask(worker, {"op": "next"})
+                assert task["params"] == {"x": task["params"]["x"], "epochs": 3}
+                _ask(worker, {"op": "done", "trial": task["trial"], "state": "complete", "value": 0.5})
+        finally:
+            worker.close()
+        _until(lambda: coord.finished)
+    finally:
+        coord.close()
+    for t, record in zip(study.get_trials(deepcopy=False), records_from_study(study), strict=True):
+        assert t.user_attrs["deepspark:config"] == {**t.params, "epochs": 3}
+        assert record.params == {**t.params, "epochs": 3}

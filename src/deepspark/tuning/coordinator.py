@@ -447,11 +447,14 @@ class Coordinator:
                 self._changed.notify_all()
 
     def _ask_trial(self) -> tuple[optuna.Trial, dict[str, Any]]:
-        """Ask the sampler for a new trial and record its whole configuration (the caller counts it)."""
+        """Ask the sampler for a new trial and record its whole configuration where Optuna's parameters
+        are not all of it (the caller counts it). Readers take ``CONFIG_ATTR``, else the parameters: a
+        search space without fixed values saves a journal write per trial (of five)."""
         trial = self.study.ask(self._distributions)
         # The default configuration may pin values that other trials take from ``fixed``.
         params = {**self._fixed, **trial.params, **trial.user_attrs.get(OVERRIDES_ATTR, {})}
-        trial.set_user_attr(CONFIG_ATTR, params)
+        if params != trial.params:
+            trial.set_user_attr(CONFIG_ATTR, params)
         return trial, params
 
     def _sample(self) -> None:
