@@ -5,8 +5,7 @@ The public API is short and imported lazily, so ``import deepspark`` stays cheap
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from deepspark._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -37,12 +36,4 @@ _API = {
 __all__ = sorted(_API)
 
 
-def __getattr__(name: str) -> Any:
-    module = _API.get(name)
-    if module is None:
-        raise AttributeError(f"module 'deepspark' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*__all__, "__version__"])
+__getattr__, __dir__ = lazy_attributes("deepspark", _API, extra=("__version__",))

@@ -93,9 +93,10 @@ def _input_files(df: DataFrame) -> list[str]:
     try:
         files = df._jdf.inputFiles()
         count = len(files)
+        if count == 0:
+            return []
         seq = df.sparkSession.sparkContext._jvm.scala.collection.immutable.ArraySeq  # type: ignore[union-attr]
-        joined = str(seq.unsafeWrapArray(files).mkString("\u0000")) if count else ""
-        names = joined.split("\u0000") if count else []
+        names = str(seq.unsafeWrapArray(files).mkString("\u0000")).split("\u0000")
         if len(names) == count:
             return names
     except (Py4JError, AttributeError, TypeError):

@@ -6,8 +6,9 @@ package (the sampler process runs ``deepspark.tuning.sampling``) does not import
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from deepspark._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from deepspark.tuning.config import PRUNERS, SAMPLERS, RunOptions, StudyConfig
@@ -59,12 +60,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _API.get(name)
-    if module is None:
-        raise AttributeError(f"module 'deepspark.tuning' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_attributes("deepspark.tuning", _API)

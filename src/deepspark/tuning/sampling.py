@@ -149,18 +149,6 @@ class ProcessSampler(optuna.samplers.BaseSampler):
         except _Gone:
             return self._local.sample_independent(study, trial, param_name, param_distribution)
 
-    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self._local.before_trial(study, trial)  # TPE's own is its random fallback's: stateless
-
-    def after_trial(
-        self,
-        study: optuna.Study,
-        trial: optuna.trial.FrozenTrial,
-        state: optuna.trial.TrialState,
-        values: Any,
-    ) -> None:
-        self._local.after_trial(study, trial, state, values)  # no constraints: nothing to record
-
     # -------------------------------------------------------------------------- the children
     @property
     def running(self) -> int:
