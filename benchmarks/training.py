@@ -9,6 +9,8 @@ same number of epochs, bytes communicated per epoch, and the time split. Runs (`
     torchdistributor                pyspark.ml.torch.TorchDistributor running a DDP loop 2x1
     RUN@slow3                       RUN with worker 1 slowed 3x (it sleeps twice its compute time)
     RUN:lr=X                        RUN with learning rate X (e.g. scaled by the worker count)
+    RUN:batch=B                     RUN with B images per step and worker (default 64; avg-plain-50:batch=32
+                                    takes the one-process run's 64-image global batch)
     async:staleness=S:tau=T         async with staleness bound S (default 2) and T steps between pushes
                                     (default 1); combines with @slow3 and :lr=
 
@@ -61,20 +63,29 @@ ALL_RUNS = (
 )
 
 
-def run_fit(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from deepspark.errors import ConfigError
-    from deepspark.training import fit
-
-    full = name
-    name, *settings = name.split(":")
+def _settings(full: str) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """``RUN:key=value:...`` as (RUN, the settings given, the training recipe with ``lr``/``batch`` applied)."""
+    name, *settings = full.split(":")
     given = dict(s.split("=", 1) for s in settings)
-    unknown = set(given) - {"lr", "staleness", "tau"}
+    unknown = set(given) - {"lr", "staleness", "tau", "batch"}
     if unknown:
         raise SystemExit(f"training.py: error: run {full!r}: unknown setting(s) {sorted(unknown)}")
     if {"staleness", "tau"} & set(given) and not name.startswith("async"):
         raise SystemExit(f"training.py: error: run {full!r}: staleness and tau settings are for async runs")
-    rate = given.get("lr")
-    config = {**CONFIG, "epochs": args.epochs, **({"learning_rate": float(rate)} if rate else {})}
+    config = dict(CONFIG)
+    if "lr" in given:
+        config["learning_rate"] = float(given["lr"])
+    if "batch" in given:
+        config["batch_size"] = int(given["batch"])
+    return name, given, config
+
+
+def run_fit(full: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from deepspark.errors import ConfigError, RunError
+    from deepspark.training import fit
+
+    name, given, recipe = _settings(full)
+    config = {**recipe, "epochs": args.epochs}
     options: dict[str, Any] = {
         "config": config,
         "limit_train": args.limit_train,
@@ -109,7 +120,7 @@ def run_fit(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     try:
         result = fit("mnist", "lenet", **options, on_round=watch)
-    except ConfigError as exc:
+    except (ConfigError, RunError) as exc:  # a bad setting, or a run that failed (e.g. diverged): say so
         return {"run": full, "error": str(exc)}
     rounds = [r for r in result.history if r.get("seconds") not in ("", None)]
     per_round = sum(float(r["seconds"]) for r in rounds) / max(len(rounds), 1)
@@ -172,25 +183,26 @@ def _ddp_loop(
     return curve
 
 
-def run_torchdistributor(args: argparse.Namespace) -> dict[str, Any]:
+def run_torchdistributor(full: str, args: argparse.Namespace) -> dict[str, Any]:
     from pyspark.ml.torch.distributor import TorchDistributor
 
     from deepspark.models import build_model, model_spec
 
+    _, _, config = _settings(full)
     started = time.perf_counter()
     # On the standalone cluster its processes run in barrier tasks on the executors, as ours do.
     curve = TorchDistributor(num_processes=2, local_mode=not args.standalone, use_gpu=False).run(
-        _ddp_loop, args.epochs, args.limit_train, args.limit_test, CONFIG, time.time()
+        _ddp_loop, args.epochs, args.limit_train, args.limit_test, config, time.time()
     )
     wall = time.perf_counter() - started
     params = sum(p.numel() for p in build_model(model_spec("lenet")).parameters())
     rows = args.limit_train or 60000
-    steps = math.ceil(rows / 2 / CONFIG["batch_size"])
+    steps = math.ceil(rows / 2 / config["batch_size"])
     # Ring all-reduce of the gradients: each of 2 workers sends and receives (W-1)/W of them per step.
     ring = 2 * 2 * (2 - 1) / 2 * params * 4 * steps
     reach = next((t for t, acc in curve if acc >= TARGET), None)
     return {
-        "run": "torchdistributor",
+        "run": full,
         "to_99_s": reach,
         "accuracy": curve[-1][1],
         "wall_s": wall,
@@ -215,6 +227,13 @@ def main() -> None:
         "and killed by the benchmark) instead of local[2]",
     )
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument(
+        "--no-warm-up",
+        dest="warm_up",
+        action="store_false",
+        help="skip the untimed warm-up fit before each deepspark Spark run (before 2026-11-24 there was "
+        "none: a run after a minute without Spark paid for fresh Python workers importing torch)",
+    )
     args = parser.parse_args()
     runs = [r for r in args.runs.split(",") if r]
     results = []
@@ -226,7 +245,13 @@ def main() -> None:
             f"MNIST images; {CONFIG}; load average at start {os.getloadavg()[0]:.1f}"
         )
         for name in runs:
-            row = run_torchdistributor(args) if name == "torchdistributor" else run_fit(name, args, Path(tmp))
+            if args.warm_up and not name.startswith(("local", "torchdistributor")):
+                print(f"{name}: untimed warm-up fit (2 workers, 1,024 images): {_warm_up(Path(tmp)):.1f} s")
+            row = (
+                run_torchdistributor(name, args)
+                if name.split(":")[0] == "torchdistributor"
+                else run_fit(name, args, Path(tmp))
+            )
             results.append(row)
             print(json.dumps(row), flush=True)
     _report(results)
@@ -261,6 +286,27 @@ def _start_spark(stack: contextlib.ExitStack, tmp: Path, *, standalone: bool) ->
     return f"standalone cluster {url} (2 workers x 1 core)"
 
 
+def _warm_up(tmp: Path) -> float:
+    """One small, untimed 2-worker fit before each deepspark Spark run, as the inference benchmark warms
+    up before it times: Spark ends Python workers idle for a minute (a one-process run lasts longer), and
+    a fresh worker imports torch and the JVM compiles its hot paths (8-10 s on these 2 cores) in the run
+    that comes first after them. Returns its seconds."""
+    from deepspark.training import fit
+
+    started = time.perf_counter()
+    fit(
+        "mnist",
+        "lenet",
+        strategy="average",
+        workers=2,
+        config={**CONFIG, "epochs": 1},
+        limit_train=1024,
+        limit_test=256,
+        run_dir=Path(tempfile.mkdtemp(prefix="warm-up-", dir=tmp)) / "run",
+    )
+    return time.perf_counter() - started
+
+
 def _wait_for_executors(spark: Any, count: int, *, timeout: float) -> None:
     """Until tasks have run on ``count`` executors (each has its own working directory), at most
     ``timeout`` seconds: the first run must not pay for executors still registering."""
@@ -277,20 +323,21 @@ def _wait_for_executors(spark: Any, count: int, *, timeout: float) -> None:
 
 def _report(results: list[dict[str, Any]]) -> None:
     by = {r["run"]: r for r in results if "error" not in r}
+    w = max([18, *(len(r["run"]) + 2 for r in results)])
     print(
-        f"\n{'run':<18}{'to 99.0%':>10}{'accuracy':>10}{'wall s':>9}{'MB/epoch':>10}"
+        f"\n{'run':<{w}}{'to 99.0%':>10}{'accuracy':>10}{'wall s':>9}{'MB/epoch':>10}"
         f"{'round s':>9}{'overhead':>9}{'start s':>9}"
     )
     for r in results:
         if "error" in r:
-            print(f"{r['run']:<18} not run: {r['error']}")
+            print(f"{r['run']:<{w}} not run: {r['error']}")
             continue
         to = f"{r['to_99_s']:.0f} s" if r["to_99_s"] else "-"
         split = r.get("split") or {}
         over = f"{100 * r['round_overhead']:.0f}%" if r.get("round_overhead") is not None else "-"
         start = f"{split['scheduling_s']:.0f}" if "scheduling_s" in split else "-"
         print(
-            f"{r['run']:<18}{to:>10}{r['accuracy'] or 0:>10.4f}{r['wall_s']:>9.0f}"
+            f"{r['run']:<{w}}{to:>10}{r['accuracy'] or 0:>10.4f}{r['wall_s']:>9.0f}"
             f"{r['bytes_per_epoch'] / 1e6:>10.1f}{r['round_s'] or 0:>9.2f}"
             f"{over:>9}{start:>9}"
         )
@@ -299,18 +346,26 @@ def _report(results: list[dict[str, Any]]) -> None:
         ta, tb = by.get(a, {}).get("to_99_s"), by.get(b, {}).get("to_99_s")
         return f"{tb / ta:.2f}x" if ta and tb else "n/a (one of them did not reach 99.0%)"
 
+    def peer(name: str, run: str) -> str:
+        """``name`` with ``run``'s batch setting when that run is there: DDP and all-reduce are compared
+        at the same images per step and worker (the one-process runs take 64 a step, as ever)."""
+        batch = next((s for s in run.split(":")[1:] if s.startswith("batch=")), None)
+        return f"{name}:{batch}" if batch and f"{name}:{batch}" in by else name
+
     for run in (k for k in by if k.startswith("async@slow3")):
-        if "avg-plain-50@slow3" in by:
-            print(f"{run}: {ratio(run, 'avg-plain-50@slow3')} faster than avg-plain-50@slow3 (> 1x)")
+        slow = peer("avg-plain-50@slow3", run)
+        if slow in by:
+            print(f"{run}: {ratio(run, slow)} faster than {slow} (> 1x)")
     for avg in (k for k in by if k.startswith("avg-") and "@" not in k):
         # (runs with another learning rate are compared like the others: same epochs, same data)
+        ddp, allreduce = peer("torchdistributor", avg), peer("allreduce", avg)
         print(
             f"{avg}: {ratio(avg, 'local1')} faster than local1 (target 1.7x), {ratio(avg, 'local2')} than "
-            f"local2 (> 1x), {ratio(avg, 'torchdistributor')} than TorchDistributor (>= 1x)"
+            f"local2 (> 1x), {ratio(avg, ddp)} than {ddp} (>= 1x)"
         )
-        if "allreduce" in by and by["allreduce"]["bytes_per_epoch"]:
-            share = by[avg]["bytes_per_epoch"] / by["allreduce"]["bytes_per_epoch"]
-            print(f"    bytes per epoch = {share:.4f} of allreduce's (target <= 0.04 at tau >= 50)")
+        if allreduce in by and by[allreduce]["bytes_per_epoch"]:
+            share = by[avg]["bytes_per_epoch"] / by[allreduce]["bytes_per_epoch"]
+            print(f"    bytes per epoch = {share:.4f} of {allreduce}'s (target <= 0.04 at tau >= 50)")
         if "local1" in by and by[avg]["accuracy"] is not None:
             print(
                 f"    final accuracy {100 * (by[avg]['accuracy'] - by['local1']['accuracy']):+.2f} points vs local1"

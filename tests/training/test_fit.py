@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from deepspark.data import load_dataset, write_idx
-from deepspark.errors import ConfigError, DeepsparkError
+from deepspark.errors import ConfigError, DeepsparkError, RunError
 from deepspark.models import build_model, load_checkpoint, model_spec
 from deepspark.training import TrainConfig, fit, train_one_process
 
@@ -143,6 +143,19 @@ def test_nesterov_outer_step_moves_past_the_average_and_is_checkpointed(
 
     saved = load_file(str(nesterov.run_dir / "checkpoint" / "state.safetensors"))
     assert any(k.startswith("outer.") for k in saved)
+
+
+def test_a_diverging_nesterov_run_names_the_outer_step(spark: Any, toy: Path, tmp_path: Path) -> None:
+    config = {**SGD, "batch_size": 8, "epochs": 2, "seed": 1}
+    with pytest.raises(RunError, match=r"diverged.*Nesterov outer step \(outer learning rate 1e\+30"):
+        fit(
+            str(toy),
+            "mlp",
+            workers=2,
+            config=config,
+            average={"tau": 2, "outer": "nesterov", "outer_learning_rate": 1e30},
+            run_dir=tmp_path / "run",
+        )
 
 
 def test_resume_continues_the_same_loss_curve(

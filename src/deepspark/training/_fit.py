@@ -754,7 +754,18 @@ def _fit_average(run: _Run) -> FitResult:
         return functools.partial(average_task, _task_spec(run, total_steps, (host, port, token)))
 
     assert data.frame is not None
-    _run_workers(run.spark, data.frame, workers, server, task_fn, "deepspark-average")
+    try:
+        _run_workers(run.spark, data.frame, workers, server, task_fn, "deepspark-average")
+    except RunError as exc:
+        settings = run.settings
+        if settings.outer != "nesterov" or "DivergenceError" not in str(exc):
+            raise
+        # The workers' loss blew up, but the steps they take are the outer step's as much as their own.
+        raise RunError(
+            f"{exc}, or the Nesterov outer step (outer learning rate {settings.outer_learning_rate:g}, "
+            f"momentum {settings.outer_momentum:g}: DiLoCo's 0.7 / 0.9 assume long rounds; tau is "
+            f"{settings.tau}), or use the plain outer step"
+        ) from exc
     driver_model.load_state_dict(dict(server.weights))
     return _finish(run, driver_model, history, devices=server.devices)
 
