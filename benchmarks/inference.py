@@ -181,29 +181,17 @@ def plain_loop(
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _proc_table() -> dict[int, tuple[int, bytes, list[int]]]:
-    """pid -> (parent pid, command line, [utime, stime, cutime, cstime] in ticks) from Linux /proc."""
-    table: dict[int, tuple[int, bytes, list[int]]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        table[int(entry.name)] = (int(fields[1]), cmdline, [int(f) for f in fields[11:15]])
-    return table
-
-
 def spark_cpu_seconds() -> dict[str, float]:
     """CPU seconds used so far by this driver's Python, the Spark JVM it started (its own threads) and
     the Python workers below the JVM (live workers, plus what exited workers left in their parents'
     child times). Differences between two calls split a job's core-seconds. Empty off Linux."""
     if not Path("/proc/self/stat").exists():
         return {}
-    table = _proc_table()
+    if str(ROOT / "tests") not in sys.path:  # the cluster harness reads /proc for the fault tests
+        sys.path.insert(0, str(ROOT / "tests"))
+    from _cluster import proc_table
+
+    table = proc_table()
     me = os.getpid()
     seconds = {"driver": sum(table[me][2][:2]) / _TICK, "jvm": 0.0, "python_workers": 0.0}
     jvms = [pid for pid, (ppid, cmd, _) in table.items() if ppid == me and b"java" in cmd]
