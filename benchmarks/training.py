@@ -60,6 +60,11 @@ ALL_RUNS = (
     "torchdistributor",
     "avg-plain-50@slow3",
     "async@slow3",
+    # the one-process run's global batch (64 images a step) split over the two workers
+    "avg-plain-50:batch=32",
+    "avg-plain-200:batch=32",
+    "allreduce:batch=32",
+    "torchdistributor:batch=32",
 )
 
 
