@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deepspark.errors import ConfigError
+from deepspark.models import Preprocess
+
+
+def test_it_scales_and_normalises_each_channel_without_touching_its_input() -> None:
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(5, 3, 4, 6), dtype=np.uint8)
+    preprocess = Preprocess(input_shape=(3, 4, 6), mean=(0.5,), std=(0.2, 0.3, 0.4))
+    expected = (images.astype(np.float64) / 255 - 0.5) / np.array([0.2, 0.3, 0.4]).reshape(3, 1, 1)
+    out = preprocess.apply(images)
+    assert out.dtype == torch.float32 and out.shape == (5, 3, 4, 6)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-6)
+    # A float input is copied, never normalised in place.
+    floats = torch.from_numpy(images).to(torch.float32)
+    before = floats.clone()
+    np.testing.assert_allclose(preprocess.apply(floats).numpy(), expected, rtol=0, atol=1e-6)
+    assert torch.equal(floats, before)
+
+
+def test_one_channel_images_may_leave_the_channel_out() -> None:
+    preprocess = Preprocess(input_shape=(1, 2, 2), mean=(0.1307,), std=(0.3081,))
+    images = np.array([[[0, 255], [128, 7]]], dtype=np.uint8)
+    out = preprocess.apply(images)
+    assert out.shape == (1, 1, 2, 2)
+    np.testing.assert_allclose(out.numpy()[:, 0], (images / 255 - 0.1307) / 0.3081, rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="do not match the model input"):
+        preprocess.apply(np.zeros((1, 3, 3), dtype=np.uint8))
