@@ -13,6 +13,8 @@ same number of epochs, bytes communicated per epoch, and the time split. Runs (`
                                     takes the one-process run's 64-image global batch)
     async:staleness=S:tau=T         async with staleness bound S (default 2) and T steps between pushes
                                     (default 1); combines with @slow3 and :lr=
+    avg-nesterov-T:outer_lr=A:outer_momentum=M
+                                    the Nesterov outer step's learning rate and momentum (default 0.7, 0.9)
 
 Targets (the training issue): average 2x1 reaches 99.0% >= 1.7x faster than local1, faster than local2,
 and no slower than TorchDistributor; average at tau >= 50 communicates <= 1/25 of allreduce's bytes per
@@ -68,15 +70,21 @@ ALL_RUNS = (
 )
 
 
+# RUN:outer_lr=A:outer_momentum=M set a Nesterov average run's outer step (AverageSettings' fields).
+OUTER_SETTINGS = {"outer_lr": "outer_learning_rate", "outer_momentum": "outer_momentum"}
+
+
 def _settings(full: str) -> tuple[str, dict[str, str], dict[str, Any]]:
     """``RUN:key=value:...`` as (RUN, the settings given, the training recipe with ``lr``/``batch`` applied)."""
     name, *settings = full.split(":")
     given = dict(s.split("=", 1) for s in settings)
-    unknown = set(given) - {"lr", "staleness", "tau", "batch"}
+    unknown = set(given) - {"lr", "staleness", "tau", "batch", *OUTER_SETTINGS}
     if unknown:
         raise SystemExit(f"training.py: error: run {full!r}: unknown setting(s) {sorted(unknown)}")
     if {"staleness", "tau"} & set(given) and not name.startswith("async"):
         raise SystemExit(f"training.py: error: run {full!r}: staleness and tau settings are for async runs")
+    if set(OUTER_SETTINGS) & set(given) and not name.startswith("avg-nesterov"):
+        raise SystemExit(f"training.py: error: run {full!r}: outer step settings are for avg-nesterov runs")
     config = dict(CONFIG)
     if "lr" in given:
         config["learning_rate"] = float(given["lr"])
@@ -109,7 +117,8 @@ def run_fit(full: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         options.update(strategy="local", workers=1, threads_per_worker=int(name[-1]))
     elif name.startswith("avg-"):
         _, outer, tau = name.split("-")
-        options.update(strategy="average", workers=2, average={"tau": int(tau), "outer": outer})
+        outer_step = {field: float(given[key]) for key, field in OUTER_SETTINGS.items() if key in given}
+        options.update(strategy="average", workers=2, average={"tau": int(tau), "outer": outer, **outer_step})
     else:
         options.update(strategy=name, workers=2)
     reached: list[float] = []
@@ -348,7 +357,10 @@ def _report(results: list[dict[str, Any]]) -> None:
         )
 
     def ratio(a: str, b: str) -> str:
-        ta, tb = by.get(a, {}).get("to_99_s"), by.get(b, {}).get("to_99_s")
+        missing = [run for run in (a, b) if run not in by]
+        if missing:
+            return f"n/a ({missing[0]} not in --runs)"
+        ta, tb = by[a].get("to_99_s"), by[b].get("to_99_s")
         return f"{tb / ta:.2f}x" if ta and tb else "n/a (one of them did not reach 99.0%)"
 
     def peer(name: str, run: str) -> str:

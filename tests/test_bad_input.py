@@ -165,6 +165,11 @@ CASES = [
     Case("unknown-pruner", _tune("--pruner", "hyperband"), r"--pruner: invalid choice: 'hyperband'"),
     Case("unknown-strategy", _train("--strategy", "ring"), r"--strategy: invalid choice: 'ring'"),
     Case(
+        "outer-momentum-of-1",
+        _train("--workers", "2", "--outer", "nesterov", "--outer-momentum", "1"),
+        r"outer_momentum: expected .*got 1",
+    ),
+    Case(
         "threads-per-trial-above-the-executor-cores",
         _tune_on(lambda w: w.data, "--threads-per-trial", "3", "--master", "local[2]"),
         r"threads_per_trial: expected at most 2 .*local\[2\].*got 3",

@@ -44,6 +44,9 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--outer", default=None, choices=list(OUTER), help="average: outer step (default plain)")
     p.add_argument("--outer-lr", type=float, default=None, help="average: Nesterov outer learning rate (0.7)")
     p.add_argument(
+        "--outer-momentum", type=float, default=None, help="average: Nesterov outer momentum (0.5)"
+    )
+    p.add_argument(
         "--staleness", type=int, default=None, help="async: most pushes a worker may run ahead (default 2)"
     )
     p.add_argument(
@@ -121,6 +124,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "round_seconds": args.round_seconds,
             "outer": args.outer,
             "outer_learning_rate": args.outer_lr,
+            "outer_momentum": args.outer_momentum,
         }.items()
         if v is not None
     }

@@ -763,8 +763,9 @@ def _fit_average(run: _Run) -> FitResult:
         # The workers' loss blew up, but the steps they take are the outer step's as much as their own.
         raise RunError(
             f"{exc}, or the Nesterov outer step (outer learning rate {settings.outer_learning_rate:g}, "
-            f"momentum {settings.outer_momentum:g}: DiLoCo's 0.7 / 0.9 assume long rounds; tau is "
-            f"{settings.tau}), or use the plain outer step"
+            f"momentum {settings.outer_momentum:g}, tau {settings.tau}: a step of about "
+            f"{settings.outer_learning_rate / (1 - settings.outer_momentum):.3g} times the averaged change once the "
+            f"momentum builds up), or use the plain outer step"
         ) from exc
     driver_model.load_state_dict(dict(server.weights))
     return _finish(run, driver_model, history, devices=server.devices)

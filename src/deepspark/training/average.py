@@ -57,7 +57,7 @@ class AverageSettings:
     round_seconds: float | None = None
     outer: str = "plain"
     outer_learning_rate: float = 0.7
-    outer_momentum: float = 0.9
+    outer_momentum: float = 0.5  # DiLoCo's 0.9 diverged under momentum-SGD workers: docs/training.md
 
     def __post_init__(self) -> None:
         from deepspark.validation import check_choice, check_number, check_positive_int
