@@ -151,6 +151,10 @@ def run_fit(full: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "round_s": per_round,
         "round_overhead": overhead if name.startswith("avg-") and not slow else None,
         "split": dict(result.time_split),
+        # test accuracy at each evaluation (epoch boundaries): how close to 99.0% each epoch came
+        "curve": [
+            float(r["test_accuracy"]) for r in result.history if r.get("test_accuracy") not in ("", None)
+        ],
     }
 
 
@@ -223,6 +227,7 @@ def run_torchdistributor(full: str, args: argparse.Namespace) -> dict[str, Any]:
         "bytes_per_epoch": ring,
         "round_s": None,
         "split": {},
+        "curve": [acc for _, acc in curve],
     }
 
 
@@ -340,7 +345,7 @@ def _report(results: list[dict[str, Any]]) -> None:
     w = max([18, *(len(r["run"]) + 2 for r in results)])
     print(
         f"\n{'run':<{w}}{'to 99.0%':>10}{'accuracy':>10}{'wall s':>9}{'MB/epoch':>10}"
-        f"{'round s':>9}{'overhead':>9}{'start s':>9}"
+        f"{'round s':>9}{'overhead':>9}{'start s':>9}  test accuracy by epoch"
     )
     for r in results:
         if "error" in r:
@@ -353,7 +358,7 @@ def _report(results: list[dict[str, Any]]) -> None:
         print(
             f"{r['run']:<{w}}{to:>10}{r['accuracy'] or 0:>10.4f}{r['wall_s']:>9.0f}"
             f"{r['bytes_per_epoch'] / 1e6:>10.1f}{r['round_s'] or 0:>9.2f}"
-            f"{over:>9}{start:>9}"
+            f"{over:>9}{start:>9}  {' '.join(f'{100 * a:.2f}' for a in r.get('curve', []))}"
         )
 
     def ratio(a: str, b: str) -> str:
