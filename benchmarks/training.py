@@ -1,7 +1,10 @@
 """Data-parallel training on Spark: LeNet on MNIST, every strategy side by side in one run.
 
 For each run: time to 99.0% test accuracy (evaluated at every epoch boundary), final accuracy after the
-same number of epochs, bytes communicated per epoch, and the time split. Runs (``--runs``, default all):
+same number of epochs, the test accuracy at each epoch, bytes communicated per epoch, and the time
+split. Time to 99.0% is a step function of the epoch (a run a few test images short after epoch k
+counts a whole epoch more), so where two runs reached it at different epochs the report also gives
+their ratio at the same epoch. Runs (``--runs``, default all):
 
     local1, local2                  one process with 1 / 2 threads (strategy local)
     avg-plain-T, avg-nesterov-T     average 2x1 with tau = T (1, 10, 50, 200) and a plain / Nesterov outer step
