@@ -17,7 +17,7 @@ their ratio at the same epoch. Runs (``--runs``, default all):
     async:staleness=S:tau=T         async with staleness bound S (default 2) and T steps between pushes
                                     (default 1); combines with @slow3 and :lr=
     avg-nesterov-T:outer_lr=A:outer_momentum=M
-                                    the Nesterov outer step's learning rate and momentum (default 0.7, 0.9)
+                                    the Nesterov outer step's learning rate and momentum (default 0.7, 0.5)
 
 Targets (the training issue): average 2x1 reaches 99.0% >= 1.7x faster than local1, faster than local2,
 and no slower than TorchDistributor; average at tau >= 50 communicates <= 1/25 of allreduce's bytes per

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,12 @@ def test_it_scales_and_normalises_each_channel_without_touching_its_input() -> N
     before = floats.clone()
     np.testing.assert_allclose(preprocess.apply(floats).numpy(), expected, rtol=0, atol=1e-6)
     assert torch.equal(floats, before)
+    # A read-only array (a memory map, an image decoded by Pillow) is read, without a torch warning.
+    frozen = images.astype(np.float32)
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(preprocess.apply(frozen).numpy(), expected, rtol=0, atol=1e-6)
 
 
 def test_one_channel_images_may_leave_the_channel_out() -> None:

@@ -34,19 +34,24 @@ class Preprocess:
             raise fail("std", "positive values", self.std)
 
     def apply(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(images)
+        if isinstance(images, torch.Tensor):
+            x = images.to(torch.float32, copy=True)
+        else:  # a float copy of ours (a read-only array, e.g. a memory map, is never viewed as a tensor)
+            array = np.asarray(images)
+            x = torch.empty(array.shape, dtype=torch.float32)
+            x.numpy()[...] = array
         if x.dim() == len(self.input_shape):  # [N, H, W] for a one-channel input
             x = x.unsqueeze(1)
         if tuple(x.shape[1:]) != self.input_shape:
             raise ConfigError(
                 f"images of shape {tuple(x.shape[1:])} do not match the model input {self.input_shape}"
             )
-        # One pass over a fresh float copy, x * (scale / std) - mean / std, rather than three temporaries:
+        # In place on the float copy, x * (scale / std) - mean / std, rather than three temporaries:
         # 3x faster on 30,000 MNIST images (a training worker's start, each inference batch).
         mean = torch.tensor(self.mean, dtype=torch.float64).reshape(-1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float64).reshape(-1, 1, 1)
         factor, shift = (self.scale / std).to(torch.float32), (mean / std).to(torch.float32)
-        return x.to(torch.float32, copy=True).mul_(factor).sub_(shift)
+        return x.mul_(factor).sub_(shift)
 
     def to_dict(self) -> dict[str, Any]:
         return {
