@@ -115,3 +115,29 @@ def test_seeded_build_is_reproducible() -> None:
     a = build_model(model_spec("mlp", hidden=16), seed=3).state_dict()
     b = build_model(model_spec("mlp", hidden=16), seed=3).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["lenet", "cnn"])
+def test_convolutional_models_hold_channels_last_weights_and_compute_the_same(name: str) -> None:
+    from deepspark.models import state_from_bytes, state_to_bytes
+
+    model = build_model(model_spec(name, input_shape=(3, 28, 28)), seed=5).eval()
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert not all(p.is_contiguous() for p in convs)  # the layout really changed (3 input channels)
+    plain = build_model(model_spec(name, input_shape=(3, 28, 28)), seed=5).eval()
+    plain.to(memory_format=torch.contiguous_format)
+    assert all(p.is_contiguous() for p in plain.parameters())
+    x = torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-5)
+    # written contiguous, read back into either layout with the same values
+    state = state_from_bytes(state_to_bytes(model.state_dict()))
+    assert all(torch.equal(state[k], v) for k, v in plain.state_dict().items())
+    plain.load_state_dict(state)
+    assert all(p.is_contiguous() for p in plain.parameters())
+
+
+def test_models_without_convolutions_keep_the_default_layout() -> None:
+    model = build_model(model_spec("mlp", hidden=16), seed=0)
+    assert all(p.is_contiguous() for p in model.parameters())

@@ -60,7 +60,9 @@ def export_model(
         existing = read_metadata(sidecar)
         if {k: existing.get(k) for k in meta} != meta:
             raise ConfigError(f"path: {sidecar} describes another model; export into another directory")
-    module = ckpt.model.eval()
+    # Weights in the default layout: a torch.export archive of channels-last weights (how spec models
+    # train) loads with a warning about incomplete tensors; the exported values are the same.
+    module = ckpt.model.eval().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     example = torch.zeros((2, *ckpt.spec.input_shape), dtype=torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
     if kind == "torchscript":
