@@ -68,6 +68,8 @@ ALL_RUNS = (
     "torchdistributor",
     "avg-plain-50@slow3",
     "async@slow3",
+    # the bound a user sets for a persistent straggler (docs/training.md, "Choosing the bound")
+    "async@slow3:staleness=1000:tau=10",
     # the one-process run's global batch (64 images a step) split over the two workers
     "avg-plain-50:batch=32",
     "avg-plain-200:batch=32",
