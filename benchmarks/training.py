@@ -263,6 +263,8 @@ def main() -> None:
         "run's fastest repeat (same seed, same steps: the repeats differ only in how busy the machine was)",
     )
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats: expected at least 1, got {args.repeats}")
     runs = [r for r in args.runs.split(",") if r]
     results: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
@@ -272,7 +274,7 @@ def main() -> None:
             f"{os.cpu_count()} cores, {where}; LeNet, {args.epochs} epoch(s) of {args.limit_train or 60000} "
             f"MNIST images; {CONFIG}; load average at start {os.getloadavg()[0]:.1f}"
         )
-        for name in [run for _ in range(max(args.repeats, 1)) for run in runs]:
+        for name in [run for _ in range(args.repeats) for run in runs]:
             if args.warm_up and not name.startswith(("local", "torchdistributor")):
                 print(f"{name}: untimed warm-up fit (2 workers, 1,024 images): {_warm_up(Path(tmp)):.1f} s")
             row = (
