@@ -14,6 +14,7 @@ from deepspark.data import load_dataset, write_idx
 from deepspark.errors import ConfigError, DeepsparkError, RunError
 from deepspark.models import build_model, load_checkpoint, model_spec
 from deepspark.training import TrainConfig, fit, train_one_process
+from deepspark.training.average import round_steps
 
 
 def _layout_dir(path: Path, *, train: int, test: int, classes: int = 3, size: int = 8, seed: int = 0) -> Path:
@@ -99,6 +100,42 @@ def test_two_workers_tau_1_sgd_is_one_step_on_the_union_batch(spark: Any, toy: P
     assert float(rows[0]["train_loss"]) == pytest.approx(expected_loss, abs=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("tau", "total", "rounds"),
+    [
+        (2, 9, [2, 2, 2, 3]),
+        (2, 8, [2, 2, 2, 2]),
+        (50, 30, [30]),
+        (50, 99, [99]),
+        (50, 100, [50, 50]),
+        (50, 1876, [50] * 36 + [76]),
+        (1, 5, [1] * 5),
+    ],
+)
+def test_rounds_take_tau_steps_and_the_last_one_the_remainder(
+    tau: int, total: int, rounds: list[int]
+) -> None:
+    planned, left = [], total
+    while left:
+        planned.append(round_steps(tau, left))
+        left -= planned[-1]
+    assert planned == rounds
+
+
+def test_no_round_is_shorter_than_tau(spark: Any, toy: Path, tmp_path: Path) -> None:
+    # 2 workers, batch 8: ceil(20 / 8) = 3 steps an epoch, 9 in 3 epochs; at tau 2 that is rounds of 2, 2,
+    # 2 and 3 (not a fifth round of 1 step that would move the whole weights twice for one step).
+    config = {**SGD, "batch_size": 8, "epochs": 3, "seed": 6}
+    result = fit(str(toy), "mlp", workers=2, config=config, average={"tau": 2}, run_dir=tmp_path / "run")
+    rows = _history(result.run_dir)
+    assert [int(r["round"]) for r in rows] == [0, 1, 2, 3]
+    assert sum(int(r["samples"]) for r in rows) == 2 * 9 * 8  # the same 9 full batches per worker
+    model = build_model(model_spec("mlp", input_shape=(1, 8, 8), num_classes=3))
+    weights = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    for row in rows:  # every round moves the weights once each way per worker, plus small headers
+        assert 0 < int(row["bytes"]) - 2 * 2 * weights < 4096
+
+
 def test_average_learns_mnist_and_saves_a_predictable_model(spark: Any, tmp_path: Path) -> None:
     result = fit(
         "mnist",
@@ -125,7 +162,7 @@ def test_average_learns_mnist_and_saves_a_predictable_model(spark: Any, tmp_path
 def test_nesterov_outer_step_moves_past_the_average_and_is_checkpointed(
     spark: Any, toy: Path, tmp_path: Path
 ) -> None:
-    config = {**SGD, "batch_size": 8, "epochs": 1, "seed": 1}
+    config = {**SGD, "batch_size": 8, "epochs": 2, "seed": 1}  # 6 steps: 3 rounds of 2
     plain = fit(str(toy), "mlp", workers=2, config=config, average={"tau": 2}, run_dir=tmp_path / "plain")
     nesterov = fit(
         str(toy),
@@ -161,7 +198,7 @@ def test_a_diverging_nesterov_run_names_the_outer_step(spark: Any, toy: Path, tm
 def test_resume_continues_the_same_loss_curve(
     spark: Any, toy: Path, tmp_path: Path, driver_crash: Any
 ) -> None:
-    config = {**SGD, "batch_size": 8, "epochs": 3, "seed": 2}
+    config = {**SGD, "batch_size": 8, "epochs": 4, "seed": 2}  # 12 steps: 6 rounds of 2
     whole = fit(str(toy), "mlp", workers=2, config=config, average={"tau": 2}, run_dir=tmp_path / "whole")
     expected = [float(r["train_loss"]) for r in _history(whole.run_dir)]
 

@@ -38,7 +38,10 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--tau",
         type=int,
         default=None,
-        help="average: local steps per round (default 50); async: steps between pushes (default 1)",
+        help=(
+            "average: local steps per round (default 50; the last round also takes a remainder below it); "
+            "async: steps between pushes (default 1)"
+        ),
     )
     p.add_argument("--round-seconds", type=float, default=None, help="average: rounds of S seconds instead")
     p.add_argument("--outer", default=None, choices=list(OUTER), help="average: outer step (default plain)")

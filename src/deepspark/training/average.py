@@ -42,6 +42,7 @@ __all__ = [
     "TaskSpec",
     "average_task",
     "load_worker",
+    "round_steps",
 ]
 
 _log = logging.getLogger(__name__)
@@ -237,8 +238,7 @@ class RoundServer(ServerState):
         return self._done_samples >= self._total
 
     def _open(self, number: int) -> _Round:
-        # The last round is trimmed so the run takes the requested epochs, not up to tau steps more.
-        steps = max(1, min(self._settings.tau, self._total_steps - self._done_steps))
+        steps = max(1, round_steps(self._settings.tau, self._total_steps - self._done_steps))
         return _Round(number=number, steps=steps, expected=set(self._workers))
 
     def worker_lost(self, worker: int) -> None:
@@ -394,6 +394,16 @@ class RoundServer(ServerState):
                 k: (self._params[k].detach().clone() if k in self._params else v) for k, v in averaged.items()
             }
         self._payload = state_to_bytes(self._weights)
+
+
+def round_steps(tau: int, left: int) -> int:
+    """The steps of the next round when ``left`` steps remain: ``tau``, except that the last round also
+    takes a remainder shorter than ``tau`` (so no round is shorter than ``tau`` unless the whole run is).
+
+    A short round would move the whole weights twice for a few steps: communicating every ``tau`` steps
+    at most is what ``tau`` promises, so a run costs at most ``2 / tau`` of all-reduce's bytes at W = 2.
+    """
+    return left if left < 2 * tau else tau
 
 
 # ----------------------------------------------------------------------------------- executor side
