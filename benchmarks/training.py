@@ -409,10 +409,13 @@ def _report(results: list[dict[str, Any]]) -> None:
             f"{by[b]['curve'][ea][0] / ta:.2f}x to epoch {ea + 1} each)"
         )
 
+    def batch_of(run: str) -> str | None:
+        return next((s for s in run.split(":")[1:] if s.startswith("batch=")), None)
+
     def peer(name: str, run: str) -> str:
         """``name`` with ``run``'s batch setting when that run is there: DDP and all-reduce are compared
         at the same images per step and worker (the one-process runs take 64 a step, as ever)."""
-        batch = next((s for s in run.split(":")[1:] if s.startswith("batch=")), None)
+        batch = batch_of(run)
         return f"{name}:{batch}" if batch and f"{name}:{batch}" in by else name
 
     for run in (k for k in by if k.startswith("async@slow3")):
@@ -426,9 +429,13 @@ def _report(results: list[dict[str, Any]]) -> None:
             f"{avg}: {ratio(avg, 'local1')} faster than local1 (target 1.7x), {ratio(avg, 'local2')} than "
             f"local2 (> 1x), {ratio(avg, ddp)} than {ddp} (>= 1x)"
         )
-        if allreduce in by and by[allreduce]["bytes_per_epoch"]:
+        # Bytes per epoch scale with the steps an epoch takes: only all-reduce at the same batch compares.
+        if allreduce in by and batch_of(allreduce) == batch_of(avg) and by[allreduce]["bytes_per_epoch"]:
             share = by[avg]["bytes_per_epoch"] / by[allreduce]["bytes_per_epoch"]
             print(f"    bytes per epoch = {share:.4f} of {allreduce}'s (target <= 0.04 at tau >= 50)")
+        elif allreduce in by:
+            same = f"allreduce:{batch_of(avg)}" if batch_of(avg) else "allreduce"
+            print(f"    bytes per epoch: n/a ({same}, at the same batch, not in --runs)")
         if "local1" in by and by[avg]["accuracy"] is not None:
             print(
                 f"    final accuracy {100 * (by[avg]['accuracy'] - by['local1']['accuracy']):+.2f} points vs local1"
