@@ -424,18 +424,19 @@ def _report(results: list[dict[str, Any]]) -> None:
             print(f"{run}: {ratio(run, slow)} faster than {slow} (> 1x)")
     for avg in (k for k in by if k.startswith("avg-") and "@" not in k):
         # (runs with another learning rate are compared like the others: same epochs, same data)
-        ddp, allreduce = peer("torchdistributor", avg), peer("allreduce", avg)
+        ddp = peer("torchdistributor", avg)
         print(
             f"{avg}: {ratio(avg, 'local1')} faster than local1 (target 1.7x), {ratio(avg, 'local2')} than "
             f"local2 (> 1x), {ratio(avg, ddp)} than {ddp} (>= 1x)"
         )
         # Bytes per epoch scale with the steps an epoch takes: only all-reduce at the same batch compares.
-        if allreduce in by and batch_of(allreduce) == batch_of(avg) and by[allreduce]["bytes_per_epoch"]:
+        batch = batch_of(avg)
+        allreduce = f"allreduce:{batch}" if batch else "allreduce"
+        if allreduce in by and by[allreduce]["bytes_per_epoch"]:
             share = by[avg]["bytes_per_epoch"] / by[allreduce]["bytes_per_epoch"]
             print(f"    bytes per epoch = {share:.4f} of {allreduce}'s (target <= 0.04 at tau >= 50)")
-        elif allreduce in by:
-            same = f"allreduce:{batch_of(avg)}" if batch_of(avg) else "allreduce"
-            print(f"    bytes per epoch: n/a ({same}, at the same batch, not in --runs)")
+        elif any(run.startswith("allreduce") for run in by):
+            print(f"    bytes per epoch: n/a ({allreduce}, at the same batch, not in --runs)")
         if "local1" in by and by[avg]["accuracy"] is not None:
             print(
                 f"    final accuracy {100 * (by[avg]['accuracy'] - by['local1']['accuracy']):+.2f} points vs local1"
