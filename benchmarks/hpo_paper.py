@@ -13,8 +13,8 @@ not a fixed count (the `paper` preset's 6 trials ended these studies at 16-21 of
 timeout the running trials are interrupted (their partial work is lost), and the refit of the best
 configuration found so far takes the reserve. Trials are pruned by the median rule from half their epochs
 on, not from the first: with a cosine schedule the early epochs rank trials poorly, and the preset's
-`median` (from epoch 1) pruned all 21 trials that ended after the first 4 (the default's included) in a study
-run to its timeout (seed 1, 2026-11-25; docs/benchmarks.md). Run:
+`median` (from epoch 1) pruned all 22 trials that ended after the first 4 (the default's included), 17 of
+them after their first or second epoch (seed 1, 2026-11-25; docs/benchmarks.md). Run:
 
     .venv/bin/python benchmarks/hpo_paper.py [--budget-min 60] [--trials N] [--epochs 10] [--seed 0]
 """
@@ -52,10 +52,11 @@ def main() -> None:
     parser.add_argument(
         "--epoch-s",
         type=float,
-        default=100.0,
+        default=130.0,
         help="the reserve for the refit, in seconds per epoch: the study's timeout is the budget minus "
-        "epochs x this. Measured (2 cores, 2026-11-25): the refit took 7.4 min for fc 512 and 12.3 min "
-        "for fc 2048 at 10 epochs, 1.0-1.2x the selected trial's own time; 100 s reserves 16.7 min",
+        "epochs x this. Measured (2 cores, 2026-11-25): the refit took 7.4 min for fc 512 and 12.3 "
+        "and 18.0 min for fc 2048 at 10 epochs (1.3x the trial's own time: the default's shorter refit "
+        "ends first and the best's goes on with one thread); 130 s reserves 21.7 min",
     )
     args = parser.parse_args()
     # The `paper` preset's study. Earlier studies here (6 epochs, lr up to 4e-3) found nothing good
