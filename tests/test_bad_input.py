@@ -161,9 +161,24 @@ CASES = [
         lambda w, run: [*_tune_on(lambda w: w.data)(w, run), "--space", w.bad_space],
         r"unknown distribution 'normalish'",
     ),
+    Case(
+        "tune-negative-seed", _tune_on(lambda w: w.data, "--seed", "-1"), r"seed: .*0\.\.4294967295, got -1"
+    ),
     Case("unknown-sampler", _tune("--sampler", "bayes"), r"--sampler: invalid choice: 'bayes'"),
     Case("unknown-pruner", _tune("--pruner", "hyperband"), r"--pruner: invalid choice: 'hyperband'"),
     Case("unknown-strategy", _train("--strategy", "ring"), r"--strategy: invalid choice: 'ring'"),
+    Case(
+        "resume-with-a-limit",
+        lambda w, run: ["train", "--resume", w.train_run, "--limit-train", "5", "--run-dir", run],
+        r"resume: the run's settings are saved in .*; drop \['--limit-train', '--run-dir'\]",
+    ),
+    Case(
+        "resume-a-foreign-run-as-a-train-run",
+        lambda w, run: ["train", "--resume", w.foreign_run],
+        r"resume: .*foreign-run is not a deepspark training run \(config.json has no strategy",
+    ),
+    Case("train-workers-0", _train("--workers", "0"), r"workers: expected an integer >= 1, got 0"),
+    Case("train-threads-0", _train("--threads", "0"), r"threads_per_worker: expected an integer >= 1, got 0"),
     Case(
         "outer-momentum-of-1",
         _train("--workers", "2", "--outer", "nesterov", "--outer-momentum", "1"),
@@ -212,6 +227,16 @@ CASES = [
         "pickle-as-predict-model",
         lambda w, run: ["predict", "--model", w.pickle, "--input", w.data, "--output", run],
         r"refusing to load .*model.pkl.*pickle",
+    ),
+    Case(
+        "predict-mean-without-input-shape",
+        lambda w, run: [*_predict("--mean", "0.5", "--output", run)(w, run)],
+        r"--mean/--std: .*--input-shape",
+    ),
+    Case(
+        "predict-input-shape-contradicting-the-checkpoint",
+        lambda w, run: [*_predict("--input-shape", "1,28,28", "--output", run)(w, run)],
+        r"preprocess: model .*ckpt carries its own preprocessing",
     ),
     # ------------------------------------------------------------------ where results go
     Case(

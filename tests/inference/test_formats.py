@@ -145,6 +145,30 @@ def test_a_model_without_metadata_needs_preprocessing(exported: dict[str, Path],
     assert model.class_names[0] == "0"
 
 
+def test_preprocessing_that_contradicts_the_models_own_is_refused(exported: dict[str, Path]) -> None:
+    for path in exported.values():
+        assert load_model(path, preprocess=PREPROCESS).preprocess == PREPROCESS  # the same: fine
+        for other in (
+            Preprocess(input_shape=(1, 28, 28), mean=(0.0,), std=(1.0,)),  # the CLI's old defaults
+            Preprocess(input_shape=(1, 32, 32), mean=(0.1307,), std=(0.3081,)),
+        ):
+            with pytest.raises(ConfigError, match="carries its own preprocessing"):
+                load_model(path, preprocess=other)
+
+
+def test_an_input_shape_the_model_cannot_take_is_a_config_error(
+    exported: dict[str, Path], tmp_path: Path
+) -> None:
+    wrong = Preprocess(input_shape=(1, 20, 20), mean=(0.1307,), std=(0.3081,))
+    for name in ("torchscript", "torch.export", "onnx"):
+        bare = tmp_path / name
+        bare.mkdir()
+        model = shutil.copy(exported[name], bare / exported[name].name)  # without its metadata.json
+        with pytest.raises(ConfigError, match=r"cannot run on inputs of shape \[N, 1, 20, 20\]") as caught:
+            load_model(model, preprocess=wrong)
+        assert "\n" not in str(caught.value), name
+
+
 def test_label_file_overrides_names_and_must_match_the_classes(small_model: Model, tmp_path: Path) -> None:
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(f"n{i}" for i in range(10)) + "\n\n")
@@ -169,6 +193,21 @@ def test_decode_image_resizes_and_converts() -> None:
     assert grey.shape == (1, 28, 28) and grey.dtype == np.uint8
     rgb = decode_image(buffer.getvalue(), (3, 14, 14))
     assert rgb.shape == (3, 14, 14) and rgb[0].mean() > 200 and rgb[1].mean() < 50
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_grey_images_are_scaled_to_8_bits_not_clipped(channels: int) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    eight = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+    wide = eight.astype(np.uint16) * 257
+    for fmt in ("PNG", "TIFF"):
+        buffer = io.BytesIO()
+        Image.fromarray(wide).save(buffer, format=fmt)  # mode I;16
+        decoded = decode_image(buffer.getvalue(), (channels, 28, 28))
+        assert decoded.shape == (channels, 28, 28)
+        np.testing.assert_array_equal(decoded, np.broadcast_to(eight, (channels, 28, 28)))
 
 
 def test_corrupt_and_truncated_images_become_row_errors() -> None:

@@ -104,6 +104,64 @@ def test_a_zero_byte_file_is_an_error_row_not_a_dropped_row(
     assert result.summary is not None and (result.summary.rows, result.summary.errors) == (3, 1)
 
 
+@pytest.mark.parametrize("form", ["dir", "glob", "dir-glob", "file"])
+def test_names_starting_with_an_underscore_are_read_not_dropped(
+    spark: Any, small_model: Model, tmp_path: Path, form: str
+) -> None:
+    root = tmp_path / "in"
+    for i, rel in enumerate(["a.png", "_b.png", "_batch/c.png", "sub/_d.png", "sub/e.png", ".hidden.png"]):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(png_bytes(small_model.images[i]))
+    data, names = {
+        "dir": (root, ["_b.png", "_batch/c.png", "a.png", "sub/_d.png", "sub/e.png"]),
+        "glob": (f"{root}/**/*.png", ["_b.png", "_batch/c.png", "a.png", "sub/_d.png", "sub/e.png"]),
+        "dir-glob": (f"{root}/*/*.png", ["_batch/c.png", "sub/_d.png", "sub/e.png"]),
+        "file": (root / "_b.png", ["_b.png"]),
+    }[form]
+    result = predict(data, small_model.path, output=tmp_path / "out", spark=spark)
+    rows = {r["path"].split("/in/", 1)[1]: r for r in result.dataframe.collect()}
+    assert sorted(rows) == names
+    assert all(r["path"].startswith(f"file:{root}/") for r in rows.values())
+    expected = reference_probabilities(small_model, small_model.images[:5])
+    order = ["a.png", "_b.png", "_batch/c.png", "sub/_d.png", "sub/e.png"]
+    for name in names:
+        _assert_matches(rows[name], expected[order.index(name)], 5)
+    assert result.summary is not None and result.summary.rows == len(names)
+
+
+def test_an_image_folder_holding_earlier_predictions_is_still_an_image_folder(
+    spark: Any, small_model: Model, tmp_path: Path
+) -> None:
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(3):
+        (root / f"{i}.png").write_bytes(png_bytes(small_model.images[i]))
+    first = predict(root, small_model.path, output=root / "preds.parquet", spark=spark).summary
+    assert first is not None and first.rows == 3
+    again = predict(root, small_model.path, output=tmp_path / "again", spark=spark)
+    assert again.summary is not None and (again.summary.rows, again.summary.errors) == (3, 0)
+    assert sorted(Path(r["path"]).name for r in again.dataframe.collect()) == ["0.png", "1.png", "2.png"]
+
+
+@pytest.mark.parametrize("form", ["dir", "glob"])
+def test_a_colon_in_a_file_name_does_not_fail_the_job(
+    spark: Any, small_model: Model, tmp_path: Path, form: str
+) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    names = ["plain.png", "2024-01-02T10:11:12.png"]  # a camera's time stamp
+    for i, name in enumerate(names):
+        (root / name).write_bytes(png_bytes(small_model.images[i]))
+    (root / "empty:0.png").write_bytes(b"")
+    result = predict(root if form == "dir" else f"{root}/*.png", small_model.path, spark=spark)
+    rows = {Path(r["path"]).name: r for r in result.dataframe.collect()}
+    assert sorted(rows) == sorted([*names, "empty:0.png"])
+    expected = reference_probabilities(small_model, small_model.images[:2])
+    for i, name in enumerate(names):
+        _assert_matches(rows[name], expected[i], 5)
+    _assert_error_row(rows["empty:0.png"], "empty input (0 bytes)")
+
+
 def test_input_files_are_listed_in_one_jvm_call_exactly_as_spark_lists_them(
     spark: Any, tmp_path: Path
 ) -> None:
@@ -152,6 +210,15 @@ def test_model_is_loaded_once_per_worker_not_per_partition(
     # A second job finds the model already loaded in the workers.
     again = predict(df.limit(20), tmp_path / "fresh", output=tmp_path / "again", spark=spark).summary
     assert again is not None and again.model_loads == 0
+
+
+def test_a_column_named_like_an_output_keeps_a_name_of_its_own(spark: Any, small_model: Model) -> None:
+    df = spark.createDataFrame(
+        [(3, "three", [0.0] * 784)], "label int, input_label string, pixels array<double>"
+    )
+    row = predict(df, small_model.path, spark=spark).dataframe.collect()[0]
+    assert (row["input_input_label"], row["input_label"]) == (3, "three")
+    assert row["error"] is None and row["label"] in CLASS_NAMES
 
 
 def test_parquet_tensor_column_wrong_shape_is_an_error_row(
@@ -224,6 +291,64 @@ def test_a_glob_in_a_directory_matches_one_level_like_a_shell(
     assert sorted(r["path"].split("/tree/", 1)[1] for r in rows) == ["b/2.png", "b/deep/3.png"]
     with pytest.raises(ConfigError, match="no files match"):
         predict(f"{root}/{{x,y}}/*.png", small_model.path, spark=spark)
+
+
+def test_a_double_star_before_a_directory_matches_only_under_that_directory(
+    spark: Any, small_model: Model, tmp_path: Path
+) -> None:
+    root = tmp_path / "tree"
+    for rel in ("top.png", "a/1.png", "a/deep/2.png", "b/deep/3.png", "b/4.png", "sa/x/5.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(png_bytes(small_model.images[0]))
+
+    def names(pattern: str) -> list[str]:
+        rows = predict(f"{root}/{pattern}", small_model.path, spark=spark).dataframe.collect()
+        return sorted(r["path"].split("/tree/", 1)[1] for r in rows)
+
+    # As Python's glob (and a shell with globstar) reads them: '**' is any number of directories.
+    assert names("**/deep/*.png") == ["a/deep/2.png", "b/deep/3.png"]
+    assert names("a*/**/*.png") == ["a/1.png", "a/deep/2.png"]
+    everything = ["a/1.png", "a/deep/2.png", "b/4.png", "b/deep/3.png", "sa/x/5.png", "top.png"]
+    assert names("**/*.png") == everything
+
+
+def test_alternatives_naming_one_directory_twice_give_each_file_once(
+    spark: Any, small_model: Model, tmp_path: Path
+) -> None:
+    root = tmp_path / "tree"
+    for rel in ("a/1.png", "a/2.png", "b/3.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(png_bytes(small_model.images[0]))
+    for pattern in ("{a,a/}/*.png", "{a,./a}/*.png", "{a,b/../a}/*.png"):
+        rows = predict(f"{root}/{pattern}", small_model.path, spark=spark).dataframe.collect()
+        assert sorted(Path(r["path"]).name for r in rows) == ["1.png", "2.png"], pattern
+
+
+def test_a_failed_run_leaves_the_previous_output_and_no_new_folder(
+    spark: Any, small_model: Model, tmp_path: Path
+) -> None:
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    def pixels(i):  # type: ignore[no-untyped-def]  # no hints: pyspark would read them as a pandas UDF
+        if i == 7:
+            raise ValueError("this row's source fails")
+        return [0.0] * 784
+
+    good = spark.range(5).select("id", F.lit([0.0] * 784).cast("array<double>").alias("pixels"))
+    failing = spark.range(10).select("id", F.udf(pixels, T.ArrayType(T.DoubleType()))("id").alias("pixels"))
+    out = tmp_path / "out"
+    predict(good, small_model.path, output=out, spark=spark)
+    with pytest.raises(Exception, match="this row's source fails"):
+        predict(failing, small_model.path, output=out, overwrite=True, spark=spark)
+    assert spark.read.parquet(str(out)).count() == 5  # the earlier predictions are still there
+    with pytest.raises(Exception, match="this row's source fails"):
+        predict(failing, small_model.path, output=tmp_path / "new", spark=spark)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing half-written
+    # An input overwritten by its own predictions is read in full first.
+    table = tmp_path / "table"
+    good.write.parquet(str(table))
+    assert predict(table, small_model.path, output=table, overwrite=True, spark=spark).dataframe.count() == 5
 
 
 def test_brace_alternatives_expand_as_hadoop_globs_read_them() -> None:

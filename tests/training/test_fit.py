@@ -221,6 +221,93 @@ def test_resume_continues_the_same_loss_curve(
     np.testing.assert_allclose([float(r["train_loss"]) for r in rows], expected, rtol=0, atol=1e-6)
 
 
+def test_resume_refuses_data_whose_rows_changed(spark: Any, tmp_path: Path, driver_crash: Any) -> None:
+    data = _layout_dir(tmp_path / "data", train=40, test=30)
+    config = {**SGD, "batch_size": 8, "epochs": 4, "seed": 2}
+    with pytest.raises(DeepsparkError, match="driver crash"):
+        fit(
+            str(data),
+            "mlp",
+            workers=2,
+            config=config,
+            average={"tau": 2},
+            run_dir=tmp_path / "run",
+            checkpoint_seconds=0,
+            on_round=driver_crash(1),
+        )
+    import shutil
+
+    shutil.rmtree(data)
+    _layout_dir(data, train=80, test=30)  # the same directory, now with twice the rows
+    with pytest.raises(ConfigError, match="trained on 40 rows, but the data given now has 80"):
+        fit(str(data), run_dir=tmp_path / "run", resume=True)
+    assert [int(r["round"]) for r in _history(tmp_path / "run")] == [0, 1]
+
+
+@pytest.mark.parametrize("strategy", ["average", "async"])
+def test_resume_after_a_crash_in_the_last_round_saves_the_model(
+    spark: Any, toy: Path, tmp_path: Path, driver_crash: Any, strategy: str
+) -> None:
+    config = {**SGD, "batch_size": 8, "epochs": 1, "seed": 2}  # 3 steps a worker: rounds 0, 1, 2
+    run_dir = tmp_path / "run"
+    with pytest.raises(DeepsparkError, match="driver crash"):
+        fit(
+            str(toy),
+            "mlp",
+            strategy=strategy,
+            workers=2,
+            config=config,
+            average={"tau": 1},
+            run_dir=run_dir,
+            checkpoint_seconds=0,
+            on_round=driver_crash(2),  # the last round: checkpointed, but no model/ yet
+        )
+    before = _history(run_dir)
+    assert not (run_dir / "model").exists()
+    resumed = fit(str(toy), run_dir=run_dir, resume=True)
+    assert _history(run_dir) == before  # nothing left to train
+    assert load_checkpoint(resumed.model_dir).spec.output_shape() == (3,)
+
+
+@pytest.mark.timeout(300)
+def test_nesterov_resume_continues_the_same_loss_curve(
+    spark: Any, toy: Path, tmp_path: Path, driver_crash: Any
+) -> None:
+    config = {**SGD, "batch_size": 8, "epochs": 4, "seed": 2}  # 12 steps: 6 rounds of 2
+    average = {"tau": 2, "outer": "nesterov"}
+    whole = fit(str(toy), "mlp", workers=2, config=config, average=average, run_dir=tmp_path / "whole")
+    expected = [float(r["train_loss"]) for r in _history(whole.run_dir)]
+    run_dir = tmp_path / "crashed"
+    with pytest.raises(DeepsparkError, match="driver crash"):
+        fit(
+            str(toy),
+            "mlp",
+            workers=2,
+            config=config,
+            average=average,
+            run_dir=run_dir,
+            checkpoint_seconds=0,
+            on_round=driver_crash(2),  # after the outer momentum has built up
+        )
+    resumed = fit(str(toy), run_dir=run_dir, resume=True)
+    rows = _history(resumed.run_dir)
+    np.testing.assert_allclose([float(r["train_loss"]) for r in rows], expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.timeout(120)
+def test_a_round_that_cannot_be_averaged_stops_the_run(
+    spark: Any, toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deepspark.training.average import RoundServer
+
+    def broken(self: Any, pushes: Any, samples: int) -> Any:
+        raise RuntimeError("pushes that do not average")  # e.g. a push whose tensors have other shapes
+
+    monkeypatch.setattr(RoundServer, "_average", broken)
+    with pytest.raises(RunError, match="pushes that do not average"):
+        fit(str(toy), "mlp", workers=2, config={**SGD, "epochs": 1}, run_dir=tmp_path / "run")
+
+
 def test_dataframe_with_an_empty_partition(spark: Any, tmp_path: Path) -> None:
     from pyspark.sql import functions as F
 
@@ -291,6 +378,43 @@ def test_dataframe_columns_are_checked(spark: Any, tmp_path: Path) -> None:
             input_shape=(1, 2, 2),
             run_dir=tmp_path / "b",
         )
+
+
+@pytest.mark.parametrize(
+    ("on_dataframe", "kwargs", "message"),
+    [
+        (True, {"limit_train": 5}, "limit_train: it selects from a dataset name or directory"),
+        (True, {"limit_test": 5}, "limit_test: it selects from a dataset name or directory"),
+        (False, {"num_classes": 10}, "num_classes: a dataset name or directory brings its own"),
+        (False, {"input_shape": (1, 4, 16)}, "input_shape: a dataset name or directory brings its own"),
+    ],
+)
+def test_arguments_the_data_would_ignore_are_refused(
+    spark: Any, toy: Path, tmp_path: Path, on_dataframe: bool, kwargs: dict[str, Any], message: str
+) -> None:
+    df = spark.createDataFrame([([0.0] * 4, 0), ([1.0] * 4, 1)], "x array<float>, y int")
+    data: Any = df if on_dataframe else str(toy)
+    columns = {"feature_column": "x", "label_column": "y"} if on_dataframe else {}
+    with pytest.raises(ConfigError, match=message):
+        fit(data, "mlp", workers=2, **columns, run_dir=tmp_path / "run", **kwargs)
+    assert not (tmp_path / "run").exists()
+
+
+def test_local_run_without_test_examples_records_no_accuracy(toy: Path, tmp_path: Path) -> None:
+    result = fit(
+        str(toy), "mlp", strategy="local", config={"epochs": 1}, limit_test=0, run_dir=tmp_path / "run"
+    )
+    assert result.test_accuracy is None
+    assert [r["test_accuracy"] for r in _history(result.run_dir)] == [""]
+    assert "test_accuracy" not in load_checkpoint(result.model_dir).metadata.get("metrics", {})
+
+
+def test_resuming_a_directory_that_is_not_a_training_run_says_so(toy: Path, tmp_path: Path) -> None:
+    study = tmp_path / "study"  # a tune run directory: its config.json holds a study's keys
+    (study / "checkpoint").mkdir(parents=True)
+    (study / "config.json").write_text('{"format": 2, "data": "x", "trials": 4, "objective": "builtin"}')
+    with pytest.raises(ConfigError, match=r"is not a deepspark training run \(config.json has no strategy"):
+        fit(str(toy), run_dir=study, resume=True)
 
 
 def test_existing_run_dir_is_refused(toy: Path, tmp_path: Path) -> None:

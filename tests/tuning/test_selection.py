@@ -14,7 +14,7 @@ import torch
 from deepspark.cli import main
 from deepspark.data import load_dataset, write_idx
 from deepspark.data.files import MNIST_FILES
-from deepspark.errors import ConfigError
+from deepspark.errors import ConfigError, DatasetError
 from deepspark.models import load_checkpoint
 from deepspark.models.zoo import model_spec
 from deepspark.training import evaluate, train_one_process
@@ -203,3 +203,103 @@ def test_select_on_is_checked_before_spark(tmp_path) -> None:
     with pytest.raises(ConfigError, match="refit: applies to the built-in objective only"):
         tune(lambda c, r: 1.0, space={"x": {"type": "uniform", "low": 0, "high": 1}}, refit=True)
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_data_given_to_the_built_in_objective_is_refused_not_ignored(tmp_path) -> None:
+    mine = load_dataset(data_dir=_layout(tmp_path / "mine"))
+    with pytest.raises(ConfigError, match="data: reaches your own objective"):
+        tune(
+            data=mine, data_dir=str(tmp_path / "elsewhere"), model="mlp", space=SPACE, run_dir=tmp_path / "r"
+        )
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_resume_that_fails_on_its_data_leaves_the_saved_settings(spark, tmp_path) -> None:
+    data_dir = _layout(tmp_path / "data")
+    run = tmp_path / "run"
+    space = {"hidden": {"type": "choice", "values": [4, 256]}, "epochs": 1, "batch_size": 16}
+    tune(data_dir=str(data_dir), model="mlp", space=space, trials=1, pruner="none", run_dir=run)
+    saved = (run / "config.json").read_text()
+    broken = tmp_path / "broken"
+    shutil.copytree(data_dir, broken)
+    (broken / MNIST_FILES[1]).write_bytes(b"")
+    with pytest.raises(DatasetError, match="too short for an IDX header"):
+        tune(run_dir=run, resume=True, trials=3, data_dir=str(broken))
+    assert (run / "config.json").read_text() == saved
+    # So the plain resume runs on the study's own data, as before the failed attempt.
+    assert tune(run_dir=run, resume=True, trials=2).counts()["complete"] == 2
+
+
+def test_the_built_in_objective_refuses_another_metric_or_direction_before_spark(tmp_path) -> None:
+    # Its trials report accuracy per epoch to the pruner and best.json calls the value an accuracy: a
+    # study minimising the loss would prune the most accurate trials and label a loss as an accuracy.
+    for name, options in {
+        "loss": {"metric": "loss", "direction": "minimize"},
+        "min": {"direction": "minimize"},
+    }.items():
+        with pytest.raises(ConfigError, match="built-in objective selects on accuracy, maximised"):
+            tune(dataset="mnist", model="mlp", space=SPACE, run_dir=tmp_path / name, **options)
+        assert not (tmp_path / name).exists()
+    # Saying what it does anyway is fine.
+    with pytest.raises(ConfigError, match="validation: expected"):
+        tune(
+            dataset="mnist",
+            model="mlp",
+            space=SPACE,
+            metric="accuracy",
+            direction="maximize",
+            validation=2.0,
+            run_dir=tmp_path / "ok",
+        )
+
+
+def test_a_dataset_directory_named_relatively_is_the_same_directory_on_resume(
+    spark, tmp_path, monkeypatch
+) -> None:
+    _layout(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    space = {"hidden": {"type": "choice", "values": [4, 256]}, "epochs": 1, "batch_size": 16}
+    run = tmp_path / "run"
+    tune(dataset="data", model="mlp", space=space, trials=1, pruner="none", run_dir=run)
+    assert json.loads((run / "config.json").read_text())["dataset"] == str(tmp_path / "data")
+    # Elsewhere, "data" is another directory (here: not a dataset at all).
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "data").mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    result = tune(run_dir=run, resume=True, trials=2)
+    assert result.counts()["complete"] == 2
+    # Naming it again, relatively from where it was made, is no conflict.
+    monkeypatch.chdir(tmp_path)
+    assert len(tune(dataset="data", run_dir=run, resume=True, trials=2).records) == 2
+
+
+def test_resume_on_other_data_is_refused_and_on_the_same_data_elsewhere_runs(spark, tmp_path) -> None:
+    data_dir = _layout(tmp_path / "data")
+    run = tmp_path / "run"
+    space = {"hidden": {"type": "choice", "values": [4, 256]}, "epochs": 1, "batch_size": 16}
+    tune(
+        data_dir=str(data_dir),
+        model="mlp",
+        space=space,
+        trials=2,
+        pruner="none",
+        sampler="random",
+        run_dir=run,
+        parallelism=2,
+    )
+    saved = (run / "config.json").read_text()
+    # Another dataset of the same shape and classes, where a resume is told the data now lives.
+    other = tmp_path / "other"
+    shutil.copytree(data_dir, other)
+    images = load_dataset(data_dir=data_dir).train_images.copy()
+    images[0, 0, 0] ^= 0xFF
+    write_idx(other / MNIST_FILES[0], images)
+    with pytest.raises(ConfigError, match="is not the data the study"):
+        tune(run_dir=run, resume=True, trials=3, data_dir=str(other))
+    assert (run / "config.json").read_text() == saved  # the study is left as it was saved
+    assert len(tune(run_dir=run, resume=True, trials=2).records) == 2
+    # The same data in another place: the resume runs.
+    moved = tmp_path / "moved"
+    shutil.copytree(data_dir, moved)
+    result = tune(run_dir=run, resume=True, trials=3, data_dir=str(moved), parallelism=2)
+    assert result.counts()["complete"] == 3

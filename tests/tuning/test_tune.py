@@ -420,3 +420,45 @@ def test_a_large_tpe_study_samples_in_processes_that_end_with_it(spark, tmp_path
         on_event=look,
     )
     assert small.counts()["complete"] == 20 and seen[1] == []
+
+
+def _numpy_result(config, reporter):
+    import numpy as np
+    import torch
+
+    x = np.float32(config["x"])
+    return {"accuracy": x, "f1": np.float64(0.5), "n": np.int64(3), "loss": torch.tensor(0.25)}
+
+
+def _unsendable_result(config, reporter):
+    return {"accuracy": 0.5, "model": object()}
+
+
+def test_numpy_and_torch_scalars_in_a_result_are_numbers_and_an_unsendable_value_fails_the_trial(
+    spark, tmp_path
+) -> None:
+    result = tune(_numpy_result, space=X, trials=2, sampler="random", pruner="none", run_dir=tmp_path / "np")
+    assert result.counts()["complete"] == 2
+    for record in result.records:
+        assert record.attempts == 1
+        assert record.value == pytest.approx(record.params["x"], abs=1e-6)
+        assert record.metrics["n"] == 3.0 and record.metrics["loss"] == 0.25
+    # A value the driver cannot receive fails the trial, once, saying which: not a lost worker, retried.
+    bad = tune(_unsendable_result, space=X, trials=1, pruner="none", run_dir=tmp_path / "bad")
+    (record,) = bad.records
+    assert record.state is TrialState.FAIL and record.attempts == 1
+    assert "'model': object" in (record.error or "")
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_resumed_study_samples_new_configurations_not_the_first_ones_again(
+    spark, tmp_path, sampler
+) -> None:
+    # Two trials (fewer than TPE's start-up trials), then the study extended to six: a sampler seeded
+    # again as at the start would propose the first two configurations again.
+    space = {**X, "y": {"type": "choice", "values": [1, 2, 3]}}
+    run = tmp_path / sampler
+    tune(_quadratic, space=space, trials=2, sampler=sampler, pruner="none", run_dir=run, parallelism=1)
+    result = tune(_quadratic, run_dir=run, resume=True, trials=6, parallelism=1)
+    configs = [tuple(sorted(r.params.items())) for r in result.records]
+    assert len(configs) == 6 and len(set(configs)) == 6

@@ -74,8 +74,15 @@ def decode_image(data: bytes, shape: tuple[int, int, int], *, resize: bool = Tru
                     f"the image is {opened.size[0]}x{opened.size[1]} pixels but the model's input is "
                     f"{width}x{height} (width x height)"
                 )
-            opened.draft(mode, (width, height))  # JPEG: decode at a reduced scale when that is enough
-            image = opened.convert(mode)
+            if opened.mode.startswith("I;16") or (opened.mode == "I" and opened.format == "PNG"):
+                # 16-bit grey (PNG, TIFF): Pillow's convert() clips these values at 255 rather than
+                # scaling them, which turns every pixel above 255/65535 white. Scale to 0-255 instead.
+                wide = np.asarray(opened, dtype=np.float64)
+                grey = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+                image = grey.convert(mode)
+            else:
+                opened.draft(mode, (width, height))  # JPEG: decode at a reduced scale when that is enough
+                image = opened.convert(mode)
         if image.size != (width, height):
             image = image.resize((width, height), Image.Resampling.BILINEAR)
         pixels = np.asarray(image, dtype=np.uint8)

@@ -64,8 +64,8 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--decode-threads", type=int, default=2, help="decode threads per task (default: 2)")
     g = p.add_argument_group("preprocessing, for model files without a metadata.json next to them")
     g.add_argument("--input-shape", type=_shape, default=None, metavar="C,H,W")
-    g.add_argument("--mean", type=_floats, default=(0.0,), metavar="M[,M,M]")
-    g.add_argument("--std", type=_floats, default=(1.0,), metavar="S[,S,S]")
+    g.add_argument("--mean", type=_floats, default=None, metavar="M[,M,M]", help="default: 0")
+    g.add_argument("--std", type=_floats, default=None, metavar="S[,S,S]", help="default: 1")
     u = p.add_argument_group("URL inputs")
     u.add_argument("--url-timeout", type=float, default=10.0, help="seconds per attempt (default: 10)")
     u.add_argument("--url-max-bytes", type=int, default=20 * 1024 * 1024, help="default: 20 MiB")
@@ -124,11 +124,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from deepspark.errors import ConfigError
     from deepspark.inference import UrlPolicy, predict
     from deepspark.models import Preprocess
 
+    if args.input_shape is None and (args.mean is not None or args.std is not None):
+        raise ConfigError(
+            "--mean/--std: they describe a model file's preprocessing together with --input-shape"
+        )
     preprocess = (
-        Preprocess(input_shape=args.input_shape, mean=args.mean, std=args.std) if args.input_shape else None
+        Preprocess(input_shape=args.input_shape, mean=args.mean or (0.0,), std=args.std or (1.0,))
+        if args.input_shape
+        else None
     )
     progress = _Progress(Console(stderr=True))
     try:

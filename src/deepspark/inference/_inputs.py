@@ -48,18 +48,78 @@ def _binary_files(
     spark: SparkSession, path: str | list[str], *, pattern: str | None, recursive: bool
 ) -> Input:
     reader = spark.read.format("binaryFile")
+    if all(is_local(p) for p in ([path] if isinstance(path, str) else path)):
+        # Hadoop's checksummed local file system looks for a '.NAME.crc' beside each file and fails the
+        # whole job on a name with a ':' in it (a relative path in an absolute URI); the raw one does not.
+        reader = reader.option("fs.file.impl", "org.apache.hadoop.fs.RawLocalFileSystem")
+        reader = reader.option("fs.file.impl.disable.cache", "true")
     if pattern:
         reader = reader.option("pathGlobFilter", pattern)
     if recursive:
         reader = reader.option("recursiveFileLookup", "true")
     df = reader.load(path).select("path", "content")
     files = _input_files(df)
+    # Spark's listing leaves out names starting with '_' (it takes them for metadata, like _SUCCESS):
+    # such folders are read as inputs of their own (Spark lists what it is given), such files here.
+    hidden_dirs, hidden_files = _hidden_from_spark(path, pattern=pattern, recursive=recursive)
+    if hidden_dirs:
+        extra = reader.load(hidden_dirs).select("path", "content")
+        files += _input_files(extra)
+        df = df.unionByName(extra)
     empty = _empty_files(spark, files)
     if empty:
         # Spark's file scan skips zero-byte files, so binaryFile has no row for them: add one each
         # (empty content, which becomes an error row) so that every input file appears once.
         df = df.unionByName(spark.createDataFrame([(p, bytearray()) for p in empty], df.schema))
-    return Input(df, InputKind.IMAGE, "content", ("path",), ours=True, rows_hint=len(files))
+    if hidden_files:
+        rows = [(f"file:{p}", _read_or_none(p)) for p in hidden_files]
+        df = df.unionByName(spark.createDataFrame(rows, df.schema))
+    return Input(
+        df, InputKind.IMAGE, "content", ("path",), ours=True, rows_hint=len(files) + len(hidden_files)
+    )
+
+
+def _spark_hides(name: str) -> bool:
+    """Whether Spark's file listing leaves out a file or folder of this name for starting with '_'
+    (``HadoopFSUtils.shouldFilterOutPathName``; '.' names stay out, as a shell's globs leave them)."""
+    return name.startswith("_") and "=" not in name and not name.startswith(("_metadata", "_common_metadata"))
+
+
+def _hidden_from_spark(
+    path: str | list[str], *, pattern: str | None, recursive: bool
+) -> tuple[list[str], list[str]]:
+    """The local folders and files under ``path`` (as :func:`_binary_files` reads it) that Spark's
+    listing skips: folders named '_...' within a recursive listing, and files named '_...'."""
+    import fnmatch
+
+    def matches(name: str) -> bool:
+        return not name.startswith(".") and (
+            pattern is None or any(fnmatch.fnmatchcase(name, p) for p in braces(pattern))
+        )
+
+    dirs: list[str] = []
+    files: list[str] = []
+    for root in [path] if isinstance(path, str) else path:
+        if not is_local(root):
+            continue
+        local = os.path.abspath(local_path(root))
+        if os.path.isfile(local):
+            name = os.path.basename(local)
+            if _spark_hides(name) and matches(name):
+                files.append(local)
+            continue
+        for folder, subdirs, names in os.walk(local):
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith(".")) if recursive else []
+            dirs += [os.path.join(folder, d) for d in subdirs if _spark_hides(d)]
+            files += [os.path.join(folder, n) for n in sorted(names) if _spark_hides(n) and matches(n)]
+    return dirs, files
+
+
+def _read_or_none(path: str) -> bytearray | None:
+    try:
+        return bytearray(Path(path).read_bytes())
+    except OSError:
+        return None  # gone or unreadable since it was listed: its row says "input is null"
 
 
 def braces(pattern: str) -> list[str]:
@@ -207,7 +267,8 @@ def resolve_input(spark: SparkSession, data: Any, input_column: str | None) -> I
             idx = sorted(q for q in p.iterdir() if "idx3-ubyte" in q.name or "idx3.ubyte" in q.name)
             if idx:
                 return _idx_input(spark, idx)
-            if any(q.suffix == ".parquet" or q.name == "_SUCCESS" for q in p.iterdir()):
+            # A Parquet table's own files, not a folder named *.parquet (earlier predictions, say).
+            if any(q.is_file() and (q.suffix == ".parquet" or q.name == "_SUCCESS") for q in p.iterdir()):
                 return _dataframe_input(spark.read.parquet(path), input_column, ours=False)
             return _binary_files(spark, path, pattern=_IMAGE_GLOB, recursive=True)
         if not has_glob and ("idx3-ubyte" in p.name or "idx3.ubyte" in p.name):
@@ -216,21 +277,26 @@ def resolve_input(spark: SparkSession, data: Any, input_column: str | None) -> I
     if has_glob:
         parts = path.split("/")
         first = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?[{"))
-        if "**" in path or first == len(parts) - 1:
-            # Hadoop globs have no '**': list the fixed prefix (recursively for '**') and filter on the
-            # file name; a glob in the file name alone is read the same way.
+        if first == len(parts) - 1 or (first == len(parts) - 2 and parts[first] == "**"):
+            # Hadoop globs have no '**': list the fixed prefix (recursively for 'DIR/**/NAME') and filter
+            # on the file name; a glob in the file name alone is read the same way.
             base = "/".join(parts[:first]) or "."
             return _binary_files(spark, base, pattern=parts[-1], recursive="**" in path)
+        if "**" in path and not is_local(path):
+            raise ConfigError(
+                f"data: {path!r}: '**' is read only as DIR/**/NAME-PATTERN for non-local paths "
+                "(Hadoop globs have no '**')"
+            )
         if is_local(path):
             # A glob in a directory: list the directories here and let Spark filter the file names. Given
             # the glob itself, Spark globs every file as a path of its own (20 s for 20,000 files with
             # `{a,b}` alternatives), and logs a long, harmless FileNotFoundException while it looks for
             # a streaming-sink metadata folder named like the pattern.
             prefix = "file://" if path.startswith("file://") else ""
-            found = {
-                d
+            found = {  # normalised: `{a,a/}` or `{a,./a}` name one directory, whose files come once
+                os.path.normpath(d)
                 for alternative in braces(local_path("/".join(parts[:-1])))
-                for d in _glob.glob(alternative)
+                for d in _glob.glob(alternative, recursive=True)  # '**': any depth, as in the check above
                 if Path(d).is_dir()
             }
             dirs = sorted(found)

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import secrets
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -181,6 +182,48 @@ def _watch(
 
 
 # -------------------------------------------------------------------------------------------- predict
+def _staging_path(target: str) -> str:
+    """A hidden sibling of ``target`` to write the predictions to before they take its place."""
+    target = os.path.normpath(os.path.abspath(target))
+    parent, name = os.path.split(target)
+    return os.path.join(parent, f".{name}.deepspark-{secrets.token_hex(4)}")
+
+
+def _replace(staging: str, target: str) -> None:
+    """Put the finished ``staging`` folder at ``target``, replacing what is there only now."""
+    target = os.path.normpath(os.path.abspath(target))
+    if not os.path.lexists(target):
+        os.rename(staging, target)
+        return
+    old = f"{staging}.old"
+    os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        os.rename(old, target)
+        raise
+    if os.path.isdir(old) and not os.path.islink(old):
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.unlink(old)
+
+
+def _renamed(names: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """(input name, output name) for the identity columns: one named like an output column gets an
+    ``input_`` prefix, repeated while that name is taken too (``label`` next to an ``input_label``)."""
+    taken = set(names) | set(OUTPUT_COLUMNS)
+    pairs = []
+    for name in names:
+        out = name
+        if name in OUTPUT_COLUMNS:
+            out = f"input_{name}"
+            while out in taken:
+                out = f"input_{out}"
+            taken.add(out)
+        pairs.append((name, out))
+    return tuple(pairs)
+
+
 def _output_schema(df: DataFrame, passthrough: Sequence[tuple[str, str]]) -> Any:
     from pyspark.sql import types as T
 
@@ -293,7 +336,7 @@ def predict(
         target = max(total_slots(spark), math.ceil(source.rows_hint / (batch_size * _ROWS_PER_TASK_BATCHES)))
         if df.rdd.getNumPartitions() > target:
             df = df.coalesce(target)
-    passthrough = tuple((n, f"input_{n}" if n in OUTPUT_COLUMNS else n) for n in source.passthrough)
+    passthrough = _renamed(source.passthrough)
     threads = task_cpus(spark)
     plan = TaskPlan(
         model_id=artifact.model_id,
@@ -327,12 +370,25 @@ def predict(
         return PredictResult(result)
 
     partitions = df.rdd.getNumPartitions()
+    # A local output is written next to its place and renamed into it once the job has succeeded: Spark's
+    # own "overwrite" deletes the old output before the job runs (and an input read from it), and a
+    # failed job leaves an empty folder behind that the next run's existence check then refuses.
+    staging = _staging_path(local_path(output_path)) if is_local(output_path) else None
     start = time.perf_counter()
     try:
         with _watch(sc, stats, source.rows_hint, progress):
-            result.write.mode("overwrite" if overwrite else "errorifexists").parquet(output_path)
+            if staging is None:
+                result.write.mode("overwrite" if overwrite else "errorifexists").parquet(output_path)
+            else:
+                result.write.mode("errorifexists").parquet(f"file://{staging}")  # where the rename finds it
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     finally:
         model_bc.destroy()
+    if staging is not None:
+        _replace(staging, local_path(output_path))
     seconds = time.perf_counter() - start
     totals = dict(stats.value)
     summary = PredictSummary(

@@ -197,6 +197,16 @@ def read_model(
                 f"{METADATA} with a 'preprocess' entry next to the model file"
             )
         preprocess = Preprocess.from_dict(metadata["preprocess"])
+    elif "preprocess" in metadata and Preprocess.from_dict(metadata["preprocess"]) != preprocess:
+        # A checkpoint (or a file with a metadata.json) says how it was trained; other values would
+        # normalise its inputs differently and give wrong probabilities without a word.
+        stored = Preprocess.from_dict(metadata["preprocess"])
+        raise ConfigError(
+            f"preprocess: model {source} carries its own preprocessing (input shape "
+            f"{list(stored.input_shape)}, mean {list(stored.mean)}, std {list(stored.std)}), which "
+            f"the one given (input shape {list(preprocess.input_shape)}, mean {list(preprocess.mean)}, "
+            f"std {list(preprocess.std)}) contradicts; leave it out (CLI: --input-shape/--mean/--std)"
+        )
     names = class_names if class_names is not None else metadata.get("class_names")
     return ModelArtifact(
         format=fmt,

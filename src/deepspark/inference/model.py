@@ -86,7 +86,17 @@ class InferenceModel:
         self.artifact = artifact
         self.backend = backend
         self._run = build_runner(artifact, backend=backend, threads=threads or os.cpu_count() or 1)
-        probe = self._run(np.zeros((1, *artifact.preprocess.input_shape), dtype=np.float32))
+        shape = artifact.preprocess.input_shape
+        try:
+            probe = self._run(np.zeros((1, *shape), dtype=np.float32))
+        except Exception as exc:  # torch / onnxruntime: wrong input shape for this network, mostly
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            causes = [line for line in lines if "Error: " in line]  # TorchScript's cause is its last line
+            why = causes[-1] if causes else " ".join(lines)
+            raise ConfigError(
+                f"model {artifact.source} cannot run on inputs of shape [N, {', '.join(map(str, shape))}] "
+                f"(the preprocessing's input shape; CLI: --input-shape): {why[:400]}"
+            ) from None
         if probe.ndim != 2:
             raise CheckpointError(
                 f"model {artifact.source} returns outputs of shape {probe.shape[1:]}; "

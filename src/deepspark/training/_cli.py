@@ -143,6 +143,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 ("--threads", args.threads),
                 ("--staleness", args.staleness),
                 ("--device", args.device),
+                ("--data-dir", args.data_dir),
+                ("--limit-train", args.limit_train),
+                ("--limit-test", args.limit_test),
+                ("--run-dir", args.run_dir),  # the run is RUN_DIR: another would be ignored
                 *((f"--{k}", v) for k, v in {**config, **average}.items()),
             )
             if value is not None
@@ -156,19 +160,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # A --data-dir without a dataset name IS the dataset: that directory, never MNIST instead.
         dataset = args.dataset or args.data_dir or "mnist"
         data_dir = args.data_dir if args.dataset else None
-        model = args.model or (
-            "cnn" if (args.workers or 1) == 1 and args.strategy in (None, "local") else "lenet"
-        )
+        # 0 is a value, not "unset": fit refuses it (`or 1` would train one worker, one thread instead).
+        workers = args.workers if args.workers is not None else 1
+        threads = args.threads if args.threads is not None else 1
+        model = args.model or ("cnn" if workers == 1 and args.strategy in (None, "local") else "lenet")
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         options = {
             "data": dataset,
             "model": model,
             "strategy": args.strategy,
-            "workers": args.workers or 1,
+            "workers": workers,
             "config": config,
             "average": average,
             "run_dir": args.run_dir or f"runs/{Path(dataset).name}-{Path(model).stem}-{stamp}",
-            "threads_per_worker": args.threads or 1,
+            "threads_per_worker": threads,
         }
         if args.staleness is not None:
             options["staleness"] = args.staleness
@@ -241,11 +246,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _saved_data(run_dir: str) -> str:
     from deepspark.errors import ConfigError
+    from deepspark.training._fit import _read_config
 
-    try:
-        saved = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"resume: {run_dir} is not a deepspark training run (config.json: {exc})") from exc
+    saved = _read_config(Path(run_dir))  # a training run's config.json, else the error says so
     data = saved.get("data")
     if not isinstance(data, str) or data == "DataFrame":
         raise ConfigError(

@@ -184,7 +184,17 @@ def fit(
     the CPU; ``cuda`` makes an unusable or missing GPU an error; ``cpu`` ignores GPUs.
     """
     started = time.perf_counter()
+    _check_data_arguments(
+        data,
+        test_data=test_data,
+        num_classes=num_classes,
+        input_shape=input_shape,
+        data_dir=data_dir,
+        limit_train=limit_train,
+        limit_test=limit_test,
+    )
     factory = factory_of(model)
+    saved: dict[str, Any] = {}
     if resume:
         if run_dir is None:
             raise ConfigError("resume: give the run_dir to continue")
@@ -257,6 +267,13 @@ def fit(
             check_shape=made.check_input if made is not None else None,
         )
         train_model = _train_model(model, made, prepared.layout)
+        if resume and saved.get("rows") is not None and int(saved["rows"]) != prepared.layout.rows:
+            # The checkpoint's data positions (every worker's rows) and the step budget are the saved
+            # data's: other data would be trained on silently, in part, or crash a worker.
+            raise ConfigError(
+                f"resume: the run in {run_path} trained on {saved['rows']} rows, but the data given now has "
+                f"{prepared.layout.rows}; resume it with the data it was started on"
+            )
         if not resume:
             _write_config(
                 run_path,
@@ -333,6 +350,24 @@ def _settings(average: AverageSettings | Mapping[str, Any] | None, strategy: str
     return settings
 
 
+def _check_data_arguments(data: Any, **given: Any) -> None:
+    """Refuse the arguments that ``data``'s kind would ignore: a dataset name or directory brings its own
+    test split, classes and input shape; the limits and ``data_dir`` select from a dataset, not a DataFrame."""
+    named = isinstance(data, str | os.PathLike)
+    ignored = (
+        ("test_data", "num_classes", "input_shape") if named else ("data_dir", "limit_train", "limit_test")
+    )
+    for name in ignored:
+        if given[name] is not None:
+            hint = (
+                "a dataset name or directory brings its own test split, classes and input shape"
+                if named
+                else "it selects from a dataset name or directory; for a DataFrame, select the rows first "
+                "(df.limit(n), test_data.limit(n))"
+            )
+            raise ConfigError(f"{name}: {hint}; expected None, got {given[name]!r}")
+
+
 def _check_slow_worker(slow_worker: Any, strategy: str, workers: int) -> None:
     if slow_worker is None:
         return
@@ -372,11 +407,21 @@ def _write_config(path: Path, config: Mapping[str, Any]) -> None:
     _atomic_write(path / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True).encode("utf-8"))
 
 
+# What every training run's config.json holds and a resume reads (a tune study's has other keys).
+_RUN_KEYS = ("strategy", "workers", "config", "average", "model", "threads_per_worker")
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     try:
-        return dict(json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
+        saved = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"resume: {path} is not a deepspark training run ({CONFIG_FILE}: {exc})") from exc
+    missing = [key for key in _RUN_KEYS if key not in saved] if isinstance(saved, dict) else list(_RUN_KEYS)
+    if missing:
+        raise ConfigError(
+            f"resume: {path} is not a deepspark training run ({CONFIG_FILE} has no {', '.join(missing)})"
+        )
+    return dict(saved)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -656,10 +701,11 @@ def _run_workers(
             server.fail(KeyboardInterrupt())
             raise
         finally:
-            slots.join(timeout=10.0)  # workers told to stop end their jobs by themselves
-            if slots.is_alive():
-                sc.cancelJobGroup(group)
-                slots.join(timeout=30.0)
+            if slots.ident is not None:  # never started when a resumed run had finished already
+                slots.join(timeout=10.0)  # workers told to stop end their jobs by themselves
+                if slots.is_alive():
+                    sc.cancelJobGroup(group)
+                    slots.join(timeout=30.0)
     finally:
         endpoint.close()
     if server.error is not None:
@@ -709,6 +755,9 @@ def _fit_average(run: _Run) -> FitResult:
     if run.resume:
         weights, outer_state, state = _load_checkpoint(run_path)
         _check_resumed(driver_model, weights, run_path)
+        # In the model's own order, as the run started: the Nesterov outer optimizer's state is by
+        # parameter index, and safetensors hands tensors back in another order.
+        weights = {name: weights[name] for name in driver_model.state_dict()}
         cursors = {int(k): v for k, v in state["cursors"].items()}
         first_round, samples_done = int(state["round"]) + 1, int(state["samples_done"])
         steps_done = int(state["steps_done"])
@@ -1226,6 +1275,7 @@ def _fit_local(
     )
     history: list[dict[str, Any]] = []
     clock = time.perf_counter()
+    tested = len(dataset.test_labels) > 0  # with no test examples there is no score (not 0.0)
 
     def on_epoch(m: EpochMetrics) -> None:
         row = {
@@ -1234,8 +1284,8 @@ def _fit_local(
             "samples": layout.rows,
             "workers": 1,
             "train_loss": m.train_loss,
-            "test_accuracy": m.test_accuracy,
-            "test_loss": m.test_loss,
+            "test_accuracy": m.test_accuracy if tested else "",
+            "test_loss": m.test_loss if tested else "",
             "seconds": m.seconds,
             "compute_s": m.seconds,
             "comm_s": 0.0,

@@ -339,8 +339,13 @@ class RoundServer(ServerState):
             self.error = DeepsparkError("every worker of a round had no examples: the partitions are empty")
             self._lock.notify_all()
             return
-        averaged = self._average(pushes, samples)
-        self._step(averaged)
+        try:
+            averaged = self._average(pushes, samples)
+            self._step(averaged)
+        except Exception as exc:  # the round can never finish: stop the run rather than wait forever
+            self.error = exc
+            self._lock.notify_all()
+            return
         for k, push in current.pushes.items():
             self._workers[k].cursor = push.cursor
         self._done_samples += samples

@@ -90,7 +90,8 @@ class StudyConfig:
         if not isinstance(self.metric, str) or not self.metric:
             raise fail("metric", "the name of a metric the objective returns", self.metric)
         check_choice("direction", self.direction, DIRECTIONS)
-        check_int("seed", self.seed)
+        # Optuna's samplers (numpy's legacy seeding) take 0..2**32-1: anything else fails in the sampler.
+        check_int("seed", self.seed, minimum=0, maximum=2**32 - 1)
         check_positive_int("threads_per_trial", self.threads_per_trial)
         if self.storage is not None and (not isinstance(self.storage, str) or "://" not in self.storage):
             raise fail("storage", "an Optuna storage URL (e.g. sqlite:///study.db) or None", self.storage)

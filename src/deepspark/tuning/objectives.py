@@ -59,6 +59,7 @@ class BuiltinOptions:
             )
         if self.dataset is not None and not isinstance(self.dataset, str):
             raise fail("dataset", "a registered dataset name", self.dataset)
+        object.__setattr__(self, "dataset", dataset_name(self.dataset))
         if self.data_dir is not None:
             object.__setattr__(self, "data_dir", str(Path(self.data_dir).expanduser().absolute()))
         for name in ("limit_train", "limit_test"):
@@ -133,6 +134,18 @@ class BuiltinOptions:
             len(trials.train_labels),
         )
         return trials, split
+
+
+def dataset_name(dataset: str | None) -> str | None:
+    """``dataset`` as a study keeps it: a registered name as it is; a directory (``deepspark tune DIR``)
+    made absolute, like ``data_dir``, so that a resume from another working directory reads the same
+    directory, not whatever that relative name means there."""
+    from deepspark.data.registry import DATASETS
+
+    if dataset is None or dataset in DATASETS:
+        return dataset
+    path = Path(dataset).expanduser()
+    return str(path.absolute()) if path.is_dir() else dataset
 
 
 #: The keys :class:`BuiltinOptions` writes in a run directory's ``config.json``.

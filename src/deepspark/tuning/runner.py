@@ -10,6 +10,7 @@ an objective that raises is a FAIL and the study goes on.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import secrets
@@ -54,7 +55,7 @@ from deepspark.tuning.coordinator import (
     TrialEventKind,
     interrupted_attrs,
 )
-from deepspark.tuning.objectives import SELECT_ON, BuiltinOptions, ImageClassifierObjective
+from deepspark.tuning.objectives import SELECT_ON, BuiltinOptions, ImageClassifierObjective, dataset_name
 from deepspark.tuning.refit import refit_models
 from deepspark.tuning.report import StudySummary, best_and_default, records_from_study, write_reports
 from deepspark.tuning.sampling import PROCESS_FROM_TRIALS, ProcessSampler, sampler_processes, tpe_sampler
@@ -81,6 +82,9 @@ JOURNAL = "study.journal"
 #: (a new study's name is config.json's ``study_name``; a journal holds one study).
 STUDY_NAME = LEGACY_STUDY_NAME
 CLUSTER_ATTR = "deepspark:cluster"
+#: The built-in objective's data, as a fingerprint of the arrays the study trains, selects and tests
+#: on: a resume must run on the same data (a directory given again may hold another dataset).
+DATA_ATTR = "deepspark:data"
 
 Objective = Callable[[dict[str, Any], Reporter], Any]
 # What every study's config.json holds (see tune()); a resume reads them back.
@@ -125,9 +129,11 @@ def _sampler(
     journal: Path | None,
     trials: int,
     parallelism: int | None,
+    existing: int = 0,
 ) -> optuna.samplers.BaseSampler:
     if isinstance(given, optuna.samplers.BaseSampler):
         return given
+    seed = _sampler_seed(config.seed, existing)
     if config.sampler == "tpe":
         n_startup = min(10, max(2, len(search.params) * 2))
         if journal is not None and trials >= PROCESS_FROM_TRIALS:
@@ -136,15 +142,29 @@ def _sampler(
             return ProcessSampler(
                 journal=str(journal.resolve()),
                 study_name=config.study_name,
-                seed=config.seed,
+                seed=seed,
                 n_startup_trials=n_startup,
                 processes=1 if parallelism == 1 else sampler_processes(),
             )
-        return tpe_sampler(seed=config.seed, n_startup_trials=n_startup)
+        return tpe_sampler(seed=seed, n_startup_trials=n_startup)
     # "grid": every point is enqueued up front (see _plan_grid), so the sampler is never asked for a value.
     # Optuna's GridSampler is not used: it calls study.stop() from tell() once the grid is exhausted
     # (an error outside study.optimize) and gives a grid point to the enqueued default trial's number.
-    return optuna.samplers.RandomSampler(seed=config.seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _sampler_seed(seed: int, existing: int) -> int:
+    """The sampler's seed for a study that already holds ``existing`` trials: the study's seed for a
+    new study; for a resumed one, a seed derived from both (still reproducible).
+
+    A sampler seeded again with the study's seed replays its random draws from the start: a resume
+    (or an extension with a larger ``trials``) would propose the configurations of the first trials
+    again (every one with ``random``, the start-up trials with ``tpe``), and run them again.
+    """
+    if existing == 0:
+        return seed
+    digest = hashlib.sha256(f"deepspark-sampler:{seed}:{existing}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
 
 
 def _pruner(config: StudyConfig, given: object) -> optuna.pruners.BasePruner:
@@ -323,6 +343,20 @@ def tune(
             "objective, which chooses its own metric and data: hold out a validation split in it, e.g. "
             "with ImageDataset.split_validation)"
         )
+    if objective is None and (metric not in (None, "accuracy") or direction not in (None, "maximize")):
+        # Its trials report accuracy to the pruner every epoch, and best.json, trials.csv and the
+        # leaderboard read each trial's value as its validation (or test) accuracy.
+        raise ConfigError(
+            f"metric/direction: the built-in objective selects on accuracy, maximised (got metric="
+            f"{metric!r}, direction={direction!r}); its loss is in each trial's metrics. To select on "
+            "another metric, pass your own objective"
+        )
+    if objective is None and data is not None:
+        raise ConfigError(
+            "data: reaches your own objective (as reporter.data); the built-in objective loads its data "
+            "from dataset/data_dir and would ignore it. Pass an objective, or name the data with dataset= "
+            "or data_dir= (an ImageDataset: write it as an MNIST-layout directory with write_idx)"
+        )
     if objective is not None and refit:
         raise ConfigError(
             "refit: applies to the built-in objective only (a Python objective holds its own data: "
@@ -447,6 +481,7 @@ def _resumed_config(
         model = builtin_given.get("model")
         compared.update(builtin_given)
         compared["model"] = ImageClassifierObjective(model=model).saved_model if model is not None else None
+        compared["dataset"] = dataset_name(builtin_given.get("dataset"))
     conflicts += config.conflicts(compared)
     if conflicts:
         raise ConfigError(
@@ -529,6 +564,7 @@ def _run(
     """Open (or make) the study, run what is missing, write the reports."""
     created = not run_path.exists() or not any(run_path.iterdir())
     study: optuna.Study | None = None
+    finished: int | None = None
     made = False
     selected_on = config.builtin.select_on if config.builtin is not None else None
     try:
@@ -561,6 +597,7 @@ def _run(
             assert config.builtin is not None and isinstance(objective, ImageClassifierObjective)
             data, test_data = config.builtin.data(seed=config.seed)
             objective.check_data(input_shape=data.input_shape, num_classes=data.num_classes)
+            _check_same_data(study, _data_fingerprint(data, test_data), config, run_path, saved)
         started = time.perf_counter()
         stop_reason: str | None = None
         used_parallelism = 0
@@ -588,6 +625,10 @@ def _run(
             if made and config.storage is not None:
                 optuna.delete_study(study_name=config.study_name, storage=config.storage)
             shutil.rmtree(run_path, ignore_errors=True)
+        if resume and saved and config.to_dict() != dict(saved) and not _finished_since(study, finished):
+            # A resume that failed before finishing a trial (a bad --data-dir, say) leaves the study's
+            # settings as they were saved: the next plain --resume must not inherit what failed.
+            rundir.write_config(run_path, dict(saved))
         raise
     wall = time.perf_counter() - started
     records = records_from_study(study)
@@ -664,6 +705,72 @@ def _refit(
     )
 
 
+def _data_fingerprint(trials: Any, test: Any) -> dict[str, Any]:
+    """What identifies the built-in objective's data: a SHA-256 of the trials' training and selection
+    arrays and of the test split, with their sizes (for the error message)."""
+    digest = hashlib.sha256()
+    arrays = (
+        trials.train_images,
+        trials.train_labels,
+        trials.test_images,
+        trials.test_labels,
+        test.test_images,
+        test.test_labels,
+    )
+    for array in arrays:
+        contiguous = array if array.flags.c_contiguous else array.copy(order="C")
+        digest.update(f"{contiguous.dtype.str}{contiguous.shape}".encode())
+        digest.update(memoryview(contiguous).cast("B"))
+    return {
+        "sha256": digest.hexdigest(),
+        "train": len(trials.train_labels),
+        "selection": len(trials.test_labels),
+        "test": len(test.test_labels),
+    }
+
+
+def _check_same_data(
+    study: optuna.Study,
+    fingerprint: Mapping[str, Any],
+    config: StudyConfig,
+    run_path: Path,
+    saved: Mapping[str, Any],
+) -> None:
+    """Record the data a study runs on; refuse a resume whose data is other than the study's.
+
+    ``data_dir`` may change between runs (where the data lives now), and a directory's files may
+    change under it: a directory that holds another dataset would mix two datasets in one study,
+    its trials ranked together and the best model tested on data it never saw. A study saved before
+    the fingerprint existed is fingerprinted now.
+    """
+    held = study.user_attrs.get(DATA_ATTR)
+    if not isinstance(held, Mapping) or "sha256" not in held:
+        study.set_user_attr(DATA_ATTR, dict(fingerprint))
+        return
+    if held["sha256"] == fingerprint["sha256"]:
+        return
+    if saved:
+        rundir.write_config(run_path, dict(saved))  # leave the study as it was saved
+    assert config.builtin is not None
+    where = config.builtin.data_dir or config.builtin.dataset
+
+    def sizes(f: Mapping[str, Any]) -> str:
+        return f"train {f.get('train')}, selection {f.get('selection')}, test {f.get('test')}"
+
+    raise ConfigError(
+        f"resume: the data in {where} is not the data the study in {run_path} ran on "
+        f"(saved: {sizes(held)}; now: {sizes(fingerprint)}; the arrays' SHA-256 differ). Point "
+        "--data-dir (data_dir=) at the study's own data, or start a new run directory for this one"
+    )
+
+
+def _finished_since(study: optuna.Study | None, finished: int | None) -> bool:
+    """Whether trials finished since the study was opened with ``finished`` finished trials."""
+    if study is None or finished is None:
+        return False
+    return len(records_from_study(study)) > finished
+
+
 def _previous_summary(run_path: Path) -> StudySummary | None:
     try:
         return StudySummary.from_dict(json.loads((run_path / "best.json").read_text(encoding="utf-8")))
@@ -700,6 +807,10 @@ def _open_study(
                 f"study_name: the storage already holds a study named {config.study_name!r}; choose another "
                 "study_name (or run directory), or resume that study from its run directory"
             )
+        existing = 0
+        if exists:
+            study_id = storage.get_study_id_from_name(config.study_name)
+            existing = len(storage.get_all_trials(study_id, deepcopy=False))
         study = optuna.create_study(
             study_name=config.study_name,
             storage=storage,
@@ -708,7 +819,13 @@ def _open_study(
             if config.maximize
             else optuna.study.StudyDirection.MINIMIZE,
             sampler=_sampler(
-                config, search, objects[0], journal=journal, trials=trials, parallelism=parallelism
+                config,
+                search,
+                objects[0],
+                journal=journal,
+                trials=trials,
+                parallelism=parallelism,
+                existing=existing,
             ),
             pruner=_pruner(config, objects[1]),
         )

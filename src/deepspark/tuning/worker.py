@@ -7,8 +7,10 @@ closure carries no SparkSession and no driver object.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import numbers
 import os
 import socket
 import threading
@@ -46,19 +48,43 @@ class WorkerSpec:
         self.broadcast, self.threads = broadcast, threads
 
 
+def _number(value: Any) -> float | None:
+    """``value`` as a float when it is a number (numpy and torch scalars included), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):  # int, float and numpy's scalar types
+        return float(value)
+    if getattr(value, "shape", None) == () and callable(getattr(value, "item", None)):
+        item = value.item()  # a 0-d numpy array or a one-element torch tensor
+        if isinstance(item, numbers.Real) and not isinstance(item, bool):
+            return float(item)
+    return None
+
+
 def _metrics(out: Any, metric: str) -> tuple[float, dict[str, Any]]:
     if isinstance(out, bool) or out is None:
         raise TypeError(f"the objective must return a number or a dict holding {metric!r}, got {out!r}")
-    if isinstance(out, int | float):
-        return float(out), {metric: float(out)}
+    number = _number(out)
+    if number is not None:
+        return number, {metric: number}
     if isinstance(out, Mapping):
         if metric not in out:
             raise KeyError(f"the objective returned {sorted(out)}, which lacks the metric {metric!r}")
-        value = float(out[metric])
-        clean = {
-            str(k): (float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v)
-            for k, v in out.items()
-        }
+        number = _number(out[metric])
+        value = number if number is not None else float(out[metric])
+        clean = {}
+        for k, v in out.items():
+            number = _number(v)
+            clean[str(k)] = number if number is not None else v
+            try:
+                json.dumps(clean[str(k)], allow_nan=True)
+            except (TypeError, ValueError) as exc:
+                # The result travels to the driver as JSON: an unsendable value would kill the worker
+                # (and every retry of the trial) instead of failing the trial with the reason.
+                raise TypeError(
+                    f"the objective returned {str(k)!r}: {type(v).__name__}, which the driver cannot "
+                    f"receive ({exc}); return numbers, strings, lists or dicts of them"
+                ) from None
         return value, clean
     raise TypeError(
         f"the objective must return a number or a dict holding {metric!r}, got {type(out).__name__}"
