@@ -291,6 +291,11 @@ def test_a_glob_in_a_directory_matches_one_level_like_a_shell(
     assert sorted(r["path"].split("/tree/", 1)[1] for r in rows) == ["b/2.png", "b/deep/3.png"]
     with pytest.raises(ConfigError, match="no files match"):
         predict(f"{root}/{{x,y}}/*.png", small_model.path, spark=spark)
+    notes = root.parent / "notes"  # a folder with no image in it: an error, as an empty glob is
+    (notes / "sub").mkdir(parents=True)
+    (notes / "sub" / "read.txt").write_text("not an image")
+    with pytest.raises(ConfigError, match="holds no image files"):
+        predict(str(notes), small_model.path, spark=spark)
 
 
 def test_a_double_star_before_a_directory_matches_only_under_that_directory(

@@ -378,6 +378,34 @@ def test_dataframe_columns_are_checked(spark: Any, tmp_path: Path) -> None:
             input_shape=(1, 2, 2),
             run_dir=tmp_path / "b",
         )
+    nulls = spark.createDataFrame([([0.0] * 4, 0), (None, 1), ([1.0] * 4, 1)], "x array<float>, y int")
+    with pytest.raises(ConfigError, match=r"feature_column 'x': 1 null value\(s\)"):
+        fit(
+            nulls,
+            "mlp",
+            workers=2,
+            feature_column="x",
+            label_column="y",
+            input_shape=(1, 2, 2),
+            run_dir=tmp_path / "c",
+        )
+    arrays = spark.createDataFrame([([0.0] * 4, 0), ([1.0] * 4, 1)], "x array<float>, y int")
+    pixels = spark.createDataFrame([(bytearray(4), 0), (bytearray([255] * 4), 1)], "x binary, y int")
+    with pytest.raises(
+        ConfigError,
+        match="test_data: its feature column holds raw pixel bytes but the training data's holds arrays",
+    ):
+        fit(
+            arrays,
+            "mlp",
+            workers=2,
+            feature_column="x",
+            label_column="y",
+            input_shape=(1, 2, 2),
+            test_data=pixels,
+            run_dir=tmp_path / "d",
+        )
+    assert not any((tmp_path / name).exists() for name in "abcd")
 
 
 @pytest.mark.parametrize(

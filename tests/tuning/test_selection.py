@@ -202,7 +202,16 @@ def test_select_on_is_checked_before_spark(tmp_path) -> None:
         tune(dataset="mnist", model="mlp", space=SPACE, select_on="test", refit=True, run_dir=tmp_path / "c")
     with pytest.raises(ConfigError, match="refit: applies to the built-in objective only"):
         tune(lambda c, r: 1.0, space={"x": {"type": "uniform", "low": 0, "high": 1}}, refit=True)
-    assert not any((tmp_path / name).exists() for name in "abc")
+    with pytest.raises(ConfigError, match="validation: applies when trials are selected on validation"):
+        tune(
+            dataset="mnist",
+            model="mlp",
+            space=SPACE,
+            select_on="test",
+            validation=0.2,
+            run_dir=tmp_path / "d",
+        )
+    assert not any((tmp_path / name).exists() for name in "abcd")
 
 
 def test_data_given_to_the_built_in_objective_is_refused_not_ignored(tmp_path) -> None:

@@ -270,7 +270,13 @@ def resolve_input(spark: SparkSession, data: Any, input_column: str | None) -> I
             # A Parquet table's own files, not a folder named *.parquet (earlier predictions, say).
             if any(q.is_file() and (q.suffix == ".parquet" or q.name == "_SUCCESS") for q in p.iterdir()):
                 return _dataframe_input(spark.read.parquet(path), input_column, ours=False)
-            return _binary_files(spark, path, pattern=_IMAGE_GLOB, recursive=True)
+            images = _binary_files(spark, path, pattern=_IMAGE_GLOB, recursive=True)
+            if images.rows_hint == 0:  # as an empty glob: nothing to predict is a mistake, not 0 rows
+                raise ConfigError(
+                    f"data: {path!r} holds no image files (.png, .jpg, .jpeg, .bmp, .gif, .tif, .tiff, .webp, "
+                    "in any folder below it), MNIST-layout IDX files or Parquet table; give a glob for other names"
+                )
+            return images
         if not has_glob and ("idx3-ubyte" in p.name or "idx3.ubyte" in p.name):
             return _idx_input(spark, [p])
     suffix = Path(path).suffix.lower()

@@ -306,7 +306,9 @@ def predict(
         and os.path.exists(local_path(output_path))
         and not overwrite
     ):
-        raise ConfigError(f"output: {output_path} already exists; pass overwrite=True or choose another path")
+        raise ConfigError(
+            f"output: {output_path} already exists; pass overwrite=True (CLI: --overwrite) or choose another path"
+        )
     if output_path is not None and is_local(output_path):
         check_writable(local_path(output_path), name="output")  # not after the job: Spark's write fails late
     names = read_labels(labels) if isinstance(labels, str | os.PathLike) else labels

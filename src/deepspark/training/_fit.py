@@ -433,6 +433,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+_KIND_WORDS = {"bytes": "raw pixel bytes", "image": "encoded image files", "array": "arrays of numbers"}
+
+
 def _prepare_data(
     spark: Any,
     data: Any,
@@ -473,6 +476,13 @@ def _prepare_data(
                 input_shape=layout.shape,
                 num_classes=layout.num_classes,
             )
+            if test_layout.pixels != layout.pixels:
+                # Pixels (bytes, image files) are scaled to 0..1 by the preprocess; arrays are taken as they
+                # are: a test set of the other kind would be evaluated on another scale without a word.
+                raise ConfigError(
+                    f"test_data: its feature column holds {_KIND_WORDS[test_layout.kind]} but the training "
+                    f"data's holds {_KIND_WORDS[layout.kind]}; give both in the same form"
+                )
             test_x, test_y = _collect(test_data, test_layout, preprocess)
         return _Data(
             frame=frame,

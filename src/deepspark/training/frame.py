@@ -124,6 +124,7 @@ def describe_frame(
         F.min(label_column).alias("low"),
         F.max(label_column).alias("high"),
         F.count(F.col(label_column)).alias("labelled"),
+        F.count(F.col(feature_column)).alias("featured"),
         F.min(F.length(feature_column) if kind != "array" else F.size(feature_column)).alias("short"),
         F.max(F.length(feature_column) if kind != "array" else F.size(feature_column)).alias("long"),
     ).first()
@@ -133,6 +134,11 @@ def describe_frame(
         raise ConfigError("data: the DataFrame has no rows; give at least one training example")
     if int(stats["labelled"]) != rows:
         raise ConfigError(f"label_column {label_column!r}: {rows - int(stats['labelled'])} null label(s)")
+    if int(stats["featured"]) != rows:
+        raise ConfigError(
+            f"feature_column {feature_column!r}: {rows - int(stats['featured'])} null value(s); drop or "
+            f"fill those rows first, e.g. df.dropna(subset=[{feature_column!r}])"
+        )
     want = math.prod(shape)
     for bound in ("short", "long") if kind != "image" else ():
         size = stats[bound]

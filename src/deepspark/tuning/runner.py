@@ -351,6 +351,11 @@ def tune(
             f"{metric!r}, direction={direction!r}); its loss is in each trial's metrics. To select on "
             "another metric, pass your own objective"
         )
+    if select_on == "test" and validation is not None:
+        raise ConfigError(
+            f"validation: applies when trials are selected on validation; with select_on='test' no "
+            f"validation split is held out (got validation={validation!r}); drop one of the two"
+        )
     if objective is None and data is not None:
         raise ConfigError(
             "data: reaches your own objective (as reporter.data); the built-in objective loads its data "
