@@ -389,6 +389,22 @@ def test_dataframe_columns_are_checked(spark: Any, tmp_path: Path) -> None:
             input_shape=(1, 2, 2),
             run_dir=tmp_path / "c",
         )
+    nans = spark.createDataFrame(
+        [([0.0] * 4, 0), ([float("nan"), 1.0, 1.0, 1.0], 1), ([1.0, None, 1.0, 1.0], 1)],
+        "x array<float>, y int",
+    )
+    with pytest.raises(
+        ConfigError, match=r"feature_column 'x': 2 row\(s\) hold NaN, infinite or null numbers"
+    ):
+        fit(
+            nans,
+            "mlp",
+            workers=2,
+            feature_column="x",
+            label_column="y",
+            input_shape=(1, 2, 2),
+            run_dir=tmp_path / "e",
+        )
     arrays = spark.createDataFrame([([0.0] * 4, 0), ([1.0] * 4, 1)], "x array<float>, y int")
     pixels = spark.createDataFrame([(bytearray(4), 0), (bytearray([255] * 4), 1)], "x binary, y int")
     with pytest.raises(
@@ -405,7 +421,7 @@ def test_dataframe_columns_are_checked(spark: Any, tmp_path: Path) -> None:
             test_data=pixels,
             run_dir=tmp_path / "d",
         )
-    assert not any((tmp_path / name).exists() for name in "abcd")
+    assert not any((tmp_path / name).exists() for name in "abcde")
 
 
 @pytest.mark.parametrize(

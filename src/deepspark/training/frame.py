@@ -125,6 +125,11 @@ def describe_frame(
         F.max(label_column).alias("high"),
         F.count(F.col(label_column)).alias("labelled"),
         F.count(F.col(feature_column)).alias("featured"),
+        F.sum(
+            F.when(F.exists(feature_column, lambda v: v.isNull() | F.isnan(v) | (F.abs(v) == math.inf)), 1)
+            if kind == "array"
+            else F.lit(0)
+        ).alias("unfinite"),
         F.min(F.length(feature_column) if kind != "array" else F.size(feature_column)).alias("short"),
         F.max(F.length(feature_column) if kind != "array" else F.size(feature_column)).alias("long"),
     ).first()
@@ -138,6 +143,11 @@ def describe_frame(
         raise ConfigError(
             f"feature_column {feature_column!r}: {rows - int(stats['featured'])} null value(s); drop or "
             f"fill those rows first, e.g. df.dropna(subset=[{feature_column!r}])"
+        )
+    if int(stats["unfinite"] or 0):  # they would train as a diverging learning rate does, later
+        raise ConfigError(
+            f"feature_column {feature_column!r}: {int(stats['unfinite'])} row(s) hold NaN, infinite or null "
+            "numbers; clean or drop them first"
         )
     want = math.prod(shape)
     for bound in ("short", "long") if kind != "image" else ():
