@@ -196,15 +196,41 @@ def test_a_failed_gang_restarts_from_the_checkpoint(spark: Any, tmp_path: Path, 
     assert _checkpoint_weights(again.run_dir).keys() == want.keys()
 
 
+def test_no_round_is_recorded_after_an_on_round_error(spark: Any, tmp_path: Path, driver_crash: Any) -> None:
+    # 64 rows, 2 workers, batch 4: 8 rounds of 2 steps; the callback raises after round 1, and the
+    # gang's later reports (it runs on until its job is cancelled) are not recorded.
+    x, y = _arrays(64, seed=2)
+    config = {"optimizer": "momentum", "learning_rate": 0.05, "batch_size": 4, "epochs": 2, "seed": 1}
+    with pytest.raises(DeepsparkError, match="driver crash"):
+        fit(
+            _frame(spark, x, y),
+            TINY,
+            strategy="allreduce",
+            workers=2,
+            config=config,
+            run_dir=tmp_path / "run",
+            input_shape=SHAPE,
+            num_classes=CLASSES,
+            checkpoint_seconds=0,
+            on_round=driver_crash(1),
+        )
+    assert [int(r["round"]) for r in _history(tmp_path / "run")] == [0, 1]
+    state = json.loads((tmp_path / "run" / CHECKPOINT / "state.json").read_text())
+    assert state["round"] == 1
+
+
 def test_divergence_stops_the_gang_without_a_restart(spark: Any, tmp_path: Path) -> None:
     # Every rank sees the same all-reduced loss, so all stop at the same step; rank 0 tells the driver,
     # which raises DivergenceError instead of restarting the gang.
+    # (Non-finite inputs are refused before training, so the divergence comes from the learning rate.)
     x, y = _arrays(16)
-    x[0, 0] = np.inf
-    config = {"optimizer": "sgd", "learning_rate": 0.1, "batch_size": 16, "epochs": 1, "seed": 0}
-    with pytest.raises(DivergenceError, match="diverged"):
+    config = {"optimizer": "sgd", "learning_rate": 1e36, "batch_size": 16, "epochs": 4, "seed": 0}
+    with pytest.raises(DivergenceError, match="loss is nan at step 2") as caught:
         _fit_tiny(spark, tmp_path / "run", x, y, config)
-    assert not (tmp_path / "run" / HISTORY).exists()
+    assert caught.value.step == 1  # 0-based; the message counts from 1
+    rows = _history(tmp_path / "run")  # the rounds before it, all of the first attempt: no restart
+    assert rows and all(int(r["attempt"]) == 0 for r in rows)
+    assert all(np.isfinite(float(r["train_loss"])) for r in rows)
 
 
 @pytest.mark.slow

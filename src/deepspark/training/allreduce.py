@@ -228,6 +228,8 @@ class GangServer:
         with self._lock:
             if attempt != self.attempt:
                 return  # a report of a gang that failed meanwhile: its restart starts before this round
+            if self.fatal is not None:
+                return  # the run is stopping (its job is being cancelled): record no round after the error
             if len(set(digests)) != 1:
                 self.fatal = DeepsparkError(
                     f"all-reduce replicas diverged by step {reply['step']}: weight digests {digests}; "
