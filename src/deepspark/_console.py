@@ -161,7 +161,12 @@ def print_study(console: Console, result: StudyResult, *, top: int = 10) -> None
         )
     if result.stop_reason:
         console.print(f"[yellow]stopped early: {result.stop_reason}[/yellow]")
-    console.print(f"run directory: {result.run_dir} (trials.csv, best.json, best/, study.journal)")
+    kept = [
+        name
+        for name in ("trials.csv", "best.json", "best/", "study.journal")
+        if (result.run_dir / name).exists()
+    ]
+    console.print(f"run directory: {result.run_dir} ({', '.join(kept)})")  # best/ only when a trial completed
 
 
 def _tests(summary: Any) -> dict[int, float]:
