@@ -293,16 +293,17 @@ class Server:
             closing = self._closed
             first = reason not in self._warned
             self._warned.add(reason)
+        if not closing:  # else close() cut the handshake short: not the peer's fault
+            # Logged before the socket closes, so a peer that sees the close sees a logged rejection
+            # (the first one of a reason is the WARNING, also when the next peer is quick).
+            _log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "%s: closed a connection from %s: %s",
+                self._name,
+                peer,
+                reason,
+            )
         _shutdown(sock)
-        if closing:
-            return  # close() cut the handshake short: not the peer's fault
-        _log.log(
-            logging.WARNING if first else logging.DEBUG,
-            "%s: closed a connection from %s: %s",
-            self._name,
-            peer,
-            reason,
-        )
 
     def _accept_loop(self, listener: socket.socket) -> None:
         while True:
