@@ -602,7 +602,7 @@ def _run(
             assert config.builtin is not None and isinstance(objective, ImageClassifierObjective)
             data, test_data = config.builtin.data(seed=config.seed)
             objective.check_data(input_shape=data.input_shape, num_classes=data.num_classes)
-            _check_same_data(study, _data_fingerprint(data, test_data), config, run_path, saved)
+            _check_same_data(study, _data_fingerprint(data, test_data), config, run_path)
         started = time.perf_counter()
         stop_reason: str | None = None
         used_parallelism = 0
@@ -735,11 +735,7 @@ def _data_fingerprint(trials: Any, test: Any) -> dict[str, Any]:
 
 
 def _check_same_data(
-    study: optuna.Study,
-    fingerprint: Mapping[str, Any],
-    config: StudyConfig,
-    run_path: Path,
-    saved: Mapping[str, Any],
+    study: optuna.Study, fingerprint: Mapping[str, Any], config: StudyConfig, run_path: Path
 ) -> None:
     """Record the data a study runs on; refuse a resume whose data is other than the study's.
 
@@ -753,9 +749,7 @@ def _check_same_data(
         study.set_user_attr(DATA_ATTR, dict(fingerprint))
         return
     if held["sha256"] == fingerprint["sha256"]:
-        return
-    if saved:
-        rundir.write_config(run_path, dict(saved))  # leave the study as it was saved
+        return  # (on a mismatch, _run's handler puts the saved config.json back: no trial finished)
     assert config.builtin is not None
     where = config.builtin.data_dir or config.builtin.dataset
 
