@@ -67,3 +67,15 @@ def test_write_dir_atomic_refuses_names_that_are_not_plain(tmp_path, name) -> No
         rundir.write_dir_atomic(tmp_path / "best", {"ok.bin": b"1", name: b"2"})
     assert os.listdir(tmp_path / "best") == ["keep.bin"]
     assert os.listdir(tmp_path) == ["best"]
+
+
+def test_replace_dir_puts_the_old_directory_back_when_the_new_one_cannot_move_in(tmp_path) -> None:
+    target = rundir.write_dir_atomic(tmp_path / "out", {"a": b"old"})
+    with pytest.raises(FileNotFoundError):
+        rundir.replace_dir(tmp_path / "never-written", target)
+    assert (target / "a").read_bytes() == b"old"
+    staged = tmp_path / ".staged"
+    staged.mkdir()
+    (staged / "b").write_bytes(b"new")
+    rundir.replace_dir(staged, target)
+    assert sorted(os.listdir(target)) == ["b"] and sorted(os.listdir(tmp_path)) == ["out"]

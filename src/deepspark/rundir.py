@@ -35,6 +35,7 @@ __all__ = [
     "check_writable",
     "prepare",
     "read_config",
+    "replace_dir",
     "write_config",
     "write_dir_atomic",
     "write_file_atomic",
@@ -134,7 +135,6 @@ def write_dir_atomic(path: str | os.PathLike[str], files: Mapping[str, bytes]) -
             raise DeepsparkError(f"refusing file name {name!r} for {target}: expected a plain file name")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    old = target.parent / f".{target.name}.old"
     try:
         for name, data in files.items():
             with (tmp / name).open("wb") as fh:
@@ -142,14 +142,30 @@ def write_dir_atomic(path: str | os.PathLike[str], files: Mapping[str, bytes]) -
                 fh.flush()
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        _remove(old)
-        if target.exists() or target.is_symlink():
-            target.replace(old)
-        tmp.replace(target)
-        _fsync_dir(target.parent)
+        replace_dir(tmp, target)
     finally:
         _remove(tmp)
-        _remove(old)
+    return target
+
+
+def replace_dir(source: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """Put the finished directory ``source`` at ``path`` (on the same file system), replacing what is
+    there only now: an older ``path`` is moved aside first, put back if the move in fails, and removed
+    once the new one is in place."""
+    source, target = Path(source), Path(path)
+    old = target.parent / f".{target.name}.old"
+    _remove(old)
+    aside = target.exists() or target.is_symlink()
+    if aside:
+        target.replace(old)
+    try:
+        source.replace(target)
+    except BaseException:
+        if aside:
+            old.replace(target)
+        raise
+    _fsync_dir(target.parent)
+    _remove(old)
     return target
 
 

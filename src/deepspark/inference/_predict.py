@@ -27,7 +27,7 @@ from deepspark.inference.formats import ModelFormat, read_model
 from deepspark.inference.model import BACKENDS, InferenceModel, read_labels, resolve_backend
 from deepspark.inference.runners import to_onnx
 from deepspark.models.preprocess import Preprocess
-from deepspark.rundir import check_writable
+from deepspark.rundir import check_writable, replace_dir
 from deepspark.validation import check_choice, check_positive_int, fail
 
 if TYPE_CHECKING:
@@ -187,25 +187,6 @@ def _staging_path(target: str) -> str:
     target = os.path.normpath(os.path.abspath(target))
     parent, name = os.path.split(target)
     return os.path.join(parent, f".{name}.deepspark-{secrets.token_hex(4)}")
-
-
-def _replace(staging: str, target: str) -> None:
-    """Put the finished ``staging`` folder at ``target``, replacing what is there only now."""
-    target = os.path.normpath(os.path.abspath(target))
-    if not os.path.lexists(target):
-        os.rename(staging, target)
-        return
-    old = f"{staging}.old"
-    os.rename(target, old)
-    try:
-        os.rename(staging, target)
-    except OSError:
-        os.rename(old, target)
-        raise
-    if os.path.isdir(old) and not os.path.islink(old):
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.unlink(old)
 
 
 def _renamed(names: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -390,7 +371,7 @@ def predict(
     finally:
         model_bc.destroy()
     if staging is not None:
-        _replace(staging, local_path(output_path))
+        replace_dir(staging, local_path(output_path))
     seconds = time.perf_counter() - start
     totals = dict(stats.value)
     summary = PredictSummary(
