@@ -356,71 +356,38 @@ def test_more_workers_than_slots_names_the_numbers(spark: Any, toy: Path, tmp_pa
 
 
 def test_dataframe_columns_are_checked(spark: Any, tmp_path: Path) -> None:
+    def refused(df: Any, match: str, run: str, **kwargs: Any) -> None:
+        with pytest.raises(ConfigError, match=match):
+            fit(
+                df,
+                "mlp",
+                workers=2,
+                feature_column="x",
+                label_column="y",
+                input_shape=(1, 2, 2),
+                run_dir=tmp_path / run,
+                **kwargs,
+            )
+
     doubles = spark.createDataFrame([([0.0] * 4, 0.0), ([1.0] * 4, 1.0)], "x array<float>, y double")
-    with pytest.raises(ConfigError, match="label_column 'y': expected an integral type"):
-        fit(
-            doubles,
-            "mlp",
-            workers=2,
-            feature_column="x",
-            label_column="y",
-            input_shape=(1, 2, 2),
-            run_dir=tmp_path / "a",
-        )
+    refused(doubles, "label_column 'y': expected an integral type", "a")
     short = spark.createDataFrame([([0.0] * 3, 0), ([1.0] * 3, 1)], "x array<float>, y int")
-    with pytest.raises(ConfigError, match=r"holds 3 values but the model's input \[1, 2, 2\] needs 4"):
-        fit(
-            short,
-            "mlp",
-            workers=2,
-            feature_column="x",
-            label_column="y",
-            input_shape=(1, 2, 2),
-            run_dir=tmp_path / "b",
-        )
+    refused(short, r"holds 3 values but the model's input \[1, 2, 2\] needs 4", "b")
     nulls = spark.createDataFrame([([0.0] * 4, 0), (None, 1), ([1.0] * 4, 1)], "x array<float>, y int")
-    with pytest.raises(ConfigError, match=r"feature_column 'x': 1 null value\(s\)"):
-        fit(
-            nulls,
-            "mlp",
-            workers=2,
-            feature_column="x",
-            label_column="y",
-            input_shape=(1, 2, 2),
-            run_dir=tmp_path / "c",
-        )
+    refused(nulls, r"feature_column 'x': 1 null value\(s\)", "c")
     nans = spark.createDataFrame(
         [([0.0] * 4, 0), ([float("nan"), 1.0, 1.0, 1.0], 1), ([1.0, None, 1.0, 1.0], 1)],
         "x array<float>, y int",
     )
-    with pytest.raises(
-        ConfigError, match=r"feature_column 'x': 2 row\(s\) hold NaN, infinite or null numbers"
-    ):
-        fit(
-            nans,
-            "mlp",
-            workers=2,
-            feature_column="x",
-            label_column="y",
-            input_shape=(1, 2, 2),
-            run_dir=tmp_path / "e",
-        )
+    refused(nans, r"feature_column 'x': 2 row\(s\) hold NaN, infinite or null numbers", "e")
     arrays = spark.createDataFrame([([0.0] * 4, 0), ([1.0] * 4, 1)], "x array<float>, y int")
     pixels = spark.createDataFrame([(bytearray(4), 0), (bytearray([255] * 4), 1)], "x binary, y int")
-    with pytest.raises(
-        ConfigError,
-        match="test_data: its feature column holds raw pixel bytes but the training data's holds arrays",
-    ):
-        fit(
-            arrays,
-            "mlp",
-            workers=2,
-            feature_column="x",
-            label_column="y",
-            input_shape=(1, 2, 2),
-            test_data=pixels,
-            run_dir=tmp_path / "d",
-        )
+    refused(
+        arrays,
+        "test_data: its feature column holds raw pixel bytes but the training data's holds arrays",
+        "d",
+        test_data=pixels,
+    )
     assert not any((tmp_path / name).exists() for name in "abcde")
 
 
