@@ -189,18 +189,18 @@ def read_model(
         source = p
         if fmt is ModelFormat.EXPORT:
             _check_pt2(p, payload)
+    stored = Preprocess.from_dict(metadata["preprocess"]) if "preprocess" in metadata else None
     if preprocess is None:
-        if "preprocess" not in metadata:
+        if stored is None:
             raise ConfigError(
                 f"model {source} has no preprocessing metadata: pass preprocess=Preprocess("
                 "input_shape=..., mean=..., std=...) (CLI: --input-shape/--mean/--std) or put a "
                 f"{METADATA} with a 'preprocess' entry next to the model file"
             )
-        preprocess = Preprocess.from_dict(metadata["preprocess"])
-    elif "preprocess" in metadata and Preprocess.from_dict(metadata["preprocess"]) != preprocess:
+        preprocess = stored
+    elif stored is not None and stored != preprocess:
         # A checkpoint (or a file with a metadata.json) says how it was trained; other values would
         # normalise its inputs differently and give wrong probabilities without a word.
-        stored = Preprocess.from_dict(metadata["preprocess"])
         raise ConfigError(
             f"preprocess: model {source} carries its own preprocessing (input shape "
             f"{list(stored.input_shape)}, mean {list(stored.mean)}, std {list(stored.std)}), which "
