@@ -14,6 +14,7 @@ import torch
 from deepspark.errors import DeepsparkError, DivergenceError
 from deepspark.training._fit import CHECKPOINT, FAIL_HOOK_ENV, HISTORY, fit
 from deepspark.training.allreduce import GangServer, optimizer_from_tensors, optimizer_to_tensors
+from deepspark.training.loop import DataCursor
 
 SHAPE = (1, 4, 4)
 CLASSES = 3
@@ -112,7 +113,17 @@ def test_replicas_stay_identical_on_uneven_partitions(spark: Any, tmp_path: Path
     state = json.loads((result.run_dir / CHECKPOINT / "state.json").read_text())
     assert state["steps_done"] == 2 * steps_per_epoch
     assert [int(r["round"]) for r in result.history] == list(range(2 * steps_per_epoch))  # 1 step a round
-    assert float(result.history[-1]["epoch"]) == 2.0
+    # Each rank walks its own partition for the same number of steps, so the examples seen are what a
+    # cursor over each partition draws in those steps (not 2 x 21 unless the halves were even), and the
+    # history's epoch column is those examples over the rows, as for the other strategies.
+    sizes = [int(state["cursors"][str(rank)]["n"]) for rank in range(2)]
+    assert sum(sizes) == 21
+    drawn = 0
+    for rank, n in enumerate(sizes):
+        cursor = DataCursor(n, 4, 0 + rank * 1_000_003)
+        drawn += sum(int(cursor.next_indices().shape[0]) for _ in range(2 * steps_per_epoch))
+    assert sum(int(r["samples"]) for r in result.history) == drawn
+    assert float(result.history[-1]["epoch"]) == pytest.approx(drawn / 21)
 
 
 def test_diverged_replicas_stop_the_run() -> None:
@@ -124,7 +135,7 @@ def test_diverged_replicas_stop_the_run() -> None:
         steps_done=0,
         samples_done=0,
         total_steps=4,
-        steps_per_epoch=2,
+        rows=16,
         workers=2,
         on_round=lambda report, _: reports.append(report),
     )

@@ -950,7 +950,7 @@ def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
         steps_done=int(state["steps_done"]),
         samples_done=int(state["samples_done"]),
         total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch,
+        rows=layout.rows,
         workers=workers,
         on_round=after_round,
     )

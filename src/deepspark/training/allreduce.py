@@ -21,8 +21,9 @@ Choices:
   models without it.
 - **Same steps everywhere.** ``total_steps = epochs * ceil(ceil(rows / workers) / batch_size)``; rank
   ``k`` walks ``DataCursor(n_k, batch_size, seed + k * 1_000_003)``, so a smaller partition simply
-  starts its next epoch sooner. The optimizer (``make_optimizer``) lives for the whole run: its state is
-  part of every checkpoint.
+  starts its next epoch sooner, and the history's ``epoch`` is examples seen over rows (as for the
+  other strategies), not steps over an even share's steps. The optimizer (``make_optimizer``) lives
+  for the whole run: its state is part of every checkpoint.
 - **Identical replicas, checked.** Every rank hashes its parameters and buffers after every step into a
   running SHA-256 chain (on a GPU: once per round, to spare a device-to-host copy per step); the chains
   are gathered at each round's end and the driver stops the run if any two differ.
@@ -134,7 +135,7 @@ class GangServer:
         steps_done: int,
         samples_done: int,
         total_steps: int,
-        steps_per_epoch: int,
+        rows: int,
         workers: int,
         on_round: Callable[[GangReport, GangServer], None],
     ) -> None:
@@ -148,7 +149,7 @@ class GangServer:
         self.samples_done = samples_done
         self.round_done = -1  # the last round reported in this process (-1: none yet)
         self._total_steps = total_steps
-        self._steps_per_epoch = steps_per_epoch
+        self._rows = rows
         self._workers = workers
         self._on_round = on_round
         self.attempt = 0
@@ -247,7 +248,7 @@ class GangServer:
             self.finished = self.steps_done >= self._total_steps
             report = GangReport(
                 round=int(reply["round"]),
-                epoch=self.steps_done / self._steps_per_epoch,
+                epoch=self.samples_done / self._rows,
                 samples=samples,
                 workers=self._workers,
                 train_loss=float(reply["loss_sum"]) / max(samples, 1),
