@@ -620,6 +620,7 @@ class _Recorder:
         self._elapsed_before = float(history[-1]["elapsed_s"]) if history else 0.0
         self._clock = time.perf_counter()
         self._on_round = run.on_round
+        self._unsaved: Callable[[], None] | None = None  # the last round's checkpoint, when skipped
 
     def record(
         self,
@@ -644,10 +645,25 @@ class _Recorder:
         self.history.append(row)
         now = time.perf_counter()
         if done or self._checkpoint_seconds <= 0 or now - self._last_checkpoint >= self._checkpoint_seconds:
+            self._unsaved = None
             checkpoint()
             self._last_checkpoint = now
+        else:
+            self._unsaved = checkpoint
         if self._on_round is not None:
             self._on_round(row)
+
+    def keep(self) -> None:
+        """Checkpoint the last recorded round if the interval skipped it, so a run that stops early
+        (Ctrl-C, a failure) keeps every round it finished. Call it under the server's lock, whose state
+        must be that of the last round; a failure here is logged, not raised over the one stopping the run."""
+        unsaved, self._unsaved = self._unsaved, None
+        if unsaved is None:
+            return
+        try:
+            unsaved()
+        except Exception as exc:
+            _log.warning("could not checkpoint the last finished round: %s", exc)
 
 
 def _run_workers(
@@ -814,7 +830,11 @@ def _fit_average(run: _Run) -> FitResult:
 
     assert data.frame is not None
     try:
-        _run_workers(run.spark, data.frame, workers, server, task_fn, "deepspark-average")
+        try:
+            _run_workers(run.spark, data.frame, workers, server, task_fn, "deepspark-average")
+        finally:
+            with server.hold():
+                recorder.keep()
     except RunError as exc:
         settings = run.settings
         if settings.outer != "nesterov" or "DivergenceError" not in str(exc):
@@ -877,7 +897,12 @@ def _fit_async(run: _Run) -> FitResult:
         return functools.partial(async_task, _task_spec(run, total_steps, (host, port, token)))
 
     assert data.frame is not None
-    _run_workers(run.spark, data.frame, workers, server, task_fn, "deepspark-async")
+    try:
+        _run_workers(run.spark, data.frame, workers, server, task_fn, "deepspark-async")
+    finally:
+        with server.hold():
+            server.close_row()
+            recorder.keep()
     _log.info(
         "async: %d pushes, largest staleness %d, largest clock gap %d (bound %d)",
         server.version,
@@ -1005,6 +1030,8 @@ def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
             )
     finally:
         endpoint.close()
+        with gang.hold():
+            recorder.keep()
     if gang.fatal is not None:
         _raise_training_error(gang.fatal)
     with gang.hold():

@@ -139,6 +139,10 @@ class ServerState:
             self.devices[worker] = device + (f" (Spark assigned GPU {','.join(gpus)})" if gpus else "")
         return worker
 
+    def hold(self) -> threading.Condition:
+        """The server's (reentrant) lock: hold it to read or checkpoint a consistent state."""
+        return self._lock
+
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the run to finish or fail; return whether it has."""
         with self._lock:

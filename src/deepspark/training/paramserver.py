@@ -287,6 +287,13 @@ class ParameterServer(ServerState):
                 current.add_(change * self._scale if current.is_floating_point() else change)
         self._version += 1
 
+    def close_row(self) -> None:
+        """Record the pushes since the last row as a (short) row of their own, so that the server's
+        state is that of its last row: a run stopping early calls it before its last checkpoint."""
+        with self._lock:
+            if self._row.pushes and not self.finished:
+                self._close_row()
+
     def _close_row(self) -> None:
         row = self._row
         record = AsyncRecord(
