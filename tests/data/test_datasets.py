@@ -531,3 +531,26 @@ def test_cli_data_fetch_and_verify_with_only_a_data_dir_check_that_directory(
     assert "--data-dir DIR" in capsys.readouterr().err
     (other / "train-labels-idx1-ubyte").write_bytes(b"junk")
     assert main(["data", "fetch", "--data-dir", str(other)]) == 2
+
+
+def test_a_directory_name_with_another_data_dir_is_refused_not_one_of_them_ignored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deepspark.cli import main
+
+    first = _write_other(tmp_path / "first", classes=3, size=7)
+    second = _write_other(tmp_path / "second", classes=4, size=5)
+    for call in (
+        lambda: load_dataset(str(first), data_dir=second),
+        lambda: info(str(first), data_dir=second),
+    ):
+        with pytest.raises(ConfigError, match="give the dataset's directory once") as err:
+            call()
+        assert str(first) in str(err.value) and str(second) in str(err.value)
+    # The same directory twice (another spelling of it) is one dataset.
+    assert load_dataset(str(first), data_dir=tmp_path / "." / "first").input_shape == (1, 7, 7)
+    # `train DIR --data-dir OTHER` trained on DIR and dropped OTHER without a word.
+    args = ["train", str(first), "--data-dir", str(second), "--model", "mlp", "--epochs", "1"]
+    assert main([*args, "--run-dir", str(tmp_path / "run")]) == 2
+    assert "give the dataset's directory once" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -7,7 +7,6 @@ means that directory must hold verified copies of that dataset, never a substitu
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,6 @@ from deepspark.validation import fail
 
 __all__ = ["info", "load_dataset"]
 
-_log = logging.getLogger(__name__)
-
 
 def _resolve(
     name: str | None, data_dir: str | os.PathLike[str] | None
@@ -39,8 +36,15 @@ def _resolve(
         if not Path(name).expanduser().is_dir():
             known = ", ".join(sorted(DATASETS))
             raise fail("name", f"a registered dataset ({known}) or an existing directory", name)
-        if data_dir is not None:
-            _log.warning("dataset name %r is a directory; data_dir=%s is ignored", name, data_dir)
+        if (
+            data_dir is not None
+            and Path(data_dir).expanduser().resolve() != Path(name).expanduser().resolve()
+        ):
+            # Two directories: loading either one would silently train on data the caller did not mean.
+            raise ConfigError(
+                f"data_dir: the dataset {name!r} is already a directory, and data_dir (--data-dir) names "
+                f"another, {str(data_dir)!r}; give the dataset's directory once, as the name or as data_dir"
+            )
         data_dir, name = name, None
     if name is None:
         user = user_dir(data_dir)

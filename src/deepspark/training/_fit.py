@@ -531,7 +531,7 @@ def _load(data: Any, data_dir: Any, limit_train: int | None, limit_test: int | N
     if str(data) in DATASETS:
         dataset = load_dataset(str(data), data_dir=data_dir)
     elif Path(data).is_dir():
-        dataset = load_dataset(None, data_dir=data)
+        dataset = load_dataset(str(data), data_dir=data_dir)  # a different data_dir is refused there
     else:
         raise ConfigError(
             f"data: expected a registered dataset ({', '.join(sorted(DATASETS))}), a dataset directory or a "
