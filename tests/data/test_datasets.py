@@ -554,3 +554,20 @@ def test_a_directory_name_with_another_data_dir_is_refused_not_one_of_them_ignor
     assert main([*args, "--run-dir", str(tmp_path / "run")]) == 2
     assert "give the dataset's directory once" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_training_label_past_the_examples_is_refused_not_made_into_classes(tmp_path: Path) -> None:
+    paths = _write_layout(tmp_path / "d")
+    # One stray label made 70,001 classes out of 12 examples; a corrupt int32 2**31 - 1 would make two
+    # billion class names (memory, then a hang).
+    for stray in (70_000, 2**31 - 1):
+        write_idx(paths[1], np.array([0, 1, 2] * 3 + [0, 1, stray], dtype=np.int32))
+        with pytest.raises(DatasetError) as err:
+            load_dataset(data_dir=tmp_path / "d")
+        message = str(err.value)
+        assert str(paths[1]) in message and f"label {stray} would make {stray + 1} classes" in message
+        assert "12 training examples" in message
+    # 12 examples over labels 0..11 (gaps included) still define 12 classes.
+    write_idx(paths[1], np.array([0, 1, 2] * 3 + [0, 1, 11], dtype=np.int32))
+    write_idx(paths[3], np.array([0, 1, 2, 0, 1, 11], dtype=np.uint8))
+    assert load_dataset(data_dir=tmp_path / "d").num_classes == 12

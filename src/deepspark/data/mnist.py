@@ -57,7 +57,8 @@ def load_mnist_layout(name: str, files: list[Path], ds: DatasetInfo | None) -> I
 
     With a registry entry ``ds``, its class names and statistics apply and labels must fit its classes;
     without one, the training labels define the classes and a test label never seen in training is an
-    error (one stray 255 must not make a 10-class set 256 classes).
+    error (one stray 255 must not make a 10-class set 256 classes), as is a class count above the number
+    of training examples.
     """
     train_images, train_labels = _read_split(files[0], files[1])
     test_images, test_labels = _read_split(files[2], files[3])
@@ -78,6 +79,14 @@ def load_mnist_layout(name: str, files: list[Path], ds: DatasetInfo | None) -> I
         # The training labels define the classes; one stray test label must not add classes that
         # no model output was ever trained for (a 255 would make a 10-class set 256 classes).
         top = int(train_labels.max()) if len(train_labels) else -1
+        if top >= len(train_labels):
+            # A class count past the examples means most classes have none: a stray or corrupt label
+            # (an int32 2**31 - 1 would otherwise build two billion class names before any check).
+            raise DatasetError(
+                f"{files[1]}: label {top} would make {top + 1} classes, more than the {len(train_labels)} "
+                "training examples (the classes are 0..the largest training label); fix the labels so "
+                "they are class indices 0..classes-1"
+            )
         class_names = tuple(str(i) for i in range(top + 1))
         unseen = np.setdiff1d(test_labels, train_labels)
         if len(unseen):
