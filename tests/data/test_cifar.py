@@ -66,3 +66,14 @@ def test_load_cifar10_directory_with_meta(tmp_path: Path) -> None:
     (base / "data_batch_3.bin").unlink()
     with pytest.raises(DatasetError, match=r"missing data_batch_3\.bin"):
         load_cifar10(base)
+
+
+def test_unreadable_meta_file_is_a_dataset_error_naming_it(tmp_path: Path) -> None:
+    for i in range(1, 6):
+        _write_batch(tmp_path / f"data_batch_{i}.bin", 1, seed=i)
+    _write_batch(tmp_path / "test_batch.bin", 1, seed=9)
+    meta = tmp_path / "batches.meta.txt"
+    meta.write_bytes(b"\xff\xfeairplane\n")  # not UTF-8: a UnicodeDecodeError traceback before
+    with pytest.raises(DatasetError, match="cannot read the class names") as err:
+        load_cifar10(tmp_path)
+    assert str(meta) in str(err.value)

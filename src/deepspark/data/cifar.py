@@ -94,7 +94,14 @@ def load_cifar10(directory: str | os.PathLike[str]) -> ImageDataset:
     class_names: tuple[str, ...] = CIFAR10_CLASSES
     meta = base / _META
     if meta.is_file():
-        names = tuple(line.strip() for line in meta.read_text().splitlines() if line.strip())
+        try:
+            text = meta.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DatasetError(
+                f"{meta}: cannot read the class names ({exc}); it must be UTF-8 text with one name per "
+                "line, or be removed (the standard ten names are used then)"
+            ) from exc
+        names = tuple(line.strip() for line in text.splitlines() if line.strip())
         if len(names) != len(CIFAR10_CLASSES):
             raise DatasetError(f"{meta}: expected {len(CIFAR10_CLASSES)} class names, found {len(names)}")
         class_names = names
