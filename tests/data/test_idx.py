@@ -76,6 +76,8 @@ CORRUPT = {
     "header cut in dims": (bytes([0, 0, 8, 3]) + struct.pack(">I", 2), "truncated"),
     "truncated data": (_header(0x08, (10, 28, 28)) + b"\x00" * 1000, "10×28×28 = 7840 bytes.*1000 bytes"),
     "extra bytes": (_header(0x08, (2, 2)) + b"\x00" * 5, "extra bytes"),
+    # 2**22 × 2**21 × 2**21 = 2**64 items, which an int64 product wraps to 0: "matching" an empty body.
+    "size past int64": (_header(0x08, (2**22, 2**21, 2**21)), "= 18446744073709551616 bytes.*truncated"),
     # ndim says 3 but only two dimensions follow, so the data's first bytes become a dimension.
     "ndim mismatch": (bytes([0, 0, 8, 3]) + struct.pack(">II", 2, 2) + b"\x01\x02\x03\x04", "header says"),
 }

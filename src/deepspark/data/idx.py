@@ -12,6 +12,7 @@ here raises :class:`~deepspark.errors.DatasetError` naming the file and what is 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -63,7 +64,7 @@ def _parse_header(path: Path, head: bytes) -> tuple[np.dtype, tuple[int, ...], i
 
 
 def _check_length(path: Path, dtype: np.dtype, shape: tuple[int, ...], data_bytes: int) -> None:
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: a product past 2**63 must not wrap
     if data_bytes == expected:
         return
     dims = "×".join(str(d) for d in shape)
@@ -112,7 +113,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
             size = os.fstat(f.fileno()).st_size
             _check_length(p, dtype, shape, size - header_len)
             f.seek(header_len)
-            array = np.fromfile(f, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)))
+            array = np.fromfile(f, dtype=dtype, count=math.prod(shape))
     except OSError as exc:
         raise DatasetError(f"{p}: cannot read ({exc})") from exc
     return _native(array.reshape(shape))
