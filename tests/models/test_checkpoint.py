@@ -96,3 +96,46 @@ def test_checkpoint_files_are_what_save_checkpoint_writes(tmp_path) -> None:
     with torch.no_grad():
         assert torch.equal(model(x), loaded.model(x))
     assert loaded.metadata["metrics"] == {"accuracy": 0.25}
+
+
+def test_preprocessing_for_another_input_shape_than_the_spec_is_refused(tmp_path) -> None:
+    """A 1x5x7 network whose metadata.json says 1x7x5: the conv + flatten + linear layers accept both
+    (4 * 3 * 5 == 4 * 5 * 3 features), so inference would run on transposed images without a word."""
+    from deepspark.models import ModelSpec
+
+    layers = [
+        {"type": "conv", "out_channels": 4, "kernel_size": 3},
+        {"type": "flatten"},
+        {"type": "fc", "out_features": 3},
+    ]
+    spec = ModelSpec.from_dict({"input_shape": [1, 5, 7], "layers": layers})
+    path = save_checkpoint(
+        tmp_path / "ck", build_model(spec, seed=0), spec, preprocess=Preprocess((1, 5, 7), (0.1,), (0.3,))
+    )
+    meta = json.loads((path / "metadata.json").read_text())
+    meta["preprocess"]["input_shape"] = [1, 7, 5]
+    (path / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        CheckpointError, match=r"preprocesses images to \[1, 7, 5\] but spec.json builds .*\[1, 5, 7\]"
+    ):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("preprocess", "named"),
+    [
+        ({"mean": [0.1], "std": [0.3]}, "preprocess.input_shape"),
+        ({"input_shape": [1, 28, 28, 1], "mean": [0.1], "std": [0.3]}, "preprocess.input_shape"),
+        ({"input_shape": [1, 28, 28], "mean": "0.1", "std": [0.3]}, "preprocess.mean"),
+        ({"input_shape": [1, 28, 28], "mean": [0.1], "std": [float("nan")]}, "preprocess.std"),
+        ([1, 28, 28], "preprocess"),
+    ],
+)
+def test_a_malformed_preprocess_entry_is_a_checkpoint_error(tmp_path, preprocess, named) -> None:
+    spec = model_spec("mlp", hidden=8)
+    path = save_checkpoint(tmp_path / "ck", build_model(spec), spec, preprocess=PRE)
+    meta = json.loads((path / "metadata.json").read_text())
+    meta["preprocess"] = preprocess
+    (path / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=rf"bad 'preprocess' entry in metadata.json: {named}: expected"):
+        load_checkpoint(path)

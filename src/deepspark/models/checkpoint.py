@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepspark.errors import CheckpointError, SpecError
+from deepspark.errors import CheckpointError, ConfigError, SpecError
 from deepspark.models.pickles import PICKLE_SUFFIXES, refuse_pickle
 from deepspark.models.preprocess import Preprocess
 from deepspark.models.spec import ModelSpec, SpecModel, build_model
@@ -237,7 +237,27 @@ def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointFiles:
         weights = (p / WEIGHTS).read_bytes()
     except OSError as exc:
         raise CheckpointError(f"checkpoint {p}: cannot read {WEIGHTS}: {exc}") from exc
-    return CheckpointFiles(path=p, weights=weights, spec=spec, metadata=read_metadata(p / METADATA))
+    metadata = read_metadata(p / METADATA)
+    _check_preprocess(p, spec, metadata)
+    return CheckpointFiles(path=p, weights=weights, spec=spec, metadata=metadata)
+
+
+def _check_preprocess(path: Path, spec: ModelSpec, metadata: Mapping[str, Any]) -> None:
+    """The stored preprocessing must be readable and feed the network the shape ``spec.json`` builds it
+    for: inference reshapes images to the preprocessing's shape, and a network that happens to accept
+    another one (a transposed H x W, a metadata.json copied from another run) would answer without a word."""
+    if "preprocess" not in metadata:
+        return
+    try:
+        preprocess = Preprocess.from_dict(metadata["preprocess"])
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint {path}: bad 'preprocess' entry in {METADATA}: {exc}") from exc
+    if preprocess.input_shape != tuple(spec.input_shape):
+        raise CheckpointError(
+            f"checkpoint {path}: {METADATA} preprocesses images to {list(preprocess.input_shape)} but "
+            f"{SPEC} builds the network for {list(spec.input_shape)}; the two files come from different "
+            "models: save the checkpoint again with save_checkpoint"
+        )
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from deepspark.errors import ConfigError
-from deepspark.validation import fail
+from deepspark.validation import check_int, check_number, fail
 
 __all__ = ["Preprocess"]
 
@@ -63,10 +63,28 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Preprocess:
-        shape: Sequence[int] = data["input_shape"]
+        """Read back :meth:`to_dict` (a ``metadata.json`` entry, written by anyone): a missing entry or
+        a value of the wrong type is a :class:`ConfigError` naming it, never a KeyError or a number
+        quietly rounded (an input shape of four values cut to three)."""
+        if not isinstance(data, Mapping):
+            raise fail("preprocess", "a mapping with 'input_shape', 'mean' and 'std'", data)
+        shape = _sequence(data, "input_shape")
+        if len(shape) != 3:
+            raise fail("preprocess.input_shape", "three integers [channels, height, width]", shape)
         return cls(
-            input_shape=(int(shape[0]), int(shape[1]), int(shape[2])),
-            mean=tuple(float(m) for m in data["mean"]),
-            std=tuple(float(s) for s in data["std"]),
-            scale=float(data.get("scale", 1.0 / 255.0)),
+            input_shape=(
+                check_int("preprocess.input_shape", shape[0], minimum=1),
+                check_int("preprocess.input_shape", shape[1], minimum=1),
+                check_int("preprocess.input_shape", shape[2], minimum=1),
+            ),
+            mean=tuple(check_number("preprocess.mean", m) for m in _sequence(data, "mean")),
+            std=tuple(check_number("preprocess.std", s) for s in _sequence(data, "std")),
+            scale=check_number("preprocess.scale", data.get("scale", 1.0 / 255.0), low=0.0, low_open=True),
         )
+
+
+def _sequence(data: Mapping[str, Any], key: str) -> Sequence[Any]:
+    value = data.get(key)
+    if not isinstance(value, Sequence) or isinstance(value, str) or not value:
+        raise fail(f"preprocess.{key}", "a non-empty list", value)
+    return value
