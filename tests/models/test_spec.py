@@ -61,11 +61,39 @@ def test_kernel_too_large_for_input() -> None:
         ([{"type": "dropout", "p": 1.5}], "p must be in"),
         ([{"type": "conv", "out_channels": -1}], "positive integer"),
         ([{"out_channels": 4}], "with a 'type' key"),
+        # Each of these used to pass the spec and fail later: a TypeError while building, or torch's
+        # error (or silently wrong running statistics) in the first training step, inside a task.
+        (
+            [{"type": "conv", "out_channels": 4, "stride": None}],
+            r"layer 0 \(conv\): stride must be a positive",
+        ),
+        (
+            [{"type": "maxpool", "kernel_size": 3, "padding": 2}],
+            r"padding 2 is more than half the kernel size 3",
+        ),
+        ([{"type": "batchnorm", "eps": 0}], r"layer 0 \(batchnorm\): momentum must be in \[0, 1\] and eps"),
+        ([{"type": "batchnorm", "momentum": -1}], r"layer 0 \(batchnorm\): momentum must be in \[0, 1\]"),
     ],
 )
 def test_bad_layers(layers, message) -> None:
     with pytest.raises(SpecError, match=message):
         load_spec({"input_shape": [1, 8, 8], "layers": layers}).output_shape()
+
+
+def test_pool_stride_may_be_null_and_means_the_kernel_size() -> None:
+    spec = load_spec(
+        {"input_shape": [1, 5, 7], "layers": [{"type": "avgpool", "kernel_size": 2, "stride": None}]}
+    )
+    assert spec.output_shape() == (1, 2, 3)
+
+
+def test_hyperparameters_that_are_not_a_mapping_are_a_spec_error() -> None:
+    with pytest.raises(
+        SpecError, match=r"hyperparameters must be a mapping of names to values, got \[1, 2\]"
+    ):
+        load_spec(
+            {"input_shape": [4], "layers": [{"type": "linear", "out_features": 2}], "hyperparameters": [1, 2]}
+        )
 
 
 def test_spec_files_round_trip(tmp_path) -> None:

@@ -64,11 +64,14 @@ class ModelSpec:
         for i, layer in enumerate(layers):
             if not isinstance(layer, Mapping) or "type" not in layer:
                 raise SpecError(f"layer {i} must be a mapping with a 'type' key, got {layer!r}")
+        hyperparameters = data.get("hyperparameters", {})
+        if not isinstance(hyperparameters, Mapping):
+            raise SpecError(f"hyperparameters must be a mapping of names to values, got {hyperparameters!r}")
         return cls(
             input_shape=tuple(int(d) for d in shape),
             layers=tuple(dict(layer) for layer in layers),
             name=str(data.get("name", "custom")),
-            hyperparameters=dict(data.get("hyperparameters", {})),
+            hyperparameters=dict(hyperparameters),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -198,8 +201,8 @@ def _params(
         elif key == "bias":
             if not isinstance(value, bool):
                 raise SpecError(f"layer {i} ({kind}): bias must be true or false, got {value!r}")
-        elif key == "stride" and value is None:
-            continue
+        elif key == "stride" and value is None and kind in ("maxpool", "avgpool"):
+            continue  # a pool's stride defaults to its kernel size
         elif not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "padding" else 1):
             raise SpecError(f"layer {i} ({kind}): {key} must be a positive integer, got {value!r}")
     return out
@@ -233,6 +236,8 @@ def _pool(i: int, layer: Mapping[str, Any], shape: Shape) -> tuple[nn.Module, Sh
     c, h, w = _need_image(i, kind, shape)
     k, pad = p["kernel_size"], p["padding"]
     s = p["stride"] or k
+    if 2 * pad > k:  # torch's rule, otherwise met only in the first forward pass, inside a task
+        raise SpecError(f"layer {i} ({kind}): padding {pad} is more than half the kernel size {k}")
     oh, ow = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
     if oh < 1 or ow < 1:
         raise SpecError(f"layer {i} ({kind}): kernel {k} does not fit input {shape}")
@@ -263,6 +268,10 @@ def _dropout(i: int, layer: Mapping[str, Any], shape: Shape) -> tuple[nn.Module,
 
 def _batchnorm(i: int, layer: Mapping[str, Any], shape: Shape) -> tuple[nn.Module, Shape]:
     p = _params(i, layer, {"momentum": 0.1, "eps": 1e-5})
+    if not 0.0 <= p["momentum"] <= 1.0 or not p["eps"] > 0:
+        raise SpecError(
+            f"layer {i} (batchnorm): momentum must be in [0, 1] and eps positive, got {p['momentum']!r}, {p['eps']!r}"
+        )
     if len(shape) == 3:
         return nn.BatchNorm2d(shape[0], eps=p["eps"], momentum=p["momentum"]), shape
     if len(shape) == 1:
