@@ -227,6 +227,49 @@ def test_logging_twice_updates_and_never_duplicates(study_dir, tmp_path) -> None
     assert all(r.data.tags["deepspark.run_dir"] == str(run.resolve()) for r in runs)
 
 
+def _resumed_study(root: Path) -> Path:
+    """A study whose best.json (written when it first ended: trials 0 and 1) names trial 1 as best, while
+    its journal has since completed trial 2, better still (a resumed study, logged while running)."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    run = root / "resumed"
+    run.mkdir()
+    config = {
+        "study_name": "resumed",
+        "metric": "accuracy",
+        "direction": "maximize",
+        "select_on": "validation",
+    }
+    (run / "config.json").write_text(json.dumps(config))
+    storage = JournalStorage(JournalFileBackend(str(run / "study.journal")))
+    study = optuna.create_study(study_name="resumed", storage=storage, direction="maximize")
+    lr = {"learning_rate": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)}
+    for value in (0.90, 0.95, 0.97):
+        trial = study.ask(lr)
+        trial.set_user_attr("deepspark:default", value == 0.90)
+        study.tell(trial, value)
+    best = {"trial": 1, "value": 0.95, "validation_accuracy": 0.95, "test_accuracy": 0.94}
+    default = {"trial": 0, "value": 0.90, "validation_accuracy": 0.90, "test_accuracy": 0.89}
+    summary = {"best": best, "default": default, "error_reduction": 0.05 / 0.11, "error_reduction_on": "test"}
+    (run / "best.json").write_text(json.dumps({"metric": "accuracy", "direction": "maximize", **summary}))
+    return run
+
+
+def test_summary_metrics_never_mix_best_json_of_another_best_trial(tmp_path) -> None:
+    from deepspark.reporting import log_to_mlflow
+
+    uri = _store(tmp_path)
+    tracked = log_to_mlflow(_resumed_study(tmp_path), tracking_uri=uri)
+    parent = mlflow.MlflowClient(uri).get_run(tracked.run_id).data
+    assert parent.tags["deepspark.best_trial"] == "2" and parent.metrics["best_value"] == 0.97
+    # best.json's test accuracy is trial 1's, not the best's; its error reduction compares trial 1 too.
+    assert "best_test_accuracy" not in parent.metrics
+    assert parent.metrics["default_test_accuracy"] == 0.89  # the default is the same trial
+    assert parent.metrics["error_reduction"] == pytest.approx((0.10 - 0.03) / 0.10)  # the journal's values
+
+
 def _training_dir(spark, data_dir: Path, root: Path) -> Path:
     run = root / "train"
     args = ["train", str(data_dir), "--model", "mlp", "--strategy", "average", "--workers", "2"]

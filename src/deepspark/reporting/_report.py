@@ -22,7 +22,7 @@ from typing import Any
 from deepspark import rundir
 from deepspark.errors import ConfigError
 from deepspark.reporting import _figures
-from deepspark.reporting._runs import StudyRun, TrainingRun, open_runs, read_json_object
+from deepspark.reporting._runs import StudyRun, TrainingRun, open_runs
 from deepspark.tuning.report import best_and_default, error_reduction
 
 __all__ = ["Report", "report"]
@@ -177,13 +177,13 @@ def _study_summary(run: StudyRun) -> dict[str, str]:
     split = run.split
     # best.json holds what the study measured at its end (test, refit); shown where it names the same
     # trial as the journal (a study still running may have found a better one since).
-    saved = read_json_object(run.path / "best.json")
+    saved = run.saved_summary(best, default)
     for key, record in (("best", best), ("default", default)):
         if record is None:
             continue
         out[key] = f"{split + ' ' if split else ''}{metric} {_fmt(record.value)} (trial {record.number})"
         entry = saved.get(key)
-        if isinstance(entry, Mapping) and entry.get("trial") == record.number:
+        if isinstance(entry, Mapping):
             if split == "validation" and entry.get("test_accuracy") is not None:
                 out[key] += f"; test accuracy {_fmt(entry['test_accuracy'])}"
             if entry.get("refit_test_accuracy") is not None:
@@ -193,8 +193,7 @@ def _study_summary(run: StudyRun) -> dict[str, str]:
         if key == "best":
             out["best configuration"] = _fmt(dict(record.params))
     if best is not None and default is not None and metric == "accuracy":
-        same = isinstance(saved.get("best"), Mapping) and saved["best"].get("trial") == best.number
-        if same and saved.get("error_reduction") is not None:
+        if saved.get("error_reduction") is not None:
             on = saved.get("error_reduction_on") or split or metric
             out["error reduction"] = (
                 f"{saved['error_reduction']:.1%} (relative drop in {on} error, default to best)"
@@ -204,7 +203,7 @@ def _study_summary(run: StudyRun) -> dict[str, str]:
             if reduction is not None:
                 on = split or metric
                 out["error reduction"] = f"{reduction:.1%} (relative drop in {on} error, default to best)"
-        if same and saved.get("refit_error_reduction") is not None:
+        if saved.get("refit_error_reduction") is not None:
             out["error reduction, refitted"] = f"{saved['refit_error_reduction']:.1%} (on test)"
     counts: dict[str, int] = {}
     for t in run.trials():

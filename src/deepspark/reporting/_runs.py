@@ -66,6 +66,24 @@ class StudyRun:
         value = self.study.user_attrs.get(CLUSTER_ATTR)
         return value if isinstance(value, Mapping) else {}
 
+    def saved_summary(self, best: TrialRecord | None, default: TrialRecord | None) -> dict[str, Any]:
+        """``best.json`` as far as it still describes the journal's ``best`` and ``default`` trials.
+
+        best.json holds what the study measured at its end (test accuracies, refit, error reductions);
+        a study resumed or still running may rank another trial best since. So an entry is kept only
+        where it names the same trial, and the study-level figures only where both entries are kept:
+        otherwise they describe another pair of trials than the journal's.
+        """
+        saved = read_json_object(self.path / "best.json")
+        out: dict[str, Any] = {}
+        for key, record in (("best", best), ("default", default)):
+            entry = saved.get(key)
+            if record is not None and isinstance(entry, Mapping) and entry.get("trial") == record.number:
+                out[key] = entry
+        if "best" in out and "default" in out:
+            out.update({k: v for k, v in saved.items() if k not in out})
+        return out
+
     def trials(self) -> list[optuna.trial.FrozenTrial]:
         """Every trial but the attempts a crash interrupted (each was run again as a new trial)."""
         return [t for t in self.study.get_trials(deepcopy=False) if not t.user_attrs.get(INTERRUPTED_ATTR)]

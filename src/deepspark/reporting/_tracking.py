@@ -393,7 +393,7 @@ class _Logger:
                 "trials_pruned": sum(r.state is TrialState.PRUNED for r in run.records),
                 "trials_failed": sum(r.state is TrialState.FAIL for r in run.records),
             }
-            summary = read_json_object(run.path / "best.json")
+            summary = run.saved_summary(best, default)
             for key in ("best", "default"):
                 entry = summary.get(key)
                 if isinstance(entry, Mapping):
