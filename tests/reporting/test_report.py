@@ -219,6 +219,23 @@ def test_training_run_report(tmp_path) -> None:
     assert _snapshot(run) == before
 
 
+def test_training_history_cells_that_are_not_numbers_are_left_out(tmp_path) -> None:
+    """A hand-edited history.csv: a test accuracy that is not a number raised ValueError, and a missing
+    elapsed_s column read as a wall time of 0.0 s."""
+    run = _training_dir(tmp_path)
+    with (run / "history.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    rows[-1]["test_accuracy"] = "n/a"  # round 7; round 5 measured 0.95
+    columns = [c for c in rows[0] if c != "elapsed_s"]
+    with (run / "history.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    page = report(run, output=tmp_path / "t.html").html.read_text(encoding="utf-8")
+    assert "<th>test accuracy</th><td>0.9500</td>" in page
+    assert "<th>rounds</th><td>8 (epoch 2.0)</td>" in page and "wall time" not in page
+
+
 def test_scaling_figure_from_two_studies_at_different_parallelism(spark, tmp_path) -> None:
     from deepspark.tuning import tune
 

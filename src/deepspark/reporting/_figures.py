@@ -19,7 +19,7 @@ from deepspark.reporting._runs import StudyRun, TrainingRun
 from deepspark.tuning.report import plot_sensitivity, readable_log_ticks
 from deepspark.tuning.trial import read_result
 
-__all__ = ["Drawn", "scaling", "study_figures", "training_figures"]
+__all__ = ["Drawn", "floats", "scaling", "study_figures", "training_figures"]
 
 Drawn = Any  # a matplotlib Figure, or a str: why it was not drawn
 
@@ -272,7 +272,8 @@ def scaling_table(runs: Sequence[StudyRun]) -> list[tuple[int, float, float, flo
 
 
 # ------------------------------------------------------------------------------------------ training
-def _floats(rows: Sequence[Any], key: str) -> list[float | None]:
+def floats(rows: Sequence[Any], key: str) -> list[float | None]:
+    """Column ``key`` of history.csv's rows as numbers; None where a cell is empty, missing or not a number."""
     out: list[float | None] = []
     for row in rows:
         try:
@@ -288,11 +289,11 @@ def training_figures(run: TrainingRun) -> dict[str, Drawn]:
         return {"training_curves": reason, "training_throughput": reason, "time_split": reason}
     plt = _pyplot()
     h = run.history
-    epochs = [e or 0.0 for e in _floats(h, "epoch")]
+    epochs = [e or 0.0 for e in floats(h, "epoch")]
     out: dict[str, Drawn] = {}
 
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    loss = _floats(h, "train_loss")
+    loss = floats(h, "train_loss")
     loss_ax.plot(
         [e for e, v in zip(epochs, loss, strict=True) if v is not None], [v for v in loss if v is not None]
     )
@@ -301,7 +302,7 @@ def training_figures(run: TrainingRun) -> dict[str, Drawn]:
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("train loss")
     loss_ax.set_title("Training loss per round")
-    accuracy = _floats(h, "test_accuracy")
+    accuracy = floats(h, "test_accuracy")
     tested = [(e, a) for e, a in zip(epochs, accuracy, strict=True) if a is not None]
     if tested:
         acc_ax.plot([e for e, _ in tested], [100 * a for _, a in tested], "o-", color="tab:red")
@@ -316,7 +317,7 @@ def training_figures(run: TrainingRun) -> dict[str, Drawn]:
     out["training_curves"] = fig
 
     fig, (speed_ax, bytes_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    samples, seconds, sent = _floats(h, "samples"), _floats(h, "seconds"), _floats(h, "bytes")
+    samples, seconds, sent = floats(h, "samples"), floats(h, "seconds"), floats(h, "bytes")
     rates = [(e, s / t) for e, s, t in zip(epochs, samples, seconds, strict=True) if s is not None and t]
     speed_ax.plot([e for e, _ in rates], [r for _, r in rates], "o-")
     speed_ax.set_xlabel("epoch")
@@ -352,7 +353,7 @@ def training_figures(run: TrainingRun) -> dict[str, Drawn]:
 
 def time_split(run: TrainingRun) -> dict[str, float]:
     """compute / communication / waiting seconds summed over the rounds of history.csv."""
-    compute = sum(v or 0.0 for v in _floats(run.history, "compute_s"))
-    comm = sum(v or 0.0 for v in _floats(run.history, "comm_s"))
-    rounds = sum(v or 0.0 for v in _floats(run.history, "seconds"))
+    compute = sum(v or 0.0 for v in floats(run.history, "compute_s"))
+    comm = sum(v or 0.0 for v in floats(run.history, "comm_s"))
+    rounds = sum(v or 0.0 for v in floats(run.history, "seconds"))
     return {"compute": compute, "communication": comm, "waiting": max(0.0, rounds - compute - comm)}

@@ -7,7 +7,6 @@ and a PNG per figure next to it, wherever ``output`` says.
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as _dt
 import html
 import io
@@ -244,17 +243,20 @@ def _training_summary(run: TrainingRun) -> dict[str, str]:
             out[key] = _fmt(config[key]) if not isinstance(config[key], dict) else "(a spec)"
     if isinstance(config.get("config"), Mapping):
         out["training config"] = _fmt(config["config"])
-    accuracy = run.model_metrics.get("test_accuracy")
-    if accuracy is None and run.history:
-        tested = [r.get("test_accuracy") for r in run.history if r.get("test_accuracy") not in ("", None)]
-        accuracy = float(tested[-1] or 0.0) if tested else None
+    # history.csv and metadata.json are read as they are: a cell that is not a number is left out, never
+    # a traceback, and a missing column is not shown as 0.
+    (accuracy,) = _figures.floats([run.model_metrics], "test_accuracy")
+    if accuracy is None:
+        tested = [a for a in _figures.floats(run.history, "test_accuracy") if a is not None]
+        accuracy = tested[-1] if tested else None
     if accuracy is not None:
-        out["test accuracy"] = f"{float(accuracy):.4f}"
+        out["test accuracy"] = f"{accuracy:.4f}"
     if run.history:
         last = run.history[-1]
         out["rounds"] = f"{len(run.history)} (epoch {last.get('epoch')})"
-        with contextlib.suppress(ValueError):
-            out["wall time (training rounds)"] = _minutes(float(last.get("elapsed_s") or 0))
+        (elapsed,) = _figures.floats([last], "elapsed_s")
+        if elapsed is not None:
+            out["wall time (training rounds)"] = _minutes(elapsed)
         split = _figures.time_split(run)
         total = sum(split.values()) or 1.0
         out["time split"] = ", ".join(f"{k} {v:.1f} s ({v / total:.0%})" for k, v in split.items())
