@@ -60,6 +60,22 @@ def test_write_dir_atomic_swaps_the_whole_directory(tmp_path) -> None:
     assert os.listdir(tmp_path) == [rundir.BEST_DIR]
 
 
+def test_atomic_writes_are_readable_by_others_as_plain_writes_are(tmp_path) -> None:
+    """mkstemp/mkdtemp make 0600/0700, which the rename kept: a report.html, best.json or a best/ model
+    directory was readable by its owner only."""
+    umask = os.umask(0o022)
+    try:
+        rundir.write_file_atomic(tmp_path / "report.html", b"<html>")
+        rundir.write_dir_atomic(tmp_path / rundir.BEST_DIR, {"model.safetensors": b"1"})
+        os.umask(0o077)  # a stricter umask is still honoured
+        rundir.write_file_atomic(tmp_path / "private.json", b"{}")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / rundir.BEST_DIR).stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
+
+
 @pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "..", "a\\b"])
 def test_write_dir_atomic_refuses_names_that_are_not_plain(tmp_path, name) -> None:
     rundir.write_dir_atomic(tmp_path / "best", {"keep.bin": b"k"})

@@ -108,6 +108,9 @@ def write_file_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
+        # mkstemp makes 0600, and the rename keeps it: a report, best.json, config.json would be readable
+        # by their owner only (a team's shared run directory, a web server), whatever the umask says.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -136,6 +139,7 @@ def write_dir_atomic(path: str | os.PathLike[str], files: Mapping[str, bytes]) -
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700: a model directory others may read, as above
         for name, data in files.items():
             with (tmp / name).open("wb") as fh:
                 fh.write(data)
@@ -195,6 +199,15 @@ def check_writable(path: str | os.PathLike[str], *, name: str) -> None:
         for directory in reversed(made):
             with contextlib.suppress(OSError):
                 directory.rmdir()
+
+
+def _umask() -> int:
+    """The process umask, read without setting it (``os.umask`` sets it, racing other threads' writes)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
 
 
 def _remove(path: Path) -> None:
