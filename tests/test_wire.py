@@ -286,6 +286,29 @@ def test_a_handler_that_raises_is_logged_and_the_server_goes_on(caplog) -> None:
     assert "handler" in logged.getMessage() and logged.exc_info and str(logged.exc_info[1]) == "boom"
 
 
+def test_a_peer_that_goes_away_is_one_info_line_not_a_traceback(caplog) -> None:
+    # A worker task that dies (or is cancelled by Ctrl-C) closes its connection while the handler reads.
+    done = threading.Event()
+
+    def reader(conn: wire.Connection) -> None:
+        try:
+            conn.recv()
+        finally:
+            done.set()
+
+    caplog.set_level(logging.INFO, logger="deepspark.wire")
+    with wire.Server(token=TOKEN, handler=reader) as srv:
+        with _client(srv):
+            pass
+        assert done.wait(10)
+        deadline = time.monotonic() + 10  # the log call follows the handler's return
+        while not [r for r in caplog.records if "ended" in r.getMessage()] and time.monotonic() < deadline:
+            time.sleep(0.01)
+    [logged] = [r for r in caplog.records if r.name == "deepspark.wire"]
+    assert logged.levelno == logging.INFO and logged.exc_info is None
+    assert "connection of" in logged.getMessage() and "closed by peer" in logged.getMessage()
+
+
 def test_close_ends_the_connections_of_live_handlers() -> None:
     ended: list[BaseException] = []
     entered = threading.Event()

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from deepspark.spark import cancel_group
+
 __all__ = ["SlotOutcome", "root_cause", "run_slots", "short_error"]
 
 _log = logging.getLogger(__name__)
@@ -132,7 +134,7 @@ def run_slots(
     except KeyboardInterrupt:
         interrupted = True
         stop("interrupted")
-        sc.cancelJobGroup(group)
+        cancel_group(sc, group)
         started = sum(t.ident is not None for t in threads)
         with lock:
             running[0] -= width - started  # threads Ctrl-C kept from starting will never end

@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEVICES",
+    "cancel_group",
     "check_master",
     "check_task_cpus",
     "configured",
@@ -335,6 +337,29 @@ def total_slots(spark: SparkSession) -> int:
     sc = spark.sparkContext
     cores = sc.defaultParallelism
     return max(1, cores // task_cpus(spark))
+
+
+def cancel_group(sc: Any, group: str, timeout: float = 30.0) -> None:
+    """Cancel Spark job group ``group`` and wait, up to ``timeout`` seconds, until none of its tasks runs.
+
+    A cancelled job fails on the driver at once, but its tasks end on the executors later; a task whose
+    driver-side endpoint closes meanwhile fails on its own (a broken pipe), which Spark logs as a task
+    error with its Python traceback. Callers close their endpoints after this returns.
+    """
+    sc.cancelJobGroup(group)
+    tracker = sc.statusTracker()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        running = 0
+        for job in tracker.getJobIdsForGroup(group):
+            info = tracker.getJobInfo(job)
+            for stage in info.stageIds if info is not None else ():
+                stage_info = tracker.getStageInfo(stage)
+                running += stage_info.numActiveTasks if stage_info is not None else 0
+        if not running:
+            return
+        time.sleep(0.05)
+    _log.debug("job group %s: tasks still running %.0f s after it was cancelled", group, timeout)
 
 
 def limit_threads(threads: int) -> None:

@@ -26,7 +26,17 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
-__all__ = ["MAX_FRAME", "MAX_HELLO", "Connection", "ProtocolError", "Server", "connect", "recv", "send"]
+__all__ = [
+    "MAX_FRAME",
+    "MAX_HELLO",
+    "Connection",
+    "PeerClosed",
+    "ProtocolError",
+    "Server",
+    "connect",
+    "recv",
+    "send",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -43,6 +53,10 @@ _JOIN_S = 5.0  # how long close() waits in all for handler threads to notice its
 class ProtocolError(ConnectionError):
     """The peer sent something that is not a frame of ours, closed the connection mid-frame, sent a frame
     larger than allowed, or refused our hello."""
+
+
+class PeerClosed(ProtocolError):
+    """The peer closed the connection, between frames or mid-frame: its process went away."""
 
 
 class _TooBig(ProtocolError):
@@ -82,7 +96,7 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytearra
             sock.settimeout(left)
         count = sock.recv_into(view[got:], min(n - got, 1 << 20))
         if not count:
-            raise ProtocolError("connection closed by peer" + (" mid-frame" if got else ""))
+            raise PeerClosed("connection closed by peer" + (" mid-frame" if got else ""))
         got += count
     return buf
 
@@ -380,6 +394,14 @@ class Server:
                 self._live[sock] = conn
             try:
                 self._handler(conn)
+            except (PeerClosed, ConnectionResetError, BrokenPipeError) as exc:
+                # The peer went away (its task failed or was cancelled; Ctrl-C): the handler's owner says
+                # what that costs (a lost worker, a restarted gang), so here it is one line at info.
+                level = logging.DEBUG if self._closed else logging.INFO
+                _log.log(level, "%s: the connection of %s ended: %s", self._name, peer, exc)
+            except OSError as exc:  # ProtocolError included: a frame not of ours, too big, ...
+                level = logging.DEBUG if self._closed else logging.WARNING
+                _log.log(level, "%s: the connection of %s failed: %s", self._name, peer, exc)
             except Exception:
                 _log.exception("%s: the handler of %s raised", self._name, peer)
         finally:

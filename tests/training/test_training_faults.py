@@ -112,3 +112,42 @@ def test_average_driver_killed_resumes_the_same_curve(spark: Any, tmp_path: Path
     rows = _rows(resumed.run_dir)
     assert [int(r["round"]) for r in rows] == list(range(len(expected)))
     np.testing.assert_allclose([float(r["train_loss"]) for r in rows], expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["average", "allreduce"])
+def test_ctrl_c_exits_130_with_one_line_and_keeps_every_finished_round(tmp_path: Path, strategy: str) -> None:
+    data = _layout_dir(tmp_path / "data", train=40, test=30)
+    run = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "deepspark",
+        "train",
+        str(data),
+        "--model",
+        "mlp",
+        "--strategy",
+        strategy,
+    ]
+    # Thousands of tiny rounds: the run is still going when it is interrupted.
+    command += ["--workers", "2", "--epochs", "2000", "--batch-size", "8", "--run-dir", str(run)]
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while len(_rows(run)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None and len(_rows(run)) >= 3
+        proc.send_signal(signal.SIGINT)  # Ctrl-C, to the driver only
+        _, err = proc.communicate(timeout=90)
+    finally:
+        kill_group(proc)
+    lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
+    assert proc.returncode == 130 and lines[-1] == "deepspark: interrupted"
+    noise = [line for line in lines if "Traceback" in line or " WARN " in line or "ERROR" in line]
+    assert not noise, lines
+    # Well inside the 10 s checkpoint interval, the stop itself checkpointed the last finished round.
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    rows = _rows(run)
+    assert state["round"] == int(rows[-1]["round"])
+    assert state["samples_done"] == sum(int(r["samples"]) for r in rows)

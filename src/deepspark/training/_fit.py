@@ -33,7 +33,7 @@ import torch
 from deepspark._optional import skip_unless
 from deepspark.errors import ConfigError, DeepsparkError, RunError
 from deepspark.slots import root_cause, run_slots, short_error
-from deepspark.spark import DEVICES
+from deepspark.spark import DEVICES, cancel_group
 from deepspark.training._model import FACTORY_KEY, TrainModel, factory_of
 from deepspark.training.average import AverageSettings, RoundRecord, RoundServer, TaskSpec, average_task
 from deepspark.training.frame import KEY, FrameLayout, describe_frame
@@ -730,7 +730,7 @@ def _run_workers(
             if slots.ident is not None:  # never started when a resumed run had finished already
                 slots.join(timeout=10.0)  # workers told to stop end their jobs by themselves
                 if slots.is_alive():
-                    sc.cancelJobGroup(group)
+                    cancel_group(sc, group)
                     slots.join(timeout=30.0)
     finally:
         endpoint.close()
@@ -1064,11 +1064,11 @@ def _run_gang(sc: Any, job: Any, gang: Any) -> BaseException | None:
         while thread.is_alive():
             thread.join(timeout=0.5)
             if gang.fatal is not None and thread.is_alive():
-                sc.cancelJobGroup(group)
+                cancel_group(sc, group)
                 thread.join(timeout=60)
                 break
     except KeyboardInterrupt:
-        sc.cancelJobGroup(group)
+        cancel_group(sc, group)
         raise
     return outcome[0]
 
