@@ -91,6 +91,61 @@ def test_a_dead_worker_never_stalls_the_others() -> None:
     assert server.checkpoint_state()["clocks"] == {"0": 28, "1": 2}
 
 
+def _push(conn: wire.Connection, pull: dict[str, Any], cursor: dict[str, Any]) -> None:
+    conn.send(
+        {
+            "op": "push",
+            "version": pull["version"],
+            "samples": BATCH * int(pull["steps"]),
+            "loss_sum": 1.0,
+            "cursor": cursor,
+            "compute_s": 0.0,
+            "comm_s": 0.0,
+        },
+        state_to_bytes({"w": torch.ones(4)}),
+    )
+
+
+def test_a_push_from_a_lost_workers_connection_is_not_applied_twice() -> None:
+    # Worker 0's Spark job fails while its task, not yet killed by Spark, still holds a pull; its
+    # replacement pulls the same data position. Only the replacement's push of those batches counts.
+    server = ParameterServer(
+        weights={"w": torch.zeros(4)},
+        workers=2,
+        staleness=100,
+        tau=1,
+        batch_size=BATCH,
+        total_samples=100 * BATCH,
+        rows=10 * BATCH,
+        new_cursor=lambda worker, rows: {"pushes": 0},
+        on_round=lambda record, weights: None,
+    )
+    token = "t" * 32
+    endpoint = wire.Server(token=token, handler=server.handle, name="test-paramserver")
+    endpoint.start()
+    try:
+        port = endpoint.address[1]
+        hello = {"worker": 0, "rows": 40}
+        with wire.connect("127.0.0.1", port, token=token, hello=hello, timeout=10) as old:
+            old.settimeout(10)
+            first, _ = old.recv()
+            server.worker_lost(0)
+            with wire.connect("127.0.0.1", port, token=token, hello=hello, timeout=10) as new:
+                new.settimeout(10)
+                again, _ = new.recv()
+                assert first["cursor"] == again["cursor"] == {"pushes": 0}
+                _push(old, first, {"pushes": 1})
+                assert old.recv()[0] == {"op": "stop"}  # the late push was not applied
+                _push(new, again, {"pushes": 1})
+                following, _ = new.recv()
+        assert following["op"] == "pull" and following["version"] == 1
+        assert server.version == 1 and server.samples_done == BATCH
+        assert torch.equal(server.weights["w"], torch.full((4,), 0.5))
+        assert server.cursors()[0] == {"pushes": 1} and server.clocks()[0] == 1
+    finally:
+        endpoint.close()
+
+
 def test_async_arguments_are_validated(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"staleness: expected an integer >= 1, got 0"):
         fit("mnist", strategy="async", workers=2, staleness=0, run_dir=tmp_path / "a")

@@ -22,6 +22,10 @@ Choices (docs/training.md):
   (SSP: a task still loading its data holds the others back), until its connection closes or its Spark
   job fails (:meth:`ParameterServer.worker_lost`); a dead worker leaves the minimum at once, and its
   replacement rejoins at the current minimum clock.
+- One connection per worker counts: the newest. A connection that a newer one of the same worker has
+  replaced, or whose Spark job failed meanwhile (a task that Spark has not killed yet), is told to stop and
+  its push in flight is not applied: the replacement takes those batches again from the driver's cursor,
+  so no batch is applied twice.
 - Budget: training stops when the examples pushed reach ``epochs × rows``. A pull is granted only while
   the examples already pushed plus those claimed by pulls in flight fall short of it (the last pulls get
   fewer steps), so the run takes the requested epochs and no push is thrown away; a lost worker's claim
@@ -64,7 +68,7 @@ class _Worker:
     cursor: dict[str, Any]
     clock: int = 0
     live: bool = True  # counts in the minimum clock (every worker does until it is lost)
-    connected: int = 0
+    connection: int = 0  # the number of its current connection; any other is superseded
     claimed: int = 0  # examples its pull in flight may push (0 when none is)
 
 
@@ -168,8 +172,10 @@ class ParameterServer(ServerState):
         }
 
     def worker_lost(self, worker: int) -> None:
-        """A worker's Spark task failed: take it out of the minimum clock and release its claim now."""
+        """A worker's Spark task failed: take it out of the minimum clock and release its claim now; a
+        connection of that task still open is superseded (its late push is not applied)."""
         with self._lock:
+            self._workers[worker].connection += 1
             self._drop(worker)
 
     def _drop(self, worker: int) -> None:
@@ -200,30 +206,39 @@ class ParameterServer(ServerState):
                 low = self._min_clock()
                 state.clock = state.clock if low is None else low
                 state.live = True
-            state.connected += 1
+            state.connection += 1  # supersedes an earlier connection of this worker
+            state.claimed = 0  # an earlier connection's pull in flight no longer counts
+            mine = state.connection
             if not state.cursor:
                 state.cursor = self._new_cursor(worker, int(conn.hello.get("rows", 0)))
+            self._lock.notify_all()
         try:
-            self._serve(conn, worker)
+            self._serve(conn, worker, mine)
         except (ConnectionError, OSError) as exc:  # its task died: the bound no longer waits for it
             _log.warning("async worker %d: connection lost (%s)", worker, exc)
         finally:
             with self._lock:
-                state.connected -= 1
-                if state.connected == 0:
+                if state.connection == mine:  # its current connection ended (not a superseded one)
                     self._drop(worker)
 
     def _may_pull(self, worker: int) -> bool:
         return self._gap(worker) <= self._staleness and self._done_samples + self._claimed() < self._total
 
-    def _serve(self, conn: Any, worker: int) -> None:
+    def _serve(self, conn: Any, worker: int, mine: int) -> None:
         state = self._workers[worker]
         first = True
         while True:
             waited = time.perf_counter()
             with self._lock:
-                self._lock.wait_for(lambda: self.finished or self.error is not None or self._may_pull(worker))
-                if self.finished or self.error is not None:
+                self._lock.wait_for(
+                    lambda: (
+                        self.finished
+                        or self.error is not None
+                        or state.connection != mine
+                        or self._may_pull(worker)
+                    )
+                )
+                if self.finished or self.error is not None or state.connection != mine:
                     conn.send({"op": "stop"})
                     return
                 wait_s = time.perf_counter() - waited
@@ -251,6 +266,8 @@ class ParameterServer(ServerState):
                 raise DeepsparkError(f"worker {worker}: expected its push of version {pulled}")
             delta = state_from_bytes(data)
             with self._lock:
+                if state.connection != mine:
+                    continue  # superseded meanwhile: not applied (the loop answers stop)
                 state.claimed = 0
                 if self.finished or self.error is not None:
                     continue  # the budget was met meanwhile: the loop answers stop
