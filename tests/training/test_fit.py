@@ -322,6 +322,44 @@ def test_nesterov_resume_continues_the_same_loss_curve(
     np.testing.assert_allclose([float(r["train_loss"]) for r in rows], expected, rtol=0, atol=1e-6)
 
 
+def test_nesterov_moves_parameters_and_averages_batchnorm_statistics(spark: Any, tmp_path: Path) -> None:
+    # BatchNorm right on the inputs: its running statistics depend on the data only, never on the
+    # weights, so every outer step must end with the plain average's. Extrapolating them as Nesterov
+    # does parameters drove the running variance of these small inputs negative (NaN scores).
+    rng = np.random.default_rng(0)
+    labels = np.arange(60) % 3
+    x = rng.normal(size=(60, 4)) * 0.05
+    x[np.arange(60), labels] += 0.1
+    df = spark.createDataFrame(
+        [(row.tolist(), int(label)) for row, label in zip(x, labels, strict=True)], "x array<float>, y int"
+    )
+    spec = {
+        "input_shape": [1, 1, 4],
+        "layers": [{"type": "flatten"}, {"type": "batchnorm"}, {"type": "linear", "out_features": 3}],
+    }
+    stats = {}
+    for outer in ("plain", "nesterov"):
+        result = fit(
+            df,
+            spec,
+            workers=2,
+            feature_column="x",
+            label_column="y",
+            input_shape=(1, 1, 4),
+            num_classes=3,
+            config={**SGD, "batch_size": 2, "epochs": 10, "seed": 0},
+            average={"tau": 50, "outer": outer},
+            run_dir=tmp_path / outer,
+        )
+        assert len(result.history) == 3  # 150 steps: rounds of 50
+        weights = load_checkpoint(result.model_dir).model.state_dict()
+        stats[outer] = {k: v for k, v in weights.items() if "running" in k}
+    assert set(stats["plain"]) == {"layers.1.running_mean", "layers.1.running_var"}
+    assert bool((stats["nesterov"]["layers.1.running_var"] > 0).all())
+    for name, value in stats["plain"].items():
+        torch.testing.assert_close(stats["nesterov"][name], value, rtol=0, atol=1e-7)
+
+
 @pytest.mark.timeout(120)
 def test_a_round_that_cannot_be_averaged_stops_the_run(
     spark: Any, toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -810,6 +810,7 @@ def _fit_average(run: _Run) -> FitResult:
 
     server = RoundServer(
         weights=weights,
+        parameters=[name for name, _ in driver_model.named_parameters()],
         cursors=cursors,
         workers=workers,
         new_cursor=_new_cursor(config),

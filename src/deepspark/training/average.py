@@ -13,7 +13,9 @@ Choices (docs/training.md):
   replaces a lost one, or a resumed run, takes exactly the batches the lost one would have.
 - The average is weighted by the examples each worker saw in the round (an empty partition counts 0).
 - Outer step: ``plain`` replaces the weights by the average; ``nesterov`` treats the difference as a
-  gradient for an SGD step with Nesterov momentum (DiLoCo / SlowMo), whose buffer is checkpointed.
+  gradient for an SGD step with Nesterov momentum (DiLoCo / SlowMo), whose buffer is checkpointed. The
+  outer step moves the model's parameters only: buffers (BatchNorm's running mean and variance) take the
+  average, since an extrapolated variance can turn negative.
 - A worker lost mid-round is left out of that round; the round completes with the others and the
   replacement task joins the next one.
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,6 +161,9 @@ class ServerState:
 class RoundServer(ServerState):
     """The driver's side of model averaging: hands out rounds, averages pushes, applies the outer step.
 
+    ``parameters`` names the model's parameters among ``weights`` (the Nesterov outer step moves those;
+    buffers take the average).
+
     ``on_round(record, weights, outer_state, cursors)`` runs after every round under the server's lock
     (checkpointing and progress live there); when it returns, the next round opens. All state changes
     happen under one lock; one handler thread serves each connected worker.
@@ -168,6 +173,7 @@ class RoundServer(ServerState):
         self,
         *,
         weights: Mapping[str, torch.Tensor],
+        parameters: Collection[str],
         cursors: Mapping[int, Mapping[str, Any]],
         workers: int,
         new_cursor: Callable[[int, int], dict[str, Any]],
@@ -198,8 +204,10 @@ class RoundServer(ServerState):
         self._outer: torch.optim.Optimizer | None = None
         self._params: dict[str, torch.nn.Parameter] = {}
         if settings.outer == "nesterov":
-            self._params = {
-                k: torch.nn.Parameter(v.clone()) for k, v in self._weights.items() if v.is_floating_point()
+            self._params = {  # the outer step's; buffers (BatchNorm statistics) take the plain average
+                k: torch.nn.Parameter(v.clone())
+                for k, v in self._weights.items()
+                if k in parameters and v.is_floating_point()
             }
             self._outer = torch.optim.SGD(
                 list(self._params.values()),
@@ -208,7 +216,14 @@ class RoundServer(ServerState):
                 nesterov=True,
             )
             if outer_state:
-                self._outer.load_state_dict(dict(outer_state))
+                try:
+                    self._outer.load_state_dict(dict(outer_state))
+                except ValueError as exc:  # momentum for another set of tensors than the model's parameters
+                    raise ConfigError(
+                        f"resume: the checkpoint's Nesterov momentum does not fit the model's {len(self._params)} "
+                        f"parameter tensors ({exc}); it was written by an earlier deepspark that also stepped "
+                        "BatchNorm statistics: start the run again"
+                    ) from exc
         self.finished = self._complete()
         self._round = self._open(first_round)
 
