@@ -287,21 +287,37 @@ def test_cli_data_fetch_draws_byte_bars_only_on_a_terminal(
     assert f"{size}/{size} bytes" in err  # the finished bar shows every byte of the download
 
 
-def test_verified_marker_is_keyed_by_size_and_mtime(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny: DatasetInfo, mirror: str
+def test_verified_marker_is_keyed_by_the_files_identity_not_only_size_and_mtime(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny: DatasetInfo,
+    mirror: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="deepspark.data.cache")
     monkeypatch.setenv("DEEPSPARK_MNIST_MIRRORS", f"{mirror}/good/")
     cache = fetch("mnist")
     path = cache / "train-labels-idx1-ubyte"
+    caplog.clear()
+    # An untouched file keeps its remembered result (that is what saves rehashing 50 MB on every load).
+    assert verify("mnist") == dict.fromkeys(MNIST_FILES, "ok")
+    assert "computing the SHA-256" not in caplog.text
+    # Other bytes of the same size with the old modification time put back (another dataset's file
+    # copied over with cp -p, say): its change time differs, so it is hashed again and found out.
     st = path.stat()
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    # Same size and mtime: the remembered result stands (that is what saves rehashing 50 MB).
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert verify("mnist")["train-labels-idx1-ubyte"] == "ok"
-    # A new mtime invalidates it, the file is hashed again, and fetch replaces it from the mirror.
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    assert verify("mnist")["train-labels-idx1-ubyte"].startswith("sha256 mismatch")
+    # So is a file replaced by another (a new inode) with the same size and times.
+    fetch("mnist")
+    good = path.stat()
+    other = path.with_name("other")
+    other.write_bytes(bytes(data))
+    os.utime(other, ns=(good.st_atime_ns, good.st_mtime_ns))
+    os.replace(other, path)
     assert verify("mnist")["train-labels-idx1-ubyte"].startswith("sha256 mismatch")
     fetch("mnist")
     assert verify("mnist") == dict.fromkeys(MNIST_FILES, "ok")

@@ -2,8 +2,10 @@
 
 Every file of a registered dataset is checked against the SHA-256 of its raw (uncompressed) bytes
 before we use it. Hashing 55 MB on every load would dominate short runs, so a successful check is
-remembered in a small marker file keyed by the file's size and ``mtime_ns``; touching or replacing the
-file invalidates it.
+remembered in a small marker file keyed by the file's size, ``mtime_ns``, ``ctime_ns`` and inode; any
+write, touch, replacement or re-pointed symlink invalidates it (a copy that kept the old size and
+modification time, such as Fashion-MNIST's files over MNIST's with ``cp -p``, still gets a new change
+time, which no one can set).
 """
 
 from __future__ import annotations
@@ -67,13 +69,18 @@ def _read_marker(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _identity(st: os.stat_result) -> dict[str, int]:
+    """What the remembered digest of a file is keyed by (the module docstring says why these)."""
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+
+
 def remember(path: Path, digest: str) -> None:
-    """Record ``digest`` for ``path``'s current (size, mtime_ns); best effort, atomic."""
+    """Record ``digest`` for ``path``'s current identity (size, times, inode); best effort, atomic."""
     marker = _marker_path(path.parent)
     try:
         st = path.stat()
         data = _read_marker(marker)
-        data[path.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        data[path.name] = {**_identity(st), "sha256": digest}
         marker.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=marker.parent, prefix=".marker.", suffix=".part")
         try:
@@ -94,8 +101,7 @@ def raw_sha256(path: Path) -> str:
     entry = _read_marker(_marker_path(path.parent)).get(path.name)
     if (
         isinstance(entry, dict)
-        and entry.get("size") == st.st_size
-        and entry.get("mtime_ns") == st.st_mtime_ns
+        and all(entry.get(key) == value for key, value in _identity(st).items())
         and isinstance(entry.get("sha256"), str)
     ):
         return str(entry["sha256"])
