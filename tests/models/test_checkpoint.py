@@ -35,6 +35,18 @@ def test_round_trip_gives_identical_outputs(tmp_path) -> None:
     assert load_checkpoint(path / "model.safetensors").spec == spec
 
 
+def test_a_model_with_more_outputs_than_classes_names_every_output_and_loads_for_inference(tmp_path) -> None:
+    from deepspark.inference import load_model
+
+    spec = model_spec("mlp", hidden=8, num_classes=11)  # trained on data of 3 classes: allowed
+    path = save_checkpoint(
+        tmp_path / "ck", build_model(spec), spec, preprocess=PRE, class_names=["a", "b", "c"]
+    )
+    names = ("a", "b", "c", *(str(i) for i in range(3, 11)))
+    assert load_checkpoint(path).class_names == names
+    assert load_model(path).class_names == names
+
+
 def test_existing_path_is_not_overwritten_by_default(tmp_path) -> None:
     spec = model_spec("mlp", hidden=8)
     save_checkpoint(tmp_path / "ck", build_model(spec), spec, preprocess=PRE)

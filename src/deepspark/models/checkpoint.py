@@ -98,6 +98,12 @@ def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"not a safetensors state dict ({len(data)} bytes): {exc}") from exc
 
 
+def output_names(class_names: Sequence[str], outputs: int) -> list[str]:
+    """One name per model output: the data's class names, then each extra output's index. A model may
+    have more outputs than its data has classes (training allows it); inference labels every output."""
+    return [*class_names, *(str(i) for i in range(len(class_names), outputs))]
+
+
 def checkpoint_files(
     model: nn.Module,
     spec: ModelSpec,
@@ -113,7 +119,9 @@ def checkpoint_files(
         "format": FORMAT,
         "format_version": 1,
         "preprocess": preprocess.to_dict(),
-        "class_names": list(class_names) if class_names is not None else None,
+        "class_names": None
+        if class_names is None
+        else output_names(class_names, _outputs(spec, class_names)),
         "metrics": dict(metrics or {}),
         "config": dict(config or {}),
         "versions": _versions(),
@@ -125,6 +133,11 @@ def checkpoint_files(
         SPEC: spec.to_json().encode("utf-8"),
         METADATA: json.dumps(metadata, indent=2, sort_keys=True, default=str).encode("utf-8"),
     }
+
+
+def _outputs(spec: ModelSpec, class_names: Sequence[str]) -> int:
+    shape = spec.output_shape()
+    return int(shape[0]) if len(shape) == 1 else len(class_names)
 
 
 def save_checkpoint(

@@ -172,13 +172,14 @@ class TrainModel:
             )
         from deepspark import rundir
         from deepspark.models import state_to_bytes
+        from deepspark.models.checkpoint import output_names
         from deepspark.models.export import export_onnx
 
         module.eval()
         example = torch.zeros((2, *preprocess.input_shape))
         with torch.no_grad():
             outputs = int(module(example).shape[1])
-        names = [*class_names, *(str(i) for i in range(len(class_names), outputs))][:outputs]
+        names = output_names(class_names, outputs)
         metadata = {
             "preprocess": preprocess.to_dict(),
             "class_names": names,
