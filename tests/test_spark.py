@@ -88,6 +88,7 @@ def test_task_device_follows_spark_gpu_assignment_and_never_falls_back_silently(
     from deepspark.errors import ConfigError
     from deepspark.spark import task_device
 
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert task_device("auto", _Context(["1"])) == torch.device("cpu")
     assert task_device("cpu", _Context(["1"])) == torch.device("cpu")
@@ -103,6 +104,18 @@ def test_task_device_follows_spark_gpu_assignment_and_never_falls_back_silently(
         task_device("cuda", _Context(["5"]))
     with pytest.raises(ConfigError, match="device: expected one of"):
         task_device("gpu", _Context(None))
+    # Spark names GPUs as nvidia-smi does; CUDA counts only those CUDA_VISIBLE_DEVICES lists.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert task_device("auto", _Context(["3"])) == torch.device("cuda:1")
+    assert task_device("auto", _Context(["2"])) == torch.device("cuda:0")
+    with pytest.raises(ConfigError, match="cannot use GPU 1: CUDA_VISIBLE_DEVICES=2,3 hides it"):
+        task_device("cuda", _Context(["1"]))
+    assert task_device("auto", _Context(["1"])) == torch.device("cpu")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aa,GPU-bb")
+    assert task_device("auto", _Context(["GPU-bb"])) == torch.device("cuda:1")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with pytest.raises(ConfigError, match="not a CUDA device index"):
+        task_device("cuda", _Context(["GPU-bb"]))
 
 
 def _defaults(directory: Path, text: str) -> Path:

@@ -420,10 +420,10 @@ def task_device(requested: str = "auto", context: Any = None) -> Any:
     gpus = context.resources().get("gpu") if context is not None else None
     addresses = list(gpus.addresses) if gpus is not None else []
     if addresses and torch.cuda.is_available():
-        index = int(addresses[0])
-        if index < torch.cuda.device_count():
+        index, why = _cuda_index(str(addresses[0]), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        if index is not None and index < torch.cuda.device_count():
             return torch.device(f"cuda:{index}")
-        why = f"CUDA sees {torch.cuda.device_count()} device(s)"
+        why = why or f"CUDA sees {torch.cuda.device_count()} device(s)"
     elif addresses:
         why = "CUDA is not available to torch in this Python worker"
     else:
@@ -432,3 +432,20 @@ def task_device(requested: str = "auto", context: Any = None) -> Any:
         where = f"GPU {addresses[0]}" if addresses else "a GPU"
         raise ConfigError(f"device 'cuda': cannot use {where}: {why}; use --device auto or cpu")
     return torch.device("cpu")
+
+
+def _cuda_index(address: str, visible: str | None) -> tuple[int | None, str]:
+    """The CUDA ordinal of the GPU Spark assigned as ``address``, or None and why not.
+
+    Spark's discovery scripts report GPUs as ``nvidia-smi`` numbers them (all of the machine's), while
+    CUDA numbers only those ``CUDA_VISIBLE_DEVICES`` lists, in its order: where a worker's environment
+    sets it, GPU "3" under ``CUDA_VISIBLE_DEVICES=2,3`` is ``cuda:1``, and a GPU it hides is unusable.
+    """
+    entries = [e.strip() for e in visible.split(",") if e.strip()] if visible else []
+    if entries:
+        if address in entries:
+            return entries.index(address), ""
+        return None, f"CUDA_VISIBLE_DEVICES={visible} hides it from this Python worker"
+    if not address.isdigit():
+        return None, "its address is not a CUDA device index and CUDA_VISIBLE_DEVICES is not set"
+    return int(address), ""
