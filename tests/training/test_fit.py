@@ -263,6 +263,12 @@ def test_resume_refuses_data_whose_rows_changed(spark: Any, tmp_path: Path, driv
             checkpoint_seconds=0,
             on_round=driver_crash(1),
         )
+    # Settings other than the saved ones are refused, not silently replaced by them.
+    for changed in ({"workers": 4}, {"config": {"epochs": 8}}, {"strategy": "allreduce"}, {"staleness": 3}):
+        with pytest.raises(
+            ConfigError, match=f"continues with the settings in its config.json; drop {next(iter(changed))}"
+        ):
+            fit(str(data), run_dir=tmp_path / "run", resume=True, **changed)
     import shutil
 
     shutil.rmtree(data)
@@ -484,6 +490,12 @@ def test_local_run_without_test_examples_records_no_accuracy(toy: Path, tmp_path
     assert result.test_accuracy is None
     assert [r["test_accuracy"] for r in _history(result.run_dir)] == [""]
     assert "test_accuracy" not in load_checkpoint(result.model_dir).metadata.get("metrics", {})
+
+
+def test_staleness_is_refused_off_the_async_strategy(toy: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="staleness: bounds the async strategy's parameter server"):
+        fit(str(toy), "mlp", workers=2, staleness=4, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_resuming_a_directory_that_is_not_a_training_run_says_so(toy: Path, tmp_path: Path) -> None:

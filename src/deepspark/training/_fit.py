@@ -144,7 +144,7 @@ def fit(
     workers: int = 1,
     config: TrainConfig | Mapping[str, Any] | None = None,
     average: AverageSettings | Mapping[str, Any] | None = None,
-    staleness: int = 2,
+    staleness: int | None = None,
     run_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
     test_data: Any = None,
@@ -176,12 +176,15 @@ def fit(
     be given the factory again).
 
     ``average`` holds the distributed strategies' knobs (:class:`AverageSettings`); ``async`` uses its
-    ``tau`` (steps between pushes, 1 unless given) and takes ``staleness`` (>= 1), the most pushes a
-    worker may be ahead of the slowest live one. ``slow_worker=(index, factor)`` is a benchmark and test
-    knob of ``average`` and ``async``: worker ``index`` sleeps ``factor - 1`` times its compute time after each batch of
-    steps, to show how the strategy copes with a straggler. ``device``: ``auto`` trains each worker on
-    the GPU Spark assigned its task (``spark.task.resource.gpu.amount``) when CUDA can use it, else on
-    the CPU; ``cuda`` makes an unusable or missing GPU an error; ``cpu`` ignores GPUs.
+    ``tau`` (steps between pushes, 1 unless given) and takes ``staleness`` (>= 1, default 2; refused
+    with another strategy), the most pushes a worker may be ahead of the slowest live one. A resumed run
+    takes its settings from its ``config.json``: giving another strategy, workers, config, average
+    settings, staleness, device, threads or model with ``resume=True`` is refused, not ignored.
+    ``slow_worker=(index, factor)`` is a benchmark and test knob of ``average`` and ``async``: worker
+    ``index`` sleeps ``factor - 1`` times its compute time after each batch of steps, to show how the
+    strategy copes with a straggler. ``device``: ``auto`` trains each worker on the GPU Spark assigned
+    its task (``spark.task.resource.gpu.amount``) when CUDA can use it, else on the CPU; ``cuda`` makes
+    an unusable or missing GPU an error; ``cpu`` ignores GPUs.
     """
     started = time.perf_counter()
     _check_data_arguments(
@@ -199,9 +202,21 @@ def fit(
         if run_dir is None:
             raise ConfigError("resume: give the run_dir to continue")
         saved = _read_config(Path(run_dir))
+        _refuse_resume_changes(
+            run_dir,
+            saved,
+            strategy=strategy,
+            workers=workers,
+            config=config,
+            average=average,
+            staleness=staleness,
+            device=device,
+            threads_per_worker=threads_per_worker,
+            model=model if isinstance(model, str) and model != "lenet" else None,
+        )
         strategy, workers = saved["strategy"], saved["workers"]
         config, average = saved["config"], saved["average"]
-        staleness = saved.get("staleness", staleness)
+        staleness = saved.get("staleness") if strategy == "async" else None  # others saved an unused 2
         device = saved.get("device", device)
         model = _resumed_model(saved["model"], factory, run_dir)
         threads_per_worker = saved["threads_per_worker"]
@@ -216,6 +231,12 @@ def fit(
     check_choice("strategy", strategy, STRATEGIES)
     if strategy == "local" and workers != 1:
         raise ConfigError(f"workers: strategy 'local' runs in one process; expected 1, got {workers}")
+    if staleness is not None and strategy != "async":
+        raise ConfigError(
+            f"staleness: bounds the async strategy's parameter server; strategy {strategy!r} has no "
+            "staleness, drop it"
+        )
+    staleness = 2 if staleness is None else staleness
     check_int("staleness", staleness, minimum=1)
     check_choice("device", device, DEVICES)
     _check_slow_worker(slow_worker, strategy, workers)
@@ -573,6 +594,22 @@ def _train_model(model: Any, made: TrainModel | None, layout: FrameLayout) -> Tr
         return TrainModel(spec=_model_spec(model, layout))
     made.check_fits(layout.shape, layout.num_classes)
     return made
+
+
+def _refuse_resume_changes(run_dir: Any, saved: Mapping[str, Any], **given: Any) -> None:
+    """A resume continues with the settings in config.json: one given otherwise (not its default) is
+    refused rather than silently replaced by the saved one."""
+    defaults = {"workers": 1, "threads_per_worker": 1, "device": "auto"}
+    changed = [
+        name
+        for name, value in given.items()
+        if value is not None and value != defaults.get(name) and value != saved.get(name)
+    ]
+    if changed:
+        raise ConfigError(
+            f"resume: the run in {run_dir} continues with the settings in its config.json; "
+            f"drop {', '.join(changed)} (a resumed run cannot change them; start a new run instead)"
+        )
 
 
 def _resumed_model(saved: Any, factory: Callable[[], Any] | None, run_dir: Any) -> Any:
