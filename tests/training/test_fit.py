@@ -249,6 +249,39 @@ def test_a_run_stopping_early_keeps_every_round_it_finished(
         )
 
 
+def test_local_run_checkpoints_every_epoch_and_resumes_the_same_curve(
+    toy: Path, tmp_path: Path, driver_crash: Any
+) -> None:
+    # Dropout (the RNG), momentum (optimizer state), a cosine schedule and shifts: all must resume exactly.
+    spec = {
+        "input_shape": [1, 8, 8],
+        "layers": [
+            {"type": "flatten"},
+            {"type": "linear", "out_features": 16},
+            {"type": "relu"},
+            {"type": "dropout", "p": 0.5},
+            {"type": "linear", "out_features": 3},
+        ],
+    }
+    config = {"optimizer": "momentum", "learning_rate": 0.05, "lr_schedule": "cosine", "augment": True}
+    config = {**config, "batch_size": 8, "epochs": 4, "seed": 5, "threads": 1}
+    whole = fit(str(toy), spec, strategy="local", config=config, run_dir=tmp_path / "whole")
+    run_dir = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="driver crash"):  # after epoch 2's row, before its checkpoint
+        fit(str(toy), spec, strategy="local", config=config, run_dir=run_dir, on_round=driver_crash(1))
+    assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["epochs_done"] == 1
+    resumed = fit(str(toy), run_dir=run_dir, resume=True)
+    rows = _history(resumed.run_dir)
+    assert [int(r["round"]) for r in rows] == [0, 1, 2, 3]
+    for key in ("train_loss", "test_accuracy"):
+        np.testing.assert_allclose(
+            [float(r[key]) for r in rows], [float(r[key]) for r in whole.history], rtol=0, atol=1e-6
+        )
+    a = load_checkpoint(whole.model_dir).model.state_dict()
+    b = load_checkpoint(resumed.model_dir).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_refuses_data_whose_rows_changed(spark: Any, tmp_path: Path, driver_crash: Any) -> None:
     data = _layout_dir(tmp_path / "data", train=40, test=30)
     config = {**SGD, "batch_size": 8, "epochs": 4, "seed": 2}

@@ -259,6 +259,7 @@ def fit(
                 model,
                 train_config,
                 run_path,
+                resume,
                 data_dir,
                 limit_train,
                 limit_test,
@@ -1143,6 +1144,58 @@ def _write_checkpoint(run_path: Path, files: Mapping[str, bytes]) -> None:
     rundir.write_dir_atomic(run_path / CHECKPOINT, files)
 
 
+def _save_local_checkpoint(run_path: Path, state: Any) -> None:
+    """A one-process run after an epoch (a :class:`~deepspark.training.loop.EpochState`): weights,
+    optimizer tensors and the RNG as safetensors; epoch, optimizer groups, schedule and data position as JSON."""
+    from safetensors.torch import save
+
+    from deepspark.training.allreduce import MODEL_PREFIX, optimizer_to_tensors
+
+    optim_tensors, optim_rest = optimizer_to_tensors(state.optimizer)
+    tensors = {
+        **{f"{MODEL_PREFIX}{k}": v.detach().contiguous().cpu() for k, v in state.weights.items()},
+        **optim_tensors,
+        _RNG: state.rng,
+    }
+    progress = {
+        "strategy": "local",
+        "round": state.epochs_done - 1,
+        "epochs_done": state.epochs_done,
+        "optimizer": optim_rest,
+        "scheduler": state.scheduler,
+        "cursor": state.cursor,
+    }
+    _write_checkpoint(
+        run_path, {"state.safetensors": save(tensors), "state.json": json.dumps(progress).encode()}
+    )
+
+
+def _load_local_checkpoint(run_path: Path) -> tuple[Any, int]:
+    """The :class:`~deepspark.training.loop.EpochState` :func:`_save_local_checkpoint` wrote, and its epochs."""
+    from deepspark.models.checkpoint import state_from_bytes
+    from deepspark.training.allreduce import MODEL_PREFIX, optimizer_from_tensors
+    from deepspark.training.loop import EpochState
+
+    folder = run_path / CHECKPOINT
+    progress = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    if progress.get("strategy") != "local":
+        raise ConfigError(f"resume: {folder} was not written by the local strategy")
+    tensors = state_from_bytes((folder / "state.safetensors").read_bytes())
+    done = int(progress["epochs_done"])
+    state = EpochState(
+        epochs_done=done,
+        weights={k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)},
+        optimizer=optimizer_from_tensors(tensors, progress["optimizer"]),
+        scheduler=progress.get("scheduler"),
+        rng=tensors[_RNG],
+        cursor=progress["cursor"],
+    )
+    return state, done
+
+
+_RNG = "rng.cpu"
+
+
 def _save_gang_checkpoint(run_path: Path, gang: Any) -> None:
     """The all-reduce gang's last round: its safetensors payload (``model.*`` weights, ``optim.*``
     optimizer tensors) as is, and the step, cursors and optimizer groups as JSON."""
@@ -1314,6 +1367,7 @@ def _fit_local(
     model: Any,
     config: TrainConfig,
     run_path: Path,
+    resume: bool,
     data_dir: Any,
     limit_train: int | None,
     limit_test: int | None,
@@ -1321,8 +1375,10 @@ def _fit_local(
     started: float,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> FitResult:
+    """One process, checkpointed after every epoch (weights, optimizer and schedule state, RNG, data
+    position: the same safetensors + JSON as ``allreduce``'s), so ``resume`` continues the same curve."""
     from deepspark.models import Preprocess
-    from deepspark.training.loop import EpochMetrics, train_one_process
+    from deepspark.training.loop import EpochMetrics, EpochState, train_one_process
 
     if not isinstance(data, str | os.PathLike):
         raise ConfigError(
@@ -1333,22 +1389,28 @@ def _fit_local(
         "image", "label", "bytes", dataset.input_shape, len(dataset.train_labels), dataset.num_classes
     )
     spec = _model_spec(model, layout)
-    _write_config(
-        run_path,
-        {
-            "strategy": "local",
-            "workers": 1,
-            "config": config.to_dict(),
-            "average": {},
-            "model": model if isinstance(model, str) else spec.to_dict(),
-            "threads_per_worker": threads,
-            "data": str(data),
-            "limit_train": limit_train,
-            "limit_test": limit_test,
-            "rows": layout.rows,
-        },
-    )
+    start: EpochState | None = None
     history: list[dict[str, Any]] = []
+    if resume:
+        start, done = _load_local_checkpoint(run_path)
+        history = _read_history(run_path, upto=done - 1)
+    else:
+        _write_config(
+            run_path,
+            {
+                "strategy": "local",
+                "workers": 1,
+                "config": config.to_dict(),
+                "average": {},
+                "model": model if isinstance(model, str) else spec.to_dict(),
+                "threads_per_worker": threads,
+                "data": str(data),
+                "limit_train": limit_train,
+                "limit_test": limit_test,
+                "rows": layout.rows,
+            },
+        )
+    elapsed_before = float(history[-1]["elapsed_s"]) if history else 0.0
     clock = time.perf_counter()
     tested = len(dataset.test_labels) > 0  # with no test examples there is no score (not 0.0)
 
@@ -1366,14 +1428,21 @@ def _fit_local(
             "comm_s": 0.0,
             "wait_s": 0.0,
             "bytes": 0,
-            "elapsed_s": time.perf_counter() - clock,
+            "elapsed_s": elapsed_before + time.perf_counter() - clock,
         }
         _append_history(run_path, row)
         history.append(row)
         if on_round is not None:
             on_round(row)
 
-    result = train_one_process(spec, dataset, replace(config, threads=threads), callback=on_epoch)
+    result = train_one_process(
+        spec,
+        dataset,
+        replace(config, threads=threads),
+        callback=on_epoch,
+        start=start,
+        checkpoint=lambda state: _save_local_checkpoint(run_path, state),
+    )
     prepared = _Data(
         frame=None,
         layout=layout,

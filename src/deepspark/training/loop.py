@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_TRAIN_CONFIG",
     "DataCursor",
     "EpochMetrics",
+    "EpochState",
     "StepStats",
     "TrainConfig",
     "TrainResult",
@@ -102,6 +103,20 @@ class EpochMetrics:
     test_accuracy: float
     test_loss: float
     seconds: float
+
+
+@dataclass(frozen=True)
+class EpochState:
+    """A one-process run after ``epochs_done`` whole epochs: what :func:`train_one_process` needs to go on
+    exactly as if it had never stopped (weights, optimizer and schedule state, the CPU RNG that drives
+    dropout, the data position)."""
+
+    epochs_done: int
+    weights: Mapping[str, torch.Tensor]
+    optimizer: Mapping[str, Any]
+    scheduler: Mapping[str, Any] | None
+    rng: torch.Tensor
+    cursor: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -306,8 +321,14 @@ def train_one_process(
     *,
     callback: Callable[[EpochMetrics], None] | None = None,
     device: torch.device | str | None = None,
+    start: EpochState | None = None,
+    checkpoint: Callable[[EpochState], None] | None = None,
 ) -> TrainResult:
     """Train ``spec`` on ``data.train_*`` in this process; evaluate on ``data.test_*`` after every epoch.
+
+    ``checkpoint`` receives the run's :class:`EpochState` after each epoch (after ``callback``); given
+    one back as ``start``, a run continues with the next epoch and takes exactly the steps the
+    uninterrupted run would (on the CPU; ``history`` then holds the new epochs only).
 
     ``device`` is where the model and data live while training (default the CPU; a Spark task picks it
     with :func:`deepspark.spark.task_device`); the returned model is on the CPU.
@@ -330,7 +351,7 @@ def train_one_process(
         with torch.random.fork_rng(devices=[]):
             if config.threads is not None and threads_before != config.threads:
                 torch.set_num_threads(config.threads)
-            return _train(spec, data, config, callback, torch.device(device or "cpu"))
+            return _train(spec, data, config, callback, torch.device(device or "cpu"), start, checkpoint)
     finally:
         if torch.get_num_threads() != threads_before:
             torch.set_num_threads(threads_before)
@@ -342,6 +363,8 @@ def _train(
     config: TrainConfig,
     callback: Callable[[EpochMetrics], None] | None,
     device: torch.device,
+    start: EpochState | None = None,
+    checkpoint: Callable[[EpochState], None] | None = None,
 ) -> TrainResult:
     preprocess = Preprocess(input_shape=data.input_shape, mean=tuple(data.mean), std=tuple(data.std))
     x_train = preprocess.apply(data.train_images).to(device)
@@ -360,8 +383,22 @@ def _train(
         if config.lr_schedule == "cosine"
         else None
     )
+    first = 0
+    if start is not None:
+        if int(start.cursor.get("n", -1)) != n:
+            raise ConfigError(
+                f"resume: the checkpoint's data position covers {start.cursor.get('n')} training examples, "
+                f"the data has {n}; resume with the data the run started on"
+            )
+        model.load_state_dict(dict(start.weights))
+        optimizer.load_state_dict(dict(start.optimizer))
+        if scheduler is not None and start.scheduler is not None:
+            scheduler.load_state_dict(dict(start.scheduler))
+        cursor = DataCursor.from_state(start.cursor)
+        torch.set_rng_state(start.rng)
+        first = start.epochs_done
     history: list[EpochMetrics] = []
-    for epoch in range(config.epochs):
+    for epoch in range(first, config.epochs):
         started = time.perf_counter()
         stats = run_steps(
             model,
@@ -384,5 +421,16 @@ def _train(
         history.append(metrics)
         if callback is not None:
             callback(metrics)
+        if checkpoint is not None:
+            checkpoint(
+                EpochState(
+                    epochs_done=epoch + 1,
+                    weights=model.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict() if scheduler is not None else None,
+                    rng=torch.get_rng_state(),
+                    cursor=cursor.state(),
+                )
+            )
     model.eval()
     return TrainResult(model=model.to("cpu"), spec=spec, preprocess=preprocess, history=tuple(history))
