@@ -53,6 +53,7 @@ def test_a_dead_worker_never_stalls_the_others() -> None:
     records: list[AsyncRecord] = []
     server = ParameterServer(
         weights={"w": torch.zeros(4)},
+        parameters=["w"],
         workers=2,
         staleness=1,
         tau=1,
@@ -111,6 +112,7 @@ def test_a_push_from_a_lost_workers_connection_is_not_applied_twice() -> None:
     # replacement pulls the same data position. Only the replacement's push of those batches counts.
     server = ParameterServer(
         weights={"w": torch.zeros(4)},
+        parameters=["w"],
         workers=2,
         staleness=100,
         tau=1,
@@ -144,6 +146,68 @@ def test_a_push_from_a_lost_workers_connection_is_not_applied_twice() -> None:
         assert server.cursors()[0] == {"pushes": 1} and server.clocks()[0] == 1
     finally:
         endpoint.close()
+
+
+def test_stale_pushes_blend_batchnorm_statistics_and_never_drive_a_variance_negative() -> None:
+    # Both workers pull version 0 (running variance 1.0); worker 0 pushes twice, then worker 1 pushes
+    # its stale result. Each ends its steps at a variance of 0.01. As deltas scaled by 1/2 the variance
+    # would go 1 -> 0.505 -> 0.2575 -> -0.2375; pushed as values and blended it stays positive.
+    server = ParameterServer(
+        weights={
+            "w": torch.zeros(4),
+            "bn.running_var": torch.ones(1),
+            "bn.num_batches_tracked": torch.tensor(0),
+        },
+        parameters=["w"],
+        workers=2,
+        staleness=100,
+        tau=1,
+        batch_size=BATCH,
+        total_samples=100 * BATCH,
+        rows=10 * BATCH,
+        new_cursor=lambda worker, rows: {"pushes": 0},
+        on_round=lambda record, weights: None,
+    )
+    pushed = state_to_bytes(
+        {
+            "w": torch.ones(4),
+            "bn.running_var": torch.full((1,), 0.01),
+            "bn.num_batches_tracked": torch.tensor(1),
+        }
+    )
+
+    def push(conn: wire.Connection, pull: dict[str, Any]) -> None:
+        header = {"op": "push", "version": pull["version"], "samples": BATCH, "loss_sum": 1.0}
+        conn.send({**header, "cursor": {"pushes": 1}, "compute_s": 0.0, "comm_s": 0.0}, pushed)
+
+    token = "t" * 32
+    endpoint = wire.Server(token=token, handler=server.handle, name="test-paramserver")
+    endpoint.start()
+    try:
+        port = endpoint.address[1]
+        connect = lambda worker: wire.connect(  # noqa: E731
+            "127.0.0.1", port, token=token, hello={"worker": worker, "rows": 40}, timeout=10
+        )
+        with connect(0) as zero, connect(1) as one:
+            zero.settimeout(10)
+            one.settimeout(10)
+            first0, _ = zero.recv()
+            first1, _ = one.recv()
+            push(zero, first0)
+            second0, _ = zero.recv()
+            push(zero, second0)
+            assert zero.recv()[0]["op"] == "pull"  # its push is applied before worker 1's
+            push(one, first1)
+            assert one.recv()[0]["op"] == "pull"
+    finally:
+        endpoint.close()
+    weights = server.weights
+    assert server.version == 3
+    torch.testing.assert_close(
+        weights["bn.running_var"], torch.tensor([0.13375])
+    )  # 1 -> .505 -> .2575 -> .13375
+    assert torch.equal(weights["w"], torch.full((4,), 1.5))  # parameters: deltas x 1/2
+    assert int(weights["bn.num_batches_tracked"]) == 3  # counters: deltas, unscaled
 
 
 def test_async_arguments_are_validated(tmp_path: Path) -> None:

@@ -921,6 +921,7 @@ def _fit_async(run: _Run) -> FitResult:
 
     server = ParameterServer(
         weights=weights,
+        parameters=[name for name, _ in driver_model.named_parameters()],
         workers=workers,
         staleness=run.staleness,
         tau=run.settings.tau,

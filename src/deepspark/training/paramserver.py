@@ -11,7 +11,10 @@ Choices (docs/training.md):
   from each is then exactly one round of model averaging, so the learning rates that suit ``average``
   suit ``async`` too, and a stale delta moves the weights by a ``1/workers`` share only. The scale stays
   ``1/workers`` while a worker is lost, so the step size does not jump. Integer buffers (BatchNorm's
-  counters) are added unscaled.
+  counters) are added unscaled. Floating buffers (BatchNorm's running mean and variance) are pushed as
+  values, not deltas, and blended: ``b = (1 - 1/workers) b + pushed / workers``. A blend stays between
+  values that were seen, where a stale delta (a variance falling fast from the one pulled) can drive a
+  running variance below zero.
 - ``tau`` (steps between pushes) is :attr:`AverageSettings.tau`; ``fit`` defaults it to 1 for ``async``
   (classic asynchronous SGD: push after every step). The worker keeps its inner optimizer (momentum
   buffers) from one pull to the next, since with ``tau = 1`` a fresh optimizer would be plain SGD; a
@@ -40,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +105,7 @@ class ParameterServer(ServerState):
         self,
         *,
         weights: Mapping[str, torch.Tensor],
+        parameters: Collection[str],
         workers: int,
         staleness: int,
         tau: int,
@@ -118,6 +122,7 @@ class ParameterServer(ServerState):
     ) -> None:
         super().__init__()
         self._weights = {k: v.detach().clone() for k, v in weights.items()}
+        self._parameters = frozenset(parameters)  # pushed as deltas; floating buffers as values
         self._payload, self._payload_version = b"", -1
         self._scale = 1.0 / workers
         self._staleness = staleness
@@ -297,11 +302,16 @@ class ParameterServer(ServerState):
             self._payload, self._payload_version = state_to_bytes(self._weights), self._version
         return self._payload
 
-    def _apply(self, delta: Mapping[str, torch.Tensor]) -> None:
+    def _apply(self, pushed: Mapping[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for name, current in self._weights.items():
-                change = delta[name].to(current.dtype)
-                current.add_(change * self._scale if current.is_floating_point() else change)
+                value = pushed[name].to(current.dtype)
+                if not current.is_floating_point():
+                    current.add_(value)  # a counter's delta
+                elif name in self._parameters:
+                    current.add_(value * self._scale)
+                else:
+                    current.mul_(1 - self._scale).add_(value * self._scale)  # a buffer's value, blended
         self._version += 1
 
     def close_row(self) -> None:
@@ -346,6 +356,7 @@ def async_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
     loaded = load_worker(task, batches)
     worker, model, config = loaded.worker, loaded.model, loaded.config
     optimizer = make_optimizer(model, config)  # kept across pulls: see the module docstring
+    parameters = {name for name, _ in model.named_parameters()}
     cursor: DataCursor | None = None
     pushes = 0
     with wire.connect(task.host, task.port, token=task.token, hello=loaded.hello) as conn:
@@ -364,8 +375,14 @@ def async_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
             ready = time.perf_counter()
             stats = loaded.take_steps(optimizer, cursor, int(header["steps"]))
             computed = time.perf_counter()
-            delta = {k: v.detach().cpu() - pulled[k] for k, v in model.state_dict().items()}
-            data = state_to_bytes(delta)
+            # Parameters and counters as deltas, floating buffers as values (the module docstring says why).
+            pushed = {
+                k: v.detach().cpu() - pulled[k]
+                if k in parameters or not v.is_floating_point()
+                else v.detach().cpu()
+                for k, v in model.state_dict().items()
+            }
+            data = state_to_bytes(pushed)
             conn.send(
                 {
                     "op": "push",
