@@ -49,19 +49,27 @@ def _client(port: int, token: str, worker: int, leave_after: int | None, out: di
                 return
 
 
+def _server(**changes: Any) -> ParameterServer:
+    """A parameter server of two workers over one parameter ``w`` (``changes`` replace settings)."""
+    settings: dict[str, Any] = {
+        "weights": {"w": torch.zeros(4)},
+        "parameters": ["w"],
+        "workers": 2,
+        "staleness": 100,
+        "tau": 1,
+        "batch_size": BATCH,
+        "total_samples": 100 * BATCH,
+        "rows": 10 * BATCH,
+        "new_cursor": lambda worker, rows: {"pushes": 0},
+        "on_round": lambda record, weights: None,
+    }
+    return ParameterServer(**{**settings, **changes})
+
+
 def test_a_dead_worker_never_stalls_the_others() -> None:
     records: list[AsyncRecord] = []
-    server = ParameterServer(
-        weights={"w": torch.zeros(4)},
-        parameters=["w"],
-        workers=2,
-        staleness=1,
-        tau=1,
-        batch_size=BATCH,
-        total_samples=30 * BATCH,
-        rows=10 * BATCH,
-        new_cursor=lambda worker, rows: {"pushes": 0},
-        on_round=lambda record, weights: records.append(record),
+    server = _server(
+        staleness=1, total_samples=30 * BATCH, on_round=lambda record, weights: records.append(record)
     )
     out: dict[int, Any] = {}
     token = "t" * 32
@@ -110,18 +118,7 @@ def _push(conn: wire.Connection, pull: dict[str, Any], cursor: dict[str, Any]) -
 def test_a_push_from_a_lost_workers_connection_is_not_applied_twice() -> None:
     # Worker 0's Spark job fails while its task, not yet killed by Spark, still holds a pull; its
     # replacement pulls the same data position. Only the replacement's push of those batches counts.
-    server = ParameterServer(
-        weights={"w": torch.zeros(4)},
-        parameters=["w"],
-        workers=2,
-        staleness=100,
-        tau=1,
-        batch_size=BATCH,
-        total_samples=100 * BATCH,
-        rows=10 * BATCH,
-        new_cursor=lambda worker, rows: {"pushes": 0},
-        on_round=lambda record, weights: None,
-    )
+    server = _server()
     token = "t" * 32
     endpoint = wire.Server(token=token, handler=server.handle, name="test-paramserver")
     endpoint.start()
@@ -152,21 +149,12 @@ def test_stale_pushes_blend_batchnorm_statistics_and_never_drive_a_variance_nega
     # Both workers pull version 0 (running variance 1.0); worker 0 pushes twice, then worker 1 pushes
     # its stale result. Each ends its steps at a variance of 0.01. As deltas scaled by 1/2 the variance
     # would go 1 -> 0.505 -> 0.2575 -> -0.2375; pushed as values and blended it stays positive.
-    server = ParameterServer(
+    server = _server(
         weights={
             "w": torch.zeros(4),
             "bn.running_var": torch.ones(1),
             "bn.num_batches_tracked": torch.tensor(0),
-        },
-        parameters=["w"],
-        workers=2,
-        staleness=100,
-        tau=1,
-        batch_size=BATCH,
-        total_samples=100 * BATCH,
-        rows=10 * BATCH,
-        new_cursor=lambda worker, rows: {"pushes": 0},
-        on_round=lambda record, weights: None,
+        }
     )
     pushed = state_to_bytes(
         {
