@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
+import math
 import re
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,57 +148,70 @@ def test_a_push_from_a_lost_workers_connection_is_not_applied_twice() -> None:
         endpoint.close()
 
 
+@contextlib.contextmanager
+def _serving(server: ParameterServer) -> Iterator[Callable[[int], wire.Connection]]:
+    """Serve ``server`` on loopback; yield ``connect(worker)``, a fake worker's connection."""
+    token = "t" * 32
+    endpoint = wire.Server(token=token, handler=server.handle, name="test-paramserver")
+    endpoint.start()
+
+    def connect(worker: int) -> wire.Connection:
+        hello = {"worker": worker, "rows": 40}
+        conn = wire.connect("127.0.0.1", endpoint.address[1], token=token, hello=hello, timeout=10)
+        conn.settimeout(10)
+        return conn
+
+    try:
+        yield connect
+    finally:
+        endpoint.close()
+
+
+def _send_push(conn: wire.Connection, pull: dict[str, Any], payload: bytes, samples: int = BATCH) -> None:
+    header = {"op": "push", "version": pull["version"], "samples": samples, "loss_sum": float(samples)}
+    conn.send({**header, "cursor": {"pushes": 1}, "compute_s": 0.0, "comm_s": 0.0}, payload)
+
+
 def test_stale_pushes_blend_batchnorm_statistics_and_never_drive_a_variance_negative() -> None:
     # Both workers pull version 0 (running variance 1.0); worker 0 pushes twice, then worker 1 pushes
     # its stale result. Each ends its steps at a variance of 0.01. As deltas scaled by 1/2 the variance
     # would go 1 -> 0.505 -> 0.2575 -> -0.2375; pushed as values and blended it stays positive.
-    server = _server(
-        weights={
-            "w": torch.zeros(4),
-            "bn.running_var": torch.ones(1),
-            "bn.num_batches_tracked": torch.tensor(0),
-        }
-    )
-    pushed = state_to_bytes(
-        {
-            "w": torch.ones(4),
-            "bn.running_var": torch.full((1,), 0.01),
-            "bn.num_batches_tracked": torch.tensor(1),
-        }
-    )
-
-    def push(conn: wire.Connection, pull: dict[str, Any]) -> None:
-        header = {"op": "push", "version": pull["version"], "samples": BATCH, "loss_sum": 1.0}
-        conn.send({**header, "cursor": {"pushes": 1}, "compute_s": 0.0, "comm_s": 0.0}, pushed)
-
-    token = "t" * 32
-    endpoint = wire.Server(token=token, handler=server.handle, name="test-paramserver")
-    endpoint.start()
-    try:
-        port = endpoint.address[1]
-        connect = lambda worker: wire.connect(  # noqa: E731
-            "127.0.0.1", port, token=token, hello={"worker": worker, "rows": 40}, timeout=10
-        )
-        with connect(0) as zero, connect(1) as one:
-            zero.settimeout(10)
-            one.settimeout(10)
-            first0, _ = zero.recv()
-            first1, _ = one.recv()
-            push(zero, first0)
-            second0, _ = zero.recv()
-            push(zero, second0)
-            assert zero.recv()[0]["op"] == "pull"  # its push is applied before worker 1's
-            push(one, first1)
-            assert one.recv()[0]["op"] == "pull"
-    finally:
-        endpoint.close()
+    start = {"w": torch.zeros(4), "bn.running_var": torch.ones(1), "bn.num_batches_tracked": torch.tensor(0)}
+    end = {
+        "w": torch.ones(4),
+        "bn.running_var": torch.full((1,), 0.01),
+        "bn.num_batches_tracked": torch.tensor(1),
+    }
+    server = _server(weights=start)
+    pushed = state_to_bytes(end)
+    with _serving(server) as connect, connect(0) as zero, connect(1) as one:
+        first0, _ = zero.recv()
+        first1, _ = one.recv()
+        _send_push(zero, first0, pushed)
+        second0, _ = zero.recv()
+        _send_push(zero, second0, pushed)
+        assert zero.recv()[0]["op"] == "pull"  # its push is applied before worker 1's
+        _send_push(one, first1, pushed)
+        assert one.recv()[0]["op"] == "pull"
     weights = server.weights
     assert server.version == 3
-    torch.testing.assert_close(
-        weights["bn.running_var"], torch.tensor([0.13375])
-    )  # 1 -> .505 -> .2575 -> .13375
+    torch.testing.assert_close(weights["bn.running_var"], torch.tensor([0.13375]))  # 1, .505, .2575, .13375
     assert torch.equal(weights["w"], torch.full((4,), 1.5))  # parameters: deltas x 1/2
     assert int(weights["bn.num_batches_tracked"]) == 3  # counters: deltas, unscaled
+
+
+def test_a_row_of_pushes_without_examples_records_no_loss() -> None:
+    # Workers whose partitions are empty push no examples: their row has no loss, not a loss of 0.
+    records: list[AsyncRecord] = []
+    server = _server(on_round=lambda record, weights: records.append(record))
+    pushed = state_to_bytes({"w": torch.zeros(4)})
+    with _serving(server) as connect, connect(0) as zero, connect(1) as one:
+        for conn in (zero, one):
+            pull, _ = conn.recv()
+            _send_push(conn, pull, pushed, samples=0)
+            assert conn.recv()[0]["op"] == "pull"
+    [record] = records
+    assert record.samples == 0 and math.isnan(record.train_loss)
 
 
 def test_async_arguments_are_validated(tmp_path: Path) -> None:

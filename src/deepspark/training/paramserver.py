@@ -42,6 +42,7 @@ Choices (docs/training.md):
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -328,7 +329,7 @@ class ParameterServer(ServerState):
             epoch=self._done_samples / self._rows,
             samples=row.samples,
             workers=len(row.workers),
-            train_loss=row.loss_sum / max(row.samples, 1),
+            train_loss=row.loss_sum / row.samples if row.samples else math.nan,  # no examples: no loss
             seconds=time.perf_counter() - row.started,
             compute_s=max(row.compute_s.values()),
             comm_s=max(row.comm_s.values()),
