@@ -9,6 +9,7 @@ the data are tiny generated MNIST-layout directories, not MNIST.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 from collections.abc import Callable
@@ -180,6 +181,11 @@ CASES = [
     Case("train-workers-0", _train("--workers", "0"), r"workers: expected an integer >= 1, got 0"),
     Case("train-threads-0", _train("--threads", "0"), r"threads_per_worker: expected an integer >= 1, got 0"),
     Case(
+        "train-local-threads-above-the-cores",
+        _train("--threads", str((os.cpu_count() or 1) + 1)),
+        r"threads_per_worker: strategy 'local' trains in this process, .*expected at most \d+, got \d+",
+    ),
+    Case(
         "outer-momentum-of-1",
         _train("--workers", "2", "--outer", "nesterov", "--outer-momentum", "1"),
         r"outer_momentum: expected .*got 1",
@@ -222,6 +228,26 @@ CASES = [
         "tune-spec-file-that-is-missing",
         lambda w, run: [*_tune_on(lambda w: w.data)(w, run), "--model", w.data / "spec.json"],
         r"model: expected a zoo model .* or a model spec .*spec.json",
+    ),
+    Case(
+        "train-binary-file-as-a-model-spec",
+        lambda w, run: [*_train()(w, run), "--model", w.pickle],
+        r"model.pkl is not a model spec: not UTF-8 text",
+    ),
+    Case(
+        "tune-binary-file-as-a-model-spec",
+        lambda w, run: [*_tune_on(lambda w: w.data)(w, run), "--model", w.pickle],
+        r"model: expected a zoo model .*model.pkl is not a model spec: not UTF-8 text",
+    ),
+    Case(
+        "binary-file-as-a-space",
+        lambda w, run: [*_tune_on(lambda w: w.data)(w, run), "--space", w.pickle],
+        r"space: .*model.pkl is not UTF-8 text; expected a YAML or JSON file",
+    ),
+    Case(
+        "binary-file-as-predict-labels",
+        lambda w, run: [*_predict("--output", run, "--labels", w.pickle)(w, run)],
+        r"labels: .*model.pkl is not UTF-8 text",
     ),
     Case(
         "pickle-as-predict-model",
@@ -268,6 +294,21 @@ CASES = [
         "train-run-dir-under-proc",
         lambda w, run: [*_train()(w, run), "--run-dir", "/proc/deepspark-run"],
         r"run_dir: cannot write to /proc/deepspark-run",
+    ),
+    Case(
+        "report-output-under-proc",
+        lambda w, run: ["report", w.data, "--output", "/proc/deepspark-report.html"],
+        r"output: cannot write /proc/deepspark-report.html",
+    ),
+    Case(
+        "report-output-under-a-file",
+        lambda w, run: ["report", w.data, "--output", w.a_file / "report.html"],
+        r"output: cannot write .*a-file/report.html \(Not a directory\)",
+    ),
+    Case(
+        "report-of-no-run-makes-no-output-folder",
+        lambda w, run: ["report", w.data, "--output", run / "report.html"],
+        r"run_dirs: .* is neither a study .* nor a training run",
     ),
     # ----------------------------------------------------------------------- run directories
     Case(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -478,6 +479,34 @@ def test_cli_predict_json_prints_one_object_on_stdout(
     assert summary["rows"] == len(small_model.images) // 2 and summary["errors"] == 0
     assert summary["output"] == str(out) and "forward" in summary["phase_seconds"]
     assert "rows/s" in captured.err  # the table went to stderr
+
+
+def test_cli_a_failed_predict_job_is_one_error_line_and_exit_1(
+    spark: Any, small_model: Model, image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every task failing (here: --device cuda, and Spark assigned no GPU) is a failure at run time: exit 1
+    with the tasks' cause on one line, not the driver's Py4J traceback; no output is left."""
+    from deepspark.cli import main
+
+    out = tmp_path / "preds"
+    argv = [
+        "predict",
+        "--model",
+        str(small_model.path),
+        "--input",
+        f"{image_dir}/0*.png",
+        "--output",
+        str(out),
+    ]
+    assert main([*argv, "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1, err
+    assert re.match(
+        r"deepspark: error: predict: the Spark job failed: .*device 'cuda': cannot use", errors[0]
+    )
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".preds")]
 
 
 def test_progress_reports_rows_and_tasks_and_leaves_the_results_alone(

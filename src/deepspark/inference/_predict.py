@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from deepspark.errors import ConfigError
+from deepspark.errors import ConfigError, DeepsparkError, RunError
 from deepspark.inference._inputs import is_local, local_path, resolve_input
 from deepspark.inference._task import PHASES, TaskPlan, TaskStats, run_task
 from deepspark.inference.decode import UrlPolicy
@@ -364,9 +364,14 @@ def predict(
                 result.write.mode("overwrite" if overwrite else "errorifexists").parquet(output_path)
             else:
                 result.write.mode("errorifexists").parquet(f"file://{staging}")  # where the rename finds it
-    except BaseException:
+    except BaseException as exc:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, Exception) and not isinstance(exc, DeepsparkError):
+            from deepspark.slots import root_cause
+
+            # A failed job is a failure at run time: its cause in one line, not Spark's Java trace.
+            raise RunError(f"predict: the Spark job failed: {root_cause(exc)}") from None
         raise
     finally:
         model_bc.destroy()

@@ -137,7 +137,10 @@ def read_labels(path: str | os.PathLike[str]) -> tuple[str, ...]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"labels: expected a text file with one class name per line, got {str(p)!r}")
-    lines = p.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ConfigError(f"labels: {p} is not UTF-8 text; expected one class name per line") from None
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:

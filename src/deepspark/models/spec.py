@@ -92,6 +92,10 @@ class ModelSpec:
             text = p.read_text(encoding="utf-8")
         except OSError as exc:
             raise SpecError(f"cannot read model spec {p}: {exc}") from exc
+        except UnicodeDecodeError:
+            raise SpecError(
+                f"{p} is not a model spec: not UTF-8 text (expected a JSON or YAML file)"
+            ) from None
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml
 

@@ -75,11 +75,12 @@ def report(
         raise ConfigError(f"output: expected a path ending in .html, got {str(output)!r}")
     if out.exists() and out.is_dir():
         raise ConfigError(f"output: {out} is a directory; expected an .html file path")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    rundir.check_writable(out, name="output")  # before any work; it leaves nothing behind
     sections: list[str] = []
     figures: dict[str, Path] = {}
     missing: dict[str, str] = {}
     with open_runs(paths) as runs:
+        out.parent.mkdir(parents=True, exist_ok=True)  # only once every run directory opened
         prefixes = _prefixes(runs)
         for run, prefix in zip(runs, prefixes, strict=True):
             if isinstance(run, StudyRun):

@@ -231,6 +231,13 @@ def fit(
     check_choice("strategy", strategy, STRATEGIES)
     if strategy == "local" and workers != 1:
         raise ConfigError(f"workers: strategy 'local' runs in one process; expected 1, got {workers}")
+    cores = os.cpu_count() or 1
+    if strategy == "local" and not resume and threads_per_worker > cores:
+        # No Spark slot bounds it here: torch would start them all in this process (100000 crash it).
+        raise ConfigError(
+            f"threads_per_worker: strategy 'local' trains in this process, on this machine's {cores} cores; "
+            f"expected at most {cores}, got {threads_per_worker}"
+        )
     if staleness is not None and strategy != "async":
         raise ConfigError(
             f"staleness: bounds the async strategy's parameter server; strategy {strategy!r} has no "

@@ -219,6 +219,8 @@ def load_space(space: SearchSpace | Mapping[str, Any] | str | os.PathLike[str] |
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"space: cannot read {path}: {exc}") from exc
+        except UnicodeDecodeError:
+            raise ConfigError(f"space: {path} is not UTF-8 text; expected a YAML or JSON file") from None
         import yaml
 
         try:
