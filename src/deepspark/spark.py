@@ -13,10 +13,12 @@ import contextvars
 import logging
 import os
 import re
+import secrets
 import socket
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -36,9 +38,11 @@ __all__ = [
     "configured",
     "environment_conf",
     "executor_cores",
+    "job_group",
     "limit_threads",
     "master_cores",
     "quiet_log_options",
+    "run_job",
     "session",
     "task_cpus",
     "task_device",
@@ -360,6 +364,52 @@ def cancel_group(sc: Any, group: str, timeout: float = 30.0) -> None:
             return
         time.sleep(0.05)
     _log.debug("job group %s: tasks still running %.0f s after it was cancelled", group, timeout)
+
+
+def job_group(name: str) -> str:
+    """A new job group id: ``name`` and a random suffix."""
+    return f"{name}-{secrets.token_hex(4)}"
+
+
+def run_job(
+    sc: Any,
+    action: Callable[[], Any],
+    *,
+    group: str,
+    cancel_when: Callable[[], bool] | None = None,
+) -> BaseException | None:
+    """Run the Spark action ``action`` in a thread under the job group ``group`` (:func:`job_group`);
+    return its error, or None when it succeeded.
+
+    The calling thread waits in Python, where Ctrl-C reaches it (a main thread blocked inside a Py4J
+    call cannot run pyspark's SIGINT handler, whose own Py4J call then fails with a stack of tracebacks):
+    on Ctrl-C the group is cancelled, its tasks are waited for (:func:`cancel_group`) and the
+    KeyboardInterrupt goes on. When ``cancel_when()`` turns true the job is cancelled the same way.
+    """
+    outcome: list[BaseException | None] = [None]
+    ended = threading.Event()
+
+    def run() -> None:
+        sc.setJobGroup(group, group, interruptOnCancel=True)
+        try:
+            action()
+        except BaseException as exc:
+            outcome[0] = exc
+        finally:
+            ended.set()
+
+    threading.Thread(target=run, name=group, daemon=True).start()
+    try:
+        # Not Thread.join: in Python 3.11 a join cut short by Ctrl-C can leave the thread looking finished.
+        while not ended.wait(0.5):
+            if cancel_when is not None and cancel_when():
+                cancel_group(sc, group)
+                ended.wait(60)
+                break
+    except KeyboardInterrupt:
+        cancel_group(sc, group)
+        raise
+    return outcome[0]
 
 
 def limit_threads(threads: int) -> None:

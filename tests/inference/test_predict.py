@@ -509,6 +509,47 @@ def test_cli_a_failed_predict_job_is_one_error_line_and_exit_1(
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".preds")]
 
 
+@pytest.mark.slow
+def test_ctrl_c_exits_130_with_one_line_and_leaves_no_output(small_model: Model, tmp_path: Path) -> None:
+    """SIGINT to the driver mid-job: the job is cancelled and waited for, the staging folder removed,
+    and stderr ends with the one line; no Python or Java trace, no Spark WARN/ERROR line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3000):  # batch size 1: the job takes seconds, so the signal lands inside it
+        (images / f"{i:04d}.png").write_bytes(png_bytes(rng.integers(0, 256, (28, 28), dtype=np.uint8)))
+    out = tmp_path / "preds"
+    command = [sys.executable, "-m", "deepspark", "predict", "--model", str(small_model.path)]
+    command += ["--input", str(images), "--output", str(out), "--batch-size", "1", "--backend", "torch"]
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(tmp_path.glob(".preds.*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert proc.poll() is None, "predict ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)  # Ctrl-C, to the driver only
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
+    assert proc.returncode == 130 and lines[-1] == "deepspark: interrupted", lines[-20:]
+    noise = [
+        line
+        for line in lines
+        if "Traceback" in line or " WARN " in line or "ERROR" in line or "\tat " in line
+    ]
+    assert not noise, noise[:20]
+    assert not out.exists() and not list(tmp_path.glob(".preds*"))
+
+
 def test_progress_reports_rows_and_tasks_and_leaves_the_results_alone(
     spark: Any, small_model: Model, image_dir: Path, tmp_path: Path
 ) -> None:

@@ -7,6 +7,7 @@ from Spark's status tracker (tasks done) and the task counters (rows done); the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -143,15 +144,13 @@ def _watch(
     stats: Accumulator[dict[str, Any]],
     rows_total: int | None,
     callback: ProgressCallback | None,
+    group: str,
 ) -> Iterator[None]:
-    """Run the body's Spark jobs in a job group of their own and, with a ``callback``, report their
-    progress every half second from a watcher thread, then once more when they end."""
+    """With a ``callback``, report the progress of job group ``group``'s Spark jobs (run by the body)
+    every half second from a watcher thread, then once more when they end."""
     if callback is None:
         yield
         return
-    group = f"deepspark-predict-{secrets.token_hex(4)}"
-    previous = {key: sc.getLocalProperty(key) for key in ("spark.jobGroup.id", "spark.job.description")}
-    sc.setJobGroup(group, "deepspark predict")
     start = time.perf_counter()
     stop = threading.Event()
 
@@ -177,8 +176,6 @@ def _watch(
     finally:
         stop.set()
         watcher.join()
-        for key, value in previous.items():
-            sc.setLocalProperty(key, value)  # type: ignore[arg-type]
 
 
 # -------------------------------------------------------------------------------------------- predict
@@ -269,7 +266,7 @@ def predict(
     watcher thread while the job runs (and once when it ends), receives :class:`PredictProgress`. Every
     parameter is checked, and the model loaded once on the driver to check it, before any Spark job starts.
     """
-    from deepspark.spark import DEVICES, session, task_cpus
+    from deepspark.spark import DEVICES, job_group, run_job, session, task_cpus
 
     top_k = check_positive_int("top_k", top_k)
     batch_size = check_positive_int("batch_size", batch_size)
@@ -358,12 +355,20 @@ def predict(
     # failed job leaves an empty folder behind that the next run's existence check then refuses.
     staging = _staging_path(local_path(output_path)) if is_local(output_path) else None
     start = time.perf_counter()
+    if staging is None:
+        write = functools.partial(
+            result.write.mode("overwrite" if overwrite else "errorifexists").parquet, output_path
+        )
+    else:
+        write = functools.partial(
+            result.write.mode("errorifexists").parquet, f"file://{staging}"
+        )  # renamed later
     try:
-        with _watch(sc, stats, source.rows_hint, progress):
-            if staging is None:
-                result.write.mode("overwrite" if overwrite else "errorifexists").parquet(output_path)
-            else:
-                result.write.mode("errorifexists").parquet(f"file://{staging}")  # where the rename finds it
+        group = job_group("deepspark-predict")
+        with _watch(sc, stats, source.rows_hint, progress, group):
+            failure = run_job(sc, write, group=group)  # Ctrl-C: cancelled, tasks gone
+        if failure is not None:
+            raise failure
     except BaseException as exc:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

@@ -33,7 +33,7 @@ import torch
 from deepspark._optional import skip_unless
 from deepspark.errors import ConfigError, DeepsparkError, RunError
 from deepspark.slots import root_cause, run_slots, short_error
-from deepspark.spark import DEVICES, cancel_group
+from deepspark.spark import DEVICES, cancel_group, job_group, run_job
 from deepspark.training._model import FACTORY_KEY, TrainModel, factory_of
 from deepspark.training.average import AverageSettings, RoundRecord, RoundServer, TaskSpec, average_task
 from deepspark.training.frame import KEY, FrameLayout, describe_frame
@@ -1051,7 +1051,12 @@ def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
             job = frame.mapInArrow(
                 functools.partial(allreduce_task, task), "rank long, steps long", barrier=True
             )
-            failure = _run_gang(sc, job, gang)
+            failure = run_job(
+                sc,
+                job.collect,
+                group=job_group("deepspark-allreduce"),
+                cancel_when=lambda: gang.fatal is not None,
+            )
             gang.settle(timeout=30.0)  # rank 0's last words (a divergence, say) are taken before deciding
             if failure is None and gang.finished:
                 break
@@ -1091,33 +1096,6 @@ def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
 def _fields(record: Any) -> dict[str, Any]:
     """A dataclass's fields by name, values as they are (``asdict`` would turn nested records into dicts)."""
     return {f.name: getattr(record, f.name) for f in fields(record)}
-
-
-def _run_gang(sc: Any, job: Any, gang: Any) -> BaseException | None:
-    """Run the barrier job in a thread; cancel it when the gang failed for good. Returns its error."""
-    group = f"deepspark-allreduce-{secrets.token_hex(4)}"
-    outcome: list[BaseException | None] = [None]
-
-    def run() -> None:
-        sc.setJobGroup(group, "deepspark all-reduce gang", interruptOnCancel=True)
-        try:
-            job.collect()
-        except BaseException as exc:
-            outcome[0] = exc
-
-    thread = threading.Thread(target=run, name="deepspark-allreduce-job", daemon=True)
-    thread.start()
-    try:
-        while thread.is_alive():
-            thread.join(timeout=0.5)
-            if gang.fatal is not None and thread.is_alive():
-                cancel_group(sc, group)
-                thread.join(timeout=60)
-                break
-    except KeyboardInterrupt:
-        cancel_group(sc, group)
-        raise
-    return outcome[0]
 
 
 # ------------------------------------------------------------------------------------ checkpoints
