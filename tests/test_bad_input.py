@@ -186,6 +186,29 @@ CASES = [
         r"threads_per_worker: strategy 'local' trains in this process, .*expected at most \d+, got \d+",
     ),
     Case(
+        "train-local-with-a-round-length",
+        _train("--tau", "5"),
+        r"average: \['tau'\] set how distributed workers",
+    ),
+    Case(
+        "train-local-with-an-outer-step",
+        _train("--outer-lr", "0.5"),
+        r"average: \['outer_learning_rate'\] .*strategy 'local' trains one process",
+    ),
+    Case(
+        "train-tau-and-round-seconds",
+        _train("--workers", "2", "--tau", "5", "--round-seconds", "3"),
+        r"average: tau and round_seconds both set the length of a round; give one",
+    ),
+    Case(
+        "train-negative-seed", _train("--seed", "-1"), r"seed: expected an integer in 0..4294967295, got -1"
+    ),
+    Case(
+        "train-local-cuda-without-cuda",
+        _train("--device", "cuda"),
+        r"device 'cuda': CUDA is not available to torch in this process \(strategy 'local'",
+    ),
+    Case(
         "outer-momentum-of-1",
         _train("--workers", "2", "--outer", "nesterov", "--outer-momentum", "1"),
         r"outer_momentum: expected .*got 1",

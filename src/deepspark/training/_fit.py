@@ -273,6 +273,7 @@ def fit(
                 threads_per_worker,
                 started,
                 on_round,
+                device,
             )
         spark = session(master, app_name="deepspark-train", conf={"spark.task.cpus": threads_per_worker})
         slots = total_slots(spark)
@@ -362,6 +363,21 @@ def _train_config(config: TrainConfig | Mapping[str, Any] | None, strategy: str)
 
 
 def _settings(average: AverageSettings | Mapping[str, Any] | None, strategy: str) -> AverageSettings:
+    if isinstance(average, AverageSettings):  # the settings that differ from the defaults count as given
+        defaults = asdict(AverageSettings())
+        given = {k: v for k, v in asdict(average).items() if v != defaults[k]}
+    else:
+        given = dict(average or {})
+    if strategy == "local" and given:
+        raise ConfigError(
+            f"average: {sorted(given)} set how distributed workers combine their steps; strategy 'local' "
+            "trains one process: drop them, or choose strategy 'average' (--workers 1 takes the local steps)"
+        )
+    if "tau" in given and given.get("round_seconds") is not None:
+        raise ConfigError(
+            "average: tau and round_seconds both set the length of a round; give one (round_seconds "
+            "replaces tau)"
+        )
     if isinstance(average, AverageSettings):
         settings = average
     else:
@@ -1360,6 +1376,7 @@ def _fit_local(
     threads: int,
     started: float,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    device: str = "auto",
 ) -> FitResult:
     """One process, checkpointed after every epoch (weights, optimizer and schedule state, RNG, data
     position: the same safetensors + JSON as ``allreduce``'s), so ``resume`` continues the same curve."""
@@ -1369,6 +1386,12 @@ def _fit_local(
     if not isinstance(data, str | os.PathLike):
         raise ConfigError(
             "strategy 'local' trains on a dataset name or directory; use 'average' for a DataFrame"
+        )
+    # This process is no Spark task, so no GPU is assigned to it: ``auto`` is the CPU, ``cuda`` its first GPU.
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "device 'cuda': CUDA is not available to torch in this process (strategy 'local' trains here, "
+            "not in a Spark task); use --device auto or cpu"
         )
     dataset = _load(data, data_dir, limit_train, limit_test)
     layout = FrameLayout(
@@ -1385,6 +1408,7 @@ def _fit_local(
             run_path,
             {
                 "strategy": "local",
+                "device": device,
                 "workers": 1,
                 "config": config.to_dict(),
                 "average": {},
@@ -1426,6 +1450,7 @@ def _fit_local(
         dataset,
         replace(config, threads=threads),
         callback=on_epoch,
+        device="cuda" if device == "cuda" else "cpu",
         start=start,
         checkpoint=lambda state: _save_local_checkpoint(run_path, state),
     )

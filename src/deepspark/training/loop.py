@@ -22,7 +22,7 @@ from torch import nn
 
 from deepspark.errors import ConfigError, DivergenceError
 from deepspark.models import ModelSpec, Preprocess, SpecModel, build_model, load_spec
-from deepspark.validation import check_choice, check_number, check_positive_int, fail
+from deepspark.validation import check_choice, check_int, check_number, check_positive_int, fail
 
 if TYPE_CHECKING:
     from deepspark.data import ImageDataset
@@ -73,6 +73,7 @@ class TrainConfig:
         if not isinstance(self.augment, bool):
             raise fail("augment", "true or false", self.augment)
         check_number("momentum", self.momentum, low=0, high=1, high_open=True)
+        check_int("seed", self.seed, minimum=0, maximum=2**32 - 1)  # as tune's: seeds derive from it
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
