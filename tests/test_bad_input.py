@@ -209,6 +209,11 @@ CASES = [
         r"device 'cuda': CUDA is not available to torch in this process \(strategy 'local'",
     ),
     Case(
+        "train-cuda-where-spark-assigns-no-gpu",
+        _train("--workers", "2", "--device", "cuda"),
+        r"device 'cuda': Spark assigns tasks no GPU \(spark.task.resource.gpu.amount is not set\)",
+    ),
+    Case(
         "outer-momentum-of-1",
         _train("--workers", "2", "--outer", "nesterov", "--outer-momentum", "1"),
         r"outer_momentum: expected .*got 1",

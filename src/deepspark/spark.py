@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEVICES",
     "cancel_group",
+    "check_gpu_request",
     "check_master",
     "check_task_cpus",
     "configured",
@@ -447,6 +448,23 @@ def limit_task_threads(requested: int, context: Any = None) -> int:
 
 
 DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_gpu_request(spark: SparkSession, device: str) -> None:
+    """On the driver, before any job: ``device='cuda'`` needs Spark to assign tasks GPUs, or every task
+    would fail on its own with the same error (exit 1, and a page of Spark's lines)."""
+    if device != "cuda":
+        return
+    amount = spark.sparkContext.getConf().get("spark.task.resource.gpu.amount")
+    try:
+        assigned = amount is not None and float(amount) > 0
+    except ValueError:
+        assigned = False
+    if not assigned:
+        raise ConfigError(
+            "device 'cuda': Spark assigns tasks no GPU (spark.task.resource.gpu.amount is not set); set it, "
+            "with spark.executor.resource.gpu.amount and a discovery script, or use --device auto or cpu"
+        )
 
 
 def task_device(requested: str = "auto", context: Any = None) -> Any:

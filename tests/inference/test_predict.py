@@ -481,11 +481,12 @@ def test_cli_predict_json_prints_one_object_on_stdout(
     assert "rows/s" in captured.err  # the table went to stderr
 
 
-def test_cli_a_failed_predict_job_is_one_error_line_and_exit_1(
+def test_cli_device_cuda_where_spark_assigns_no_gpu_is_refused_before_the_job(
     spark: Any, small_model: Model, image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Every task failing (here: --device cuda, and Spark assigned no GPU) is a failure at run time: exit 1
-    with the tasks' cause on one line, not the driver's Py4J traceback; no output is left."""
+    """--device cuda with no spark.task.resource.gpu.amount: every task would fail alike, so it is a usage
+    error on one line before any job (exit 2), and no output is left. (A job that does fail is exit 1 with
+    its cause on one line: tests/inference/test_predict_gpu.py, where Spark assigns GPUs CUDA cannot use.)"""
     from deepspark.cli import main
 
     out = tmp_path / "preds"
@@ -498,13 +499,13 @@ def test_cli_a_failed_predict_job_is_one_error_line_and_exit_1(
         "--output",
         str(out),
     ]
-    assert main([*argv, "--device", "cuda"]) == 1
+    assert main([*argv, "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
     errors = [line for line in err.splitlines() if ": error: " in line]
-    assert len(errors) == 1, err
+    assert errors == [line for line in err.splitlines() if line.strip()], err
     assert re.match(
-        r"deepspark: error: predict: the Spark job failed: .*device 'cuda': cannot use", errors[0]
+        r"deepspark: error: device 'cuda': Spark assigns tasks no GPU \(spark.task.resource", errors[0]
     )
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".preds")]
 

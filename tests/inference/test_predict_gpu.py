@@ -82,6 +82,8 @@ json.dump(result, open({str(out)!r}, "w"))
         devices = result[backend]["devices"]
         # Every task saw a GPU address from Spark and (no CUDA here) ran on the CPU, saying which one.
         assert devices and all(re.fullmatch(r"cpu \(Spark assigned GPU [01]\)", d) for d in devices), devices
-    assert "device 'cuda': cannot use GPU " in result["error"]
+    # The failed job is one line naming the tasks' cause (a RunError: exit 1 on the command line).
+    assert result["error"].startswith("predict: the Spark job failed: ")
+    assert "device 'cuda': cannot use GPU " in result["error"] and "\n" not in result["error"]
     assert "CUDA is not available" in result["error"]
     assert not (tmp_path / "cuda" / "_SUCCESS").exists()

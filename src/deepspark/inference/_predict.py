@@ -266,7 +266,7 @@ def predict(
     watcher thread while the job runs (and once when it ends), receives :class:`PredictProgress`. Every
     parameter is checked, and the model loaded once on the driver to check it, before any Spark job starts.
     """
-    from deepspark.spark import DEVICES, job_group, run_job, session, task_cpus
+    from deepspark.spark import DEVICES, check_gpu_request, job_group, run_job, session, task_cpus
 
     top_k = check_positive_int("top_k", top_k)
     batch_size = check_positive_int("batch_size", batch_size)
@@ -308,6 +308,7 @@ def predict(
         top_k = len(class_names)
 
     spark = spark or session(master)
+    check_gpu_request(spark, device)
     source = resolve_input(spark, data, input_column)
     df = source.dataframe
     if source.ours and source.rows_hint:

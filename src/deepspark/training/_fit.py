@@ -258,7 +258,7 @@ def fit(
     created = run_dir is None or not Path(run_dir).exists()
     run_path = _run_dir(run_dir, resume=resume)
     try:
-        from deepspark.spark import session, total_slots
+        from deepspark.spark import check_gpu_request, session, total_slots
 
         if strategy == "local":
             return _fit_local(
@@ -276,6 +276,7 @@ def fit(
                 device,
             )
         spark = session(master, app_name="deepspark-train", conf={"spark.task.cpus": threads_per_worker})
+        check_gpu_request(spark, device)
         slots = total_slots(spark)
         if workers > slots:
             raise ConfigError(
