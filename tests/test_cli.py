@@ -61,6 +61,9 @@ def test_tune_exit_codes(monkeypatch, capsys, tmp_path, outcome, code) -> None:
     if code in (1, 2):
         assert sum(line.startswith("deepspark: error:") for line in err.splitlines()) == 1
         assert "Traceback" not in err
+    if code == 130:  # a study stopped by Ctrl-C says so, as a Ctrl-C anywhere else does
+        assert err.splitlines().count("deepspark: interrupted") == 1
+        assert "deepspark: error:" not in err and "Traceback" not in err
 
 
 CHATTER = (

@@ -18,6 +18,9 @@ from typing import Any
 
 from deepspark.errors import DeepsparkError, RunError
 
+#: What a command stopped by Ctrl-C prints on stderr (exit 130), wherever the Ctrl-C was caught.
+_INTERRUPTED = "deepspark: interrupted"
+
 __all__ = ["main"]
 
 
@@ -259,7 +262,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
         tracked = log_to_mlflow(result.run_dir, tracking_uri=args.mlflow)
         print(f"mlflow: {tracked}", file=sys.stderr if args.json else sys.stdout)
-    if result.stop_reason == "interrupted":
+    if result.stop_reason == "interrupted":  # tune caught the Ctrl-C itself, to keep finished trials
+        print(_INTERRUPTED, file=sys.stderr)
         return 130
     problem = _study_failure(result.stop_reason, result.counts()["complete"])
     if problem is not None:
@@ -486,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"deepspark: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("deepspark: interrupted", file=sys.stderr)
+        print(_INTERRUPTED, file=sys.stderr)
         return 130
 
 

@@ -153,6 +153,23 @@ def test_objective_exception_is_a_fail_and_not_retried(spark, tmp_path) -> None:
     assert result.counts()["complete"] == 10 - len(failed)
 
 
+def _reports_a_negative_step(config, reporter):
+    reporter.report(-1, config["x"])
+    return config["x"]
+
+
+def test_a_report_optuna_refuses_fails_the_trial_once_instead_of_losing_its_worker(spark, tmp_path) -> None:
+    """Optuna refuses a negative step; on the driver that cut the worker's connection, so the trial ran
+    again as an infrastructure failure and its second attempt completed without the report."""
+    result = tune(
+        _reports_a_negative_step, space=X, trials=2, sampler="random", pruner="median", run_dir=tmp_path / "s"
+    )
+    assert result.counts() == {"complete": 0, "pruned": 0, "fail": 2}
+    for r in result.records:
+        assert r.attempts == 1 and not r.intermediate
+        assert r.error.startswith("ConfigError: step: expected an integer >= 0"), r.error
+
+
 def test_max_failures_stops_the_study(spark, tmp_path) -> None:
     def objective(config, reporter):
         raise RuntimeError("always")
@@ -284,6 +301,28 @@ def test_resume_runs_only_what_is_missing(spark, tmp_path) -> None:
     resumed = [r for r in second.records if r.metrics.get("resumed")]
     assert sorted(r.number for r in resumed) == [3, 4]
     assert Path(run / "study.journal").is_file()
+
+
+def _later_is_better(config, reporter):
+    return {"accuracy": float(reporter.number)}
+
+
+def test_a_resume_rewrites_reports_that_a_dead_driver_left_behind_its_journal(spark, tmp_path) -> None:
+    """A driver that dies after its last trial's tell and before its reports (killed, or Ctrl-C while
+    the reports are written) leaves the journal ahead of best.json; a resume with nothing left to run
+    must write the reports from the journal, not keep the stale ones."""
+    run = tmp_path / "dead-driver"
+    kwargs = {"sampler": "random", "pruner": "none", "parallelism": 1}
+    tune(_later_is_better, space=X, trials=3, run_dir=run, **kwargs)
+    stale = (run / "best.json").read_bytes()
+    tune(_later_is_better, run_dir=run, resume=True, trials=5)
+    (run / "best.json").write_bytes(stale)  # what the dead driver left: best.json of 3 trials
+    result = tune(_later_is_better, run_dir=run, resume=True)
+    assert result.counts() == {"complete": 5, "pruned": 0, "fail": 0}
+    best = json.loads((run / "best.json").read_text())
+    assert best["counts"] == {"complete": 5, "pruned": 0, "fail": 0}
+    assert best["best"]["trial"] == result.best.number == result.summary["best"]["trial"] == 4
+    assert len(list(csv.DictReader((run / "trials.csv").open()))) == 5
 
 
 def _hangs_in_trial_0(config, reporter):

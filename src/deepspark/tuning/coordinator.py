@@ -519,8 +519,8 @@ class Coordinator:
                 return True  # interrupted, or given to another worker since: stop this attempt
             if step in run.intermediate:
                 return False  # a re-run reporting a step its first attempt already reported
-            run.intermediate[step] = value
             run.trial.report(value, step)
+            run.intermediate[step] = value  # after Optuna took it: a refused report is not one reported
             return not final and bool(run.trial.should_prune())
 
     def _done(self, msg: Mapping[str, Any], worker: str, conn_id: int) -> bool:

@@ -638,7 +638,7 @@ def _run(
     wall = time.perf_counter() - started
     records = records_from_study(study)
     best, default_record = best_and_default(records, maximize=config.maximize)
-    summary = _previous_summary(run_path) if resume and len(records) == finished else None
+    summary = _previous_summary(run_path, records, best) if resume and len(records) == finished else None
     refitting = test_data is not None and config.builtin is not None and config.builtin.refit
     if (
         summary is not None
@@ -770,11 +770,24 @@ def _finished_since(study: optuna.Study | None, finished: int | None) -> bool:
     return len(records_from_study(study)) > finished
 
 
-def _previous_summary(run_path: Path) -> StudySummary | None:
+def _previous_summary(
+    run_path: Path, records: Sequence[TrialRecord], best: TrialRecord | None
+) -> StudySummary | None:
+    """``best.json`` as the study's last end wrote it, if it still describes ``records`` (the journal's
+    finished trials: their counts and best trial); else None.
+
+    A driver that died after a trial was told to the journal and before the reports were written (killed,
+    or Ctrl-C while they were written) left a ``best.json`` behind the journal: it must be written again.
+    """
     try:
-        return StudySummary.from_dict(json.loads((run_path / "best.json").read_text(encoding="utf-8")))
+        summary = StudySummary.from_dict(json.loads((run_path / "best.json").read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
+    counts = {s.value: sum(r.state is s for r in records) for s in TrialState}
+    held = summary.best.trial if summary.best is not None else None
+    if dict(summary.counts) != counts or held != (best.number if best is not None else None):
+        return None
+    return summary
 
 
 def _open_study(

@@ -10,6 +10,7 @@ from typing import Any
 
 from deepspark import wire
 from deepspark.errors import DeepsparkError
+from deepspark.validation import fail
 
 __all__ = [
     "RESULT_ATTR",
@@ -81,15 +82,19 @@ class Reporter:
         self._model_files: Callable[[], Mapping[str, bytes]] | None = None
 
     def report(self, step: int, value: float, *, final: bool = False) -> None:
-        """Report the metric after ``step`` (an epoch, say); raises :class:`TrialPruned` if told to stop.
+        """Report the metric after ``step`` (an epoch, say; an integer >= 0, as Optuna requires); raises
+        :class:`TrialPruned` if told to stop.
 
         ``final=True`` marks the last step: it is recorded for the pruner's statistics, but a trial that
         has already done all its work is not pruned for it.
         """
+        step = int(step)
+        if step < 0:  # Optuna refuses it on the driver: say so here, as this trial's own error
+            raise fail("step", "an integer >= 0 (the epoch or iteration the value was measured after)", step)
         if self._conn is None:
             return
         self._conn.send(
-            {"op": "report", "trial": self.number, "step": int(step), "value": float(value), "final": final}
+            {"op": "report", "trial": self.number, "step": step, "value": float(value), "final": final}
         )
         answer, _ = self._conn.recv()
         if answer.get("prune"):
