@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -471,6 +472,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _not_py4j_interrupt_noise(record: logging.LogRecord) -> bool:
+    """Drop what py4j logs (a traceback, on the root logger) when Ctrl-C lands inside one of its calls, or
+    when pyspark's Ctrl-C handler makes a call while one is under way: the command says it was interrupted."""
+    if os.path.basename(record.pathname) not in ("java_gateway.py", "clientserver.py"):
+        return True
+    if record.getMessage().startswith("KeyboardInterrupt while sending command"):
+        return False
+    exc = record.exc_info[1] if record.exc_info else None
+    while exc is not None:  # the error py4j wraps, and what it was handling
+        if isinstance(exc, KeyboardInterrupt) or "reentrant call" in str(exc):
+            return False
+        exc = exc.__cause__ or exc.__context__
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from deepspark.spark import configured
 
@@ -479,6 +495,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbosity = args.verbose + args.sub_verbose - args.quiet - args.sub_quiet
     level = min(max(logging.WARNING - 10 * verbosity, logging.DEBUG), logging.ERROR)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        if _not_py4j_interrupt_noise not in handler.filters:
+            handler.addFilter(_not_py4j_interrupt_noise)
     try:
         # -v also gives Spark's own start-up logging back (the JVM is configured when it starts).
         with configured(dict(getattr(args, "conf", [])), quiet_start=verbosity <= 0):
@@ -490,6 +509,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"deepspark: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        from deepspark.spark import end_lost_jvms
+
+        end_lost_jvms()
         print(_INTERRUPTED, file=sys.stderr)
         return 130
 

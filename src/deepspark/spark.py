@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -37,6 +38,7 @@ __all__ = [
     "check_master",
     "check_task_cpus",
     "configured",
+    "end_lost_jvms",
     "environment_conf",
     "executor_cores",
     "job_group",
@@ -370,6 +372,33 @@ def cancel_group(sc: Any, group: str, timeout: float = 30.0) -> None:
 def job_group(name: str) -> str:
     """A new job group id: ``name`` and a random suffix."""
     return f"{name}-{secrets.token_hex(4)}"
+
+
+def end_lost_jvms() -> None:
+    """End the Spark driver JVMs this process started that no session holds.
+
+    pyspark starts the driver JVM as a child and waits for it to write where it listens; a Ctrl-C in that
+    wait loses it, and py4j's server thread then keeps it alive for good (with its heap). Called on the
+    way out of an interrupted command; a JVM a session holds ends with this process anyway.
+    """
+    from pyspark.sql import SparkSession
+
+    if SparkSession.getActiveSession() is not None:
+        return
+    me = os.getpid()
+    try:
+        entries = [e for e in Path("/proc").iterdir() if e.name.isdigit()]
+    except OSError:
+        return  # no /proc (not Linux): nothing to look through
+    for entry in entries:
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == me and b"org.apache.spark.deploy.SparkSubmit" in command:
+            with contextlib.suppress(OSError):
+                os.kill(int(entry.name), signal.SIGTERM)
 
 
 def run_job(

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from test_fit import SGD, _layout_dir
 
-from _cluster import executor_pids, kill_group, standalone_cluster, start_driver
+from _cluster import executor_pids, kill_group, proc_table, standalone_cluster, start_driver
 from deepspark.training import fit
 
 
@@ -151,3 +151,49 @@ def test_ctrl_c_exits_130_with_one_line_and_keeps_every_finished_round(tmp_path:
     rows = _rows(run)
     assert state["round"] == int(rows[-1]["round"])
     assert state["samples_done"] == sum(int(r["samples"]) for r in rows)
+
+
+def _jvms_with(marker: bytes) -> list[int]:
+    """The Spark driver JVMs whose command line holds ``marker`` (not the Python driver's, which does too)."""
+    return [
+        pid
+        for pid, (_, command, _) in proc_table().items()
+        if marker in command and b"org.apache.spark.deploy.SparkSubmit" in command
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["the JVM starts", "the first round"])
+def test_ctrl_c_at_any_moment_leaves_no_jvm_and_no_trace(tmp_path: Path, moment: str) -> None:
+    """SIGINT when the driver's JVM has just been started (pyspark waits for it to answer: a Ctrl-C there
+    used to orphan it, kept alive by py4j's server thread) or mid-run: exit 130, the one line, no py4j
+    traceback, and no JVM of this run left."""
+    data = _layout_dir(tmp_path / "data", train=40, test=30)
+    marker = f"deepspark-test-{os.getpid()}-{time.monotonic_ns()}"
+    command = [sys.executable, "-m", "deepspark", "train", str(data), "--model", "mlp", "--workers", "2"]
+    command += ["--epochs", "2000", "--batch-size", "8", "--run-dir", str(tmp_path / "run")]
+    command += ["--conf", f"spark.app.name={marker}"]
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            if moment == "the JVM starts" and _jvms_with(marker.encode()):
+                break
+            if moment == "the first round" and _rows(tmp_path / "run"):
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)  # Ctrl-C, to the driver only
+        _, err = proc.communicate(timeout=90)
+        deadline = time.monotonic() + 15  # a JVM told to end takes a moment
+        while _jvms_with(marker.encode()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = _jvms_with(marker.encode())
+    finally:
+        kill_group(proc)
+        for pid in _jvms_with(marker.encode()):  # ours, by the run's own marker
+            os.kill(pid, signal.SIGKILL)
+    lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
+    assert proc.returncode == 130 and lines[-1] == "deepspark: interrupted", lines[-30:]
+    assert not [line for line in lines if "Traceback" in line or "ERROR" in line], lines[-30:]
+    assert not left, f"JVMs of the interrupted run still alive: {left}"
