@@ -214,6 +214,11 @@ CASES = [
         r"device 'cuda': Spark assigns tasks no GPU \(spark.task.resource.gpu.amount is not set\)",
     ),
     Case(
+        "tune-cuda-where-spark-assigns-no-gpu",
+        _tune_on(lambda w: w.data, "--device", "cuda"),
+        r"device 'cuda': Spark assigns tasks no GPU \(spark.task.resource.gpu.amount is not set\)",
+    ),
+    Case(
         "outer-momentum-of-1",
         _train("--workers", "2", "--outer", "nesterov", "--outer-momentum", "1"),
         r"outer_momentum: expected .*got 1",

@@ -889,9 +889,10 @@ def _execute(study: optuna.Study, work: _Work, options: RunOptions) -> tuple[str
     """Run ``work.to_run`` trials of ``study`` on Spark; return (why it stopped early or None, width)."""
     threads, to_run, parallelism = work.config.threads_per_trial, work.to_run, options.parallelism
     master, data, run_path = options.master, work.data, work.run_path
-    from deepspark.spark import session, task_cpus
+    from deepspark.spark import check_gpu_request, session, task_cpus
 
     spark = session(master, app_name="deepspark-tune", conf={"spark.task.cpus": threads})
+    check_gpu_request(spark, options.device)
     sc = spark.sparkContext
     cpus = task_cpus(spark)
     cores = sc.defaultParallelism
