@@ -170,6 +170,20 @@ def test_a_report_optuna_refuses_fails_the_trial_once_instead_of_losing_its_work
         assert r.error.startswith("ConfigError: step: expected an integer >= 0"), r.error
 
 
+def test_a_report_step_must_be_a_whole_number_of_any_integer_type() -> None:
+    import numpy as np
+
+    from deepspark.errors import ConfigError
+    from deepspark.tuning.trial import Reporter
+
+    reporter = Reporter(conn=None, number=0, attempt=1, data=None, threads=1)
+    for step in (0, 3, np.int64(2)):
+        reporter.report(step, 0.5)  # no driver connected: validated, then nothing to send
+    for step in (1.5, 2.0, -1, True, "1"):
+        with pytest.raises(ConfigError, match="step: expected an integer >= 0"):
+            reporter.report(step, 0.5)
+
+
 def test_max_failures_stops_the_study(spark, tmp_path) -> None:
     def objective(config, reporter):
         raise RuntimeError("always")

@@ -4,6 +4,7 @@ objective talks to inside a Spark task."""
 from __future__ import annotations
 
 import enum
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,9 +89,11 @@ class Reporter:
         ``final=True`` marks the last step: it is recorded for the pruner's statistics, but a trial that
         has already done all its work is not pruned for it.
         """
-        step = int(step)
-        if step < 0:  # Optuna refuses it on the driver: say so here, as this trial's own error
+        # Optuna refuses a negative step on the driver: say so here, as this trial's own error. A float
+        # is refused too (int() would turn 1.5 into a step 1 that another report may also claim).
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise fail("step", "an integer >= 0 (the epoch or iteration the value was measured after)", step)
+        step = int(step)  # numpy's integers too
         if self._conn is None:
             return
         self._conn.send(
