@@ -17,7 +17,8 @@ Choices (docs/training.md):
   outer step moves the model's parameters only: buffers (BatchNorm's running mean and variance) take the
   average, since an extrapolated variance can turn negative.
 - A worker lost mid-round is left out of that round; the round completes with the others and the
-  replacement task joins the next one.
+  replacement task joins the next one. Only a worker's newest connection counts (a lost task whose
+  process still runs is told to stop; its push is not taken, its closing leaves no round).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class _Push:
 @dataclass
 class _Worker:
     cursor: dict[str, Any]
-    connected: int = 0  # live connections
+    connection: int = 0  # the number of its newest connection; an older one is superseded
     first_seen: float | None = None
 
 
@@ -261,9 +262,12 @@ class RoundServer(ServerState):
         return _Round(number=number, steps=steps, expected=set(self._workers))
 
     def worker_lost(self, worker: int) -> None:
-        """A worker's Spark task failed or ended: leave it out of the round in progress."""
+        """A worker's Spark task failed or ended: leave it out of the round in progress; a connection of
+        that task still open is superseded (its late push is not taken)."""
         with self._lock:
+            self._workers[worker].connection += 1
             self._leave(worker)
+            self._lock.notify_all()
 
     def _leave(self, worker: int) -> None:
         current = self._round
@@ -280,7 +284,9 @@ class RoundServer(ServerState):
             return
         with self._lock:
             state = self._workers[worker]
-            state.connected += 1
+            state.connection += 1  # supersedes an earlier connection of this worker (a retried task)
+            mine = state.connection
+            self._lock.notify_all()
             if state.first_seen is None:
                 state.first_seen = time.perf_counter()
             if not state.cursor:
@@ -288,15 +294,15 @@ class RoundServer(ServerState):
             if worker not in self._round.expected and not self._round.pushes:
                 self._round.expected.add(worker)  # nobody has finished this round yet: join it
         try:
-            self._serve(conn, worker)
+            self._serve(conn, worker, mine)
         finally:
             with self._lock:
-                state.connected -= 1
-                if not self.finished:
+                if not self.finished and state.connection == mine:  # not when a newer one took over
                     self._leave(worker)
 
-    def _serve(self, conn: Any, worker: int) -> None:
+    def _serve(self, conn: Any, worker: int, mine: int) -> None:
         synced = False  # whether this connection's worker already holds the cursor the driver has for it
+        state = self._workers[worker]
         while True:
             waited = time.perf_counter()
             with self._lock:
@@ -304,10 +310,11 @@ class RoundServer(ServerState):
                     lambda: (
                         self.finished
                         or self.error is not None
+                        or state.connection != mine
                         or (worker in self._round.expected and worker not in self._round.pushes)
                     )
                 )
-                if self.finished or self.error is not None:
+                if self.finished or self.error is not None or state.connection != mine:
                     conn.send({"op": "stop"})
                     return
                 current = self._round
@@ -339,6 +346,8 @@ class RoundServer(ServerState):
                 wait_s=float(reply["wait_s"]),
             )
             with self._lock:
+                if state.connection != mine:
+                    continue  # superseded meanwhile: its push is not taken (the loop answers stop)
                 if current is not self._round or worker not in current.expected:
                     synced = False  # its push was not taken: it must step from the driver's cursor again
                     continue  # left out of this round meanwhile (it was too slow): take the next one

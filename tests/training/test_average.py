@@ -1,0 +1,77 @@
+"""The ``average`` strategy's round server on its own, with fake workers over loopback (no Spark)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from deepspark import wire
+from deepspark.models.checkpoint import state_to_bytes
+from deepspark.training.average import AverageSettings, RoundRecord, RoundServer
+
+TOKEN = "t" * 32
+
+
+def _push(conn: wire.Connection, header: dict[str, Any], value: float) -> None:
+    reply = {"op": "push", "round": header["round"], "samples": 8, "loss_sum": 8.0, "cursor": {"at": 1}}
+    conn.send(
+        {**reply, "compute_s": 0.0, "comm_s": 0.0, "wait_s": 0.0},
+        state_to_bytes({"w": torch.full((2,), value)}),
+    )
+
+
+def test_a_superseded_connection_neither_pushes_nor_drops_its_worker_from_a_round() -> None:
+    # Worker 0's Spark task failed while its Python side still held a round; its replacement joins the
+    # same round. The old connection's late push is not taken, and its closing later does not leave the
+    # worker out of the round its replacement is in.
+    records: list[RoundRecord] = []
+    server = RoundServer(
+        weights={"w": torch.zeros(2)},
+        parameters=["w"],
+        cursors={},
+        workers=2,
+        new_cursor=lambda worker, rows: {"at": 0},
+        settings=AverageSettings(tau=1),
+        batch_size=8,
+        total_steps=2,
+        total_samples=32,
+        steps_done=0,
+        samples_done=0,
+        rows=16,
+        first_round=0,
+        outer_state=None,
+        on_round=lambda record, weights: records.append(record),
+    )
+    endpoint = wire.Server(token=TOKEN, handler=server.handle, name="test-rounds")
+    endpoint.start()
+
+    def connect(worker: int) -> wire.Connection:
+        conn = wire.connect(
+            "127.0.0.1", endpoint.address[1], token=TOKEN, hello={"worker": worker}, timeout=10
+        )
+        conn.settimeout(10)
+        return conn
+
+    try:
+        with connect(1) as one, connect(0) as old:
+            first_one, _ = one.recv()
+            first_old, _ = old.recv()
+            server.worker_lost(0)  # Spark reports the task lost; its process has not been killed yet
+            with connect(0) as new:
+                first_new, _ = new.recv()
+                assert first_old["round"] == first_new["round"] == first_one["round"] == 0
+                _push(old, first_old, 100.0)
+                assert old.recv()[0] == {"op": "stop"}  # the late push was not taken
+                _push(new, first_new, 2.0)
+                _push(one, first_one, 4.0)
+                second_new, _ = new.recv()
+                second_one, _ = one.recv()
+                old.close()  # the old task ends only now, inside round 1
+                _push(new, second_new, 2.0)
+                _push(one, second_one, 4.0)
+                assert new.recv()[0] == {"op": "stop"} and one.recv()[0] == {"op": "stop"}
+    finally:
+        endpoint.close()
+    assert [(r.round, r.workers, r.samples) for r in records] == [(0, 2, 16), (1, 2, 16)]
+    assert torch.equal(server.weights["w"], torch.full((2,), 3.0))  # (2 + 4) / 2, never the 100
