@@ -66,6 +66,18 @@ def test_tune_exit_codes(monkeypatch, capsys, tmp_path, outcome, code) -> None:
         assert "deepspark: error:" not in err and "Traceback" not in err
 
 
+def test_ctrl_c_while_the_parser_imports_torch_is_an_interruption(monkeypatch, capsys) -> None:
+    """build_parser imports torch and pyspark (seconds at start-up): a Ctrl-C then was a traceback."""
+
+    def interrupted_import() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted_import)
+    assert cli.main(["data", "verify", "mnist"]) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["deepspark: interrupted"]
+
+
 CHATTER = (
     "Using Spark's default log4j profile",
     "NativeCodeLoader",

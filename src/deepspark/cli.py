@@ -488,17 +488,18 @@ def _not_py4j_interrupt_noise(record: logging.LogRecord) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from deepspark.spark import configured
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    verbosity = args.verbose + args.sub_verbose - args.quiet - args.sub_quiet
-    level = min(max(logging.WARNING - 10 * verbosity, logging.DEBUG), logging.ERROR)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        if _not_py4j_interrupt_noise not in handler.filters:
-            handler.addFilter(_not_py4j_interrupt_noise)
     try:
+        # Building the parser imports torch and pyspark (seconds): a Ctrl-C then is an interruption too.
+        from deepspark.spark import configured
+
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        verbosity = args.verbose + args.sub_verbose - args.quiet - args.sub_quiet
+        level = min(max(logging.WARNING - 10 * verbosity, logging.DEBUG), logging.ERROR)
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+        for handler in logging.getLogger().handlers:
+            if _not_py4j_interrupt_noise not in handler.filters:
+                handler.addFilter(_not_py4j_interrupt_noise)
         # -v also gives Spark's own start-up logging back (the JVM is configured when it starts).
         with configured(dict(getattr(args, "conf", [])), quiet_start=verbosity <= 0):
             return int(args.func(args))
