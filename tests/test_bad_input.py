@@ -339,6 +339,24 @@ CASES = [
         r"output: cannot write .*a-file/report.html \(Not a directory\)",
     ),
     Case(
+        "train-master-spark-cannot-parse",
+        _train("--workers", "2", "--master", "local[-1]"),
+        r"master: expected local, local\[N\], .*got 'local\[-1\]'",
+        fresh_driver=True,
+    ),
+    Case(
+        "tune-master-spark-cannot-parse",
+        _tune_on(lambda w: w.data, "--master", "foo"),
+        r"master: expected local, local\[N\], .*got 'foo'",
+        fresh_driver=True,
+    ),
+    Case(
+        "tune-master-of-no-cores",
+        _tune_on(lambda w: w.data, "--master", "local[0]"),
+        r"master: expected local, local\[N\], .*got 'local\[0\]'",
+        fresh_driver=True,
+    ),
+    Case(
         "report-of-no-run-makes-no-output-folder",
         lambda w, run: ["report", w.data, "--output", run / "report.html"],
         r"run_dirs: .* is neither a study .* nor a training run",

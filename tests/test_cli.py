@@ -66,6 +66,15 @@ def test_tune_exit_codes(monkeypatch, capsys, tmp_path, outcome, code) -> None:
         assert "deepspark: error:" not in err and "Traceback" not in err
 
 
+def test_a_study_refused_before_it_starts_prints_only_its_error_line(monkeypatch, capsys, tmp_path) -> None:
+    """The progress display, never started, printed an empty line on stderr before the error."""
+    import deepspark.tuning
+
+    monkeypatch.setattr(deepspark.tuning, "tune", _fake_tune(ConfigError("master: expected x, got 'foo'")))
+    assert cli.main(["tune", "--run-dir", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.splitlines() == ["deepspark: error: master: expected x, got 'foo'"]
+
+
 def test_ctrl_c_while_the_parser_imports_torch_is_an_interruption(monkeypatch, capsys) -> None:
     """build_parser imports torch and pyspark (seconds at start-up): a Ctrl-C then was a traceback."""
 

@@ -52,7 +52,8 @@ class StudyProgress:
         self._progress.start()
 
     def stop(self) -> None:
-        self._progress.stop()
+        if self._task is not None:  # a display never started prints an empty line when stopped
+            self._progress.stop()
 
     def _status(self) -> str:
         c = self._counts

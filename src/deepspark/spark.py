@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deepspark.errors import ConfigError
-from deepspark.validation import check_positive_int
+from deepspark.validation import check_positive_int, fail
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -36,6 +36,7 @@ __all__ = [
     "cancel_group",
     "check_gpu_request",
     "check_master",
+    "check_master_form",
     "check_task_cpus",
     "configured",
     "end_lost_jvms",
@@ -218,7 +219,10 @@ def check_master(master: str | None) -> None:
     stopped SparkContext" in a long trace; one TCP connect per address takes ``_PROBE_S`` at most and
     needs no JVM. Other masters (local, yarn, k8s) are left to Spark.
     """
-    if not master or not master.startswith("spark://"):
+    if not master:
+        return
+    check_master_form(master)
+    if not master.startswith("spark://"):
         return
     errors = []
     for address in master[len("spark://") :].split(","):
@@ -233,6 +237,25 @@ def check_master(master: str | None) -> None:
     raise ConfigError(
         f"master {master}: no Spark master answers ({'; '.join(errors)}); start it "
         "(Spark's sbin/start-master.sh) or fix --master"
+    )
+
+
+_LOCAL_MASTER = re.compile(
+    r"local|local\[(\*|[1-9]\d*)(?:\s*,\s*\d+)?\]|local-cluster\[\s*[1-9]\d*\s*,\s*[1-9]\d*\s*,\s*\d+\s*\]"
+)
+
+
+def check_master_form(master: str) -> None:
+    """Refuse a master Spark cannot parse (``foo``, ``local[0]``, ``local[-1]``) before any JVM starts:
+    Spark fails in the SparkContext's constructor with a Java trace. A URL with a scheme (``spark://``,
+    ``k8s://``, an external cluster manager's) and ``yarn`` are left to Spark."""
+    if "://" in master or master == "yarn" or _LOCAL_MASTER.fullmatch(master):
+        return
+    raise fail(
+        "master",
+        "local, local[N], local[*], local[N,F], local-cluster[E,C,M] (N, E, C >= 1), yarn or a URL such as "
+        "spark://HOST:PORT",
+        master,
     )
 
 
@@ -276,6 +299,7 @@ def check_task_cpus(name: str, threads: int, *, master: str | None = None) -> No
         cores, where = executor_cores(active), str(active.sparkContext.master)
     else:
         where = master or os.environ.get("MASTER") or "local[*]"
+        check_master_form(where)
         cores = master_cores(where)
     if cores is not None and threads > cores:
         raise _too_many(name, threads, cores, where)
