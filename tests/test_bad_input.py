@@ -219,6 +219,11 @@ CASES = [
         r"device 'cuda': Spark assigns tasks no GPU \(spark.task.resource.gpu.amount is not set\)",
     ),
     Case(
+        "train-local-with-a-master",
+        _train("--master", "local[2]"),
+        r"master: strategy 'local' trains in this process, not on Spark, so master 'local\[2\]' would be ignored",
+    ),
+    Case(
         "outer-momentum-of-1",
         _train("--workers", "2", "--outer", "nesterov", "--outer-momentum", "1"),
         r"outer_momentum: expected .*got 1",

@@ -231,6 +231,11 @@ def fit(
     check_choice("strategy", strategy, STRATEGIES)
     if strategy == "local" and workers != 1:
         raise ConfigError(f"workers: strategy 'local' runs in one process; expected 1, got {workers}")
+    if strategy == "local" and master is not None:
+        raise ConfigError(
+            f"master: strategy 'local' trains in this process, not on Spark, so master {master!r} would be "
+            "ignored; train on the cluster with --workers N (strategy average), or drop --master"
+        )
     cores = os.cpu_count() or 1
     if strategy == "local" and not resume and threads_per_worker > cores:
         # No Spark slot bounds it here: torch would start them all in this process (100000 crash it).
