@@ -394,7 +394,7 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    run = tmp_path / "run"
+    run = tmp_path / "runs" / "run"  # its parent is made with it: a refused command leaves neither
     argv = [str(a) for a in case.argv(world, run)]
     jobs_before = len(spark.sparkContext.statusTracker().getJobIdsForGroup())
     with monkeypatch.context() as patch:
@@ -413,7 +413,7 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing(
     assert len(errors) == 1, err
     assert re.search(r"^deepspark( \w+)?: error: ", errors[0]), errors[0]
     assert re.search(case.message, errors[0]), errors[0]
-    assert not run.exists(), sorted(p.name for p in run.iterdir())
+    assert not run.parent.exists(), sorted(str(p.relative_to(tmp_path)) for p in run.parent.rglob("*"))
     assert len(spark.sparkContext.statusTracker().getJobIdsForGroup()) == jobs_before  # no Spark job ran
 
 

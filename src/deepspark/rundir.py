@@ -68,6 +68,17 @@ def prepare(run_dir: str | os.PathLike[str], *, resume: bool) -> Path:
     return path
 
 
+def first_missing(path: str | os.PathLike[str]) -> Path | None:
+    """The topmost of ``path`` and its parents that does not exist, i.e. what making ``path`` creates
+    (None when ``path`` exists): a failed start removes that, not only ``path``, so no empty parent stays."""
+    missing = None
+    for candidate in (Path(path), *Path(path).parents):
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
 def read_config(
     run_dir: str | os.PathLike[str], *, required: Collection[str] = (), kind: str = "deepspark run"
 ) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import torch
 
+from deepspark import rundir
 from deepspark._optional import skip_unless
 from deepspark.errors import ConfigError, DeepsparkError, RunError
 from deepspark.slots import root_cause, run_slots, short_error
@@ -261,6 +262,7 @@ def fit(
         )
     made = TrainModel.from_factory(factory) if factory is not None else None  # before any Spark job
     created = run_dir is None or not Path(run_dir).exists()
+    top = rundir.first_missing(run_dir) if run_dir is not None else None  # with the parents it makes
     run_path = _run_dir(run_dir, resume=resume)
     try:
         from deepspark.spark import check_gpu_request, session, total_slots
@@ -352,7 +354,7 @@ def fit(
         return _fit_average(run)
     except BaseException:
         if created and not (run_path / HISTORY).exists():
-            shutil.rmtree(run_path, ignore_errors=True)  # nothing trained: leave nothing half-written
+            shutil.rmtree(top or run_path, ignore_errors=True)  # nothing trained: leave nothing half-written
         raise
 
 
@@ -1147,8 +1149,6 @@ def _save_checkpoint(
 
 def _write_checkpoint(run_path: Path, files: Mapping[str, bytes]) -> None:
     """Replace ``run_path/checkpoint/`` by a folder holding ``files`` (written and swapped atomically)."""
-    from deepspark import rundir
-
     rundir.write_dir_atomic(run_path / CHECKPOINT, files)
 
 

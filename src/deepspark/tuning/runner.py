@@ -568,6 +568,7 @@ def _run(
 ) -> StudyResult:
     """Open (or make) the study, run what is missing, write the reports."""
     created = not run_path.exists() or not any(run_path.iterdir())
+    top = rundir.first_missing(run_path) or run_path  # what a failed start removes: with any parent it made
     study: optuna.Study | None = None
     finished: int | None = None
     made = False
@@ -629,7 +630,7 @@ def _run(
         if created and not resume and (study is None or not records_from_study(study)):
             if made and config.storage is not None:
                 optuna.delete_study(study_name=config.study_name, storage=config.storage)
-            shutil.rmtree(run_path, ignore_errors=True)
+            shutil.rmtree(top, ignore_errors=True)
         if resume and saved and config.to_dict() != dict(saved) and not _finished_since(study, finished):
             # A resume that failed before finishing a trial (a bad --data-dir, say) leaves the study's
             # settings as they were saved: the next plain --resume must not inherit what failed.
