@@ -163,6 +163,21 @@ def test_a_colon_in_a_file_name_does_not_fail_the_job(
     _assert_error_row(rows["empty:0.png"], "empty input (0 bytes)")
 
 
+@pytest.mark.parametrize("form", ["dir", "glob"])
+def test_a_relative_input_path_with_a_colon_is_read(
+    spark: Any, small_model: Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    # Hadoop took the relative 'in g:1' for a URI of scheme 'in g' and failed with a Java trace.
+    root = tmp_path / "in g:1"
+    root.mkdir()
+    (root / "a.png").write_bytes(png_bytes(small_model.images[0]))
+    monkeypatch.chdir(tmp_path)
+    result = predict("in g:1" if form == "dir" else "in g:1/*.png", small_model.path, spark=spark)
+    [row] = result.dataframe.collect()
+    assert Path(row["path"].removeprefix("file:")).name == "a.png"
+    _assert_matches(row, reference_probabilities(small_model, small_model.images[:1])[0], 5)
+
+
 def test_input_files_are_listed_in_one_jvm_call_exactly_as_spark_lists_them(
     spark: Any, tmp_path: Path
 ) -> None:

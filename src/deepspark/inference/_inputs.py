@@ -256,6 +256,10 @@ def resolve_input(spark: SparkSession, data: Any, input_column: str | None) -> I
     path = os.fspath(data)
     has_glob = any(ch in path for ch in "*?[{")
     if is_local(path):
+        if not path.startswith("file://") and not os.path.isabs(path):
+            # Hadoop reads a relative 'a:b' as a URI whose scheme is 'a' (a Java trace): go absolute,
+            # without normalising (a glob's '{a,b/../a}' must stay as it is).
+            path = os.path.join(os.getcwd(), path)
         local = local_path(path)
         if has_glob:
             if not any(_glob.glob(alternative, recursive=True) for alternative in braces(local)):
