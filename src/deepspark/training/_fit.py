@@ -1152,6 +1152,9 @@ def _write_checkpoint(run_path: Path, files: Mapping[str, bytes]) -> None:
     rundir.write_dir_atomic(run_path / CHECKPOINT, files)
 
 
+_RNG = "rng.cpu"  # the CPU generator's state in a local run's checkpoint (it drives dropout)
+
+
 def _save_local_checkpoint(run_path: Path, state: Any) -> None:
     """A one-process run after an epoch (a :class:`~deepspark.training.loop.EpochState`): weights,
     optimizer tensors and the RNG as safetensors; epoch, optimizer groups, schedule and data position as JSON."""
@@ -1178,8 +1181,8 @@ def _save_local_checkpoint(run_path: Path, state: Any) -> None:
     )
 
 
-def _load_local_checkpoint(run_path: Path) -> tuple[Any, int]:
-    """The :class:`~deepspark.training.loop.EpochState` :func:`_save_local_checkpoint` wrote, and its epochs."""
+def _load_local_checkpoint(run_path: Path) -> Any:
+    """The :class:`~deepspark.training.loop.EpochState` :func:`_save_local_checkpoint` wrote."""
     from deepspark.models.checkpoint import state_from_bytes
     from deepspark.training.allreduce import MODEL_PREFIX, optimizer_from_tensors
     from deepspark.training.loop import EpochState
@@ -1189,19 +1192,14 @@ def _load_local_checkpoint(run_path: Path) -> tuple[Any, int]:
     if progress.get("strategy") != "local":
         raise ConfigError(f"resume: {folder} was not written by the local strategy")
     tensors = state_from_bytes((folder / "state.safetensors").read_bytes())
-    done = int(progress["epochs_done"])
-    state = EpochState(
-        epochs_done=done,
+    return EpochState(
+        epochs_done=int(progress["epochs_done"]),
         weights={k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)},
         optimizer=optimizer_from_tensors(tensors, progress["optimizer"]),
         scheduler=progress.get("scheduler"),
         rng=tensors[_RNG],
         cursor=progress["cursor"],
     )
-    return state, done
-
-
-_RNG = "rng.cpu"
 
 
 def _save_gang_checkpoint(run_path: Path, gang: Any) -> None:
@@ -1407,8 +1405,8 @@ def _fit_local(
     start: EpochState | None = None
     history: list[dict[str, Any]] = []
     if resume:
-        start, done = _load_local_checkpoint(run_path)
-        history = _read_history(run_path, upto=done - 1)
+        start = _load_local_checkpoint(run_path)
+        history = _read_history(run_path, upto=start.epochs_done - 1)
     else:
         _write_config(
             run_path,
