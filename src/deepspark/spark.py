@@ -405,10 +405,15 @@ def end_lost_jvms() -> None:
     wait loses it, and py4j's server thread then keeps it alive for good (with its heap). Called on the
     way out of an interrupted command; a JVM a session holds ends with this process anyway.
     """
-    from pyspark.sql import SparkSession
+    if "pyspark.java_gateway" not in sys.modules:
+        return  # pyspark never got as far as starting a JVM (a Ctrl-C during the imports, say)
+    try:
+        from pyspark.sql import SparkSession
 
-    if SparkSession.getActiveSession() is not None:
-        return
+        if SparkSession.getActiveSession() is not None:
+            return
+    except Exception:  # a half-imported pyspark, a JVM already gone: look for lost JVMs all the same
+        pass
     me = os.getpid()
     try:
         entries = [e for e in Path("/proc").iterdir() if e.name.isdigit()]
