@@ -53,6 +53,11 @@ def image_dir(small_model: Model, tmp_path_factory: pytest.TempPathFactory) -> P
     return root
 
 
+def _predict_argv(model: Model, image_dir: Path, out: Path) -> list[str]:
+    """``deepspark predict`` of the image folder's ``0*.png`` files with ``model``, written to ``out``."""
+    return ["predict", "--model", str(model.path), "--input", f"{image_dir}/0*.png", "--output", str(out)]
+
+
 def test_images_every_row_once_predictions_exact_and_bad_files_are_error_rows(
     spark: Any, small_model: Model, image_dir: Path, tmp_path: Path
 ) -> None:
@@ -479,15 +484,7 @@ def test_cli_predict_json_prints_one_object_on_stdout(
     from deepspark.cli import main
 
     out = tmp_path / "preds.parquet"
-    argv = [
-        "predict",
-        "--model",
-        str(small_model.path),
-        "--input",
-        f"{image_dir}/0*.png",
-        "--output",
-        str(out),
-    ]
+    argv = _predict_argv(small_model, image_dir, out)
     assert main([*argv, "--top-k", "2", "--json", "--conf", "spark.ignored.here=1"]) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
@@ -505,15 +502,7 @@ def test_cli_device_cuda_where_spark_assigns_no_gpu_is_refused_before_the_job(
     from deepspark.cli import main
 
     out = tmp_path / "preds"
-    argv = [
-        "predict",
-        "--model",
-        str(small_model.path),
-        "--input",
-        f"{image_dir}/0*.png",
-        "--output",
-        str(out),
-    ]
+    argv = _predict_argv(small_model, image_dir, out)
     assert main([*argv, "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
