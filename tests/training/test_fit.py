@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -196,30 +197,43 @@ def test_a_diverging_nesterov_run_names_the_outer_step(spark: Any, toy: Path, tm
         )
 
 
+@dataclass(frozen=True)
+class _Resumed:
+    whole: list[dict[str, Any]]  # the uninterrupted run's history
+    crashed: list[dict[str, str]]  # the crashed run's history before its resume
+    checkpoint_round: int  # the round its checkpoint held
+    resumed: list[dict[str, str]]  # its history after the resume
+
+
+def _crash_and_resume(
+    toy: Path, tmp_path: Path, crash: Any, *, checkpoint_seconds: float = 0, **options: Any
+) -> _Resumed:
+    """Train ``mlp`` on ``toy`` whole; again with ``on_round=crash`` (a driver dying after a round);
+    then resume that run from its checkpoint."""
+    whole = fit(str(toy), "mlp", **options, run_dir=tmp_path / "whole")
+    run_dir = tmp_path / "crashed"
+    with pytest.raises(DeepsparkError, match="driver crash"):
+        fit(
+            str(toy), "mlp", **options, run_dir=run_dir, checkpoint_seconds=checkpoint_seconds, on_round=crash
+        )
+    crashed = _history(run_dir)
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    resumed = fit(str(toy), run_dir=run_dir, resume=True)
+    return _Resumed(list(whole.history), crashed, int(state["round"]), _history(resumed.run_dir))
+
+
+def _losses(rows: list[Any]) -> list[float]:
+    return [float(r["train_loss"]) for r in rows]
+
+
 def test_resume_continues_the_same_loss_curve(
     spark: Any, toy: Path, tmp_path: Path, driver_crash: Any
 ) -> None:
     config = {**SGD, "batch_size": 8, "epochs": 4, "seed": 2}  # 12 steps: 6 rounds of 2
-    whole = fit(str(toy), "mlp", workers=2, config=config, average={"tau": 2}, run_dir=tmp_path / "whole")
-    expected = [float(r["train_loss"]) for r in _history(whole.run_dir)]
-
-    run_dir = tmp_path / "crashed"
-    with pytest.raises(DeepsparkError, match="driver crash"):
-        fit(
-            str(toy),
-            "mlp",
-            workers=2,
-            config=config,
-            average={"tau": 2},
-            run_dir=run_dir,
-            checkpoint_seconds=0,
-            on_round=driver_crash(3),
-        )
-    assert [int(r["round"]) for r in _history(run_dir)] == [0, 1, 2, 3]
-    resumed = fit(str(toy), run_dir=run_dir, resume=True)
-    rows = _history(resumed.run_dir)
-    assert [int(r["round"]) for r in rows] == list(range(len(expected)))
-    np.testing.assert_allclose([float(r["train_loss"]) for r in rows], expected, rtol=0, atol=1e-6)
+    run = _crash_and_resume(toy, tmp_path, driver_crash(3), workers=2, config=config, average={"tau": 2})
+    assert [int(r["round"]) for r in run.crashed] == [0, 1, 2, 3]
+    assert [int(r["round"]) for r in run.resumed] == list(range(len(run.whole)))
+    np.testing.assert_allclose(_losses(run.resumed), _losses(run.whole), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("strategy", ["average", "allreduce", "async"])
@@ -229,24 +243,13 @@ def test_a_run_stopping_early_keeps_every_round_it_finished(
     # With a checkpoint interval longer than the run, only the stop itself can have written round 3
     # (Ctrl-C and a failed worker take the same path as this error out of on_round).
     config = {**SGD, "batch_size": 8, "epochs": 4, "seed": 2}
-    common: dict[str, Any] = {"strategy": strategy, "workers": 2, "config": config, "average": {"tau": 2}}
-    whole = fit(str(toy), "mlp", **common, run_dir=tmp_path / "whole")
-    run_dir = tmp_path / "stopped"
-    with pytest.raises(DeepsparkError, match="driver crash"):
-        fit(str(toy), "mlp", **common, run_dir=run_dir, checkpoint_seconds=3600, on_round=driver_crash(3))
-    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
-    assert state["round"] == 3 and [int(r["round"]) for r in _history(run_dir)] == [0, 1, 2, 3]
-    resumed = fit(str(toy), run_dir=run_dir, resume=True)
-    rows = _history(resumed.run_dir)
-    assert [int(r["round"]) for r in rows] == list(range(len(rows)))
-    assert sum(int(r["samples"]) for r in rows) == sum(int(r["samples"]) for r in whole.history)
+    options: dict[str, Any] = {"strategy": strategy, "workers": 2, "config": config, "average": {"tau": 2}}
+    run = _crash_and_resume(toy, tmp_path, driver_crash(3), checkpoint_seconds=3600, **options)
+    assert run.checkpoint_round == 3 and [int(r["round"]) for r in run.crashed] == [0, 1, 2, 3]
+    assert [int(r["round"]) for r in run.resumed] == list(range(len(run.resumed)))
+    assert sum(int(r["samples"]) for r in run.resumed) == sum(int(r["samples"]) for r in run.whole)
     if strategy != "async":  # async's pushes interleave by timing; the others are deterministic
-        np.testing.assert_allclose(
-            [float(r["train_loss"]) for r in rows],
-            [float(r["train_loss"]) for r in whole.history],
-            rtol=0,
-            atol=1e-6,
-        )
+        np.testing.assert_allclose(_losses(run.resumed), _losses(run.whole), rtol=0, atol=1e-6)
 
 
 def test_local_run_checkpoints_every_epoch_and_resumes_the_same_curve(
@@ -342,23 +345,9 @@ def test_nesterov_resume_continues_the_same_loss_curve(
 ) -> None:
     config = {**SGD, "batch_size": 8, "epochs": 4, "seed": 2}  # 12 steps: 6 rounds of 2
     average = {"tau": 2, "outer": "nesterov"}
-    whole = fit(str(toy), "mlp", workers=2, config=config, average=average, run_dir=tmp_path / "whole")
-    expected = [float(r["train_loss"]) for r in _history(whole.run_dir)]
-    run_dir = tmp_path / "crashed"
-    with pytest.raises(DeepsparkError, match="driver crash"):
-        fit(
-            str(toy),
-            "mlp",
-            workers=2,
-            config=config,
-            average=average,
-            run_dir=run_dir,
-            checkpoint_seconds=0,
-            on_round=driver_crash(2),  # after the outer momentum has built up
-        )
-    resumed = fit(str(toy), run_dir=run_dir, resume=True)
-    rows = _history(resumed.run_dir)
-    np.testing.assert_allclose([float(r["train_loss"]) for r in rows], expected, rtol=0, atol=1e-6)
+    # The crash comes after the outer momentum has built up.
+    run = _crash_and_resume(toy, tmp_path, driver_crash(2), workers=2, config=config, average=average)
+    np.testing.assert_allclose(_losses(run.resumed), _losses(run.whole), rtol=0, atol=1e-6)
 
 
 def test_nesterov_moves_parameters_and_averages_batchnorm_statistics(spark: Any, tmp_path: Path) -> None:
