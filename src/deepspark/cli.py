@@ -330,7 +330,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="re-run a trial whose worker has been silent this long (a frozen host; default 60)",
+        help="re-run a trial whose worker has been silent this long (a frozen host; default 60, at least 1)",
     )
     p.add_argument("--run-dir", default=None, help="where the study lives (must not exist yet)")
     p.add_argument(

@@ -15,6 +15,7 @@ from deepspark.errors import ConfigError
 from deepspark.reporting import report
 from deepspark.tuning import (
     BuiltinOptions,
+    RunOptions,
     StudyConfig,
     StudySummary,
     TrialEventKind,
@@ -37,6 +38,30 @@ def _quadratic(config, reporter):
 def _journal_study(run: Path) -> optuna.Study:
     storage = JournalStorage(JournalFileBackend(str(run / "study.journal")))
     return optuna.load_study(study_name=None, storage=storage)
+
+
+def test_a_heartbeat_timeout_under_a_second_is_refused_before_spark(tmp_path, capsys, monkeypatch) -> None:
+    # 0.01 s made every trial look frozen: each was re-queued until it gave up, 130 s for nothing.
+    import deepspark.spark as ds_spark
+
+    def no_spark(*args, **kw):
+        raise AssertionError("a Spark session was requested before validation finished")
+
+    monkeypatch.setattr(ds_spark, "session", no_spark)
+    with pytest.raises(ConfigError, match=r"^heartbeat_timeout: expected at least 1 second .*got 0.5$"):
+        RunOptions(heartbeat_timeout=0.5)
+    assert RunOptions(heartbeat_timeout=1).heartbeat_timeout == 1.0
+    assert RunOptions(heartbeat_timeout=None).heartbeat_timeout is None
+    run = tmp_path / "run"
+    assert (
+        main(["tune", "mnist", "--preset", "quick", "--heartbeat-timeout", "0.01", "--run-dir", str(run)])
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("deepspark: error: heartbeat_timeout: expected at least 1 second") and "\n" not in err
+    )
+    assert not run.exists()
 
 
 # ----------------------------------------------------------------------------------- the record alone

@@ -377,7 +377,7 @@ def test_the_study_timeout_interrupts_hung_trials(spark, tmp_path) -> None:
 
 
 def _slow_reporting(config, reporter):
-    for step in range(3):  # 1.5 s per trial: twice the heartbeat timeout, with reports between beats
+    for step in range(4):  # 2 s per trial: twice the heartbeat timeout, with reports between beats
         time.sleep(0.5)
         reporter.report(step, config["x"])
     return {"accuracy": config["x"]}
@@ -390,7 +390,7 @@ def test_heartbeats_keep_trials_longer_than_the_heartbeat_timeout_alive(spark, t
         trials=2,
         sampler="random",
         pruner="none",
-        heartbeat_timeout=0.8,
+        heartbeat_timeout=1.0,
         run_dir=tmp_path / "h",
     )
     assert result.counts()["complete"] == 2

@@ -70,6 +70,8 @@ CARRIED_ATTRS = (DEFAULT_ATTR, OVERRIDES_ATTR, GRID_ATTR)
 #: executor lost after its own 60 s heartbeat timeout; ours is the same order, for the same reason
 #: (a long garbage-collection pause must not look like a death).
 DEFAULT_HEARTBEAT_TIMEOUT = 60.0
+#: The least a user may set: shorter, a worker busy for a moment looks frozen.
+MIN_HEARTBEAT_TIMEOUT = 1.0
 #: Workers send a heartbeat every ``min(HEARTBEAT_EVERY, heartbeat_timeout / 4)`` seconds.
 HEARTBEAT_EVERY = 5.0
 
