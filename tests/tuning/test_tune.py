@@ -85,6 +85,22 @@ def test_grid_runs_every_point_once_plus_the_default_and_best_model_matches(spar
     assert sorted(int(r["number"]) for r in rows) == [0, 1, 2, 3, 4]
 
 
+def test_a_grid_resume_with_fewer_trials_than_queued_is_refused_and_changes_nothing(spark, tmp_path) -> None:
+    # The first run queued all 4 points and was stopped in its first; a resume asking for 2 points ran
+    # the 3 still waiting (Optuna cannot take a waiting trial back), 4 points where 2 were asked for.
+    run = tmp_path / "grid"
+    kwargs = {"space": GRID_2X2, "sampler": "grid", "pruner": "none", "parallelism": 1, "run_dir": run}
+    first = tune(_always_hangs, trials=4, timeout=2, **kwargs)
+    assert first.stop_reason == "timeout" and first.records == ()
+    journal = (run / "study.journal").read_bytes()
+    with pytest.raises(ConfigError, match=r"^trials: expected at least 4 for this grid study.*got 2$"):
+        tune(_always_hangs, run_dir=run, resume=True, trials=2, timeout=2)
+    assert json.loads((run / "config.json").read_text())["trials"] == 4
+    assert (run / "study.journal").read_bytes()[: len(journal)] == journal
+    again = tune(_always_hangs, run_dir=run, resume=True, timeout=2)  # as saved: accepted
+    assert again.stop_reason == "timeout"
+
+
 def _constant(config, reporter):
     reporter.keep_model(lambda: {"model.json": json.dumps({"trial": reporter.number}).encode()})
     return 0.5

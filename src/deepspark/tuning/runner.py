@@ -595,6 +595,7 @@ def _run(
             # `trials` grid points, each once; the default configuration (and re-runs of interrupted
             # trials) come on top: everything still to run is a waiting trial.
             _plan_grid(study, search, points=target, seed=config.seed)
+            _check_grid_plan(study, search, points=target, seed=config.seed)
             to_run = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
         else:
             to_run = max(0, target - finished)
@@ -868,17 +869,36 @@ def _plan_grid(study: optuna.Study, search: SearchSpace, *, points: int, seed: i
     whose re-run is itself a waiting trial. So a resumed study runs only the points still missing.
     """
 
-    def key(params: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
-        return tuple(sorted((name, repr(value)) for name, value in params.items()))
-
     taken = {
-        key(t.user_attrs[GRID_ATTR])
+        _grid_key(t.user_attrs[GRID_ATTR])
         for t in study.get_trials(deepcopy=False)
         if GRID_ATTR in t.user_attrs and not t.user_attrs.get(INTERRUPTED_ATTR)
     }
     for point in search.grid_points(seed)[:points]:
-        if key(point) not in taken:
+        if _grid_key(point) not in taken:
             study.enqueue_trial(point, user_attrs={GRID_ATTR: point})
+
+
+def _check_grid_plan(study: optuna.Study, search: SearchSpace, *, points: int, seed: int) -> None:
+    """Refuse a resume whose ``points`` leave out grid points an earlier run queued and never ran.
+
+    Optuna cannot take a waiting trial back (nor tell it), and the coordinator runs every waiting
+    trial, so a smaller ``trials`` would silently run more points than asked for."""
+    order = {_grid_key(p): i for i, p in enumerate(search.grid_points(seed))}
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    beyond = [order.get(_grid_key(t.user_attrs[GRID_ATTR]), -1) for t in waiting if GRID_ATTR in t.user_attrs]
+    need = max(beyond, default=-1) + 1
+    if need > points:
+        raise fail(
+            "trials",
+            f"at least {need} for this grid study: an earlier run queued grid points up to the {need}th, "
+            f"which never ran and cannot be taken back (resume with --trials {need} or without --trials)",
+            points,
+        )
+
+
+def _grid_key(params: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((name, repr(value)) for name, value in params.items()))
 
 
 def _carried(attrs: Mapping[str, Any]) -> dict[str, Any]:
