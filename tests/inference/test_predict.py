@@ -242,6 +242,23 @@ def test_a_column_named_like_an_output_keeps_a_name_of_its_own(spark: Any, small
     assert row["error"] is None and row["label"] in CLASS_NAMES
 
 
+def test_column_names_with_dots_spaces_and_backticks_are_kept_as_they_are(
+    spark: Any, small_model: Model
+) -> None:
+    images = small_model.images[:3]
+    df = spark.createDataFrame(
+        [(i, f"n{i}", i * 10, img.reshape(-1).astype(float).tolist()) for i, img in enumerate(images)],
+        "id long, `a.b` string, `c``d e` int, `pix els` array<double>",
+    )
+    frame = predict(df, small_model.path, spark=spark).dataframe
+    assert frame.columns[:3] == ["id", "a.b", "c`d e"]
+    rows = _by(frame.collect(), "id")
+    expected = reference_probabilities(small_model, images)
+    for i in range(3):
+        assert (rows[i]["a.b"], rows[i]["c`d e"]) == (f"n{i}", i * 10)
+        _assert_matches(rows[i], expected[i], 5)
+
+
 def test_parquet_tensor_column_wrong_shape_is_an_error_row(
     spark: Any, small_model: Model, tmp_path: Path
 ) -> None:

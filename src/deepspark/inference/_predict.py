@@ -266,6 +266,8 @@ def predict(
     watcher thread while the job runs (and once when it ends), receives :class:`PredictProgress`. Every
     parameter is checked, and the model loaded once on the driver to check it, before any Spark job starts.
     """
+    from pyspark.sql import functions as F
+
     from deepspark.spark import DEVICES, check_gpu_request, job_group, run_job, session, task_cpus
 
     top_k = check_positive_int("top_k", top_k)
@@ -319,6 +321,10 @@ def predict(
             df = df.coalesce(target)
     passthrough = _renamed(source.passthrough)
     threads = task_cpus(spark)
+    columns = list(dict.fromkeys([src for src, _ in passthrough] + [source.column]))
+    # pyspark's mapInArrow looks its input's columns up by their unquoted names, which reads a column
+    # "a.b" as field b of a column a: the task sees them under plain names of its own.
+    plain = {name: f"_{i}" for i, name in enumerate(columns)}
     plan = TaskPlan(
         model_id=artifact.model_id,
         backend=chosen,
@@ -327,15 +333,14 @@ def predict(
         batch_size=batch_size,
         top_k=top_k,
         kind=source.kind,
-        input_column=source.column,
-        passthrough=passthrough,
+        input_column=plain[source.column],
+        passthrough=tuple((plain[src], out) for src, out in passthrough),
         class_names=class_names,
         preprocess=artifact.preprocess,
         url_policy=url_policy or UrlPolicy(),
         decode_threads=decode_threads,
     )
     schema = _output_schema(df, passthrough)
-    columns = list(dict.fromkeys([src for src, _ in passthrough] + [source.column]))
     sc = spark.sparkContext
     model_bc = sc.broadcast(artifact)
     stats: Accumulator[dict[str, Any]] = sc.accumulator({}, TaskStats())  # type: ignore[arg-type]
@@ -346,7 +351,8 @@ def predict(
     def task(batches: Iterator[Any]) -> Iterator[Any]:
         return run_task(batches, plan, model_bc, stats, arrow_schema)
 
-    result = df.select(*columns).mapInArrow(task, schema)
+    selected = df.select(*[F.col("`" + name.replace("`", "``") + "`").alias(plain[name]) for name in columns])
+    result = selected.mapInArrow(task, schema)
     if output_path is None:
         return PredictResult(result)
 
