@@ -242,6 +242,20 @@ def test_a_column_named_like_an_output_keeps_a_name_of_its_own(spark: Any, small
     assert row["error"] is None and row["label"] in CLASS_NAMES
 
 
+def test_a_column_named_like_an_output_in_another_case_is_renamed_too(
+    spark: Any, small_model: Model, tmp_path: Path
+) -> None:
+    # Spark compares names ignoring case: `Label` next to `label` was an ambiguous reference, and the
+    # Parquet write failed the job.
+    df = spark.createDataFrame(
+        [(3, "three", [0.0] * 784)], "Label int, INPUT_label string, pixels array<double>"
+    )
+    result = predict(df, small_model.path, output=tmp_path / "out", spark=spark)
+    assert result.dataframe.columns[:2] == ["input_input_Label", "INPUT_label"]
+    row = result.dataframe.select("input_input_label", "input_label", "label", "error").collect()[0]
+    assert row[:2] == (3, "three") and row["error"] is None and row["label"] in CLASS_NAMES
+
+
 def test_column_names_with_dots_spaces_and_backticks_are_kept_as_they_are(
     spark: Any, small_model: Model
 ) -> None:

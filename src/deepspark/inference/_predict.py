@@ -188,16 +188,18 @@ def _staging_path(target: str) -> str:
 
 def _renamed(names: Sequence[str]) -> tuple[tuple[str, str], ...]:
     """(input name, output name) for the identity columns: one named like an output column gets an
-    ``input_`` prefix, repeated while that name is taken too (``label`` next to an ``input_label``)."""
-    taken = set(names) | set(OUTPUT_COLUMNS)
+    ``input_`` prefix, repeated while that name is taken too (``label`` next to an ``input_label``).
+    Names are compared as Spark compares them by default, ignoring case: ``Label`` next to ``label``
+    is an ambiguous reference, and a Parquet write refuses it."""
+    taken = {name.lower() for name in (*names, *OUTPUT_COLUMNS)}
     pairs = []
     for name in names:
         out = name
-        if name in OUTPUT_COLUMNS:
+        if name.lower() in OUTPUT_COLUMNS:
             out = f"input_{name}"
-            while out in taken:
+            while out.lower() in taken:
                 out = f"input_{out}"
-            taken.add(out)
+            taken.add(out.lower())
         pairs.append((name, out))
     return tuple(pairs)
 
