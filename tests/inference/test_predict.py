@@ -273,6 +273,22 @@ def test_column_names_with_dots_spaces_and_backticks_are_kept_as_they_are(
         _assert_matches(rows[i], expected[i], 5)
 
 
+def test_timestamp_and_other_column_types_are_carried_through(spark: Any, small_model: Model) -> None:
+    import datetime
+    import decimal
+
+    # A timestamp column failed with a bare AssertionError: the output's Arrow schema had no time zone.
+    when = datetime.datetime(2020, 1, 2, 3, 4, 5)
+    df = spark.createDataFrame(
+        [(when, when, datetime.date(2020, 1, 2), decimal.Decimal("1.25"), {"k": 1}, (1, "s"), [0.0] * 784)],
+        "ts timestamp, ntz timestamp_ntz, d date, dec decimal(10,2), m map<string,int>, "
+        "st struct<a:int,b:string>, pixels array<double>",
+    )
+    row = predict(df, small_model.path, input_column="pixels", spark=spark).dataframe.collect()[0]
+    assert row[:6] == df.drop("pixels").collect()[0][:]
+    assert row["error"] is None and row["label"] in CLASS_NAMES
+
+
 def test_parquet_tensor_column_wrong_shape_is_an_error_row(
     spark: Any, small_model: Model, tmp_path: Path
 ) -> None:

@@ -348,7 +348,8 @@ def predict(
     stats: Accumulator[dict[str, Any]] = sc.accumulator({}, TaskStats())  # type: ignore[arg-type]
     from pyspark.sql.pandas.types import to_arrow_schema
 
-    arrow_schema = to_arrow_schema(schema)
+    # Spark hands a timestamp column over in the session's time zone.
+    arrow_schema = to_arrow_schema(schema, timezone=spark.conf.get("spark.sql.session.timeZone"))
 
     def task(batches: Iterator[Any]) -> Iterator[Any]:
         return run_task(batches, plan, model_bc, stats, arrow_schema)
