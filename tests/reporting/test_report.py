@@ -236,6 +236,25 @@ def test_training_history_cells_that_are_not_numbers_are_left_out(tmp_path) -> N
     assert "<th>rounds</th><td>8 (epoch 2.0)</td>" in page and "wall time" not in page
 
 
+def test_a_history_row_cut_short_is_left_out(tmp_path) -> None:
+    """A history.csv whose last row is still being written (or was cut by a kill): its cells were read
+    as numbers, round 7's test accuracy 0.97 cut to 0.9 and reported as the run's; 8 rounds counted."""
+    run = _training_dir(tmp_path)
+    data = (run / "history.csv").read_bytes()
+    cut = data.rindex(b"0.97") + len(b"0.9")
+    (run / "history.csv").write_bytes(data[:cut])
+    page = report(run, output=tmp_path / "t.html").html.read_text(encoding="utf-8")
+    assert "<th>test accuracy</th><td>0.9500</td>" in page
+    assert "<th>rounds</th><td>7 (epoch 1.75)</td>" in page
+
+
+def test_a_history_that_is_not_text_is_reported_not_a_traceback(tmp_path) -> None:
+    run = _training_dir(tmp_path)
+    (run / "history.csv").write_bytes(b"\xff\xfe\x00round,epoch\r\n\x00\x01,\xff\r\n")
+    page = report(run, output=tmp_path / "t.html").html.read_text(encoding="utf-8")
+    assert "<th>rounds</th><td>1 (epoch \ufffd)</td>" in page and "<th>test accuracy</th>" not in page
+
+
 def test_scaling_figure_from_two_studies_at_different_parallelism(spark, tmp_path) -> None:
     from deepspark.tuning import tune
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
+import io
 import json
 import tempfile
 import warnings
@@ -222,11 +223,19 @@ def _study_run(
     )
 
 
+def _history(path: Path) -> list[dict[str, str]]:
+    """history.csv's complete rows. A row still being appended (no line end yet; a run killed while
+    writing it) is left out, as a journal's is: its cut cells would read as other numbers (0.9 of 0.97).
+    Bytes that are not UTF-8 become U+FFFD, so such cells are not numbers, never a traceback."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    text = data[: data.rfind(b"\n") + 1].decode("utf-8", errors="replace")
+    return [dict(row) for row in csv.DictReader(io.StringIO(text, newline=""))]
+
+
 def _open_training(path: Path) -> TrainingRun:
-    history: list[dict[str, str]] = []
-    if (path / HISTORY).is_file():
-        with (path / HISTORY).open(newline="", encoding="utf-8") as fh:
-            history = [dict(row) for row in csv.DictReader(fh)]
+    history = _history(path / HISTORY)
     metrics: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError, AttributeError):
         meta = json.loads((path / MODEL_DIR / "metadata.json").read_text(encoding="utf-8"))
