@@ -288,6 +288,17 @@ def test_bad_run_dir_and_output_are_config_errors(tmp_path) -> None:
         report(_training_dir(tmp_path), output=tmp_path / "x.png")
 
 
+@pytest.mark.parametrize("journal", [b"not json\n{}\n", b"\xff\xfe\n"], ids=["not-json", "not-text"])
+def test_a_journal_optuna_did_not_write_is_a_config_error(tmp_path, journal) -> None:
+    """A JSONDecodeError / UnicodeDecodeError traceback from Optuna's journal reader before."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "study.journal").write_bytes(journal)
+    with pytest.raises(ConfigError, match=r"run_dirs: .*study\.journal is not an Optuna journal"):
+        report(run, output=tmp_path / "x.html")
+    assert not (tmp_path / "x.html").exists()
+
+
 def test_cli_train_writes_the_report_of_a_real_training_run(spark, tmp_path, capsys) -> None:
     from _datasets import bar_dataset
 

@@ -177,7 +177,10 @@ def _open_study(path: Path, tmp: Path) -> StudyRun:
     _quiet_optuna()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = JournalStorage(JournalFileBackend(str(copy)))
+        try:
+            storage = JournalStorage(JournalFileBackend(str(copy)))
+        except ValueError as exc:  # a line that is not JSON (or not text): not a journal Optuna wrote
+            raise ConfigError(f"run_dirs: {source} is not an Optuna journal: {exc}") from None
         names = [s.study_name for s in storage.get_all_studies()]
         if not names:
             raise ConfigError(f"run_dirs: {source} holds no study yet")
