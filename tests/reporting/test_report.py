@@ -299,6 +299,24 @@ def test_a_journal_optuna_did_not_write_is_a_config_error(tmp_path, journal) -> 
     assert not (tmp_path / "x.html").exists()
 
 
+def test_a_stored_study_whose_database_is_gone_is_refused_and_never_created(tmp_path) -> None:
+    """Opening a missing SQLite file created an empty database in the run directory (then 'holds no
+    study'); a URL SQLAlchemy cannot load was its NoSuchModuleError traceback."""
+    run = tmp_path / "run"
+    run.mkdir()
+    url = f"sqlite:///{run / 'study.db'}"
+    (run / "config.json").write_text(json.dumps({"storage": url, "study_name": "run"}))
+    before = _snapshot(run)
+    with pytest.raises(
+        ConfigError, match=r"run_dirs: the storage sqlite:.*study\.db named by .* does not exist"
+    ):
+        report(run, output=tmp_path / "x.html")
+    assert _snapshot(run) == before
+    (run / "config.json").write_text(json.dumps({"storage": "nodriver://host/db", "study_name": "run"}))
+    with pytest.raises(ConfigError, match=r"run_dirs: cannot open the storage nodriver://host/db"):
+        report(run, output=tmp_path / "x.html")
+
+
 def test_cli_train_writes_the_report_of_a_real_training_run(spark, tmp_path, capsys) -> None:
     from _datasets import bar_dataset
 

@@ -196,6 +196,15 @@ def _open_stored_study(path: Path, config: Mapping[str, Any]) -> StudyRun:
     url, name = str(config["storage"]), config.get("study_name")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"run_dirs: {path / 'config.json'} names the storage {url} but no study_name")
+    if url.startswith("sqlite:"):
+        from sqlalchemy.engine import make_url
+
+        database = make_url(url).database
+        if database and database != ":memory:" and not Path(database).is_file():
+            # Opening it would create an empty database there (in the run directory, often): read-only.
+            raise ConfigError(
+                f"run_dirs: the storage {url} named by {path} does not exist (no file {database})"
+            )
     _quiet_optuna()
     try:
         study = optuna.load_study(study_name=name, storage=url)
@@ -203,7 +212,7 @@ def _open_stored_study(path: Path, config: Mapping[str, Any]) -> StudyRun:
         raise ConfigError(
             f"run_dirs: the storage {url} holds no study named {name!r} (from {path})"
         ) from None
-    except (ImportError, ValueError, RuntimeError) as exc:  # no driver for the URL, a bad URL, a bad file
+    except Exception as exc:  # no driver for the URL, a bad URL, a bad file: SQLAlchemy's or Optuna's
         raise ConfigError(f"run_dirs: cannot open the storage {url} named by {path}: {exc}") from None
     stamps = [
         stamp
