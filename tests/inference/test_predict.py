@@ -256,6 +256,15 @@ def test_a_column_named_like_an_output_in_another_case_is_renamed_too(
     assert row[:2] == (3, "three") and row["error"] is None and row["label"] in CLASS_NAMES
 
 
+def test_a_dataframe_with_two_columns_of_one_name_is_a_config_error(spark: Any, small_model: Model) -> None:
+    """A join's two `id` columns failed with Spark's AMBIGUOUS_REFERENCE trace."""
+    left = spark.createDataFrame([(1, "x")], "id long, s string")
+    right = spark.createDataFrame([(1, [0.0] * 784)], "ID long, pixels array<double>")
+    expected = r"data: expected a DataFrame with distinct column names; it has 'id' and 'ID'"
+    with pytest.raises(ConfigError, match=expected):
+        predict(left.join(right, left.id == right.ID), small_model.path, spark=spark)
+
+
 def test_column_names_with_dots_spaces_and_backticks_are_kept_as_they_are(
     spark: Any, small_model: Model
 ) -> None:

@@ -216,6 +216,14 @@ def _idx_input(spark: SparkSession, files: Sequence[Path]) -> Input:
 def _dataframe_input(df: DataFrame, column: str | None, *, ours: bool = False) -> Input:
     from pyspark.sql import types as T
 
+    seen: dict[str, str] = {}
+    for name in df.columns:
+        if name.lower() in seen:  # a join's two `id`s: Spark cannot tell them apart by name (nor can we)
+            raise ConfigError(
+                f"data: expected a DataFrame with distinct column names; it has {seen[name.lower()]!r} and "
+                f"{name!r} (Spark compares names ignoring case): rename or drop one"
+            )
+        seen[name.lower()] = name
     fields = {f.name: f.dataType for f in df.schema.fields}
     if column is None:
         candidates = [n for n, t in fields.items() if isinstance(t, T.BinaryType | T.ArrayType)]
