@@ -265,6 +265,18 @@ def test_a_dataframe_with_two_columns_of_one_name_is_a_config_error(spark: Any, 
         predict(left.join(right, left.id == right.ID), small_model.path, spark=spark)
 
 
+def test_an_empty_list_of_labels_is_refused_not_read_as_none(spark: Any, small_model: Model) -> None:
+    """labels=[] was taken for no labels at all: the checkpoint's class names were dropped, and the
+    labels came out as indices ("3" for "digit-3") without a word."""
+    from deepspark.inference import load_model
+
+    with pytest.raises(ConfigError, match="labels: the model has 10 classes but 0 class names were given"):
+        load_model(small_model.path, labels=[])
+    df = spark.createDataFrame([([0.0] * 784,)], "pixels array<double>")
+    with pytest.raises(ConfigError, match="labels: the model has 10 classes but 0 class names were given"):
+        predict(df, small_model.path, labels=[], spark=spark)
+
+
 def test_column_names_with_dots_spaces_and_backticks_are_kept_as_they_are(
     spark: Any, small_model: Model
 ) -> None:

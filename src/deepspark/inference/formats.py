@@ -207,12 +207,14 @@ def read_model(
             f"the one given (input shape {list(preprocess.input_shape)}, mean {list(preprocess.mean)}, "
             f"std {list(preprocess.std)}) contradicts; leave it out (CLI: --input-shape/--mean/--std)"
         )
-    names = class_names if class_names is not None else metadata.get("class_names")
+    # Names given are kept even when there are none (an empty list is then refused against the model's
+    # class count), never read as "no names given": that dropped the checkpoint's own without a word.
+    names = class_names if class_names is not None else (metadata.get("class_names") or None)
     return ModelArtifact(
         format=fmt,
         payload=payload,
         preprocess=preprocess,
-        class_names=tuple(str(n) for n in names) if names else None,
+        class_names=tuple(str(n) for n in names) if names is not None else None,
         source=str(source),
         spec_json=spec_json,
     )
