@@ -12,12 +12,22 @@ from typing import Any
 
 from deepspark.errors import ConfigError
 
-__all__ = ["check_choice", "check_int", "check_number", "check_positive_int", "fail"]
+__all__ = ["check_choice", "check_int", "check_number", "check_positive_int", "data_kind", "fail"]
 
 
 def fail(name: str, expected: str, given: Any) -> ConfigError:
     """The error for parameter ``name``: what was expected and what was given."""
     return ConfigError(f"{name}: expected {expected}, got {given!r}")
+
+
+def data_kind(value: Any) -> str:
+    """What a ``data`` argument is, for the error when it is none of the kinds accepted: the full type
+    name, since a pandas ``DataFrame`` named bare reads as the Spark one the message asks for."""
+    kind = type(value)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    if kind.__module__.startswith("pandas") and kind.__name__ == "DataFrame":
+        name += " (a pandas DataFrame: make it a Spark one with spark.createDataFrame(df))"
+    return name
 
 
 def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:

@@ -277,6 +277,18 @@ def test_an_empty_list_of_labels_is_refused_not_read_as_none(spark: Any, small_m
         predict(df, small_model.path, labels=[], spark=spark)
 
 
+def test_a_pandas_dataframe_is_named_as_pandas_with_the_way_to_a_spark_one(small_model: Model) -> None:
+    # "expected a DataFrame or a path/glob, got DataFrame" named a pandas one by its bare class name.
+    import pandas as pd
+
+    with pytest.raises(
+        ConfigError,
+        match=r"^data: expected a Spark DataFrame or a path/glob, got pandas\.core\.frame\.DataFrame "
+        r"\(a pandas DataFrame: make it a Spark one with spark\.createDataFrame\(df\)\)$",
+    ):
+        predict(pd.DataFrame({"pixels": [[0.0] * 784]}), small_model.path)
+
+
 def test_column_names_with_dots_spaces_and_backticks_are_kept_as_they_are(
     spark: Any, small_model: Model
 ) -> None:

@@ -245,3 +245,21 @@ def test_resume_needs_the_factory_again(spark: Any, tmp_path: Path, driver_crash
     np.testing.assert_allclose(
         [float(r["train_loss"]) for r in _history(resumed.run_dir)], expected, rtol=0, atol=1e-6
     )
+
+
+def test_a_pandas_dataframe_is_named_as_pandas_with_the_way_to_a_spark_one(
+    spark: Any, tmp_path: Path
+) -> None:
+    # The default strategy said "use 'average' for a DataFrame" of a pandas one, and the others
+    # "expected ... a Spark DataFrame, got DataFrame".
+    import pandas as pd
+
+    frame = pd.DataFrame({"features": [[0.0] * 4], "label": [0]})
+    hint = r"got pandas\.core\.frame\.DataFrame \(a pandas DataFrame: .*spark\.createDataFrame\(df\)\)$"
+    with pytest.raises(ConfigError, match=r"^data: expected a dataset name, .*" + hint):
+        fit(frame, "mlp", run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"^data: expected a dataset name, .*" + hint):
+        fit(frame, "mlp", strategy="average", workers=2, run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"got int$"):
+        fit(3, "mlp", run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

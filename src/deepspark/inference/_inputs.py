@@ -14,6 +14,7 @@ import numpy as np
 
 from deepspark.errors import ConfigError
 from deepspark.inference.decode import InputKind
+from deepspark.validation import data_kind
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -260,7 +261,7 @@ def resolve_input(spark: SparkSession, data: Any, input_column: str | None) -> I
     if isinstance(data, DataFrame):
         return _dataframe_input(data, input_column)
     if not isinstance(data, str | os.PathLike):
-        raise ConfigError(f"data: expected a DataFrame or a path/glob, got {type(data).__name__}")
+        raise ConfigError(f"data: expected a Spark DataFrame or a path/glob, got {data_kind(data)}")
     path = os.fspath(data)
     has_glob = any(ch in path for ch in "*?[{")
     if is_local(path):

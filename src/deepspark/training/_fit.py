@@ -39,7 +39,7 @@ from deepspark.training._model import FACTORY_KEY, TrainModel, factory_of
 from deepspark.training.average import AverageSettings, RoundRecord, RoundServer, TaskSpec, average_task
 from deepspark.training.frame import KEY, FrameLayout, describe_frame
 from deepspark.training.loop import DataCursor, TrainConfig, evaluate
-from deepspark.validation import check_choice, check_int, check_number, check_positive_int
+from deepspark.validation import check_choice, check_int, check_number, check_positive_int, data_kind
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -489,6 +489,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
 _KIND_WORDS = {"bytes": "raw pixel bytes", "image": "encoded image files", "array": "arrays of numbers"}
 
 
+def _not_data(data: Any) -> ConfigError:
+    return ConfigError(
+        f"data: expected a dataset name, an MNIST-layout directory or a Spark DataFrame, got {data_kind(data)}"
+    )
+
+
 def _prepare_data(
     spark: Any,
     data: Any,
@@ -546,9 +552,7 @@ def _prepare_data(
             test_labels=test_y,
         )
     if not isinstance(data, str | os.PathLike):
-        raise ConfigError(
-            f"data: expected a dataset name, an MNIST-layout directory or a Spark DataFrame, got {type(data).__name__}"
-        )
+        raise _not_data(data)
     from deepspark.data import to_dataframe
 
     dataset = _load(data, data_dir, limit_train, limit_test)
@@ -1384,9 +1388,13 @@ def _fit_local(
 ) -> FitResult:
     """One process, checkpointed after every epoch (weights, optimizer and schedule state, RNG, data
     position: the same safetensors + JSON as ``allreduce``'s), so ``resume`` continues the same curve."""
+    from pyspark.sql import DataFrame
+
     from deepspark.models import Preprocess
     from deepspark.training.loop import EpochMetrics, EpochState, train_one_process
 
+    if not isinstance(data, str | os.PathLike | DataFrame):
+        raise _not_data(data)
     if not isinstance(data, str | os.PathLike):
         raise ConfigError(
             "strategy 'local' trains on a dataset name or directory; use 'average' for a DataFrame"
