@@ -100,6 +100,8 @@ def test_study_report_has_every_figure_with_data_and_is_self_contained(study_dir
     assert not re.search(r'(src|href)="(?!data:)', page) and "<script" not in page
     assert "best configuration" in page and "error reduction" in page
     assert "complete 7, fail 1" in page  # the one learning rate above 0.04 (seed 3) "diverged"
+    # The trials' span, named apart from best.json's wall_s (the driver's whole call): both were "wall time".
+    assert re.search(r"<th>wall time of the trials</th><td>[^<]+ \(first start to last end\)</td>", page)
 
 
 def test_sensitivity_lines_follow_the_width_parameter_from_the_trials(study_dir, tmp_path) -> None:
