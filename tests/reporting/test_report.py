@@ -314,6 +314,12 @@ def test_a_stored_study_whose_database_is_gone_is_refused_and_never_created(tmp_
     ):
         report(run, output=tmp_path / "x.html")
     assert _snapshot(run) == before
+    (run / "study.db").touch()  # empty: opening it wrote Optuna's tables into it
+    with pytest.raises(
+        ConfigError, match=r"run_dirs: the storage sqlite:.*study\.db named by .* is an empty file"
+    ):
+        report(run, output=tmp_path / "x.html")
+    assert (run / "study.db").stat().st_size == 0
     (run / "config.json").write_text(json.dumps({"storage": "nodriver://host/db", "study_name": "run"}))
     with pytest.raises(ConfigError, match=r"run_dirs: cannot open the storage nodriver://host/db"):
         report(run, output=tmp_path / "x.html")

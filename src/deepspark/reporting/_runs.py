@@ -205,6 +205,11 @@ def _open_stored_study(path: Path, config: Mapping[str, Any]) -> StudyRun:
             raise ConfigError(
                 f"run_dirs: the storage {url} named by {path} does not exist (no file {database})"
             )
+        if database and database != ":memory:" and Path(database).stat().st_size == 0:
+            # An empty file holds no study, and opening it would write Optuna's tables into it.
+            raise ConfigError(
+                f"run_dirs: the storage {url} named by {path} is an empty file: it holds no study"
+            )
     _quiet_optuna()
     try:
         study = optuna.load_study(study_name=name, storage=url)
