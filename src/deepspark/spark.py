@@ -358,16 +358,18 @@ def task_cpus(spark: SparkSession) -> int:
     return int(value)
 
 
-def total_slots(spark: SparkSession) -> int:
-    """How many tasks the cluster can run at once: total executor cores // ``spark.task.cpus``.
+def total_slots(spark: SparkSession, threads: int = 1) -> int:
+    """How many tasks of ``threads`` threads the cluster can run at once without sharing a core: total
+    executor cores // the larger of ``threads`` and ``spark.task.cpus``.
 
+    A task runs the larger of the two (:func:`limit_task_threads`); a live session keeps its
+    ``spark.task.cpus`` whatever a caller asks for, so a task's threads can exceed what Spark reserves.
     ``defaultParallelism`` is the total number of cores on every cluster manager Spark ships
-    (``local[N]`` gives N) unless the user overrode ``spark.default.parallelism``; we read the
-    executors' cores from the status tracker where it knows them.
+    (``local[N]`` gives N) unless the user overrode ``spark.default.parallelism``.
     """
     sc = spark.sparkContext
     cores = sc.defaultParallelism
-    return max(1, cores // task_cpus(spark))
+    return max(1, cores // max(threads, task_cpus(spark)))
 
 
 def cancel_group(sc: Any, group: str, timeout: float = 30.0) -> None:

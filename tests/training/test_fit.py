@@ -449,6 +449,20 @@ def test_more_workers_than_slots_names_the_numbers(spark: Any, toy: Path, tmp_pa
         fit(str(toy), "mlp", workers=3, run_dir=tmp_path / "run")
 
 
+def test_threads_per_worker_above_the_sessions_task_cpus_count_against_the_slots(
+    spark: Any, toy: Path, tmp_path: Path
+) -> None:
+    # The live session keeps its spark.task.cpus (1) on its 2 cores; each worker runs 2 threads, so two
+    # workers would share the cores, twice over.
+    with pytest.raises(
+        ConfigError,
+        match=r"1 task slot\(s\) \(2 cores / 2 thread\(s\) per worker; threads_per_worker 2 is above the "
+        r"session's spark.task.cpus 1\).*expected at most 1, got 2",
+    ):
+        fit(str(toy), "mlp", workers=2, threads_per_worker=2, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_dataframe_columns_are_checked(spark: Any, tmp_path: Path) -> None:
     def refused(df: Any, match: str, run: str, **kwargs: Any) -> None:
         with pytest.raises(ConfigError, match=match):

@@ -265,7 +265,7 @@ def fit(
     top = rundir.first_missing(run_dir) if run_dir is not None else None  # with the parents it makes
     run_path = _run_dir(run_dir, resume=resume)
     try:
-        from deepspark.spark import check_gpu_request, session, total_slots
+        from deepspark.spark import check_gpu_request, session, task_cpus, total_slots
 
         if strategy == "local":
             return _fit_local(
@@ -284,12 +284,18 @@ def fit(
             )
         spark = session(master, app_name="deepspark-train", conf={"spark.task.cpus": threads_per_worker})
         check_gpu_request(spark, device)
-        slots = total_slots(spark)
+        slots = total_slots(spark, threads_per_worker)
         if workers > slots:
+            cpus = task_cpus(spark)  # an active session keeps its own: a worker runs the larger count
+            why = (
+                f"; threads_per_worker {threads_per_worker} is above the session's spark.task.cpus {cpus}"
+                if threads_per_worker > cpus
+                else ""
+            )
             raise ConfigError(
                 f"workers: the cluster has {slots} task slot(s) ({spark.sparkContext.defaultParallelism} cores / "
-                f"{threads_per_worker} thread(s) per worker), and every worker of a round runs at once; "
-                f"expected at most {slots}, got {workers}"
+                f"{max(threads_per_worker, cpus)} thread(s) per worker{why}), and every worker of a round runs "
+                f"at once; expected at most {slots}, got {workers}"
             )
         prepared = _prepare_data(
             spark,
