@@ -426,6 +426,35 @@ def test_dataframe_with_an_empty_partition(spark: Any, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("feature", "label"), [("pixels.v1", "the `digit`"), ("_deepspark_key", "y"), ("x", "_deepspark_key")]
+)
+def test_column_names_are_taken_literally(spark: Any, tmp_path: Path, feature: str, label: str) -> None:
+    # Spark reads "pixels.v1" as the field v1 of a struct pixels (here a decoy of 5 values), a backtick as
+    # quoting, and _deepspark_key is the name of deepspark's own row key.
+    from pyspark.sql import functions as F
+
+    rows = [([float(i % 2)] * 4, i % 2) for i in range(8)]
+    df = spark.createDataFrame(rows, "x array<float>, y int").select(
+        F.col("x").alias(feature),
+        F.col("y").alias(label),
+        F.struct(F.array(*[F.lit(9.0)] * 5).alias("v1")).alias("pixels"),
+    )
+    result = fit(
+        df,
+        "mlp",
+        workers=2,
+        feature_column=feature,
+        label_column=label,
+        input_shape=(1, 2, 2),
+        test_data=df,
+        config={**SGD, "batch_size": 8, "epochs": 1},  # one step on each whole partition: every row once
+        run_dir=tmp_path / "run",
+    )
+    assert sum(int(r["samples"]) for r in _history(result.run_dir)) == 8
+    assert result.test_accuracy is not None
+
+
+@pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"strategy": "gossip"}, "strategy: expected one of"),

@@ -37,7 +37,7 @@ from deepspark.slots import root_cause, run_slots, short_error
 from deepspark.spark import DEVICES, cancel_group, job_group, run_job
 from deepspark.training._model import FACTORY_KEY, TrainModel, factory_of
 from deepspark.training.average import AverageSettings, RoundRecord, RoundServer, TaskSpec, average_task
-from deepspark.training.frame import KEY, FrameLayout, describe_frame
+from deepspark.training.frame import FEATURE, KEY, LABEL, FrameLayout, describe_frame, keyed_rows
 from deepspark.training.loop import DataCursor, TrainConfig, evaluate
 from deepspark.validation import check_choice, check_int, check_number, check_positive_int, data_kind
 
@@ -531,7 +531,7 @@ def _prepare_data(
             check_shape=check_shape,
         )
         preprocess = Preprocess(input_shape=layout.shape, mean=(0.0,), std=(1.0,))
-        frame = data.select(feature_column, label_column).withColumn(KEY, F.monotonically_increasing_id())
+        frame = keyed_rows(data, layout)
         test_x = test_y = None
         if test_data is not None:
             test_layout = describe_frame(
@@ -567,7 +567,9 @@ def _prepare_data(
     if check_shape is not None:
         check_shape(tuple(dataset.input_shape))
     preprocess = Preprocess(input_shape=dataset.input_shape, mean=tuple(dataset.mean), std=tuple(dataset.std))
-    frame = to_dataframe(spark, dataset.train_images, dataset.train_labels, image_column=feature_column)
+    frame = to_dataframe(
+        spark, dataset.train_images, dataset.train_labels, image_column=FEATURE, label_column=LABEL
+    )
     frame = frame.withColumn(KEY, F.col("id")).drop("id")
     layout = FrameLayout(
         feature_column=feature_column,
@@ -606,16 +608,9 @@ def _load(data: Any, data_dir: Any, limit_train: int | None, limit_test: int | N
 
 
 def _collect(df: Any, layout: FrameLayout, preprocess: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:
-    from pyspark.sql import functions as F
-
     from deepspark.training.frame import read_partition
 
-    table = (
-        df.select(layout.feature_column, layout.label_column)
-        .withColumn(KEY, F.monotonically_increasing_id())
-        .toArrow()
-    )
-    x, y = read_partition(table.to_batches(), layout)
+    x, y = read_partition(keyed_rows(df, layout).toArrow().to_batches(), layout)
     inputs = preprocess.apply(x) if layout.pixels else torch.from_numpy(x)
     return inputs, torch.from_numpy(y)
 

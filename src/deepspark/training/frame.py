@@ -28,9 +28,20 @@ from deepspark.errors import ConfigError, DatasetError
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
-__all__ = ["KEY", "FrameLayout", "describe_frame", "read_partition"]
+__all__ = [
+    "FEATURE",
+    "KEY",
+    "LABEL",
+    "FrameLayout",
+    "column",
+    "describe_frame",
+    "keyed_rows",
+    "read_partition",
+]
 
 KEY = "_deepspark_key"
+FEATURE = "_deepspark_feature"  # the feature and label columns as the tasks read them (see keyed_rows)
+LABEL = "_deepspark_label"
 FEATURE_KINDS = ("bytes", "image", "array")
 _SAMPLE_ROWS = 16  # first rows read on the driver to tell encoded images from raw pixels
 
@@ -55,6 +66,14 @@ class FrameLayout:
     def pixels(self) -> bool:
         """Whether features come out as uint8 pixels, which the preprocess scales and normalises."""
         return self.kind != "array"
+
+
+def column(name: str) -> Any:
+    """The DataFrame column named exactly ``name``. Spark reads a plain string as a path: ``a.b`` is the
+    field ``b`` of a struct ``a`` (or no column at all), and a backtick is a syntax error."""
+    from pyspark.sql import functions as F
+
+    return F.col("`" + name.replace("`", "``") + "`")
 
 
 def _integral(dtype: Any) -> bool:
@@ -119,19 +138,20 @@ def describe_frame(
         _check_image_sizes(images, shape, feature_column)
     if check_shape is not None:
         check_shape(shape)
+    label, values = column(label_column), column(feature_column)
     stats = df.agg(
         F.count(F.lit(1)).alias("rows"),
-        F.min(label_column).alias("low"),
-        F.max(label_column).alias("high"),
-        F.count(F.col(label_column)).alias("labelled"),
-        F.count(F.col(feature_column)).alias("featured"),
+        F.min(label).alias("low"),
+        F.max(label).alias("high"),
+        F.count(label).alias("labelled"),
+        F.count(values).alias("featured"),
         F.sum(
-            F.when(F.exists(feature_column, lambda v: v.isNull() | F.isnan(v) | (F.abs(v) == math.inf)), 1)
+            F.when(F.exists(values, lambda v: v.isNull() | F.isnan(v) | (F.abs(v) == math.inf)), 1)
             if kind == "array"
             else F.lit(0)
         ).alias("unfinite"),
-        F.min(F.length(feature_column) if kind != "array" else F.size(feature_column)).alias("short"),
-        F.max(F.length(feature_column) if kind != "array" else F.size(feature_column)).alias("long"),
+        F.min(F.length(values) if kind != "array" else F.size(values)).alias("short"),
+        F.max(F.length(values) if kind != "array" else F.size(values)).alias("long"),
     ).first()
     assert stats is not None  # an aggregate always yields one row
     rows = int(stats["rows"])
@@ -176,27 +196,26 @@ def describe_frame(
     )
 
 
-def _sample_images(df: DataFrame, column: str) -> set[tuple[int, int, int]]:
+def _sample_images(df: DataFrame, name: str) -> set[tuple[int, int, int]]:
     """The ``(C, H, W)`` of the encoded images among the column's first rows; empty for raw pixels."""
     from deepspark.data.images import RowError, image_shapes, is_encoded_image
 
     values = [
-        bytes(r[0]) for r in df.select(column).where(df[column].isNotNull()).limit(_SAMPLE_ROWS).collect()
+        bytes(r[0])
+        for r in df.select(column(name)).where(column(name).isNotNull()).limit(_SAMPLE_ROWS).collect()
     ]
     encoded = [is_encoded_image(v) for v in values]
     if not any(encoded):
         return set()
     if not all(encoded):
         raise ConfigError(
-            f"feature_column {column!r}: its first rows mix encoded image files with other bytes "
+            f"feature_column {name!r}: its first rows mix encoded image files with other bytes "
             f"({sum(encoded)} of {len(values)} start like an image file); expected one or the other"
         )
     try:
         return image_shapes(values)
     except RowError as exc:
-        raise ConfigError(
-            f"feature_column {column!r}: one of its first rows is not an image: {exc}"
-        ) from None
+        raise ConfigError(f"feature_column {name!r}: one of its first rows is not an image: {exc}") from None
 
 
 def _only(images: set[tuple[int, int, int]], column: str) -> tuple[int, int, int] | None:
@@ -231,8 +250,23 @@ def _chw(shape: Sequence[int]) -> tuple[int, int, int]:
     return (dims[0], dims[1], dims[2])
 
 
+def keyed_rows(df: DataFrame, layout: FrameLayout) -> DataFrame:
+    """``df``'s feature and label columns as :data:`FEATURE` and :data:`LABEL`, with a stable row key
+    (:data:`KEY`): the rows :func:`read_partition` reads.
+
+    A user's column names may hold dots or backticks, which pyspark's ``mapInArrow`` reads as column
+    paths (and fails on), or be :data:`KEY` itself: under deepspark's own names they are only data.
+    """
+    from pyspark.sql import functions as F
+
+    return df.select(
+        column(layout.feature_column).alias(FEATURE), column(layout.label_column).alias(LABEL)
+    ).withColumn(KEY, F.monotonically_increasing_id())
+
+
 def read_partition(batches: Iterable[Any], layout: FrameLayout) -> tuple[np.ndarray, np.ndarray]:
-    """A task's Arrow record batches → (features ``[n, C, H, W]``, int64 labels), in key order.
+    """A task's Arrow record batches (:data:`FEATURE`, :data:`LABEL` and :data:`KEY` columns) →
+    (features ``[n, C, H, W]``, int64 labels), in key order.
 
     Features are uint8 for ``bytes`` and ``image`` columns and float32 for ``array`` columns. Raises
     :class:`DatasetError` naming the row key of an image that does not decode to the input's shape.
@@ -246,7 +280,7 @@ def read_partition(batches: Iterable[Any], layout: FrameLayout) -> tuple[np.ndar
     for batch in batches:
         if batch.num_rows == 0:
             continue
-        column = batch.column(layout.feature_column)
+        column = batch.column(FEATURE)
         if column.null_count:
             raise DatasetError(f"feature_column {layout.feature_column!r}: {column.null_count} null value(s)")
         if layout.kind == "bytes":
@@ -260,7 +294,7 @@ def read_partition(batches: Iterable[Any], layout: FrameLayout) -> tuple[np.ndar
                     f"feature_column {layout.feature_column!r}: arrays must hold {width} values each"
                 )
             features.append(values.reshape(-1, *layout.shape))
-        labels.append(np.asarray(batch.column(layout.label_column).to_numpy(), dtype=np.int64))
+        labels.append(np.asarray(batch.column(LABEL).to_numpy(), dtype=np.int64))
         keys.append(np.asarray(batch.column(KEY).to_numpy(), dtype=np.int64))
     dtype = np.uint8 if layout.pixels else np.float32
     if not features:
