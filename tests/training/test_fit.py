@@ -525,7 +525,21 @@ def test_dataframe_columns_are_checked(spark: Any, tmp_path: Path) -> None:
         "d",
         test_data=pixels,
     )
-    assert not any((tmp_path / name).exists() for name in "abcde")
+    # The test set's columns have the training data's names: its errors say it is the test set's.
+    refused(
+        arrays,
+        r"^test_data: label_column 'y': 1 null label\(s\)",
+        "f",
+        test_data=arrays.union(spark.createDataFrame([([0.0] * 4, None)], "x array<float>, y int")),
+    )
+    refused(arrays, r"^test_data: the DataFrame has no rows", "g", test_data=arrays.limit(0))
+    refused(
+        arrays,
+        r"^test_data: label_column: expected a column",
+        "h",
+        test_data=arrays.withColumnRenamed("y", "z"),
+    )
+    assert not any((tmp_path / name).exists() for name in "abcdefgh")
 
 
 @pytest.mark.parametrize(

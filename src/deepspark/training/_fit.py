@@ -540,6 +540,7 @@ def _prepare_data(
                 label_column=label_column,
                 input_shape=layout.shape,
                 num_classes=layout.num_classes,
+                argument="test_data",
             )
             if test_layout.pixels != layout.pixels:
                 # Pixels (bytes, image files) are scaled to 0..1 by the preprocess; arrays are taken as they

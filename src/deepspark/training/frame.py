@@ -90,13 +90,41 @@ def describe_frame(
     input_shape: Sequence[int] | None,
     num_classes: int | None,
     check_shape: Callable[[tuple[int, int, int]], None] | None = None,
+    argument: str = "data",
 ) -> FrameLayout:
     """Check ``df``'s columns against the model's input and count its rows and classes (one small job;
     a binary column's first rows are read first, to tell encoded images from raw pixels).
 
     ``check_shape(shape)`` runs as soon as the input shape is known, before the counting job. Raises
-    :class:`ConfigError` naming the column, what was expected and what was found.
+    :class:`ConfigError` naming the column, what was expected and what was found, after ``argument`` (the
+    parameter that gave ``df``) unless that is ``data``: the columns of ``test_data`` have the same names.
     """
+    try:
+        return _describe(
+            df,
+            feature_column=feature_column,
+            label_column=label_column,
+            input_shape=input_shape,
+            num_classes=num_classes,
+            check_shape=check_shape,
+            argument=argument,
+        )
+    except ConfigError as exc:
+        if argument == "data" or str(exc).startswith(f"{argument}: "):
+            raise
+        raise ConfigError(f"{argument}: {exc}") from None
+
+
+def _describe(
+    df: DataFrame,
+    *,
+    feature_column: str,
+    label_column: str,
+    input_shape: Sequence[int] | None,
+    num_classes: int | None,
+    check_shape: Callable[[tuple[int, int, int]], None] | None,
+    argument: str,
+) -> FrameLayout:
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
@@ -156,7 +184,7 @@ def describe_frame(
     assert stats is not None  # an aggregate always yields one row
     rows = int(stats["rows"])
     if rows == 0:
-        raise ConfigError("data: the DataFrame has no rows; give at least one training example")
+        raise ConfigError(f"{argument}: the DataFrame has no rows; give at least one example")
     if int(stats["labelled"]) != rows:
         raise ConfigError(f"label_column {label_column!r}: {rows - int(stats['labelled'])} null label(s)")
     if int(stats["featured"]) != rows:
