@@ -139,6 +139,18 @@ def test_image_sizes_that_disagree_are_refused_before_training(spark: Any, tmp_p
         fit(_png_frame(spark, labels, labels, blobs), "mlp", workers=2, run_dir=tmp_path / "c")
 
 
+def test_raw_pixels_from_to_dataframe_that_start_like_an_image_file_are_pixels(
+    spark: Any, tmp_path: Path
+) -> None:
+    from deepspark.data import to_dataframe
+
+    images, labels = _images(12)
+    images[::2, 0, :2] = (66, 77)  # "BM", the signature of a BMP file
+    df = to_dataframe(spark, images, labels)
+    result = _fit_one_worker(df, tmp_path / "run")
+    assert sum(int(r["samples"]) for r in _history(result.run_dir)) == 2 * 12
+
+
 # ---------------------------------------------------------------------------------------- factories
 def small_net() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, 16), nn.ReLU(), nn.Linear(16, CLASSES))

@@ -142,9 +142,11 @@ def _describe(
     feature = fields[feature_column]
     images: set[tuple[int, int, int]] = set()
     if isinstance(feature.dataType, T.BinaryType):
-        images = _sample_images(df, feature_column)
+        # to_dataframe records the shape of the raw pixels it writes: those are never sniffed, since raw
+        # pixels can start like an image file (two pixels of 66 and 77 read "BM", a BMP's signature).
+        stored = feature.metadata.get("shape")
+        images = _sample_images(df, feature_column) if stored is None else set()
         kind = "image" if images else "bytes"
-        stored = None if images else feature.metadata.get("shape")
         shape_src = input_shape if input_shape is not None else (stored or _only(images, feature_column))
     elif isinstance(feature.dataType, T.ArrayType) and isinstance(
         feature.dataType.elementType, T.NumericType
