@@ -517,6 +517,8 @@ def test_dataframe_columns_are_checked(spark: Any, tmp_path: Path) -> None:
         "x array<float>, y int",
     )
     refused(nans, r"feature_column 'x': 2 row\(s\) hold NaN, infinite or null numbers", "e")
+    huge = spark.createDataFrame([([0.0] * 4, 0), ([1e39, 1.0, 1.0, 1.0], 1)], "x array<double>, y int")
+    refused(huge, r"1 row\(s\) hold .* beyond float32's \+-3.403e\+38, which train as infinite", "i")
     arrays = spark.createDataFrame([([0.0] * 4, 0), ([1.0] * 4, 1)], "x array<float>, y int")
     pixels = spark.createDataFrame([(bytearray(4), 0), (bytearray([255] * 4), 1)], "x binary, y int")
     refused(
@@ -539,7 +541,7 @@ def test_dataframe_columns_are_checked(spark: Any, tmp_path: Path) -> None:
         "h",
         test_data=arrays.withColumnRenamed("y", "z"),
     )
-    assert not any((tmp_path / name).exists() for name in "abcdefgh")
+    assert not any((tmp_path / name).exists() for name in "abcdefghi")
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,7 @@ KEY = "_deepspark_key"
 FEATURE = "_deepspark_feature"  # the feature and label columns as the tasks read them (see keyed_rows)
 LABEL = "_deepspark_label"
 FEATURE_KINDS = ("bytes", "image", "array")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _SAMPLE_ROWS = 16  # first rows read on the driver to tell encoded images from raw pixels
 
 
@@ -176,7 +177,8 @@ def _describe(
         F.count(label).alias("labelled"),
         F.count(values).alias("featured"),
         F.sum(
-            F.when(F.exists(values, lambda v: v.isNull() | F.isnan(v) | (F.abs(v) == math.inf)), 1)
+            # Beyond float32's range is infinite too: the tasks read every array as float32.
+            F.when(F.exists(values, lambda v: v.isNull() | F.isnan(v) | (F.abs(v) > _FLOAT32_MAX)), 1)
             if kind == "array"
             else F.lit(0)
         ).alias("unfinite"),
@@ -197,7 +199,8 @@ def _describe(
     if int(stats["unfinite"] or 0):  # they would train as a diverging learning rate does, later
         raise ConfigError(
             f"feature_column {feature_column!r}: {int(stats['unfinite'])} row(s) hold NaN, infinite or null "
-            "numbers; clean or drop them first"
+            f"numbers (or numbers beyond float32's +-{_FLOAT32_MAX:.4g}, which train as infinite); clean or "
+            "drop them first"
         )
     want = math.prod(shape)
     for bound in ("short", "long") if kind != "image" else ():
