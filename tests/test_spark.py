@@ -223,3 +223,21 @@ def test_limit_threads_also_limits_blas_pools_loaded_before_it() -> None:
     seen = json.loads(out.strip().splitlines()[-1])
     assert seen["after"] and all(n == 1 for n in seen["after"]), seen
     assert seen["torch"] == 1
+
+
+def _slow_job(sc) -> None:
+    time.sleep(1.0)  # still planning when the group is cancelled: its job is submitted after that
+    sc.parallelize(range(2), 2).foreach(lambda _: time.sleep(30))
+
+
+def test_a_cancelled_run_job_also_stops_the_job_its_action_submits_later(spark) -> None:
+    """Spark cancels a group's active jobs only. An action that submitted its job after the first cancel
+    ran it to the end (here 30 s), after the caller had moved on and destroyed its broadcasts."""
+    from deepspark.spark import job_group, run_job
+
+    sc = spark.sparkContext
+    started = time.monotonic()
+    error = run_job(sc, lambda: _slow_job(sc), group=job_group("test-late-job"), cancel_when=lambda: True)
+    took = time.monotonic() - started
+    assert error is not None and "cancel" in str(error).lower(), error
+    assert took < 15, took

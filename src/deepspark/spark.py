@@ -464,13 +464,24 @@ def run_job(
         # Not Thread.join: in Python 3.11 a join cut short by Ctrl-C can leave the thread looking finished.
         while not ended.wait(0.5):
             if cancel_when is not None and cancel_when():
-                cancel_group(sc, group)
-                ended.wait(60)
+                _cancel_until_ended(sc, group, ended)
                 break
     except KeyboardInterrupt:
-        cancel_group(sc, group)
+        _cancel_until_ended(sc, group, ended)
         raise
     return outcome[0]
+
+
+def _cancel_until_ended(sc: Any, group: str, ended: threading.Event, timeout: float = 60.0) -> None:
+    """Cancel ``group`` until the action's thread has ended (up to ``timeout`` seconds).
+
+    Spark cancels the group's *active* jobs only: an action still planning its job (a write's, say)
+    submits it after the first cancel, and that job then ran on after the caller had destroyed its
+    broadcasts (Spark logged an INTERNAL_ERROR_BROADCAST trace after "deepspark: interrupted")."""
+    deadline = time.monotonic() + timeout
+    cancel_group(sc, group)
+    while not ended.wait(0.1) and time.monotonic() < deadline:
+        cancel_group(sc, group)
 
 
 def limit_threads(threads: int) -> None:
