@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -13,20 +14,17 @@ from deepspark.training.average import AverageSettings, RoundRecord, RoundServer
 TOKEN = "t" * 32
 
 
-def _push(conn: wire.Connection, header: dict[str, Any], value: float) -> None:
-    reply = {"op": "push", "round": header["round"], "samples": 8, "loss_sum": 8.0, "cursor": {"at": 1}}
+def _push(conn: wire.Connection, header: dict[str, Any], value: float, samples: int = 8) -> None:
+    reply = {"op": "push", "round": header["round"], "samples": samples, "loss_sum": float(samples)}
+    reply["cursor"] = {"at": 1}
     conn.send(
         {**reply, "compute_s": 0.0, "comm_s": 0.0, "wait_s": 0.0},
         state_to_bytes({"w": torch.full((2,), value)}),
     )
 
 
-def test_a_superseded_connection_neither_pushes_nor_drops_its_worker_from_a_round() -> None:
-    # Worker 0's Spark task failed while its Python side still held a round; its replacement joins the
-    # same round. The old connection's late push is not taken, and its closing later does not leave the
-    # worker out of the round its replacement is in.
-    records: list[RoundRecord] = []
-    server = RoundServer(
+def _server(records: list[RoundRecord], total_steps: int = 2) -> RoundServer:
+    return RoundServer(
         weights={"w": torch.zeros(2)},
         parameters=["w"],
         cursors={},
@@ -34,7 +32,7 @@ def test_a_superseded_connection_neither_pushes_nor_drops_its_worker_from_a_roun
         new_cursor=lambda worker, rows: {"at": 0},
         settings=AverageSettings(tau=1),
         batch_size=8,
-        total_steps=2,
+        total_steps=total_steps,
         total_samples=32,
         steps_done=0,
         samples_done=0,
@@ -43,15 +41,51 @@ def test_a_superseded_connection_neither_pushes_nor_drops_its_worker_from_a_roun
         outer_state=None,
         on_round=lambda record, weights: records.append(record),
     )
+
+
+def _connect(endpoint: wire.Server, worker: int) -> wire.Connection:
+    conn = wire.connect("127.0.0.1", endpoint.address[1], token=TOKEN, hello={"worker": worker}, timeout=10)
+    conn.settimeout(10)
+    return conn
+
+
+def test_a_round_whose_workers_with_data_were_lost_waits_for_their_replacement() -> None:
+    # Worker 1's partition is empty; worker 0, the one with data, is lost mid-round (its task diverged,
+    # say). The round used to end there with "every worker of a round had no examples", which hid the
+    # worker's own error; now the replacement joins that round and it completes with its examples.
+    records: list[RoundRecord] = []
+    server = _server(records, total_steps=1)
     endpoint = wire.Server(token=TOKEN, handler=server.handle, name="test-rounds")
     endpoint.start()
+    try:
+        with _connect(endpoint, 1) as empty, _connect(endpoint, 0) as lost:
+            first_empty, _ = empty.recv()
+            lost.recv()
+            _push(empty, first_empty, 0.0, samples=0)
+            lost.close()
+            server.worker_lost(0)
+            with _connect(endpoint, 0) as replacement:
+                first, _ = replacement.recv()
+                assert first["round"] == first_empty["round"] == 0
+                assert server.error is None and not records
+                _push(replacement, first, 2.0)
+                assert replacement.recv()[0] == {"op": "stop"} and empty.recv()[0] == {"op": "stop"}
+    finally:
+        endpoint.close()
+    assert server.error is None
+    assert [(r.round, r.workers, r.samples) for r in records] == [(0, 2, 8)]
+    assert torch.equal(server.weights["w"], torch.full((2,), 2.0))  # the empty push weighs nothing
 
-    def connect(worker: int) -> wire.Connection:
-        conn = wire.connect(
-            "127.0.0.1", endpoint.address[1], token=TOKEN, hello={"worker": worker}, timeout=10
-        )
-        conn.settimeout(10)
-        return conn
+
+def test_a_superseded_connection_neither_pushes_nor_drops_its_worker_from_a_round() -> None:
+    # Worker 0's Spark task failed while its Python side still held a round; its replacement joins the
+    # same round. The old connection's late push is not taken, and its closing later does not leave the
+    # worker out of the round its replacement is in.
+    records: list[RoundRecord] = []
+    server = _server(records)
+    endpoint = wire.Server(token=TOKEN, handler=server.handle, name="test-rounds")
+    endpoint.start()
+    connect = functools.partial(_connect, endpoint)
 
     try:
         with connect(1) as one, connect(0) as old:

@@ -197,6 +197,26 @@ def test_a_diverging_nesterov_run_names_the_outer_step(spark: Any, toy: Path, tm
         )
 
 
+def test_a_diverging_worker_beside_an_empty_one_stops_the_run_with_its_divergence(
+    spark: Any, tmp_path: Path
+) -> None:
+    # One row, two workers: worker with the row diverges (inputs of 3e38), the other has none. The run
+    # ended "every worker of a round had no examples", the divergence only in the executor's log.
+    frame = spark.createDataFrame([([3e38] * 4, 1)], "x array<double>, y int")
+    with pytest.raises(RunError, match=r"^training worker \d failed: .*DivergenceError: training diverged"):
+        fit(
+            frame,
+            "mlp",
+            strategy="average",
+            workers=2,
+            num_classes=2,
+            feature_column="x",
+            label_column="y",
+            input_shape=(1, 2, 2),
+            run_dir=tmp_path / "run",
+        )
+
+
 @dataclass(frozen=True)
 class _Resumed:
     whole: list[dict[str, Any]]  # the uninterrupted run's history

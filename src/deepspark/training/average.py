@@ -17,7 +17,9 @@ Choices (docs/training.md):
   outer step moves the model's parameters only: buffers (BatchNorm's running mean and variance) take the
   average, since an extrapolated variance can turn negative.
 - A worker lost mid-round is left out of that round; the round completes with the others and the
-  replacement task joins the next one. Only a worker's newest connection counts (a lost task whose
+  replacement task joins the next one. When the others saw no example (their partitions are empty),
+  the round waits for the replacement instead, which joins it: an average of nothing is no round.
+  Only a worker's newest connection counts (a lost task whose
   process still runs is told to stop; its push is not taken, its closing leaves no round).
 """
 
@@ -291,8 +293,8 @@ class RoundServer(ServerState):
                 state.first_seen = time.perf_counter()
             if not state.cursor:
                 state.cursor = self._new_cursor(worker, int(conn.hello.get("rows", 0)))
-            if worker not in self._round.expected and not self._round.pushes:
-                self._round.expected.add(worker)  # nobody has finished this round yet: join it
+            if worker not in self._round.expected and not any(p.samples for p in self._round.pushes.values()):
+                self._round.expected.add(worker)  # nobody has finished this round with data yet: join it
         try:
             self._serve(conn, worker, mine)
         finally:
@@ -364,8 +366,9 @@ class RoundServer(ServerState):
         pushes = [current.pushes[k] for k in sorted(current.pushes)]
         samples = sum(p.samples for p in pushes)
         if samples == 0:
-            self.error = DeepsparkError("every worker of a round had no examples: the partitions are empty")
-            self._lock.notify_all()
+            # Only workers with empty partitions are left in it: those with data were lost (a failed or
+            # retried task). Their replacements join this round; a worker that fails for good stops the
+            # run with its own error (a divergence, say), not with this round's emptiness.
             return
         try:
             averaged = self._average(pushes, samples)
