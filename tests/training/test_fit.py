@@ -539,6 +539,9 @@ def test_dataframe_columns_are_checked(spark: Any, tmp_path: Path) -> None:
     refused(nans, r"feature_column 'x': 2 row\(s\) hold NaN, infinite or null numbers", "e")
     huge = spark.createDataFrame([([0.0] * 4, 0), ([1e39, 1.0, 1.0, 1.0], 1)], "x array<double>, y int")
     refused(huge, r"1 row\(s\) hold .* beyond float32's \+-3.403e\+38, which train as infinite", "i")
+    # Labels are class indices: 10**6 beside 0 made a million-way output layer without a word.
+    sparse = spark.createDataFrame([([0.0] * 4, 0), ([1.0] * 4, 10**6)], "x array<float>, y bigint")
+    refused(sparse, r"label_column 'y': labels are class indices 0..C-1 and the largest is 1000000", "j")
     arrays = spark.createDataFrame([([0.0] * 4, 0), ([1.0] * 4, 1)], "x array<float>, y int")
     pixels = spark.createDataFrame([(bytearray(4), 0), (bytearray([255] * 4), 1)], "x binary, y int")
     refused(

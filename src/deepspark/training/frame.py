@@ -44,6 +44,7 @@ FEATURE = "_deepspark_feature"  # the feature and label columns as the tasks rea
 LABEL = "_deepspark_label"
 FEATURE_KINDS = ("bytes", "image", "array")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_MAX_INFERRED_CLASSES = 100_000  # more, and the class count must be given (num_classes)
 _SAMPLE_ROWS = 16  # first rows read on the driver to tell encoded images from raw pixels
 
 
@@ -212,6 +213,14 @@ def _describe(
                 f"{list(shape)} needs {want}; check input_shape or the column"
             )
     low, high = int(stats["low"]), int(stats["high"])
+    if num_classes is None and high >= _MAX_INFERRED_CLASSES:
+        # Labels are class indices: 10**6 next to 0 silently built a million-way output layer, and 2**40
+        # failed allocating it. A label set that is not 0..C-1 has to be mapped, or C given.
+        raise ConfigError(
+            f"label_column {label_column!r}: labels are class indices 0..C-1 and the largest is {high}, "
+            f"which would make {high + 1} classes; map the labels to indices first, or give num_classes "
+            "if the model is to have that many outputs"
+        )
     classes = num_classes if num_classes is not None else high + 1
     if low < 0 or high >= classes:
         raise ConfigError(
