@@ -531,3 +531,27 @@ def test_a_resumed_study_samples_new_configurations_not_the_first_ones_again(
     result = tune(_quadratic, run_dir=run, resume=True, trials=6, parallelism=1)
     configs = [tuple(sorted(r.params.items())) for r in result.records]
     assert len(configs) == 6 and len(set(configs)) == 6
+
+
+def _config_as_seen(config, reporter):
+    return {"accuracy": 0.5, "seen": repr(sorted(config.items()))}
+
+
+def test_the_default_configuration_reaches_the_objective_with_the_types_sampled_trials_get(
+    spark, tmp_path
+) -> None:
+    import numpy as np
+
+    space = {
+        "n": {"type": "int", "low": 1, "high": 8},
+        "m": {"type": "int", "low": 1, "high": 8},
+        "c": {"type": "choice", "values": [1, 2, "a"]},
+        "u": {"type": "uniform", "low": 0, "high": 2},
+    }
+    default = {"n": 4.0, "m": np.int64(3), "c": 1.0, "u": 1}
+    result = tune(
+        _config_as_seen, space=space, trials=1, pruner="none", run_dir=tmp_path / "d", default_config=default
+    )
+    (record,) = result.records
+    # 4.0 for an int parameter reached the objective as a float (the journal said 4), np.int64 was refused.
+    assert record.is_default and record.metrics["seen"] == repr([("c", 1), ("m", 3), ("n", 4), ("u", 1.0)])

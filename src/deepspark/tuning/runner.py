@@ -535,7 +535,8 @@ def _default_trial(
                 f"the default configuration's {name}={value!r} lies outside the space for {name}; "
                 "widen the space to include it, or pass default_config=False (--no-default)"
             )
-    return params, overrides
+    # As sampled trials get them (an int parameter's 4.0 as 4, a choice as the space's own value).
+    return {name: search.value(name, value) for name, value in params.items()}, overrides
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import os
 import random
 from collections.abc import Callable, Mapping
@@ -91,8 +92,8 @@ class SearchSpace:
         """Whether the searched parameter ``name`` can take ``value``."""
         p = self.params[name]
         if p["type"] in ("choice", "grid"):
-            return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in p["values"])
-        if isinstance(value, bool) or not isinstance(value, int | float):
+            return any(_same_choice(value, v) for v in p["values"])
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             return False
         if p["type"] == "int":
             return (
@@ -101,6 +102,15 @@ class SearchSpace:
                 and (value - p["low"]) % p["step"] == 0
             )
         return bool(p["low"] <= value <= p["high"])
+
+    def value(self, name: str, value: Any) -> Any:
+        """``value`` (which :meth:`contains`) as a sampled trial gets it: the choice it equals, an int for
+        an ``int`` parameter, a float for a continuous one. A default configuration's ``4.0`` for an int
+        parameter would otherwise reach the objective as a float, unlike every sampled value."""
+        p = self.params[name]
+        if p["type"] in ("choice", "grid"):
+            return next(v for v in p["values"] if _same_choice(value, v))
+        return int(value) if p["type"] == "int" else float(value)
 
     def check(self, validate: Callable[[Mapping[str, Any]], object]) -> None:
         """Raise :class:`ConfigError` unless ``validate`` accepts every value the space can give.
@@ -123,6 +133,11 @@ class SearchSpace:
 
     def to_dict(self) -> dict[str, Any]:
         return {**{k: dict(v) for k, v in self.params.items()}, **dict(self.fixed)}
+
+
+def _same_choice(a: Any, b: Any) -> bool:
+    """Whether ``a`` is the choice ``b``: equal, and both booleans or neither (``True == 1``)."""
+    return bool(a == b) and isinstance(a, bool) == isinstance(b, bool)
 
 
 def _probes(p: Mapping[str, Any]) -> list[Any]:
