@@ -555,3 +555,29 @@ def test_the_default_configuration_reaches_the_objective_with_the_types_sampled_
     (record,) = result.records
     # 4.0 for an int parameter reached the objective as a float (the journal said 4), np.int64 was refused.
     assert record.is_default and record.metrics["seen"] == repr([("c", 1), ("m", 3), ("n", 4), ("u", 1.0)])
+
+
+def _distance(config, reporter):
+    return abs(config["x"] - 0.3)  # a loss, returned bare: it is named after the default metric
+
+
+def test_a_minimised_study_ranks_the_lowest_first_and_reports_no_error_reduction(spark, tmp_path) -> None:
+    from deepspark.tuning.report import leaderboard
+
+    result = tune(
+        _distance,
+        space=X,
+        trials=4,
+        sampler="random",
+        pruner="none",
+        direction="minimize",
+        default_config={"x": 0.9},
+        run_dir=tmp_path / "min",
+    )
+    values = sorted(r.value for r in result.records)
+    assert result.best.value == values[0] and result.default.value == pytest.approx(0.6)
+    assert [r.value for r in leaderboard(result.records, maximize=False)] == values
+    best = json.loads((tmp_path / "min" / "best.json").read_text())
+    assert best["direction"] == "minimize" and best["best"]["value"] == values[0]
+    # 1 - loss is no error rate: the lower (better) best read as a negative reduction, "worse than default".
+    assert best["error_reduction"] is None and result.error_reduction is None

@@ -40,7 +40,7 @@ from deepspark import rundir
 from deepspark._optional import require
 from deepspark.errors import ConfigError, RunError
 from deepspark.reporting._runs import HISTORY, MODEL_DIR, StudyRun, TrainingRun, open_runs, read_json_object
-from deepspark.tuning.report import best_and_default, error_reduction
+from deepspark.tuning.report import best_and_default, error_reduction, measures_error
 from deepspark.tuning.trial import TrialRecord, TrialState
 
 __all__ = ["DEFAULT_EXPERIMENT", "TrackedRun", "check_tracking_uri", "log_to_mlflow"]
@@ -398,10 +398,13 @@ class _Logger:
                 entry = summary.get(key)
                 if isinstance(entry, Mapping):
                     values[f"{key}_test_accuracy"] = entry.get("test_accuracy")
-            if summary.get("error_reduction") is not None:
-                values["error_reduction"] = summary["error_reduction"]
-            elif best is not None and default is not None and run.metric == "accuracy":
-                values["error_reduction"] = error_reduction(float(default.value or 0), float(best.value or 0))
+            if measures_error(run.metric, maximize=run.maximize):  # a minimised metric is no accuracy
+                if summary.get("error_reduction") is not None:
+                    values["error_reduction"] = summary["error_reduction"]
+                elif best is not None and default is not None:
+                    values["error_reduction"] = error_reduction(
+                        float(default.value or 0), float(best.value or 0)
+                    )
             step, stamp = len(run.records), _ms(None)
             metrics = [Metric(k, n, stamp, step) for k, v in values.items() if (n := _number(v)) is not None]
             self._batch(parent, metrics=metrics)

@@ -25,6 +25,7 @@ __all__ = [
     "StudySummary",
     "TrialSummary",
     "error_reduction",
+    "measures_error",
     "plot_sensitivity",
     "readable_log_ticks",
     "records_from_study",
@@ -196,6 +197,13 @@ def error_reduction(default_accuracy: float, best_accuracy: float) -> float | No
     return (default_error - (1.0 - best_accuracy)) / default_error
 
 
+def measures_error(metric: str, *, maximize: bool) -> bool:
+    """Whether a study's values are accuracies, whose error reduction (default to best) is reported: its
+    metric is ``accuracy``, maximised. A minimised one is not (a loss returned as a bare number is named
+    ``accuracy``, the default metric): 1 - value is no error rate, and the lower best would read as worse."""
+    return metric == "accuracy" and maximize
+
+
 def best_and_default(
     records: Sequence[TrialRecord], *, maximize: bool
 ) -> tuple[TrialRecord | None, TrialRecord | None]:
@@ -338,7 +346,7 @@ def summarise(
     reduction_on: str | None = None
     validation_reduction: float | None = None
     refit_reduction: float | None = None
-    if best is not None and default is not None and metric == "accuracy":
+    if best is not None and default is not None and measures_error(metric, maximize=maximize):
         # The honest figure is on test accuracy, measured once for both at the end; a study without
         # those (a Python objective, a model that never arrived) falls back on the selection metric.
         best_test, default_test = (
