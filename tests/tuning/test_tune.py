@@ -581,3 +581,27 @@ def test_a_minimised_study_ranks_the_lowest_first_and_reports_no_error_reduction
     assert best["direction"] == "minimize" and best["best"]["value"] == values[0]
     # 1 - loss is no error rate: the lower (better) best read as a negative reduction, "worse than default".
     assert best["error_reduction"] is None and result.error_reduction is None
+
+
+_NOT_NUMBERS = [True, "0.5", None]
+
+
+def _metric_not_a_number(config, reporter):
+    return {"accuracy": _NOT_NUMBERS[config["i"]]}
+
+
+def test_a_returned_metric_that_is_not_a_number_fails_the_trial_as_a_bare_one_does(spark, tmp_path) -> None:
+    space = {"i": {"type": "grid", "values": list(range(len(_NOT_NUMBERS)))}}
+    result = tune(
+        _metric_not_a_number,
+        space=space,
+        sampler="grid",
+        pruner="none",
+        run_dir=tmp_path / "nan",
+        default_config=False,
+    )
+    # float() made True a 1.0 and "0.5" a 0.5 (the metric kept as the string), and None failed with its message.
+    for record in sorted(result.records, key=lambda r: r.params["i"]):
+        assert record.state is TrialState.FAIL and record.attempts == 1
+        given = _NOT_NUMBERS[record.params["i"]]
+        assert record.error == f"TypeError: the objective's 'accuracy' must be a number, got {given!r}"

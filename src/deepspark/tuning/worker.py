@@ -70,8 +70,9 @@ def _metrics(out: Any, metric: str) -> tuple[float, dict[str, Any]]:
     if isinstance(out, Mapping):
         if metric not in out:
             raise KeyError(f"the objective returned {sorted(out)}, which lacks the metric {metric!r}")
-        number = _number(out[metric])
-        value = number if number is not None else float(out[metric])
+        value = _number(out[metric])
+        if value is None:  # as a bare return: True is no 1.0, nor "0.5" a 0.5
+            raise TypeError(f"the objective's {metric!r} must be a number, got {out[metric]!r}")
         clean = {}
         for k, v in out.items():
             number = _number(v)
