@@ -53,6 +53,10 @@ def test_grid_rejects_continuous() -> None:
         ({"x": {"type": "grid", "values": [0, 1.0, False]}}, "hold 0 and False, which compare equal"),
         ({"x": {"type": "choice", "values": ["a", 1, 1.0]}}, "hold 1 and 1.0, which compare equal"),
         ({"x": {"type": "int", "low": 0.5, "high": 3}}, "must be integers"),
+        (
+            {"x": {"type": "int", "low": 1, "high": 8, "log": "false"}},
+            "log must be true or false, got 'false'",
+        ),
         ({"x": {"type": "uniform", "low": 0}}, "needs 'high'"),
         ({"x": {"type": "uniform", "low": 0, "high": 1, "q": 2}}, "unknown key"),
     ],

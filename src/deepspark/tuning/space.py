@@ -224,7 +224,11 @@ def _parse_param(name: str, raw: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(
                 f"space: parameter {name!r} (int): step must be a positive integer, got {step!r}"
             )
-        log = bool(raw.get("log", False))
+        log = raw.get("log", False)
+        if not isinstance(
+            log, bool
+        ):  # bool("false") is True: a quoted YAML value would search on a log scale
+            raise ConfigError(f"space: parameter {name!r} (int): log must be true or false, got {log!r}")
         if log and (low <= 0 or step != 1):
             raise ConfigError(f"space: parameter {name!r} (int, log): needs low > 0 and step 1")
         return {"type": "int", "low": int(low), "high": int(high), "step": step, "log": log}
