@@ -293,6 +293,7 @@ def test_parallelism_beyond_slots_warns_with_the_number(spark, tmp_path, caplog)
         ({"space": X, "trials": 0}, "trials: expected an integer >= 1"),
         ({"space": X, "threads_per_trial": 0}, "threads_per_trial"),
         ({"space": {}}, "no parameter to search"),
+        ({"space": X, "callbacks": _quadratic}, "callbacks: expected a list of Optuna study callbacks"),
     ],
 )
 def test_bad_input_fails_before_any_spark_job(tmp_path, monkeypatch, kwargs, message) -> None:

@@ -15,7 +15,7 @@ Files written before the record existed (no ``format``) hold the same keys less 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -217,7 +217,10 @@ class RunOptions:
                 self.heartbeat_timeout,
             )
         check_choice("device", self.device, DEVICES)
-        callbacks = tuple(self.callbacks or ())
+        given = self.callbacks or ()
+        if callable(given) or not isinstance(given, Iterable):  # one callback, not in a list
+            raise fail("callbacks", "a list of Optuna study callbacks: callable(study, frozen_trial)", given)
+        callbacks = tuple(given)
         for callback in callbacks:
             if not callable(callback):
                 raise fail("callbacks", "Optuna study callbacks: callable(study, frozen_trial)", callback)

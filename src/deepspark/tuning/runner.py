@@ -331,7 +331,7 @@ def tune(
         heartbeat_timeout=heartbeat_timeout,
         master=master,
         device=device,
-        callbacks=tuple(callbacks or ()),
+        callbacks=callbacks or (),
         on_event=on_event,
         on_start=on_start,
     )
