@@ -294,6 +294,11 @@ def test_parallelism_beyond_slots_warns_with_the_number(spark, tmp_path, caplog)
         ({"space": X, "threads_per_trial": 0}, "threads_per_trial"),
         ({"space": {}}, "no parameter to search"),
         ({"space": X, "callbacks": _quadratic}, "callbacks: expected a list of Optuna study callbacks"),
+        ({"space": X, "default_config": "yes"}, "default_config: expected True, False or a mapping"),
+        (
+            {"space": X, "default_config": {"x": 0.5, "f": object()}},
+            r"default_config\['f'\]: expected a number",
+        ),
     ],
 )
 def test_bad_input_fails_before_any_spark_job(tmp_path, monkeypatch, kwargs, message) -> None:

@@ -59,7 +59,7 @@ from deepspark.tuning.objectives import SELECT_ON, BuiltinOptions, ImageClassifi
 from deepspark.tuning.refit import refit_models
 from deepspark.tuning.report import StudySummary, best_and_default, records_from_study, write_reports
 from deepspark.tuning.sampling import PROCESS_FROM_TRIALS, ProcessSampler, sampler_processes, tpe_sampler
-from deepspark.tuning.space import SearchSpace, load_space
+from deepspark.tuning.space import SearchSpace, is_fixed_value, load_space
 from deepspark.tuning.trial import Reporter, TrialRecord, TrialState
 from deepspark.tuning.worker import WorkerSpec, run_worker
 from deepspark.validation import fail
@@ -514,6 +514,8 @@ def _default_trial(
     search: SearchSpace, builtin: ImageClassifierObjective | None, default_config: Mapping[str, Any] | bool
 ) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """The default configuration's trial as (searched params, overrides of ``fixed``), or None."""
+    if not isinstance(default_config, bool | Mapping):  # None or "yes" would silently run no default
+        raise fail("default_config", "True, False or a mapping of parameter -> value", default_config)
     params: dict[str, Any] | None = None
     overrides: dict[str, Any] = {}
     if default_config is True and builtin is not None:
@@ -525,6 +527,9 @@ def _default_trial(
         missing = sorted(set(search.params) - set(params))
         if missing:
             raise ConfigError(f"default_config: lacks a value for searched parameter(s) {missing}")
+        for name, value in overrides.items():
+            if not is_fixed_value(value):  # it travels as JSON, as the space's fixed values do
+                raise fail(f"default_config[{name!r}]", "a number, string, boolean or None", value)
         if builtin is not None:
             builtin.check({**default_config})
     if params is None:

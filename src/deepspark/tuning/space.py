@@ -24,7 +24,7 @@ from typing import Any
 
 from deepspark.errors import ConfigError
 
-__all__ = ["DISTRIBUTIONS", "SearchSpace", "load_space"]
+__all__ = ["DISTRIBUTIONS", "SearchSpace", "is_fixed_value", "load_space"]
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "grid")
 _NONE = object()  # None is a choice value of its own
@@ -134,6 +134,11 @@ class SearchSpace:
 
     def to_dict(self) -> dict[str, Any]:
         return {**{k: dict(v) for k, v in self.params.items()}, **dict(self.fixed)}
+
+
+def is_fixed_value(value: Any) -> bool:
+    """Whether ``value`` can be a fixed parameter's: what JSON carries to a trial and a journal holds."""
+    return value is None or isinstance(value, str | int | float | bool)
 
 
 def _same_choice(a: Any, b: Any) -> bool:
@@ -266,7 +271,7 @@ def load_space(space: SearchSpace | Mapping[str, Any] | str | os.PathLike[str] |
             raise ConfigError(f"space: parameter names must be non-empty strings, got {name!r}")
         if isinstance(raw, Mapping):
             params[name] = _parse_param(name, raw)
-        elif raw is None or isinstance(raw, str | int | float | bool):
+        elif is_fixed_value(raw):
             fixed[name] = raw
         else:
             raise ConfigError(
