@@ -72,3 +72,14 @@ def test_yaml_file(tmp_path) -> None:
     path.write_text("learning_rate: {type: loguniform, low: 1.0e-4, high: 1.0e-2}\nepochs: 3\n")
     space = load_space(str(path))
     assert set(space.params) == {"learning_rate"} and space.fixed == {"epochs": 3}
+
+
+def test_int_bounds_are_kept_exactly_above_float_precision() -> None:
+    space = load_space(
+        {
+            "seed": {"type": "int", "low": 2**53 + 1, "high": 2**60 + 1},
+            "n": {"type": "int", "low": 1.0, "high": 3},
+        }
+    )
+    assert space.params["seed"]["low"] == 2**53 + 1 and space.params["seed"]["high"] == 2**60 + 1
+    assert space.distributions()["seed"].high == 2**60 + 1 and space.params["n"]["low"] == 1

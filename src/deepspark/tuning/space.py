@@ -236,7 +236,8 @@ def _parse_param(name: str, raw: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"space: parameter {name!r} (int): log must be true or false, got {log!r}")
         if log and (low <= 0 or step != 1):
             raise ConfigError(f"space: parameter {name!r} (int, log): needs low > 0 and step 1")
-        return {"type": "int", "low": int(low), "high": int(high), "step": step, "log": log}
+        # From the values given: float() rounds integers above 2**53 (2**53 + 1 became 2**53).
+        return {"type": "int", "low": int(raw["low"]), "high": int(raw["high"]), "step": step, "log": log}
     return {"type": kind, "low": low, "high": high}
 
 
