@@ -230,9 +230,8 @@ def _parse_param(name: str, raw: Mapping[str, Any]) -> dict[str, Any]:
                 f"space: parameter {name!r} (int): step must be a positive integer, got {step!r}"
             )
         log = raw.get("log", False)
-        if not isinstance(
-            log, bool
-        ):  # bool("false") is True: a quoted YAML value would search on a log scale
+        # Not bool(log): bool("false") is True, so a quoted YAML value searched on a log scale.
+        if not isinstance(log, bool):
             raise ConfigError(f"space: parameter {name!r} (int): log must be true or false, got {log!r}")
         if log and (low <= 0 or step != 1):
             raise ConfigError(f"space: parameter {name!r} (int, log): needs low > 0 and step 1")
