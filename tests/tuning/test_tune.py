@@ -611,3 +611,21 @@ def test_a_returned_metric_that_is_not_a_number_fails_the_trial_as_a_bare_one_do
         assert record.state is TrialState.FAIL and record.attempts == 1
         given = _NOT_NUMBERS[record.params["i"]]
         assert record.error == f"TypeError: the objective's 'accuracy' must be a number, got {given!r}"
+
+
+def _nested_result(config, reporter):
+    return {"accuracy": 0.5, "per_class": {"a": 1, "b": [0.25, 0.75]}, "curve": [1, 2], "note": "x"}
+
+
+def test_a_results_lists_and_dicts_are_kept_in_the_records_and_left_out_of_trials_csv(
+    spark, tmp_path
+) -> None:
+    # The docs let a result hold lists and dicts; the stored record dropped them without a word.
+    run = tmp_path / "nested"
+    result = tune(_nested_result, space=X, trials=1, sampler="random", pruner="none", run_dir=run)
+    expected = {"accuracy": 0.5, "per_class": {"a": 1, "b": [0.25, 0.75]}, "curve": [1, 2], "note": "x"}
+    assert result.records[0].metrics == expected
+    again = tune(_nested_result, run_dir=run, resume=True)  # read back from the journal alone
+    assert again.records[0].metrics == expected
+    header = next(csv.reader((run / "trials.csv").open()))
+    assert "metric_note" in header and "metric_curve" not in header and "metric_per_class" not in header

@@ -124,7 +124,11 @@ class Reporter:
 def result_attr(record: TrialRecord) -> dict[str, Any]:
     """``RESULT_ATTR``'s value for a finished trial: the objective's numbers and labels, its duration
     and the worker that ran it (JSON-ready: what a journal and an RDB storage can hold)."""
-    metrics = {k: v for k, v in record.metrics.items() if isinstance(v, int | float | str | bool)}
+    # Lists and dicts too (the worker checked they are JSON-able): dropping them lost what the docs
+    # promise the records keep; trials.csv leaves them out, its cells being scalars.
+    metrics = {
+        k: v for k, v in record.metrics.items() if isinstance(v, int | float | str | bool | list | dict)
+    }
     return {"metrics": metrics, "duration_s": record.duration_s, "worker": record.worker}
 
 
