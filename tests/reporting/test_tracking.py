@@ -227,6 +227,25 @@ def test_logging_twice_updates_and_never_duplicates(study_dir, tmp_path) -> None
     assert all(r.data.tags["deepspark.run_dir"] == str(run.resolve()) for r in runs)
 
 
+def test_a_resumed_study_extends_its_parent_run(spark, study_dir, tmp_path) -> None:
+    """`tune --resume --trials N` rewrites config.json (the larger trials): still the same MLflow runs."""
+    from deepspark.reporting import log_to_mlflow
+    from deepspark.tuning import tune
+
+    run = tmp_path / "copy"
+    shutil.copytree(study_dir, run)
+    uri = _store(tmp_path)
+    first = log_to_mlflow(run, tracking_uri=uri)
+    tune(run_dir=run, resume=True, trials=5, parallelism=1, default_config=False)
+    assert json.loads((run / "config.json").read_text())["trials"] == 5
+
+    again = log_to_mlflow(run, tracking_uri=uri)
+    assert not again.created and again.run_id == first.run_id and again.new_trials == (4,)
+    runs = _runs(uri)
+    assert sorted(r.data.tags["deepspark.kind"] for r in runs) == ["study"] + ["trial"] * 5
+    assert len({r.data.tags["deepspark.run_id"] for r in runs}) == 1
+
+
 def _resumed_study(root: Path) -> Path:
     """A study whose best.json (written when it first ended: trials 0 and 1) names trial 1 as best, while
     its journal has since completed trial 2, better still (a resumed study, logged while running)."""

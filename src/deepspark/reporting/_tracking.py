@@ -14,10 +14,12 @@ read from a private copy) and writes MLflow runs:
 Logging is after the run, not live: ``tune --mlflow`` / ``train --mlflow`` call this when they finish.
 
 Logging a run directory again updates its runs, never duplicates them. Every run carries the tags
-``deepspark.run_dir`` (the absolute path) and ``deepspark.run_id`` (a hash of that path and
-``config.json``); a second call finds the runs by that id and adds only what is new: trials finished
-since (a finished trial is immutable, so its run is never written twice), history rows after the last
-logged round, a model whose weights changed. A moved or copied run directory is a new run.
+``deepspark.run_dir`` (the absolute path) and ``deepspark.run_id`` (a hash of that path and what only
+the run's creation writes: a study's first journal line, a training run's ``config.json``; a resume
+rewrites a study's ``config.json``, and stays the same run); a second call finds the runs by that id and
+adds only what is new: trials finished since (a finished trial is immutable, so its run is never written
+twice), history rows after the last logged round, a model whose weights changed. A moved or copied run
+directory is a new run.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from deepspark._optional import require
 from deepspark.errors import ConfigError, RunError
 from deepspark.reporting._runs import HISTORY, MODEL_DIR, StudyRun, TrainingRun, open_runs, read_json_object
 from deepspark.tuning.report import best_and_default, error_reduction, measures_error
+from deepspark.tuning.runner import JOURNAL
 from deepspark.tuning.trial import TrialRecord, TrialState
 
 __all__ = ["DEFAULT_EXPERIMENT", "TrackedRun", "check_tracking_uri", "log_to_mlflow"]
@@ -103,10 +106,24 @@ def check_tracking_uri(tracking_uri: str) -> None:
         ) from exc
 
 
-def deepspark_run_id(path: Path) -> str:
-    """The id a run directory's MLflow runs carry: the same directory holding the same run gets the same id."""
-    config = path / rundir.CONFIG_FILE
-    data = config.read_bytes() if config.is_file() else b""
+def deepspark_run_id(run: StudyRun | TrainingRun) -> str:
+    """The id a run directory's MLflow runs carry: the same directory holding the same run gets the same id.
+
+    A study is known by what only its creation writes, never by ``config.json``, which a resume rewrites
+    (a larger ``trials``, another ``data_dir``) and which must not make the resumed study another run: its
+    journal's first line (Optuna's record of the study's creation, with a writer id of its own), or for a
+    study kept in a storage URL the URL and study name. A training run by its ``config.json``, which a
+    resume never rewrites.
+    """
+    path = run.path
+    if isinstance(run, StudyRun) and (path / JOURNAL).is_file():
+        with (path / JOURNAL).open("rb") as journal:
+            data = b"journal\0" + journal.readline()
+    elif isinstance(run, StudyRun):
+        data = b"storage\0" + json.dumps([run.config.get("storage"), run.config.get("study_name")]).encode()
+    else:
+        config = path / rundir.CONFIG_FILE
+        data = config.read_bytes() if config.is_file() else b""
     return hashlib.sha256(str(path.resolve()).encode("utf-8") + b"\0" + data).hexdigest()[:16]
 
 
@@ -131,7 +148,7 @@ def log_to_mlflow(
             client = mlflow.MlflowClient(tracking_uri)
             found = client.get_experiment_by_name(name)
             experiment_id = found.experiment_id if found is not None else client.create_experiment(name)
-            logger = _Logger(mlflow, client, experiment_id, deepspark_run_id(path), path.resolve())
+            logger = _Logger(mlflow, client, experiment_id, deepspark_run_id(run), path.resolve())
             if isinstance(run, StudyRun):
                 parent, created, new, models = logger.study(run)
             else:
