@@ -360,6 +360,15 @@ def test_bad_tracking_uri_is_one_line_before_any_work(tmp_path, capsys) -> None:
     assert len(err) == 1 and err[0].startswith("deepspark: error: mlflow: cannot use the tracking URI")
 
 
+@pytest.mark.parametrize("uri", ["sqlite:///", "sqlite://", "sqlite:///:memory:"])
+def test_an_in_memory_sqlite_uri_is_refused_before_any_work(uri, tmp_path, capsys) -> None:
+    """SQLAlchemy opens these in memory: the runs would vanish while the command said 'logged'."""
+    run = tmp_path / "never"
+    assert main(["tune", "mnist", "--run-dir", str(run), "--mlflow", uri]) == 2 and not run.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("deepspark: error: mlflow: expected a database file"), err
+
+
 _HIDE_MLFLOW = "import sys\nsys.modules['mlflow'] = None\n"
 
 

@@ -98,6 +98,17 @@ def check_tracking_uri(tracking_uri: str) -> None:
             f"mlflow: expected a tracking URI (http://host:5000, sqlite:///mlflow.db), got {tracking_uri!r}"
         )
     mlflow = require("mlflow", feature=_FEATURE)
+    if tracking_uri.strip().lower().startswith("sqlite:"):
+        from sqlalchemy.engine import make_url
+
+        database: str | None = "?"  # a URL SQLAlchemy cannot parse gets MLflow's own message below
+        with contextlib.suppress(Exception):
+            database = make_url(tracking_uri.strip()).database
+        if database in (None, "", ":memory:"):  # SQLAlchemy's in-memory database: lost on exit
+            raise ConfigError(
+                f"mlflow: expected a database file in the sqlite tracking URI (sqlite:///mlflow.db), "
+                f"got {tracking_uri!r}, an in-memory database that would lose what is logged"
+            )
     try:
         mlflow.MlflowClient(tracking_uri)
     except Exception as exc:  # MLflow raises its own exception types, and ValueError for odd URIs
