@@ -246,6 +246,42 @@ def test_a_resumed_study_extends_its_parent_run(spark, study_dir, tmp_path) -> N
     assert len({r.data.tags["deepspark.run_id"] for r in runs}) == 1
 
 
+_HALF_THEN_AGAIN = """
+import sys, mlflow
+from deepspark.errors import RunError
+from deepspark.reporting import log_to_mlflow
+run, uri = sys.argv[1:]
+mlflow.set_tracking_uri(uri)
+mlflow.set_experiment("mine")  # MLflow then refuses the model's run (another experiment) half-way
+try:
+    log_to_mlflow(run, tracking_uri=uri)
+except RunError as exc:
+    print("first:", exc)
+mlflow.set_experiment("deepspark")
+print("again:", log_to_mlflow(run, tracking_uri=uri))
+"""
+
+
+def test_logging_again_after_a_failed_call_completes_the_half_logged_trials(study_dir, tmp_path) -> None:
+    uri = _store(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", _HALF_THEN_AGAIN, str(study_dir), uri],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "first: logging" in done.stdout and "again: updated" in done.stdout, (
+        done.stdout + done.stderr
+    )
+    runs = _runs(uri)
+    trials = sorted(int(r.data.tags["deepspark.trial"]) for r in runs if "deepspark.trial" in r.data.tags)
+    assert trials == [0, 1, 2, 3] and len(runs) == 5  # no duplicate, the half-logged run put aside
+    for run in runs:
+        if "deepspark.trial" in run.data.tags:
+            assert run.info.status == "FINISHED" and {"value", "duration_s"} <= set(run.data.metrics)
+            assert run.data.params["learning_rate"] and run.info.end_time is not None
+
+
 def _resumed_study(root: Path) -> Path:
     """A study whose best.json (written when it first ended: trials 0 and 1) names trial 1 as best, while
     its journal has since completed trial 2, better still (a resumed study, logged while running)."""

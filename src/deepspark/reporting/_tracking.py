@@ -55,6 +55,8 @@ DEFAULT_EXPERIMENT = "deepspark"
 RUN_ID_TAG, RUN_DIR_TAG, KIND_TAG = "deepspark.run_id", "deepspark.run_dir", "deepspark.kind"
 TRIAL_TAG, STATE_TAG, MODEL_SHA_TAG = "deepspark.trial", "deepspark.state", "deepspark.model_sha256"
 MODEL_TAG, LAST_ROUND_TAG, PARENT_TAG = "deepspark.model", "deepspark.last_round", "mlflow.parentRunId"
+#: set on a trial's run once everything of the trial is logged; a run without it is logged anew
+LOGGED_TAG = "deepspark.logged"
 #: the name of every logged model (one per run that has one)
 MODEL_NAME = "model"
 _STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
@@ -270,6 +272,9 @@ class _Logger:
                 _log.warning(
                     "%d MLflow runs carry %s=%s; updating the first", len(found), RUN_ID_TAG, self.run_id
                 )
+            # Params a failed first call did not write (MLflow never changes one that is written).
+            missing = {k: v for k, v in params.items() if k not in found[0].data.params}
+            self._batch(found[0].info.run_id, params=missing)
             return str(found[0].info.run_id), False
         run = self.client.create_run(
             self.experiment_id, start_time=_ms(start), run_name=name, tags={**self.tags, KIND_TAG: kind}
@@ -331,11 +336,16 @@ class _Logger:
     def study(self, run: StudyRun) -> tuple[str, bool, list[int], dict[str, str]]:
         span = run.span()
         parent, created = self._parent("study", run.path.name, span[0] if span else None, _params(run.config))
-        existing = {
-            int(r.data.tags[TRIAL_TAG]): r
-            for r in self._search(f"tags.`{PARENT_TAG}` = '{parent}' and tags.`{KIND_TAG}` = 'trial'")
-            if r.data.tags.get(TRIAL_TAG, "").isdigit()
-        }
+        existing: dict[int, Any] = {}
+        for found in self._search(f"tags.`{PARENT_TAG}` = '{parent}' and tags.`{KIND_TAG}` = 'trial'"):
+            if not found.data.tags.get(TRIAL_TAG, "").isdigit():
+                continue
+            if found.data.tags.get(LOGGED_TAG) != "true":
+                # A call that failed half-way (a server gone, MLflow refusing a write) left this run
+                # without its trial's data: it is put aside and the trial logged anew below.
+                self.client.delete_run(found.info.run_id)
+                continue
+            existing[int(found.data.tags[TRIAL_TAG])] = found
         frozen = {t.number: t for t in run.trials()}
         # best/ and default/ name their trial; one trial's model (the default is the best) is logged once.
         held: dict[int, tuple[str, Path, str]] = {}
@@ -407,6 +417,7 @@ class _Logger:
         if record.traceback:
             self.client.log_text(run_id, record.traceback, "traceback.txt")
         self.client.set_terminated(run_id, _STATUS[record.state], end_time=end)
+        self.client.set_tag(run_id, LOGGED_TAG, "true")  # last: the run holds the whole trial
 
     def _summary(self, run: StudyRun, parent: str, new: Sequence[int], trial_runs: Mapping[int, str]) -> None:
         """The study's standing after this call's trials (step = finished trials), tags and files."""
