@@ -66,6 +66,32 @@ def test_tune_exit_codes(monkeypatch, capsys, tmp_path, outcome, code) -> None:
         assert "deepspark: error:" not in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(("stop_reason", "code"), [("interrupted", 130), ("x failed", 1), (None, 1)])
+def test_a_failed_mlflow_log_never_hides_how_the_study_ended(
+    monkeypatch, capsys, tmp_path, stop_reason, code
+) -> None:
+    """Logging after an interrupted study that then failed (a server down) ended with exit 1 and the
+    logging error: the Ctrl-C's 130 and its line were lost."""
+    import deepspark.reporting
+    import deepspark.tuning
+
+    result = StudyResult(run_dir=tmp_path / "r", records=(), best=None, default=None, stop_reason=stop_reason)
+    monkeypatch.setattr(deepspark.tuning, "tune", _fake_tune(result))
+    monkeypatch.setattr(deepspark.reporting, "check_tracking_uri", lambda uri: None)
+
+    def down(*args, **kwargs):
+        raise RunError("mlflow: the tracking server is down; log the kept run later")
+
+    monkeypatch.setattr(deepspark.reporting, "log_to_mlflow", down)
+    assert cli.main(["tune", "--run-dir", str(tmp_path / "r"), "--mlflow", "http://127.0.0.1:1"]) == code
+    err = capsys.readouterr().err.splitlines()
+    if stop_reason is None:  # the study itself ended well: the logging error is the command's
+        assert err == ["deepspark: error: mlflow: the tracking server is down; log the kept run later"]
+    else:
+        assert "deepspark: warning: mlflow: the tracking server is down; log the kept run later" in err
+        assert err[-1] == "deepspark: interrupted" if code == 130 else err[-1].startswith("deepspark: error:")
+
+
 def test_a_study_refused_before_it_starts_prints_only_its_error_line(monkeypatch, capsys, tmp_path) -> None:
     """The progress display, never started, printed an empty line on stderr before the error."""
     import deepspark.tuning

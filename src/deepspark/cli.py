@@ -261,8 +261,15 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if args.mlflow is not None:
         from deepspark.reporting import log_to_mlflow
 
-        tracked = log_to_mlflow(result.run_dir, tracking_uri=args.mlflow)
-        print(f"mlflow: {tracked}", file=sys.stderr if args.json else sys.stdout)
+        try:
+            tracked = log_to_mlflow(result.run_dir, tracking_uri=args.mlflow)
+        except DeepsparkError as exc:
+            if result.stop_reason is None:
+                raise
+            # The study's own ending decides the exit code (130 for Ctrl-C), not the logging after it.
+            print(f"deepspark: warning: {exc}", file=sys.stderr)
+        else:
+            print(f"mlflow: {tracked}", file=sys.stderr if args.json else sys.stdout)
     if result.stop_reason == "interrupted":  # tune caught the Ctrl-C itself, to keep finished trials
         print(_INTERRUPTED, file=sys.stderr)
         return 130
