@@ -384,9 +384,9 @@ def test_a_finished_trial_keeps_its_result_in_one_user_attribute_that_records_re
         w0.close()
     _until(lambda: coordinator.counts()["running"] == 0)
     trial = coordinator.study.trials[0]
-    # One journal write for the result (each user attribute is one); the list is left out (not a scalar).
+    # One journal write for the result (each user attribute is one); the list is kept (JSON-able).
     assert trial.user_attrs[RESULT_ATTR] == {
-        "metrics": {"accuracy": 0.5, "loss": 1.25, "device": "cpu"},
+        "metrics": {"accuracy": 0.5, "loss": 1.25, "device": "cpu", "shape": [1, 2]},
         "duration_s": 2.5,
         "worker": "w0",
     }
