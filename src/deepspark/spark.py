@@ -38,6 +38,7 @@ __all__ = [
     "check_master",
     "check_master_form",
     "check_task_cpus",
+    "column",
     "configured",
     "end_lost_jvms",
     "environment_conf",
@@ -393,6 +394,14 @@ def cancel_group(sc: Any, group: str, timeout: float = 30.0) -> None:
             return
         time.sleep(0.05)
     _log.debug("job group %s: tasks still running %.0f s after it was cancelled", group, timeout)
+
+
+def column(name: str) -> Any:
+    """The DataFrame column named exactly ``name``. Spark reads a plain string as a path: ``a.b`` is the
+    field ``b`` of a struct ``a`` (or no column at all), and a backtick is a syntax error."""
+    from pyspark.sql import functions as F
+
+    return F.col("`" + name.replace("`", "``") + "`")
 
 
 def job_group(name: str) -> str:

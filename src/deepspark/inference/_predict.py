@@ -268,9 +268,7 @@ def predict(
     watcher thread while the job runs (and once when it ends), receives :class:`PredictProgress`. Every
     parameter is checked, and the model loaded once on the driver to check it, before any Spark job starts.
     """
-    from pyspark.sql import functions as F
-
-    from deepspark.spark import DEVICES, check_gpu_request, job_group, run_job, session, task_cpus
+    from deepspark.spark import DEVICES, check_gpu_request, column, job_group, run_job, session, task_cpus
 
     top_k = check_positive_int("top_k", top_k)
     batch_size = check_positive_int("batch_size", batch_size)
@@ -354,7 +352,7 @@ def predict(
     def task(batches: Iterator[Any]) -> Iterator[Any]:
         return run_task(batches, plan, model_bc, stats, arrow_schema)
 
-    selected = df.select(*[F.col("`" + name.replace("`", "``") + "`").alias(plain[name]) for name in columns])
+    selected = df.select(*[column(name).alias(plain[name]) for name in columns])
     result = selected.mapInArrow(task, schema)
     if output_path is None:
         return PredictResult(result)

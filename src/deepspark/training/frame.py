@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deepspark.errors import ConfigError, DatasetError
+from deepspark.spark import column
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -33,7 +34,6 @@ __all__ = [
     "KEY",
     "LABEL",
     "FrameLayout",
-    "column",
     "describe_frame",
     "keyed_rows",
     "read_partition",
@@ -68,14 +68,6 @@ class FrameLayout:
     def pixels(self) -> bool:
         """Whether features come out as uint8 pixels, which the preprocess scales and normalises."""
         return self.kind != "array"
-
-
-def column(name: str) -> Any:
-    """The DataFrame column named exactly ``name``. Spark reads a plain string as a path: ``a.b`` is the
-    field ``b`` of a struct ``a`` (or no column at all), and a backtick is a syntax error."""
-    from pyspark.sql import functions as F
-
-    return F.col("`" + name.replace("`", "``") + "`")
 
 
 def _integral(dtype: Any) -> bool:
