@@ -405,6 +405,24 @@ def test_an_in_memory_sqlite_uri_is_refused_before_any_work(uri, tmp_path, capsy
     assert len(err) == 1 and err[0].startswith("deepspark: error: mlflow: expected a database file"), err
 
 
+def test_a_new_sqlite_store_is_made_without_mlflows_info_lines(tmp_path, capfd) -> None:
+    """A usage error with a new SQLite store showed MLflow's two INFO lines ('Creating initial MLflow
+    database tables...') above its one error line."""
+    from deepspark.cli import main as run
+
+    space = tmp_path / "space.yaml"
+    space.write_text("epochs: 1\n")  # no parameter to search: a usage error after the URI check
+    uri = f"sqlite:///{tmp_path / 'new.db'}"
+    assert (
+        run(["tune", "mnist", "--space", str(space), "--run-dir", str(tmp_path / "r"), "--mlflow", uri]) == 2
+    )
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == [
+        "deepspark: error: space: no parameter to search; give at least one distribution (see docs/tune.md)"
+    ]
+    assert (tmp_path / "new.db").is_file()
+
+
 _HIDE_MLFLOW = "import sys\nsys.modules['mlflow'] = None\n"
 
 

@@ -111,12 +111,19 @@ def check_tracking_uri(tracking_uri: str) -> None:
                 f"mlflow: expected a database file in the sqlite tracking URI (sqlite:///mlflow.db), "
                 f"got {tracking_uri!r}, an in-memory database that would lose what is logged"
             )
+    # Opening a new SQLite store creates its tables, which MLflow announces in two INFO lines on stderr
+    # (before a usage error's one line, or the progress): only its warnings are let through.
+    store_log = logging.getLogger("mlflow.store.db.utils")
+    level = store_log.level
+    store_log.setLevel(max(level, logging.WARNING))
     try:
         mlflow.MlflowClient(tracking_uri)
     except Exception as exc:  # MLflow raises its own exception types, and ValueError for odd URIs
         raise ConfigError(
             f"mlflow: cannot use the tracking URI {tracking_uri!r}: {_first_line(exc)}"
         ) from exc
+    finally:
+        store_log.setLevel(level)
 
 
 def deepspark_run_id(run: StudyRun | TrainingRun) -> str:
