@@ -320,6 +320,10 @@ def test_a_stored_study_whose_database_is_gone_is_refused_and_never_created(tmp_
     ):
         report(run, output=tmp_path / "x.html")
     assert (run / "study.db").stat().st_size == 0
+    # A sqlite URL SQLAlchemy cannot parse was its ArgumentError traceback, raised before the open.
+    (run / "config.json").write_text(json.dumps({"storage": "sqlite:::bad", "study_name": "run"}))
+    with pytest.raises(ConfigError, match=r"run_dirs: cannot open the storage sqlite:::bad"):
+        report(run, output=tmp_path / "x.html")
     (run / "config.json").write_text(json.dumps({"storage": "nodriver://host/db", "study_name": "run"}))
     with pytest.raises(ConfigError, match=r"run_dirs: cannot open the storage nodriver://host/db"):
         report(run, output=tmp_path / "x.html")

@@ -191,25 +191,33 @@ def _open_study(path: Path, tmp: Path) -> StudyRun:
     return _study_run(path, config, study, last_write)
 
 
+def sqlite_database(url: str) -> str | None:
+    """The file a ``sqlite:`` URL names; ``""`` for SQLAlchemy's in-memory database (``sqlite://``,
+    ``sqlite:///``, ``:memory:``); None for another scheme or a URL SQLAlchemy cannot parse (opening the
+    storage then says what is wrong)."""
+    if not url.strip().lower().startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    try:
+        database = make_url(url.strip()).database
+    except Exception:  # SQLAlchemy's ArgumentError
+        return None
+    return "" if database in (None, "", ":memory:") else database
+
+
 def _open_stored_study(path: Path, config: Mapping[str, Any]) -> StudyRun:
     """A study that ``tune(storage=URL)`` kept in that storage: its run directory holds no journal."""
     url, name = str(config["storage"]), config.get("study_name")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"run_dirs: {path / 'config.json'} names the storage {url} but no study_name")
-    if url.startswith("sqlite:"):
-        from sqlalchemy.engine import make_url
-
-        database = make_url(url).database
-        if database and database != ":memory:" and not Path(database).is_file():
-            # Opening it would create an empty database there (in the run directory, often): read-only.
-            raise ConfigError(
-                f"run_dirs: the storage {url} named by {path} does not exist (no file {database})"
-            )
-        if database and database != ":memory:" and Path(database).stat().st_size == 0:
-            # An empty file holds no study, and opening it would write Optuna's tables into it.
-            raise ConfigError(
-                f"run_dirs: the storage {url} named by {path} is an empty file: it holds no study"
-            )
+    database = sqlite_database(url)
+    if database and not Path(database).is_file():
+        # Opening it would create an empty database there (in the run directory, often): read-only.
+        raise ConfigError(f"run_dirs: the storage {url} named by {path} does not exist (no file {database})")
+    if database and Path(database).stat().st_size == 0:
+        # An empty file holds no study, and opening it would write Optuna's tables into it.
+        raise ConfigError(f"run_dirs: the storage {url} named by {path} is an empty file: it holds no study")
     _quiet_optuna()
     try:
         study = optuna.load_study(study_name=name, storage=url)

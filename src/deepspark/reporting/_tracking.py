@@ -41,7 +41,15 @@ from typing import Any
 from deepspark import rundir
 from deepspark._optional import require
 from deepspark.errors import ConfigError, RunError
-from deepspark.reporting._runs import HISTORY, MODEL_DIR, StudyRun, TrainingRun, open_runs, read_json_object
+from deepspark.reporting._runs import (
+    HISTORY,
+    MODEL_DIR,
+    StudyRun,
+    TrainingRun,
+    open_runs,
+    read_json_object,
+    sqlite_database,
+)
 from deepspark.tuning.report import best_and_default, error_reduction, measures_error
 from deepspark.tuning.runner import JOURNAL
 from deepspark.tuning.trial import TrialRecord, TrialState
@@ -100,17 +108,11 @@ def check_tracking_uri(tracking_uri: str) -> None:
             f"mlflow: expected a tracking URI (http://host:5000, sqlite:///mlflow.db), got {tracking_uri!r}"
         )
     mlflow = require("mlflow", feature=_FEATURE)
-    if tracking_uri.strip().lower().startswith("sqlite:"):
-        from sqlalchemy.engine import make_url
-
-        database: str | None = "?"  # a URL SQLAlchemy cannot parse gets MLflow's own message below
-        with contextlib.suppress(Exception):
-            database = make_url(tracking_uri.strip()).database
-        if database in (None, "", ":memory:"):  # SQLAlchemy's in-memory database: lost on exit
-            raise ConfigError(
-                f"mlflow: expected a database file in the sqlite tracking URI (sqlite:///mlflow.db), "
-                f"got {tracking_uri!r}, an in-memory database that would lose what is logged"
-            )
+    if sqlite_database(tracking_uri) == "":  # SQLAlchemy's in-memory database: lost on exit
+        raise ConfigError(
+            f"mlflow: expected a database file in the sqlite tracking URI (sqlite:///mlflow.db), "
+            f"got {tracking_uri!r}, an in-memory database that would lose what is logged"
+        )
     # Opening a new SQLite store creates its tables, which MLflow announces in two INFO lines on stderr
     # (before a usage error's one line, or the progress): only its warnings are let through.
     store_log = logging.getLogger("mlflow.store.db.utils")
