@@ -600,8 +600,9 @@ def _run(
         if config.sampler == "grid":
             # `trials` grid points, each once; the default configuration (and re-runs of interrupted
             # trials) come on top: everything still to run is a waiting trial.
-            _plan_grid(study, search, points=target, seed=config.seed)
+            # Refused before planning, so that a refusal adds nothing to the journal.
             _check_grid_plan(study, search, points=target, seed=config.seed)
+            _plan_grid(study, search, points=target, seed=config.seed)
             to_run = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
         else:
             to_run = max(0, target - finished)

@@ -27,7 +27,6 @@ from deepspark.errors import ConfigError
 __all__ = ["DISTRIBUTIONS", "SearchSpace", "is_fixed_value", "load_space"]
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "grid")
-_NONE = object()  # None is a choice value of its own
 
 
 @dataclass(frozen=True)
@@ -201,11 +200,11 @@ def _parse_param(name: str, raw: Mapping[str, Any]) -> dict[str, Any]:
         if len(set(map(repr, values))) != len(values):
             raise ConfigError(f"space: parameter {name!r}: values {list(values)} contain duplicates")
         for i, v in enumerate(values):
-            same = next((w for w in values[:i] if w == v), _NONE)
-            if same is not _NONE:
+            same = [w for w in values[:i] if w == v]
+            if same:
                 # Optuna finds a choice by ==: a trial given True is recorded as 1 (and 1.0 as 1).
                 raise ConfigError(
-                    f"space: parameter {name!r}: values {list(values)} hold {same!r} and {v!r}, which "
+                    f"space: parameter {name!r}: values {list(values)} hold {same[0]!r} and {v!r}, which "
                     "compare equal, so Optuna would record one as the other; keep one (or give them as strings)"
                 )
         return {"type": kind, "values": list(values)}
