@@ -411,7 +411,15 @@ def _settings(average: AverageSettings | Mapping[str, Any] | None, strategy: str
 
 def _check_data_arguments(data: Any, **given: Any) -> None:
     """Refuse the arguments that ``data``'s kind would ignore: a dataset name or directory brings its own
-    test split, classes and input shape; the limits and ``data_dir`` select from a dataset, not a DataFrame."""
+    test split, classes and input shape; the limits and ``data_dir`` select from a dataset, not a DataFrame.
+    Anything else (a pandas DataFrame, say) is refused here, for every strategy."""
+    from pyspark.sql import DataFrame
+
+    if not isinstance(data, str | os.PathLike | DataFrame):
+        raise ConfigError(
+            "data: expected a dataset name, an MNIST-layout directory or a Spark DataFrame, "
+            f"got {data_kind(data)}"
+        )
     named = isinstance(data, str | os.PathLike)
     ignored = (
         ("test_data", "num_classes", "input_shape") if named else ("data_dir", "limit_train", "limit_test")
@@ -495,12 +503,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
 _KIND_WORDS = {"bytes": "raw pixel bytes", "image": "encoded image files", "array": "arrays of numbers"}
 
 
-def _not_data(data: Any) -> ConfigError:
-    return ConfigError(
-        f"data: expected a dataset name, an MNIST-layout directory or a Spark DataFrame, got {data_kind(data)}"
-    )
-
-
 def _prepare_data(
     spark: Any,
     data: Any,
@@ -558,8 +560,6 @@ def _prepare_data(
             test_inputs=test_x,
             test_labels=test_y,
         )
-    if not isinstance(data, str | os.PathLike):
-        raise _not_data(data)
     from deepspark.data import to_dataframe
 
     dataset = _load(data, data_dir, limit_train, limit_test)
@@ -1390,14 +1390,10 @@ def _fit_local(
 ) -> FitResult:
     """One process, checkpointed after every epoch (weights, optimizer and schedule state, RNG, data
     position: the same safetensors + JSON as ``allreduce``'s), so ``resume`` continues the same curve."""
-    from pyspark.sql import DataFrame
-
     from deepspark.models import Preprocess
     from deepspark.training.loop import EpochMetrics, EpochState, train_one_process
 
-    if not isinstance(data, str | os.PathLike | DataFrame):
-        raise _not_data(data)
-    if not isinstance(data, str | os.PathLike):
+    if not isinstance(data, str | os.PathLike):  # a Spark DataFrame (fit checked the kind)
         raise ConfigError(
             "strategy 'local' trains on a dataset name or directory; use 'average' for a DataFrame"
         )
