@@ -272,6 +272,44 @@ def test_the_study_deadline_interrupts_running_trials() -> None:
     assert coord.records == []
 
 
+class _ShiftedClock:
+    """``time`` for the coordinator module with a monotonic clock that can jump ahead (the real one
+    still paces the watchdog's ticks)."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.ahead
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+def test_a_worker_that_sees_the_deadline_first_still_gets_the_running_trials_interrupted(monkeypatch) -> None:
+    # CI hung for an hour: the other worker asked for a trial just after the deadline, before the
+    # watchdog's tick, and set the stop reason; the watchdog then took the deadline as handled and never
+    # cancelled the trial that slept on.
+    clock = _ShiftedClock()
+    monkeypatch.setattr("deepspark.tuning.coordinator.time", clock)
+    cancelled: list[int | None] = []
+    coord = _clocked(n_trials=3, timeout=600, heartbeat_timeout=None, cancel=cancelled.append)
+    try:
+        hung = _connect(coord, 0)
+        first = _ask(hung, {"op": "next"})
+        with _connect(coord, 1) as late:
+            clock.ahead = 601.0
+            assert _ask(late, {"op": "next"}) == {"stop": True}
+        _until(lambda: coord.finished, timeout=5.0)
+        assert coord.stop_reason == "timeout" and cancelled == [None]
+        trial = coord.study.trials[first["trial"]]
+        assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["deepspark:interrupted"]
+        hung.close()
+    finally:
+        coord.close()
+    assert coord.records == []
+
+
 def _states(study: optuna.Study) -> list[str]:
     return [t.state.name for t in study.get_trials(deepcopy=False)]
 

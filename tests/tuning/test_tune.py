@@ -363,7 +363,7 @@ def test_a_resume_rewrites_reports_that_a_dead_driver_left_behind_its_journal(sp
 
 def _hangs_in_trial_0(config, reporter):
     if reporter.number == 0:
-        time.sleep(3600)
+        time.sleep(120)  # a hang, bounded: a regression fails in minutes, not CI's hour
     return {"accuracy": config["x"]}
 
 
@@ -385,7 +385,7 @@ def test_a_hung_trial_fails_after_trial_timeout_and_the_study_goes_on(spark, tmp
 
 
 def _always_hangs(config, reporter):
-    time.sleep(3600)
+    time.sleep(120)  # a hang, bounded: a regression fails in minutes, not CI's hour
 
 
 def test_the_study_timeout_interrupts_hung_trials(spark, tmp_path) -> None:

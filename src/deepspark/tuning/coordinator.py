@@ -164,6 +164,10 @@ class Coordinator:
         parallel_asks: int = 0,
     ) -> None:
         self._deadline = time.monotonic() + timeout if timeout is not None else None
+        # Whether the watchdog has applied the deadline (interrupted the running trials). Not the stop
+        # reason: a worker asking for a trial just after the deadline sets that first, and the trials
+        # then running must still be interrupted (CI waited an hour on one that slept).
+        self._deadline_applied = False
         self._trial_timeout = trial_timeout
         self._heartbeat_timeout = heartbeat_timeout
         self._cancel = cancel
@@ -653,10 +657,11 @@ class Coordinator:
             deadline_hit = (
                 self._deadline is not None
                 and now > self._deadline
-                and self.stop_reason is None
+                and not self._deadline_applied
                 and not self.finished
             )
             if deadline_hit:
+                self._deadline_applied = True
                 self._halt("timeout")
                 interrupted = sorted({run.conn_id for run in self._running.values()})
             for run in list(self._running.values()):
