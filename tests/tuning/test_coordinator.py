@@ -217,6 +217,28 @@ def test_a_silent_worker_loses_its_trial_after_the_heartbeat_timeout() -> None:
     assert record.attempts == 2 and record.value == 0.5
 
 
+def test_a_silent_workers_slot_is_cancelled_so_its_trial_can_run_again() -> None:
+    # One slot, its Python worker frozen (SIGSTOP, a deadlock holding the GIL) while Spark's executor
+    # answers: the trial was re-queued after the heartbeat timeout, but the frozen task kept the only
+    # slot, so nobody ever ran it, and --trial-timeout no longer saw it running: the study hung.
+    cancelled: list[int | None] = []
+    coord = _clocked(heartbeat_timeout=1.0, trial_timeout=600, cancel=cancelled.append)
+    try:
+        frozen = _connect(coord, 0)
+        first = _ask(frozen, {"op": "next"})
+        _until(lambda: cancelled, timeout=5.0)
+        assert cancelled == [0]  # the frozen task's job: the slot starts again
+        with _connect(coord, 0) as restarted:
+            again = _ask(restarted, {"op": "next"})
+            assert (again["trial"], again["attempt"]) == (first["trial"], 2)
+            _ask(restarted, {"op": "done", "trial": again["trial"], "state": "complete", "value": 0.5})
+        _until(lambda: coord.finished)
+        frozen.close()
+    finally:
+        coord.close()
+    assert cancelled == [0]
+
+
 def test_heartbeats_keep_a_long_trial_alive() -> None:
     coord = _clocked(heartbeat_timeout=0.6)
     try:

@@ -17,7 +17,8 @@ ones (TPE's constant liar counts them as pending); a study that stops first mark
 and queues their configurations for ``--resume``, as it does the running trials.
 
 A worker is lost when its socket closes, or when it has been silent (no frame, heartbeats included)
-for ``heartbeat_timeout`` seconds while it holds a trial: a frozen host never closes its socket. A
+for ``heartbeat_timeout`` seconds while it holds a trial: a frozen host never closes its socket (its
+slot's Spark job is cancelled then, or the frozen task would hold the slot for good). A
 watchdog thread also enforces ``trial_timeout`` (the trial FAILs, its slot's Spark job is cancelled)
 and the study's ``timeout`` (running trials are interrupted, as on Ctrl-C).
 """
@@ -137,7 +138,8 @@ class Coordinator:
     interrupted and queued for ``--resume``, as on Ctrl-C); ``trial_timeout`` bounds one attempt of a
     trial (it FAILs with ``"trial timed out after N s"`` and is not retried: a trial that hangs once
     would hang again, and retrying would triple the time lost); ``heartbeat_timeout`` bounds a worker's
-    silence while it holds a trial (the trial is re-queued, as when its socket closes). ``cancel(slot)``
+    silence while it holds a trial (the trial is re-queued, as when its socket closes, and its slot's
+    job is cancelled). ``cancel(slot)``
     cancels that slot's Spark job (``cancel(None)``: every slot's), so a hung objective stops using
     its cores; without it only the connection is closed.
     """
@@ -651,7 +653,7 @@ class Coordinator:
         """Apply the three clocks once (the watchdog calls this every tick)."""
         now = time.monotonic() if now is None else now
         timed_out: list[_Running] = []
-        silent: list[tuple[_Running, float]] = []
+        silent: list[tuple[_Running, float, bool]] = []
         interrupted: list[int] = []
         with self._lock:
             deadline_hit = (
@@ -673,7 +675,10 @@ class Coordinator:
                     self._failures += 1
                     self._fail(run, f"trial timed out after {self._trial_timeout:g} s")
                 elif self._heartbeat_timeout is not None and quiet > self._heartbeat_timeout:
-                    silent.append((run, quiet))
+                    # Its task still holds the slot (a frozen Python worker under a live executor never
+                    # fails on its own): cancelled, as for a trial timeout, unless a newer task holds it.
+                    current = self._slot_conn.get(run.slot) == run.conn_id
+                    silent.append((run, quiet, current))
             if self._max_failures is not None and self._failures >= self._max_failures and timed_out:
                 self._halt(f"{self._failures} failed trial(s) reached --max-failures {self._max_failures}")
             self._changed.notify_all()
@@ -682,10 +687,10 @@ class Coordinator:
                 "trial %d: timed out after %g s; cancelling its task", run.trial.number, now - run.began
             )
             self._hang_up(run.conn_id, cancel_slot=run.slot)
-        for run, quiet in silent:
+        for run, quiet, current in silent:
             reason = f"worker {run.worker} silent for {quiet:.0f} s (heartbeat_timeout {self._heartbeat_timeout:g} s)"
             self.worker_lost(run.slot, reason=reason, conn_id=run.conn_id)
-            self._hang_up(run.conn_id)
+            self._hang_up(run.conn_id, cancel_slot=run.slot if current else None)
         if deadline_hit:
             _log.warning("the study's timeout has passed: interrupting %d running trial(s)", len(interrupted))
             if self._cancel is not None:
