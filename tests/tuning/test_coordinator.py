@@ -278,6 +278,41 @@ def test_a_trial_over_its_timeout_fails_is_not_retried_and_its_slot_is_cancelled
     assert [r.state.value for r in coord.records] == ["fail", "complete"]
 
 
+def test_a_worker_whose_trial_timed_out_gets_no_new_trial_on_the_connection_being_cut() -> None:
+    # The worker finished just as its trial timed out: between the watchdog's decision and its cancel of
+    # the slot's job, the worker's next ask was answered with a new trial, which the cancel then killed
+    # (an attempt lost, an "infrastructure failure" for a trial that never failed).
+    in_cancel, release = threading.Event(), threading.Event()
+    cancelled: list[int | None] = []
+
+    def cancel(slot: int | None) -> None:
+        cancelled.append(slot)
+        in_cancel.set()
+        assert release.wait(10.0), "the test never released the cancel"
+
+    coord = _clocked(n_trials=2, trial_timeout=0.5, heartbeat_timeout=None, cancel=cancel)
+    try:
+        late = _connect(coord, 0)
+        first = _ask(late, {"op": "next"})
+        assert in_cancel.wait(10.0)  # the watchdog has failed the trial and is cancelling its slot
+        done = {"op": "done", "trial": first["trial"], "state": "complete", "value": 1.0}
+        assert _ask(late, done) == {"send_model": False}  # too late: the trial has failed
+        assert _ask(late, {"op": "next"}) == {"stop": True}
+        release.set()
+        with pytest.raises(ConnectionError):  # then the watchdog closes it
+            late.recv()
+        with _connect(coord, 0) as restarted:
+            second = _ask(restarted, {"op": "next"})
+            assert second["trial"] != first["trial"] and second["attempt"] == 1
+            _ask(restarted, {"op": "done", "trial": second["trial"], "state": "complete", "value": 0.4})
+        _until(lambda: coord.finished)
+    finally:
+        release.set()
+        coord.close()
+    assert [(r.state.value, r.attempts) for r in coord.records] == [("fail", 1), ("complete", 1)]
+    assert cancelled == [0]
+
+
 def test_the_study_deadline_interrupts_running_trials() -> None:
     cancelled: list[int | None] = []
     coord = _clocked(n_trials=3, timeout=0.5, cancel=cancelled.append)

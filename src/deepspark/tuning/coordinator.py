@@ -177,6 +177,9 @@ class Coordinator:
         self._tick = max(0.05, min([1.0, *clocks]))
         self._heard: dict[int, float] = {}  # conn_id -> when its last frame arrived (monotonic)
         self._conns: dict[int, wire.Connection] = {}
+        # Connections the watchdog is cutting (a trial timed out, a worker fell silent): decided under the
+        # lock, closed after it, so until then they must be handed no trial (the cut would lose it).
+        self._cut: set[int] = set()
         self._closing = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="deepspark-watchdog", daemon=True)
         self.study = study
@@ -344,6 +347,7 @@ class Coordinator:
             with self._lock:
                 self._conns.pop(conn_id, None)
                 self._heard.pop(conn_id, None)
+                self._cut.discard(conn_id)
             self.worker_lost(slot, reason=f"worker {worker} disconnected", conn_id=conn_id)
 
     def _supersede(self, slot: int, conn_id: int) -> None:
@@ -365,7 +369,7 @@ class Coordinator:
                     return {"stop": True}  # a stale attempt: a newer one holds this slot
                 # A lost executor takes all its workers at once. The thread of one that was waiting here
                 # must not take the trial its neighbour just lost: that worker is gone too.
-                if conn.peer_closed():
+                if conn.peer_closed() or conn_id in self._cut:
                     return {"stop": True}
                 if self._deadline is not None and time.monotonic() > self._deadline:
                     self._halt("timeout")
@@ -421,7 +425,11 @@ class Coordinator:
                 if self.stop_reason is not None:
                     self._interrupt(trial)
                     return {"stop": True}
-                if self._slot_conn.get(slot, conn_id) != conn_id or conn.peer_closed():
+                if (
+                    self._slot_conn.get(slot, conn_id) != conn_id
+                    or conn.peer_closed()
+                    or conn_id in self._cut
+                ):
                     self._ahead.appendleft((trial, params))  # for the next worker that asks
                     self._changed.notify_all()
                     return {"stop": True}
@@ -672,6 +680,7 @@ class Coordinator:
                     del self._running[run.trial.number]
                     self._by_slot.get(run.slot, set()).discard(run.trial.number)
                     timed_out.append(run)
+                    self._cut.add(run.conn_id)
                     self._failures += 1
                     self._fail(run, f"trial timed out after {self._trial_timeout:g} s")
                 elif self._heartbeat_timeout is not None and quiet > self._heartbeat_timeout:
@@ -679,6 +688,7 @@ class Coordinator:
                     # fails on its own): cancelled, as for a trial timeout, unless a newer task holds it.
                     current = self._slot_conn.get(run.slot) == run.conn_id
                     silent.append((run, quiet, current))
+                    self._cut.add(run.conn_id)
             if self._max_failures is not None and self._failures >= self._max_failures and timed_out:
                 self._halt(f"{self._failures} failed trial(s) reached --max-failures {self._max_failures}")
             self._changed.notify_all()
