@@ -573,6 +573,41 @@ def test_a_trial_asked_outside_the_lock_as_the_study_stops_is_interrupted_and_qu
     assert trials[2].user_attrs["deepspark:rerun_of"] == 1
 
 
+def test_a_worker_waits_for_the_trial_the_sampler_thread_is_still_asking() -> None:
+    # The last trial was being sampled ahead when the only worker asked for work: nothing running, nothing
+    # ready, nothing left to ask, so it was told to stop, and its Spark job ended with a trial on the way
+    # (the slot was then resubmitted, a new job per ask until the trial landed).
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = _Gated()
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    coord = _started(study, n_trials=2, sample_ahead=1, parallel_asks=1)
+    try:
+        _until(lambda: _states(study) == ["RUNNING"])  # one sampled ahead
+        sampler.gate.clear()
+        worker = _connect(coord, 0)
+        try:
+            first = _ask(worker, {"op": "next"})  # the one ahead; the sampler thread asks the last one
+            assert sampler.waiting.wait(10.0)
+            _ask(worker, {"op": "done", "trial": first["trial"], "state": "complete", "value": 0.5})
+            worker.send({"op": "next"})
+            worker.settimeout(0.5)
+            with pytest.raises(TimeoutError):  # no answer while the ask is in flight (no bytes read)
+                worker.recv()
+            worker.settimeout(10)
+            sampler.gate.set()
+            second, _ = worker.recv()
+            assert second["trial"] == 1
+            _ask(worker, {"op": "done", "trial": 1, "state": "complete", "value": 0.6})
+            assert _ask(worker, {"op": "next"}) == {"stop": True}
+        finally:
+            worker.close()
+        _until(lambda: coord.finished)
+    finally:
+        sampler.gate.set()
+        coord.close()
+    assert _states(study) == ["COMPLETE", "COMPLETE"]
+
+
 def test_a_configuration_beyond_optunas_parameters_is_recorded_and_read_back() -> None:
     from deepspark.tuning.report import records_from_study
 

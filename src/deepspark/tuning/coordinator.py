@@ -408,8 +408,8 @@ class Coordinator:
                     )
                     break
                 # With nothing left to start, wait for a running trial elsewhere that may still be lost
-                # and need a new home.
-                if not self._running:
+                # and need a new home, and for the asks in flight (a sampler thread's lands in _ahead).
+                if not self._running and not self._asking:
                     return {"stop": True}
                 self._changed.wait(timeout=1.0)
             if run is not None:
