@@ -151,6 +151,70 @@ def test_ctrl_c_stops_first_then_cancels_the_job_group(spark) -> None:
     assert sc.parallelize([3], 1).mapPartitions(_square).collect() == [9]
 
 
+class _PlanningContext:
+    """A SparkContext stand-in whose jobs run until their group is cancelled; as in Spark, a cancel
+    reaches only the jobs already submitted."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active: list[threading.Event] = []
+        self.cancelled_once = threading.Event()
+        self.ran_on = False
+
+    def setJobGroup(self, group: str, description: str, interruptOnCancel: bool = False) -> None:
+        pass
+
+    def cancelJobGroup(self, group: str) -> None:
+        with self._lock:
+            for job in self._active:
+                job.set()
+            self._active.clear()
+        self.cancelled_once.set()
+
+    def statusTracker(self) -> _PlanningContext:
+        return self
+
+    def getJobIdsForGroup(self, group: str) -> list[int]:
+        return []
+
+    def run_job(self, seconds: float) -> None:
+        job = threading.Event()
+        with self._lock:
+            self._active.append(job)
+        if job.wait(seconds):
+            raise RuntimeError("Job cancelled because its job group was cancelled")
+        self.ran_on = True
+
+
+def test_ctrl_c_also_cancels_a_job_that_reached_spark_after_the_first_cancel() -> None:
+    # A slot was still planning its job (closure pickled, RDD made) when Ctrl-C came: Spark's cancel took
+    # only the active jobs, the slot's job started just after, and ran on after run_slots had returned
+    # and its caller had closed its endpoint and destroyed its broadcast.
+    sc = _PlanningContext()
+    stopped = threading.Event()
+
+    def submit(slot: int) -> None:
+        _thread.interrupt_main()  # Ctrl-C while this slot is between keep_going() and its job
+        assert sc.cancelled_once.wait(10.0)
+        sc.run_job(seconds=5.0)
+
+    started = time.monotonic()
+    outcome = run_slots(
+        sc,
+        width=1,
+        submit=submit,
+        keep_going=lambda: not stopped.is_set(),
+        on_lost=lambda slot, exc: None,
+        stop=lambda reason: stopped.set(),
+        max_attempts=3,
+        group_prefix="test-slots",
+        join_timeout=10.0,
+    )
+    assert outcome.interrupted
+    assert not sc.ran_on  # cancelled too
+    assert time.monotonic() - started < 4.0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"), [({"width": 0}, "width"), ({"max_attempts": 0}, "max_attempts")]
 )

@@ -12,6 +12,7 @@ import logging
 import re
 import secrets
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,8 +72,9 @@ def run_slots(
       and end that slot. ``progress()`` is a count of finished work: a slot's consecutive-failure count
       starts again whenever it has changed.
     - KeyboardInterrupt (Ctrl-C on the driver) calls ``stop("interrupted")``, cancels the job group
-      (``interruptOnCancel``: running tasks are killed) and waits up to ``join_timeout`` seconds for the
-      slot threads; the outcome is then ``interrupted``.
+      (``interruptOnCancel``: running tasks are killed) again and again until the slot threads have
+      ended (a job submitted just after a cancel is cancelled too), up to ``join_timeout`` seconds; the
+      outcome is then ``interrupted``.
     - ``group`` names the job group (default: ``group_prefix`` and a random suffix), so a caller that runs
       this in a thread of its own can cancel the jobs itself.
     """
@@ -134,13 +136,17 @@ def run_slots(
     except KeyboardInterrupt:
         interrupted = True
         stop("interrupted")
+        deadline = time.monotonic() + join_timeout
         cancel_group(sc, group)
         started = sum(t.ident is not None for t in threads)
         with lock:
             running[0] -= width - started  # threads Ctrl-C kept from starting will never end
             if running[0] == 0:
                 all_ended.set()
-        all_ended.wait(join_timeout)
+        # Spark cancels the group's active jobs only: a slot still planning its job (past keep_going())
+        # submits it after the first cancel, and it would run on after this returns.
+        while not all_ended.wait(0.1) and time.monotonic() < deadline:
+            cancel_group(sc, group, timeout=max(0.0, deadline - time.monotonic()))
     return SlotOutcome(group=group, interrupted=interrupted, gave_up=dict(gave_up))
 
 
