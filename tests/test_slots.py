@@ -198,7 +198,6 @@ def test_ctrl_c_also_cancels_a_job_that_reached_spark_after_the_first_cancel() -
         assert sc.cancelled_once.wait(10.0)
         sc.run_job(seconds=5.0)
 
-    started = time.monotonic()
     outcome = run_slots(
         sc,
         width=1,
@@ -211,8 +210,7 @@ def test_ctrl_c_also_cancels_a_job_that_reached_spark_after_the_first_cancel() -
         join_timeout=10.0,
     )
     assert outcome.interrupted
-    assert not sc.ran_on  # cancelled too
-    assert time.monotonic() - started < 4.0
+    assert not sc.ran_on  # cancelled too (uncancelled, it runs its 5 s and sets ran_on)
 
 
 @pytest.mark.parametrize(
