@@ -115,14 +115,32 @@ def test_progress_restarts_the_failure_count_and_on_lost_can_end_the_run(spark) 
     assert calls == 5 and stops == [] and not outcome.gave_up
 
 
+def _interrupt_when_running(sc, group: str, timeout: float = 60.0) -> None:
+    """Ctrl-C the main thread once a task of job group ``group`` runs (polled, bounded by ``timeout``)."""
+    tracker = sc.statusTracker()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for job in tracker.getJobIdsForGroup(group):
+            info = tracker.getJobInfo(job)
+            for stage in info.stageIds if info is not None else ():
+                stage_info = tracker.getStageInfo(stage)
+                if stage_info is not None and stage_info.numActiveTasks > 0:
+                    _thread.interrupt_main()
+                    return
+        time.sleep(0.05)
+    _thread.interrupt_main()  # never seen running: interrupt anyway, and the assertions below tell
+
+
 def test_ctrl_c_stops_first_then_cancels_the_job_group(spark) -> None:
     sc = spark.sparkContext
     events: list[str] = []
     stopped = threading.Event()
 
     def submit(slot: int) -> None:
-        # Ctrl-C on the driver once this slot's job is running (the main thread is in run_slots).
-        threading.Timer(1.0, _thread.interrupt_main).start()
+        # Ctrl-C on the driver once this slot's job is running (the main thread is in run_slots): seen
+        # running, not assumed after a fixed delay (a job submitted after the cancel would run its 120 s).
+        group = sc.getLocalProperty("spark.jobGroup.id")
+        threading.Thread(target=_interrupt_when_running, args=(sc, group), daemon=True).start()
         try:
             sc.parallelize([slot], 1).mapPartitions(_sleep_on_the_executor).collect()
         except Exception:
