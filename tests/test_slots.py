@@ -249,6 +249,38 @@ def test_run_slots_checks_its_arguments(kwargs, match) -> None:
         run_slots(None, **args)
 
 
+class _NoSpark:
+    def setJobGroup(self, group: str, description: str, interruptOnCancel: bool = False) -> None:
+        pass
+
+
+def test_a_slot_whose_callback_raises_stops_the_run_with_the_error(monkeypatch) -> None:
+    # A slot's thread died of its on_lost callback's error: it printed a thread traceback and stopped
+    # nobody, so a caller waiting for the run to end or fail (training's round server) waited forever.
+    uncaught: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: uncaught.append(args.exc_value))
+    stops: list[str] = []
+
+    def submit(slot: int) -> None:
+        raise RuntimeError("the job failed")
+
+    def on_lost(slot: int, exc: BaseException) -> None:
+        raise ValueError("on_lost broke")
+
+    outcome = run_slots(
+        _NoSpark(),
+        width=1,
+        submit=submit,
+        keep_going=lambda: not stops,
+        on_lost=on_lost,
+        stop=stops.append,
+        max_attempts=3,
+        group_prefix="test-slots",
+    )
+    assert stops == ["slot 0 failed: ValueError: on_lost broke"]
+    assert uncaught == [] and not outcome.interrupted
+
+
 def test_short_error_keeps_the_line_naming_the_error() -> None:
     exc = RuntimeError(
         "An error occurred while calling o1.collect.\n  py4j stuff\nValueError: bad thing\n more"

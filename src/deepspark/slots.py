@@ -71,6 +71,8 @@ def run_slots(
       consecutive failures of one slot call ``stop("<description> <slot> failed <n> times: <error>")``
       and end that slot. ``progress()`` is a count of finished work: a slot's consecutive-failure count
       starts again whenever it has changed.
+    - An error raised in a slot's thread outside ``submit`` (by a callback, or ``setJobGroup`` on a
+      stopped context) calls ``stop("<description> <slot> failed: <error>")`` and ends that slot.
     - KeyboardInterrupt (Ctrl-C on the driver) calls ``stop("interrupted")``, cancels the job group
       (``interruptOnCancel``: running tasks are killed) again and again until the slot threads have
       ended (a job submitted just after a cancel is cancelled too), up to ``join_timeout`` seconds; the
@@ -91,6 +93,9 @@ def run_slots(
     def slot_thread(slot: int) -> None:
         try:
             slot_loop(slot)
+        except Exception as exc:  # a callback's error (or a stopped context): the run stops, with it
+            _log.debug("%s %d: its thread failed", description, slot, exc_info=True)
+            stop(f"{description} {slot} failed: {type(exc).__name__}: {exc}")
         finally:
             with lock:
                 running[0] -= 1

@@ -422,6 +422,22 @@ def test_a_round_that_cannot_be_averaged_stops_the_run(
         fit(str(toy), "mlp", workers=2, config={**SGD, "epochs": 1}, run_dir=tmp_path / "run")
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("strategy", ["average", "async"])
+def test_a_driver_loop_that_dies_fails_the_run_instead_of_hanging_it(
+    spark: Any, toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str
+) -> None:
+    # The thread that submits the workers' Spark jobs ended by an error (a callback raising, a stopped
+    # SparkContext): nothing told the round server, and the driver waited for rounds forever.
+    def dies(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the SparkContext was stopped")
+
+    monkeypatch.setattr("deepspark.training._fit.run_slots", dies)
+    run = tmp_path / "run"
+    with pytest.raises(RunError, match="the SparkContext was stopped"):
+        fit(str(toy), "mlp", strategy=strategy, workers=2, config={**SGD, "epochs": 1}, run_dir=run)
+
+
 def test_dataframe_with_an_empty_partition(spark: Any, tmp_path: Path) -> None:
     from pyspark.sql import functions as F
 

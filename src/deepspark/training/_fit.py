@@ -776,23 +776,30 @@ def _run_workers(
         def give_up(reason: str) -> None:
             server.fail(RunError(f"training stopped: {reason}"))
 
-        slots = threading.Thread(
-            target=run_slots,
-            args=(sc,),
-            kwargs={
-                "width": workers,
-                "submit": lambda worker: sc.runJob(jobs, _drain, partitions=[worker]),
-                "keep_going": lambda: not server.finished and server.error is None,
-                "on_lost": lost,
-                "stop": give_up,
-                "max_attempts": 3,
-                "group_prefix": "deepspark-train",
-                "description": "training worker",
-                "group": group,
-            },
-            name=f"deepspark-{name}-slots",
-            daemon=True,
-        )
+        def drive() -> None:
+            try:
+                run_slots(
+                    sc,
+                    width=workers,
+                    submit=lambda worker: sc.runJob(jobs, _drain, partitions=[worker]),
+                    keep_going=lambda: not server.finished and server.error is None,
+                    on_lost=lost,
+                    stop=give_up,
+                    max_attempts=3,
+                    group_prefix="deepspark-train",
+                    description="training worker",
+                    group=group,
+                )
+            except Exception as exc:
+                _log.debug("%s: the workers' driver thread failed", name, exc_info=True)
+                server.fail(RunError(f"training stopped: its workers' jobs could not be run: {exc}"))
+            finally:
+                # The slots end only once the server finished or failed; if they ended otherwise (a slot's
+                # thread died), nothing would wake the wait below.
+                if not server.finished and server.error is None:
+                    server.fail(RunError("training stopped: its workers' jobs ended before training did"))
+
+        slots = threading.Thread(target=drive, name=f"deepspark-{name}-slots", daemon=True)
         try:
             if not server.finished:
                 slots.start()
