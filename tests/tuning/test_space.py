@@ -53,6 +53,11 @@ def test_grid_rejects_continuous() -> None:
         ({"x": {"type": "grid", "values": [0, 1.0, False]}}, "hold 0 and False, which compare equal"),
         ({"x": {"type": "choice", "values": ["a", 1, 1.0]}}, "hold 1 and 1.0, which compare equal"),
         ({"x": {"type": "int", "low": 0.5, "high": 3}}, "must be integers"),
+        ({"x": {"type": "int", "low": 2**53 + 1, "high": 2**53}}, "low must be less than high"),
+        (  # Optuna would sample up to 96 and warn; the space's description said 100
+            {"x": {"type": "int", "low": 32, "high": 100, "step": 32}},
+            r"high 100 is not low 32 plus a whole number of steps 32: the largest value is 96; give high: 96",
+        ),
         (
             {"x": {"type": "int", "low": 1, "high": 8, "log": "false"}},
             "log must be true or false, got 'false'",
@@ -81,5 +86,8 @@ def test_int_bounds_are_kept_exactly_above_float_precision() -> None:
             "n": {"type": "int", "low": 1.0, "high": 3},
         }
     )
+    # As floats the two bounds are equal: compared as the integers given, they are a range.
+    near = load_space({"near": {"type": "int", "low": 2**53, "high": 2**53 + 1}})
+    assert near.grid() == {"near": [2**53, 2**53 + 1]}
     assert space.params["seed"]["low"] == 2**53 + 1 and space.params["seed"]["high"] == 2**60 + 1
     assert space.distributions()["seed"].high == 2**60 + 1 and space.params["n"]["low"] == 1

@@ -212,31 +212,45 @@ def _parse_param(name: str, raw: Mapping[str, Any]) -> dict[str, Any]:
         if key not in raw:
             raise ConfigError(f"space: parameter {name!r} ({kind}) needs '{key}'")
     low, high = _number(name, "low", raw["low"]), _number(name, "high", raw["high"])
+    if kind == "int":
+        if not low.is_integer() or not high.is_integer():
+            raise ConfigError(
+                f"space: parameter {name!r} (int): low and high must be integers, got {low:g}, {high:g}"
+            )
+        # The integers given, not their floats: float() rounds above 2**53 (2**53 + 1 became 2**53).
+        return _int_param(name, raw, int(raw["low"]), int(raw["high"]))
     if low >= high:
         raise ConfigError(
             f"space: parameter {name!r}: low must be less than high, got low={low:g}, high={high:g}"
         )
     if kind == "loguniform" and low <= 0:
         raise ConfigError(f"space: parameter {name!r}: loguniform bounds must be > 0, got low={low:g}")
-    if kind == "int":
-        if not float(low).is_integer() or not float(high).is_integer():
-            raise ConfigError(
-                f"space: parameter {name!r} (int): low and high must be integers, got {low:g}, {high:g}"
-            )
-        step = raw.get("step", 1)
-        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-            raise ConfigError(
-                f"space: parameter {name!r} (int): step must be a positive integer, got {step!r}"
-            )
-        log = raw.get("log", False)
-        # Not bool(log): bool("false") is True, so a quoted YAML value searched on a log scale.
-        if not isinstance(log, bool):
-            raise ConfigError(f"space: parameter {name!r} (int): log must be true or false, got {log!r}")
-        if log and (low <= 0 or step != 1):
-            raise ConfigError(f"space: parameter {name!r} (int, log): needs low > 0 and step 1")
-        # From the values given: float() rounds integers above 2**53 (2**53 + 1 became 2**53).
-        return {"type": "int", "low": int(raw["low"]), "high": int(raw["high"]), "step": step, "log": log}
     return {"type": kind, "low": low, "high": high}
+
+
+def _int_param(name: str, raw: Mapping[str, Any], low: int, high: int) -> dict[str, Any]:
+    if low >= high:
+        raise ConfigError(
+            f"space: parameter {name!r}: low must be less than high, got low={low}, high={high}"
+        )
+    step = raw.get("step", 1)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ConfigError(f"space: parameter {name!r} (int): step must be a positive integer, got {step!r}")
+    if (high - low) % step:
+        # Optuna would lower high to the last value reached (with a warning), while the space's
+        # description and the report said the value given.
+        last = low + (high - low) // step * step
+        raise ConfigError(
+            f"space: parameter {name!r} (int): high {high} is not low {low} plus a whole number of steps "
+            f"{step}: the largest value is {last}; give high: {last}"
+        )
+    log = raw.get("log", False)
+    # Not bool(log): bool("false") is True, so a quoted YAML value searched on a log scale.
+    if not isinstance(log, bool):
+        raise ConfigError(f"space: parameter {name!r} (int): log must be true or false, got {log!r}")
+    if log and (low <= 0 or step != 1):
+        raise ConfigError(f"space: parameter {name!r} (int, log): needs low > 0 and step 1")
+    return {"type": "int", "low": low, "high": high, "step": step, "log": log}
 
 
 def load_space(space: SearchSpace | Mapping[str, Any] | str | os.PathLike[str] | None) -> SearchSpace:
