@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import pytest
 import torch
 
 from deepspark import wire
@@ -109,3 +110,28 @@ def test_a_superseded_connection_neither_pushes_nor_drops_its_worker_from_a_roun
         endpoint.close()
     assert [(r.round, r.workers, r.samples) for r in records] == [(0, 2, 16), (1, 2, 16)]
     assert torch.equal(server.weights["w"], torch.full((2,), 3.0))  # (2 + 4) / 2, never the 100
+
+
+@pytest.mark.timeout(30)
+def test_no_round_is_averaged_or_recorded_once_the_run_has_failed() -> None:
+    # Worker 0 had pushed its round when the run failed (a worker that failed for good, Ctrl-C); worker
+    # 1's push came after. It used to complete the round: a history row, a checkpoint and the user's
+    # on_round callback came after the run had stopped, from a handler thread racing the driver's exit.
+    records: list[RoundRecord] = []
+    server = _server(records)
+    endpoint = wire.Server(token=TOKEN, handler=server.handle, name="test-rounds")
+    endpoint.start()
+    try:
+        with _connect(endpoint, 0) as zero, _connect(endpoint, 1) as one:
+            first_zero, _ = zero.recv()
+            first_one, _ = one.recv()
+            _push(zero, first_zero, 2.0)
+            server.fail(RuntimeError("training worker 2 failed for good"))
+            assert zero.recv()[0] == {"op": "stop"}
+            _push(one, first_one, 4.0)
+            assert one.recv()[0] == {"op": "stop"}
+    finally:
+        endpoint.close()
+    assert records == [] and not server.finished
+    assert str(server.error) == "training worker 2 failed for good"
+    assert torch.equal(server.weights["w"], torch.zeros(2))

@@ -21,6 +21,8 @@ Choices (docs/training.md):
   the round waits for the replacement instead, which joins it: an average of nothing is no round.
   Only a worker's newest connection counts (a lost task whose
   process still runs is told to stop; its push is not taken, its closing leaves no round).
+- Once the run has failed or been interrupted, no round is averaged or recorded: a push that arrives
+  after the stop (the others' pushes of that round came before it) is not taken, as in ``allreduce``.
 """
 
 from __future__ import annotations
@@ -361,7 +363,9 @@ class RoundServer(ServerState):
     # ------------------------------------------------------------------------------ rounds
     def _maybe_finish(self) -> None:
         current = self._round
-        if self.finished or not current.expected or not current.expected <= set(current.pushes):
+        if self.finished or self.error is not None:
+            return  # the run stopped (Ctrl-C, a worker that failed for good): a push after it makes no round
+        if not current.expected or not current.expected <= set(current.pushes):
             return
         pushes = [current.pushes[k] for k in sorted(current.pushes)]
         samples = sum(p.samples for p in pushes)
