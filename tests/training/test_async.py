@@ -149,14 +149,14 @@ def test_a_push_from_a_lost_workers_connection_is_not_applied_twice() -> None:
 
 
 @contextlib.contextmanager
-def _serving(server: ParameterServer) -> Iterator[Callable[[int], wire.Connection]]:
-    """Serve ``server`` on loopback; yield ``connect(worker)``, a fake worker's connection."""
+def _serving(server: ParameterServer) -> Iterator[Callable[..., wire.Connection]]:
+    """Serve ``server`` on loopback; yield ``connect(worker, rows=40)``, a fake worker's connection."""
     token = "t" * 32
     endpoint = wire.Server(token=token, handler=server.handle, name="test-paramserver")
     endpoint.start()
 
-    def connect(worker: int) -> wire.Connection:
-        hello = {"worker": worker, "rows": 40}
+    def connect(worker: int, rows: int = 40) -> wire.Connection:
+        hello = {"worker": worker, "rows": rows}
         conn = wire.connect("127.0.0.1", endpoint.address[1], token=token, hello=hello, timeout=10)
         conn.settimeout(10)
         return conn
@@ -212,6 +212,34 @@ def test_a_row_of_pushes_without_examples_records_no_loss() -> None:
             assert conn.recv()[0]["op"] == "pull"
     [record] = records
     assert record.samples == 0 and math.isnan(record.train_loss)
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_with_an_empty_partition_waits_while_no_worker_with_data_is_live() -> None:
+    # Worker 0, the only one with data, is lost. Worker 1's partition is empty: it used to be granted
+    # pull after pull (no live worker held its clock back), each an empty push, a new version and
+    # every second one a history row with no examples, as fast as the loop went, until the
+    # replacement had loaded its data.
+    records: list[AsyncRecord] = []
+    server = _server(on_round=lambda record, weights: records.append(record))
+    nothing = state_to_bytes({"w": torch.zeros(4)})
+    with _serving(server) as connect, connect(0) as data, connect(1, rows=0) as empty:
+        pull_data, _ = data.recv()
+        pull_empty, _ = empty.recv()
+        _send_push(data, pull_data, state_to_bytes({"w": torch.ones(4)}))
+        assert data.recv()[0]["op"] == "pull"
+        data.close()
+        server.worker_lost(0)  # Spark reports its job failed
+        _send_push(empty, pull_empty, nothing, samples=0)
+        empty.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            empty.recv()  # no pull while no worker with data is live
+        empty.settimeout(10)
+        with connect(0) as replacement:
+            again, _ = replacement.recv()
+            assert again["cursor"] == {"pushes": 1} and again["version"] == 2
+            assert empty.recv()[0]["op"] == "pull"  # a worker with data is back: it may pull again
+    assert server.version == 2 and len(records) == 1
 
 
 def test_async_arguments_are_validated(tmp_path: Path) -> None:

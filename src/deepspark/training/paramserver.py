@@ -24,7 +24,9 @@ Choices (docs/training.md):
   condition until the slow one pushes or is declared dead. Every worker counts as live from the start
   (SSP: a task still loading its data holds the others back), until its connection closes or its Spark
   job fails (:meth:`ParameterServer.worker_lost`); a dead worker leaves the minimum at once, and its
-  replacement rejoins at the current minimum clock.
+  replacement rejoins at the current minimum clock. A worker whose partition is empty (its hello says
+  0 rows) pulls only while a worker with data is live (or not connected yet): alone, nothing held its
+  clock back, and its empty pushes ran as fast as the loop went until the replacement arrived.
 - One connection per worker counts: the newest. A connection that a newer one of the same worker has
   replaced, or whose Spark job failed meanwhile (a task that Spark has not killed yet), is told to stop and
   its push in flight is not applied: the replacement takes those batches again from the driver's cursor,
@@ -74,6 +76,7 @@ class _Worker:
     live: bool = True  # counts in the minimum clock (every worker does until it is lost)
     connection: int = 0  # the number of its current connection; any other is superseded
     claimed: int = 0  # examples its pull in flight may push (0 when none is)
+    rows: int | None = None  # its partition's rows, from its hello (None until it has connected)
 
 
 @dataclass
@@ -215,6 +218,7 @@ class ParameterServer(ServerState):
             state.connection += 1  # supersedes an earlier connection of this worker
             state.claimed = 0  # an earlier connection's pull in flight no longer counts
             mine = state.connection
+            state.rows = int(conn.hello.get("rows", 0))
             if not state.cursor:
                 state.cursor = self._new_cursor(worker, int(conn.hello.get("rows", 0)))
             self._lock.notify_all()
@@ -228,7 +232,15 @@ class ParameterServer(ServerState):
                     self._drop(worker)
 
     def _may_pull(self, worker: int) -> bool:
-        return self._gap(worker) <= self._staleness and self._done_samples + self._claimed() < self._total
+        return (
+            self._gap(worker) <= self._staleness
+            and self._done_samples + self._claimed() < self._total
+            and (self._workers[worker].rows != 0 or self._data_live())
+        )
+
+    def _data_live(self) -> bool:
+        # A worker that has not connected yet may have data; a lost one is not live.
+        return any(w.live and w.rows != 0 for w in self._workers.values())
 
     def _serve(self, conn: Any, worker: int, mine: int) -> None:
         state = self._workers[worker]
