@@ -110,7 +110,7 @@ def test_progress_restarts_the_failure_count_and_on_lost_can_end_the_run(spark) 
         stop=stops.append,
         max_attempts=1,
         group_prefix="test-slots",
-        progress=lambda: calls,
+        progress=lambda slot: calls,
     )
     assert calls == 5 and stops == [] and not outcome.gave_up
 

@@ -51,7 +51,7 @@ def run_slots(
     stop: Callable[[str], None],
     max_attempts: int,
     group_prefix: str,
-    progress: Callable[[], int] = lambda: 0,
+    progress: Callable[[int], int] = lambda slot: 0,
     description: str = "slot",
     join_timeout: float = 30.0,
     group: str | None = None,
@@ -69,8 +69,8 @@ def run_slots(
     - ``on_lost(slot, error)`` is called after each failed job (e.g. to re-queue the slot's work); then
       the job is submitted again, unless ``keep_going()`` is now false. More than ``max_attempts``
       consecutive failures of one slot call ``stop("<description> <slot> failed <n> times: <error>")``
-      and end that slot. ``progress()`` is a count of finished work: a slot's consecutive-failure count
-      starts again whenever it has changed.
+      and end that slot. ``progress(slot)`` is a count of finished work (the slot's own, or everyone's):
+      the slot's consecutive-failure count starts again whenever it has changed.
     - An error raised in a slot's thread outside ``submit`` (by a callback, or ``setJobGroup`` on a
       stopped context) calls ``stop("<description> <slot> failed: <error>")`` and ends that slot.
     - KeyboardInterrupt (Ctrl-C on the driver) calls ``stop("interrupted")``, cancels the job group
@@ -104,10 +104,10 @@ def run_slots(
 
     def slot_loop(slot: int) -> None:
         sc.setJobGroup(group, f"deepspark {description} {slot}", interruptOnCancel=True)
-        failures, seen = 0, progress()
+        failures, seen = 0, progress(slot)
         while keep_going():
-            if progress() != seen:  # work got done since the last failure
-                failures, seen = 0, progress()
+            if progress(slot) != seen:  # work got done since the last failure
+                failures, seen = 0, progress(slot)
             try:
                 submit(slot)
             except Exception as exc:

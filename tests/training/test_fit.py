@@ -438,6 +438,43 @@ def test_a_driver_loop_that_dies_fails_the_run_instead_of_hanging_it(
         fit(str(toy), "mlp", strategy=strategy, workers=2, config={**SGD, "epochs": 1}, run_dir=run)
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy", ["average", "async"])
+def test_workers_lost_now_and_then_over_a_long_run_do_not_stop_it(
+    spark: Any, toy: Path, tmp_path: Path, strategy: str
+) -> None:
+    # Every worker's task is lost four times, each time after its replacement had trained: the count
+    # of a worker's failures in a row never started again, and its fourth loss of the run stopped it
+    # ("training worker 0 failed 4 times"), however long the replacements had trained.
+    tracker = spark.sparkContext.statusTracker()
+    killed: list[set[int]] = []
+    running: list[set[int]] = [set()]  # the workers' jobs, as the last round saw them
+
+    def kill(row: dict[str, Any]) -> None:
+        jobs, before = set(tracker.getActiveJobsIds()), running[0]
+        running[0] = jobs
+        # Both workers run new jobs since before the previous round, and both pushed into this one: each
+        # replacement has trained (a lost task's connection is superseded before its job is resubmitted).
+        fresh = len(jobs) == 2 and jobs == before and not jobs & set().union(*killed)
+        if len(killed) < 4 and fresh and row["workers"] == 2:
+            killed.append(jobs)
+            spark.sparkContext.cancelAllJobs()  # both tasks die; their jobs are resubmitted
+
+    result = fit(
+        str(toy),
+        "mlp",
+        strategy=strategy,
+        workers=2,
+        config={**SGD, "batch_size": 4, "epochs": 8},
+        average={"tau": 1},
+        run_dir=tmp_path / "run",
+        on_round=kill,
+    )
+    assert len(killed) == 4
+    assert [int(r["round"]) for r in result.history] == list(range(len(result.history)))
+    assert result.history[-1]["epoch"] >= 7  # to the end (a lost worker's share of its round is lost)
+
+
 def test_dataframe_with_an_empty_partition(spark: Any, tmp_path: Path) -> None:
     from pyspark.sql import functions as F
 

@@ -679,6 +679,7 @@ class _Server(Protocol):
     def wait(self, timeout: float) -> bool: ...
     def fail(self, error: BaseException) -> None: ...
     def worker_lost(self, worker: int) -> None: ...
+    def taken(self, worker: int) -> int: ...
 
 
 class _Recorder:
@@ -786,6 +787,7 @@ def _run_workers(
                     on_lost=lost,
                     stop=give_up,
                     max_attempts=3,
+                    progress=server.taken,  # a worker that trained since its last loss starts counting again
                     group_prefix="deepspark-train",
                     description="training worker",
                     group=group,

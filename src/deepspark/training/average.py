@@ -110,6 +110,7 @@ class _Worker:
     cursor: dict[str, Any]
     connection: int = 0  # the number of its newest connection; an older one is superseded
     first_seen: float | None = None
+    taken: int = 0  # its pushes averaged into a round, in this process
 
 
 @dataclass
@@ -245,6 +246,10 @@ class RoundServer(ServerState):
 
     def cursors(self) -> dict[int, dict[str, Any]]:
         return {k: dict(w.cursor) for k, w in self._workers.items()}
+
+    def taken(self, worker: int) -> int:
+        """How many of ``worker``'s pushes rounds have taken (a lost worker's replacements count on)."""
+        return self._workers[worker].taken
 
     @property
     def samples_done(self) -> int:
@@ -383,6 +388,7 @@ class RoundServer(ServerState):
             return
         for k, push in current.pushes.items():
             self._workers[k].cursor = push.cursor
+            self._workers[k].taken += 1
         self._done_samples += samples
         self._done_steps += current.steps
         record = RoundRecord(

@@ -77,6 +77,7 @@ class _Worker:
     connection: int = 0  # the number of its current connection; any other is superseded
     claimed: int = 0  # examples its pull in flight may push (0 when none is)
     rows: int | None = None  # its partition's rows, from its hello (None until it has connected)
+    taken: int = 0  # its pushes applied, in this process
 
 
 @dataclass
@@ -168,6 +169,10 @@ class ParameterServer(ServerState):
 
     def clocks(self) -> dict[int, int]:
         return {k: w.clock for k, w in self._workers.items()}
+
+    def taken(self, worker: int) -> int:
+        """How many of ``worker``'s pushes were applied (a lost worker's replacements count on)."""
+        return self._workers[worker].taken
 
     def checkpoint_state(self) -> dict[str, Any]:
         """What a resume needs besides the weights (call under ``on_round``, i.e. under the lock)."""
@@ -303,6 +308,7 @@ class ParameterServer(ServerState):
                 row.add(row.wait_s, worker, wait_s)
                 state.cursor = dict(reply["cursor"])
                 state.clock += 1
+                state.taken += 1
                 self._done_samples += int(reply["samples"])
                 self.finished = self._done_samples >= self._total
                 if row.pushes >= len(self._workers) or self.finished:

@@ -1026,7 +1026,7 @@ def _execute(study: optuna.Study, work: _Work, options: RunOptions) -> tuple[str
             stop=coordinator.stop,
             max_attempts=options.max_attempts,
             group_prefix="deepspark-tune",
-            progress=lambda: len(coordinator.records),
+            progress=lambda slot: len(coordinator.records),
             description="trial worker",
         )
         if not coordinator.finished:
