@@ -215,6 +215,27 @@ def test_a_row_of_pushes_without_examples_records_no_loss() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_a_workers_pushes_taken_count_on_across_its_replacements() -> None:
+    # fit's slots count a worker's failures in a row until one of its pushes is taken (run_slots'
+    # progress): the count is the worker's own, and a replacement's pushes add to it.
+    server = _server()
+    payload = state_to_bytes({"w": torch.ones(4)})
+    with _serving(server) as connect:
+        with connect(0) as first, connect(1) as other:
+            pull, _ = first.recv()
+            other.recv()
+            _send_push(first, pull, payload)
+            assert first.recv()[0]["op"] == "pull"
+            assert (server.taken(0), server.taken(1)) == (1, 0)
+        server.worker_lost(0)
+        with connect(0) as replacement:
+            pull, _ = replacement.recv()
+            _send_push(replacement, pull, payload)
+            assert replacement.recv()[0]["op"] == "pull"
+    assert (server.taken(0), server.taken(1)) == (2, 0)
+
+
+@pytest.mark.timeout(30)
 def test_a_worker_with_an_empty_partition_waits_while_no_worker_with_data_is_live() -> None:
     # Worker 0, the only one with data, is lost. Worker 1's partition is empty: it used to be granted
     # pull after pull (no live worker held its clock back), each an empty push, a new version and
