@@ -1071,13 +1071,13 @@ def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
         token=token, handler=gang.handle, bind=_bind_address(spark), name="deepspark-allreduce"
     )
     endpoint.start()
-    host, port = endpoint.address
-    fail_hook = os.environ.get(FAIL_HOOK_ENV)
-    assert data.frame is not None
-    frame = data.frame.repartition(workers, KEY)
-    sc = spark.sparkContext
-    attempt, restarts = first_attempt, 0
-    try:
+    try:  # from here on the endpoint is closed whatever happens
+        host, port = endpoint.address
+        fail_hook = os.environ.get(FAIL_HOOK_ENV)
+        assert data.frame is not None
+        frame = data.frame.repartition(workers, KEY)
+        sc = spark.sparkContext
+        attempt, restarts = first_attempt, 0
         gang.begin_attempt(attempt)
         while not gang.finished:
             task = GangSpec(
