@@ -12,7 +12,15 @@ from typing import Any
 
 from deepspark.errors import ConfigError
 
-__all__ = ["check_choice", "check_int", "check_number", "check_positive_int", "data_kind", "fail"]
+__all__ = [
+    "check_choice",
+    "check_heartbeat_timeout",
+    "check_int",
+    "check_number",
+    "check_positive_int",
+    "data_kind",
+    "fail",
+]
 
 
 def fail(name: str, expected: str, given: Any) -> ConfigError:
@@ -84,3 +92,25 @@ def check_choice(name: str, value: Any, choices: Collection[Any]) -> Any:
     if value not in choices:
         raise fail(name, f"one of {list(choices)}", value)
     return value
+
+
+def check_heartbeat_timeout(value: Any) -> float | None:
+    """Seconds a silent peer is given before it counts as lost: at least
+    :data:`deepspark.wire.MIN_HEARTBEAT_TIMEOUT`, or None for no heartbeat clock."""
+    from deepspark.wire import MIN_HEARTBEAT_TIMEOUT
+
+    if value is None:
+        return None
+    try:
+        seconds = check_number("heartbeat_timeout", value, low=0, low_open=True)
+    except ConfigError:
+        raise fail("heartbeat_timeout", "a positive number of seconds (or None)", value) from None
+    if seconds < MIN_HEARTBEAT_TIMEOUT:
+        # Below a second an ordinary pause of a busy worker (garbage collection, a first import)
+        # reads as a frozen host: every trial was re-queued until it gave up (measured: 0.01 s).
+        raise fail(
+            "heartbeat_timeout",
+            f"at least {MIN_HEARTBEAT_TIMEOUT:g} second (or None for no heartbeat clock)",
+            seconds,
+        )
+    return seconds

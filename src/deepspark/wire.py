@@ -27,13 +27,18 @@ from types import TracebackType
 from typing import Any
 
 __all__ = [
+    "DEFAULT_HEARTBEAT_TIMEOUT",
+    "HEARTBEAT",
     "MAX_FRAME",
     "MAX_HELLO",
+    "MIN_HEARTBEAT_TIMEOUT",
     "Connection",
+    "Heartbeat",
     "PeerClosed",
     "ProtocolError",
     "Server",
     "connect",
+    "heartbeat_interval",
     "recv",
     "send",
 ]
@@ -44,6 +49,17 @@ MAX_FRAME = 1 << 30
 """Largest frame (JSON header + payload) accepted after the hello: 1 GiB."""
 MAX_HELLO = 64 << 10
 """Largest frame accepted before the hello is verified: 64 KiB."""
+
+#: Seconds a peer that owes a frame may stay silent before it counts as lost (tune's trials, training's
+#: workers). Spark declares an executor lost after its own 60 s heartbeat timeout; ours is the same
+#: order, for the same reason (a long garbage-collection pause must not look like a death).
+DEFAULT_HEARTBEAT_TIMEOUT = 60.0
+#: The least a user may set: shorter, a worker busy for a moment looks frozen.
+MIN_HEARTBEAT_TIMEOUT = 1.0
+#: Peers send a heartbeat every ``min(HEARTBEAT_EVERY, heartbeat_timeout / 4)`` seconds.
+HEARTBEAT_EVERY = 5.0
+#: The ``op`` of a heartbeat frame; a server skips these wherever it reads.
+HEARTBEAT = "heartbeat"
 
 _PREFIX = struct.Struct(">IQ")
 _COALESCE = 64 << 10  # payloads up to this size go out in one write with their header (no Nagle stall)
@@ -193,6 +209,49 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"Connection(peer={self.peer!r}, hello={self.hello!r})"
+
+
+def heartbeat_interval(timeout: float | None) -> float | None:
+    """How often a peer watched with ``timeout`` (None: not watched) sends a heartbeat."""
+    return None if timeout is None else min(HEARTBEAT_EVERY, timeout / 4)
+
+
+class Heartbeat:
+    """A daemon thread that sends ``header`` (``{"op": HEARTBEAT, ...}``) on ``conn`` every ``interval``
+    seconds (None: none) while the ``with`` block runs.
+
+    A frozen process never closes its socket: the other side counts a peer lost when it has been silent
+    past its heartbeat timeout, so a peer busy for longer (a trial, a round's steps) must keep talking.
+    The frames share the connection, whose sends are serialised by a lock; nobody answers a heartbeat.
+    """
+
+    def __init__(
+        self, conn: Connection, interval: float | None, header: Mapping[str, Any] | None = None
+    ) -> None:
+        self._conn, self._interval = conn, interval
+        self._header = dict(header or {})
+        self._header["op"] = HEARTBEAT
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Heartbeat:
+        if self._interval is not None and self._interval > 0:
+            self._thread = threading.Thread(target=self._beat, name="deepspark-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        assert self._interval is not None
+        while not self._stopped.wait(self._interval):
+            try:
+                self._conn.send(self._header)
+            except OSError:
+                return  # the other side hung up: the main thread finds out on its next send or receive
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(self._interval)
 
 
 def _peer_name(sock: socket.socket) -> str:

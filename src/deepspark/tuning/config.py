@@ -23,9 +23,16 @@ import optuna
 
 from deepspark.errors import ConfigError
 from deepspark.spark import DEVICES
-from deepspark.tuning.coordinator import DEFAULT_HEARTBEAT_TIMEOUT, MIN_HEARTBEAT_TIMEOUT, TrialEvent
+from deepspark.tuning.coordinator import DEFAULT_HEARTBEAT_TIMEOUT, TrialEvent
 from deepspark.tuning.objectives import BUILTIN_KEYS, BuiltinOptions
-from deepspark.validation import check_choice, check_int, check_number, check_positive_int, fail
+from deepspark.validation import (
+    check_choice,
+    check_heartbeat_timeout,
+    check_int,
+    check_number,
+    check_positive_int,
+    fail,
+)
 
 __all__ = [
     "BUILTIN",
@@ -204,18 +211,11 @@ class RunOptions:
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
         check_positive_int("max_attempts", self.max_attempts)
-        for name in ("timeout", "trial_timeout", "heartbeat_timeout"):
+        for name in ("timeout", "trial_timeout"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, _seconds(name, value))
-        if self.heartbeat_timeout is not None and self.heartbeat_timeout < MIN_HEARTBEAT_TIMEOUT:
-            # Below a second an ordinary pause of a busy worker (garbage collection, a first import)
-            # reads as a frozen host: every trial was re-queued until it gave up (measured: 0.01 s).
-            raise fail(
-                "heartbeat_timeout",
-                f"at least {MIN_HEARTBEAT_TIMEOUT:g} second (or None for no heartbeat clock)",
-                self.heartbeat_timeout,
-            )
+        object.__setattr__(self, "heartbeat_timeout", check_heartbeat_timeout(self.heartbeat_timeout))
         check_choice("device", self.device, DEVICES)
         given = self.callbacks or ()
         if callable(given) or not isinstance(given, Iterable):  # one callback, not in a list

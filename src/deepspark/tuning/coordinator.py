@@ -40,6 +40,7 @@ import optuna
 from deepspark import wire
 from deepspark._compat import StrEnum
 from deepspark.tuning.trial import RESULT_ATTR, TrialRecord, TrialState, result_attr
+from deepspark.wire import DEFAULT_HEARTBEAT_TIMEOUT
 
 __all__ = [
     "DEFAULT_HEARTBEAT_TIMEOUT",
@@ -67,14 +68,6 @@ INTERRUPTED_MARK = "interrupted"
 FAIL_REASON = "fail_reason"
 #: What a re-run of an interrupted trial inherits from it.
 CARRIED_ATTRS = (DEFAULT_ATTR, OVERRIDES_ATTR, GRID_ATTR)
-#: Seconds a worker holding a trial may stay silent before the trial is re-queued. Spark declares an
-#: executor lost after its own 60 s heartbeat timeout; ours is the same order, for the same reason
-#: (a long garbage-collection pause must not look like a death).
-DEFAULT_HEARTBEAT_TIMEOUT = 60.0
-#: The least a user may set: shorter, a worker busy for a moment looks frozen.
-MIN_HEARTBEAT_TIMEOUT = 1.0
-#: Workers send a heartbeat every ``min(HEARTBEAT_EVERY, heartbeat_timeout / 4)`` seconds.
-HEARTBEAT_EVERY = 5.0
 
 
 def interrupted_attrs(why: str) -> dict[str, Any]:
@@ -318,7 +311,7 @@ class Coordinator:
                 msg, payload = conn.recv()
                 self._heard[conn_id] = time.monotonic()
                 op = msg.get("op")
-                if op == "heartbeat":
+                if op == wire.HEARTBEAT:
                     continue  # never answered: the worker's other frames expect their own replies
                 if op == "next":
                     conn.send(self._next(slot, worker, conn_id, conn))
@@ -440,7 +433,7 @@ class Coordinator:
         self._emit(TrialEvent(kind, run.trial.number, worker=worker))
         task: dict[str, Any] = {"trial": run.trial.number, "params": run.params, "attempt": run.attempt}
         if self._heartbeat_timeout is not None:
-            task["heartbeat_s"] = min(HEARTBEAT_EVERY, self._heartbeat_timeout / 4)
+            task["heartbeat_s"] = wire.heartbeat_interval(self._heartbeat_timeout)
         return task
 
     def _register(self, run: _Running) -> None:

@@ -13,7 +13,6 @@ import math
 import numbers
 import os
 import socket
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -107,42 +106,6 @@ def _send_model(conn: wire.Connection, number: int, reporter: Reporter) -> None:
     conn.send({"op": "model", "trial": number, "files": sizes}, b"".join(files.values()))
 
 
-class _Heartbeat:
-    """A daemon thread that sends ``{"op": "heartbeat"}`` every ``interval`` seconds while a trial runs.
-
-    The coordinator re-queues a trial whose worker has been silent for longer than its
-    ``heartbeat_timeout`` (a frozen host, a partition): a closed socket is not the only way to be lost.
-    The frames share the trial's connection, whose sends are serialised by a lock; the coordinator
-    never answers a heartbeat, so the objective's report/answer pairs are undisturbed.
-    """
-
-    def __init__(self, conn: wire.Connection, number: int, interval: float | None) -> None:
-        self._conn, self._number, self._interval = conn, number, interval
-        self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> _Heartbeat:
-        if self._interval is not None and self._interval > 0:
-            self._thread = threading.Thread(
-                target=self._beat, name=f"deepspark-heartbeat-{self._number}", daemon=True
-            )
-            self._thread.start()
-        return self
-
-    def _beat(self) -> None:
-        assert self._interval is not None
-        while not self._stopped.wait(self._interval):
-            try:
-                self._conn.send({"op": "heartbeat", "trial": self._number})
-            except OSError:
-                return  # the driver hung up: the main thread finds out on its next send
-
-    def __exit__(self, *exc: object) -> None:
-        self._stopped.set()
-        if self._thread is not None:
-            self._thread.join(self._interval)
-
-
 def run_worker(spec: WorkerSpec, slot: int, partition: Iterable[Any]) -> Iterator[dict[str, Any]]:
     """Body of the Spark task: connect, then ask → run → tell until the driver says stop."""
     from pyspark import TaskContext
@@ -175,7 +138,7 @@ def run_worker(spec: WorkerSpec, slot: int, partition: Iterable[Any]) -> Iterato
             started = time.perf_counter()
             result: dict[str, Any] = {"op": "done", "trial": number}
             heartbeat = task.get("heartbeat_s")
-            with _Heartbeat(conn, number, float(heartbeat) if heartbeat else None):
+            with wire.Heartbeat(conn, float(heartbeat) if heartbeat else None, {"trial": number}):
                 try:
                     value, metrics = _metrics(spec.objective(params, reporter), spec.metric)
                     if not math.isfinite(value):
