@@ -390,3 +390,46 @@ def test_the_server_shuts_down_when_a_worker_dies_and_the_run_resumes(
     rounds = [int(r["round"]) for r in resumed.history]
     assert rounds == list(range(len(rounds))) and rounds[3] == 3
     assert 1200 <= sum(int(r["samples"]) for r in _history(second)) < 1200 + 64
+
+
+@pytest.mark.timeout(30)
+def test_a_frozen_worker_stops_holding_the_others_at_the_bound_after_the_heartbeat_timeout() -> None:
+    # Worker 0's Python process froze after its pull while its executor lived on: Spark never failed its
+    # task, and worker 1 waited at the staleness bound for good.
+    cancelled: list[int] = []
+    server = _server(staleness=1, heartbeat_timeout=1.0, cancel=cancelled.append)
+    payload = state_to_bytes({"w": torch.ones(4)})
+    with _serving(server) as connect, connect(0) as frozen, connect(1) as other:
+        assert frozen.recv()[0]["op"] == "pull"  # and it never pushes
+        for _ in range(2):
+            pull, _ = other.recv()
+            _send_push(other, pull, payload)
+        assert other.recv()[0]["op"] == "pull"  # two ahead: granted once worker 0 is lost (10 s timeout)
+    assert cancelled == [0] and server.error is None
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_that_sends_heartbeats_while_it_computes_is_not_lost() -> None:
+    # Worker 0 computes for 2.5 heartbeat timeouts, beating meanwhile; worker 1 beats while it waits at
+    # the bound, its beats queuing up unread. Neither is lost, and every push is applied.
+    cancelled: list[int] = []
+    server = _server(staleness=1, heartbeat_timeout=1.0, cancel=cancelled.append)
+    payload = state_to_bytes({"w": torch.ones(4)})
+    every = wire.heartbeat_interval(1.0)
+    computing = threading.Event()
+    with (
+        _serving(server) as connect,
+        connect(0) as slow,
+        connect(1) as fast,
+        wire.Heartbeat(slow, every),
+        wire.Heartbeat(fast, every),
+    ):
+        slow_pull, _ = slow.recv()
+        for _ in range(2):
+            pull, _ = fast.recv()
+            _send_push(fast, pull, payload)
+        computing.wait(2.5)  # worker 0's steps: longer than the heartbeat timeout
+        _send_push(slow, slow_pull, payload)
+        assert slow.recv()[0]["op"] == "pull" and fast.recv()[0]["op"] == "pull"
+        assert server.version == 3
+    assert cancelled == [] and server.error is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any
 
 import pytest
@@ -135,3 +136,81 @@ def test_no_round_is_averaged_or_recorded_once_the_run_has_failed() -> None:
     assert records == [] and not server.finished
     assert str(server.error) == "training worker 2 failed for good"
     assert torch.equal(server.weights["w"], torch.zeros(2))
+
+
+def _watched_server(records: list[RoundRecord], cancelled: list[int], total_steps: int) -> RoundServer:
+    """Two workers watched with a 1 s heartbeat timeout; ``cancelled`` collects the cancelled workers."""
+    return RoundServer(
+        weights={"w": torch.zeros(2)},
+        parameters=["w"],
+        cursors={},
+        workers=2,
+        new_cursor=lambda worker, rows: {"at": 0},
+        settings=AverageSettings(tau=1),
+        batch_size=8,
+        total_steps=total_steps,
+        total_samples=32,
+        steps_done=0,
+        samples_done=0,
+        rows=16,
+        first_round=0,
+        outer_state=None,
+        on_round=lambda record, weights: records.append(record),
+        heartbeat_timeout=1.0,
+        cancel=cancelled.append,
+    )
+
+
+@pytest.mark.timeout(30)
+def test_a_frozen_worker_is_lost_after_the_heartbeat_timeout_and_its_job_cancelled() -> None:
+    # Worker 0's Python process froze mid-round (a deadlock, a hung GPU kernel) while its executor lived
+    # on: Spark never failed its task, and the round waited for its push for good.
+    records: list[RoundRecord] = []
+    cancelled: list[int] = []
+    server = _watched_server(records, cancelled, total_steps=1)
+    endpoint = wire.Server(token=TOKEN, handler=server.handle, name="test-rounds")
+    endpoint.start()
+    try:
+        with _connect(endpoint, 0) as frozen, _connect(endpoint, 1) as one:
+            assert frozen.recv()[0]["round"] == 0  # and it never answers
+            first_one, _ = one.recv()
+            _push(one, first_one, 4.0)
+            assert one.recv()[0] == {"op": "stop"}  # within its 10 s receive timeout
+    finally:
+        endpoint.close()
+    assert server.error is None and cancelled == [0]
+    assert [(r.round, r.workers, r.samples) for r in records] == [(0, 1, 8)]
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_that_sends_heartbeats_while_it_computes_longer_than_the_timeout_is_not_lost() -> None:
+    # Worker 0 computes for 2.5 heartbeat timeouts, beating meanwhile; worker 1, done at once, beats
+    # while it waits for the next round, and its beats queue up unread: neither is lost.
+    records: list[RoundRecord] = []
+    cancelled: list[int] = []
+    server = _watched_server(records, cancelled, total_steps=2)
+    endpoint = wire.Server(token=TOKEN, handler=server.handle, name="test-rounds")
+    endpoint.start()
+    every = wire.heartbeat_interval(1.0)
+    computing = threading.Event()
+    try:
+        with (
+            _connect(endpoint, 0) as slow,
+            _connect(endpoint, 1) as fast,
+            wire.Heartbeat(slow, every),
+            wire.Heartbeat(fast, every),
+        ):
+            first_slow, _ = slow.recv()
+            first_fast, _ = fast.recv()
+            _push(fast, first_fast, 4.0)
+            computing.wait(2.5)  # worker 0's steps: longer than the heartbeat timeout
+            _push(slow, first_slow, 2.0)
+            for conn in (slow, fast):
+                second, _ = conn.recv()
+                assert second["round"] == 1
+                _push(conn, second, 3.0)
+            assert slow.recv()[0] == {"op": "stop"} and fast.recv()[0] == {"op": "stop"}
+    finally:
+        endpoint.close()
+    assert server.error is None and cancelled == []
+    assert [(r.round, r.workers, r.samples) for r in records] == [(0, 2, 16), (1, 2, 16)]

@@ -27,7 +27,9 @@ Choices (docs/training.md):
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -36,6 +38,7 @@ from typing import Any
 
 import torch
 
+from deepspark import wire
 from deepspark.errors import ConfigError, DeepsparkError
 from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
 
@@ -128,13 +131,23 @@ class ServerState:
     """A strategy server's run state under its one condition: ``finished``, ``error``, and waiting on them.
 
     Subclasses change their state only under ``self._lock`` and notify it on every change.
+
+    A worker owes the server a frame only while it computes; it sends heartbeats meanwhile (every
+    :func:`deepspark.wire.heartbeat_interval` of ``heartbeat_timeout``). Past ``heartbeat_timeout``
+    seconds of silence it is lost, as if its connection had closed (a frozen process whose executor
+    lives on never closes it), and ``cancel(worker)`` cancels its Spark job so that the job is
+    resubmitted. ``heartbeat_timeout`` None: no clock (a silent worker is waited for).
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, heartbeat_timeout: float | None = None, cancel: Callable[[int], None] | None = None
+    ) -> None:
         self._lock = threading.Condition()
         self.finished = False
         self.error: BaseException | None = None
         self.devices: dict[int, str] = {}  # worker -> the device it trains on (from its hello)
+        self._heartbeat_timeout = heartbeat_timeout
+        self._cancel = cancel
 
     def admit(self, conn: Any, workers: int) -> int | None:
         """The worker index a connection's hello names (its device noted), or None if it is not one of ours."""
@@ -143,9 +156,49 @@ class ServerState:
             _log.warning("a worker announced itself as %r; expected 0..%d", worker, workers - 1)
             return None
         device, gpus = str(conn.hello.get("device", "cpu")), list(conn.hello.get("gpus") or [])
+        _log.info(
+            "worker %d connected from %s (task attempt %s, pid %s)",
+            worker,
+            conn.peer,
+            conn.hello.get("attempt", "?"),
+            conn.hello.get("pid", "?"),
+        )
         with self._lock:
             self.devices[worker] = device + (f" (Spark assigned GPU {','.join(gpus)})" if gpus else "")
         return worker
+
+    def receive(self, conn: Any) -> tuple[dict[str, Any], bytes, int]:
+        """A worker's next frame other than a heartbeat, and its size in bytes; heartbeats it sent while
+        nobody read (it waited for its next round) are skipped. Raises TimeoutError past the heartbeat
+        timeout of silence (reads only: sending a large payload to a slow link is not silence)."""
+        conn.settimeout(self._heartbeat_timeout)
+        try:
+            while True:
+                before = conn.bytes_received
+                header, payload = conn.recv()
+                if header.get("op") != wire.HEARTBEAT:
+                    return header, payload, conn.bytes_received - before
+        finally:
+            with contextlib.suppress(OSError):  # closed meanwhile (the run ended): its error is raised
+                conn.settimeout(None)
+
+    def silent(self, worker: int, conn: Any, *, current: bool) -> None:
+        """``worker`` was silent on ``conn`` past the heartbeat timeout: cancel its Spark job (it is
+        resubmitted), unless ``conn`` was ``current`` no more (the job running now is its replacement's)."""
+        if not current:
+            return
+        _log.warning(
+            "worker %d (pid %s on %s) silent for %g s (heartbeat_timeout): frozen; cancelling its Spark job",
+            worker,
+            conn.hello.get("pid", "?"),
+            conn.peer,
+            self._heartbeat_timeout,
+        )
+        if self._cancel is not None:
+            try:
+                self._cancel(worker)
+            except Exception as exc:  # a stopped context: the run is ending anyway
+                _log.warning("worker %d: could not cancel its Spark job: %s", worker, exc)
 
     def hold(self) -> threading.Condition:
         """The server's (reentrant) lock: hold it to read or checkpoint a consistent state."""
@@ -193,8 +246,10 @@ class RoundServer(ServerState):
         first_round: int,
         outer_state: Mapping[str, Any] | None,
         on_round: Callable[[RoundRecord, Mapping[str, torch.Tensor]], None],
+        heartbeat_timeout: float | None = None,
+        cancel: Callable[[int], None] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(heartbeat_timeout=heartbeat_timeout, cancel=cancel)
         self._weights = {k: v.detach().clone() for k, v in weights.items()}
         self._payload = state_to_bytes(self._weights)
         self._workers = {k: _Worker(cursor=dict(cursors.get(k, {}))) for k in range(workers)}
@@ -304,6 +359,8 @@ class RoundServer(ServerState):
                 self._round.expected.add(worker)  # nobody has finished this round with data yet: join it
         try:
             self._serve(conn, worker, mine)
+        except TimeoutError:  # frozen: lost like a closed connection (the round goes on without it)
+            self.silent(worker, conn, current=state.connection == mine)
         finally:
             with self._lock:
                 if not self.finished and state.connection == mine:  # not when a newer one took over
@@ -339,10 +396,9 @@ class RoundServer(ServerState):
                 if not synced:  # a new or re-joined worker: where its data stands (it keeps it from now on)
                     header["cursor"] = self._workers[worker].cursor
                 payload = self._payload
-            before = conn.bytes_sent + conn.bytes_received
-            conn.send(header, payload)
-            reply, data = conn.recv()
-            moved = conn.bytes_sent + conn.bytes_received - before  # both frames, headers included
+            sent = conn.send(header, payload)
+            reply, data, received = self.receive(conn)
+            moved = sent + received  # both frames, headers included (heartbeats are not the round's)
             if reply.get("op") != "push" or int(reply.get("round", -1)) != current.number:
                 raise DeepsparkError(f"worker {worker}: expected its push for round {current.number}")
             push = _Push(
@@ -471,6 +527,7 @@ class TaskSpec:
     slow_worker: int | None = None  # benchmark knob: this worker sleeps (slow_factor - 1) x its compute
     slow_factor: float = 1.0
     factory: Callable[[], torch.nn.Module] | None = None  # the user's model factory (pickled by Spark)
+    heartbeat_s: float | None = None  # seconds between heartbeats while connected (None: none)
 
     def build_model(self) -> torch.nn.Module:
         """The task's own module: from the factory, else from the spec (weights come from the driver)."""
@@ -567,6 +624,7 @@ def load_worker(task: TaskSpec, batches: Iterator[Any]) -> LoadedWorker:
             "worker": worker,
             "rows": len(targets),
             "attempt": ctx.attemptNumber() if ctx else 0,
+            "pid": os.getpid(),  # named in the driver's log, to find a frozen worker (py-spy dump --pid)
             "device": str(device),
             "gpus": list(gpus.addresses) if gpus is not None else [],
         },
@@ -577,14 +635,16 @@ def average_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
     """Body of one worker's Spark task (``mapInArrow``): load the partition, then serve rounds."""
     import pyarrow as pa
 
-    from deepspark import wire
     from deepspark.training.loop import DataCursor, make_optimizer
 
     unit = load_worker(task, batches)
     worker, config, model, hello = unit.worker, unit.config, unit.model, unit.hello
     rounds = 0
     cursor: DataCursor | None = None
-    with wire.connect(task.host, task.port, token=task.token, hello=hello) as conn:
+    with (
+        wire.connect(task.host, task.port, token=task.token, hello=hello) as conn,
+        wire.Heartbeat(conn, task.heartbeat_s),
+    ):
         while True:
             waited = time.perf_counter()
             header, payload = conn.recv()

@@ -124,8 +124,10 @@ class ParameterServer(ServerState):
         version: int = 0,
         samples_done: int = 0,
         first_round: int = 0,
+        heartbeat_timeout: float | None = None,
+        cancel: Callable[[int], None] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(heartbeat_timeout=heartbeat_timeout, cancel=cancel)
         self._weights = {k: v.detach().clone() for k, v in weights.items()}
         self._parameters = frozenset(parameters)  # pushed as deltas; floating buffers as values
         self._payload, self._payload_version = b"", -1
@@ -229,6 +231,8 @@ class ParameterServer(ServerState):
             self._lock.notify_all()
         try:
             self._serve(conn, worker, mine)
+        except TimeoutError:  # frozen: lost like a closed connection (the bound stops waiting for it)
+            self.silent(worker, conn, current=state.connection == mine)
         except (ConnectionError, OSError) as exc:  # its task died: the bound no longer waits for it
             _log.warning("async worker %d: connection lost (%s)", worker, exc)
         finally:
@@ -282,9 +286,8 @@ class ParameterServer(ServerState):
                     header["cursor"] = state.cursor
                 payload = self._snapshot()
             first = False
-            received_before = conn.bytes_received
             sent = conn.send(header, payload)
-            reply, data = conn.recv()
+            reply, data, received = self.receive(conn)
             if reply.get("op") != "push" or int(reply.get("version", -1)) != pulled:
                 raise DeepsparkError(f"worker {worker}: expected its push of version {pulled}")
             delta = state_from_bytes(data)
@@ -299,7 +302,7 @@ class ParameterServer(ServerState):
                 row.pushes += 1
                 row.samples += int(reply["samples"])
                 row.loss_sum += float(reply["loss_sum"])
-                row.bytes += sent + conn.bytes_received - received_before
+                row.bytes += sent + received  # heartbeats are not the push's
                 row.staleness = max(row.staleness, self._version - 1 - pulled)
                 self.max_staleness = max(self.max_staleness, self._version - 1 - pulled)
                 row.workers.add(worker)
@@ -378,7 +381,10 @@ def async_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
     parameters = {name for name, _ in model.named_parameters()}
     cursor: DataCursor | None = None
     pushes = 0
-    with wire.connect(task.host, task.port, token=task.token, hello=loaded.hello) as conn:
+    with (
+        wire.connect(task.host, task.port, token=task.token, hello=loaded.hello) as conn,
+        wire.Heartbeat(conn, task.heartbeat_s),
+    ):
         while True:
             asked = time.perf_counter()
             header, payload = conn.recv()
