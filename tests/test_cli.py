@@ -242,3 +242,20 @@ def test_train_json_prints_one_object_on_stdout(tmp_path: Path, capsys: pytest.C
     assert summary["run_dir"] == str(tmp_path / "run") and summary["epochs"] == pytest.approx(1.0)
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and Path(summary["model_dir"]).is_dir()
     assert "test accuracy:" in captured.err
+
+
+def test_train_refuses_a_heartbeat_timeout_under_a_second_before_spark(monkeypatch, capsys, tmp_path) -> None:
+    # A frozen training worker is lost after --heartbeat-timeout; under a second, a busy one would be too.
+    import deepspark.spark as ds_spark
+
+    def no_spark(*args, **kw):
+        raise AssertionError("a Spark session was requested before validation finished")
+
+    monkeypatch.setattr(ds_spark, "session", no_spark)
+    run = tmp_path / "run"
+    argv = ["train", "mnist", "--workers", "2", "--heartbeat-timeout", "0.1", "--run-dir", str(run)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "deepspark: error: heartbeat_timeout: expected at least 1 second (or None for no heartbeat clock), got 0.1"
+    ]
+    assert not run.exists()

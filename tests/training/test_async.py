@@ -272,6 +272,14 @@ def test_async_arguments_are_validated(tmp_path: Path) -> None:
         fit("mnist", strategy="allreduce", workers=2, slow_worker=(0, 2.0), run_dir=tmp_path / "c")
     with pytest.raises(ConfigError, match=r"slow_worker index: expected an integer in 0..1, got 2"):
         fit("mnist", strategy="async", workers=2, slow_worker=(2, 2.0), run_dir=tmp_path / "d")
+    with pytest.raises(ConfigError, match=r"^heartbeat_timeout: expected at least 1 second .*got 0.5$"):
+        fit("mnist", strategy="async", workers=2, heartbeat_timeout=0.5, run_dir=tmp_path / "e")
+    with pytest.raises(
+        ConfigError, match=r"^heartbeat_timeout: watches the workers of the average and async"
+    ):
+        fit("mnist", strategy="allreduce", workers=2, heartbeat_timeout=None, run_dir=tmp_path / "f")
+    with pytest.raises(ConfigError, match=r"strategy 'local' has no heartbeat clock"):
+        fit("mnist", heartbeat_timeout=5, run_dir=tmp_path / "g")
 
 
 # ------------------------------------------------------------------------------------------ Spark

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -197,3 +199,85 @@ def test_ctrl_c_at_any_moment_leaves_no_jvm_and_no_trace(tmp_path: Path, moment:
     assert proc.returncode == 130 and lines[-1] == "deepspark: interrupted", lines[-30:]
     assert not [line for line in lines if "Traceback" in line or "ERROR" in line], lines[-30:]
     assert not left, f"JVMs of the interrupted run still alive: {left}"
+
+
+class _Connections(logging.Handler):
+    """The pid each training worker's newest connection named in its hello, from the driver's log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.pids: dict[int, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.fullmatch(
+            r"worker (\d+) connected from \S+ \(task attempt \S+, pid (\d+)\)", record.getMessage()
+        )
+        if found:
+            self.pids[int(found[1])] = int(found[2])
+
+
+def _our_python_worker(pid: int) -> bool:
+    """Whether ``pid`` is a PySpark Python process started under this test process (its Spark's)."""
+    table = proc_table()
+    if pid not in table or b"pyspark" not in table[pid][1]:
+        return False
+    seen = pid
+    while seen in table and seen > 1:
+        seen = table[seen][0]
+        if seen == os.getpid():
+            return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie is dead, only not reaped yet
+
+
+@pytest.mark.timeout(180)
+def test_a_frozen_worker_is_cancelled_and_replaced_and_the_run_completes(spark: Any, tmp_path: Path) -> None:
+    # A worker's Python process froze (a deadlock, a hung GPU kernel) while its executor lived on: Spark
+    # never failed its task, and every round after waited for its push for good.
+    data = _layout_dir(tmp_path / "data", train=40, test=10)
+    log = logging.getLogger("deepspark.training.average")
+    connections, level = _Connections(), log.level
+    log.addHandler(connections)
+    log.setLevel(logging.INFO)
+    frozen: list[int] = []
+
+    def freeze_worker_1(row: dict[str, Any]) -> None:
+        if row["round"] == 0:  # both workers have connected and pushed
+            pid = connections.pids[1]
+            assert _our_python_worker(pid), f"pid {pid} is not this test's training worker"
+            os.kill(pid, signal.SIGSTOP)
+            frozen.append(pid)
+
+    try:
+        result = fit(
+            str(data),
+            "mlp",
+            strategy="average",
+            workers=2,
+            config={**SGD, "batch_size": 4, "epochs": 3},  # 5 steps per epoch: 15 rounds of tau 1
+            average={"tau": 1},
+            heartbeat_timeout=2.0,
+            run_dir=tmp_path / "run",
+            on_round=freeze_worker_1,
+        )
+        assert frozen, "worker 1 was never frozen"
+        rows = [(int(r["round"]), int(r["workers"])) for r in result.history]
+        assert [r for r, _ in rows] == list(range(15))
+        assert rows[1] == (1, 1)  # the round it froze in went on without it
+        deadline = time.monotonic() + 60  # Spark kills a cancelled task's Python worker (killTimeout)
+        while _alive(frozen[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(frozen[0]), "the frozen worker's process outlived its cancelled job"
+    finally:
+        log.removeHandler(connections)
+        log.setLevel(level)
+        for pid in frozen:
+            if _alive(pid) and _our_python_worker(pid):
+                os.kill(pid, signal.SIGCONT)

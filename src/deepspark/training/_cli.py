@@ -53,6 +53,14 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--staleness", type=int, default=None, help="async: most pushes a worker may run ahead (default 2)"
     )
     p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="average, async: a worker silent this long (frozen) is lost and its Spark job re-run "
+        "(default 60, at least 1)",
+    )
+    p.add_argument(
         "--device",
         default=None,
         choices=["auto", "cpu", "cuda"],
@@ -179,6 +187,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             options["staleness"] = args.staleness
         if args.device is not None:
             options["device"] = args.device
+    if args.heartbeat_timeout is not None:  # not saved with the run: a resume may change it
+        options["heartbeat_timeout"] = args.heartbeat_timeout
     progress = _Progress(console)
     try:
         result = fit(

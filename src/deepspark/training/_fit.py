@@ -39,7 +39,15 @@ from deepspark.training._model import FACTORY_KEY, TrainModel, factory_of
 from deepspark.training.average import AverageSettings, RoundRecord, RoundServer, TaskSpec, average_task
 from deepspark.training.frame import FEATURE, KEY, LABEL, FrameLayout, describe_frame, keyed_rows
 from deepspark.training.loop import DataCursor, TrainConfig, evaluate
-from deepspark.validation import check_choice, check_int, check_number, check_positive_int, data_kind
+from deepspark.validation import (
+    check_choice,
+    check_heartbeat_timeout,
+    check_int,
+    check_number,
+    check_positive_int,
+    data_kind,
+)
+from deepspark.wire import DEFAULT_HEARTBEAT_TIMEOUT, heartbeat_interval
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -133,6 +141,7 @@ class _Run:
     started: float  # perf_counter() when fit() was called
     device: str = "auto"
     staleness: int = 2
+    heartbeat_timeout: float | None = DEFAULT_HEARTBEAT_TIMEOUT
     slow_worker: tuple[int, float] | None = None
     on_round: Callable[[dict[str, Any]], None] | None = None
 
@@ -146,6 +155,7 @@ def fit(
     config: TrainConfig | Mapping[str, Any] | None = None,
     average: AverageSettings | Mapping[str, Any] | None = None,
     staleness: int | None = None,
+    heartbeat_timeout: float | None = DEFAULT_HEARTBEAT_TIMEOUT,
     run_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
     test_data: Any = None,
@@ -186,6 +196,13 @@ def fit(
     strategy copes with a straggler. ``device``: ``auto`` trains each worker on the GPU Spark assigned
     its task (``spark.task.resource.gpu.amount``) when CUDA can use it, else on the CPU; ``cuda`` makes
     an unusable or missing GPU an error; ``cpu`` ignores GPUs.
+
+    ``heartbeat_timeout`` (seconds, at least 1; None: no clock) bounds how long an ``average`` or
+    ``async`` worker that owes the driver its push may stay silent: its task sends heartbeats meanwhile,
+    so a silent one is frozen (a deadlock, a hung GPU kernel) while its executor lives on. It is then lost
+    as if its task had failed, and its Spark job is cancelled and resubmitted. Not saved with the run: a
+    resumed run takes the one given. ``local`` and ``allreduce`` have no such clock and refuse another
+    value than the default.
     """
     started = time.perf_counter()
     _check_data_arguments(
@@ -251,6 +268,12 @@ def fit(
         )
     staleness = 2 if staleness is None else staleness
     check_int("staleness", staleness, minimum=1)
+    heartbeat_timeout = check_heartbeat_timeout(heartbeat_timeout)
+    if heartbeat_timeout != DEFAULT_HEARTBEAT_TIMEOUT and strategy not in ("average", "async"):
+        raise ConfigError(
+            f"heartbeat_timeout: watches the workers of the average and async strategies; strategy {strategy!r} "
+            "has no heartbeat clock, drop it"
+        )
     check_choice("device", device, DEVICES)
     _check_slow_worker(slow_worker, strategy, workers)
     train_config = _train_config(config, strategy)
@@ -350,6 +373,7 @@ def fit(
             started=started,
             device=device,
             staleness=staleness,
+            heartbeat_timeout=heartbeat_timeout,
             slow_worker=(int(slow_worker[0]), float(slow_worker[1])) if slow_worker is not None else None,
             on_round=on_round,
         )
@@ -742,28 +766,46 @@ class _Recorder:
             _log.warning("could not checkpoint the last finished round: %s", exc)
 
 
+class _WorkerJobs:
+    """A run's names for its workers' Spark jobs: one job tag per worker, so that one frozen worker's job
+    can be cancelled (:meth:`cancel`, which the server calls) and is resubmitted, the others running on."""
+
+    def __init__(self, spark: Any, name: str) -> None:
+        self.name = name
+        self._spark = spark
+        self._tag = f"{name}-{secrets.token_hex(4)}"
+
+    def tag(self, worker: int) -> str:
+        return f"{self._tag}-worker-{worker}"
+
+    def cancel(self, worker: int) -> None:
+        self._spark.sparkContext.cancelJobsWithTag(self.tag(worker))
+
+
 def _run_workers(
     spark: Any,
     frame: DataFrame,
     workers: int,
     server: _Server,
     task_fn: Callable[[str, int, str], Callable[[Any], Any]],
-    name: str,
+    jobs: _WorkerJobs,
 ) -> None:
-    """Serve ``server`` on a fresh endpoint while one Spark job per worker runs ``task_fn(host, port, token)``.
+    """Serve ``server`` on a fresh endpoint while one Spark job per worker runs ``task_fn(host, port, token)``,
+    tagged with ``jobs.tag(worker)``.
 
     The endpoint is closed (every connection with it) before this returns, whatever happens; the slots run
     in :func:`deepspark.slots.run_slots`. Raises the server's error, if any.
     """
     from deepspark import wire
 
+    name = jobs.name
     token = secrets.token_hex(16)
     endpoint = wire.Server(token=token, handler=server.handle, bind=_bind_address(spark), name=name)
     endpoint.start()
     try:
         host, port = endpoint.address
         _log.info("%s: serving %d worker(s) on %s:%d", name, workers, host, port)
-        jobs = frame.repartition(workers, KEY).mapInArrow(task_fn(host, port, token), _TASK_SCHEMA).rdd
+        rdd = frame.repartition(workers, KEY).mapInArrow(task_fn(host, port, token), _TASK_SCHEMA).rdd
         sc = spark.sparkContext
         group = f"{name}-{secrets.token_hex(4)}"
 
@@ -777,12 +819,16 @@ def _run_workers(
         def give_up(reason: str) -> None:
             server.fail(RunError(f"training stopped: {reason}"))
 
+        def submit(worker: int) -> None:
+            sc.addJobTag(jobs.tag(worker))  # thread-local, like the job group: this slot's jobs only
+            sc.runJob(rdd, _drain, partitions=[worker])
+
         def drive() -> None:
             try:
                 run_slots(
                     sc,
                     width=workers,
-                    submit=lambda worker: sc.runJob(jobs, _drain, partitions=[worker]),
+                    submit=submit,
                     keep_going=lambda: not server.finished and server.error is None,
                     on_lost=lost,
                     stop=give_up,
@@ -839,6 +885,7 @@ def _task_spec(run: _Run, total_steps: int, endpoint: tuple[str, int, str]) -> T
         slow_worker=run.slow_worker[0] if run.slow_worker is not None else None,
         slow_factor=run.slow_worker[1] if run.slow_worker is not None else 1.0,
         device=run.device,
+        heartbeat_s=heartbeat_interval(run.heartbeat_timeout),
     )
 
 
@@ -878,6 +925,7 @@ def _fit_average(run: _Run) -> FitResult:
         cursors = {}
         first_round, samples_done, steps_done, history = 0, 0, 0, []
     recorder = _Recorder(run, driver_model, history, samples_done)
+    jobs = _WorkerJobs(run.spark, "deepspark-average")
 
     def after_round(record: RoundRecord, new_weights: Mapping[str, torch.Tensor]) -> None:
         def checkpoint() -> None:
@@ -908,6 +956,8 @@ def _fit_average(run: _Run) -> FitResult:
         first_round=first_round,
         outer_state=outer_state,
         on_round=after_round,
+        heartbeat_timeout=run.heartbeat_timeout,
+        cancel=jobs.cancel,
     )
 
     def task_fn(host: str, port: int, token: str) -> Callable[[Any], Any]:
@@ -916,7 +966,7 @@ def _fit_average(run: _Run) -> FitResult:
     assert data.frame is not None
     try:
         try:
-            _run_workers(run.spark, data.frame, workers, server, task_fn, "deepspark-average")
+            _run_workers(run.spark, data.frame, workers, server, task_fn, jobs)
         finally:
             with server.hold():
                 recorder.keep()
@@ -958,6 +1008,7 @@ def _fit_async(run: _Run) -> FitResult:
     else:
         weights, history = dict(driver_model.state_dict()), []
     recorder = _Recorder(run, driver_model, history, progress.get("samples_done", 0))
+    jobs = _WorkerJobs(run.spark, "deepspark-async")
 
     def after_round(record: AsyncRecord, new_weights: Mapping[str, torch.Tensor]) -> None:
         def checkpoint() -> None:
@@ -976,6 +1027,8 @@ def _fit_async(run: _Run) -> FitResult:
         rows=layout.rows,
         new_cursor=_new_cursor(config),
         on_round=after_round,
+        heartbeat_timeout=run.heartbeat_timeout,
+        cancel=jobs.cancel,
         **progress,
     )
 
@@ -984,7 +1037,7 @@ def _fit_async(run: _Run) -> FitResult:
 
     assert data.frame is not None
     try:
-        _run_workers(run.spark, data.frame, workers, server, task_fn, "deepspark-async")
+        _run_workers(run.spark, data.frame, workers, server, task_fn, jobs)
     finally:
         with server.hold():
             server.close_row()
