@@ -25,7 +25,9 @@ def _push(conn: wire.Connection, header: dict[str, Any], value: float, samples: 
     )
 
 
-def _server(records: list[RoundRecord], total_steps: int = 2) -> RoundServer:
+def _server(records: list[RoundRecord], total_steps: int = 2, **watch: Any) -> RoundServer:
+    """Two workers over one parameter ``w``; ``watch``: the heartbeat clock (``heartbeat_timeout``,
+    ``cancel``), none by default."""
     return RoundServer(
         weights={"w": torch.zeros(2)},
         parameters=["w"],
@@ -42,6 +44,7 @@ def _server(records: list[RoundRecord], total_steps: int = 2) -> RoundServer:
         first_round=0,
         outer_state=None,
         on_round=lambda record, weights: records.append(record),
+        **watch,
     )
 
 
@@ -140,25 +143,7 @@ def test_no_round_is_averaged_or_recorded_once_the_run_has_failed() -> None:
 
 def _watched_server(records: list[RoundRecord], cancelled: list[int], total_steps: int) -> RoundServer:
     """Two workers watched with a 1 s heartbeat timeout; ``cancelled`` collects the cancelled workers."""
-    return RoundServer(
-        weights={"w": torch.zeros(2)},
-        parameters=["w"],
-        cursors={},
-        workers=2,
-        new_cursor=lambda worker, rows: {"at": 0},
-        settings=AverageSettings(tau=1),
-        batch_size=8,
-        total_steps=total_steps,
-        total_samples=32,
-        steps_done=0,
-        samples_done=0,
-        rows=16,
-        first_round=0,
-        outer_state=None,
-        on_round=lambda record, weights: records.append(record),
-        heartbeat_timeout=1.0,
-        cancel=cancelled.append,
-    )
+    return _server(records, total_steps, heartbeat_timeout=1.0, cancel=cancelled.append)
 
 
 @pytest.mark.timeout(30)

@@ -513,10 +513,14 @@ class _Gated(optuna.samplers.RandomSampler):
         return super().sample_independent(study, trial, param_name, param_distribution)
 
 
-def test_with_a_sampler_elsewhere_a_slow_ask_holds_up_no_other_worker() -> None:
+def _gated_study() -> tuple[optuna.Study, _Gated]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = _Gated()
-    study = optuna.create_study(direction="maximize", sampler=sampler)
+    return optuna.create_study(direction="maximize", sampler=sampler), sampler
+
+
+def test_with_a_sampler_elsewhere_a_slow_ask_holds_up_no_other_worker() -> None:
+    study, sampler = _gated_study()
     coord = _started(study, n_trials=3, parallel_asks=1)
     a, b = _connect(coord, 0), _connect(coord, 1)
     try:
@@ -549,9 +553,7 @@ def test_with_a_sampler_elsewhere_a_slow_ask_holds_up_no_other_worker() -> None:
 
 
 def test_a_trial_asked_outside_the_lock_as_the_study_stops_is_interrupted_and_queued() -> None:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = _Gated()
-    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study, sampler = _gated_study()
     coord = _started(study, n_trials=5, sample_ahead=1, parallel_asks=1)
     try:
         _until(lambda: _states(study) == ["RUNNING"])  # one sampled ahead
@@ -581,9 +583,7 @@ def test_a_worker_waits_for_the_trial_the_sampler_thread_is_still_asking() -> No
     # The last trial was being sampled ahead when the only worker asked for work: nothing running, nothing
     # ready, nothing left to ask, so it was told to stop, and its Spark job ended with a trial on the way
     # (the slot was then resubmitted, a new job per ask until the trial landed).
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = _Gated()
-    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study, sampler = _gated_study()
     coord = _started(study, n_trials=2, sample_ahead=1, parallel_asks=1)
     try:
         _until(lambda: _states(study) == ["RUNNING"])  # one sampled ahead
