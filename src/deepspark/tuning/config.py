@@ -23,7 +23,7 @@ import optuna
 
 from deepspark.errors import ConfigError
 from deepspark.spark import DEVICES
-from deepspark.tuning.coordinator import DEFAULT_HEARTBEAT_TIMEOUT, TrialEvent
+from deepspark.tuning.coordinator import TrialEvent
 from deepspark.tuning.objectives import BUILTIN_KEYS, BuiltinOptions
 from deepspark.validation import (
     check_choice,
@@ -33,6 +33,7 @@ from deepspark.validation import (
     check_positive_int,
     fail,
 )
+from deepspark.wire import DEFAULT_HEARTBEAT_TIMEOUT
 
 __all__ = [
     "BUILTIN",

@@ -43,7 +43,6 @@ from deepspark.tuning.trial import RESULT_ATTR, TrialRecord, TrialState, result_
 from deepspark.wire import DEFAULT_HEARTBEAT_TIMEOUT
 
 __all__ = [
-    "DEFAULT_HEARTBEAT_TIMEOUT",
     "Coordinator",
     "Endpoint",
     "TrialEvent",
