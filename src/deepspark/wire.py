@@ -39,6 +39,7 @@ __all__ = [
     "Server",
     "connect",
     "heartbeat_interval",
+    "receive",
     "recv",
     "send",
 ]
@@ -214,6 +215,23 @@ class Connection:
 def heartbeat_interval(timeout: float | None) -> float | None:
     """How often a peer watched with ``timeout`` (None: not watched) sends a heartbeat."""
     return None if timeout is None else min(HEARTBEAT_EVERY, timeout / 4)
+
+
+def receive(conn: Connection, timeout: float | None) -> tuple[dict[str, Any], bytes, int]:
+    """``conn``'s next frame other than a heartbeat, and its size in bytes; heartbeats that arrived while
+    nobody read are skipped. Raises TimeoutError after ``timeout`` seconds (None: never) without a frame:
+    the peer, which sends heartbeats while it works, is silent (frozen). Reads only count: sending a
+    large payload to a slow link is not silence."""
+    conn.settimeout(timeout)
+    try:
+        while True:
+            before = conn.bytes_received
+            header, payload = conn.recv()
+            if header.get("op") != HEARTBEAT:
+                return header, payload, conn.bytes_received - before
+    finally:
+        with contextlib.suppress(OSError):  # closed meanwhile (the run ended): its error is raised
+            conn.settimeout(None)
 
 
 class Heartbeat:

@@ -6,6 +6,7 @@ import csv
 import functools
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -275,3 +276,18 @@ def test_a_pandas_dataframe_is_named_as_pandas_with_the_way_to_a_spark_one(
     with pytest.raises(ConfigError, match=r"got int$"):
         fit(3, "mlp", run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_image_row_stops_an_allreduce_gang_without_a_restart(
+    spark: Any, tmp_path: Path, caplog: Any
+) -> None:
+    # The gang's tasks fail on a row they cannot decode: the same rows fail the same way after a
+    # restart, so the run stops at once (it restarted three times before saying so).
+    blobs, labels = _blobs_with(_png(_images(1)[0][0])[:60], at=17)
+    df = _png_frame(spark, labels, labels, blobs).coalesce(1)
+    with (
+        caplog.at_level(logging.WARNING, logger="deepspark.training"),
+        pytest.raises(RunError, match=r"^the all-reduce gang failed: .*row key 17 .*cannot decode image"),
+    ):
+        fit(df, "mlp", strategy="allreduce", workers=2, config={**SGD, "epochs": 1}, run_dir=tmp_path / "run")
+    assert not [r for r in caplog.records if "restarting" in r.getMessage()]

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 from test_fit import SGD, _layout_dir
 
 from _cluster import executor_pids, kill_group, proc_table, standalone_cluster, start_driver
@@ -279,5 +281,66 @@ def test_a_frozen_worker_is_cancelled_and_replaced_and_the_run_completes(spark: 
         log.removeHandler(connections)
         log.setLevel(level)
         for pid in frozen:
+            if _alive(pid) and _our_python_worker(pid):
+                os.kill(pid, signal.SIGCONT)
+
+
+class _FreezeRank(logging.Handler):
+    """SIGSTOPs ``rank`` of the first gang attempt as soon as the driver logs its connection."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__(logging.INFO)
+        self.rank = rank
+        self.frozen: list[int] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.fullmatch(
+            r"gang rank (\d+) of attempt 0 connected from \S+ \(pid (\d+)\)", record.getMessage()
+        )
+        if found and int(found[1]) == self.rank and not self.frozen:
+            pid = int(found[2])
+            assert _our_python_worker(pid), f"pid {pid} is not this test's gang rank"
+            os.kill(pid, signal.SIGSTOP)
+            self.frozen.append(pid)
+
+
+@pytest.mark.timeout(180)
+def test_a_frozen_allreduce_rank_restarts_the_gang_and_the_run_completes(spark: Any, tmp_path: Path) -> None:
+    # A frozen rank fails no task: the other ranks waited in their all-reduce for torch.distributed's
+    # 30-minute timeout. Rank 1 freezes right after it connects; the driver must find it silent, cancel
+    # the gang (Spark kills the frozen Python worker) and restart it, ending with the weights of an
+    # uninterrupted run.
+    data = _layout_dir(tmp_path / "data", train=40, test=10)
+    config = {**SGD, "batch_size": 4, "epochs": 2}
+    clean = fit(str(data), "mlp", strategy="allreduce", workers=2, config=config, run_dir=tmp_path / "clean")
+    log = logging.getLogger("deepspark.training.allreduce")
+    freezer, level = _FreezeRank(1), log.level
+    log.addHandler(freezer)
+    log.setLevel(logging.INFO)
+    try:
+        result = fit(
+            str(data),
+            "mlp",
+            strategy="allreduce",
+            workers=2,
+            config=config,
+            heartbeat_timeout=2.0,
+            run_dir=tmp_path / "run",
+        )
+        assert freezer.frozen, "rank 1 was never frozen"
+        assert [int(r["attempt"]) for r in result.history] == [1] * len(clean.history)
+        assert [r["train_loss"] for r in result.history] == [r["train_loss"] for r in clean.history]
+        want, got = (load_file(str(r.run_dir / "checkpoint" / "state.safetensors")) for r in (clean, result))
+        assert want.keys() == got.keys()
+        for name, value in want.items():
+            assert torch.equal(got[name], value), name
+        deadline = time.monotonic() + 60  # Spark kills a cancelled task's Python worker (killTimeout)
+        while _alive(freezer.frozen[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(freezer.frozen[0]), "the frozen rank's process outlived its cancelled gang"
+    finally:
+        log.removeHandler(freezer)
+        log.setLevel(level)
+        for pid in freezer.frozen:
             if _alive(pid) and _our_python_worker(pid):
                 os.kill(pid, signal.SIGCONT)

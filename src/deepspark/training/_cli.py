@@ -57,8 +57,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="average, async: a worker silent this long (frozen) is lost and its Spark job re-run "
-        "(default 60, at least 1)",
+        help="average, async: a worker silent this long (frozen) is lost and its Spark job re-run; "
+        "allreduce: the gang is restarted from its last round (default 60, at least 1)",
     )
     p.add_argument(
         "--device",

@@ -197,12 +197,13 @@ def fit(
     its task (``spark.task.resource.gpu.amount``) when CUDA can use it, else on the CPU; ``cuda`` makes
     an unusable or missing GPU an error; ``cpu`` ignores GPUs.
 
-    ``heartbeat_timeout`` (seconds, at least 1; None: no clock) bounds how long an ``average`` or
-    ``async`` worker that owes the driver its push may stay silent: its task sends heartbeats meanwhile,
-    so a silent one is frozen (a deadlock, a hung GPU kernel) while its executor lives on. It is then lost
-    as if its task had failed, and its Spark job is cancelled and resubmitted. Not saved with the run: a
-    resumed run takes the one given. ``local`` and ``allreduce`` have no such clock and refuse another
-    value than the default.
+    ``heartbeat_timeout`` (seconds, at least 1; None: no clock) bounds how long a worker that owes the
+    driver a frame (an ``average`` or ``async`` push, an ``allreduce`` rank's round or end) may stay
+    silent: its task sends heartbeats meanwhile, so a silent one is frozen (a deadlock, a hung GPU
+    kernel) while its executor lives on. An ``average`` or ``async`` worker is then lost as if its task
+    had failed, and its Spark job is cancelled and resubmitted; an ``allreduce`` gang's job is cancelled
+    and the gang restarted from its last round. Not saved with the run: a resumed run takes the one
+    given. ``local`` has no such clock and refuses another value than the default.
     """
     started = time.perf_counter()
     _check_data_arguments(
@@ -269,10 +270,10 @@ def fit(
     staleness = 2 if staleness is None else staleness
     check_int("staleness", staleness, minimum=1)
     heartbeat_timeout = check_heartbeat_timeout(heartbeat_timeout)
-    if heartbeat_timeout != DEFAULT_HEARTBEAT_TIMEOUT and strategy not in ("average", "async"):
+    if heartbeat_timeout != DEFAULT_HEARTBEAT_TIMEOUT and strategy == "local":
         raise ConfigError(
-            f"heartbeat_timeout: watches the workers of the average and async strategies; strategy {strategy!r} "
-            "has no heartbeat clock, drop it"
+            "heartbeat_timeout: watches the workers of the average, allreduce and async strategies; "
+            "strategy 'local' trains in this process, drop it"
         )
     check_choice("device", device, DEVICES)
     _check_slow_worker(slow_worker, strategy, workers)
@@ -1117,6 +1118,7 @@ def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
         rows=layout.rows,
         workers=workers,
         on_round=after_round,
+        heartbeat_timeout=run.heartbeat_timeout,
     )
     gang.round_done = int(state["round"])
     token = secrets.token_hex(16)
@@ -1147,15 +1149,22 @@ def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
                 sc,
                 job.collect,
                 group=job_group("deepspark-allreduce"),
-                cancel_when=lambda: gang.fatal is not None,
+                cancel_when=lambda: gang.fatal is not None or gang.lost is not None,
             )
             gang.settle(timeout=30.0)  # rank 0's last words (a divergence, say) are taken before deciding
             if failure is None and gang.finished:
                 break
             if gang.fatal is not None:
                 break
+            cause = root_cause(failure) if failure is not None and gang.lost is None else ""
+            if any(name in cause for name in _DETERMINISTIC):  # a restarted gang would fail the same way
+                raise RunError(f"the all-reduce gang failed: {cause}") from failure
             restarts += 1
-            reason = short_error(failure) if failure is not None else "the gang ended before the last step"
+            reason = (
+                gang.lost
+                or (short_error(failure) if failure is not None else None)
+                or "the gang ended before the last step"
+            )
             if restarts > max_restarts:
                 raise RunError(
                     f"the all-reduce gang failed {restarts} times; last error: {reason}"

@@ -39,7 +39,11 @@ Choices:
 - **Failure.** A barrier stage cannot lose one task: when any task fails, Spark fails them all. The
   driver then restarts the gang from the last reported round (written to the checkpoint first), up to
   ``max_restarts`` times; a NaN/inf loss (every rank sees the same reduced loss) or diverged replicas
-  stop the run without a restart.
+  stop the run without a restart. A rank that freezes while its executor lives (a deadlock, a hung
+  GPU kernel) fails no task: the others wait in their collectives for torch.distributed's 30 minutes.
+  So every rank keeps its connection to the driver and sends heartbeats while it trains; one silent
+  past ``heartbeat_timeout`` has the driver cancel the gang's job (Spark kills its tasks, the frozen
+  Python worker included) and restart the gang as after any other failure.
 """
 
 from __future__ import annotations
@@ -138,6 +142,7 @@ class GangServer:
         rows: int,
         workers: int,
         on_round: Callable[[GangReport, GangServer], None],
+        heartbeat_timeout: float | None = None,
     ) -> None:
         self._lock = threading.Condition()
         self.payload = payload
@@ -156,6 +161,8 @@ class GangServer:
         self.fatal: BaseException | None = None
         self.finished = steps_done >= total_steps
         self._reporting = 0  # live rank 0 connections
+        self._heartbeat_timeout = heartbeat_timeout
+        self.lost: str | None = None  # a rank of this attempt silent past the heartbeat timeout
 
     def hold(self) -> threading.Condition:
         """The server's (reentrant) lock: hold it to read or checkpoint a consistent state."""
@@ -165,6 +172,7 @@ class GangServer:
         """Serve gang ``attempt`` from now on; tasks and reports of earlier attempts are ignored."""
         with self._lock:
             self.attempt = attempt
+            self.lost = None
 
     def settle(self, timeout: float) -> None:
         """Wait (up to ``timeout`` seconds) until no rank 0 connection is being served."""
@@ -192,21 +200,54 @@ class GangServer:
             payload = self.payload
             if rank == 0:
                 self._reporting += 1
-        if rank != 0:
-            conn.send(header, payload)
-            return
+        _log.info(
+            "gang rank %d of attempt %d connected from %s (pid %s)",
+            rank,
+            attempt,
+            conn.peer,
+            conn.hello.get("pid", "?"),
+        )
         try:
             conn.send(header, payload)
-            self._serve_reports(conn, attempt)
+            if rank == 0:
+                self._serve_reports(conn, attempt)
+            else:
+                self._watch(conn, rank)
+        except TimeoutError:
+            self._silent(conn, rank, attempt)
         finally:
-            with self._lock:
-                self._reporting -= 1
-                self._lock.notify_all()
+            if rank == 0:
+                with self._lock:
+                    self._reporting -= 1
+                    self._lock.notify_all()
+
+    def _watch(self, conn: Any, rank: int) -> None:
+        """A rank other than 0 sends only heartbeats while it trains, then ``done``."""
+        from deepspark import wire
+
+        reply, _, _ = wire.receive(conn, self._heartbeat_timeout)
+        if reply.get("op") != "done":
+            raise DeepsparkError(f"gang rank {rank}: expected heartbeats and done, got {reply.get('op')!r}")
+
+    def _silent(self, conn: Any, rank: int, attempt: int) -> None:
+        """A rank of ``attempt`` was silent past the heartbeat timeout: frozen (a deadlock, a hung GPU
+        kernel) while its executor lives, the gang waits in its collectives for good. Mark the attempt
+        lost, so that the driver cancels its job and restarts the gang from the last round."""
+        with self._lock:
+            if attempt != self.attempt or self.finished or self.fatal is not None or self.lost is not None:
+                return
+            self.lost = (
+                f"gang rank {rank} (pid {conn.hello.get('pid', '?')} on {conn.peer}) silent for "
+                f"{self._heartbeat_timeout:g} s (heartbeat_timeout): frozen"
+            )
+            _log.warning("%s; cancelling the gang's Spark job", self.lost)
+            self._lock.notify_all()
 
     def _serve_reports(self, conn: Any, attempt: int) -> None:
+        from deepspark import wire
+
         while True:
-            before = conn.bytes_received
-            reply, data = conn.recv()
+            reply, data, frame_bytes = wire.receive(conn, self._heartbeat_timeout)
             op = reply.get("op")
             if op == "done":
                 conn.send({"op": "ok"})
@@ -222,7 +263,7 @@ class GangServer:
                 return
             if op != "round":
                 raise DeepsparkError(f"gang rank 0: expected a round report, got {op!r}")
-            self._take_round(reply, data, conn.bytes_received - before, attempt)
+            self._take_round(reply, data, frame_bytes, attempt)
 
     def _take_round(self, reply: Mapping[str, Any], data: bytes, frame_bytes: int, attempt: int) -> None:
         digests = list(reply["digests"])
@@ -355,8 +396,11 @@ def _train(
     model = task.build_model().to(device)
     optimizer = make_optimizer(model, config)
     rate = cosine_rate(config.learning_rate, task.total_steps) if config.lr_schedule == "cosine" else None
-    hello = {"rank": rank, "attempt": task.attempt, "rows": n}
-    with wire.connect(task.host, task.port, token=task.token, hello=hello) as conn:
+    hello = {"rank": rank, "attempt": task.attempt, "rows": n, "pid": os.getpid()}
+    with (
+        wire.connect(task.host, task.port, token=task.token, hello=hello) as conn,
+        wire.Heartbeat(conn, task.heartbeat_s),  # every rank: a frozen one stalls the whole gang
+    ):
         start, payload = conn.recv()
         tensors = state_from_bytes(payload)
         model.load_state_dict(
@@ -371,8 +415,6 @@ def _train(
         )
         if cursor.n != n:
             raise DeepsparkError(f"gang rank {rank}: the checkpoint's cursor covers {cursor.n} rows, not {n}")
-        if rank != 0:
-            conn.close()
         params = [p for p in model.parameters() if p.requires_grad]
         floats = [b for b in model.buffers() if b.is_floating_point()]
         ints = [b for b in model.buffers() if not b.is_floating_point()]
@@ -495,8 +537,8 @@ def _train(
             round_start, clock = done, time.perf_counter()
             compute = comm = 0.0
             samples, loss_sum = 0, 0.0
+        conn.send({"op": "done"})
         if rank == 0:
-            conn.send({"op": "done"})
             reply, _ = conn.recv()  # the driver has taken every report once it answers
             if reply.get("op") != "ok":
                 raise DeepsparkError(f"gang rank 0: the driver answered {reply!r} to done")

@@ -27,7 +27,6 @@ Choices (docs/training.md):
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -168,19 +167,9 @@ class ServerState:
         return worker
 
     def receive(self, conn: Any) -> tuple[dict[str, Any], bytes, int]:
-        """A worker's next frame other than a heartbeat, and its size in bytes; heartbeats it sent while
-        nobody read (it waited for its next round) are skipped. Raises TimeoutError past the heartbeat
-        timeout of silence (reads only: sending a large payload to a slow link is not silence)."""
-        conn.settimeout(self._heartbeat_timeout)
-        try:
-            while True:
-                before = conn.bytes_received
-                header, payload = conn.recv()
-                if header.get("op") != wire.HEARTBEAT:
-                    return header, payload, conn.bytes_received - before
-        finally:
-            with contextlib.suppress(OSError):  # closed meanwhile (the run ended): its error is raised
-                conn.settimeout(None)
+        """A worker's next frame other than a heartbeat, and its size (:func:`deepspark.wire.receive`
+        under the heartbeat timeout)."""
+        return wire.receive(conn, self._heartbeat_timeout)
 
     def silent(self, worker: int, conn: Any, *, current: bool) -> None:
         """``worker`` was silent on ``conn`` past the heartbeat timeout: cancel its Spark job (it is
