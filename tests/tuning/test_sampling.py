@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 
 import optuna
@@ -107,6 +109,46 @@ def test_a_study_goes_on_in_the_driver_when_the_sampler_process_dies(tmp_path, c
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states.count(optuna.trial.TrialState.RUNNING) == 2  # the two still pending, nothing lost
     assert all(-2.0 <= p["x"] <= 2.0 for p in asked)
+
+
+@needs_proc
+def test_a_sampler_process_that_hangs_is_given_up_after_the_reply_timeout(tmp_path, caplog) -> None:
+    # A hung child (here frozen with SIGSTOP; a journal on a stuck network disk does the same) never
+    # replies and never closes its pipe: the study's ask waited on it for good.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = ProcessSampler(
+        journal=str(tmp_path / "hung.log"), study_name="hung", seed=3, n_startup_trials=4, reply_timeout=1.0
+    )
+    study = _study(tmp_path, "hung", sampler)
+    frozen: list[int] = []
+    asked: list[dict] = []
+
+    def freeze_at_5(i: int) -> None:
+        if i == 5:
+            frozen.extend(children(SAMPLER))
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+
+    def run() -> None:
+        asked.extend(_run(study, 10, on_trial=freeze_at_5))
+
+    asker = threading.Thread(target=run, daemon=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="deepspark.tuning.sampling"):
+            began = time.monotonic()
+            asker.start()
+            asker.join(30.0)
+            assert not asker.is_alive(), "the ask still waits on the hung sampler process"
+        assert len(frozen) == 1 and frozen[0] not in children(SAMPLER)  # killed, not left stopped
+        assert time.monotonic() - began < 20.0
+        assert "gave no reply within 1 s); sampling in the driver from now on" in caplog.text
+    finally:
+        for pid in frozen:
+            if pid in children(SAMPLER):
+                os.kill(pid, signal.SIGCONT)  # without the bound: let it answer, so the thread ends
+        asker.join(30.0)
+        sampler.close()
+    assert len(asked) == 10 and all(-2.0 <= p["x"] <= 2.0 for p in asked)
 
 
 def test_a_sampler_process_that_cannot_open_its_study_falls_back_at_once(tmp_path, caplog) -> None:

@@ -15,8 +15,9 @@ The sampler sees what the in-process one sees: the same storage (trials, running
 TPE's constant liar counts as pending), and the same sequence of calls, so a study sampled this way
 asks the same configurations as one sampled in the driver (a test holds it to that, trial by trial).
 Messages are JSON lines (trial numbers, Optuna's JSON form of distributions, parameter values); no
-pickle. The child exits when its input closes (the study's end, or the driver's death). When it fails,
-the driver samples in process from then on, with a warning: a sampler process never stops a study.
+pickle. The child exits when its input closes (the study's end, or the driver's death). When it fails
+(an error, its death, or no reply within ``reply_timeout``: a hung child), the driver samples in process
+from then on, with a warning: a sampler process never stops a study, nor hangs it.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ import contextlib
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -51,6 +54,15 @@ MAX_PROCESSES = 4
 
 #: Seconds the child is given to exit after its input closes, before it is killed.
 _EXIT_S = 5.0
+
+#: Seconds a sampling call may wait for the child's reply by default. An ask takes ~50 ms at 10,000
+#: trials; the first reply also waits for the child's start and its first read of the journal (seconds
+#: for a large resumed study, on a loaded machine). Past it the child is taken for hung.
+REPLY_TIMEOUT_S = 60.0
+
+#: How often a wait for a reply also checks that the child is alive: a child that died while another
+#: process holds its output pipe open never gives the wait an end of file.
+_ALIVE_CHECK_S = 1.0
 
 
 def tpe_sampler(*, seed: int | None, n_startup_trials: int) -> optuna.samplers.TPESampler:
@@ -77,7 +89,8 @@ class ProcessSampler(optuna.samplers.BaseSampler):
     Each trial is sampled by one child (trial number modulo ``processes``), so asks for different
     trials run at once, each on its own core: Optuna's own way of sampling one study from several
     processes (each with its own sampler, seeded ``seed + i``, over the shared storage). With one
-    process the study asks exactly what the driver's sampler would.
+    process the study asks exactly what the driver's sampler would. A child that does not reply
+    within ``reply_timeout`` seconds is taken for hung: it is killed, and the driver samples instead.
 
     Safe to call from several threads (calls to one child are serialised; a waiting thread holds no
     GIL). Children start at :meth:`start` or at their first sampling call (constructing this is free
@@ -85,10 +98,19 @@ class ProcessSampler(optuna.samplers.BaseSampler):
     """
 
     def __init__(
-        self, *, journal: str, study_name: str, seed: int | None, n_startup_trials: int, processes: int = 1
+        self,
+        *,
+        journal: str,
+        study_name: str,
+        seed: int | None,
+        n_startup_trials: int,
+        processes: int = 1,
+        reply_timeout: float = REPLY_TIMEOUT_S,
     ) -> None:
         if processes < 1:
             raise ValueError(f"processes must be >= 1, got {processes}")
+        if not reply_timeout > 0:
+            raise ValueError(f"reply_timeout must be > 0 seconds, got {reply_timeout}")
         self._children = [
             _Child(
                 {
@@ -96,7 +118,8 @@ class ProcessSampler(optuna.samplers.BaseSampler):
                     "study_name": study_name,
                     "seed": None if seed is None else seed + i,
                     "n_startup_trials": n_startup_trials,
-                }
+                },
+                reply_timeout=reply_timeout,
             )
             for i in range(processes)
         ]
@@ -182,8 +205,9 @@ class ProcessSampler(optuna.samplers.BaseSampler):
 class _Child:
     """One sampler process: JSON lines in, one JSON reply per line out."""
 
-    def __init__(self, spec: Mapping[str, Any]) -> None:
+    def __init__(self, spec: Mapping[str, Any], *, reply_timeout: float) -> None:
         self._spec = dict(spec)
+        self._reply_timeout = reply_timeout
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._closed = False
@@ -211,16 +235,38 @@ class _Child:
                 assert proc.stdin is not None and proc.stdout is not None
                 proc.stdin.write(json.dumps(message).encode("utf-8") + b"\n")
                 proc.stdin.flush()
-                line = proc.stdout.readline()
-                if not line:
-                    raise EOFError(f"the sampler process exited (code {proc.wait(_EXIT_S)})")
-                reply = json.loads(line)
+                reply = json.loads(self._reply(proc))
                 if "error" in reply:
                     raise RuntimeError(reply["error"])
                 return reply["result"]
             except (OSError, ValueError, EOFError, RuntimeError, subprocess.TimeoutExpired) as exc:
                 self._fail(exc)
                 raise _Gone from exc
+
+    def _reply(self, proc: subprocess.Popen[bytes]) -> bytes:
+        """Under the lock: the child's reply line, waited for at most ``reply_timeout`` seconds.
+
+        Read from the pipe's descriptor, not through a buffered reader, so that ``select`` sees every
+        byte not yet read (one reply per request: nothing is left over for the next call).
+        """
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        deadline = time.monotonic() + self._reply_timeout
+        line = b""
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the sampler process gave no reply within {self._reply_timeout:g} s")
+            readable, _, _ = select.select([fd], [], [], min(left, _ALIVE_CHECK_S))
+            if not readable:
+                if proc.poll() is not None:
+                    raise EOFError(f"the sampler process exited (code {proc.returncode})")
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise EOFError(f"the sampler process exited (code {proc.wait(_EXIT_S)})")
+            line += chunk
+        return line
 
     def _fail(self, exc: BaseException) -> None:
         """Under the lock: this child is done for; the driver samples instead."""
