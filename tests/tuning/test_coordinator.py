@@ -371,6 +371,48 @@ def test_a_worker_that_sees_the_deadline_first_still_gets_the_running_trials_int
     assert coord.records == []
 
 
+class _RefusesOneFail(optuna.storages.InMemoryStorage):
+    """A storage whose first write of a FAIL state raises (a journal on a full disk), then recovers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused = 0
+
+    def set_trial_state_values(self, trial_id, state, values=None):
+        if state == optuna.trial.TrialState.FAIL and not self.refused:
+            self.refused += 1
+            raise OSError("no space left on device")
+        return super().set_trial_state_values(trial_id, state, values)
+
+
+def test_a_deadline_whose_first_application_failed_is_applied_at_the_next_tick(monkeypatch) -> None:
+    # The watchdog marked the deadline applied before applying it: when interrupting the trial sampled
+    # ahead raised (a storage write), the running trial was never interrupted, and the study hung on it.
+    clock = _ShiftedClock()
+    monkeypatch.setattr("deepspark.tuning.coordinator.time", clock)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = _RefusesOneFail()
+    sampler = optuna.samplers.RandomSampler(seed=0)
+    study = optuna.create_study(direction="maximize", storage=storage, sampler=sampler)
+    cancelled: list[int | None] = []
+    coord = _started(study, 3, timeout=600, heartbeat_timeout=None, cancel=cancelled.append, sample_ahead=1)
+    try:
+        hung = _connect(coord, 0)
+        first = _ask(hung, {"op": "next"})
+        _until(lambda: _states(study) == ["RUNNING", "RUNNING"])  # the one running + one sampled ahead
+        clock.ahead = 601.0
+        _until(lambda: coord.finished, timeout=10.0)
+        assert storage.refused == 1 and coord.stop_reason == "timeout" and cancelled == [None]
+        trial = study.trials[first["trial"]]
+        assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["deepspark:interrupted"]
+        with pytest.raises(ConnectionError):  # its worker was hung up on
+            hung.recv()
+        hung.close()
+    finally:
+        coord.close()
+    assert coord.records == []
+
+
 def _states(study: optuna.Study) -> list[str]:
     return [t.state.name for t in study.get_trials(deepcopy=False)]
 

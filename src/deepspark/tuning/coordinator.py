@@ -158,9 +158,10 @@ class Coordinator:
         parallel_asks: int = 0,
     ) -> None:
         self._deadline = time.monotonic() + timeout if timeout is not None else None
-        # Whether the watchdog has applied the deadline (interrupted the running trials). Not the stop
-        # reason: a worker asking for a trial just after the deadline sets that first, and the trials
-        # then running must still be interrupted (CI waited an hour on one that slept).
+        # Whether the watchdog has applied the deadline (interrupted the running trials); set once it has,
+        # so a tick that failed half-way is retried. Not the stop reason: a worker asking for a trial just
+        # after the deadline sets that first, and the trials then running must still be interrupted (CI
+        # waited an hour on one that slept).
         self._deadline_applied = False
         self._trial_timeout = trial_timeout
         self._heartbeat_timeout = heartbeat_timeout
@@ -663,9 +664,8 @@ class Coordinator:
                 and not self.finished
             )
             if deadline_hit:
-                self._deadline_applied = True
-                self._halt("timeout")
                 interrupted = sorted({run.conn_id for run in self._running.values()})
+                self._halt("timeout")
             for run in list(self._running.values()):
                 quiet = now - max(run.began, self._heard.get(run.conn_id, run.began))
                 if self._trial_timeout is not None and now - run.began > self._trial_timeout:
@@ -702,6 +702,8 @@ class Coordinator:
                     _log.exception("could not cancel the study's Spark jobs")
             for conn_id in interrupted:
                 self._hang_up(conn_id)
+            # Only now: an error on the way (the journal refused a write) leaves it for the next tick.
+            self._deadline_applied = True
 
     def _hang_up(self, conn_id: int, *, cancel_slot: int | None = None) -> None:
         """Close a worker's connection (its handler then ends) and, for a hung trial, cancel its slot's job."""
