@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import csv
 import json
 import logging
@@ -216,6 +217,43 @@ def test_max_failures_stops_the_study(spark, tmp_path) -> None:
     )
     assert result.counts()["fail"] == 3
     assert "max-failures" in (result.stop_reason or "")
+
+
+def test_ctrl_c_while_a_max_failures_stop_winds_down_is_an_interruption(spark, tmp_path) -> None:
+    # The first stop reason won: Ctrl-C while the study waited for its running trial after
+    # --max-failures exited 1 with "stopped early", not 130 with "deepspark: interrupted".
+    started = tmp_path / "trial-1-started"
+
+    def objective(config, reporter):
+        if reporter.number == 1:
+            started.touch()
+            time.sleep(120)  # cancelled by the Ctrl-C; bounded if not
+        deadline = time.monotonic() + 60
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # fail only once trial 1 runs: the stop then has a trial to wait for
+        raise RuntimeError("fails")
+
+    def ctrl_c_after_the_failure(event) -> None:
+        if event.kind.value == "finish" and event.record.state is TrialState.FAIL:
+            _thread.interrupt_main()  # the study has stopped (max_failures=1); trial 1 still runs
+
+    try:
+        result = tune(
+            objective,
+            space=X,
+            trials=4,
+            sampler="random",
+            pruner="none",
+            parallelism=2,
+            max_failures=1,
+            on_event=ctrl_c_after_the_failure,
+            run_dir=tmp_path / "c",
+        )
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C escaped tune: it came after the study wound down")
+    assert result.stop_reason == "interrupted"  # what the CLI turns into 130 and "deepspark: interrupted"
+    [failed] = result.records  # the finished trial is kept; the running one is queued for --resume
+    assert (failed.number, failed.state, failed.error) == (0, TrialState.FAIL, "RuntimeError: fails")
 
 
 def test_killed_task_is_infrastructure_failure_and_runs_again(spark, tmp_path) -> None:

@@ -1017,7 +1017,7 @@ def _execute(study: optuna.Study, work: _Work, options: RunOptions) -> tuple[str
             sc.addJobTag(f"{study_tag}-slot-{slot}")
             sc.parallelize([slot], 1).mapPartitions(functools.partial(body, slot)).collect()
 
-        run_slots(
+        outcome = run_slots(
             sc,
             width=width,
             submit=submit,
@@ -1039,7 +1039,9 @@ def _execute(study: optuna.Study, work: _Work, options: RunOptions) -> tuple[str
             broadcast.destroy()
     if systematic.cause is not None:
         raise RunError(systematic.message())
-    reason = coordinator.stop_reason
+    # A Ctrl-C is reported as such even when the study had already stopped for another reason (the
+    # coordinator keeps the first one): the user's interruption decides the outcome (exit 130).
+    reason = "interrupted" if outcome.interrupted else coordinator.stop_reason
     return (None if reason == "done" else reason), width
 
 
