@@ -246,33 +246,65 @@ def test_a_resumed_study_extends_its_parent_run(spark, study_dir, tmp_path) -> N
     assert len({r.data.tags["deepspark.run_id"] for r in runs}) == 1
 
 
-_HALF_THEN_AGAIN = """
-import sys, mlflow
-from deepspark.errors import RunError
+_USER_STATE = """
+import json, sys, mlflow
 from deepspark.reporting import log_to_mlflow
 run, uri = sys.argv[1:]
 mlflow.set_tracking_uri(uri)
-mlflow.set_experiment("mine")  # MLflow then refuses the model's run (another experiment) half-way
-try:
-    log_to_mlflow(run, tracking_uri=uri)
-except RunError as exc:
-    print("first:", exc)
-mlflow.set_experiment("deepspark")
-print("again:", log_to_mlflow(run, tracking_uri=uri))
+mlflow.set_experiment("other")
+with mlflow.start_run() as mine:
+    tracked = log_to_mlflow(run, tracking_uri=uri)
+    still = mlflow.active_run()
+    active = None if still is None else still.info.run_id
+with mlflow.start_run() as after:  # a new fluent run goes where the user's active experiment points
+    pass
+print(json.dumps({
+    "experiment_id": tracked.experiment_id, "models": tracked.models, "mine": mine.info.run_id,
+    "active": active, "after": after.info.experiment_id, "other": mine.info.experiment_id,
+    "uri": mlflow.get_tracking_uri(),
+}))
 """
 
 
-def test_logging_again_after_a_failed_call_completes_the_half_logged_trials(study_dir, tmp_path) -> None:
+def test_the_users_active_experiment_and_run_neither_block_logging_nor_change(study_dir, tmp_path) -> None:
+    """`mlflow.set_experiment("other")` and an active run of the user's: the study is logged whole, its
+    models go to deepspark's experiment, and the user's fluent state is as the user left it."""
     uri = _store(tmp_path)
     done = subprocess.run(
-        [sys.executable, "-c", _HALF_THEN_AGAIN, str(study_dir), uri],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, "-c", _USER_STATE, str(study_dir), uri], capture_output=True, text=True, timeout=120
     )
-    assert done.returncode == 0 and "first: logging" in done.stdout and "again: updated" in done.stdout, (
-        done.stdout + done.stderr
+    assert done.returncode == 0, done.stdout + done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["active"] == seen["mine"] and seen["after"] == seen["other"] and seen["uri"] == uri
+    client = mlflow.MlflowClient(uri)
+    assert seen["experiment_id"] != seen["other"] and seen["models"]
+    for model_uri in seen["models"].values():
+        model = client.get_logged_model(model_uri.removeprefix("models:/"))
+        assert model.experiment_id == seen["experiment_id"] and model.status == "READY"
+    assert not client.get_run(seen["mine"]).outputs.model_outputs  # nothing attached to the user's run
+    runs = _runs(uri)
+    assert sorted(r.data.tags["deepspark.kind"] for r in runs) == ["study"] + ["trial"] * 4
+    assert all(
+        r.data.tags.get("deepspark.logged") == "true" for r in runs if "deepspark.trial" in r.data.tags
     )
+
+
+def test_logging_again_after_a_failed_call_completes_the_half_logged_trials(study_dir, tmp_path) -> None:
+    from deepspark.errors import RunError
+    from deepspark.reporting import log_to_mlflow
+
+    uri = _store(tmp_path)
+    experiment = mlflow.MlflowClient(uri).create_experiment("deepspark")
+    # MLflow's file store keeps an experiment's logged models in <experiment>/models/: a file of that name
+    # makes it refuse the first model, after that trial's run was created (a store failing half-way).
+    blocker = tmp_path / "mlruns" / experiment / "models"
+    blocker.write_text("")
+    with pytest.raises(RunError, match="log it again"):
+        log_to_mlflow(study_dir, tracking_uri=uri)
+    half = [r for r in _runs(uri) if "deepspark.trial" in r.data.tags]
+    assert any(r.data.tags.get("deepspark.logged") != "true" for r in half)
+    blocker.unlink()
+    assert not log_to_mlflow(study_dir, tracking_uri=uri).created
     runs = _runs(uri)
     trials = sorted(int(r.data.tags["deepspark.trial"]) for r in runs if "deepspark.trial" in r.data.tags)
     assert trials == [0, 1, 2, 3] and len(runs) == 5  # no duplicate, the half-logged run put aside

@@ -170,7 +170,7 @@ def log_to_mlflow(
             client = mlflow.MlflowClient(tracking_uri)
             found = client.get_experiment_by_name(name)
             experiment_id = found.experiment_id if found is not None else client.create_experiment(name)
-            logger = _Logger(mlflow, client, experiment_id, deepspark_run_id(run), path.resolve())
+            logger = _Logger(client, experiment_id, deepspark_run_id(run), path.resolve())
             if isinstance(run, StudyRun):
                 parent, created, new, models = logger.study(run)
             else:
@@ -185,9 +185,10 @@ def log_to_mlflow(
 
 @contextlib.contextmanager
 def _tracking(mlflow: Any, tracking_uri: str) -> Iterator[None]:
-    """Models are logged through MLflow's fluent API, which reads the global tracking URI: set it for
-    the call and put the previous one back (None: unset, as it was). MLflow also prints two lines to
-    stdout each time a run ends on a server (``--json`` keeps stdout for its object): not during the call."""
+    """MLflow 3.0 resolves a logged model's ``mlflow-artifacts:`` location against the global tracking
+    URI, not the client's: set it for the call and put the previous one back (None: unset, as it was).
+    MLflow also prints two lines to stdout each time a run ends on a server (``--json`` keeps stdout for
+    its object): not during the call."""
     previous = mlflow.get_tracking_uri() if mlflow.tracking.is_tracking_uri_set() else None
     quiet = os.environ.get(_NO_URLS)
     mlflow.set_tracking_uri(tracking_uri)
@@ -249,10 +250,10 @@ def _sha256(model_dir: Path) -> str | None:
 
 
 class _Logger:
-    """One call's writes to one experiment; MlflowClient for runs, MLflow's fluent API for models."""
+    """One call's writes to one experiment, all through MlflowClient: the caller's fluent state (active
+    experiment, active run) is neither used nor changed."""
 
-    def __init__(self, mlflow: Any, client: Any, experiment_id: str, run_id: str, path: Path) -> None:
-        self.mlflow = mlflow
+    def __init__(self, client: Any, experiment_id: str, run_id: str, path: Path) -> None:
         self.client = client
         self.experiment_id = experiment_id
         self.run_id = run_id
@@ -308,14 +309,18 @@ class _Logger:
                 self.client.log_artifact(run_id, str(path / name), artifact_path="deepspark")
 
     def _model(self, run_id: str, model_dir: Path, digest: str, *, step: int) -> str:
-        """Log ``model_dir`` (a checkpoint) as an MLflow pyfunc model on ``run_id``; its models:/ URI.
+        """Log ``model_dir`` (a checkpoint) as an MLflow pyfunc model of ``run_id``; its models:/ URI.
 
-        MLflow copies the metrics the run already has at ``step`` onto the model (with the model's id), so
-        callers log a new run's model before its metrics. Leaves the run FINISHED (``start_run``'s exit):
-        callers set its real status and end afterwards.
+        Through MlflowClient only, as ``Model.log`` does it: MLflow's fluent API (``start_run``,
+        ``log_model``) reads the caller's active experiment and run, refuses a run of another experiment
+        and would put the model in the active one; and nothing restores an unset active experiment. The
+        run's status and metrics are left as they are.
         """
+        import tempfile
+
         import mlflow.pyfunc
-        from mlflow.models import ModelSignature
+        from mlflow.entities import LoggedModelOutput
+        from mlflow.models import Model, ModelSignature
         from mlflow.types import Schema, TensorSpec
 
         from deepspark import __version__
@@ -326,20 +331,39 @@ class _Logger:
             inputs=Schema([TensorSpec(_np_dtype("uint8"), (-1, *checkpoint.spec.input_shape))]),
             outputs=Schema([TensorSpec(_np_dtype("float32"), (-1, len(checkpoint.class_names)))]),
         )
-        with self.mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # MLflow's hints about input examples
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME,
-                python_model=str(Path(__file__).with_name("_mlflow_model.py")),
-                artifacts={"checkpoint": str(model_dir)},
-                signature=signature,
-                pip_requirements=[f"deepspark=={__version__}"],
-                tags={MODEL_SHA_TAG: digest, RUN_DIR_TAG: str(model_dir.resolve())},
-                step=step,
-            )
+        model = self.client.create_logged_model(
+            self.experiment_id,
+            name=MODEL_NAME,
+            source_run_id=run_id,
+            tags={MODEL_SHA_TAG: digest, RUN_DIR_TAG: str(model_dir.resolve())},
+            params=self.client.get_run(run_id).data.params,
+        )
+        try:
+            with tempfile.TemporaryDirectory(prefix="deepspark-mlflow-") as tmp, warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # MLflow's hints about input examples
+                mlflow.pyfunc.save_model(
+                    Path(tmp, MODEL_NAME),
+                    python_model=str(Path(__file__).with_name("_mlflow_model.py")),
+                    artifacts={"checkpoint": str(model_dir)},
+                    signature=signature,
+                    pip_requirements=[f"deepspark=={__version__}"],
+                    mlflow_model=Model(
+                        artifact_path=model.artifact_location,
+                        run_id=run_id,
+                        model_uuid=model.model_id,
+                        model_id=model.model_id,
+                    ),
+                )
+                self.client.log_model_artifacts(model.model_id, str(Path(tmp, MODEL_NAME)))
+            self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
+        except Exception:
+            with contextlib.suppress(Exception):  # best effort: the first error is the one to report
+                self.client.finalize_logged_model(model.model_id, "FAILED")
+            raise
+        self.client.finalize_logged_model(model.model_id, "READY")
         self.client.set_tag(run_id, MODEL_SHA_TAG, digest)
-        self.client.set_tag(run_id, MODEL_TAG, info.model_uri)
-        return str(info.model_uri)
+        self.client.set_tag(run_id, MODEL_TAG, model.model_uri)
+        return str(model.model_uri)
 
     # --------------------------------------------------------------------------------------- study
     def study(self, run: StudyRun) -> tuple[str, bool, list[int], dict[str, str]]:
@@ -372,7 +396,6 @@ class _Logger:
             if record.number in existing:  # a finished trial never changes; only a late model is added
                 if model is not None and existing[record.number].data.tags.get(MODEL_SHA_TAG) != model[2]:
                     models[model[0]] = self._model(trial_runs[record.number], model[1], model[2], step=0)
-                    self.client.set_terminated(trial_runs[record.number], _STATUS[record.state], end_time=end)
                 continue
             run_id = self._create_trial(parent, record, run.started(trial) if trial is not None else None)
             if model is not None:
@@ -493,7 +516,7 @@ class _Logger:
         models: dict[str, str] = {}
         model_dir = run.path / MODEL_DIR
         digest = _sha256(model_dir)
-        if digest is not None and logged.get(MODEL_SHA_TAG) != digest:  # before this call's metrics
+        if digest is not None and logged.get(MODEL_SHA_TAG) != digest:
             models[MODEL_DIR] = self._model(run_id, model_dir, digest, step=max(newest, 0))
         self._batch(run_id, metrics=metrics)
         if newest != last:
