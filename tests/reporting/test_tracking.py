@@ -244,6 +244,16 @@ def test_a_resumed_study_extends_its_parent_run(spark, study_dir, tmp_path) -> N
     runs = _runs(uri)
     assert sorted(r.data.tags["deepspark.kind"] for r in runs) == ["study"] + ["trial"] * 5
     assert len({r.data.tags["deepspark.run_id"] for r in runs}) == 1
+    # MLflow never changes a param: the first value stays, the one the resume saved is a tag beside it.
+    parent = mlflow.MlflowClient(uri).get_run(first.run_id).data
+    assert parent.params["trials"] == "4" and parent.tags.get("deepspark.current.trials") == "5"
+    assert [k for k in parent.tags if k.startswith("deepspark.current.")] == ["deepspark.current.trials"]
+    # Back to the logged value (a --data-dir moved back, say): the tag goes, the param says it again.
+    (run / "config.json").write_text(
+        json.dumps({**json.loads((run / "config.json").read_text()), "trials": 4})
+    )
+    log_to_mlflow(run, tracking_uri=uri)
+    assert "deepspark.current.trials" not in mlflow.MlflowClient(uri).get_run(first.run_id).data.tags
 
 
 _USER_STATE = """

@@ -18,8 +18,9 @@ Logging a run directory again updates its runs, never duplicates them. Every run
 the run's creation writes: a study's first journal line, a training run's ``config.json``; a resume
 rewrites a study's ``config.json``, and stays the same run); a second call finds the runs by that id and
 adds only what is new: trials finished since (a finished trial is immutable, so its run is never written
-twice), history rows after the last logged round, a model whose weights changed. A moved or copied run
-directory is a new run.
+twice), history rows after the last logged round, a model whose weights changed, and for a ``config.json``
+value changed since its param was logged (MLflow never changes a param) the tag ``deepspark.current.KEY``.
+A moved or copied run directory is a new run.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ TRIAL_TAG, STATE_TAG, MODEL_SHA_TAG = "deepspark.trial", "deepspark.state", "dee
 MODEL_TAG, LAST_ROUND_TAG, PARENT_TAG = "deepspark.model", "deepspark.last_round", "mlflow.parentRunId"
 #: set on a trial's run once everything of the trial is logged; a run without it is logged anew
 LOGGED_TAG = "deepspark.logged"
+#: prefixes a config.json key whose value changed since its param was logged (MLflow never changes a param)
+CURRENT_TAG = "deepspark.current."
 #: the name of every logged model (one per run that has one)
 MODEL_NAME = "model"
 _STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
@@ -282,10 +285,18 @@ class _Logger:
                 _log.warning(
                     "%d MLflow runs carry %s=%s; updating the first", len(found), RUN_ID_TAG, self.run_id
                 )
+            run_id, logged = str(found[0].info.run_id), found[0].data.params
             # Params a failed first call did not write (MLflow never changes one that is written).
-            missing = {k: v for k, v in params.items() if k not in found[0].data.params}
-            self._batch(found[0].info.run_id, params=missing)
-            return str(found[0].info.run_id), False
+            self._batch(run_id, params={k: v for k, v in params.items() if k not in logged})
+            # What a resume changed in config.json since (a larger trials, another data_dir): a tag, which
+            # MLflow lets change, beside the param's first value; gone when the value is the param's again.
+            for key, value in params.items():
+                tag = _key(CURRENT_TAG + key)
+                if key in logged and logged[key] != value:
+                    self.client.set_tag(run_id, tag, value)
+                elif tag in found[0].data.tags:
+                    self.client.delete_tag(run_id, tag)
+            return run_id, False
         run = self.client.create_run(
             self.experiment_id, start_time=_ms(start), run_name=name, tags={**self.tags, KIND_TAG: kind}
         )
