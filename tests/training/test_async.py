@@ -40,7 +40,7 @@ def _client(port: int, token: str, worker: int, leave_after: int | None, out: di
                     "version": header["version"],
                     "samples": BATCH * int(header["steps"]),
                     "loss_sum": 1.0,
-                    "cursor": {"pushes": pushes + 1},
+                    "cursor": {"n": 40, "pushes": pushes + 1},
                     "compute_s": 0.0,
                     "comm_s": 0.0,
                 },
@@ -63,7 +63,7 @@ def _server(**changes: Any) -> ParameterServer:
         "batch_size": BATCH,
         "total_samples": 100 * BATCH,
         "rows": 10 * BATCH,
-        "new_cursor": lambda worker, rows: {"pushes": 0},
+        "new_cursor": lambda worker, rows: {"n": rows, "pushes": 0},
         "on_round": lambda record, weights: None,
     }
     return ParameterServer(**{**settings, **changes})
@@ -99,7 +99,7 @@ def test_a_dead_worker_never_stalls_the_others() -> None:
     assert server.max_clock_gap <= 1
     assert all(r.clock_gap <= 1 for r in records)
     assert sum(r.samples for r in records) == 30 * BATCH
-    assert server.cursors()[0] == {"pushes": 28}
+    assert server.cursors()[0] == {"n": 40, "pushes": 28}
     assert server.checkpoint_state()["clocks"] == {"0": 28, "1": 2}
 
 
@@ -135,15 +135,15 @@ def test_a_push_from_a_lost_workers_connection_is_not_applied_twice() -> None:
             with wire.connect("127.0.0.1", port, token=token, hello=hello, timeout=10) as new:
                 new.settimeout(10)
                 again, _ = new.recv()
-                assert first["cursor"] == again["cursor"] == {"pushes": 0}
-                _push(old, first, {"pushes": 1})
+                assert first["cursor"] == again["cursor"] == {"n": 40, "pushes": 0}
+                _push(old, first, {"n": 40, "pushes": 1})
                 assert old.recv()[0] == {"op": "stop"}  # the late push was not applied
-                _push(new, again, {"pushes": 1})
+                _push(new, again, {"n": 40, "pushes": 1})
                 following, _ = new.recv()
         assert following["op"] == "pull" and following["version"] == 1
         assert server.version == 1 and server.samples_done == BATCH
         assert torch.equal(server.weights["w"], torch.full((4,), 0.5))
-        assert server.cursors()[0] == {"pushes": 1} and server.clocks()[0] == 1
+        assert server.cursors()[0] == {"n": 40, "pushes": 1} and server.clocks()[0] == 1
     finally:
         endpoint.close()
 
@@ -169,7 +169,8 @@ def _serving(server: ParameterServer) -> Iterator[Callable[..., wire.Connection]
 
 def _send_push(conn: wire.Connection, pull: dict[str, Any], payload: bytes, samples: int = BATCH) -> None:
     header = {"op": "push", "version": pull["version"], "samples": samples, "loss_sum": float(samples)}
-    conn.send({**header, "cursor": {"pushes": 1}, "compute_s": 0.0, "comm_s": 0.0}, payload)
+    cursor = {"n": int(conn.hello["rows"]), "pushes": 1}  # a real cursor covers its worker's rows
+    conn.send({**header, "cursor": cursor, "compute_s": 0.0, "comm_s": 0.0}, payload)
 
 
 def test_stale_pushes_blend_batchnorm_statistics_and_never_drive_a_variance_negative() -> None:
@@ -244,7 +245,7 @@ def test_a_worker_with_an_empty_partition_waits_while_no_worker_with_data_is_liv
     records: list[AsyncRecord] = []
     server = _server(on_round=lambda record, weights: records.append(record))
     nothing = state_to_bytes({"w": torch.zeros(4)})
-    with _serving(server) as connect, connect(0) as data, connect(1, rows=0) as empty:
+    with _serving(server) as connect, connect(0, rows=80) as data, connect(1, rows=0) as empty:
         pull_data, _ = data.recv()
         pull_empty, _ = empty.recv()
         _send_push(data, pull_data, state_to_bytes({"w": torch.ones(4)}))
@@ -256,9 +257,9 @@ def test_a_worker_with_an_empty_partition_waits_while_no_worker_with_data_is_liv
         with pytest.raises(TimeoutError):
             empty.recv()  # no pull while no worker with data is live
         empty.settimeout(10)
-        with connect(0) as replacement:
+        with connect(0, rows=80) as replacement:
             again, _ = replacement.recv()
-            assert again["cursor"] == {"pushes": 1} and again["version"] == 2
+            assert again["cursor"] == {"n": 80, "pushes": 1} and again["version"] == 2
             assert empty.recv()[0]["op"] == "pull"  # a worker with data is back: it may pull again
     assert server.version == 2 and len(records) == 1
 

@@ -33,7 +33,7 @@ def _server(records: list[RoundRecord], total_steps: int = 2, **watch: Any) -> R
         parameters=["w"],
         cursors={},
         workers=2,
-        new_cursor=lambda worker, rows: {"at": 0},
+        new_cursor=lambda worker, rows: {"n": rows, "at": 0},
         settings=AverageSettings(tau=1),
         batch_size=8,
         total_steps=total_steps,
@@ -49,7 +49,9 @@ def _server(records: list[RoundRecord], total_steps: int = 2, **watch: Any) -> R
 
 
 def _connect(endpoint: wire.Server, worker: int) -> wire.Connection:
-    conn = wire.connect("127.0.0.1", endpoint.address[1], token=TOKEN, hello={"worker": worker}, timeout=10)
+    conn = wire.connect(
+        "127.0.0.1", endpoint.address[1], token=TOKEN, hello={"worker": worker, "rows": 8}, timeout=10
+    )
     conn.settimeout(10)
     return conn
 

@@ -291,3 +291,61 @@ def test_a_bad_image_row_stops_an_allreduce_gang_without_a_restart(
     ):
         fit(df, "mlp", strategy="allreduce", workers=2, config={**SGD, "epochs": 1}, run_dir=tmp_path / "run")
     assert not [r for r in caplog.records if "restarting" in r.getMessage()]
+
+
+@pytest.mark.parametrize("strategy", ["average", "async", "allreduce"])
+def test_rows_that_change_between_the_count_and_training_stop_the_run(
+    spark: Any, tmp_path: Path, monkeypatch: Any, strategy: str
+) -> None:
+    # A DataFrame whose rows change between reads (a UDF drawing random numbers, a growing source): the
+    # count before training saw 32 rows, the workers read 30, their epochs and step budget made for 32.
+    import dataclasses
+
+    from deepspark.training import _fit
+
+    counted = _fit.describe_frame
+
+    def miscounted(df: Any, **kwargs: Any) -> Any:
+        layout = counted(df, **kwargs)
+        return (
+            dataclasses.replace(layout, rows=layout.rows + 2)
+            if kwargs.get("argument", "data") == "data"
+            else layout
+        )
+
+    monkeypatch.setattr(_fit, "describe_frame", miscounted)
+    images, labels = _images(30)
+    with pytest.raises(
+        DeepsparkError, match=r"read 30 rows where the DataFrame counted 32: .*localCheckpoint"
+    ):
+        fit(
+            _png_frame(spark, images, labels),
+            "mlp",
+            strategy=strategy,
+            workers=2,
+            config={**SGD, "epochs": 1},
+            run_dir=tmp_path / "run",
+        )
+
+
+@pytest.mark.parametrize("strategy", ["average", "async"])
+def test_a_resume_on_rows_split_otherwise_stops_instead_of_training_past_them(
+    spark: Any, tmp_path: Path, driver_crash: Any, strategy: str
+) -> None:
+    # The same 30 rows, read from one input partition instead of two: their row keys, so the rows each
+    # worker gets, differ. Each worker's data position covers the rows it had: it would have walked a
+    # permutation of that many rows over a partition of another size.
+    images, labels = _images(30)
+    df = _png_frame(spark, images, labels).repartition(2)
+    options: dict[str, Any] = {
+        "strategy": strategy,
+        "workers": 2,
+        "config": {**SGD, "batch_size": 4, "epochs": 3},
+    }
+    if strategy == "average":
+        options["average"] = {"tau": 1}
+    with pytest.raises(DeepsparkError, match="driver crash"):
+        fit(df, "mlp", **options, run_dir=tmp_path / "run", checkpoint_seconds=0, on_round=driver_crash(1))
+    with pytest.raises(DeepsparkError, match=r"worker \d read \d+ rows where its data position covers \d+: "):
+        fit(df.coalesce(1), run_dir=tmp_path / "run", resume=True)
+    assert fit(df, run_dir=tmp_path / "run", resume=True).history  # the same split resumes

@@ -65,6 +65,7 @@ import torch
 from deepspark.errors import DeepsparkError, DivergenceError
 from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
 from deepspark.training.average import RoundRecord, TaskSpec
+from deepspark.training.frame import rows_changed
 
 __all__ = [
     "GangReport",
@@ -163,6 +164,7 @@ class GangServer:
         self._reporting = 0  # live rank 0 connections
         self._heartbeat_timeout = heartbeat_timeout
         self.lost: str | None = None  # a rank of this attempt silent past the heartbeat timeout
+        self._rows_read: dict[int, int] = {}  # rank -> the rows its task of this attempt read
 
     def hold(self) -> threading.Condition:
         """The server's (reentrant) lock: hold it to read or checkpoint a consistent state."""
@@ -173,6 +175,7 @@ class GangServer:
         with self._lock:
             self.attempt = attempt
             self.lost = None
+            self._rows_read = {}
 
     def settle(self, timeout: float) -> None:
         """Wait (up to ``timeout`` seconds) until no rank 0 connection is being served."""
@@ -198,6 +201,15 @@ class GangServer:
                 "optimizer": self.optimizer,
             }
             payload = self.payload
+            self._rows_read[rank] = int(conn.hello.get("rows", 0))
+            read = sum(self._rows_read.values())
+            if len(self._rows_read) == self._workers and read != self._rows:
+                self.fail(
+                    rows_changed(
+                        f"the gang's ranks read {read} rows where the DataFrame counted {self._rows}"
+                    )
+                )
+                return
             if rank == 0:
                 self._reporting += 1
         _log.info(
@@ -414,7 +426,7 @@ def _train(
             else DataCursor(n, config.batch_size, config.seed + rank * 1_000_003)
         )
         if cursor.n != n:
-            raise DeepsparkError(f"gang rank {rank}: the checkpoint's cursor covers {cursor.n} rows, not {n}")
+            raise rows_changed(f"gang rank {rank} read {n} rows where its data position covers {cursor.n}")
         params = [p for p in model.parameters() if p.requires_grad]
         floats = [b for b in model.buffers() if b.is_floating_point()]
         ints = [b for b in model.buffers() if not b.is_floating_point()]

@@ -40,6 +40,7 @@ import torch
 from deepspark import wire
 from deepspark.errors import ConfigError, DeepsparkError
 from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
+from deepspark.training.frame import rows_changed
 
 __all__ = [
     "OUTER",
@@ -147,6 +148,7 @@ class ServerState:
         self.devices: dict[int, str] = {}  # worker -> the device it trains on (from its hello)
         self._heartbeat_timeout = heartbeat_timeout
         self._cancel = cancel
+        self._rows_read: dict[int, int] = {}  # worker -> the rows its newest task read
 
     def admit(self, conn: Any, workers: int) -> int | None:
         """The worker index a connection's hello names (its device noted), or None if it is not one of ours."""
@@ -204,6 +206,27 @@ class ServerState:
             if self.error is None:
                 self.error = error
             self._lock.notify_all()
+
+    def rows_agree(
+        self, worker: int, rows: int, cursor: Mapping[str, Any], *, total: int, workers: int
+    ) -> bool:
+        """Under the lock, as ``worker``'s task connects having read ``rows`` rows: whether they are the
+        rows its data position ``cursor`` covers and, once every worker has connected, add up to the
+        ``total`` the DataFrame was counted with. If not, the run fails (a resubmitted task would read
+        the same changed rows): nothing trains on rows that are not the ones counted and positioned."""
+        self._rows_read[worker] = rows
+        if int(cursor["n"]) != rows:
+            error = rows_changed(
+                f"worker {worker} read {rows} rows where its data position covers {cursor['n']}"
+            )
+        elif len(self._rows_read) == workers and sum(self._rows_read.values()) != total:
+            error = rows_changed(
+                f"the workers read {sum(self._rows_read.values())} rows where the DataFrame counted {total}"
+            )
+        else:
+            return True
+        self.fail(error)
+        return False
 
 
 class RoundServer(ServerState):
@@ -344,6 +367,14 @@ class RoundServer(ServerState):
                 state.first_seen = time.perf_counter()
             if not state.cursor:
                 state.cursor = self._new_cursor(worker, int(conn.hello.get("rows", 0)))
+            if not self.rows_agree(
+                worker,
+                int(conn.hello.get("rows", 0)),
+                state.cursor,
+                total=self._rows,
+                workers=len(self._workers),
+            ):
+                return
             if worker not in self._round.expected and not any(p.samples for p in self._round.pushes.values()):
                 self._round.expected.add(worker)  # nobody has finished this round with data yet: join it
         try:

@@ -37,6 +37,7 @@ __all__ = [
     "describe_frame",
     "keyed_rows",
     "read_partition",
+    "rows_changed",
 ]
 
 KEY = "_deepspark_key"
@@ -357,3 +358,14 @@ def _decode_images(column: Any, keys: Any, layout: FrameLayout) -> np.ndarray:
 def describe_key(key: int) -> str:
     """A row key of a DataFrame (``monotonically_increasing_id``: input partition << 33 | row) in words."""
     return f"row key {key} (row {key & ((1 << 33) - 1)} of the DataFrame's partition {key >> 33})"
+
+
+def rows_changed(what: str) -> DatasetError:
+    """The error for training rows that differ between two reads of the DataFrame: ``what`` says which
+    reads disagreed. Training needs the same rows in every read (the count, each worker's task, a
+    resubmitted one, a resume): a worker's data position covers the rows it read first."""
+    return DatasetError(
+        f"{what}: the training DataFrame's rows change between reads (a UDF that draws random numbers, "
+        "a source being appended to) or, on a resume, are split into other input partitions; pin it "
+        "first, e.g. df = df.localCheckpoint()"
+    )

@@ -228,6 +228,10 @@ class ParameterServer(ServerState):
             state.rows = int(conn.hello.get("rows", 0))
             if not state.cursor:
                 state.cursor = self._new_cursor(worker, int(conn.hello.get("rows", 0)))
+            if not self.rows_agree(
+                worker, state.rows, state.cursor, total=self._rows, workers=len(self._workers)
+            ):
+                return
             self._lock.notify_all()
         try:
             self._serve(conn, worker, mine)
