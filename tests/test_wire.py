@@ -354,3 +354,44 @@ def test_peer_closed_sees_a_hang_up_without_reading() -> None:
         client.close()
         _until(lambda: len(result) == 2)
     assert result == [False, True]
+
+
+# -------------------------------------------------------------------------------------- deliver
+def _pair() -> tuple[wire.Connection, socket.socket]:
+    """A connection and its peer's bare socket (a socketpair: small buffers, the same on every host)."""
+    mine, theirs = socket.socketpair()
+    return wire.Connection(mine, hello={}, peer="pair"), theirs
+
+
+def test_deliver_gives_up_on_a_peer_that_reads_nothing() -> None:
+    conn, peer = _pair()
+    with conn, peer:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            wire.deliver(conn, {"op": "round"}, bytes(8 << 20), 0.5)
+        assert time.monotonic() - started < WAIT
+
+
+def test_deliver_waits_on_a_slow_peer_that_keeps_reading() -> None:
+    # The peer pauses 0.15 s after each MB: 10 MB take it about 1.5 s, longer than the timeout, but it
+    # is never silent for the timeout. A socket timeout on sendall is a deadline for the whole frame.
+    conn, peer = _pair()
+    payload = bytes(range(256)) * (10 << 12)
+    received = bytearray()
+
+    def read_slowly() -> None:
+        peer.settimeout(WAIT)
+        while chunk := peer.recv(1 << 20):
+            if len(received) >> 20 != (len(received) + len(chunk)) >> 20:
+                time.sleep(0.15)
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    try:
+        with conn:
+            sent = wire.deliver(conn, {"op": "round"}, payload, 1.0)
+    finally:
+        reader.join(WAIT)
+        peer.close()
+    assert len(received) == sent and received.endswith(payload)

@@ -38,6 +38,7 @@ __all__ = [
     "ProtocolError",
     "Server",
     "connect",
+    "deliver",
     "heartbeat_interval",
     "receive",
     "recv",
@@ -94,11 +95,19 @@ def send(
         raise _TooBig(f"frame of {len(head) + view.nbytes} bytes exceeds the {MAX_FRAME}-byte limit")
     prefix = _PREFIX.pack(len(head), view.nbytes)
     if view.nbytes <= _COALESCE:
-        sock.sendall(prefix + head + view)
+        _send_all(sock, prefix + head + view)
     else:
-        sock.sendall(prefix + head)
-        sock.sendall(view)
+        _send_all(sock, prefix + head)
+        _send_all(sock, view)
     return _PREFIX.size + len(head) + view.nbytes
+
+
+def _send_all(sock: socket.socket, data: bytes | memoryview) -> None:
+    # Not sendall: under a socket timeout, sendall gives the whole payload that many seconds; here each
+    # send waits that long for the peer to take a byte, so a slow link is not a frozen peer (deliver).
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        view = view[sock.send(view) :]
 
 
 def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytearray:
@@ -229,6 +238,25 @@ def receive(conn: Connection, timeout: float | None) -> tuple[dict[str, Any], by
             header, payload = conn.recv()
             if header.get("op") != HEARTBEAT:
                 return header, payload, conn.bytes_received - before
+    finally:
+        with contextlib.suppress(OSError):  # closed meanwhile (the run ended): its error is raised
+            conn.settimeout(None)
+
+
+def deliver(
+    conn: Connection,
+    header: Mapping[str, Any],
+    payload: bytes | bytearray | memoryview,
+    timeout: float | None,
+) -> int:
+    """Send one frame to a peer watched with ``timeout`` (None: no clock), as :func:`receive` reads one;
+    return its size in bytes. Raises TimeoutError when the peer takes no byte for ``timeout`` seconds: a
+    frozen peer reads nothing, and a frame larger than the sockets' buffers (a model's weights) would
+    block the sender for good. A slow link that takes bytes is not silence. After the error the frame is
+    cut short: the connection is of no further use."""
+    conn.settimeout(timeout)
+    try:
+        return conn.send(header, payload)
     finally:
         with contextlib.suppress(OSError):  # closed meanwhile (the run ended): its error is raised
             conn.settimeout(None)

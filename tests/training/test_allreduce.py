@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from deepspark import wire
 from deepspark.errors import DeepsparkError, DivergenceError
 from deepspark.training._fit import CHECKPOINT, FAIL_HOOK_ENV, HISTORY, fit
 from deepspark.training.allreduce import GangServer, optimizer_from_tensors, optimizer_to_tensors
@@ -126,19 +127,25 @@ def test_replicas_stay_identical_on_uneven_partitions(spark: Any, tmp_path: Path
     assert float(result.history[-1]["epoch"]) == pytest.approx(drawn / 21)
 
 
+def _gang(**changes: Any) -> GangServer:
+    """A gang server of two ranks and four steps, nothing done yet (``changes`` replace settings)."""
+    settings: dict[str, Any] = {
+        "payload": b"",
+        "optimizer": None,
+        "cursors": {},
+        "steps_done": 0,
+        "samples_done": 0,
+        "total_steps": 4,
+        "rows": 16,
+        "workers": 2,
+        "on_round": lambda report, _: None,
+    }
+    return GangServer(**{**settings, **changes})
+
+
 def test_diverged_replicas_stop_the_run() -> None:
     reports: list[Any] = []
-    server = GangServer(
-        payload=b"",
-        optimizer=None,
-        cursors={},
-        steps_done=0,
-        samples_done=0,
-        total_steps=4,
-        rows=16,
-        workers=2,
-        on_round=lambda report, _: reports.append(report),
-    )
+    server = _gang(on_round=lambda report, _: reports.append(report))
     header = {
         "round": 0,
         "step": 1,
@@ -259,3 +266,19 @@ def test_allreduce_learns_mnist(spark: Any, tmp_path: Path) -> None:
     assert result.test_accuracy is not None and result.test_accuracy > 0.8, result.history
     assert any(result.model_dir.iterdir())
     assert sum(float(r["bytes"]) for r in result.history) > 0
+
+
+@pytest.mark.timeout(30)
+def test_a_rank_frozen_before_it_reads_its_start_state_marks_the_attempt_lost() -> None:
+    # Rank 1 connected, then froze before it read its start state. The payload (64 MB) outgrows the
+    # sockets' buffers, and the driver's send of it used to block for good, outside the heartbeat
+    # clock: the attempt was never marked lost and the gang waited in its collectives.
+    server = _gang(payload=b"w" * (64 << 20), heartbeat_timeout=1.0)
+    token = "t" * 32
+    with wire.Server(token=token, handler=server.handle, name="test-gang") as endpoint:
+        hello = {"rank": 1, "attempt": 0, "pid": 7}
+        with wire.connect("127.0.0.1", endpoint.address[1], token=token, hello=hello, timeout=10):
+            lock = server.hold()
+            with lock:
+                assert lock.wait_for(lambda: server.lost is not None, timeout=10)
+    assert server.lost is not None and server.lost.startswith("gang rank 1 (pid 7 on ")

@@ -440,3 +440,22 @@ def test_a_worker_that_sends_heartbeats_while_it_computes_is_not_lost() -> None:
         assert slow.recv()[0]["op"] == "pull" and fast.recv()[0]["op"] == "pull"
         assert server.version == 3
     assert cancelled == [] and server.error is None
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_frozen_while_it_waits_for_its_next_pull_stops_holding_the_others_at_the_bound() -> None:
+    # Worker 0 pushed once, then froze while it waited for its next pull: it reads nothing more. The
+    # weights (64 MB) outgrow the sockets' buffers (Linux grows a receive buffer to 32 MB at most), and
+    # the server's send of that pull used to block for good, outside the heartbeat clock: worker 1
+    # waited at the staleness bound forever.
+    cancelled: list[int] = []
+    weights = torch.zeros(16 << 20)
+    server = _server(weights={"w": weights}, staleness=1, heartbeat_timeout=1.0, cancel=cancelled.append)
+    payload = state_to_bytes({"w": torch.ones_like(weights)})
+    with _serving(server) as connect, connect(0) as frozen, connect(1) as other:
+        _send_push(frozen, frozen.recv()[0], payload)  # and it never reads its next pull
+        for _ in range(3):
+            pull, _ = other.recv()
+            _send_push(other, pull, payload)
+        assert other.recv()[0]["op"] == "pull"  # two ahead: granted once worker 0 is lost (10 s timeout)
+    assert cancelled == [0] and server.error is None

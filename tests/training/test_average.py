@@ -16,20 +16,22 @@ from deepspark.training.average import AverageSettings, RoundRecord, RoundServer
 TOKEN = "t" * 32
 
 
-def _push(conn: wire.Connection, header: dict[str, Any], value: float, samples: int = 8) -> None:
+def _push(
+    conn: wire.Connection, header: dict[str, Any], value: float, samples: int = 8, size: int = 2
+) -> None:
     reply = {"op": "push", "round": header["round"], "samples": samples, "loss_sum": float(samples)}
     reply["cursor"] = {"at": 1}
     conn.send(
         {**reply, "compute_s": 0.0, "comm_s": 0.0, "wait_s": 0.0},
-        state_to_bytes({"w": torch.full((2,), value)}),
+        state_to_bytes({"w": torch.full((size,), value)}),
     )
 
 
-def _server(records: list[RoundRecord], total_steps: int = 2, **watch: Any) -> RoundServer:
-    """Two workers over one parameter ``w``; ``watch``: the heartbeat clock (``heartbeat_timeout``,
-    ``cancel``), none by default."""
+def _server(records: list[RoundRecord], total_steps: int = 2, size: int = 2, **watch: Any) -> RoundServer:
+    """Two workers over one parameter ``w`` of ``size`` floats; ``watch``: the heartbeat clock
+    (``heartbeat_timeout``, ``cancel``), none by default."""
     return RoundServer(
-        weights={"w": torch.zeros(2)},
+        weights={"w": torch.zeros(size)},
         parameters=["w"],
         cursors={},
         workers=2,
@@ -201,3 +203,30 @@ def test_a_worker_that_sends_heartbeats_while_it_computes_longer_than_the_timeou
         endpoint.close()
     assert server.error is None and cancelled == []
     assert [(r.round, r.workers, r.samples) for r in records] == [(0, 2, 16), (1, 2, 16)]
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_frozen_while_it_waits_for_its_next_round_is_lost_after_the_heartbeat_timeout() -> None:
+    # Worker 0 pushed round 0, then froze while it waited for round 1: it reads nothing more. The
+    # weights (64 MB) outgrow the sockets' buffers (Linux grows a receive buffer to 32 MB at most), and
+    # the driver's send of round 1 used to block for good, outside the heartbeat clock: round 1 waited
+    # for worker 0 forever.
+    records: list[RoundRecord] = []
+    cancelled: list[int] = []
+    size = 16 << 20
+    server = _server(records, total_steps=2, size=size, heartbeat_timeout=1.0, cancel=cancelled.append)
+    endpoint = wire.Server(token=TOKEN, handler=server.handle, name="test-rounds")
+    endpoint.start()
+    try:
+        with _connect(endpoint, 0) as frozen, _connect(endpoint, 1) as one:
+            for conn in (frozen, one):
+                first, _ = conn.recv()
+                _push(conn, first, 2.0, size=size)
+            second, _ = one.recv()
+            assert second["round"] == 1
+            _push(one, second, 4.0, size=size)
+            assert one.recv()[0] == {"op": "stop"}  # within its 10 s receive timeout
+    finally:
+        endpoint.close()
+    assert server.error is None and cancelled == [0]
+    assert [(r.round, r.workers, r.samples) for r in records] == [(0, 2, 16), (1, 1, 8)]

@@ -189,6 +189,8 @@ class GangServer:
             self._lock.notify_all()
 
     def handle(self, conn: Any) -> None:
+        from deepspark import wire
+
         rank, attempt = int(conn.hello.get("rank", -1)), int(conn.hello.get("attempt", -1))
         with self._lock:
             if not 0 <= rank < self._workers or attempt != self.attempt:
@@ -220,7 +222,7 @@ class GangServer:
             conn.hello.get("pid", "?"),
         )
         try:
-            conn.send(header, payload)
+            wire.deliver(conn, header, payload, self._heartbeat_timeout)  # a frozen rank reads nothing
             if rank == 0:
                 self._serve_reports(conn, attempt)
             else:

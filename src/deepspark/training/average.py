@@ -134,9 +134,10 @@ class ServerState:
 
     A worker owes the server a frame only while it computes; it sends heartbeats meanwhile (every
     :func:`deepspark.wire.heartbeat_interval` of ``heartbeat_timeout``). Past ``heartbeat_timeout``
-    seconds of silence it is lost, as if its connection had closed (a frozen process whose executor
-    lives on never closes it), and ``cancel(worker)`` cancels its Spark job so that the job is
-    resubmitted. ``heartbeat_timeout`` None: no clock (a silent worker is waited for).
+    seconds of silence, or of taking no byte of the frame it is sent (:meth:`deliver`), it is lost, as
+    if its connection had closed (a frozen process whose executor lives on never closes it), and
+    ``cancel(worker)`` cancels its Spark job so that the job is resubmitted. ``heartbeat_timeout``
+    None: no clock (a silent worker is waited for).
     """
 
     def __init__(
@@ -172,6 +173,11 @@ class ServerState:
         """A worker's next frame other than a heartbeat, and its size (:func:`deepspark.wire.receive`
         under the heartbeat timeout)."""
         return wire.receive(conn, self._heartbeat_timeout)
+
+    def deliver(self, conn: Any, header: Mapping[str, Any], payload: bytes) -> int:
+        """Send a worker a frame that it must read (its round, its pull) under the heartbeat timeout
+        (:func:`deepspark.wire.deliver`): a worker frozen while it waited for it takes no byte."""
+        return wire.deliver(conn, header, payload, self._heartbeat_timeout)
 
     def silent(self, worker: int, conn: Any, *, current: bool) -> None:
         """``worker`` was silent on ``conn`` past the heartbeat timeout: cancel its Spark job (it is
@@ -416,7 +422,7 @@ class RoundServer(ServerState):
                 if not synced:  # a new or re-joined worker: where its data stands (it keeps it from now on)
                     header["cursor"] = self._workers[worker].cursor
                 payload = self._payload
-            sent = conn.send(header, payload)
+            sent = self.deliver(conn, header, payload)
             reply, data, received = self.receive(conn)
             moved = sent + received  # both frames, headers included (heartbeats are not the round's)
             if reply.get("op") != "push" or int(reply.get("round", -1)) != current.number:

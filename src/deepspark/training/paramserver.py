@@ -290,7 +290,7 @@ class ParameterServer(ServerState):
                     header["cursor"] = state.cursor
                 payload = self._snapshot()
             first = False
-            sent = conn.send(header, payload)
+            sent = self.deliver(conn, header, payload)
             reply, data, received = self.receive(conn)
             if reply.get("op") != "push" or int(reply.get("version", -1)) != pulled:
                 raise DeepsparkError(f"worker {worker}: expected its push of version {pulled}")
