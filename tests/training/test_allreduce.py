@@ -282,3 +282,21 @@ def test_a_rank_frozen_before_it_reads_its_start_state_marks_the_attempt_lost() 
             with lock:
                 assert lock.wait_for(lambda: server.lost is not None, timeout=10)
     assert server.lost is not None and server.lost.startswith("gang rank 1 (pid 7 on ")
+
+
+@pytest.mark.timeout(30)
+def test_a_rank_frozen_after_the_last_round_marks_the_attempt_lost() -> None:
+    # Rank 0 reported the last round, then rank 1 froze before its done. Its silence used to be ignored
+    # once the gang had finished: nothing cancelled the barrier job that the frozen task still held,
+    # and fit waited on it for good. The driver cancels it; the finished rounds stay taken.
+    server = _gang(steps_done=4, heartbeat_timeout=1.0)
+    assert server.finished
+    token = "t" * 32
+    with wire.Server(token=token, handler=server.handle, name="test-gang") as endpoint:
+        hello = {"rank": 1, "attempt": 0, "pid": 7}
+        with wire.connect("127.0.0.1", endpoint.address[1], token=token, hello=hello, timeout=10) as rank:
+            assert rank.recv()[0]["op"] == "start"  # and it never says done
+            lock = server.hold()
+            with lock:
+                assert lock.wait_for(lambda: server.lost is not None, timeout=10)
+    assert server.finished and server.steps_done == 4 and server.fatal is None

@@ -1152,7 +1152,8 @@ def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
                 cancel_when=lambda: gang.fatal is not None or gang.lost is not None,
             )
             gang.settle(timeout=30.0)  # rank 0's last words (a divergence, say) are taken before deciding
-            if failure is None and gang.finished:
+            # Every round taken: a job cancelled after it (a rank frozen before its done) is no failure.
+            if gang.finished:
                 break
             if gang.fatal is not None:
                 break

@@ -246,9 +246,11 @@ class GangServer:
     def _silent(self, conn: Any, rank: int, attempt: int) -> None:
         """A rank of ``attempt`` was silent past the heartbeat timeout: frozen (a deadlock, a hung GPU
         kernel) while its executor lives, the gang waits in its collectives for good. Mark the attempt
-        lost, so that the driver cancels its job and restarts the gang from the last round."""
+        lost, so that the driver cancels its job and restarts the gang from the last round. Also once
+        the gang has finished (a rank frozen before its done): its job would never end, and the driver
+        takes the finished run without a restart."""
         with self._lock:
-            if attempt != self.attempt or self.finished or self.fatal is not None or self.lost is not None:
+            if attempt != self.attempt or self.fatal is not None or self.lost is not None:
                 return
             self.lost = (
                 f"gang rank {rank} (pid {conn.hello.get('pid', '?')} on {conn.peer}) silent for "
