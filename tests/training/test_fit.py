@@ -334,6 +334,29 @@ def test_resume_refuses_data_whose_rows_changed(spark: Any, tmp_path: Path, driv
     assert [int(r["round"]) for r in _history(tmp_path / "run")] == [0, 1]
 
 
+def test_resume_from_another_working_directory_trains_on_the_run_s_data(
+    toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, driver_crash: Any
+) -> None:
+    from deepspark.cli import main
+
+    config = {**SGD, "batch_size": 8, "epochs": 3, "seed": 1}
+    monkeypatch.chdir(toy.parent)  # the run names its data "data", relative to here
+    whole = fit("data", "mlp", strategy="local", config=config, run_dir=tmp_path / "whole")
+    with pytest.raises(RuntimeError, match="driver crash"):
+        fit(
+            "data", "mlp", strategy="local", config=config, run_dir=tmp_path / "run", on_round=driver_crash(1)
+        )
+    # Elsewhere "data" is another dataset of as many rows: the resume must still read the run's own.
+    _layout_dir(tmp_path / "elsewhere" / "data", train=40, test=30, seed=9)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["train", "--resume", str(tmp_path / "run"), "-q"]) == 0
+    np.testing.assert_allclose(
+        _losses(_history(tmp_path / "run")), _losses(list(whole.history)), rtol=0, atol=1e-6
+    )
+    with pytest.raises(ConfigError, match="trained on"):  # and fit refuses the other "data"
+        fit("data", run_dir=tmp_path / "run", resume=True)
+
+
 @pytest.mark.parametrize("strategy", ["average", "async"])
 def test_resume_after_a_crash_in_the_last_round_saves_the_model(
     spark: Any, toy: Path, tmp_path: Path, driver_crash: Any, strategy: str

@@ -239,7 +239,7 @@ def fit(
         device = saved.get("device", device)
         model = _resumed_model(saved["model"], factory, run_dir)
         threads_per_worker = saved["threads_per_worker"]
-        if isinstance(data, str | os.PathLike) and saved.get("data") != str(data):
+        if isinstance(data, str | os.PathLike) and _data_entry(saved.get("data")) != _data_entry(data):
             raise ConfigError(
                 f"resume: the run in {run_dir} trained on {saved.get('data')!r}, not {str(data)!r}"
             )
@@ -354,7 +354,7 @@ def fit(
                     "device": device,
                     "model": train_model.config_entry(model),
                     "threads_per_worker": threads_per_worker,
-                    "data": str(data) if isinstance(data, str | os.PathLike) else "DataFrame",
+                    "data": _data_entry(data),
                     "limit_train": limit_train,
                     "limit_test": limit_test,
                     "rows": prepared.layout.rows,
@@ -613,6 +613,19 @@ def _prepare_data(
         test_inputs=preprocess.apply(dataset.test_images) if len(dataset.test_labels) else None,
         test_labels=torch.as_tensor(dataset.test_labels) if len(dataset.test_labels) else None,
     )
+
+
+def _data_entry(data: Any) -> str:
+    """How config.json names the data: a registered dataset by its name, a directory by its absolute path
+    (`train --resume` from another working directory would read another dataset of that relative name)."""
+    from deepspark.data import DATASETS
+
+    if not isinstance(data, str | os.PathLike):
+        return "DataFrame"
+    name = os.fspath(data)
+    if name in DATASETS or name == "DataFrame":
+        return name
+    return str(Path(name).expanduser().absolute())
 
 
 def _load(data: Any, data_dir: Any, limit_train: int | None, limit_test: int | None) -> Any:
@@ -1496,7 +1509,7 @@ def _fit_local(
                 "average": {},
                 "model": model if isinstance(model, str) else spec.to_dict(),
                 "threads_per_worker": threads,
-                "data": str(data),
+                "data": _data_entry(data),
                 "limit_train": limit_train,
                 "limit_test": limit_test,
                 "rows": layout.rows,
