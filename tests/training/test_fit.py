@@ -357,6 +357,35 @@ def test_resume_from_another_working_directory_trains_on_the_run_s_data(
         fit("data", run_dir=tmp_path / "run", resume=True)
 
 
+def test_resume_builds_the_spec_the_run_trained_not_what_its_file_holds_now(
+    toy: Path, tmp_path: Path, driver_crash: Any
+) -> None:
+    from deepspark.cli import main
+
+    spec = {"input_shape": [1, 8, 8], "layers": [{"type": "flatten"}, {"type": "linear", "out_features": 16}]}
+    spec["layers"] += [{"type": "relu"}, {"type": "linear", "out_features": 3}]
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    config = {**SGD, "batch_size": 8, "epochs": 3, "seed": 1}
+    whole = fit(str(toy), str(spec_file), strategy="local", config=config, run_dir=tmp_path / "whole")
+    with pytest.raises(RuntimeError, match="driver crash"):
+        fit(
+            str(toy),
+            str(spec_file),
+            strategy="local",
+            config=config,
+            run_dir=tmp_path / "run",
+            on_round=driver_crash(1),
+        )
+    spec["layers"][2] = {"type": "tanh"}  # the file edited meanwhile: the weights' shapes still fit
+    spec_file.write_text(json.dumps(spec))
+    assert main(["train", "--resume", str(tmp_path / "run"), "-q"]) == 0
+    assert load_checkpoint(tmp_path / "run" / "model").spec.to_dict()["layers"][2] == {"type": "relu"}
+    np.testing.assert_allclose(
+        _losses(_history(tmp_path / "run")), _losses(list(whole.history)), rtol=0, atol=1e-6
+    )
+
+
 @pytest.mark.parametrize("strategy", ["average", "async"])
 def test_resume_after_a_crash_in_the_last_round_saves_the_model(
     spark: Any, toy: Path, tmp_path: Path, driver_crash: Any, strategy: str

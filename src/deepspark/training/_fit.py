@@ -1507,7 +1507,7 @@ def _fit_local(
                 "workers": 1,
                 "config": config.to_dict(),
                 "average": {},
-                "model": model if isinstance(model, str) else spec.to_dict(),
+                "model": TrainModel(spec=spec).config_entry(model),
                 "threads_per_worker": threads,
                 "data": _data_entry(data),
                 "limit_train": limit_train,

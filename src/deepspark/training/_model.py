@@ -96,11 +96,15 @@ class TrainModel:
         return module
 
     def config_entry(self, model: Any) -> Any:
-        """What config.json records: the zoo name, the spec, or the factory's name (not the factory)."""
+        """What config.json records: the zoo name, the spec, or the factory's name (not the factory). A spec
+        file's spec, not its path: a resume must build the model the checkpoint's weights were trained in,
+        whatever that file holds by then or wherever the resume runs."""
+        from deepspark.models import ZOO
+
         if self.factory is not None:
             return {FACTORY_KEY: factory_name(self.factory)}
         assert self.spec is not None
-        return model if isinstance(model, str) else self.spec.to_dict()
+        return model if isinstance(model, str) and model in ZOO else self.spec.to_dict()
 
     def check_input(self, shape: tuple[int, int, int]) -> None:
         """A factory's module must take a batch of ``shape`` inputs and return one score row per input."""
