@@ -244,6 +244,17 @@ def test_train_json_prints_one_object_on_stdout(tmp_path: Path, capsys: pytest.C
     assert "test accuracy:" in captured.err
 
 
+def test_a_diverging_training_run_is_a_failure_at_run_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Exit 1, as when an average or async worker diverges, not 2 (a usage error, before any work).
+    _tiny_study(tmp_path)
+    argv = ["train", "--data-dir", str(tmp_path / "data"), "--model", "mlp", "--optimizer", "sgd"]
+    argv += ["--lr", "1e30", "--epochs", "2", "--threads", "1", "--run-dir", str(tmp_path / "run"), "-q"]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith("deepspark: error: training diverged: loss is")
+
+
 def test_train_refuses_a_heartbeat_timeout_under_a_second_before_spark(monkeypatch, capsys, tmp_path) -> None:
     # A frozen training worker is lost after --heartbeat-timeout; under a second, a busy one would be too.
     import deepspark.spark as ds_spark

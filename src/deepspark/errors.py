@@ -53,8 +53,9 @@ class MissingDependencyError(DeepsparkError, ImportError):
     """
 
 
-class DivergenceError(DeepsparkError, FloatingPointError):
-    """Training produced a NaN or infinite loss.
+class DivergenceError(RunError, FloatingPointError):
+    """Training produced a NaN or infinite loss: a failure at run time (the command line exits 1), whichever
+    strategy's worker met it.
 
     ``epoch`` and ``step`` (both 0-based) locate the first non-finite loss.
     """

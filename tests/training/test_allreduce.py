@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from deepspark import wire
-from deepspark.errors import DeepsparkError, DivergenceError
+from deepspark.errors import DeepsparkError, DivergenceError, RunError
 from deepspark.training._fit import CHECKPOINT, FAIL_HOOK_ENV, HISTORY, fit
 from deepspark.training.allreduce import GangServer, optimizer_from_tensors, optimizer_to_tensors
 from deepspark.training.loop import DataCursor
@@ -162,7 +162,7 @@ def test_diverged_replicas_stop_the_run() -> None:
     server._take_round({**header, "digests": ["a", "a"]}, b"w1", 50, 0)
     assert server.fatal is None and server.steps_done == 1 and reports[0].bytes == 150
     server._take_round({**header, "round": 1, "step": 2, "digests": ["a", "b"]}, b"w2", 50, 0)
-    assert isinstance(server.fatal, DeepsparkError) and "diverged" in str(server.fatal)
+    assert isinstance(server.fatal, RunError) and "diverged" in str(server.fatal)  # exit 1, not 2
     assert server.steps_done == 1 and server.payload == b"w1" and len(reports) == 1
     server._take_round({**header, "round": 1, "step": 2, "digests": ["c", "c"]}, b"w3", 50, 7)
     assert server.steps_done == 1  # a report of another attempt is ignored

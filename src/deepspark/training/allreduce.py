@@ -62,7 +62,7 @@ from typing import Any
 
 import torch
 
-from deepspark.errors import DeepsparkError, DivergenceError
+from deepspark.errors import DeepsparkError, DivergenceError, RunError
 from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
 from deepspark.training.average import RoundRecord, TaskSpec
 from deepspark.training.frame import rows_changed
@@ -289,7 +289,7 @@ class GangServer:
             if self.fatal is not None:
                 return  # the run is stopping (its job is being cancelled): record no round after the error
             if len(set(digests)) != 1:
-                self.fatal = DeepsparkError(
+                self.fatal = RunError(
                     f"all-reduce replicas diverged by step {reply['step']}: weight digests {digests}; "
                     "this is a bug (or a non-deterministic layer), please report it"
                 )
