@@ -246,6 +246,18 @@ def _losses(rows: list[Any]) -> list[float]:
     return [float(r["train_loss"]) for r in rows]
 
 
+def test_rounds_of_seconds_take_the_run_s_examples_not_a_round_s_worth(
+    spark: Any, toy: Path, tmp_path: Path
+) -> None:
+    # A round of 30 s on 40 rows used to train for all of it: thousands of epochs for --epochs 2.
+    config = {**SGD, "batch_size": 8, "epochs": 2, "seed": 0}
+    average = {"round_seconds": 30.0}
+    result = fit(str(toy), "mlp", workers=2, config=config, average=average, run_dir=tmp_path / "run")
+    samples = sum(int(r["samples"]) for r in result.history)
+    assert 2 * 40 <= samples < 2 * 40 + 2 * 8  # at most a batch a worker beyond the budget
+    assert float(result.history[-1]["epoch"]) == pytest.approx(samples / 40)
+
+
 def test_resume_continues_the_same_loss_curve(
     spark: Any, toy: Path, tmp_path: Path, driver_crash: Any
 ) -> None:

@@ -340,7 +340,11 @@ class RoundServer(ServerState):
         return self._done_samples >= self._total
 
     def _open(self, number: int) -> _Round:
-        steps = max(1, round_steps(self._settings.tau, self._total_steps - self._done_steps))
+        if self._settings.round_seconds is None:
+            steps = max(1, round_steps(self._settings.tau, self._total_steps - self._done_steps))
+        else:  # at most each worker's share of the examples left: a round's seconds must not overrun the run
+            left = self._total - self._done_samples
+            steps = max(1, -(-left // (self._batch_size * len(self._workers))))
         return _Round(number=number, steps=steps, expected=set(self._workers))
 
     def worker_lost(self, worker: int) -> None:
@@ -689,7 +693,7 @@ def average_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
             stats = unit.take_steps(
                 optimizer,
                 cursor,
-                int(header["steps"]) if seconds is None else 1 << 30,
+                int(header["steps"]),
                 deadline=None if seconds is None else loaded + float(seconds),
             )
             computed = time.perf_counter()
