@@ -507,6 +507,21 @@ def test_mnist_idx_directory(spark: Any, small_model: Model, tmp_path: Path) -> 
         _assert_matches(rows[i], expected[i], 5)
 
 
+def test_a_dataframe_of_raw_pixels_from_to_dataframe_is_predicted(spark: Any, small_model: Model) -> None:
+    # Training reads to_dataframe's image column as the raw pixels its metadata says; predict read it as
+    # image files, and every row was an error ("cannot decode image").
+    from deepspark.data import to_dataframe
+
+    images = small_model.images[:6]
+    df = to_dataframe(spark, images, np.arange(6) % 10)
+    rows = _by(predict(df, small_model.path, spark=spark).dataframe.collect(), "id")
+    expected = reference_probabilities(small_model, images)
+    assert sorted(rows) == list(range(6))
+    for i in range(6):
+        assert rows[i]["input_label"] == i % 10
+        _assert_matches(rows[i], expected[i], 5)
+
+
 def test_parameters_are_checked_before_any_job(
     spark: Any, small_model: Model, image_dir: Path, tmp_path: Path
 ) -> None:

@@ -241,7 +241,8 @@ def _dataframe_input(df: DataFrame, column: str | None, *, ours: bool = False) -
         raise ConfigError(f"input_column: expected one of {sorted(fields)}, got {column!r}")
     typ = fields[column]
     if isinstance(typ, T.BinaryType):
-        kind = InputKind.IMAGE
+        # deepspark.data.to_dataframe records the shape of the raw pixels it writes (as training reads them)
+        kind = InputKind.RAW if "shape" in df.schema[column].metadata else InputKind.IMAGE
     elif isinstance(typ, T.ArrayType):
         kind = InputKind.TENSOR
     elif isinstance(typ, T.StringType):
