@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from deepspark.data import read_idx, write_idx
+from deepspark.data.idx import read_idx_shape
 from deepspark.errors import ConfigError, DatasetError
 
 
@@ -102,3 +103,19 @@ def test_corrupt_gzip_stream_and_missing_file(tmp_path: Path) -> None:
     assert str(path) in str(err.value)
     with pytest.raises(DatasetError, match="no such file"):
         read_idx(tmp_path / "absent")
+
+
+@pytest.mark.parametrize("name", ["images-idx3-ubyte", "images-idx3-ubyte.gz"])
+def test_read_idx_shape_reads_the_header_only(tmp_path: Path, name: str) -> None:
+    path = write_idx(tmp_path / name, _images(n=7))
+    assert read_idx_shape(path) == (7, 4, 3)
+    # The header alone: a file cut short after it still gives its shape (read_idx refuses it).
+    raw = gzip.decompress(path.read_bytes()) if name.endswith(".gz") else path.read_bytes()
+    cut = tmp_path / "cut-idx3-ubyte"
+    cut.write_bytes(raw[: 4 + 4 * 3 + 5])
+    assert read_idx_shape(cut) == (7, 4, 3)
+    with pytest.raises(DatasetError, match="truncated"):
+        read_idx(cut)
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x03")
+    with pytest.raises(DatasetError, match="bad: not an IDX file"):
+        read_idx_shape(tmp_path / "bad")

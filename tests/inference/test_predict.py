@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from _inference_support import CLASS_NAMES, Model, Server, png_bytes, reference_probabilities
 
-from deepspark.errors import ConfigError
+from deepspark.errors import ConfigError, DatasetError
 from deepspark.inference import PredictProgress, UrlPolicy, export_model, predict
 from deepspark.inference._cli import add_predict_parser
 
@@ -505,6 +505,40 @@ def test_mnist_idx_directory(spark: Any, small_model: Model, tmp_path: Path) -> 
     for i in range(12):
         assert rows[i]["file"] == "t10k-images-idx3-ubyte" and rows[i]["target"] == i % 10
         _assert_matches(rows[i], expected[i], 5)
+
+
+def _refused_by_the_cli(spark: Any, model: Model, data: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """``deepspark predict --input data`` exits 2 before any Spark job, with one line on stderr and no
+    output written: that line."""
+    from deepspark.cli import main
+
+    out = data.parent / "preds"
+    jobs_before = len(spark.sparkContext.statusTracker().getJobIdsForGroup())
+    assert main(["predict", "--model", str(model.path), "--input", str(data), "--output", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    assert len(spark.sparkContext.statusTracker().getJobIdsForGroup()) == jobs_before
+    assert not out.exists()
+    return err[0]
+
+
+@pytest.mark.parametrize("labels", [11, 13])
+def test_an_idx_labels_file_holding_another_count_is_refused_before_any_job(
+    spark: Any, small_model: Model, tmp_path: Path, capsys: pytest.CaptureFixture[str], labels: int
+) -> None:
+    # Every row's target was null, without a word: refused as training refuses it, naming both files and
+    # both counts (the headers'), before any job and with nothing written.
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_idx(data / "t10k-images-idx3-ubyte", small_model.images[:12])
+    _write_idx(data / "t10k-labels-idx1-ubyte", np.arange(labels) % 10)
+    message = f"{data}/t10k-images-idx3-ubyte holds 12 images but {data}/t10k-labels-idx1-ubyte holds {labels} labels"
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        predict(data, small_model.path, spark=spark)
+    assert _refused_by_the_cli(spark, small_model, data, capsys) == (
+        f"deepspark: error: {message}; expected one label per image: fix or replace whichever file is wrong"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # nothing written
 
 
 def test_a_dataframe_of_raw_pixels_from_to_dataframe_is_predicted(spark: Any, small_model: Model) -> None:

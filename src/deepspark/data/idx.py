@@ -23,7 +23,7 @@ import numpy as np
 from deepspark.data.files import is_gzip
 from deepspark.errors import ConfigError, DatasetError
 
-__all__ = ["read_idx", "write_idx"]
+__all__ = ["read_idx", "read_idx_shape", "write_idx"]
 
 # IDX type code -> big-endian numpy dtype.
 _TYPES: dict[int, np.dtype] = {
@@ -83,6 +83,18 @@ def _native(array: np.ndarray) -> np.ndarray:
     return array.astype(array.dtype.newbyteorder("="))
 
 
+def _gzipped(p: Path) -> bool:
+    """Whether the IDX file ``p`` is gzip-compressed (by its magic bytes); a DatasetError when it is
+    missing or unreadable."""
+    if not p.is_file():
+        raise DatasetError(f"{p}: no such file")
+    try:
+        with open(p, "rb") as f:
+            return is_gzip(f.read(2))
+    except OSError as exc:
+        raise DatasetError(f"{p}: cannot read ({exc})") from exc
+
+
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an IDX file, raw or gzip-compressed, into a native-endian array.
 
@@ -91,11 +103,8 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     file with trailing bytes are both errors, since both mean the file is not what we think it is.
     """
     p = Path(path)
-    if not p.is_file():
-        raise DatasetError(f"{p}: no such file")
+    compressed = _gzipped(p)
     try:
-        with open(p, "rb") as f:
-            compressed = is_gzip(f.read(2))
         if compressed:
             try:
                 with gzip.open(p, "rb") as f:
@@ -117,6 +126,22 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     except OSError as exc:
         raise DatasetError(f"{p}: cannot read ({exc})") from exc
     return _native(array.reshape(shape))
+
+
+def read_idx_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
+    """The shape an IDX file's header declares (raw or gzip-compressed), reading the header only.
+
+    For checks that must come before reading the data (an images file and its labels file holding
+    as many examples as each other); :func:`read_idx` still checks the data against it.
+    """
+    p = Path(path)
+    compressed = _gzipped(p)
+    try:
+        with gzip.open(p, "rb") if compressed else open(p, "rb") as f:
+            head = f.read(4 + 4 * _MAX_NDIM)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DatasetError(f"{p}: {'corrupt gzip stream' if compressed else 'cannot read'} ({exc})") from exc
+    return _parse_header(p, head)[1]
 
 
 def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> Path:

@@ -15,7 +15,7 @@ from deepspark.data.record import ImageDataset
 from deepspark.data.registry import DatasetInfo
 from deepspark.errors import DatasetError
 
-__all__ = ["find_mnist_layout", "load_mnist_layout"]
+__all__ = ["check_label_count", "find_mnist_layout", "load_mnist_layout"]
 
 
 def find_mnist_layout(directory: Path) -> list[Path]:
@@ -30,6 +30,20 @@ def find_mnist_layout(directory: Path) -> list[Path]:
     return [p for p in found if p is not None]
 
 
+def check_label_count(images_path: Path, images: int, labels_path: Path, labels: int) -> None:
+    """A DatasetError unless an images file and its labels file hold as many examples as each other.
+
+    The one check of the pairing, for training (the arrays' lengths) and for predict (the IDX headers',
+    before any data is read): a count that differs would leave images without labels, or pair them
+    with the wrong ones.
+    """
+    if images != labels:
+        raise DatasetError(
+            f"{images_path} holds {images} images but {labels_path} holds {labels} labels; "
+            "expected one label per image: fix or replace whichever file is wrong"
+        )
+
+
 def _read_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
     images = read_idx(images_path)
     labels = read_idx(labels_path)
@@ -42,10 +56,7 @@ def _read_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.nd
         raise DatasetError(
             f"{labels_path}: labels must be a 1-D integer array; got {labels.dtype} {labels.shape}"
         )
-    if len(images) != len(labels):
-        raise DatasetError(
-            f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels"
-        )
+    check_label_count(images_path, len(images), labels_path, len(labels))
     labels = labels.astype(np.int64)
     if len(labels) and labels.min() < 0:
         raise DatasetError(f"{labels_path}: labels must be non-negative; found {int(labels.min())}")

@@ -192,18 +192,23 @@ def _idx_input(spark: SparkSession, files: Sequence[Path]) -> Input:
 
     from deepspark.data import read_idx
     from deepspark.data.files import labels_file_for
+    from deepspark.data.idx import read_idx_shape
+    from deepspark.data.mnist import check_label_count
 
+    pairs = [(file, labels_file_for(file)) for file in files]
+    for file, labels_file in pairs:  # from the headers, before reading (maybe gigabytes of) any data
+        if labels_file is not None:
+            check_label_count(file, read_idx_shape(file)[0], labels_file, read_idx_shape(labels_file)[0])
     frames = []
-    for file in files:
+    for file, labels_file in pairs:
         images = np.asarray(read_idx(file), dtype=np.uint8)
-        labels_file = labels_file_for(file)
         labels = np.asarray(read_idx(labels_file), dtype=np.int64) if labels_file is not None else None
         frames.append(
             pd.DataFrame(
                 {
                     "file": file.name,
                     "index": np.arange(len(images), dtype=np.int64),
-                    "target": labels if labels is not None and len(labels) == len(images) else None,
+                    "target": labels,
                     "pixels": [row.tobytes() for row in images.reshape(len(images), -1)],
                 }
             )
