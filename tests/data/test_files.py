@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from deepspark.data.files import GZIP_MAGIC, find_file, is_gzip, labels_file_for, raw_stream, spellings
+from deepspark.data.files import (
+    GZIP_MAGIC,
+    find_file,
+    is_gzip,
+    labels_file_for,
+    preferred_copy,
+    raw_stream,
+    spellings,
+)
 
 
 def test_is_gzip_reads_the_magic_bytes_not_the_name() -> None:
@@ -54,3 +62,20 @@ def test_labels_file_for_prefers_raw_and_ignores_names_that_are_not_images(tmp_p
     assert find_file(tmp_path, "train-labels-idx1-ubyte") == tmp_path / "train-labels-idx1-ubyte"
     assert labels_file_for(tmp_path / "train-labels-idx1-ubyte") is None
     assert labels_file_for(tmp_path / "pictures.bin") is None
+
+
+def test_preferred_copy_is_the_spelling_find_file_reads(tmp_path: Path) -> None:
+    names = ["t10k-images-idx3-ubyte.gz", "t10k-images.idx3-ubyte", "t10k-images.idx3-ubyte.gz"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    # No raw copy: the .gz comes first, as find_file (training's loader) has it.
+    chosen = find_file(tmp_path, "t10k-images-idx3-ubyte")
+    assert chosen == tmp_path / "t10k-images-idx3-ubyte.gz"
+    assert {preferred_copy(tmp_path / name) for name in names} == {chosen}
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"")
+    names.append("t10k-images-idx3-ubyte")
+    assert {preferred_copy(str(tmp_path / name)) for name in names} == {tmp_path / "t10k-images-idx3-ubyte"}
+    # Names that are no other file's spelling stand for themselves.
+    (tmp_path / "other.bin.gz").write_bytes(b"")
+    assert preferred_copy(tmp_path / "other.bin.gz") == tmp_path / "other.bin.gz"
+    assert preferred_copy(tmp_path / "emnist-images-idx3-ubyte") == tmp_path / "emnist-images-idx3-ubyte"

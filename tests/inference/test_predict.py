@@ -541,6 +541,25 @@ def test_an_idx_labels_file_holding_another_count_is_refused_before_any_job(
     assert [p.name for p in tmp_path.iterdir()] == ["data"]  # nothing written
 
 
+def test_an_idx_file_beside_its_gz_copy_is_predicted_once_from_the_copy_training_reads(
+    spark: Any, small_model: Model, tmp_path: Path
+) -> None:
+    # Both copies were read: every image came twice (rows told apart only by `file`). Training's loader
+    # reads the raw one (deepspark.data.files.find_file), and so does predict now.
+    from deepspark.data import write_idx
+
+    images = small_model.images[:12]
+    for name in ("t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz", "t10k-images.idx3-ubyte.gz"):
+        write_idx(tmp_path / name, images)
+    for name in ("t10k-labels-idx1-ubyte", "t10k-labels-idx1-ubyte.gz"):
+        write_idx(tmp_path / name, (np.arange(12) % 10).astype(np.uint8))
+    rows = predict(tmp_path, small_model.path, spark=spark).dataframe.collect()
+    assert len(rows) == 12
+    assert {(r["file"], r["index"], r["target"]) for r in rows} == {
+        ("t10k-images-idx3-ubyte", i, i % 10) for i in range(12)
+    }
+
+
 def test_a_dataframe_of_raw_pixels_from_to_dataframe_is_predicted(spark: Any, small_model: Model) -> None:
     # Training reads to_dataframe's image column as the raw pixels its metadata says; predict read it as
     # image files, and every row was an error ("cannot decode image").

@@ -22,6 +22,7 @@ __all__ = [
     "is_gzip",
     "labels_file_for",
     "open_raw",
+    "preferred_copy",
     "raw_stream",
     "spellings",
 ]
@@ -67,6 +68,21 @@ def find_file(directory: Path, raw_name: str) -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+def preferred_copy(path: str | os.PathLike[str]) -> Path:
+    """The file :func:`find_file` reads for the name ``path`` is a spelling of, in ``path``'s directory.
+
+    A directory holding ``X`` and ``X.gz`` (or ``X`` and its ``.idx`` spelling) holds one file twice;
+    whoever lists it reads the copy training reads (raw first, :func:`spellings` order), once.
+    ``path`` itself when no other spelling of its name comes first.
+    """
+    path = Path(path)
+    name = path.name.removesuffix(".gz")
+    for raw_name in dict.fromkeys([name.replace(".idx", "-idx", 1), name]):
+        if path.name in spellings(raw_name):
+            return find_file(path.parent, raw_name) or path
+    return path
 
 
 def labels_file_for(images: str | os.PathLike[str]) -> Path | None:

@@ -264,6 +264,8 @@ def _dataframe_input(df: DataFrame, column: str | None, *, ours: bool = False) -
 def resolve_input(spark: SparkSession, data: Any, input_column: str | None) -> Input:
     from pyspark.sql import DataFrame
 
+    from deepspark.data.files import preferred_copy
+
     if isinstance(data, DataFrame):
         return _dataframe_input(data, input_column)
     if not isinstance(data, str | os.PathLike):
@@ -283,7 +285,10 @@ def resolve_input(spark: SparkSession, data: Any, input_column: str | None) -> I
             raise ConfigError(f"data: expected an existing path, DataFrame or glob, got {path!r}")
         p = Path(local)
         if not has_glob and p.is_dir():
-            idx = sorted(q for q in p.iterdir() if "idx3-ubyte" in q.name or "idx3.ubyte" in q.name)
+            # One file in two spellings (X and X.gz) is read once: the copy training's loader reads.
+            idx = sorted(
+                {preferred_copy(q) for q in p.iterdir() if "idx3-ubyte" in q.name or "idx3.ubyte" in q.name}
+            )
             if idx:
                 return _idx_input(spark, idx)
             # A Parquet table's own files, not a folder named *.parquet (earlier predictions, say).
