@@ -560,6 +560,30 @@ def test_an_idx_file_beside_its_gz_copy_is_predicted_once_from_the_copy_training
     }
 
 
+def test_a_directory_holding_idx_files_and_image_files_is_refused_naming_how_to_pick_one(
+    spark: Any, small_model: Model, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The IDX files were read and the images left out, without a word.
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    _write_idx(data / "t10k-images-idx3-ubyte", small_model.images[:12])
+    _write_idx(data / "t10k-labels-idx1-ubyte", np.arange(12) % 10)
+    (data / "sub" / "seven.png").write_bytes(png_bytes(small_model.images[0]))
+    with pytest.raises(
+        ConfigError, match=r"holds both MNIST-layout IDX files \(t10k-images-idx3-ubyte\) and image"
+    ):
+        predict(data, small_model.path, spark=spark)
+    assert _refused_by_the_cli(spark, small_model, data, capsys) == (
+        f"deepspark: error: data: {str(data)!r} holds both MNIST-layout IDX files (t10k-images-idx3-ubyte) and "
+        f"image files (sub/seven.png, ...); name the kind to predict: an IDX images file "
+        f"({str(data / 't10k-images-idx3-ubyte')!r}) or a glob of the images ({str(data / '**' / '*.png')!r})"
+    )
+    # Either way the message names reads that kind alone.
+    assert predict(data / "t10k-images-idx3-ubyte", small_model.path, spark=spark).dataframe.count() == 12
+    images = predict(f"{data}/**/*.png", small_model.path, spark=spark).dataframe.collect()
+    assert [Path(r["path"]).name for r in images] == ["seven.png"]
+
+
 def test_a_dataframe_of_raw_pixels_from_to_dataframe_is_predicted(spark: Any, small_model: Model) -> None:
     # Training reads to_dataframe's image column as the raw pixels its metadata says; predict read it as
     # image files, and every row was an error ("cannot decode image").

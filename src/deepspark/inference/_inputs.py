@@ -116,6 +116,20 @@ def _hidden_from_spark(
     return dirs, files
 
 
+def _image_below(directory: Path) -> Path | None:
+    """The first image file that reading ``directory`` as a folder of images would predict (a name
+    :data:`_IMAGE_GLOB` matches, in any folder below, '.' names left out), or None."""
+    import fnmatch
+
+    patterns = braces(_IMAGE_GLOB)
+    for folder, subdirs, names in os.walk(directory):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in sorted(names):
+            if not name.startswith(".") and any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                return Path(folder, name)
+    return None
+
+
 def _read_or_none(path: str) -> bytearray | None:
     try:
         return bytearray(Path(path).read_bytes())
@@ -290,6 +304,14 @@ def resolve_input(spark: SparkSession, data: Any, input_column: str | None) -> I
                 {preferred_copy(q) for q in p.iterdir() if "idx3-ubyte" in q.name or "idx3.ubyte" in q.name}
             )
             if idx:
+                image = _image_below(p)
+                if image is not None:  # either kind alone would leave the other out without a word
+                    raise ConfigError(
+                        f"data: {path!r} holds both MNIST-layout IDX files ({', '.join(q.name for q in idx)}) "
+                        f"and image files ({image.relative_to(p)}, ...); name the kind to predict: an IDX "
+                        f"images file ({str(idx[0])!r}) or a glob of the images "
+                        f"({os.path.join(path, '**', '*' + image.suffix)!r})"
+                    )
                 return _idx_input(spark, idx)
             # A Parquet table's own files, not a folder named *.parquet (earlier predictions, say).
             if any(q.is_file() and (q.suffix == ".parquet" or q.name == "_SUCCESS") for q in p.iterdir()):
