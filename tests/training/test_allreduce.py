@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -277,7 +278,8 @@ def test_a_rank_frozen_before_it_reads_its_start_state_marks_the_attempt_lost() 
     token = "t" * 32
     with wire.Server(token=token, handler=server.handle, name="test-gang") as endpoint:
         hello = {"rank": 1, "attempt": 0, "pid": 7}
-        with wire.connect("127.0.0.1", endpoint.address[1], token=token, hello=hello, timeout=10):
+        with wire.connect("127.0.0.1", endpoint.address[1], token=token, hello=hello, timeout=10) as rank:
+            rank.send({"op": "loaded", "rows": 8})
             lock = server.hold()
             with lock:
                 assert lock.wait_for(lambda: server.lost is not None, timeout=10)
@@ -295,8 +297,38 @@ def test_a_rank_frozen_after_the_last_round_marks_the_attempt_lost() -> None:
     with wire.Server(token=token, handler=server.handle, name="test-gang") as endpoint:
         hello = {"rank": 1, "attempt": 0, "pid": 7}
         with wire.connect("127.0.0.1", endpoint.address[1], token=token, hello=hello, timeout=10) as rank:
+            rank.send({"op": "loaded", "rows": 8})
             assert rank.recv()[0]["op"] == "start"  # and it never says done
             lock = server.hold()
             with lock:
                 assert lock.wait_for(lambda: server.lost is not None, timeout=10)
     assert server.finished and server.steps_done == 4 and server.fatal is None
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("beats", [False, True])
+def test_a_rank_silent_while_it_loads_and_joins_the_gang_marks_the_attempt_lost_one_that_beats_not(
+    beats: bool,
+) -> None:
+    # Rank 1 connected before it read its partition and joined the gang (the rendezvous), and says
+    # loaded after. Frozen meanwhile, it is silent: the attempt is lost (the others would wait in
+    # allGather or init_process_group). Beating, it is waited for longer than the heartbeat timeout.
+    server = _gang(heartbeat_timeout=1.0)
+    token = "t" * 32
+    loading = threading.Event()
+    with wire.Server(token=token, handler=server.handle, name="test-gang") as endpoint:
+        hello = {"rank": 1, "attempt": 0, "pid": 7}
+        with (
+            wire.connect("127.0.0.1", endpoint.address[1], token=token, hello=hello, timeout=10) as rank,
+            wire.Heartbeat(rank, wire.heartbeat_interval(1.0) if beats else None),
+        ):
+            rank.settimeout(10)
+            loading.wait(2.5)  # longer than the heartbeat timeout
+            if beats:
+                rank.send({"op": "loaded", "rows": 8})
+                assert rank.recv()[0]["op"] == "start" and server.lost is None
+            else:
+                lock = server.hold()
+                with lock:
+                    assert lock.wait_for(lambda: server.lost is not None, timeout=10)
+                assert server.lost is not None and server.lost.startswith("gang rank 1 (pid 7 on ")

@@ -27,7 +27,8 @@ BATCH = 8
 def _client(port: int, token: str, worker: int, leave_after: int | None, out: dict[int, Any]) -> None:
     """A fake worker: pushes a delta of ones per pull; closes its connection after ``leave_after`` pushes."""
     pushes = 0
-    with wire.connect("127.0.0.1", port, token=token, hello={"worker": worker, "rows": 40}) as conn:
+    with wire.connect("127.0.0.1", port, token=token, hello={"worker": worker}) as conn:
+        conn.send({"op": "loaded", "rows": 40})
         while True:
             header, payload = conn.recv()
             if header["op"] == "stop":
@@ -127,13 +128,15 @@ def test_a_push_from_a_lost_workers_connection_is_not_applied_twice() -> None:
     endpoint.start()
     try:
         port = endpoint.address[1]
-        hello = {"worker": 0, "rows": 40}
+        hello = {"worker": 0}
         with wire.connect("127.0.0.1", port, token=token, hello=hello, timeout=10) as old:
             old.settimeout(10)
+            old.send({"op": "loaded", "rows": 40})
             first, _ = old.recv()
             server.worker_lost(0)
             with wire.connect("127.0.0.1", port, token=token, hello=hello, timeout=10) as new:
                 new.settimeout(10)
+                new.send({"op": "loaded", "rows": 40})
                 again, _ = new.recv()
                 assert first["cursor"] == again["cursor"] == {"n": 40, "pushes": 0}
                 _push(old, first, {"n": 40, "pushes": 1})
@@ -150,15 +153,18 @@ def test_a_push_from_a_lost_workers_connection_is_not_applied_twice() -> None:
 
 @contextlib.contextmanager
 def _serving(server: ParameterServer) -> Iterator[Callable[..., wire.Connection]]:
-    """Serve ``server`` on loopback; yield ``connect(worker, rows=40)``, a fake worker's connection."""
+    """Serve ``server`` on loopback; yield ``connect(worker, rows=40)``, a fake worker's connection (its
+    partition of ``rows`` rows loaded)."""
     token = "t" * 32
     endpoint = wire.Server(token=token, handler=server.handle, name="test-paramserver")
     endpoint.start()
 
     def connect(worker: int, rows: int = 40) -> wire.Connection:
-        hello = {"worker": worker, "rows": rows}
-        conn = wire.connect("127.0.0.1", endpoint.address[1], token=token, hello=hello, timeout=10)
+        conn = wire.connect(
+            "127.0.0.1", endpoint.address[1], token=token, hello={"worker": worker}, timeout=10
+        )
         conn.settimeout(10)
+        conn.send({"op": "loaded", "rows": rows})
         return conn
 
     try:
@@ -167,9 +173,11 @@ def _serving(server: ParameterServer) -> Iterator[Callable[..., wire.Connection]
         endpoint.close()
 
 
-def _send_push(conn: wire.Connection, pull: dict[str, Any], payload: bytes, samples: int = BATCH) -> None:
+def _send_push(
+    conn: wire.Connection, pull: dict[str, Any], payload: bytes, samples: int = BATCH, rows: int = 40
+) -> None:
     header = {"op": "push", "version": pull["version"], "samples": samples, "loss_sum": float(samples)}
-    cursor = {"n": int(conn.hello["rows"]), "pushes": 1}  # a real cursor covers its worker's rows
+    cursor = {"n": rows, "pushes": 1}  # a real cursor covers its worker's rows
     conn.send({**header, "cursor": cursor, "compute_s": 0.0, "comm_s": 0.0}, payload)
 
 
@@ -248,11 +256,11 @@ def test_a_worker_with_an_empty_partition_waits_while_no_worker_with_data_is_liv
     with _serving(server) as connect, connect(0, rows=80) as data, connect(1, rows=0) as empty:
         pull_data, _ = data.recv()
         pull_empty, _ = empty.recv()
-        _send_push(data, pull_data, state_to_bytes({"w": torch.ones(4)}))
+        _send_push(data, pull_data, state_to_bytes({"w": torch.ones(4)}), rows=80)
         assert data.recv()[0]["op"] == "pull"
         data.close()
         server.worker_lost(0)  # Spark reports its job failed
-        _send_push(empty, pull_empty, nothing, samples=0)
+        _send_push(empty, pull_empty, nothing, samples=0, rows=0)
         empty.settimeout(1.0)
         with pytest.raises(TimeoutError):
             empty.recv()  # no pull while no worker with data is live

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -50,11 +51,12 @@ def _server(records: list[RoundRecord], total_steps: int = 2, size: int = 2, **w
     )
 
 
-def _connect(endpoint: wire.Server, worker: int) -> wire.Connection:
-    conn = wire.connect(
-        "127.0.0.1", endpoint.address[1], token=TOKEN, hello={"worker": worker, "rows": 8}, timeout=10
-    )
+def _connect(endpoint: wire.Server, worker: int, *, loaded: bool = True) -> wire.Connection:
+    """A fake worker's connection; ``loaded``: it has read its partition of 8 rows and said so."""
+    conn = wire.connect("127.0.0.1", endpoint.address[1], token=TOKEN, hello={"worker": worker}, timeout=10)
     conn.settimeout(10)
+    if loaded:
+        conn.send({"op": "loaded", "rows": 8})
     return conn
 
 
@@ -230,3 +232,57 @@ def test_a_worker_frozen_while_it_waits_for_its_next_round_is_lost_after_the_hea
         endpoint.close()
     assert server.error is None and cancelled == [0]
     assert [(r.round, r.workers, r.samples) for r in records] == [(0, 2, 16), (1, 1, 8)]
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_frozen_while_it_loads_its_partition_is_lost_and_its_replacement_awaited() -> None:
+    # Worker 0 connected (its task does so before it reads its partition), then froze while loading: it
+    # never says it has loaded, nor beats. It is lost and its job cancelled; no round begins before every
+    # worker has loaded once, so round 0 waits for the replacement and then has both.
+    records: list[RoundRecord] = []
+    cancelled: list[int] = []
+    server = _watched_server(records, cancelled, total_steps=1)
+    endpoint = wire.Server(token=TOKEN, handler=server.handle, name="test-rounds")
+    endpoint.start()
+    try:
+        with _connect(endpoint, 0, loaded=False), _connect(endpoint, 1) as one:
+            deadline = time.monotonic() + 10
+            while not cancelled and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert cancelled == [0]
+            with _connect(endpoint, 0) as replacement:
+                first_one, _ = one.recv()
+                first_new, _ = replacement.recv()
+                assert first_one["round"] == first_new["round"] == 0
+                _push(one, first_one, 4.0)
+                _push(replacement, first_new, 2.0)
+                assert one.recv()[0] == replacement.recv()[0] == {"op": "stop"}
+    finally:
+        endpoint.close()
+    assert server.error is None
+    assert [(r.round, r.workers, r.samples) for r in records] == [(0, 2, 16)]
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_that_beats_while_it_loads_longer_than_the_timeout_is_waited_for() -> None:
+    records: list[RoundRecord] = []
+    cancelled: list[int] = []
+    server = _watched_server(records, cancelled, total_steps=1)
+    endpoint = wire.Server(token=TOKEN, handler=server.handle, name="test-rounds")
+    endpoint.start()
+    loading = threading.Event()
+    try:
+        with _connect(endpoint, 0, loaded=False) as slow, _connect(endpoint, 1) as one:
+            with wire.Heartbeat(slow, wire.heartbeat_interval(1.0)):
+                loading.wait(2.5)  # its partition takes longer than the heartbeat timeout to read
+                slow.send({"op": "loaded", "rows": 8})
+                first_slow, _ = slow.recv()
+                first_one, _ = one.recv()
+                assert first_slow["round"] == first_one["round"] == 0  # the round waited for it
+                _push(one, first_one, 4.0)
+                _push(slow, first_slow, 2.0)
+            assert slow.recv()[0] == {"op": "stop"} and one.recv()[0] == {"op": "stop"}
+    finally:
+        endpoint.close()
+    assert server.error is None and cancelled == []
+    assert [(r.round, r.workers, r.samples) for r in records] == [(0, 2, 16)]

@@ -5,6 +5,7 @@ SparkContext), bounded in time; everything started is torn down in ``finally``."
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_fit import SGD, _layout_dir
+from torch import nn
 
 from _cluster import executor_pids, kill_group, proc_table, standalone_cluster, start_driver
 from deepspark.training import fit
@@ -344,3 +347,134 @@ def test_a_frozen_allreduce_rank_restarts_the_gang_and_the_run_completes(spark: 
         for pid in freezer.frozen:
             if _alive(pid) and _our_python_worker(pid):
                 os.kill(pid, signal.SIGCONT)
+
+
+# ------------------------------------------------------------------------- a worker's load, watched
+def _net_loading_slowly(markers: str, seconds: float) -> nn.Module:
+    """The load tests' model. Worker (rank) 1's task takes ``seconds`` to build it, as to read a big
+    partition: ``loading-<pid>`` in ``markers`` when it starts, ``loaded-<pid>`` when it is done."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    if ctx is not None and ctx.partitionId() == 1:
+        (Path(markers) / f"loading-{os.getpid()}").touch()
+        time.sleep(seconds)
+        (Path(markers) / f"loaded-{os.getpid()}").touch()
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+class _LoadWatch(logging.Handler):
+    """The driver's log about worker (rank) 1: whether it had loaded when each of its connections was
+    logged, and the pids it found silent."""
+
+    def __init__(self, markers: Path) -> None:
+        super().__init__(logging.INFO)
+        self.markers = markers
+        self.loaded_at_connect: list[bool] = []
+        self.silent: list[int] = []
+        self.found = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        connected = re.fullmatch(
+            r"(?:worker 1|gang rank 1 of attempt \d+) connected from \S+ \((?:task attempt \S+, )?pid (\d+)\)",
+            message,
+        )
+        if connected:
+            self.loaded_at_connect.append((self.markers / f"loaded-{connected[1]}").exists())
+        silent = re.match(r"(?:worker|gang rank) 1 \(pid (\d+) on ", message)
+        if silent:
+            self.silent.append(int(silent[1]))
+            self.found.set()
+
+
+@pytest.fixture
+def load_watch(tmp_path: Path) -> Any:
+    """A :class:`_LoadWatch` on the training loggers (at INFO) for the test, over ``tmp_path / "markers"``."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    watch, log = _LoadWatch(markers), logging.getLogger("deepspark.training")
+    level = log.level
+    log.addHandler(watch)
+    log.setLevel(logging.INFO)
+    try:
+        yield watch
+    finally:
+        log.removeHandler(watch)
+        log.setLevel(level)
+
+
+def _fit_loading_slowly(tmp_path: Path, markers: Path, strategy: str, seconds: float) -> Any:
+    """``fit`` of 2 workers watched with a 2 s heartbeat timeout, worker 1's load taking ``seconds``:
+    40 rows, batches of 4, 2 epochs (10 steps; 10 rounds of ``average``)."""
+    return fit(
+        str(_layout_dir(tmp_path / "data", train=40, test=10)),
+        functools.partial(_net_loading_slowly, str(markers), seconds),
+        strategy=strategy,
+        workers=2,
+        config={**SGD, "batch_size": 4, "epochs": 2},
+        average={"tau": 1} if strategy == "average" else None,
+        heartbeat_timeout=2.0,
+        run_dir=tmp_path / "run",
+    )
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("strategy", ["average", "async", "allreduce"])
+def test_a_worker_frozen_while_it_loads_is_found_silent_and_the_run_completes(
+    spark: Any, tmp_path: Path, load_watch: _LoadWatch, strategy: str
+) -> None:
+    # A worker reads its partition (long, for a big one) before it trains, and used to connect to the
+    # driver, heartbeats and all, only after: one frozen while it loaded was never found, and the others
+    # waited for it for good (average at round 0, async at the staleness bound, allreduce in the gang's
+    # rendezvous). Worker 1 is frozen in its load; the driver must find it silent and replace it.
+    frozen: list[int] = []
+    done = threading.Event()
+
+    def freeze_the_first_loader() -> None:
+        while not done.wait(0.02):
+            loading = sorted(load_watch.markers.glob("loading-*"))
+            if not loading:
+                continue
+            pid = int(loading[0].name.split("-")[1])
+            if _our_python_worker(pid):
+                os.kill(pid, signal.SIGSTOP)
+                frozen.append(pid)
+                # Not found silent in 30 s (as before the fix): resume it, so that the run ends and says so.
+                if not load_watch.found.wait(30) and _alive(pid) and _our_python_worker(pid):
+                    os.kill(pid, signal.SIGCONT)
+            return
+
+    freezer = threading.Thread(target=freeze_the_first_loader, daemon=True)
+    freezer.start()
+    try:
+        result = _fit_loading_slowly(tmp_path, load_watch.markers, strategy, 4.0)
+        assert frozen, "worker 1 was never frozen while it loaded"
+        assert frozen[0] in load_watch.silent, "worker 1, frozen while it loaded, was never found silent"
+        assert result.history
+        deadline = time.monotonic() + 60  # Spark kills a cancelled task's Python worker (killTimeout)
+        while _alive(frozen[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(frozen[0]), "the frozen loader's process outlived its cancelled job"
+    finally:
+        done.set()
+        freezer.join(timeout=60)
+        for pid in frozen:
+            if _alive(pid) and _our_python_worker(pid):
+                os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("strategy", ["average", "allreduce"])
+def test_a_worker_that_beats_while_it_loads_longer_than_the_heartbeat_timeout_is_not_lost(
+    spark: Any, tmp_path: Path, load_watch: _LoadWatch, strategy: str
+) -> None:
+    # Worker 1's load takes 2.25 heartbeat timeouts. It is connected meanwhile (the driver watches the
+    # load) and beats, so it is waited for: never lost, never replaced.
+    result = _fit_loading_slowly(tmp_path, load_watch.markers, strategy, 4.5)
+    assert load_watch.loaded_at_connect == [False], "worker 1 did not connect before it loaded, or again"
+    assert load_watch.silent == []
+    if strategy == "average":
+        assert [int(r["workers"]) for r in result.history] == [2] * 10
+    else:
+        assert [int(r["attempt"]) for r in result.history] == [0] * len(result.history)

@@ -198,7 +198,8 @@ def fit(
     an unusable or missing GPU an error; ``cpu`` ignores GPUs.
 
     ``heartbeat_timeout`` (seconds, at least 1; None: no clock) bounds how long a worker that owes the
-    driver a frame (an ``average`` or ``async`` push, an ``allreduce`` rank's round or end) may stay
+    driver a frame (its rows once it has read its partition, which it connects before; an ``average`` or
+    ``async`` push, an ``allreduce`` rank's round or end) may stay
     silent: its task sends heartbeats meanwhile, so a silent one is frozen (a deadlock, a hung GPU
     kernel) while its executor lives on. An ``average`` or ``async`` worker is then lost as if its task
     had failed, and its Spark job is cancelled and resubmitted; an ``allreduce`` gang's job is cancelled

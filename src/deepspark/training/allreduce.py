@@ -41,9 +41,11 @@ Choices:
   ``max_restarts`` times; a NaN/inf loss (every rank sees the same reduced loss) or diverged replicas
   stop the run without a restart. A rank that freezes while its executor lives (a deadlock, a hung
   GPU kernel) fails no task: the others wait in their collectives for torch.distributed's 30 minutes.
-  So every rank keeps its connection to the driver and sends heartbeats while it trains; one silent
-  past ``heartbeat_timeout`` has the driver cancel the gang's job (Spark kills its tasks, the frozen
-  Python worker included) and restart the gang as after any other failure.
+  So every rank connects to the driver first and sends heartbeats until it ends, its load and the
+  rendezvous included (a rank frozen there holds the others in ``allGather`` or
+  ``init_process_group``); one silent past ``heartbeat_timeout`` has the driver cancel the gang's job
+  (Spark kills its tasks, the frozen Python worker included) and restart the gang as after any other
+  failure.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ import torch
 
 from deepspark.errors import DeepsparkError, DivergenceError, RunError
 from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
-from deepspark.training.average import RoundRecord, TaskSpec
+from deepspark.training.average import LOADED, RoundRecord, TaskSpec
 from deepspark.training.frame import rows_changed
 
 __all__ = [
@@ -196,24 +198,6 @@ class GangServer:
             if not 0 <= rank < self._workers or attempt != self.attempt:
                 _log.warning("ignoring a gang task (rank %r, attempt %r): not of this attempt", rank, attempt)
                 return
-            header = {
-                "op": "start",
-                "step": self.steps_done,
-                "cursor": self.cursors.get(rank),
-                "optimizer": self.optimizer,
-            }
-            payload = self.payload
-            self._rows_read[rank] = int(conn.hello.get("rows", 0))
-            read = sum(self._rows_read.values())
-            if len(self._rows_read) == self._workers and read != self._rows:
-                self.fail(
-                    rows_changed(
-                        f"the gang's ranks read {read} rows where the DataFrame counted {self._rows}"
-                    )
-                )
-                return
-            if rank == 0:
-                self._reporting += 1
         _log.info(
             "gang rank %d of attempt %d connected from %s (pid %s)",
             rank,
@@ -221,7 +205,37 @@ class GangServer:
             conn.peer,
             conn.hello.get("pid", "?"),
         )
+        reporting = False
         try:
+            # The rank connected before it read its partition and joined the gang (the rendezvous); it
+            # beats meanwhile, so a silent one froze there and one that beats is waited for.
+            loaded, _, _ = wire.receive(conn, self._heartbeat_timeout)
+            if loaded.get("op") != LOADED:
+                raise DeepsparkError(
+                    f"gang rank {rank}: expected its {LOADED!r} frame, got {loaded.get('op')!r}"
+                )
+            with self._lock:
+                if attempt != self.attempt:
+                    return  # its gang failed meanwhile (its job is being cancelled)
+                header = {
+                    "op": "start",
+                    "step": self.steps_done,
+                    "cursor": self.cursors.get(rank),
+                    "optimizer": self.optimizer,
+                }
+                payload = self.payload
+                self._rows_read[rank] = int(loaded["rows"])
+                read = sum(self._rows_read.values())
+                if len(self._rows_read) == self._workers and read != self._rows:
+                    self.fail(
+                        rows_changed(
+                            f"the gang's ranks read {read} rows where the DataFrame counted {self._rows}"
+                        )
+                    )
+                    return
+                if rank == 0:
+                    self._reporting += 1
+                    reporting = True
             wire.deliver(conn, header, payload, self._heartbeat_timeout)  # a frozen rank reads nothing
             if rank == 0:
                 self._serve_reports(conn, attempt)
@@ -230,7 +244,7 @@ class GangServer:
         except TimeoutError:
             self._silent(conn, rank, attempt)
         finally:
-            if rank == 0:
+            if reporting:
                 with self._lock:
                     self._reporting -= 1
                     self._lock.notify_all()
@@ -351,42 +365,50 @@ def allreduce_task(task: GangSpec, batches: Iterator[Any]) -> Iterator[Any]:
     ctx = BarrierTaskContext.get()
     rank, world = ctx.partitionId(), task.workers
     limit_task_threads(task.threads, ctx)
-    inputs, targets = task.read(batches)
     device = task_device(task.device, ctx)
-    # Rendezvous: rank 0 picks a free port on its host; everyone learns it (and each other's rows).
-    if rank == 0:
-        with socket.socket() as probe:
-            probe.bind(("", 0))
-            port = probe.getsockname()[1]
-        host = ctx.getTaskInfos()[0].address.split(":")[0]
-        mine = json.dumps({"rank": 0, "master": f"{host}:{port}"})
-    else:
-        mine = json.dumps({"rank": rank})
-    master = next(json.loads(m)["master"] for m in ctx.allGather(mine) if json.loads(m)["rank"] == 0)
-    saved = {name: os.environ.get(name) for name in _ENV}
-    addr, port_text = master.rsplit(":", 1)
-    os.environ.update(
-        MASTER_ADDR=addr, MASTER_PORT=port_text, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0"
-    )
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    try:
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo",
-            init_method=f"tcp://{master}",
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=task.timeout_s),
+    hello = {"rank": rank, "attempt": task.attempt, "pid": os.getpid()}
+    # Connected and beating before the load and the rendezvous: a rank frozen in either fails no task
+    # either, and the others would wait for it in allGather (Spark's barrier timeout: a year) or in
+    # init_process_group (timeout_s). The rows follow in the loaded frame, once the gang is formed.
+    with (
+        wire.connect(task.host, task.port, token=task.token, hello=hello) as conn,
+        wire.Heartbeat(conn, task.heartbeat_s),  # every rank: a frozen one stalls the whole gang
+    ):
+        inputs, targets = task.read(batches)
+        # Rendezvous: rank 0 picks a free port on its host; everyone learns it.
+        if rank == 0:
+            with socket.socket() as probe:
+                probe.bind(("", 0))
+                port = probe.getsockname()[1]
+            host = ctx.getTaskInfos()[0].address.split(":")[0]
+            mine = json.dumps({"rank": 0, "master": f"{host}:{port}"})
+        else:
+            mine = json.dumps({"rank": rank})
+        master = next(json.loads(m)["master"] for m in ctx.allGather(mine) if json.loads(m)["rank"] == 0)
+        saved = {name: os.environ.get(name) for name in _ENV}
+        addr, port_text = master.rsplit(":", 1)
+        os.environ.update(
+            MASTER_ADDR=addr, MASTER_PORT=port_text, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0"
         )
-        steps = _train(task, rank, device, inputs.to(device), targets.to(device), wire)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        try:
+            dist.init_process_group(
+                "nccl" if device.type == "cuda" else "gloo",
+                init_method=f"tcp://{master}",
+                rank=rank,
+                world_size=world,
+                timeout=datetime.timedelta(seconds=task.timeout_s),
+            )
+            steps = _train(task, rank, device, inputs.to(device), targets.to(device), conn)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
     yield pa.RecordBatch.from_pydict(
         {"rank": pa.array([rank], pa.int64()), "steps": pa.array([steps], pa.int64())}
     )
@@ -398,9 +420,10 @@ def _train(
     device: torch.device,
     inputs: torch.Tensor,
     targets: torch.Tensor,
-    wire: Any,
+    conn: Any,
 ) -> int:
-    """The gang member's loop: start state from the driver, all-reduced steps, round reports."""
+    """The gang member's loop on its connection to the driver: the loaded frame (its rows), the start
+    state, all-reduced steps, round reports."""
     import torch.distributed as dist
     from torch import nn
 
@@ -412,153 +435,149 @@ def _train(
     model = task.build_model().to(device)
     optimizer = make_optimizer(model, config)
     rate = cosine_rate(config.learning_rate, task.total_steps) if config.lr_schedule == "cosine" else None
-    hello = {"rank": rank, "attempt": task.attempt, "rows": n, "pid": os.getpid()}
-    with (
-        wire.connect(task.host, task.port, token=task.token, hello=hello) as conn,
-        wire.Heartbeat(conn, task.heartbeat_s),  # every rank: a frozen one stalls the whole gang
-    ):
-        start, payload = conn.recv()
-        tensors = state_from_bytes(payload)
-        model.load_state_dict(
-            {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    conn.send({"op": LOADED, "rows": n})  # just before reading the start state, which the driver sends then
+    start, payload = conn.recv()
+    tensors = state_from_bytes(payload)
+    model.load_state_dict(
+        {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    )
+    if start.get("optimizer"):
+        optimizer.load_state_dict(optimizer_from_tensors(tensors, start["optimizer"]))
+    cursor = (
+        DataCursor.from_state(start["cursor"])
+        if start.get("cursor")
+        else DataCursor(n, config.batch_size, config.seed + rank * 1_000_003)
+    )
+    if cursor.n != n:
+        raise rows_changed(f"gang rank {rank} read {n} rows where its data position covers {cursor.n}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    floats = [b for b in model.buffers() if b.is_floating_point()]
+    ints = [b for b in model.buffers() if not b.is_floating_point()]
+    sizes = [t.numel() for t in (*params, *floats, *ints)]
+    width = sum(sizes) + 3  # + examples, summed loss, non-empty ranks
+    dtype = params[0].dtype if params else torch.float32
+    ring_bytes = 2 * (world - 1) * width * torch.finfo(dtype).bits // 8 if world > 1 else 0
+    chain = hashlib.sha256()
+    first = int(start["step"])
+    round_start, clock = first, time.perf_counter()
+    compute = comm = 0.0
+    samples = 0
+    loss_sum = 0.0
+    for step in range(first, task.total_steps):
+        if (step - first) == 0 or step % task.steps_per_round == 0:
+            # Dropout masks depend on the round, not on how the run got there: a restarted gang
+            # (which always starts on a round boundary) draws what an uninterrupted one would.
+            torch.manual_seed(config.seed * 1_000_003 + rank * 1009 + step)
+        if rate is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = rate(step)
+        t0 = time.perf_counter()
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        count = 0
+        loss_value = torch.zeros((), device=device, dtype=dtype)
+        if n:
+            idx = cursor.next_indices()
+            batch = inputs[idx.to(device)]
+            if config.augment:
+                batch = _random_shift(batch.cpu(), cursor.batch_generator()).to(device)
+            loss = nn.functional.cross_entropy(model(batch), targets[idx.to(device)])
+            loss.backward()
+            count = int(idx.shape[0])
+            loss_value = loss.detach().to(dtype) * count
+        flat = torch.cat(
+            [
+                *(
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) * count
+                    for p in params
+                ),
+                *(b.reshape(-1) * count for b in floats),
+                *(b.reshape(-1).to(dtype) * (1 if count else 0) for b in ints),
+                torch.tensor([count, 0.0, 1.0 if count else 0.0], device=device, dtype=dtype),
+            ]
         )
-        if start.get("optimizer"):
-            optimizer.load_state_dict(optimizer_from_tensors(tensors, start["optimizer"]))
-        cursor = (
-            DataCursor.from_state(start["cursor"])
-            if start.get("cursor")
-            else DataCursor(n, config.batch_size, config.seed + rank * 1_000_003)
-        )
-        if cursor.n != n:
-            raise rows_changed(f"gang rank {rank} read {n} rows where its data position covers {cursor.n}")
-        params = [p for p in model.parameters() if p.requires_grad]
-        floats = [b for b in model.buffers() if b.is_floating_point()]
-        ints = [b for b in model.buffers() if not b.is_floating_point()]
-        sizes = [t.numel() for t in (*params, *floats, *ints)]
-        width = sum(sizes) + 3  # + examples, summed loss, non-empty ranks
-        dtype = params[0].dtype if params else torch.float32
-        ring_bytes = 2 * (world - 1) * width * torch.finfo(dtype).bits // 8 if world > 1 else 0
-        chain = hashlib.sha256()
-        first = int(start["step"])
-        round_start, clock = first, time.perf_counter()
-        compute = comm = 0.0
-        samples = 0
-        loss_sum = 0.0
-        for step in range(first, task.total_steps):
-            if (step - first) == 0 or step % task.steps_per_round == 0:
-                # Dropout masks depend on the round, not on how the run got there: a restarted gang
-                # (which always starts on a round boundary) draws what an uninterrupted one would.
-                torch.manual_seed(config.seed * 1_000_003 + rank * 1009 + step)
-            if rate is not None:
-                for group in optimizer.param_groups:
-                    group["lr"] = rate(step)
-            t0 = time.perf_counter()
-            model.train()
-            optimizer.zero_grad(set_to_none=True)
-            count = 0
-            loss_value = torch.zeros((), device=device, dtype=dtype)
-            if n:
-                idx = cursor.next_indices()
-                batch = inputs[idx.to(device)]
-                if config.augment:
-                    batch = _random_shift(batch.cpu(), cursor.batch_generator()).to(device)
-                loss = nn.functional.cross_entropy(model(batch), targets[idx.to(device)])
-                loss.backward()
-                count = int(idx.shape[0])
-                loss_value = loss.detach().to(dtype) * count
-            flat = torch.cat(
-                [
-                    *(
-                        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) * count
-                        for p in params
-                    ),
-                    *(b.reshape(-1) * count for b in floats),
-                    *(b.reshape(-1).to(dtype) * (1 if count else 0) for b in ints),
-                    torch.tensor([count, 0.0, 1.0 if count else 0.0], device=device, dtype=dtype),
-                ]
+        flat[-2] = loss_value
+        t1 = time.perf_counter()
+        if world > 1:
+            dist.all_reduce(flat)
+        total, summed, nonempty = flat[-3:].tolist()  # one device sync per step
+        t2 = time.perf_counter()
+        if not math.isfinite(summed):
+            epoch = step // max(1, math.ceil(math.ceil(task.layout.rows / world) / config.batch_size))
+            message = (
+                f"training diverged: loss is {summed} at step {step + 1} (learning rate "
+                f"{optimizer.param_groups[0]['lr']:g}); lower the learning rate"
             )
-            flat[-2] = loss_value
-            t1 = time.perf_counter()
-            if world > 1:
-                dist.all_reduce(flat)
-            total, summed, nonempty = flat[-3:].tolist()  # one device sync per step
-            t2 = time.perf_counter()
-            if not math.isfinite(summed):
-                epoch = step // max(1, math.ceil(math.ceil(task.layout.rows / world) / config.batch_size))
-                message = (
-                    f"training diverged: loss is {summed} at step {step + 1} (learning rate "
-                    f"{optimizer.param_groups[0]['lr']:g}); lower the learning rate"
-                )
-                if rank == 0:
-                    conn.send(
-                        {
-                            "op": "error",
-                            "kind": "DivergenceError",
-                            "message": message,
-                            "epoch": epoch,
-                            "step": step,
-                        }
-                    )
-                raise DivergenceError(message, epoch=epoch, step=step)
-            parts = list(torch.split(flat[:-3], sizes))
-            with torch.no_grad():
-                for p, g in zip(params, parts, strict=False):
-                    p.grad = (g / total).view_as(p)
-                if total:
-                    for b, v in zip(floats, parts[len(params) :], strict=False):
-                        b.copy_((v / total).view_as(b))
-                    for b, v in zip(ints, parts[len(params) + len(floats) :], strict=False):
-                        b.copy_((v / nonempty).round().view_as(b).to(b.dtype))
-            optimizer.step()
-            if device.type == "cpu":
-                _digest(chain, model)
-            compute += (t1 - t0) + (time.perf_counter() - t2)
-            comm += t2 - t1
-            samples += int(total)
-            loss_sum += summed
-            if task.fail_at_step is not None and step + 1 == task.fail_at_step and rank == world - 1:
-                raise RuntimeError(f"deepspark test hook: gang rank {rank} fails after step {step + 1}")
-            done = step + 1
-            if done % task.steps_per_round and done != task.total_steps:
-                continue
-            waited = time.perf_counter()
-            if device.type != "cpu":
-                _digest(chain, model)
-            mine = json.dumps(
-                {"rank": rank, "cursor": cursor.state() if n else None, "digest": chain.hexdigest()}
-            )
-            gathered = [json.loads(m) for m in _gather_strings(mine, world, device)]
             if rank == 0:
-                state = {f"{MODEL_PREFIX}{k}": v for k, v in model.state_dict().items()}
-                optim_tensors, optim_rest = optimizer_to_tensors(optimizer.state_dict())
-                data = state_to_bytes({**state, **optim_tensors})
                 conn.send(
                     {
-                        "op": "round",
-                        "round": step // task.steps_per_round,
-                        "step": done,
-                        "samples": samples,
-                        "loss_sum": loss_sum,
-                        "seconds": time.perf_counter() - clock,
-                        "compute_s": compute,
-                        "comm_s": comm,
-                        "wait_s": time.perf_counter() - waited,
-                        "allreduce_bytes": ring_bytes * (done - round_start),
-                        "cursors": [m["cursor"] for m in gathered],
-                        "digests": [m["digest"] for m in gathered],
-                        "optimizer": optim_rest,
-                    },
-                    data,
+                        "op": "error",
+                        "kind": "DivergenceError",
+                        "message": message,
+                        "epoch": epoch,
+                        "step": step,
+                    }
                 )
-            round_start, clock = done, time.perf_counter()
-            compute = comm = 0.0
-            samples, loss_sum = 0, 0.0
-        conn.send({"op": "done"})
+            raise DivergenceError(message, epoch=epoch, step=step)
+        parts = list(torch.split(flat[:-3], sizes))
+        with torch.no_grad():
+            for p, g in zip(params, parts, strict=False):
+                p.grad = (g / total).view_as(p)
+            if total:
+                for b, v in zip(floats, parts[len(params) :], strict=False):
+                    b.copy_((v / total).view_as(b))
+                for b, v in zip(ints, parts[len(params) + len(floats) :], strict=False):
+                    b.copy_((v / nonempty).round().view_as(b).to(b.dtype))
+        optimizer.step()
+        if device.type == "cpu":
+            _digest(chain, model)
+        compute += (t1 - t0) + (time.perf_counter() - t2)
+        comm += t2 - t1
+        samples += int(total)
+        loss_sum += summed
+        if task.fail_at_step is not None and step + 1 == task.fail_at_step and rank == world - 1:
+            raise RuntimeError(f"deepspark test hook: gang rank {rank} fails after step {step + 1}")
+        done = step + 1
+        if done % task.steps_per_round and done != task.total_steps:
+            continue
+        waited = time.perf_counter()
+        if device.type != "cpu":
+            _digest(chain, model)
+        mine = json.dumps(
+            {"rank": rank, "cursor": cursor.state() if n else None, "digest": chain.hexdigest()}
+        )
+        gathered = [json.loads(m) for m in _gather_strings(mine, world, device)]
         if rank == 0:
-            reply, _ = conn.recv()  # the driver has taken every report once it answers
-            if reply.get("op") != "ok":
-                raise DeepsparkError(f"gang rank 0: the driver answered {reply!r} to done")
-        return task.total_steps - first
+            state = {f"{MODEL_PREFIX}{k}": v for k, v in model.state_dict().items()}
+            optim_tensors, optim_rest = optimizer_to_tensors(optimizer.state_dict())
+            data = state_to_bytes({**state, **optim_tensors})
+            conn.send(
+                {
+                    "op": "round",
+                    "round": step // task.steps_per_round,
+                    "step": done,
+                    "samples": samples,
+                    "loss_sum": loss_sum,
+                    "seconds": time.perf_counter() - clock,
+                    "compute_s": compute,
+                    "comm_s": comm,
+                    "wait_s": time.perf_counter() - waited,
+                    "allreduce_bytes": ring_bytes * (done - round_start),
+                    "cursors": [m["cursor"] for m in gathered],
+                    "digests": [m["digest"] for m in gathered],
+                    "optimizer": optim_rest,
+                },
+                data,
+            )
+        round_start, clock = done, time.perf_counter()
+        compute = comm = 0.0
+        samples, loss_sum = 0, 0.0
+    conn.send({"op": "done"})
+    if rank == 0:
+        reply, _ = conn.recv()  # the driver has taken every report once it answers
+        if reply.get("op") != "ok":
+            raise DeepsparkError(f"gang rank 0: the driver answered {reply!r} to done")
+    return task.total_steps - first
 
 
 def _gather_strings(text: str, world: int, device: torch.device) -> list[str]:

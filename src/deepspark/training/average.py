@@ -27,6 +27,7 @@ Choices (docs/training.md):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -43,6 +44,7 @@ from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
 from deepspark.training.frame import rows_changed
 
 __all__ = [
+    "LOADED",
     "OUTER",
     "AverageSettings",
     "LoadedWorker",
@@ -58,6 +60,8 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 OUTER = ("plain", "nesterov")
+#: The ``op`` of the frame a worker sends once it has read its partition (it connects before).
+LOADED = "loaded"
 
 
 @dataclass(frozen=True)
@@ -132,12 +136,12 @@ class ServerState:
 
     Subclasses change their state only under ``self._lock`` and notify it on every change.
 
-    A worker owes the server a frame only while it computes; it sends heartbeats meanwhile (every
-    :func:`deepspark.wire.heartbeat_interval` of ``heartbeat_timeout``). Past ``heartbeat_timeout``
-    seconds of silence, or of taking no byte of the frame it is sent (:meth:`deliver`), it is lost, as
-    if its connection had closed (a frozen process whose executor lives on never closes it), and
-    ``cancel(worker)`` cancels its Spark job so that the job is resubmitted. ``heartbeat_timeout``
-    None: no clock (a silent worker is waited for).
+    A worker owes the server a frame only while it loads its partition (it connects first) or computes;
+    it sends heartbeats meanwhile (every :func:`deepspark.wire.heartbeat_interval` of
+    ``heartbeat_timeout``). Past ``heartbeat_timeout`` seconds of silence, or of taking no byte of the
+    frame it is sent (:meth:`deliver`), it is lost, as if its connection had closed (a frozen process
+    whose executor lives on never closes it), and ``cancel(worker)`` cancels its Spark job so that the
+    job is resubmitted. ``heartbeat_timeout`` None: no clock (a silent worker is waited for).
     """
 
     def __init__(
@@ -173,6 +177,15 @@ class ServerState:
         """A worker's next frame other than a heartbeat, and its size (:func:`deepspark.wire.receive`
         under the heartbeat timeout)."""
         return wire.receive(conn, self._heartbeat_timeout)
+
+    def loaded(self, conn: Any, worker: int) -> int:
+        """The rows ``worker``'s task read, from the frame it sends once loaded. A task connects before
+        it reads its partition and beats meanwhile: a silent one is frozen (TimeoutError, under the
+        heartbeat timeout), one that beats is waited for however long its load takes."""
+        header, _, _ = self.receive(conn)
+        if header.get("op") != LOADED:
+            raise DeepsparkError(f"worker {worker}: expected its {LOADED!r} frame, got {header.get('op')!r}")
+        return int(header["rows"])
 
     def deliver(self, conn: Any, header: Mapping[str, Any], payload: bytes) -> int:
         """Send a worker a frame that it must read (its round, its pull) under the heartbeat timeout
@@ -213,11 +226,15 @@ class ServerState:
                 self.error = error
             self._lock.notify_all()
 
+    def loaded_once(self, workers: int) -> bool:
+        """Under the lock: whether each of the ``workers`` has loaded its partition at least once."""
+        return len(self._rows_read) == workers
+
     def rows_agree(
         self, worker: int, rows: int, cursor: Mapping[str, Any], *, total: int, workers: int
     ) -> bool:
-        """Under the lock, as ``worker``'s task connects having read ``rows`` rows: whether they are the
-        rows its data position ``cursor`` covers and, once every worker has connected, add up to the
+        """Under the lock, as ``worker``'s task says it has read ``rows`` rows: whether they are the
+        rows its data position ``cursor`` covers and, once every worker has loaded, add up to the
         ``total`` the DataFrame was counted with. If not, the run fails (a resubmitted task would read
         the same changed rows): nothing trains on rows that are not the ones counted and positioned."""
         self._rows_read[worker] = rows
@@ -364,7 +381,7 @@ class RoundServer(ServerState):
 
     # ------------------------------------------------------------------------------ handler
     def handle(self, conn: Any) -> None:
-        """Serve one worker connection: round message → push → … → stop."""
+        """Serve one worker connection: loaded → round message → push → … → stop."""
         worker = self.admit(conn, len(self._workers))
         if worker is None:
             return
@@ -375,19 +392,21 @@ class RoundServer(ServerState):
             self._lock.notify_all()
             if state.first_seen is None:
                 state.first_seen = time.perf_counter()
-            if not state.cursor:
-                state.cursor = self._new_cursor(worker, int(conn.hello.get("rows", 0)))
-            if not self.rows_agree(
-                worker,
-                int(conn.hello.get("rows", 0)),
-                state.cursor,
-                total=self._rows,
-                workers=len(self._workers),
-            ):
-                return
-            if worker not in self._round.expected and not any(p.samples for p in self._round.pushes.values()):
-                self._round.expected.add(worker)  # nobody has finished this round with data yet: join it
         try:
+            rows = self.loaded(conn, worker)  # a worker frozen while it loads is lost like any other
+            with self._lock:
+                if state.connection == mine:  # else superseded while it loaded: _serve tells it to stop
+                    if not state.cursor:
+                        state.cursor = self._new_cursor(worker, rows)
+                    if not self.rows_agree(
+                        worker, rows, state.cursor, total=self._rows, workers=len(self._workers)
+                    ):
+                        return
+                    if worker not in self._round.expected and not any(
+                        p.samples for p in self._round.pushes.values()
+                    ):
+                        self._round.expected.add(worker)  # nobody has finished this round with data: join it
+                    self._lock.notify_all()  # the last first load lets the first round begin
             self._serve(conn, worker, mine)
         except TimeoutError:  # frozen: lost like a closed connection (the round goes on without it)
             self.silent(worker, conn, current=state.connection == mine)
@@ -407,7 +426,13 @@ class RoundServer(ServerState):
                         self.finished
                         or self.error is not None
                         or state.connection != mine
-                        or (worker in self._round.expected and worker not in self._round.pushes)
+                        or (
+                            worker in self._round.expected
+                            and worker not in self._round.pushes
+                            # No round before every worker has loaded once: a partition that fails to
+                            # load (a row that does not decode) stops the run before any training.
+                            and self.loaded_once(len(self._workers))
+                        )
                     )
                 )
                 if self.finished or self.error is not None or state.connection != mine:
@@ -597,7 +622,6 @@ class LoadedWorker:
     config: Any  # TrainConfig
     model: torch.nn.Module
     rate: Callable[[int], float] | None
-    hello: dict[str, Any]
     slowdown: Callable[[int, float], None]
 
     def take_steps(
@@ -628,8 +652,15 @@ class LoadedWorker:
         return stats
 
 
-def load_worker(task: TaskSpec, batches: Iterator[Any]) -> LoadedWorker:
-    """Inside a Spark task: limit threads, read the partition, preprocess it and build the model."""
+@contextlib.contextmanager
+def load_worker(task: TaskSpec, batches: Iterator[Any]) -> Iterator[tuple[wire.Connection, LoadedWorker]]:
+    """Inside a Spark task: connect to the driver and start the heartbeat, then read the partition,
+    preprocess it and build the model, and tell the driver the rows read (a ``loaded`` frame).
+
+    Connected first, so that the driver watches the load too: a partition can take long to read, and a
+    worker that froze while reading it (its executor alive) would otherwise hold the others for good
+    (``average`` at its first round, ``async`` at the staleness bound). The hello carries what the task
+    knows before reading (the driver's log names its pid at once); the rows come with ``loaded``."""
     from pyspark import TaskContext
 
     from deepspark.spark import limit_task_threads, task_device
@@ -640,41 +671,44 @@ def load_worker(task: TaskSpec, batches: Iterator[Any]) -> LoadedWorker:
     limit_task_threads(task.threads, ctx)
     device = task_device(task.device, ctx)
     gpus = ctx.resources().get("gpu") if ctx is not None else None
-    inputs, targets = task.read(batches)
-    config = TrainConfig.from_dict(task.config)
-    return LoadedWorker(
-        worker=worker,
-        inputs=inputs.to(device),
-        targets=targets.to(device),
-        config=config,
-        model=task.build_model().to(device),
-        rate=cosine_rate(config.learning_rate, task.total_steps) if config.lr_schedule == "cosine" else None,
-        slowdown=task.slowdown,
-        hello={
-            "worker": worker,
-            "rows": len(targets),
-            "attempt": ctx.attemptNumber() if ctx else 0,
-            "pid": os.getpid(),  # named in the driver's log, to find a frozen worker (py-spy dump --pid)
-            "device": str(device),
-            "gpus": list(gpus.addresses) if gpus is not None else [],
-        },
-    )
-
-
-def average_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
-    """Body of one worker's Spark task (``mapInArrow``): load the partition, then serve rounds."""
-    import pyarrow as pa
-
-    from deepspark.training.loop import DataCursor, make_optimizer
-
-    unit = load_worker(task, batches)
-    worker, config, model, hello = unit.worker, unit.config, unit.model, unit.hello
-    rounds = 0
-    cursor: DataCursor | None = None
+    hello = {
+        "worker": worker,
+        "attempt": ctx.attemptNumber() if ctx else 0,
+        "pid": os.getpid(),  # named in the driver's log, to find a frozen worker (py-spy dump --pid)
+        "device": str(device),
+        "gpus": list(gpus.addresses) if gpus is not None else [],
+    }
     with (
         wire.connect(task.host, task.port, token=task.token, hello=hello) as conn,
         wire.Heartbeat(conn, task.heartbeat_s),
     ):
+        inputs, targets = task.read(batches)
+        config = TrainConfig.from_dict(task.config)
+        unit = LoadedWorker(
+            worker=worker,
+            inputs=inputs.to(device),
+            targets=targets.to(device),
+            config=config,
+            model=task.build_model().to(device),
+            rate=cosine_rate(config.learning_rate, task.total_steps)
+            if config.lr_schedule == "cosine"
+            else None,
+            slowdown=task.slowdown,
+        )
+        conn.send({"op": LOADED, "rows": len(targets)})
+        yield conn, unit
+
+
+def average_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
+    """Body of one worker's Spark task (``mapInArrow``): connect, load the partition, serve rounds."""
+    import pyarrow as pa
+
+    from deepspark.training.loop import DataCursor, make_optimizer
+
+    rounds = 0
+    cursor: DataCursor | None = None
+    with load_worker(task, batches) as (conn, unit):
+        worker, config, model = unit.worker, unit.config, unit.model
         while True:
             waited = time.perf_counter()
             header, payload = conn.recv()

@@ -22,11 +22,13 @@ Choices (docs/training.md):
 - Stale-synchronous bound: a worker's *clock* is the number of pushes it has made. It may pull only while
   ``its clock − min(clocks of live workers) <= staleness``; otherwise its pull waits on the server's
   condition until the slow one pushes or is declared dead. Every worker counts as live from the start
-  (SSP: a task still loading its data holds the others back), until its connection closes or its Spark
-  job fails (:meth:`ParameterServer.worker_lost`); a dead worker leaves the minimum at once, and its
-  replacement rejoins at the current minimum clock. A worker whose partition is empty (its hello says
-  0 rows) pulls only while a worker with data is live (or not connected yet): alone, nothing held its
-  clock back, and its empty pushes ran as fast as the loop went until the replacement arrived.
+  (SSP: a task still loading its data holds the others back), until its connection closes, its Spark
+  job fails (:meth:`ParameterServer.worker_lost`) or it is silent past the heartbeat timeout (tasks
+  connect before they load, so one frozen while loading is found too); a dead worker leaves the minimum
+  at once, and its replacement rejoins at the current minimum clock once loaded. A worker whose
+  partition is empty (its loaded frame says 0 rows) pulls only while a worker with data is live (or
+  not loaded yet): alone, nothing held its clock back, and its empty pushes ran as fast as the loop
+  went until the replacement arrived.
 - One connection per worker counts: the newest. A connection that a newer one of the same worker has
   replaced, or whose Spark job failed meanwhile (a task that Spark has not killed yet), is told to stop and
   its push in flight is not applied: the replacement takes those batches again from the driver's cursor,
@@ -76,7 +78,7 @@ class _Worker:
     live: bool = True  # counts in the minimum clock (every worker does until it is lost)
     connection: int = 0  # the number of its current connection; any other is superseded
     claimed: int = 0  # examples its pull in flight may push (0 when none is)
-    rows: int | None = None  # its partition's rows, from its hello (None until it has connected)
+    rows: int | None = None  # its partition's rows, from its loaded frame (None until it has loaded)
     taken: int = 0  # its pushes applied, in this process
 
 
@@ -212,28 +214,32 @@ class ParameterServer(ServerState):
 
     # --------------------------------------------------------------------------------- handler
     def handle(self, conn: Any) -> None:
-        """Serve one worker connection: pull → push → … → stop."""
+        """Serve one worker connection: loaded → pull → push → … → stop."""
         worker = self.admit(conn, len(self._workers))
         if worker is None:
             return
         with self._lock:
             state = self._workers[worker]
-            if not state.live:  # a replacement: rejoin at the slowest live worker's clock
-                low = self._min_clock()
-                state.clock = state.clock if low is None else low
-                state.live = True
             state.connection += 1  # supersedes an earlier connection of this worker
             state.claimed = 0  # an earlier connection's pull in flight no longer counts
             mine = state.connection
-            state.rows = int(conn.hello.get("rows", 0))
-            if not state.cursor:
-                state.cursor = self._new_cursor(worker, int(conn.hello.get("rows", 0)))
-            if not self.rows_agree(
-                worker, state.rows, state.cursor, total=self._rows, workers=len(self._workers)
-            ):
-                return
             self._lock.notify_all()
         try:
+            rows = self.loaded(conn, worker)  # a worker frozen while it loads is lost like any other
+            with self._lock:
+                if state.connection == mine:  # else superseded while it loaded: _serve tells it to stop
+                    if not state.live:  # a replacement: rejoin at the slowest live worker's clock
+                        low = self._min_clock()
+                        state.clock = state.clock if low is None else low
+                        state.live = True
+                    state.rows = rows
+                    if not state.cursor:
+                        state.cursor = self._new_cursor(worker, rows)
+                    if not self.rows_agree(
+                        worker, rows, state.cursor, total=self._rows, workers=len(self._workers)
+                    ):
+                        return
+                    self._lock.notify_all()
             self._serve(conn, worker, mine)
         except TimeoutError:  # frozen: lost like a closed connection (the bound stops waiting for it)
             self.silent(worker, conn, current=state.connection == mine)
@@ -252,7 +258,7 @@ class ParameterServer(ServerState):
         )
 
     def _data_live(self) -> bool:
-        # A worker that has not connected yet may have data; a lost one is not live.
+        # A worker that has not loaded yet may have data; a lost one is not live.
         return any(w.live and w.rows != 0 for w in self._workers.values())
 
     def _serve(self, conn: Any, worker: int, mine: int) -> None:
@@ -373,22 +379,17 @@ class ParameterServer(ServerState):
 
 # ----------------------------------------------------------------------------------- executor side
 def async_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
-    """Body of one worker's Spark task (``mapInArrow``): load the partition, then pull, step and push."""
+    """Body of one worker's Spark task (``mapInArrow``): connect, load the partition, pull, step, push."""
     import pyarrow as pa
 
-    from deepspark import wire
     from deepspark.training.loop import DataCursor, make_optimizer
 
-    loaded = load_worker(task, batches)
-    worker, model, config = loaded.worker, loaded.model, loaded.config
-    optimizer = make_optimizer(model, config)  # kept across pulls: see the module docstring
-    parameters = {name for name, _ in model.named_parameters()}
     cursor: DataCursor | None = None
     pushes = 0
-    with (
-        wire.connect(task.host, task.port, token=task.token, hello=loaded.hello) as conn,
-        wire.Heartbeat(conn, task.heartbeat_s),
-    ):
+    with load_worker(task, batches) as (conn, loaded):
+        worker, model, config = loaded.worker, loaded.model, loaded.config
+        optimizer = make_optimizer(model, config)  # kept across pulls: see the module docstring
+        parameters = {name for name, _ in model.named_parameters()}
         while True:
             asked = time.perf_counter()
             header, payload = conn.recv()
