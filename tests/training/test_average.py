@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -51,6 +53,17 @@ def _server(records: list[RoundRecord], total_steps: int = 2, size: int = 2, **w
     )
 
 
+@contextlib.contextmanager
+def _serving(server: RoundServer) -> Iterator[wire.Server]:
+    """``server`` on a loopback endpoint for fake workers, closed (every connection with it) at the end."""
+    endpoint = wire.Server(token=TOKEN, handler=server.handle, name="test-rounds")
+    endpoint.start()
+    try:
+        yield endpoint
+    finally:
+        endpoint.close()
+
+
 def _connect(endpoint: wire.Server, worker: int, *, loaded: bool = True) -> wire.Connection:
     """A fake worker's connection; ``loaded``: it has read its partition of 8 rows and said so."""
     conn = wire.connect("127.0.0.1", endpoint.address[1], token=TOKEN, hello={"worker": worker}, timeout=10)
@@ -66,23 +79,18 @@ def test_a_round_whose_workers_with_data_were_lost_waits_for_their_replacement()
     # worker's own error; now the replacement joins that round and it completes with its examples.
     records: list[RoundRecord] = []
     server = _server(records, total_steps=1)
-    endpoint = wire.Server(token=TOKEN, handler=server.handle, name="test-rounds")
-    endpoint.start()
-    try:
-        with _connect(endpoint, 1) as empty, _connect(endpoint, 0) as lost:
-            first_empty, _ = empty.recv()
-            lost.recv()
-            _push(empty, first_empty, 0.0, samples=0)
-            lost.close()
-            server.worker_lost(0)
-            with _connect(endpoint, 0) as replacement:
-                first, _ = replacement.recv()
-                assert first["round"] == first_empty["round"] == 0
-                assert server.error is None and not records
-                _push(replacement, first, 2.0)
-                assert replacement.recv()[0] == {"op": "stop"} and empty.recv()[0] == {"op": "stop"}
-    finally:
-        endpoint.close()
+    with _serving(server) as endpoint, _connect(endpoint, 1) as empty, _connect(endpoint, 0) as lost:
+        first_empty, _ = empty.recv()
+        lost.recv()
+        _push(empty, first_empty, 0.0, samples=0)
+        lost.close()
+        server.worker_lost(0)
+        with _connect(endpoint, 0) as replacement:
+            first, _ = replacement.recv()
+            assert first["round"] == first_empty["round"] == 0
+            assert server.error is None and not records
+            _push(replacement, first, 2.0)
+            assert replacement.recv()[0] == {"op": "stop"} and empty.recv()[0] == {"op": "stop"}
     assert server.error is None
     assert [(r.round, r.workers, r.samples) for r in records] == [(0, 2, 8)]
     assert torch.equal(server.weights["w"], torch.full((2,), 2.0))  # the empty push weighs nothing
@@ -94,11 +102,9 @@ def test_a_superseded_connection_neither_pushes_nor_drops_its_worker_from_a_roun
     # worker out of the round its replacement is in.
     records: list[RoundRecord] = []
     server = _server(records)
-    endpoint = wire.Server(token=TOKEN, handler=server.handle, name="test-rounds")
-    endpoint.start()
-    connect = functools.partial(_connect, endpoint)
+    with _serving(server) as endpoint:
+        connect = functools.partial(_connect, endpoint)
 
-    try:
         with connect(1) as one, connect(0) as old:
             first_one, _ = one.recv()
             first_old, _ = old.recv()
@@ -116,8 +122,6 @@ def test_a_superseded_connection_neither_pushes_nor_drops_its_worker_from_a_roun
                 _push(new, second_new, 2.0)
                 _push(one, second_one, 4.0)
                 assert new.recv()[0] == {"op": "stop"} and one.recv()[0] == {"op": "stop"}
-    finally:
-        endpoint.close()
     assert [(r.round, r.workers, r.samples) for r in records] == [(0, 2, 16), (1, 2, 16)]
     assert torch.equal(server.weights["w"], torch.full((2,), 3.0))  # (2 + 4) / 2, never the 100
 
@@ -129,19 +133,14 @@ def test_no_round_is_averaged_or_recorded_once_the_run_has_failed() -> None:
     # on_round callback came after the run had stopped, from a handler thread racing the driver's exit.
     records: list[RoundRecord] = []
     server = _server(records)
-    endpoint = wire.Server(token=TOKEN, handler=server.handle, name="test-rounds")
-    endpoint.start()
-    try:
-        with _connect(endpoint, 0) as zero, _connect(endpoint, 1) as one:
-            first_zero, _ = zero.recv()
-            first_one, _ = one.recv()
-            _push(zero, first_zero, 2.0)
-            server.fail(RuntimeError("training worker 2 failed for good"))
-            assert zero.recv()[0] == {"op": "stop"}
-            _push(one, first_one, 4.0)
-            assert one.recv()[0] == {"op": "stop"}
-    finally:
-        endpoint.close()
+    with _serving(server) as endpoint, _connect(endpoint, 0) as zero, _connect(endpoint, 1) as one:
+        first_zero, _ = zero.recv()
+        first_one, _ = one.recv()
+        _push(zero, first_zero, 2.0)
+        server.fail(RuntimeError("training worker 2 failed for good"))
+        assert zero.recv()[0] == {"op": "stop"}
+        _push(one, first_one, 4.0)
+        assert one.recv()[0] == {"op": "stop"}
     assert records == [] and not server.finished
     assert str(server.error) == "training worker 2 failed for good"
     assert torch.equal(server.weights["w"], torch.zeros(2))
@@ -159,16 +158,11 @@ def test_a_frozen_worker_is_lost_after_the_heartbeat_timeout_and_its_job_cancell
     records: list[RoundRecord] = []
     cancelled: list[int] = []
     server = _watched_server(records, cancelled, total_steps=1)
-    endpoint = wire.Server(token=TOKEN, handler=server.handle, name="test-rounds")
-    endpoint.start()
-    try:
-        with _connect(endpoint, 0) as frozen, _connect(endpoint, 1) as one:
-            assert frozen.recv()[0]["round"] == 0  # and it never answers
-            first_one, _ = one.recv()
-            _push(one, first_one, 4.0)
-            assert one.recv()[0] == {"op": "stop"}  # within its 10 s receive timeout
-    finally:
-        endpoint.close()
+    with _serving(server) as endpoint, _connect(endpoint, 0) as frozen, _connect(endpoint, 1) as one:
+        assert frozen.recv()[0]["round"] == 0  # and it never answers
+        first_one, _ = one.recv()
+        _push(one, first_one, 4.0)
+        assert one.recv()[0] == {"op": "stop"}  # within its 10 s receive timeout
     assert server.error is None and cancelled == [0]
     assert [(r.round, r.workers, r.samples) for r in records] == [(0, 1, 8)]
 
@@ -180,11 +174,9 @@ def test_a_worker_that_sends_heartbeats_while_it_computes_longer_than_the_timeou
     records: list[RoundRecord] = []
     cancelled: list[int] = []
     server = _watched_server(records, cancelled, total_steps=2)
-    endpoint = wire.Server(token=TOKEN, handler=server.handle, name="test-rounds")
-    endpoint.start()
-    every = wire.heartbeat_interval(1.0)
-    computing = threading.Event()
-    try:
+    with _serving(server) as endpoint:
+        every = wire.heartbeat_interval(1.0)
+        computing = threading.Event()
         with (
             _connect(endpoint, 0) as slow,
             _connect(endpoint, 1) as fast,
@@ -201,8 +193,6 @@ def test_a_worker_that_sends_heartbeats_while_it_computes_longer_than_the_timeou
                 assert second["round"] == 1
                 _push(conn, second, 3.0)
             assert slow.recv()[0] == {"op": "stop"} and fast.recv()[0] == {"op": "stop"}
-    finally:
-        endpoint.close()
     assert server.error is None and cancelled == []
     assert [(r.round, r.workers, r.samples) for r in records] == [(0, 2, 16), (1, 2, 16)]
 
@@ -217,19 +207,14 @@ def test_a_worker_frozen_while_it_waits_for_its_next_round_is_lost_after_the_hea
     cancelled: list[int] = []
     size = 16 << 20
     server = _server(records, total_steps=2, size=size, heartbeat_timeout=1.0, cancel=cancelled.append)
-    endpoint = wire.Server(token=TOKEN, handler=server.handle, name="test-rounds")
-    endpoint.start()
-    try:
-        with _connect(endpoint, 0) as frozen, _connect(endpoint, 1) as one:
-            for conn in (frozen, one):
-                first, _ = conn.recv()
-                _push(conn, first, 2.0, size=size)
-            second, _ = one.recv()
-            assert second["round"] == 1
-            _push(one, second, 4.0, size=size)
-            assert one.recv()[0] == {"op": "stop"}  # within its 10 s receive timeout
-    finally:
-        endpoint.close()
+    with _serving(server) as endpoint, _connect(endpoint, 0) as frozen, _connect(endpoint, 1) as one:
+        for conn in (frozen, one):
+            first, _ = conn.recv()
+            _push(conn, first, 2.0, size=size)
+        second, _ = one.recv()
+        assert second["round"] == 1
+        _push(one, second, 4.0, size=size)
+        assert one.recv()[0] == {"op": "stop"}  # within its 10 s receive timeout
     assert server.error is None and cancelled == [0]
     assert [(r.round, r.workers, r.samples) for r in records] == [(0, 2, 16), (1, 1, 8)]
 
@@ -242,23 +227,18 @@ def test_a_worker_frozen_while_it_loads_its_partition_is_lost_and_its_replacemen
     records: list[RoundRecord] = []
     cancelled: list[int] = []
     server = _watched_server(records, cancelled, total_steps=1)
-    endpoint = wire.Server(token=TOKEN, handler=server.handle, name="test-rounds")
-    endpoint.start()
-    try:
-        with _connect(endpoint, 0, loaded=False), _connect(endpoint, 1) as one:
-            deadline = time.monotonic() + 10
-            while not cancelled and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert cancelled == [0]
-            with _connect(endpoint, 0) as replacement:
-                first_one, _ = one.recv()
-                first_new, _ = replacement.recv()
-                assert first_one["round"] == first_new["round"] == 0
-                _push(one, first_one, 4.0)
-                _push(replacement, first_new, 2.0)
-                assert one.recv()[0] == replacement.recv()[0] == {"op": "stop"}
-    finally:
-        endpoint.close()
+    with _serving(server) as endpoint, _connect(endpoint, 0, loaded=False), _connect(endpoint, 1) as one:
+        deadline = time.monotonic() + 10
+        while not cancelled and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cancelled == [0]
+        with _connect(endpoint, 0) as replacement:
+            first_one, _ = one.recv()
+            first_new, _ = replacement.recv()
+            assert first_one["round"] == first_new["round"] == 0
+            _push(one, first_one, 4.0)
+            _push(replacement, first_new, 2.0)
+            assert one.recv()[0] == replacement.recv()[0] == {"op": "stop"}
     assert server.error is None
     assert [(r.round, r.workers, r.samples) for r in records] == [(0, 2, 16)]
 
@@ -268,10 +248,8 @@ def test_a_worker_that_beats_while_it_loads_longer_than_the_timeout_is_waited_fo
     records: list[RoundRecord] = []
     cancelled: list[int] = []
     server = _watched_server(records, cancelled, total_steps=1)
-    endpoint = wire.Server(token=TOKEN, handler=server.handle, name="test-rounds")
-    endpoint.start()
-    loading = threading.Event()
-    try:
+    with _serving(server) as endpoint:
+        loading = threading.Event()
         with _connect(endpoint, 0, loaded=False) as slow, _connect(endpoint, 1) as one:
             with wire.Heartbeat(slow, wire.heartbeat_interval(1.0)):
                 loading.wait(2.5)  # its partition takes longer than the heartbeat timeout to read
@@ -282,7 +260,5 @@ def test_a_worker_that_beats_while_it_loads_longer_than_the_timeout_is_waited_fo
                 _push(one, first_one, 4.0)
                 _push(slow, first_slow, 2.0)
             assert slow.recv()[0] == {"op": "stop"} and one.recv()[0] == {"op": "stop"}
-    finally:
-        endpoint.close()
     assert server.error is None and cancelled == []
     assert [(r.round, r.workers, r.samples) for r in records] == [(0, 2, 16)]
