@@ -64,6 +64,7 @@ from typing import Any
 
 import torch
 
+from deepspark import wire
 from deepspark.errors import DeepsparkError, DivergenceError, RunError
 from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
 from deepspark.training.average import LOADED, RoundRecord, TaskSpec
@@ -191,8 +192,6 @@ class GangServer:
             self._lock.notify_all()
 
     def handle(self, conn: Any) -> None:
-        from deepspark import wire
-
         rank, attempt = int(conn.hello.get("rank", -1)), int(conn.hello.get("attempt", -1))
         with self._lock:
             if not 0 <= rank < self._workers or attempt != self.attempt:
@@ -251,8 +250,6 @@ class GangServer:
 
     def _watch(self, conn: Any, rank: int) -> None:
         """A rank other than 0 sends only heartbeats while it trains, then ``done``."""
-        from deepspark import wire
-
         reply, _, _ = wire.receive(conn, self._heartbeat_timeout)
         if reply.get("op") != "done":
             raise DeepsparkError(f"gang rank {rank}: expected heartbeats and done, got {reply.get('op')!r}")
@@ -274,8 +271,6 @@ class GangServer:
             self._lock.notify_all()
 
     def _serve_reports(self, conn: Any, attempt: int) -> None:
-        from deepspark import wire
-
         while True:
             reply, data, frame_bytes = wire.receive(conn, self._heartbeat_timeout)
             op = reply.get("op")
@@ -359,7 +354,6 @@ def allreduce_task(task: GangSpec, batches: Iterator[Any]) -> Iterator[Any]:
     import torch.distributed as dist
     from pyspark import BarrierTaskContext
 
-    from deepspark import wire
     from deepspark.spark import limit_task_threads, task_device
 
     ctx = BarrierTaskContext.get()
