@@ -584,6 +584,46 @@ def test_a_directory_holding_idx_files_and_image_files_is_refused_naming_how_to_
     assert [Path(r["path"]).name for r in images] == ["seven.png"]
 
 
+def test_an_idx_images_file_that_is_not_uint8_is_refused_as_training_refuses_it(
+    spark: Any, small_model: Model, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Predict cast it to uint8: float pixels in [0, 1] became black images, predicted without a word.
+    from deepspark.data import write_idx
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_idx(data / "t10k-images-idx3-ubyte", small_model.images[:12].astype(np.float32) / 255)
+    write_idx(data / "t10k-labels-idx1-ubyte", (np.arange(12) % 10).astype(np.uint8))
+    message = "t10k-images-idx3-ubyte: images must be uint8 with 3 ([N,H,W]) or 4 ([N,C,H,W]) dimensions; got float32"
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        predict(data, small_model.path, spark=spark)
+    assert _refused_by_the_cli(spark, small_model, data, capsys).startswith(
+        f"deepspark: error: {data}/{message}"
+    )
+    # Labels that are not integers: refused too (they were cast to int64).
+    write_idx(data / "t10k-images-idx3-ubyte", small_model.images[:12])
+    write_idx(data / "t10k-labels-idx1-ubyte", (np.arange(12) % 10).astype(np.float32) + 0.5)
+    with pytest.raises(DatasetError, match="labels must be a 1-D integer array; got float32"):
+        predict(data / "t10k-images-idx3-ubyte", small_model.path, spark=spark)
+
+
+def test_a_directory_holding_idx_files_and_a_parquet_table_is_refused(
+    spark: Any, small_model: Model, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The IDX files were read and the table left out, without a word.
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_idx(data / "t10k-images-idx3-ubyte", small_model.images[:12])
+    _write_idx(data / "t10k-labels-idx1-ubyte", np.arange(12) % 10)
+    (data / "part-00000.parquet").write_bytes(b"PAR1")
+    assert _refused_by_the_cli(spark, small_model, data, capsys) == (
+        f"deepspark: error: data: {str(data)!r} holds both MNIST-layout IDX files (t10k-images-idx3-ubyte) and "
+        f"a Parquet table (part-00000.parquet, ...); to predict the IDX images, name the file "
+        f"({str(data / 't10k-images-idx3-ubyte')!r}); to predict the table, move it to a directory of its own"
+    )
+    assert predict(data / "t10k-images-idx3-ubyte", small_model.path, spark=spark).dataframe.count() == 12
+
+
 def test_a_dataframe_of_raw_pixels_from_to_dataframe_is_predicted(spark: Any, small_model: Model) -> None:
     # Training reads to_dataframe's image column as the raw pixels its metadata says; predict read it as
     # image files, and every row was an error ("cannot decode image").

@@ -15,7 +15,13 @@ from deepspark.data.record import ImageDataset
 from deepspark.data.registry import DatasetInfo
 from deepspark.errors import DatasetError
 
-__all__ = ["check_label_count", "find_mnist_layout", "load_mnist_layout"]
+__all__ = [
+    "check_idx_images",
+    "check_idx_labels",
+    "check_label_count",
+    "find_mnist_layout",
+    "load_mnist_layout",
+]
 
 
 def find_mnist_layout(directory: Path) -> list[Path]:
@@ -44,18 +50,28 @@ def check_label_count(images_path: Path, images: int, labels_path: Path, labels:
         )
 
 
+def check_idx_images(path: Path, images: np.ndarray) -> None:
+    """A DatasetError unless ``images`` (read from the IDX file ``path``) are uint8 pixels with 3
+    ([N,H,W]) or 4 ([N,C,H,W]) dimensions: the one check, for training's loader and for predict (a cast
+    to uint8 would turn float pixels in [0, 1] into black images and predict them without a word)."""
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise DatasetError(
+            f"{path}: images must be uint8 with 3 ([N,H,W]) or 4 ([N,C,H,W]) dimensions; "
+            f"got {images.dtype} {images.shape}"
+        )
+
+
+def check_idx_labels(path: Path, labels: np.ndarray) -> None:
+    """A DatasetError unless ``labels`` (read from the IDX file ``path``) are a 1-D integer array."""
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise DatasetError(f"{path}: labels must be a 1-D integer array; got {labels.dtype} {labels.shape}")
+
+
 def _read_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
     images = read_idx(images_path)
     labels = read_idx(labels_path)
-    if images.dtype != np.uint8 or images.ndim not in (3, 4):
-        raise DatasetError(
-            f"{images_path}: images must be uint8 with 3 ([N,H,W]) or 4 ([N,C,H,W]) dimensions; "
-            f"got {images.dtype} {images.shape}"
-        )
-    if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise DatasetError(
-            f"{labels_path}: labels must be a 1-D integer array; got {labels.dtype} {labels.shape}"
-        )
+    check_idx_images(images_path, images)
+    check_idx_labels(labels_path, labels)
     check_label_count(images_path, len(images), labels_path, len(labels))
     labels = labels.astype(np.int64)
     if len(labels) and labels.min() < 0:

@@ -207,7 +207,7 @@ def _idx_input(spark: SparkSession, files: Sequence[Path]) -> Input:
     from deepspark.data import read_idx
     from deepspark.data.files import labels_file_for
     from deepspark.data.idx import read_idx_shape
-    from deepspark.data.mnist import check_label_count
+    from deepspark.data.mnist import check_idx_images, check_idx_labels, check_label_count
 
     pairs = [(file, labels_file_for(file)) for file in files]
     for file, labels_file in pairs:  # from the headers, before reading (maybe gigabytes of) any data
@@ -215,8 +215,13 @@ def _idx_input(spark: SparkSession, files: Sequence[Path]) -> Input:
             check_label_count(file, read_idx_shape(file)[0], labels_file, read_idx_shape(labels_file)[0])
     frames = []
     for file, labels_file in pairs:
-        images = np.asarray(read_idx(file), dtype=np.uint8)
-        labels = np.asarray(read_idx(labels_file), dtype=np.int64) if labels_file is not None else None
+        images = read_idx(file)
+        check_idx_images(file, images)  # training's check: no silent cast of other pixel types
+        labels = None
+        if labels_file is not None:
+            labels = read_idx(labels_file)
+            check_idx_labels(labels_file, labels)
+            labels = labels.astype(np.int64)
         frames.append(
             pd.DataFrame(
                 {
@@ -303,9 +308,24 @@ def resolve_input(spark: SparkSession, data: Any, input_column: str | None) -> I
             idx = sorted(
                 {preferred_copy(q) for q in p.iterdir() if "idx3-ubyte" in q.name or "idx3.ubyte" in q.name}
             )
+            # A Parquet table's own files, not a folder named *.parquet (earlier predictions, say).
+            table = next(
+                (
+                    q
+                    for q in sorted(p.iterdir())
+                    if q.is_file() and (q.suffix == ".parquet" or q.name == "_SUCCESS")
+                ),
+                None,
+            )
+            if idx and table is not None:  # either kind alone would leave the other out without a word
+                raise ConfigError(
+                    f"data: {path!r} holds both MNIST-layout IDX files ({', '.join(q.name for q in idx)}) and "
+                    f"a Parquet table ({table.name}, ...); to predict the IDX images, name the file "
+                    f"({str(idx[0])!r}); to predict the table, move it to a directory of its own"
+                )
             if idx:
                 image = _image_below(p)
-                if image is not None:  # either kind alone would leave the other out without a word
+                if image is not None:
                     raise ConfigError(
                         f"data: {path!r} holds both MNIST-layout IDX files ({', '.join(q.name for q in idx)}) "
                         f"and image files ({image.relative_to(p)}, ...); name the kind to predict: an IDX "
@@ -313,8 +333,7 @@ def resolve_input(spark: SparkSession, data: Any, input_column: str | None) -> I
                         f"({os.path.join(path, '**', '*' + image.suffix)!r})"
                     )
                 return _idx_input(spark, idx)
-            # A Parquet table's own files, not a folder named *.parquet (earlier predictions, say).
-            if any(q.is_file() and (q.suffix == ".parquet" or q.name == "_SUCCESS") for q in p.iterdir()):
+            if table is not None:
                 return _dataframe_input(spark.read.parquet(path), input_column, ours=False)
             images = _binary_files(spark, path, pattern=_IMAGE_GLOB, recursive=True)
             if images.rows_hint == 0:  # as an empty glob: nothing to predict is a mistake, not 0 rows
