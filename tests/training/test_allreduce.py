@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -303,6 +304,35 @@ def test_a_rank_frozen_after_the_last_round_marks_the_attempt_lost() -> None:
             with lock:
                 assert lock.wait_for(lambda: server.lost is not None, timeout=10)
     assert server.finished and server.steps_done == 4 and server.fatal is None
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("leaves", [True, False])
+@pytest.mark.parametrize("rank_id", [0, 1])
+def test_a_rank_frozen_after_its_done_marks_the_attempt_lost_one_that_leaves_not(
+    rank_id: int, leaves: bool
+) -> None:
+    # A rank said done, then froze before its task ended (in destroy_process_group, say): nothing
+    # watched it after its done, and the barrier job it held, and fit with it, waited for good.
+    token = "t" * 32
+    server = _gang(steps_done=4, heartbeat_timeout=1.0)
+    with wire.Server(token=token, handler=server.handle, name="test-gang") as endpoint:
+        hello = {"rank": rank_id, "attempt": 0, "pid": 7}
+        with wire.connect("127.0.0.1", endpoint.address[1], token=token, hello=hello, timeout=10) as rank:
+            rank.send({"op": "loaded", "rows": 8})
+            assert rank.recv()[0]["op"] == "start"
+            rank.send({"op": "done"})
+            if rank_id == 0:
+                assert rank.recv()[0]["op"] == "ok"
+            if leaves:
+                rank.close()
+                time.sleep(2.0)  # past the heartbeat timeout: a rank gone is not a rank frozen
+            else:
+                lock = server.hold()
+                with lock:
+                    assert lock.wait_for(lambda: server.lost is not None, timeout=10)
+    assert server.finished and server.fatal is None
+    assert (server.lost is None) == leaves
 
 
 @pytest.mark.timeout(30)

@@ -238,8 +238,13 @@ class GangServer:
             wire.deliver(conn, header, payload, self._heartbeat_timeout)  # a frozen rank reads nothing
             if rank == 0:
                 self._serve_reports(conn, attempt)
+                with self._lock:
+                    self._reporting -= 1
+                    reporting = False
+                    self._lock.notify_all()
             else:
                 self._watch(conn, rank)
+            self._until_closed(conn, rank)
         except TimeoutError:
             self._silent(conn, rank, attempt)
         finally:
@@ -253,6 +258,16 @@ class GangServer:
         reply, _, _ = wire.receive(conn, self._heartbeat_timeout)
         if reply.get("op") != "done":
             raise DeepsparkError(f"gang rank {rank}: expected heartbeats and done, got {reply.get('op')!r}")
+
+    def _until_closed(self, conn: Any, rank: int) -> None:
+        """After its done, a rank beats on until its task leaves the gang (the process group destroyed,
+        the connection closed): one frozen there (in ``destroy_process_group``, say) would hold the
+        barrier job, and ``fit`` waiting on it, for good. Its silence raises TimeoutError."""
+        try:
+            reply, _, _ = wire.receive(conn, self._heartbeat_timeout)
+        except wire.PeerClosed:
+            return
+        raise DeepsparkError(f"gang rank {rank}: expected heartbeats after done, got {reply.get('op')!r}")
 
     def _silent(self, conn: Any, rank: int, attempt: int) -> None:
         """A rank of ``attempt`` was silent past the heartbeat timeout: frozen (a deadlock, a hung GPU
