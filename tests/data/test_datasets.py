@@ -456,6 +456,28 @@ def test_a_named_directory_loads_as_itself_and_never_as_the_cached_registered_da
     assert load_dataset("mnist").train_images.shape == (12, 8, 8)
 
 
+def test_the_registered_name_beside_a_directory_of_that_name_says_which_it_reads(
+    tmp_path: Path, cached_mnist: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # `train mnist` in a folder holding ./mnist (the user's own digits) trained on the registered
+    # MNIST without a word; './mnist' reads the folder.
+    work = tmp_path / "work"
+    _write_other(work / "mnist")
+    monkeypatch.chdir(work)
+    with caplog.at_level(logging.WARNING, logger="deepspark.data.loading"):
+        assert load_dataset("mnist").train_images.shape == (12, 8, 8)  # the registered (tiny) one
+    assert [r.getMessage() for r in caplog.records] == [
+        f"'mnist' is the registered dataset (read from {cached_mnist}); the directory {work / 'mnist'} here "
+        "is not read: give './mnist' to use that directory's own data"
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepspark.data.loading"):
+        assert load_dataset("./mnist").train_images.shape == (50, 7, 7)
+        monkeypatch.chdir(tmp_path)
+        assert load_dataset("mnist").train_images.shape == (12, 8, 8)
+    assert not caplog.records
+
+
 def test_cli_train_and_data_info_with_a_data_dir_use_that_directory(
     tmp_path: Path, cached_mnist: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

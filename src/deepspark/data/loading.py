@@ -7,6 +7,7 @@ means that directory must hold verified copies of that dataset, never a substitu
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from deepspark.errors import ConfigError, DatasetError
 from deepspark.validation import fail
 
 __all__ = ["info", "load_dataset"]
+
+_log = logging.getLogger(__name__)
 
 
 def _resolve(
@@ -57,6 +60,17 @@ def _resolve(
         return dataset, user, files
     ds = DATASETS[name]
     directory = _named_copy(ds, Path(data_dir).expanduser()) if data_dir is not None else fetch(name)
+    if data_dir is None and Path(name).is_dir() and Path(name).resolve() != directory.resolve():
+        # `train mnist` beside a folder ./mnist of the user's own digits: the name means the registered
+        # dataset, and the folder's data is not read; say so rather than leave it to be noticed.
+        _log.warning(
+            "%r is the registered dataset (read from %s); the directory %s here is not read: give %r "
+            "to use that directory's own data",
+            name,
+            directory,
+            Path(name).absolute(),
+            os.path.join(".", name),
+        )
     files = find_mnist_layout(directory)
     return load_mnist_layout(ds.name, files, ds), directory, files
 
