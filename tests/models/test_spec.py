@@ -132,6 +132,22 @@ def test_zoo_networks() -> None:
     assert [layer.get("out_features") for layer in cnn.layers if layer["type"] == "linear"] == [256, 10]
 
 
+def test_the_cnn_takes_a_batch_normalisation_after_each_convolution() -> None:
+    plain = [layer["type"] for layer in model_spec("cnn").layers]
+    assert "batchnorm" not in plain  # the blog's network, unchanged by default
+    assert [layer["type"] for layer in model_spec("cnn", batchnorm=False).layers] == plain
+    normed = [layer["type"] for layer in model_spec("cnn", batchnorm=True).layers]
+    assert normed[:4] == ["conv", "batchnorm", "relu", "maxpool"]
+    assert normed[4:8] == ["conv", "batchnorm", "relu", "maxpool"]
+    assert [t for t in normed if t != "batchnorm"] == plain
+    model = build_model(model_spec("cnn", batchnorm=True, fc=64), seed=0)
+    assert model(torch.rand(4, 1, 28, 28)).shape == (4, 10)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 2
+    for bad in (1, "true", None):
+        with pytest.raises(ConfigError, match="batchnorm: expected true or false"):
+            model_spec("cnn", batchnorm=bad)
+
+
 def test_zoo_rejects_unknown_hyperparameters() -> None:
     with pytest.raises(ConfigError, match=r"unknown hyperparameter\(s\) \['width'\]"):
         model_spec("cnn", width=3)

@@ -10,7 +10,7 @@ from deepspark.data import ImageDataset
 from deepspark.errors import ConfigError, DivergenceError
 from deepspark.models import model_spec
 from deepspark.training import EpochMetrics, TrainConfig, evaluate, train_one_process
-from deepspark.training.loop import DataCursor, _random_shift
+from deepspark.training.loop import DataCursor, _random_shift, augment_batch
 
 
 def _toy(n: int = 256, seed: int = 0) -> ImageDataset:
@@ -58,14 +58,26 @@ def test_learns_toy_problem_and_reports_each_epoch(optimizer) -> None:
     assert result.test_accuracy > 0.95
 
 
-def test_deterministic_for_a_seed() -> None:
-    cfg = TrainConfig(epochs=2, batch_size=16, seed=7, threads=1, augment=True)
+@pytest.mark.parametrize("augment", [True, "affine"])
+def test_deterministic_for_a_seed(augment: bool | str) -> None:
+    cfg = TrainConfig(epochs=2, batch_size=16, seed=7, threads=1, augment=augment)
     spec = model_spec("mlp", input_shape=(1, 8, 8), num_classes=2, hidden=8, dropout=0.2)
     a = train_one_process(spec, _toy(), cfg)
     b = train_one_process(spec, _toy(), cfg)
     assert [m.train_loss for m in a.history] == [m.train_loss for m in b.history]
-    c = train_one_process(spec, _toy(), TrainConfig(epochs=2, batch_size=16, seed=8, threads=1, augment=True))
+    c = train_one_process(
+        spec, _toy(), TrainConfig(epochs=2, batch_size=16, seed=8, threads=1, augment=augment)
+    )
     assert [m.train_loss for m in a.history] != [m.train_loss for m in c.history]
+    plain = train_one_process(spec, _toy(), TrainConfig(epochs=2, batch_size=16, seed=7, threads=1))
+    assert [m.train_loss for m in a.history] != [m.train_loss for m in plain.history]
+
+
+@pytest.mark.parametrize("bad", ["rotate", "true", 1, None])
+def test_augment_takes_true_false_or_affine(bad: object) -> None:
+    assert TrainConfig(augment="affine").augment == "affine"
+    with pytest.raises(ConfigError, match='augment: expected true \\(random shifts\\), false or "affine"'):
+        TrainConfig(augment=bad)  # type: ignore[arg-type]
 
 
 def test_divergence_names_epoch_and_step() -> None:
@@ -108,6 +120,28 @@ def test_random_shift_moves_pixels_within_bounds() -> None:
     rows, cols = where // 8, where % 8
     assert rows.min() >= 2 and rows.max() <= 6 and cols.min() >= 2 and cols.max() <= 6
     assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) > 5
+
+
+def test_random_affine_maps_resample_within_the_images_range_and_follow_the_generator() -> None:
+    from deepspark.training.loop import _random_affine
+
+    x = torch.zeros(64, 1, 28, 28)
+    x[:, :, 13:15, 13:15] = 1.0  # a bright square at the centre
+    x[:, :, 4, 4] = 0.5
+    out = augment_batch(x, "affine", torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0  # bilinear: a convex mix of the pixels
+    assert torch.equal(out, augment_batch(x, "affine", torch.Generator().manual_seed(0)))
+    assert not torch.equal(out, augment_batch(x, "affine", torch.Generator().manual_seed(1)))
+    # The centre's square moves by at most the shift (2 pixels) and a little scaling; images differ.
+    centre = out[:, 0].flatten(1).argmax(dim=1)
+    rows, cols = centre // 28, centre % 28
+    assert rows.min() >= 10 and rows.max() <= 17 and cols.min() >= 10 and cols.max() <= 17
+    assert len({tuple(img.flatten().tolist()) for img in out[:, 0, 10:18, 10:18]}) > 32
+    # No rotation, scaling or shift: the identity, to float rounding.
+    still = _random_affine(x, torch.Generator().manual_seed(0), degrees=0.0, scale=0.0, pad=0)
+    torch.testing.assert_close(still, x, rtol=0, atol=1e-6)
+    assert augment_batch(x, False, torch.Generator()) is x
 
 
 def test_evaluate_counts_correct_predictions() -> None:

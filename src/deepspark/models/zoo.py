@@ -34,13 +34,19 @@ def _lenet() -> list[dict[str, Any]]:
     ]
 
 
-def _cnn(*, conv1: int = 32, conv2: int = 64, fc: int = 1024, dropout: float = 0.5) -> list[dict[str, Any]]:
-    # TensorFlow's "deep MNIST for experts" network, the 2016 blog's default configuration.
+def _cnn(
+    *, conv1: int = 32, conv2: int = 64, fc: int = 1024, dropout: float = 0.5, batchnorm: bool = False
+) -> list[dict[str, Any]]:
+    # TensorFlow's "deep MNIST for experts" network, the 2016 blog's default configuration; batchnorm
+    # puts a batch normalisation between each convolution and its ReLU.
+    norm: list[dict[str, Any]] = [{"type": "batchnorm"}] if batchnorm else []
     return [
         {"type": "conv", "out_channels": conv1, "kernel_size": 5, "padding": 2},
+        *norm,
         {"type": "relu"},
         {"type": "maxpool", "kernel_size": 2},
         {"type": "conv", "out_channels": conv2, "kernel_size": 5, "padding": 2},
+        *norm,
         {"type": "relu"},
         {"type": "maxpool", "kernel_size": 2},
         {"type": "flatten"},
@@ -53,7 +59,7 @@ def _cnn(*, conv1: int = 32, conv2: int = 64, fc: int = 1024, dropout: float = 0
 ZOO: dict[str, tuple[Callable[..., list[dict[str, Any]]], dict[str, type]]] = {
     "mlp": (_mlp, {"hidden": int, "depth": int, "dropout": float}),
     "lenet": (_lenet, {}),
-    "cnn": (_cnn, {"conv1": int, "conv2": int, "fc": int, "dropout": float}),
+    "cnn": (_cnn, {"conv1": int, "conv2": int, "fc": int, "dropout": float, "batchnorm": bool}),
 }
 
 
@@ -82,7 +88,10 @@ def model_spec(
             value = int(value)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise fail(f"model {name!r}: {key}", "true or false", value)
+        elif not isinstance(value, kind) or isinstance(value, bool):
             raise fail(f"model {name!r}: {key}", "an integer" if kind is int else "a number", value)
         values[key] = value
     check_int("num_classes", num_classes, minimum=2)

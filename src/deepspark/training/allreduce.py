@@ -436,7 +436,7 @@ def _train(
     import torch.distributed as dist
     from torch import nn
 
-    from deepspark.training.loop import DataCursor, TrainConfig, _random_shift, cosine_rate, make_optimizer
+    from deepspark.training.loop import DataCursor, TrainConfig, augment_batch, cosine_rate, make_optimizer
 
     config = TrainConfig.from_dict(task.config)
     world = task.workers
@@ -489,7 +489,7 @@ def _train(
             idx = cursor.next_indices()
             batch = inputs[idx.to(device)]
             if config.augment:
-                batch = _random_shift(batch.cpu(), cursor.batch_generator()).to(device)
+                batch = augment_batch(batch.cpu(), config.augment, cursor.batch_generator()).to(device)
             loss = nn.functional.cross_entropy(model(batch), targets[idx.to(device)])
             loss.backward()
             count = int(idx.shape[0])

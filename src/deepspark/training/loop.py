@@ -35,6 +35,7 @@ __all__ = [
     "StepStats",
     "TrainConfig",
     "TrainResult",
+    "augment_batch",
     "cosine_rate",
     "evaluate",
     "make_optimizer",
@@ -57,7 +58,7 @@ class TrainConfig:
     epochs: int = 3
     weight_decay: float = 0.0
     lr_schedule: str = "constant"
-    augment: bool = False
+    augment: bool | str = False  # False, True (random shifts) or "affine": see augment_batch
     seed: int = 0
     threads: int | None = None
 
@@ -70,8 +71,8 @@ class TrainConfig:
         if self.threads is not None:
             check_positive_int("threads", self.threads)
         check_number("weight_decay", self.weight_decay, low=0)
-        if not isinstance(self.augment, bool):
-            raise fail("augment", "true or false", self.augment)
+        if not isinstance(self.augment, bool) and self.augment != "affine":
+            raise fail("augment", 'true (random shifts), false or "affine"', self.augment)
         check_number("momentum", self.momentum, low=0, high=1, high_open=True)
         check_int("seed", self.seed, minimum=0, maximum=2**32 - 1)  # as tune's: seeds derive from it
 
@@ -145,6 +146,38 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.SGD(
         params, lr=config.learning_rate, momentum=momentum, weight_decay=config.weight_decay
     )
+
+
+def augment_batch(x: torch.Tensor, augment: bool | str, generator: torch.Generator) -> torch.Tensor:
+    """``x`` (a batch ``[N, C, H, W]``) augmented as ``augment`` says, drawing from ``generator``.
+
+    ``True``: each image shifted by up to 2 pixels (edges replicated). ``"affine"``: each image rotated
+    by up to 10 degrees, scaled by 0.9-1.1 and shifted by up to 2 pixels, resampled bilinearly (edges
+    replicated). On MNIST's ``cnn`` the affine maps took the best configurations of the ``paper``
+    study from 99.47-99.50% to 99.58% test accuracy (docs/benchmarks.md).
+    """
+    if augment == "affine":
+        return _random_affine(x, generator)
+    if augment:
+        return _random_shift(x, generator)
+    return x
+
+
+def _random_affine(
+    x: torch.Tensor, generator: torch.Generator, *, degrees: float = 10.0, scale: float = 0.1, pad: int = 2
+) -> torch.Tensor:
+    n, _, h, w = x.shape
+
+    def uniform() -> torch.Tensor:  # in [-1, 1), one per image
+        return torch.rand(n, generator=generator) * 2 - 1
+
+    angle = uniform() * math.radians(degrees)
+    factor = 1 + uniform() * scale
+    shift_x, shift_y = uniform() * (2 * pad / w), uniform() * (2 * pad / h)
+    cos, sin = factor * torch.cos(angle), factor * torch.sin(angle)
+    theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
+    grid = nn.functional.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _random_shift(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
@@ -259,7 +292,7 @@ def run_steps(
     cursor: DataCursor,
     steps: int,
     *,
-    augment: bool = False,
+    augment: bool | str = False,
     learning_rate: Callable[[int], float] | None = None,
     first_step: int = 0,
     scheduler: Any = None,
@@ -284,7 +317,7 @@ def run_steps(
         epoch, step = cursor.epoch, cursor.step - 1
         batch = inputs[idx]
         if augment:
-            batch = _random_shift(batch, cursor.batch_generator())
+            batch = augment_batch(batch, augment, cursor.batch_generator())
         logits = model(batch)
         loss = nn.functional.cross_entropy(logits, labels[idx])
         value = loss.item()
