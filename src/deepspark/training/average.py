@@ -145,12 +145,19 @@ class ServerState:
     """
 
     def __init__(
-        self, *, heartbeat_timeout: float | None = None, cancel: Callable[[int], None] | None = None
+        self,
+        *,
+        rows: int,
+        new_cursor: Callable[[int, int], dict[str, Any]],
+        heartbeat_timeout: float | None = None,
+        cancel: Callable[[int], None] | None = None,
     ) -> None:
         self._lock = threading.Condition()
         self.finished = False
         self.error: BaseException | None = None
         self.devices: dict[int, str] = {}  # worker -> the device it trains on (from its hello)
+        self._rows = rows  # what the DataFrame was counted with
+        self._new_cursor = new_cursor  # (worker, rows) -> a first data position
         self._heartbeat_timeout = heartbeat_timeout
         self._cancel = cancel
         self._rows_read: dict[int, int] = {}  # worker -> the rows its newest task read
@@ -230,21 +237,22 @@ class ServerState:
         """Under the lock: whether each of the ``workers`` has loaded its partition at least once."""
         return len(self._rows_read) == workers
 
-    def rows_agree(
-        self, worker: int, rows: int, cursor: Mapping[str, Any], *, total: int, workers: int
-    ) -> bool:
-        """Under the lock, as ``worker``'s task says it has read ``rows`` rows: whether they are the
-        rows its data position ``cursor`` covers and, once every worker has loaded, add up to the
-        ``total`` the DataFrame was counted with. If not, the run fails (a resubmitted task would read
-        the same changed rows): nothing trains on rows that are not the ones counted and positioned."""
+    def place(self, worker: int, rows: int, state: Any, *, workers: int) -> bool:
+        """Under the lock, as ``worker``'s task says it has read ``rows`` rows: give its ``state`` (the
+        server's record of it, with a ``cursor``) a first data position if it has none, and say whether
+        the rows are the ones that position covers and, once every one of the ``workers`` has loaded,
+        add up to the count. If not, the run fails (a resubmitted task would read the same changed
+        rows): nothing trains on rows that are not the ones counted and positioned."""
+        if not state.cursor:
+            state.cursor = self._new_cursor(worker, rows)
         self._rows_read[worker] = rows
-        if int(cursor["n"]) != rows:
+        if int(state.cursor["n"]) != rows:
             error = rows_changed(
-                f"worker {worker} read {rows} rows where its data position covers {cursor['n']}"
+                f"worker {worker} read {rows} rows where its data position covers {state.cursor['n']}"
             )
-        elif len(self._rows_read) == workers and sum(self._rows_read.values()) != total:
+        elif len(self._rows_read) == workers and sum(self._rows_read.values()) != self._rows:
             error = rows_changed(
-                f"the workers read {sum(self._rows_read.values())} rows where the DataFrame counted {total}"
+                f"the workers read {sum(self._rows_read.values())} rows where the DataFrame counted {self._rows}"
             )
         else:
             return True
@@ -284,18 +292,16 @@ class RoundServer(ServerState):
         heartbeat_timeout: float | None = None,
         cancel: Callable[[int], None] | None = None,
     ) -> None:
-        super().__init__(heartbeat_timeout=heartbeat_timeout, cancel=cancel)
+        super().__init__(rows=rows, new_cursor=new_cursor, heartbeat_timeout=heartbeat_timeout, cancel=cancel)
         self._weights = {k: v.detach().clone() for k, v in weights.items()}
         self._payload = state_to_bytes(self._weights)
         self._workers = {k: _Worker(cursor=dict(cursors.get(k, {}))) for k in range(workers)}
-        self._new_cursor = new_cursor
         self._settings = settings
         self._batch_size = batch_size
         self._total_steps = total_steps
         self._total = total_samples
         self._done_steps = steps_done
         self._done_samples = samples_done
-        self._rows = rows
         self._on_round = on_round
         self._outer: torch.optim.Optimizer | None = None
         self._params: dict[str, torch.nn.Parameter] = {}
@@ -396,11 +402,7 @@ class RoundServer(ServerState):
             rows = self.loaded(conn, worker)  # a worker frozen while it loads is lost like any other
             with self._lock:
                 if state.connection == mine:  # else superseded while it loaded: _serve tells it to stop
-                    if not state.cursor:
-                        state.cursor = self._new_cursor(worker, rows)
-                    if not self.rows_agree(
-                        worker, rows, state.cursor, total=self._rows, workers=len(self._workers)
-                    ):
+                    if not self.place(worker, rows, state, workers=len(self._workers)):
                         return
                     if worker not in self._round.expected and not any(
                         p.samples for p in self._round.pushes.values()

@@ -129,7 +129,7 @@ class ParameterServer(ServerState):
         heartbeat_timeout: float | None = None,
         cancel: Callable[[int], None] | None = None,
     ) -> None:
-        super().__init__(heartbeat_timeout=heartbeat_timeout, cancel=cancel)
+        super().__init__(rows=rows, new_cursor=new_cursor, heartbeat_timeout=heartbeat_timeout, cancel=cancel)
         self._weights = {k: v.detach().clone() for k, v in weights.items()}
         self._parameters = frozenset(parameters)  # pushed as deltas; floating buffers as values
         self._payload, self._payload_version = b"", -1
@@ -138,8 +138,6 @@ class ParameterServer(ServerState):
         self._tau = tau
         self._batch_size = batch_size
         self._total = total_samples
-        self._rows = rows
-        self._new_cursor = new_cursor
         self._on_round = on_round
         self._workers = {
             k: _Worker(cursor=dict((cursors or {}).get(k, {})), clock=int((clocks or {}).get(k, 0)))
@@ -233,11 +231,7 @@ class ParameterServer(ServerState):
                         state.clock = state.clock if low is None else low
                         state.live = True
                     state.rows = rows
-                    if not state.cursor:
-                        state.cursor = self._new_cursor(worker, rows)
-                    if not self.rows_agree(
-                        worker, rows, state.cursor, total=self._rows, workers=len(self._workers)
-                    ):
+                    if not self.place(worker, rows, state, workers=len(self._workers)):
                         return
                     self._lock.notify_all()
             self._serve(conn, worker, mine)
