@@ -1,6 +1,6 @@
 """The 2016 blog's experiment end to end: the default `cnn` configuration vs the best found by tuning
-learning rate x fully-connected width (plus a cosine schedule and small random shifts, fixed for all
-tuned trials), on full MNIST, on the embedded local Spark.
+learning rate x fully-connected width (plus a cosine schedule and random rotations, scalings and
+shifts, fixed for all tuned trials), on full MNIST, on the embedded local Spark.
 
 The default configuration is trial 0 of the same study: deepspark's DEFAULT_TRAIN_CONFIG on the
 zoo `cnn`. Trials are selected on validation; then the selected configuration and the default are
