@@ -304,18 +304,15 @@ def resolve_input(spark: SparkSession, data: Any, input_column: str | None) -> I
             raise ConfigError(f"data: expected an existing path, DataFrame or glob, got {path!r}")
         p = Path(local)
         if not has_glob and p.is_dir():
+            entries = sorted(p.iterdir())  # listed once (a folder of images may hold many thousands)
             # One file in two spellings (X and X.gz) is read once: the copy training's loader reads.
             idx = sorted(
-                {preferred_copy(q) for q in p.iterdir() if "idx3-ubyte" in q.name or "idx3.ubyte" in q.name}
+                {preferred_copy(q) for q in entries if "idx3-ubyte" in q.name or "idx3.ubyte" in q.name}
             )
-            # A Parquet table's own files, not a folder named *.parquet (earlier predictions, say).
+            # A Parquet table's own files, not a folder named *.parquet (earlier predictions, say); the
+            # names first, so that only candidates are stat'ed.
             table = next(
-                (
-                    q
-                    for q in sorted(p.iterdir())
-                    if q.is_file() and (q.suffix == ".parquet" or q.name == "_SUCCESS")
-                ),
-                None,
+                (q for q in entries if (q.suffix == ".parquet" or q.name == "_SUCCESS") and q.is_file()), None
             )
             if idx and table is not None:  # either kind alone would leave the other out without a word
                 raise ConfigError(
