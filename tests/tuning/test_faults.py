@@ -37,9 +37,10 @@ def _journal_states(run: Path) -> dict[str, int]:
 
     if not (run / "study.journal").exists():
         return {}
-    study = optuna.load_study(
-        study_name=None, storage=JournalStorage(JournalFileBackend(str(run / "study.journal")))
-    )
+    storage = JournalStorage(JournalFileBackend(str(run / "study.journal")))
+    if not storage.get_all_studies():  # the file is made before the study's first record is written
+        return {}
+    study = optuna.load_study(study_name=None, storage=storage)
     out: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         out[t.state.name] = out.get(t.state.name, 0) + 1
