@@ -166,6 +166,34 @@ def test_quiet_start_passes_our_log4j2_file_to_the_driver_jvm(tmp_path: Path) ->
     assert quiet_log_options({}, {"SPARK_CONF_DIR": str(conf_dir)}).endswith(" -Dx=1 -Dy=2")  # type: ignore[union-attr]
 
 
+def test_quiet_start_reports_a_failed_task_in_one_line_each_without_its_traces() -> None:
+    """A task that raised used to print its Python traceback and Java stack twice (executor and
+    scheduler), ~120 lines per failed attempt; the job's error itself still carries the whole cause."""
+    code = (
+        "from deepspark.spark import session\n"
+        "spark = session('local[1]')\n"
+        "def boom(rows):\n"
+        "    for _ in rows:\n"
+        "        raise RuntimeError('boom on the executor')\n"
+        "    yield 0\n"
+        "try:\n"
+        "    spark.sparkContext.parallelize([1], 1).mapPartitions(boom).collect()\n"
+        "except Exception as exc:\n"
+        "    print('CAUGHT', 'RuntimeError: boom on the executor' in str(exc))\n"
+        "spark.stop()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DEEPSPARK_SPARK_LOG_LEVEL"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env, check=True
+    )
+    assert done.stdout.strip().splitlines()[-1] == "CAUGHT True"
+    lines = done.stderr.splitlines()
+    lost = [line for line in lines if "WARN TaskSetManager: Lost task 0.0 in stage" in line]
+    assert len(lost) == 1 and lost[0].endswith("An exception was thrown from the Python worker"), lines
+    assert sum("ERROR Executor: Exception in task 0.0 in stage" in line for line in lines) == 1, lines
+    assert not [line for line in lines if "Traceback" in line or "boom" in line or line.startswith("\tat ")]
+
+
 def test_quiet_start_gives_way_to_the_users_logging(tmp_path: Path) -> None:
     assert quiet_log_options({}, {"DEEPSPARK_SPARK_LOG_LEVEL": "info"}) is None
     assert quiet_log_options({}, {"DEEPSPARK_SPARK_LOG_LEVEL": "ERROR"}) is not None

@@ -156,12 +156,17 @@ def run_slots(
 
 
 def short_error(exc: BaseException) -> str:
-    """One line of a (often very long, Java-wrapped) Spark job error: the line naming the error."""
+    """One line of a (often very long, Java-wrapped) Spark job error: the line naming the error.
+
+    Indented lines are a traceback's frames and source lines (``    raise RuntimeError(...)``), which
+    name an error without being one: they are skipped."""
     text = str(exc).strip().splitlines()
     for line in text:
+        if line[:1].isspace():
+            continue
         if "Error" in line or "Exception" in line or "exited" in line:
             return line.strip()[:300]
-    return (text[0] if text else type(exc).__name__)[:300]
+    return (text[0].strip() if text else type(exc).__name__)[:300]
 
 
 def root_cause(exc: BaseException) -> str:
