@@ -19,7 +19,7 @@ from typing import Any
 
 from deepspark.spark import cancel_group
 
-__all__ = ["SlotOutcome", "root_cause", "run_slots", "short_error"]
+__all__ = ["SameFailure", "SlotOutcome", "root_cause", "run_slots", "short_error"]
 
 _log = logging.getLogger(__name__)
 
@@ -176,3 +176,28 @@ def root_cause(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines()]
     causes = [line for line in lines if _EXCEPTION_LINE.match(line)]
     return (causes[-1] if causes else short_error(exc))[:300]
+
+
+class SameFailure:
+    """Whether every slot failed the same way: each slot's first failure is kept by its
+    :func:`root_cause`, and :meth:`failed` turns true once all ``width`` slots have one and they agree.
+
+    Resubmitting cannot help then (the executors cannot import deepspark, the model raises on every
+    worker): the caller stops after that first round instead of after ``max_attempts`` rounds of the same
+    traceback. The caller decides which failures count (tuning: before any worker reached the driver;
+    training: a Python exception before any round took a worker's steps).
+    """
+
+    def __init__(self, width: int) -> None:
+        self._width = width
+        self._lock = threading.Lock()
+        self._causes: dict[int, str] = {}
+        self.cause: str | None = None
+
+    def failed(self, slot: int, exc: BaseException) -> bool:
+        with self._lock:
+            self._causes.setdefault(slot, root_cause(exc))
+            causes = set(self._causes.values())
+            if len(self._causes) == self._width and len(causes) == 1:
+                self.cause = causes.pop()
+            return self.cause is not None

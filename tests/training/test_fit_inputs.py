@@ -197,6 +197,49 @@ def test_factory_model_trains_and_predicts_the_driver_modules_logits(spark: Any,
     assert metadata["class_names"] == ["0", "1", "2"]
 
 
+class _RaisesWhileTraining(nn.Module):
+    """Passes the driver's check (an eval-mode forward) and raises in every worker's first step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = small_net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            raise RuntimeError("this model raises while training")
+        return self.net(x)
+
+
+def raising_net() -> nn.Module:
+    return _RaisesWhileTraining()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "message"),
+    [
+        ("average", "every training worker failed the same way before any round finished"),
+        ("async", "every training worker failed the same way before any round finished"),
+        ("allreduce", "the all-reduce gang failed the same way twice, with no step between"),
+    ],
+)
+def test_a_model_that_raises_on_every_worker_stops_the_run_with_its_exception(
+    spark: Any, tmp_path: Path, strategy: str, message: str
+) -> None:
+    """Not after 4 resubmissions of every worker (or 3 restarts of the gang) failing the same way, and
+    with the exception's line, not the source line that raised it."""
+    images, labels = _images(16)
+    with pytest.raises(RunError) as caught:
+        fit(
+            _png_frame(spark, images, labels),
+            raising_net,
+            strategy=strategy,
+            workers=2,
+            config={**SGD, "batch_size": 4, "epochs": 1},
+            run_dir=tmp_path / "run",
+        )
+    assert str(caught.value) == f"{message}: RuntimeError: this model raises while training"
+
+
 def _no_job_ran(spark: Any, call: Any) -> None:
     sc = spark.sparkContext
     group = "deepspark-test-no-job"

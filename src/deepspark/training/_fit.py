@@ -33,7 +33,7 @@ import torch
 from deepspark import rundir
 from deepspark._optional import skip_unless
 from deepspark.errors import ConfigError, DeepsparkError, RunError
-from deepspark.slots import root_cause, run_slots, short_error
+from deepspark.slots import SameFailure, root_cause, run_slots, short_error
 from deepspark.spark import DEVICES, cancel_group, job_group, run_job
 from deepspark.training._model import FACTORY_KEY, TrainModel, factory_of
 from deepspark.training.average import AverageSettings, RoundRecord, RoundServer, TaskSpec, average_task
@@ -63,6 +63,21 @@ STRATEGIES = ("local", "average", "allreduce", "async")
 # Errors a worker raises on purpose (a divergence, an unusable GPU, bad data): a resubmitted task would
 # raise them again, so they stop the run at once instead of being retried.
 _DETERMINISTIC = ("DivergenceError", "ConfigError", "DatasetError", "SpecError", "CheckpointError")
+# Python exceptions that may pass (a connection, a timeout, memory the other tasks held): a worker's job
+# that raised one is retried even when every worker raised it.
+_TRANSIENT = (
+    "OSError",
+    "ConnectionError",
+    "ConnectionResetError",
+    "ConnectionAbortedError",
+    "ConnectionRefusedError",
+    "BrokenPipeError",
+    "TimeoutError",
+    "ProtocolError",
+    "PeerClosed",
+    "EOFError",
+    "MemoryError",
+)
 CONFIG_FILE, HISTORY, CURVE, CHECKPOINT, MODEL = (
     "config.json",
     "history.csv",
@@ -797,6 +812,14 @@ class _WorkerJobs:
         self._spark.sparkContext.cancelJobsWithTag(self.tag(worker))
 
 
+def _raised_in_python(exc: BaseException, cause: str) -> bool:
+    """Whether a worker's job failed with an exception its Python code raised (the error carries the
+    task's Python traceback) that is not one of the :data:`_TRANSIENT` ones; not a lost executor, a
+    crashed or killed Python worker, or a cancelled job."""
+    name = cause.split(":", 1)[0].rsplit(".", 1)[-1]
+    return "Traceback (most recent call last)" in str(exc) and name not in _TRANSIENT
+
+
 def _run_workers(
     spark: Any,
     frame: DataFrame,
@@ -824,10 +847,20 @@ def _run_workers(
         sc = spark.sparkContext
         group = f"{name}-{secrets.token_hex(4)}"
 
+        same = SameFailure(workers)
+
         def lost(worker: int, exc: BaseException) -> None:
             cause = root_cause(exc)
             if any(name in cause for name in _DETERMINISTIC):  # running it again fails again
                 server.fail(RunError(f"training worker {worker} failed: {cause}"))
+            elif (
+                _raised_in_python(exc, cause)
+                and not any(server.taken(w) for w in range(workers))
+                and same.failed(worker, exc)
+            ):  # every worker's code raised the same exception before any round took its steps
+                server.fail(
+                    RunError(f"every training worker failed the same way before any round finished: {cause}")
+                )
             else:
                 server.worker_lost(worker)
 
@@ -1147,6 +1180,7 @@ def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
         frame = data.frame.repartition(workers, KEY)
         sc = spark.sparkContext
         attempt, restarts = first_attempt, 0
+        repeated: tuple[str, int] | None = None  # the last failed attempt's Python exception and step
         gang.begin_attempt(attempt)
         while not gang.finished:
             task = GangSpec(
@@ -1174,6 +1208,14 @@ def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
             cause = root_cause(failure) if failure is not None and gang.lost is None else ""
             if any(name in cause for name in _DETERMINISTIC):  # a restarted gang would fail the same way
                 raise RunError(f"the all-reduce gang failed: {cause}") from failure
+            if failure is not None and cause and _raised_in_python(failure, cause):
+                if repeated == (cause, gang.steps_done):  # a rank's code raised it again, at the same step
+                    raise RunError(
+                        f"the all-reduce gang failed the same way twice, with no step between: {cause}"
+                    ) from failure
+                repeated = (cause, gang.steps_done)
+            else:
+                repeated = None
             restarts += 1
             reason = (
                 gang.lost

@@ -16,7 +16,6 @@ import logging
 import secrets
 import shutil
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -30,7 +29,7 @@ from optuna.storages.journal import JournalFileBackend
 
 from deepspark import rundir
 from deepspark.errors import ConfigError, RunError
-from deepspark.slots import root_cause, run_slots, short_error
+from deepspark.slots import SameFailure, run_slots, short_error
 from deepspark.spark import check_task_cpus
 from deepspark.tuning.config import (
     BUILTIN,
@@ -1003,7 +1002,7 @@ def _execute(study: optuna.Study, work: _Work, options: RunOptions) -> tuple[str
             threads=effective_threads,
         )
         body = functools.partial(run_worker, spec)
-        systematic = _SystematicFailure(width)
+        systematic = SameFailure(width)
 
         def on_lost(slot: int, exc: BaseException) -> None:
             coordinator.worker_lost(slot, reason=short_error(exc))
@@ -1038,7 +1037,7 @@ def _execute(study: optuna.Study, work: _Work, options: RunOptions) -> tuple[str
         if broadcast is not None:
             broadcast.destroy()
     if systematic.cause is not None:
-        raise RunError(systematic.message())
+        raise RunError(_no_trial_ran(systematic.cause))
     # A Ctrl-C is reported as such even when the study had already stopped for another reason (the
     # coordinator keeps the first one): the user's interruption decides the outcome (exit 130).
     reason = "interrupted" if outcome.interrupted else coordinator.stop_reason
@@ -1085,35 +1084,15 @@ def _notify(study: optuna.Study, options: RunOptions) -> Callable[[TrialEvent], 
     return on_event
 
 
-class _SystematicFailure:
-    """Every slot's first job failed with the same error before any worker reached the driver.
-
-    Resubmitting cannot help then (the executors cannot import deepspark, say): the study stops after
-    that first round instead of after ``max_attempts`` rounds of the same traceback.
-    """
-
-    def __init__(self, width: int) -> None:
-        self._width = width
-        self._lock = threading.Lock()
-        self._causes: dict[int, str] = {}
-        self.cause: str | None = None
-
-    def failed(self, slot: int, exc: BaseException) -> bool:
-        with self._lock:
-            self._causes.setdefault(slot, root_cause(exc))
-            causes = set(self._causes.values())
-            if len(self._causes) == self._width and len(causes) == 1:
-                self.cause = causes.pop()
-            return self.cause is not None
-
-    def message(self) -> str:
-        fix = "see the executors' logs for the cause"
-        if self.cause is not None and ("ModuleNotFoundError" in self.cause or "ImportError" in self.cause):
-            fix = (
-                "install deepspark on the executors (with its dependencies), or set spark.pyspark.python "
-                "to a Python that has it"
-            )
-        return (
-            f"every trial worker failed the same way before reaching the driver ({self.cause}); "
-            f"no trial ran. Fix: {fix}"
+def _no_trial_ran(cause: str | None) -> str:
+    """The message for trial workers that all failed the same way before reaching the driver."""
+    fix = "see the executors' logs for the cause"
+    if cause is not None and ("ModuleNotFoundError" in cause or "ImportError" in cause):
+        fix = (
+            "install deepspark on the executors (with its dependencies), or set spark.pyspark.python "
+            "to a Python that has it"
         )
+    return (
+        f"every trial worker failed the same way before reaching the driver ({cause}); "
+        f"no trial ran. Fix: {fix}"
+    )
