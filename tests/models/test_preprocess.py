@@ -39,3 +39,22 @@ def test_one_channel_images_may_leave_the_channel_out() -> None:
     np.testing.assert_allclose(out.numpy()[:, 0], (images / 255 - 0.1307) / 0.3081, rtol=0, atol=1e-6)
     with pytest.raises(ConfigError, match="do not match the model input"):
         preprocess.apply(np.zeros((1, 3, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("mean", "std", "match"),
+    [
+        ((float("nan"),), (1.0,), "mean: expected finite values"),
+        ((float("inf"),), (1.0,), "mean: expected finite values"),
+        ((0.0,), (float("nan"),), "std: expected positive finite values"),
+        ((0.0,), (float("inf"),), "std: expected positive finite values"),
+        ((0.0,), (0.0,), "std: expected positive finite values"),
+    ],
+)
+def test_nan_or_infinite_mean_and_std_are_refused(
+    mean: tuple[float, ...], std: tuple[float, ...], match: str
+) -> None:
+    # `predict --input-shape 1,28,28 --std nan` (float() reads 'nan' and 'inf') normalised every image
+    # to NaN (or, with std inf, to zeros): class 0 with a NaN probability for every row, and no error.
+    with pytest.raises(ConfigError, match=match):
+        Preprocess(input_shape=(1, 28, 28), mean=mean, std=std)

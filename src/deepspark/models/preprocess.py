@@ -3,6 +3,7 @@ normalises exactly as training did."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +31,12 @@ class Preprocess:
         for name, values in (("mean", self.mean), ("std", self.std)):
             if len(values) not in (1, channels):
                 raise fail(name, f"1 or {channels} values (one per channel)", values)
-        if any(s <= 0 for s in self.std):
-            raise fail("std", "positive values", self.std)
+        # NaN or infinite values normalise every input to NaN (or to one constant): the model would
+        # then predict class 0 with a NaN probability for every row, without an error anywhere.
+        if not all(math.isfinite(m) for m in self.mean):
+            raise fail("mean", "finite values", self.mean)
+        if not all(math.isfinite(s) and s > 0 for s in self.std):
+            raise fail("std", "positive finite values", self.std)
 
     def apply(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         if isinstance(images, torch.Tensor):
