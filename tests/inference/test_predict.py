@@ -541,6 +541,43 @@ def test_an_idx_labels_file_holding_another_count_is_refused_before_any_job(
     assert [p.name for p in tmp_path.iterdir()] == ["data"]  # nothing written
 
 
+@pytest.mark.parametrize("shape", [(12, 14, 56), (12, 32, 32), (12, 3, 28, 28)])
+def test_idx_images_of_another_shape_than_the_models_input_are_refused_before_any_job(
+    spark: Any, small_model: Model, tmp_path: Path, capsys: pytest.CaptureFixture[str], shape: tuple[int, ...]
+) -> None:
+    # Raw records were reshaped by their size alone: 14x56 images (784 bytes) were predicted as 28x28 ones
+    # without a word, and 32x32 ones made every row an error, at run time. The header tells on the driver.
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_idx(data / "t10k-images-idx3-ubyte", np.zeros(shape, dtype=np.uint8))
+    message = (
+        f"data: {data}/t10k-images-idx3-ubyte holds images of shape {list(shape[1:])}, but the model's "
+        "input is [1, 28, 28] (C, H, W) and raw pixels are not resized"
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        predict(data, small_model.path, spark=spark)
+    assert _refused_by_the_cli(spark, small_model, data, capsys).startswith(f"deepspark: error: {message}")
+
+
+def test_raw_pixels_of_the_models_input_shape_pass_in_any_layout_to_dataframe_records(
+    spark: Any, small_model: Model, tmp_path: Path
+) -> None:
+    from deepspark.data import to_dataframe
+
+    images = small_model.images[:4]
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", images[:, None])  # [N, 1, 28, 28]
+    expected = reference_probabilities(small_model, images)
+    rows = _by(predict(tmp_path, small_model.path, spark=spark).dataframe.collect(), "index")
+    for flat in (False, True):
+        df = to_dataframe(spark, images.reshape(4, -1) if flat else images)
+        by_id = _by(predict(df, small_model.path, spark=spark).dataframe.collect(), "id")
+        for i in range(4):
+            _assert_matches(rows[i], expected[i], 5)
+            _assert_matches(by_id[i], expected[i], 5)
+    with pytest.raises(ConfigError, match=re.escape("data: column 'image' holds images of shape [14, 56]")):
+        predict(to_dataframe(spark, images.reshape(4, 14, 56)), small_model.path, spark=spark)
+
+
 def test_an_idx_file_beside_its_gz_copy_is_predicted_once_from_the_copy_training_reads(
     spark: Any, small_model: Model, tmp_path: Path
 ) -> None:

@@ -4,6 +4,7 @@ URL lists), with the input column, its kind and the identity columns to carry th
 from __future__ import annotations
 
 import glob as _glob
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -201,7 +202,21 @@ def _empty_files(spark: SparkSession, uris: Sequence[str]) -> list[str]:
     return empty
 
 
-def _idx_input(spark: SparkSession, files: Sequence[Path]) -> Input:
+def _check_pixel_shape(what: str, shape: Sequence[int], input_shape: tuple[int, int, int]) -> None:
+    """Raw pixel records are taken as they are, not resized (as training reads them): a ConfigError unless
+    their recorded shape (``[H, W]``, ``[C, H, W]``, or flat ``[C*H*W]``) is the model's input. Reshaped by
+    size alone, 14x56 records ran as 28x28 images and 32x32 ones failed every row at run time."""
+    dims = tuple(int(d) for d in shape)
+    chw = (1, *dims) if len(dims) == 2 else dims
+    if chw == input_shape or (len(dims) == 1 and dims[0] == math.prod(input_shape)):
+        return
+    raise ConfigError(
+        f"data: {what} holds images of shape {list(dims)}, but the model's input is {list(input_shape)} "
+        "(C, H, W) and raw pixels are not resized; give images of that shape, or a model trained on these"
+    )
+
+
+def _idx_input(spark: SparkSession, files: Sequence[Path], input_shape: tuple[int, int, int]) -> Input:
     import pandas as pd
 
     from deepspark.data import read_idx
@@ -211,8 +226,11 @@ def _idx_input(spark: SparkSession, files: Sequence[Path]) -> Input:
 
     pairs = [(file, labels_file_for(file)) for file in files]
     for file, labels_file in pairs:  # from the headers, before reading (maybe gigabytes of) any data
+        shape = read_idx_shape(file)
         if labels_file is not None:
-            check_label_count(file, read_idx_shape(file)[0], labels_file, read_idx_shape(labels_file)[0])
+            check_label_count(file, shape[0], labels_file, read_idx_shape(labels_file)[0])
+        if len(shape) in (3, 4):  # other ranks: check_idx_images says what images must be
+            _check_pixel_shape(str(file), shape[1:], input_shape)
     frames = []
     for file, labels_file in pairs:
         images = read_idx(file)
@@ -238,7 +256,9 @@ def _idx_input(spark: SparkSession, files: Sequence[Path]) -> Input:
     return Input(df, InputKind.RAW, "pixels", ("file", "index", "target"), ours=True, rows_hint=len(pdf))
 
 
-def _dataframe_input(df: DataFrame, column: str | None, *, ours: bool = False) -> Input:
+def _dataframe_input(
+    df: DataFrame, column: str | None, input_shape: tuple[int, int, int], *, ours: bool = False
+) -> Input:
     from pyspark.sql import types as T
 
     seen: dict[str, str] = {}
@@ -266,7 +286,10 @@ def _dataframe_input(df: DataFrame, column: str | None, *, ours: bool = False) -
     typ = fields[column]
     if isinstance(typ, T.BinaryType):
         # deepspark.data.to_dataframe records the shape of the raw pixels it writes (as training reads them)
-        kind = InputKind.RAW if "shape" in df.schema[column].metadata else InputKind.IMAGE
+        recorded = df.schema[column].metadata.get("shape")
+        kind = InputKind.RAW if recorded is not None else InputKind.IMAGE
+        if isinstance(recorded, list) and all(isinstance(d, int) for d in recorded):
+            _check_pixel_shape(f"column {column!r}", recorded, input_shape)
     elif isinstance(typ, T.ArrayType):
         kind = InputKind.TENSOR
     elif isinstance(typ, T.StringType):
@@ -280,13 +303,17 @@ def _dataframe_input(df: DataFrame, column: str | None, *, ours: bool = False) -
     return Input(df, kind, column, keep, ours=ours)
 
 
-def resolve_input(spark: SparkSession, data: Any, input_column: str | None) -> Input:
+def resolve_input(
+    spark: SparkSession, data: Any, input_column: str | None, input_shape: tuple[int, int, int]
+) -> Input:
+    """``data`` as an :class:`Input`; ``input_shape`` is the model's (C, H, W), which raw pixel records
+    (IDX files, a column ``to_dataframe`` wrote) must have."""
     from pyspark.sql import DataFrame
 
     from deepspark.data.files import preferred_copy
 
     if isinstance(data, DataFrame):
-        return _dataframe_input(data, input_column)
+        return _dataframe_input(data, input_column, input_shape)
     if not isinstance(data, str | os.PathLike):
         raise ConfigError(f"data: expected a Spark DataFrame or a path/glob, got {data_kind(data)}")
     path = os.fspath(data)
@@ -329,9 +356,9 @@ def resolve_input(spark: SparkSession, data: Any, input_column: str | None) -> I
                         f"images file ({str(idx[0])!r}) or a glob of the images "
                         f"({os.path.join(path, '**', '*' + image.suffix)!r})"
                     )
-                return _idx_input(spark, idx)
+                return _idx_input(spark, idx, input_shape)
             if table is not None:
-                return _dataframe_input(spark.read.parquet(path), input_column, ours=False)
+                return _dataframe_input(spark.read.parquet(path), input_column, input_shape, ours=False)
             images = _binary_files(spark, path, pattern=_IMAGE_GLOB, recursive=True)
             if images.rows_hint == 0:  # as an empty glob: nothing to predict is a mistake, not 0 rows
                 raise ConfigError(
@@ -340,7 +367,7 @@ def resolve_input(spark: SparkSession, data: Any, input_column: str | None) -> I
                 )
             return images
         if not has_glob and ("idx3-ubyte" in p.name or "idx3.ubyte" in p.name):
-            return _idx_input(spark, [p])
+            return _idx_input(spark, [p], input_shape)
     suffix = Path(path).suffix.lower()
     if has_glob:
         parts = path.split("/")
@@ -371,12 +398,14 @@ def resolve_input(spark: SparkSession, data: Any, input_column: str | None) -> I
             return _binary_files(spark, [prefix + d for d in dirs], pattern=parts[-1], recursive=False)
         return _binary_files(spark, path, pattern=None, recursive=False)
     if suffix == ".parquet":
-        return _dataframe_input(spark.read.parquet(path), input_column)
+        return _dataframe_input(spark.read.parquet(path), input_column, input_shape)
     if suffix == ".txt":
         df = spark.read.text(path).withColumnRenamed("value", "url").filter("trim(url) != ''")
-        return _dataframe_input(df, "url", ours=True)
+        return _dataframe_input(df, "url", input_shape, ours=True)
     if suffix == ".csv":
-        return _dataframe_input(spark.read.csv(path, header=True), input_column or "url", ours=True)
+        return _dataframe_input(
+            spark.read.csv(path, header=True), input_column or "url", input_shape, ours=True
+        )
     if suffix in _IMAGE_SUFFIXES:
         return _binary_files(spark, path, pattern=None, recursive=False)
     raise ConfigError(

@@ -311,7 +311,7 @@ def predict(
 
     spark = spark or session(master)
     check_gpu_request(spark, device)
-    source = resolve_input(spark, data, input_column)
+    source = resolve_input(spark, data, input_column, artifact.preprocess.input_shape)
     df = source.dataframe
     if source.ours and source.rows_hint:
         from deepspark.spark import total_slots
