@@ -6,6 +6,7 @@ import argparse
 import itertools
 import re
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +232,40 @@ def test_model_is_loaded_once_per_worker_not_per_partition(
     # A second job finds the model already loaded in the workers.
     again = predict(df.limit(20), tmp_path / "fresh", output=tmp_path / "again", spark=spark).summary
     assert again is not None and again.model_loads == 0
+
+
+def test_rows_the_model_scores_nan_or_infinite_are_error_rows_not_class_zero(
+    spark: Any, tmp_path: Path
+) -> None:
+    # The softmax of such scores is NaN, which top-k read as class 0 with a NaN probability and no error.
+    import torch
+
+    from deepspark.models import Preprocess
+
+    class LogScores(torch.nn.Module):  # scores: log of the first 10 values, exp above 500
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            v = x.flatten(1)[:, :10]
+            return torch.where(v > 500, torch.exp(v), torch.log(v))
+
+    path = tmp_path / "log.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated upstream
+        torch.jit.script(LogScores()).save(str(path))
+    preprocess = Preprocess(input_shape=(1, 1, 10), mean=(0.0,), std=(1.0,), scale=1.0)
+    values = {
+        0: [float(i + 1) for i in range(10)],  # fine: class 9
+        1: [-1.0] + [1.0] * 9,  # log(-1): NaN
+        2: [1000.0] + [1.0] * 9,  # exp(1000): +inf
+        3: [0.0] * 10,  # log(0) for every class: -inf everywhere
+        4: [0.0] * 9 + [5.0],  # -inf for nine classes, one finite: that one, surely
+    }
+    df = spark.createDataFrame(list(values.items()), "id long, x array<double>")
+    rows = _by(predict(df, path, preprocess=preprocess, spark=spark).dataframe.collect(), "id")
+    assert sorted(rows) == list(range(5))
+    assert rows[0]["label_index"] == 9 and rows[0]["error"] is None
+    for i in (1, 2, 3):
+        _assert_error_row(rows[i], "the model's scores for this input are NaN or infinite")
+    assert rows[4]["label_index"] == 9 and rows[4]["probability"] == 1.0 and rows[4]["error"] is None
 
 
 def test_a_column_named_like_an_output_keeps_a_name_of_its_own(spark: Any, small_model: Model) -> None:

@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -102,7 +102,24 @@ class TaskStats:
         return a
 
 
-def _output_batch(plan: TaskPlan, chunk: Any, decoded: Decoded, logits: np.ndarray, schema: Any) -> Any:
+def _probabilities(decoded: Decoded, logits: np.ndarray) -> tuple[np.ndarray, Decoded]:
+    """The softmax of the good rows' scores. A row whose scores have none (NaN, +inf, or -inf for every
+    class: a model that diverged, or an input it overflows on) becomes an error row: its softmax is NaN,
+    which read as class 0 with a NaN probability and no error."""
+    with np.errstate(invalid="ignore"):
+        probabilities = softmax(logits)
+    defined = np.isfinite(probabilities).all(axis=1)
+    if defined.all():
+        return probabilities, decoded
+    errors = list(decoded.errors)
+    for i in decoded.ok[~defined]:
+        errors[int(i)] = "the model's scores for this input are NaN or infinite: no class probabilities"
+    return probabilities[defined], replace(decoded, ok=decoded.ok[defined], errors=errors)
+
+
+def _output_batch(
+    plan: TaskPlan, chunk: Any, decoded: Decoded, probabilities: np.ndarray, schema: Any
+) -> Any:
     import pyarrow as pa
 
     n = chunk.num_rows
@@ -112,7 +129,7 @@ def _output_batch(plan: TaskPlan, chunk: Any, decoded: Decoded, logits: np.ndarr
     index = np.zeros((n, k), dtype=np.int64)
     prob = np.zeros((n, k), dtype=np.float32)
     if len(decoded.ok):
-        idx, values = top_k(softmax(logits), k)
+        idx, values = top_k(probabilities, k)
         index[decoded.ok], prob[decoded.ok] = idx, values
     names = np.asarray(plan.class_names, dtype=object)
     mask = pa.array(failed)
@@ -212,7 +229,8 @@ def run_task(
             times["decode"] += decoded.seconds
             tick = time.perf_counter()
             logits = runner(decoded.inputs) if len(decoded.ok) else np.zeros((0, len(plan.class_names)))
-            out = _output_batch(plan, chunk, decoded, logits, schema)
+            probabilities, decoded = _probabilities(decoded, logits)
+            out = _output_batch(plan, chunk, decoded, probabilities, schema)
             times["forward"] += time.perf_counter() - tick
             rows += chunk.num_rows
             errors += chunk.num_rows - len(decoded.ok)
