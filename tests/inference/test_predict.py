@@ -136,6 +136,18 @@ def test_names_starting_with_an_underscore_are_read_not_dropped(
     assert result.summary is not None and result.summary.rows == len(names)
 
 
+def test_a_folder_reads_image_suffixes_in_any_case(spark: Any, small_model: Model, tmp_path: Path) -> None:
+    # Only all-lower and all-upper suffixes were listed: `b.Png` and `c.JPeg` were left out without a
+    # word (a single file of either name is read, its suffix compared in lower case).
+    names = ["a.png", "b.Png", "c.JPeg", "sub/d.Webp", "_e.Jpg", "f.txt"]
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    for i, name in enumerate(names):
+        (tmp_path / "in" / name).write_bytes(png_bytes(small_model.images[i]))
+    rows = predict(tmp_path / "in", small_model.path, spark=spark).dataframe.collect()
+    assert sorted(row["path"].split("/in/")[1] for row in rows) == sorted(names[:-1])
+    assert all(row["error"] is None for row in rows)
+
+
 def test_an_image_folder_holding_earlier_predictions_is_still_an_image_folder(
     spark: Any, small_model: Model, tmp_path: Path
 ) -> None:

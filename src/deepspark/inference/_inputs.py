@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 __all__ = ["Input", "is_local", "local_path", "resolve_input"]
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-_IMAGE_GLOB = "*.{png,PNG,jpg,JPG,jpeg,JPEG,bmp,BMP,gif,GIF,tif,TIF,tiff,TIFF,webp,WEBP}"
+# What a folder of images reads: the suffixes in any case (`x.Png` as `x.png`, as a single file's suffix is
+# read), `*.{[pP][nN][gG],...}` in the syntax both Hadoop's glob filter and fnmatch read.
+_IMAGE_GLOB = "*.{" + ",".join("".join(f"[{c}{c.upper()}]" for c in s[1:]) for s in _IMAGE_SUFFIXES) + "}"
 
 
 @dataclass(frozen=True)
