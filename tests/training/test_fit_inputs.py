@@ -95,6 +95,37 @@ def test_png_column_trains_exactly_like_the_same_pixels(spark: Any, tmp_path: Pa
     assert losses["png"][-1] < losses["png"][0]
 
 
+def test_a_model_trained_on_arrays_predicts_those_arrays_as_it_was_tested_on_them(
+    spark: Any, tmp_path: Path
+) -> None:
+    import deepspark
+
+    images, labels = _images(48)
+    scaled = images.astype(np.float32) * np.float32(1 / 255)  # arrays in the model's scale, taken as they are
+    df = spark.createDataFrame(
+        [(i.reshape(-1).tolist(), int(y)) for i, y in zip(scaled, labels, strict=True)],
+        "x array<float>, y int",
+    )
+    result = fit(
+        df,
+        "mlp",
+        workers=2,
+        config={**SGD, "batch_size": 8, "epochs": 3},
+        feature_column="x",
+        label_column="y",
+        input_shape=(1, SIZE, SIZE),
+        test_data=df,
+        run_dir=tmp_path / "run",
+    )
+    assert result.test_accuracy is not None and result.test_accuracy > 0.6  # chance is 1/3
+    # The record says what training applied to the arrays: nothing (predict puts every input through it).
+    preprocess = json.loads((result.model_dir / "metadata.json").read_text())["preprocess"]
+    assert (preprocess["scale"], preprocess["mean"], preprocess["std"]) == (1.0, [0.0], [1.0])
+    predicted = deepspark.predict(df, result.model_path, input_column="x").dataframe.collect()
+    accuracy = np.mean([r["label_index"] == r["y"] for r in predicted])
+    assert accuracy == pytest.approx(result.test_accuracy)  # the same model on the same rows
+
+
 def _blobs_with(bad: bytes, at: int, n: int = 20) -> tuple[list[bytes], np.ndarray]:
     images, labels = _images(n)
     blobs = [_png(i) for i in images]

@@ -574,6 +574,10 @@ def _prepare_data(
             check_shape=check_shape,
         )
         preprocess = Preprocess(input_shape=layout.shape, mean=(0.0,), std=(1.0,))
+        if not layout.pixels:
+            # Arrays train as they are: the model's record must say so (scale 1), or predict, which puts
+            # every input through it, would feed the model the arrays divided by 255.
+            preprocess = replace(preprocess, scale=1.0)
         frame = keyed_rows(data, layout)
         test_x = test_y = None
         if test_data is not None:
