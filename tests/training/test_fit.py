@@ -755,3 +755,22 @@ def test_cli_output_that_cannot_be_written_fails_before_training(
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("deepspark: error: output: cannot create /proc/deepspark-model")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_path_object_is_its_directory_even_when_named_like_a_registered_dataset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Path("./mnist") prints as "mnist", the registered dataset's name: the user's folder must be read.
+    _layout_dir(tmp_path / "mnist", train=40, test=30)
+    monkeypatch.chdir(tmp_path)
+    result = fit(
+        Path("./mnist"),
+        "mlp",
+        strategy="local",
+        config={**SGD, "batch_size": 8, "epochs": 1},
+        limit_train=20,
+        run_dir=tmp_path / "run",
+    )
+    assert json.loads((result.run_dir / "config.json").read_text())["data"] == str(tmp_path / "mnist")
+    checkpoint = load_checkpoint(result.model_dir)
+    assert checkpoint.preprocess.input_shape == (1, 8, 8) and len(checkpoint.class_names) == 3

@@ -231,6 +231,9 @@ def fit(
         limit_train=limit_train,
         limit_test=limit_test,
     )
+    if isinstance(data, os.PathLike):
+        # A path names a directory, never a registered dataset, though Path("./mnist") prints as "mnist".
+        data = str(Path(data).expanduser().absolute())
     factory = factory_of(model)
     saved: dict[str, Any] = {}
     if resume:
