@@ -705,6 +705,30 @@ def test_arguments_the_data_would_ignore_are_refused(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_classes": 0}, r"num_classes: expected an integer >= 2, got 0"),
+        ({"num_classes": 1}, r"num_classes: expected an integer >= 2, got 1"),
+        ({"num_classes": 3.5}, r"num_classes: expected an integer >= 2, got 3.5"),
+        ({"num_classes": "3"}, r"num_classes: expected an integer >= 2, got '3'"),
+        ({"input_shape": (1, 2.5, 2)}, r"input_shape: expected \(C, H, W\) .*got \(1, 2.5, 2\)"),
+        ({"input_shape": "122"}, r"input_shape: expected \(C, H, W\) .*got '122'"),
+        ({"input_shape": 4}, r"input_shape: expected \(C, H, W\) .*got 4"),
+    ],
+)
+def test_a_dataframe_s_class_count_and_input_shape_are_checked(
+    spark: Any, tmp_path: Path, kwargs: dict[str, Any], message: str
+) -> None:
+    # A float input size was truncated (2.5 trained as 2) and a float or string class count raised a
+    # TypeError from deep inside the row count.
+    df = spark.createDataFrame([([0.0] * 4, 0), ([1.0] * 4, 1)], "x array<float>, y int")
+    arguments = {"input_shape": (1, 2, 2), **kwargs}
+    with pytest.raises(ConfigError, match=message):
+        fit(df, "mlp", workers=2, feature_column="x", label_column="y", run_dir=tmp_path / "run", **arguments)
+    assert not (tmp_path / "run").exists()
+
+
 def test_local_run_without_test_examples_records_no_accuracy(toy: Path, tmp_path: Path) -> None:
     result = fit(
         str(toy), "mlp", strategy="local", config={"epochs": 1}, limit_test=0, run_dir=tmp_path / "run"

@@ -25,6 +25,7 @@ import numpy as np
 
 from deepspark.errors import ConfigError, DatasetError
 from deepspark.spark import column
+from deepspark.validation import check_int
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -123,6 +124,10 @@ def _describe(
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
+    if num_classes is not None:
+        check_int("num_classes", num_classes, minimum=2)
+    if input_shape is not None:
+        input_shape = _chw(input_shape)
     fields = {f.name: f for f in df.schema.fields}
     for role, name in (("feature_column", feature_column), ("label_column", label_column)):
         if name not in fields:
@@ -276,13 +281,20 @@ def _check_image_sizes(images: set[tuple[int, int, int]], shape: tuple[int, int,
         )
 
 
-def _chw(shape: Sequence[int]) -> tuple[int, int, int]:
-    dims = tuple(int(d) for d in shape)
+def _chw(shape: Any) -> tuple[int, int, int]:
+    """``(C, H, W)`` from ``(C, H, W)`` or ``(H, W)`` of positive ints; anything else is refused, not
+    converted (``int(4.7)`` would train on another shape than the one given)."""
+    try:
+        dims = () if isinstance(shape, str | bytes) else tuple(shape)
+    except TypeError:
+        dims = ()
     if len(dims) == 2:
         dims = (1, *dims)
-    if len(dims) != 3 or any(d < 1 for d in dims):
-        raise ConfigError(f"input_shape: expected (C, H, W) or (H, W) of positive ints, got {list(shape)}")
-    return (dims[0], dims[1], dims[2])
+    if len(dims) != 3 or any(
+        isinstance(d, bool) or not isinstance(d, int | np.integer) or d < 1 for d in dims
+    ):
+        raise ConfigError(f"input_shape: expected (C, H, W) or (H, W) of positive ints, got {shape!r}")
+    return (int(dims[0]), int(dims[1]), int(dims[2]))
 
 
 def keyed_rows(df: DataFrame, layout: FrameLayout) -> DataFrame:
