@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepspark.data import load_dataset, write_idx
+from deepspark.data import load_dataset, to_dataframe, write_idx
 from deepspark.errors import ConfigError, DeepsparkError, RunError
 from deepspark.models import build_model, load_checkpoint, model_spec
 from deepspark.training import TrainConfig, fit, train_one_process
@@ -337,6 +337,10 @@ def test_resume_refuses_data_whose_rows_changed(spark: Any, tmp_path: Path, driv
             ConfigError, match=f"continues with the settings in its config.json; drop {next(iter(changed))}"
         ):
             fit(str(data), run_dir=tmp_path / "run", resume=True, **changed)
+    # Its images as a DataFrame: as many rows, but scaled without the directory's mean and std.
+    same = load_dataset(str(data))
+    with pytest.raises(ConfigError, match=r"trained on '.*data', not 'DataFrame'"):
+        fit(to_dataframe(spark, same.train_images, same.train_labels), run_dir=tmp_path / "run", resume=True)
     import shutil
 
     shutil.rmtree(data)

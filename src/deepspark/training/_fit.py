@@ -258,9 +258,9 @@ def fit(
         device = saved.get("device", device)
         model = _resumed_model(saved["model"], factory, run_dir)
         threads_per_worker = saved["threads_per_worker"]
-        if isinstance(data, str | os.PathLike) and _data_entry(saved.get("data")) != _data_entry(data):
+        if _data_entry(saved.get("data")) != _data_entry(data):  # a DataFrame too: it has another preprocess
             raise ConfigError(
-                f"resume: the run in {run_dir} trained on {saved.get('data')!r}, not {str(data)!r}"
+                f"resume: the run in {run_dir} trained on {saved.get('data')!r}, not {_data_entry(data)!r}"
             )
         limit_train, limit_test = saved.get("limit_train"), saved.get("limit_test")
     check_positive_int("workers", workers)
