@@ -360,6 +360,15 @@ def test_image_label_count_mismatch_names_both_files(tmp_path: Path) -> None:
     assert "12 images" in message and "11 labels" in message
 
 
+def test_images_without_pixels_are_refused_naming_the_file(tmp_path: Path) -> None:
+    # A header of 12 x 0 x 8 images: training made a model of input [1, 0, 8] (or failed in Arrow).
+    paths = _write_layout(tmp_path / "d")
+    write_idx(paths[0], np.zeros((12, 0, 8), dtype=np.uint8))
+    write_idx(paths[2], np.zeros((6, 0, 8), dtype=np.uint8))
+    with pytest.raises(DatasetError, match=rf"{paths[0]}: images of shape \(0, 8\) hold no pixels"):
+        load_dataset(data_dir=tmp_path / "d")
+
+
 def test_missing_file_and_label_out_of_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     paths = _write_layout(tmp_path / "d")
     paths[2].unlink()

@@ -59,6 +59,10 @@ def check_idx_images(path: Path, images: np.ndarray) -> None:
             f"{path}: images must be uint8 with 3 ([N,H,W]) or 4 ([N,C,H,W]) dimensions; "
             f"got {images.dtype} {images.shape}"
         )
+    if 0 in images.shape[1:]:  # a model for them would learn from nothing but its biases
+        raise DatasetError(
+            f"{path}: images of shape {images.shape[1:]} hold no pixels; each image dimension must be at least 1"
+        )
 
 
 def check_idx_labels(path: Path, labels: np.ndarray) -> None:
