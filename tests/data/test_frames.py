@@ -85,6 +85,8 @@ def test_wrong_sizes_and_parameters_are_reported() -> None:
 def test_to_dataframe_validates(spark: Any) -> None:
     with pytest.raises(ConfigError, match="uint8"):
         to_dataframe(spark, np.zeros((2, 3), dtype=np.float32))
+    with pytest.raises(ConfigError, match=r"of at least one pixel each; got uint8 \(2, 0, 3\)"):
+        to_dataframe(spark, np.zeros((2, 0, 3), dtype=np.uint8))  # was a pyarrow error: no rows for 2 ids
     with pytest.raises(ConfigError, match="one label per image"):
         to_dataframe(spark, _images(3), np.zeros(2, dtype=np.int64))
     with pytest.raises(ConfigError, match="num_partitions"):

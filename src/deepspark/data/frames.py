@@ -67,8 +67,11 @@ def to_dataframe(
     import pyarrow as pa
 
     arr = np.asarray(images)
-    if arr.dtype != np.uint8 or arr.ndim < 2:
-        raise ConfigError(f"to_dataframe: images must be a uint8 array [N, ...]; got {arr.dtype} {arr.shape}")
+    if arr.dtype != np.uint8 or arr.ndim < 2 or 0 in arr.shape[1:]:
+        raise ConfigError(
+            f"to_dataframe: images must be a uint8 array [N, ...] of at least one pixel each; got {arr.dtype} "
+            f"{arr.shape}"
+        )
     if num_partitions is not None:
         check_positive_int("num_partitions", num_partitions)
     if not image_column or not label_column or image_column in ("id", label_column) or label_column == "id":
