@@ -183,6 +183,21 @@ def test_raw_pixels_from_to_dataframe_that_start_like_an_image_file_are_pixels(
     assert sum(int(r["samples"]) for r in _history(result.run_dir)) == 2 * 12
 
 
+def test_an_input_shape_other_than_the_one_to_dataframe_recorded_is_refused(
+    spark: Any, tmp_path: Path
+) -> None:
+    from deepspark.data import to_dataframe
+
+    images, labels = _images(12)
+    df = to_dataframe(spark, images, labels)  # records [8, 8]: 8x8 images read as 4x16 trained scrambled
+    with pytest.raises(
+        ConfigError, match=r"written as images of shape \[8, 8\] .* model's input is \[1, 4, 16\]"
+    ):
+        _fit_one_worker(df, tmp_path / "run", input_shape=(1, 4, 16))
+    assert not (tmp_path / "run").exists()
+    assert _fit_one_worker(df, tmp_path / "same", input_shape=(8, 8)).test_accuracy is None  # the same shape
+
+
 # ---------------------------------------------------------------------------------------- factories
 def small_net() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, 16), nn.ReLU(), nn.Linear(16, CLASSES))

@@ -145,6 +145,13 @@ def _describe(
         # to_dataframe records the shape of the raw pixels it writes: those are never sniffed, since raw
         # pixels can start like an image file (two pixels of 66 and 77 read "BM", a BMP's signature).
         stored = feature.metadata.get("shape")
+        if stored is not None and input_shape is not None and _chw(stored) != input_shape:
+            # As many bytes, read in another shape: every image would train scrambled.
+            raise ConfigError(
+                f"feature_column {feature_column!r}: its pixels were written as images of shape {list(stored)} "
+                f"(deepspark.data.to_dataframe records it), but the model's input is {list(input_shape)}; "
+                "drop input_shape, or give that shape"
+            )
         images = _sample_images(df, feature_column) if stored is None else set()
         kind = "image" if images else "bytes"
         shape_src = input_shape if input_shape is not None else (stored or _only(images, feature_column))
