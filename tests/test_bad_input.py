@@ -155,6 +155,14 @@ CASES = [
     ),
     Case("unknown-dataset", _tune("no-such-dataset"), r"registered dataset .*'no-such-dataset'"),
     Case("train-limit-train-0", _train("--limit-train", "0"), r"training split .*empty"),
+    Case(
+        "train-limit-train-negative",
+        _train("--workers", "2", "--limit-train", "-1"),
+        r"error: limit_train: expected an integer >= 0, got -1$",
+    ),
+    Case(
+        "train-limit-test-negative", _train("--limit-test", "-3"), r"error: limit_test: expected .* got -3$"
+    ),
     Case("tune-limit-train-0", _tune_on(lambda w: w.data, "--limit-train", "0"), r"limit_train: .*got 0"),
     # ------------------------------------------------------------------------------ the study
     Case(

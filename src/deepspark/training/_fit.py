@@ -477,6 +477,9 @@ def _check_data_arguments(data: Any, **given: Any) -> None:
                 "(df.limit(n), test_data.limit(n))"
             )
             raise ConfigError(f"{name}: {hint}; expected None, got {given[name]!r}")
+    for name in ("limit_train", "limit_test") if named else ():
+        if given[name] is not None:  # named here, not as the subset's own train / test
+            check_int(name, given[name], minimum=0)
 
 
 def _check_slow_worker(slow_worker: Any, strategy: str, workers: int) -> None:
