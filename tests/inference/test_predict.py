@@ -504,6 +504,49 @@ def test_a_failed_run_leaves_the_previous_output_and_no_new_folder(
     assert predict(table, small_model.path, output=table, overwrite=True, spark=spark).dataframe.count() == 5
 
 
+def test_overwrite_replaces_only_an_earlier_output_never_the_images_or_the_model(
+    spark: Any, small_model: Model, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--output` naming the image folder, a folder above it or the model's, with `--overwrite`, replaced
+    them with the predictions after the job: the user's images or model, gone."""
+    from deepspark.cli import main
+
+    images = tmp_path / "data" / "images"
+    images.mkdir(parents=True)
+    for i in range(3):
+        (images / f"{i}.png").write_bytes(png_bytes(small_model.images[i]))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    cases = [
+        (images, images, f"output: {images} holds the input ({images})"),
+        (images, tmp_path / "data", f"output: {tmp_path / 'data'} holds the input ({images})"),
+        (f"{images}/*.png", tmp_path / "data", f"output: {tmp_path / 'data'} holds the input ({images})"),
+        (images, small_model.path.parent, "holds the model"),
+        (
+            images,
+            tmp_path / "notes",
+            f"output: {tmp_path / 'notes'} exists and is not an earlier predict output",
+        ),
+    ]
+    for data, output, message in cases:
+        jobs = len(spark.sparkContext.statusTracker().getJobIdsForGroup())
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            predict(str(data), small_model.path, output=output, overwrite=True, spark=spark)
+        assert len(spark.sparkContext.statusTracker().getJobIdsForGroup()) == jobs  # before any job
+    argv = ["predict", "--model", str(small_model.path), "--input", str(images), "--output", str(images)]
+    assert main([*argv, "--overwrite"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"deepspark: error: output: {images} holds the input"), err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing replaced
+    # An earlier output, and an empty folder, are still replaced.
+    out = tmp_path / "out"
+    out.mkdir()
+    for _ in range(2):
+        result = predict(str(images), small_model.path, output=out, overwrite=True, spark=spark)
+        assert result.dataframe.count() == 3
+
+
 def test_brace_alternatives_expand_as_hadoop_globs_read_them() -> None:
     from deepspark.inference._inputs import braces
 

@@ -223,6 +223,39 @@ def _output_schema(df: DataFrame, passthrough: Sequence[tuple[str, str]]) -> Any
     )
 
 
+def _check_replaceable(output: str, model: Any, data: Any) -> None:
+    """``overwrite`` replaces ``output`` with the predictions: only an earlier Parquet output (a folder of
+    Parquet files, as predict writes), never a folder of images, the model, or a folder holding the input
+    (an input table read back is fine: it is read in full before the rename)."""
+    target = os.path.realpath(output)
+    entries = os.listdir(target) if os.path.isdir(target) else []
+    table = any(
+        (name.endswith(".parquet") or name == "_SUCCESS") and os.path.isfile(os.path.join(target, name))
+        for name in entries
+    )
+
+    def inside(path: str) -> bool:
+        return os.path.commonpath([target, path]) == target
+
+    sources = [("the model", os.path.realpath(os.fspath(model)))]
+    if isinstance(data, str | os.PathLike) and is_local(os.fspath(data)):
+        text = local_path(os.fspath(data))
+        glob_at = min((i for i, c in enumerate(text) if c in "*?[{"), default=None)
+        root = text if glob_at is None else os.path.dirname(text[:glob_at]) or "."
+        sources.append(("the input", os.path.realpath(root)))
+    for what, path in sources:
+        if inside(path) and not (what == "the input" and path == target and table):
+            raise ConfigError(
+                f"output: {output} holds {what} ({path}); overwrite would replace it with the predictions: "
+                "choose another output"
+            )
+    if not table and not (os.path.isdir(target) and not entries):  # an empty folder loses nothing
+        raise ConfigError(
+            f"output: {output} exists and is not an earlier predict output (a folder of Parquet files); "
+            "overwrite replaces only those: choose another output, or remove it yourself"
+        )
+
+
 def predict(
     data: DataFrame | str | os.PathLike[str],
     model: str | os.PathLike[str],
@@ -291,6 +324,8 @@ def predict(
         )
     if output_path is not None and is_local(output_path):
         check_writable(local_path(output_path), name="output")  # not after the job: Spark's write fails late
+        if overwrite and os.path.exists(local_path(output_path)):
+            _check_replaceable(local_path(output_path), model, data)
     names = read_labels(labels) if isinstance(labels, str | os.PathLike) else labels
     artifact = read_model(model, preprocess=preprocess, class_names=names)
     chosen = resolve_backend(backend, artifact)
