@@ -547,6 +547,26 @@ def test_overwrite_replaces_only_an_earlier_output_never_the_images_or_the_model
         assert result.dataframe.count() == 3
 
 
+def test_an_input_column_for_an_input_without_columns_is_refused_not_ignored(
+    spark: Any, small_model: Model, tmp_path: Path
+) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "0.png").write_bytes(png_bytes(small_model.images[0]))
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    _write_idx(idx / "t10k-images-idx3-ubyte", small_model.images[:2])
+    urls = tmp_path / "urls.txt"
+    urls.write_text("http://127.0.0.1:9/a.png\n")
+    for data in (images, f"{images}/*.png", idx, urls):
+        jobs = len(spark.sparkContext.statusTracker().getJobIdsForGroup())
+        with pytest.raises(ConfigError, match=re.escape("input_column: 'x' names a column of a table, but")):
+            predict(str(data), small_model.path, input_column="x", spark=spark)
+        assert len(spark.sparkContext.statusTracker().getJobIdsForGroup()) == jobs
+    # A table's column, and a .txt list's own `url`, are still taken.
+    assert predict(str(urls), small_model.path, input_column="url", spark=spark).dataframe.columns[0] == "url"
+
+
 def test_brace_alternatives_expand_as_hadoop_globs_read_them() -> None:
     from deepspark.inference._inputs import braces
 

@@ -309,7 +309,21 @@ def resolve_input(
     spark: SparkSession, data: Any, input_column: str | None, input_shape: tuple[int, int, int]
 ) -> Input:
     """``data`` as an :class:`Input`; ``input_shape`` is the model's (C, H, W), which raw pixel records
-    (IDX files, a column ``to_dataframe`` wrote) must have."""
+    (IDX files, a column ``to_dataframe`` wrote) must have. An ``input_column`` is a table's column: one
+    that the input is not read by (image files, IDX files, a URL list) is refused, not ignored."""
+    source = _resolve(spark, data, input_column, input_shape)
+    if input_column is not None and source.column != input_column:
+        raise ConfigError(
+            f"input_column: {input_column!r} names a column of a table, but {os.fspath(data)!r} is not a "
+            "table (image files, IDX files and .txt URL lists have no column to choose); drop input_column "
+            "(CLI: --input-column)"
+        )
+    return source
+
+
+def _resolve(
+    spark: SparkSession, data: Any, input_column: str | None, input_shape: tuple[int, int, int]
+) -> Input:
     from pyspark.sql import DataFrame
 
     from deepspark.data.files import preferred_copy
