@@ -235,6 +235,20 @@ def test_tensor_columns_check_size_shape_and_values() -> None:
     assert "wrong tensor shape" in str(decoded.errors[1])
 
 
+def test_tensor_values_beyond_float32_are_error_rows_without_a_warning() -> None:
+    """numpy's "overflow encountered in cast" reached the executors' stderr for each such batch."""
+    import warnings
+
+    big = [[1e300] * 784, list(range(784))]
+    nested = [np.full((28, 28), -1e300).tolist(), np.zeros((28, 28)).tolist()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for column in (pa.array(big, pa.list_(pa.float64())), pa.array(nested)):
+            decoded = decode_column(InputKind.TENSOR, column, PREPROCESS)
+            assert decoded.ok.tolist() == [1]
+            assert "NaN or infinite" in str(decoded.errors[0])
+
+
 # ----------------------------------------------------------------------------------------------- URLs
 def test_fetch_url_limits(http_server: Server, closed_port: int) -> None:
     (http_server.root / "ok.png").write_bytes(png_bytes(np.zeros((28, 28), np.uint8)))

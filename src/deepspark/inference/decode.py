@@ -119,7 +119,8 @@ def _tensor_rows(
             errors[i] = "input is null"
             continue
         try:
-            arr = np.asarray(value, dtype=np.float32)
+            with np.errstate(over="ignore"):  # beyond float32: inf, an error row below, not a warning
+                arr = np.asarray(value, dtype=np.float32)
         except (ValueError, TypeError) as exc:
             errors[i] = f"wrong tensor shape: not a regular numeric array ({exc})"
             continue
@@ -184,8 +185,9 @@ def decode_column(
         dtype = np.uint8
     ok = np.array([i for i, r in enumerate(rows) if r is not None], dtype=np.int64)
     if len(ok):
-        stacked = np.stack([rows[i] for i in ok]).astype(dtype, copy=False).reshape(len(ok), *shape)
-        inputs = preprocess.apply(stacked).numpy()
+        with np.errstate(over="ignore"):  # float64 beyond float32: inf, an error row below, not a warning
+            stacked = np.stack([rows[i] for i in ok]).astype(dtype, copy=False).reshape(len(ok), *shape)
+            inputs = preprocess.apply(stacked).numpy()
         if kind is InputKind.TENSOR:
             finite = np.isfinite(inputs.reshape(len(ok), -1)).all(axis=1)
             for i in ok[~finite]:
