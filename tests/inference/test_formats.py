@@ -210,6 +210,21 @@ def test_16_bit_grey_images_are_scaled_to_8_bits_not_clipped(channels: int) -> N
         np.testing.assert_array_equal(decoded, np.broadcast_to(eight, (channels, 28, 28)))
 
 
+@pytest.mark.parametrize(("array", "kind"), [(np.float32, "floats"), (np.int32, "integers")])
+def test_32_bit_images_are_row_errors_not_clipped_to_black(array: type, kind: str) -> None:
+    """Pillow's convert() clips 32-bit pixels at 255: a float TIFF of values in [0, 1] decoded black."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).random((28, 28)).astype(array) * (1 if array is np.float32 else 40000)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="TIFF")  # mode F or I
+    for channels in (1, 3):
+        with pytest.raises(
+            RowError, match=f"the image's pixels are 32-bit {kind}, which have no fixed range"
+        ):
+            decode_image(buffer.getvalue(), (channels, 28, 28))
+
+
 def test_corrupt_and_truncated_images_become_row_errors() -> None:
     good = png_bytes(np.full((28, 28), 7, dtype=np.uint8))
     column = pa.array([good, good[: len(good) // 2], b"garbage", None], pa.binary())

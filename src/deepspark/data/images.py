@@ -74,6 +74,14 @@ def decode_image(data: bytes, shape: tuple[int, int, int], *, resize: bool = Tru
                     f"the image is {opened.size[0]}x{opened.size[1]} pixels but the model's input is "
                     f"{width}x{height} (width x height)"
                 )
+            if opened.mode == "F" or (opened.mode == "I" and opened.format != "PNG"):
+                # 32-bit pixels (float or integer TIFF, say) have no fixed range: convert() clips them at
+                # 255, so floats in [0, 1] came out black, and any scale chosen here would be a guess.
+                kind = "float" if opened.mode == "F" else "integer"
+                raise RowError(
+                    f"the image's pixels are 32-bit {kind}s, which have no fixed range; save it with 8- or "
+                    "16-bit pixels"
+                )
             if opened.mode.startswith("I;16") or (opened.mode == "I" and opened.format == "PNG"):
                 # 16-bit grey (PNG, TIFF): Pillow's convert() clips these values at 255 rather than
                 # scaling them, which turns every pixel above 255/65535 white. Scale to 0-255 instead.
