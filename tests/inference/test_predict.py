@@ -567,6 +567,31 @@ def test_an_input_column_for_an_input_without_columns_is_refused_not_ignored(
     assert predict(str(urls), small_model.path, input_column="url", spark=spark).dataframe.columns[0] == "url"
 
 
+def test_images_for_a_model_of_other_than_1_or_3_channels_are_refused_before_any_job(
+    spark: Any, small_model: Model, tmp_path: Path
+) -> None:
+    """Every row was an error row, found at run time: images decode to grey or RGB only."""
+    import torch
+
+    from deepspark.models import Preprocess
+
+    path = tmp_path / "two.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated upstream
+        torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32, 3))).save(str(path))
+    preprocess = Preprocess(input_shape=(2, 4, 4), mean=(0.0,), std=(1.0,))
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "0.png").write_bytes(png_bytes(small_model.images[0]))
+    jobs = len(spark.sparkContext.statusTracker().getJobIdsForGroup())
+    with pytest.raises(ConfigError, match=r"model: its input has 2 channels, but image files decode to 1"):
+        predict(str(images), path, preprocess=preprocess, spark=spark)
+    assert len(spark.sparkContext.statusTracker().getJobIdsForGroup()) == jobs
+    df = spark.createDataFrame([(0, [0.5] * 32)], "id long, x array<double>")  # tensors of 2 channels
+    [row] = predict(df, path, preprocess=preprocess, spark=spark).dataframe.collect()
+    assert row["error"] is None
+
+
 def test_brace_alternatives_expand_as_hadoop_globs_read_them() -> None:
     from deepspark.inference._inputs import braces
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from deepspark.errors import ConfigError, DeepsparkError, RunError
 from deepspark.inference._inputs import is_local, local_path, resolve_input
 from deepspark.inference._task import PHASES, TaskPlan, TaskStats, run_task
-from deepspark.inference.decode import UrlPolicy
+from deepspark.inference.decode import InputKind, UrlPolicy
 from deepspark.inference.formats import ModelFormat, read_model
 from deepspark.inference.model import BACKENDS, InferenceModel, read_labels, resolve_backend
 from deepspark.inference.runners import to_onnx
@@ -347,6 +347,12 @@ def predict(
     spark = spark or session(master)
     check_gpu_request(spark, device)
     source = resolve_input(spark, data, input_column, artifact.preprocess.input_shape)
+    channels = artifact.preprocess.input_shape[0]
+    if source.kind in (InputKind.IMAGE, InputKind.URL) and channels not in (1, 3):
+        raise ConfigError(  # every row would be an error row, at run time
+            f"model: its input has {channels} channels, but image files decode to 1 (grey) or 3 (RGB); "
+            f"give its inputs as tensors or raw pixels of {channels} channels"
+        )
     df = source.dataframe
     if source.ours and source.rows_hint:
         from deepspark.spark import total_slots
