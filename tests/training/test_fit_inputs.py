@@ -331,6 +331,40 @@ def test_factory_input_shape_mismatch_fails_before_any_job(spark: Any, tmp_path:
     _no_job_ran(spark, wrong)
 
 
+def test_resume_reads_the_data_as_the_run_did_or_is_refused(
+    spark: Any, tmp_path: Path, driver_crash: Any
+) -> None:
+    """The same rows read in another shape (an mlp flattens both) trained a scrambled continuation."""
+    images, labels = _images(40)
+    df = spark.createDataFrame(
+        [(i.reshape(-1).astype(float).tolist(), int(y)) for i, y in zip(images, labels, strict=True)],
+        "x array<double>, y int",
+    )
+    train = functools.partial(
+        fit, df, "mlp", workers=2, config={**SGD, "batch_size": 8, "epochs": 2}, average={"tau": 1}
+    )
+    run_dir = tmp_path / "run"
+    with pytest.raises(DeepsparkError, match="driver crash"):
+        train(
+            run_dir=run_dir,
+            checkpoint_seconds=0,
+            on_round=driver_crash(3),
+            feature_column="x",
+            label_column="y",
+            input_shape=(1, SIZE, SIZE),
+        )
+    saved = json.loads((run_dir / "config.json").read_text())["inputs"]
+    assert saved["preprocess"]["input_shape"] == [1, SIZE, SIZE] and saved["kind"] == "array"
+    with pytest.raises(
+        ConfigError, match=r"read its data as preprocess=.*\[1, 8, 8\].*but now as .*\[1, 4, 16\]"
+    ):
+        fit(df, run_dir=run_dir, resume=True, feature_column="x", label_column="y", input_shape=(1, 4, 16))
+    resumed = fit(
+        df, run_dir=run_dir, resume=True, feature_column="x", label_column="y", input_shape=(1, 8, 8)
+    )
+    assert len(resumed.history) > 3 and resumed.model_path is not None
+
+
 def test_resume_needs_the_factory_again(spark: Any, tmp_path: Path, driver_crash: Any) -> None:
     images, labels = _images(40)
     df = _png_frame(spark, images, labels)

@@ -361,6 +361,17 @@ def fit(
                 f"resume: the run in {run_path} trained on {saved['rows']} rows, but the data given now has "
                 f"{prepared.layout.rows}; resume it with the data it was started on"
             )
+        inputs = _inputs_entry(prepared)
+        if resume and saved.get("inputs") is not None and saved["inputs"] != inputs:
+            # The same rows read in another shape, column or scale would train a scrambled continuation.
+            changed = sorted(k for k in inputs if saved["inputs"].get(k) != inputs[k])
+            raise ConfigError(
+                f"resume: the run in {run_path} read its data as "
+                + ", ".join(f"{k}={saved['inputs'].get(k)!r}" for k in changed)
+                + ", but now as "
+                + ", ".join(f"{k}={inputs[k]!r}" for k in changed)
+                + "; resume it with the data and settings it was started on"
+            )
         if not resume:
             _write_config(
                 run_path,
@@ -377,6 +388,7 @@ def fit(
                     "limit_train": limit_train,
                     "limit_test": limit_test,
                     "rows": prepared.layout.rows,
+                    "inputs": inputs,
                 },
             )
         run = _Run(
@@ -820,6 +832,18 @@ class _WorkerJobs:
 
     def cancel(self, worker: int) -> None:
         self._spark.sparkContext.cancelJobsWithTag(self.tag(worker))
+
+
+def _inputs_entry(prepared: _Data) -> dict[str, Any]:
+    """How a run reads its data (config.json's ``inputs``), which a resume must read the same way."""
+    layout = prepared.layout
+    return {
+        "feature_column": layout.feature_column,
+        "label_column": layout.label_column,
+        "kind": layout.kind,
+        "num_classes": layout.num_classes,
+        "preprocess": prepared.preprocess.to_dict(),
+    }
 
 
 def _raised_in_python(exc: BaseException, cause: str) -> bool:
