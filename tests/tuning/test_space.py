@@ -79,6 +79,26 @@ def test_yaml_file(tmp_path) -> None:
     assert set(space.params) == {"learning_rate"} and space.fixed == {"epochs": 3}
 
 
+@pytest.mark.parametrize(
+    ("text", "key", "line"),
+    [
+        (
+            "learning_rate: {type: loguniform, low: 1.0e-4, high: 1.0e-2}\nepochs: 3\nlearning_rate: 0.5\n",
+            "learning_rate",
+            3,
+        ),
+        ('{"x": {"type": "uniform", "low": 0.1, "high": 0.9,\n "low": 0.5}}', "low", 2),
+    ],
+    ids=["yaml-parameter", "json-bound"],
+)
+def test_a_key_given_twice_is_refused_not_the_last_kept(tmp_path, text: str, key: str, line: int) -> None:
+    """YAML and JSON loaders keep a repeated key's last value: the searched learning rate became fixed."""
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"gives the key '{key}' twice \(again at line {line}\)"):
+        load_space(str(path))
+
+
 def test_int_bounds_are_kept_exactly_above_float_precision() -> None:
     space = load_space(
         {
