@@ -126,6 +126,18 @@ def test_sensitivity_lines_follow_the_width_parameter_from_the_trials(study_dir,
     assert "default" in labels and "diverged" in labels
 
 
+def test_by_that_is_no_parameter_of_the_study_is_refused_before_anything_is_written(
+    study_dir, tmp_path
+) -> None:
+    """A typo in --by drew one line labelled 'widht=None' and said nothing."""
+    with pytest.raises(
+        ConfigError, match=r"by: expected a parameter of the study in .*'hidden'.*got 'widht'"
+    ):
+        report(study_dir, output=tmp_path / "out" / "x.html", by="widht")
+    assert not (tmp_path / "out").exists()
+    assert "sensitivity" in report(study_dir, output=tmp_path / "y.html", by="epochs").figures
+
+
 def test_sensitivity_axis_names_the_split_the_trials_were_chosen_on(study_dir) -> None:
     """Selected on validation, the plot must not call its values test error (test is measured once)."""
     import matplotlib

@@ -80,6 +80,8 @@ def report(
     figures: dict[str, Path] = {}
     missing: dict[str, str] = {}
     with open_runs(paths) as runs:
+        if by is not None:
+            _check_by(runs, by)
         out.parent.mkdir(parents=True, exist_ok=True)  # only once every run directory opened
         prefixes = _prefixes(runs)
         for run, prefix in zip(runs, prefixes, strict=True):
@@ -108,6 +110,20 @@ def report(
     )
     rundir.write_file_atomic(out, page.encode("utf-8"))
     return Report(html=out, figures=figures, missing=missing)
+
+
+def _check_by(runs: Sequence[Any], by: str) -> None:
+    """Refuse a ``by`` that is not a parameter of every study: its lines would all be ``by=None``."""
+    for run in runs:
+        if not isinstance(run, StudyRun):
+            continue
+        space = run.config.get("space")
+        names = set(space) if isinstance(space, Mapping) else set()
+        names.update(k for r in run.records for k in r.params)
+        if by not in names:
+            raise ConfigError(
+                f"by: expected a parameter of the study in {run.path} (one of {sorted(names)}), got {by!r}"
+            )
 
 
 def _prefixes(runs: Sequence[Any]) -> list[str]:
