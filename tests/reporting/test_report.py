@@ -313,6 +313,27 @@ def test_a_journal_optuna_did_not_write_is_a_config_error(tmp_path, journal) -> 
     assert not (tmp_path / "x.html").exists()
 
 
+def test_a_study_without_its_config_json_is_reported_as_its_journal_holds_it(tmp_path) -> None:
+    """With config.json gone (a journal copied alone), a minimised loss read as an accuracy, maximised:
+    the worst trial was reported as the best."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    run = tmp_path / "run"
+    run.mkdir()
+    storage = JournalStorage(JournalFileBackend(str(run / "study.journal")))
+    study = optuna.create_study(study_name="run", storage=storage, direction="minimize")
+    study.set_user_attr("metric", "loss")
+    study.set_user_attr("objective", "fit_loss")
+    lr = {"learning_rate": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)}
+    for value in (0.9, 0.2, 0.5):
+        study.tell(study.ask(lr), value)
+    page = report(run, output=tmp_path / "x.html").html.read_text(encoding="utf-8")
+    assert "<th>metric</th><td>loss (minimize)</td>" in page
+    assert "<th>best</th><td>loss 0.2 (trial 1)</td>" in page
+
+
 def test_a_stored_study_whose_database_is_gone_is_refused_and_never_created(tmp_path) -> None:
     """Opening a missing SQLite file created an empty database in the run directory (then 'holds no
     study'); a URL SQLAlchemy cannot load was its NoSuchModuleError traceback."""

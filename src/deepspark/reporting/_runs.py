@@ -48,7 +48,8 @@ class StudyRun:
 
     @property
     def maximize(self) -> bool:
-        return self.config.get("direction", "maximize") == "maximize"
+        # The study's own direction, whatever config.json says (or when it is missing or torn).
+        return self.study.direction == optuna.study.StudyDirection.MAXIMIZE
 
     @property
     def metric(self) -> str:
@@ -243,6 +244,10 @@ def _quiet_optuna() -> None:
 def _study_run(
     path: Path, config: Mapping[str, Any], study: optuna.Study, last_write: _dt.datetime
 ) -> StudyRun:
+    if not config:
+        # config.json missing or torn (a journal copied alone): the study's user attributes hold the
+        # same settings (StudyConfig.user_attrs), so its metric and split are not guessed.
+        config = {k: v for k, v in study.user_attrs.items() if not k.startswith("deepspark:")}
     return StudyRun(
         path=path, config=config, study=study, records=tuple(records_from_study(study)), last_write=last_write
     )
