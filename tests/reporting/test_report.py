@@ -293,6 +293,36 @@ def test_scaling_figure_from_two_studies_at_different_parallelism(spark, tmp_pat
     assert "1 parallel" in page and "2 parallel" in page and "efficiency" in page
 
 
+def test_no_speedup_is_drawn_between_studies_of_other_trial_sets(tmp_path) -> None:
+    """A 2-trial study at parallelism 2 beside a 6-trial one at 1 was drawn as a 3x "speedup"."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from deepspark.tuning.runner import CLUSTER_ATTR
+
+    runs = []
+    for parallelism, trials in ((1, 6), (2, 2)):
+        run = tmp_path / f"p{parallelism}"
+        run.mkdir()
+        (run / "config.json").write_text(
+            json.dumps({"space": SPACE, "objective": "f", "study_name": run.name})
+        )
+        storage = JournalStorage(JournalFileBackend(str(run / "study.journal")))
+        study = optuna.create_study(study_name=run.name, storage=storage, direction="maximize")
+        study.set_user_attr(CLUSTER_ATTR, {"parallelism": parallelism})
+        for _ in range(trials):
+            study.tell(study.ask(), 0.5)
+        runs.append(run)
+    result = report(runs, output=tmp_path / "s.html")
+    assert "scaling" not in result.figures
+    assert (
+        "not runs of one trial set" in result.missing["scaling"]
+        and "p1: 6 finished trials" in result.missing["scaling"]
+    )
+    assert "efficiency" not in result.html.read_text(encoding="utf-8")
+
+
 def test_bad_run_dir_and_output_are_config_errors(tmp_path) -> None:
     with pytest.raises(ConfigError, match="neither a study"):
         report(tmp_path, output=tmp_path / "x.html")

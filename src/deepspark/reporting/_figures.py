@@ -7,6 +7,7 @@ Where Optuna draws the figure (importance, parallel coordinates, history by tria
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import warnings
@@ -222,8 +223,27 @@ def wall_seconds(run: StudyRun) -> float:
     return (span[1] - span[0]).total_seconds() if span else 0.0
 
 
+def _unlike_trial_sets(runs: Sequence[StudyRun]) -> str | None:
+    """Why the finished ``runs`` are not runs of one trial set (the same space and number of finished
+    trials), or None: the wall times of studies of other sizes or spaces give no speedup."""
+    sets: dict[tuple[str, int], list[str]] = {}
+    for run in runs:
+        if not run.running():
+            key = (json.dumps(run.config.get("space"), sort_keys=True, default=str), len(run.records))
+            sets.setdefault(key, []).append(run.path.name)
+    if len(sets) < 2:
+        return None
+    described = "; ".join(
+        f"{', '.join(names)}: {count} finished trials" for (_, count), names in sets.items()
+    )
+    return f"the studies are not runs of one trial set (the same space and number of trials): {described}"
+
+
 def scaling(runs: Sequence[StudyRun]) -> Drawn:
     """Wall time and speedup vs parallel trials, from several runs of the same trial set."""
+    unlike = _unlike_trial_sets(runs)
+    if unlike is not None:
+        return unlike
     points: dict[int, float] = {}
     for run in runs:
         if run.running():
@@ -262,6 +282,8 @@ def scaling(runs: Sequence[StudyRun]) -> Drawn:
 
 def scaling_table(runs: Sequence[StudyRun]) -> list[tuple[int, float, float, float]]:
     """(parallelism, wall s, speedup, efficiency) per finished run, against the least parallel one."""
+    if _unlike_trial_sets(runs) is not None:
+        return []
     rows = sorted(
         (observed_parallelism(r), wall_seconds(r)) for r in runs if not r.running() and wall_seconds(r) > 0
     )
