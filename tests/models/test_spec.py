@@ -106,6 +106,28 @@ def test_spec_files_round_trip(tmp_path) -> None:
     assert load_spec(str(tmp_path / "s.yaml")).layers == spec.layers
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "key", "line"),
+    [
+        (
+            "s.json",
+            '{"input_shape": [1, 4, 4],\n "layers": [{"type": "flatten"},\n'
+            ' {"type": "linear", "out_features": 2, "out_features": 3}]}',
+            "out_features",
+            3,
+        ),
+        ("s.yaml", "input_shape: [1, 4, 4]\nlayers: []\nlayers:\n  - {type: flatten}\n", "layers", 3),
+    ],
+)
+def test_a_spec_file_giving_a_key_twice_is_refused_not_the_last_kept(
+    tmp_path, name: str, text: str, key: str, line: int
+) -> None:
+    """The JSON and YAML parsers keep a repeated key's last value: a layer of 2 outputs became one of 3."""
+    (tmp_path / name).write_text(text)
+    with pytest.raises(SpecError, match=rf"gives the key '{key}' twice \(again at line {line}\)"):
+        load_spec(tmp_path / name)
+
+
 def test_zoo_networks() -> None:
     x = torch.zeros(2, 1, 28, 28)
     assert build_model(model_spec("cnn"))(x).shape == (2, 10)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from deepspark.errors import ConfigError, SpecError
+from deepspark.textfile import repeated_key
 
 __all__ = ["LAYER_TYPES", "ModelSpec", "SpecModel", "build_model", "load_spec"]
 
@@ -108,6 +109,12 @@ class ModelSpec:
                 data = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise SpecError(f"{p} is not valid JSON: {exc}") from exc
+        repeated = repeated_key(text)
+        if repeated is not None:  # the parsers keep the last value: the first would be dropped unsaid
+            raise SpecError(
+                f"{p} gives the key {repeated[0]!r} twice (again at line {repeated[1]}); only the last "
+                "would count: keep one"
+            )
         return cls.from_dict(data)
 
     def output_shape(self) -> Shape:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from deepspark.errors import ConfigError
+from deepspark.textfile import repeated_key
 
 __all__ = ["DISTRIBUTIONS", "SearchSpace", "is_fixed_value", "load_space"]
 
@@ -253,30 +254,6 @@ def _int_param(name: str, raw: Mapping[str, Any], low: int, high: int) -> dict[s
     return {"type": "int", "low": low, "high": high, "step": step, "log": log}
 
 
-def _repeated_key(root: Any) -> tuple[str, int] | None:
-    """The first key a YAML document's mapping repeats, with the line of the repeat; None if none."""
-    import yaml
-
-    seen_nodes: set[int] = set()
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen_nodes:  # an alias may point back at a node already seen
-            continue
-        seen_nodes.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            keys: set[str] = set()
-            for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                    if key.value in keys:
-                        return key.value, key.start_mark.line + 1
-                    keys.add(key.value)
-                stack.append(value)
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend(node.value)
-    return None
-
-
 def load_space(space: SearchSpace | Mapping[str, Any] | str | os.PathLike[str] | None) -> SearchSpace:
     """Parse and validate a search space from a dict or a YAML/JSON file."""
     if space is None:
@@ -294,10 +271,10 @@ def load_space(space: SearchSpace | Mapping[str, Any] | str | os.PathLike[str] |
         import yaml
 
         try:
-            repeated = _repeated_key(yaml.compose(text, Loader=yaml.SafeLoader))
             space = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"space: {path} is not valid YAML: {exc}") from exc
+        repeated = repeated_key(text)
         if repeated is not None:
             # YAML (and JSON) loaders keep the last of a repeated key: the first would be silently dropped.
             raise ConfigError(
