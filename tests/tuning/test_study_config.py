@@ -151,6 +151,15 @@ def test_conflicts_name_every_setting_with_saved_and_given_values() -> None:
         "seed (saved 0, given 2)",
     ]
     assert saved.resumed(12).trials == 12 and saved.resumed(4).trials == 10 and saved.resumed(None) == saved
+    # A space names the parameters that differ, each with both values: cut at 80 characters, two spaces
+    # with the same first keys read the same on both sides.
+    wide = {f"a_long_parameter_name_{i}": {"type": "uniform", "low": 0.0, "high": 1.0} for i in range(3)}
+    saved = StudyConfig(space=wide, study_name="s", objective="f", trials=10)
+    given = {**wide, "a_long_parameter_name_2": {"type": "uniform", "low": 0.0, "high": 2.0}, "y": 1}
+    assert saved.conflicts({"space": given}) == [
+        'space (a_long_parameter_name_2: saved {"high": 1.0, "low": 0.0, "type": "uniform"}, '
+        'given {"high": 2.0, "low": 0.0, "type": "uniform"}; y: saved none, given 1)'
+    ]
 
 
 def test_summary_record_reads_like_best_json() -> None:

@@ -166,8 +166,22 @@ class StudyConfig:
         for name, value in given.items():
             if name == "trials" or value is None:
                 continue
-            if _plain(value) != saved.get(name):
-                out.append(f"{name} (saved {_show(saved.get(name))}, given {_show(value)})")
+            was, now = saved.get(name), _plain(value)
+            if now == was:
+                continue
+            if isinstance(was, Mapping) and isinstance(now, Mapping):
+                # A space (say) cut short would show the same first keys on both sides: name the keys
+                # that differ, each with its two values.
+                keys = sorted(
+                    k for k in was.keys() | now.keys() if k not in was or k not in now or was[k] != now[k]
+                )
+                parts = [
+                    f"{k}: saved {_show(was[k]) if k in was else 'none'}, given {_show(now[k]) if k in now else 'none'}"
+                    for k in keys
+                ]
+                out.append(f"{name} ({'; '.join(parts)})")
+            else:
+                out.append(f"{name} (saved {_show(was)}, given {_show(value)})")
         return out
 
     def resumed(self, trials: int | None) -> StudyConfig:
