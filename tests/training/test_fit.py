@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,7 +348,58 @@ def test_resume_refuses_data_whose_rows_changed(spark: Any, tmp_path: Path, driv
     _layout_dir(data, train=80, test=30)  # the same directory, now with twice the rows
     with pytest.raises(ConfigError, match="trained on 40 rows, but the data given now has 80"):
         fit(str(data), run_dir=tmp_path / "run", resume=True)
+    shutil.rmtree(data)
+    _layout_dir(data, train=40, test=30, seed=7)  # as many rows, other images: trained on without a word
+    with pytest.raises(
+        ConfigError, match=r"trained on other rows than the data given now holds \(as many, 40"
+    ):
+        fit(str(data), run_dir=tmp_path / "run", resume=True)
     assert [int(r["round"]) for r in _history(tmp_path / "run")] == [0, 1]
+
+
+def test_resume_refuses_other_rows_of_the_same_count_and_kind(
+    spark: Any, tmp_path: Path, driver_crash: Any
+) -> None:
+    """A DataFrame's rows are fingerprinted in the counting job: other labels of the same count are refused."""
+    images = load_dataset(str(_layout_dir(tmp_path / "data", train=40, test=0))).train_images
+    labels = np.arange(40) % 3
+    train = functools.partial(
+        fit, model="mlp", workers=2, config={**SGD, "batch_size": 8, "epochs": 3}, average={"tau": 2}
+    )
+    with pytest.raises(DeepsparkError, match="driver crash"):
+        train(
+            to_dataframe(spark, images, labels),
+            run_dir=tmp_path / "run",
+            checkpoint_seconds=0,
+            on_round=driver_crash(1),
+        )
+    with pytest.raises(
+        ConfigError, match=r"trained on other rows than the data given now holds \(as many, 40"
+    ):
+        fit(to_dataframe(spark, images, (labels + 1) % 3), run_dir=tmp_path / "run", resume=True)
+    # The same rows resume (made again: the fingerprint is of the rows, not of the DataFrame object).
+    assert len(fit(to_dataframe(spark, images, labels), run_dir=tmp_path / "run", resume=True).history) > 2
+
+
+def test_local_resume_refuses_other_examples_of_the_same_count(tmp_path: Path, driver_crash: Any) -> None:
+    data = _layout_dir(tmp_path / "data", train=40, test=10)
+    config = {**SGD, "batch_size": 8, "epochs": 3}
+    with pytest.raises(RuntimeError, match="driver crash"):
+        fit(
+            str(data),
+            "mlp",
+            strategy="local",
+            config=config,
+            run_dir=tmp_path / "run",
+            on_round=driver_crash(1),
+        )
+    import shutil
+
+    shutil.rmtree(data)
+    _layout_dir(data, train=40, test=10, seed=3)  # as many examples, other images
+    with pytest.raises(ConfigError, match=r"trained on other examples than '.*data' holds now"):
+        fit(str(data), run_dir=tmp_path / "run", resume=True)
+    assert [int(r["round"]) for r in _history(tmp_path / "run")] == [0, 1]  # as the crash left it
 
 
 def test_resume_from_another_working_directory_trains_on_the_run_s_data(

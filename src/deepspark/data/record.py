@@ -6,15 +6,17 @@ and every layer above takes them.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 
 from deepspark.errors import ConfigError
 from deepspark.validation import check_int, fail
 
-__all__ = ["DEFAULT_VALIDATION", "ImageDataset", "channel_stats", "validation_indices"]
+__all__ = ["DEFAULT_VALIDATION", "ImageDataset", "arrays_sha256", "channel_stats", "validation_indices"]
 
 #: The hold-out that :meth:`ImageDataset.split_validation` takes when none is given: 10% of training.
 DEFAULT_VALIDATION = 0.1
@@ -296,3 +298,14 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
         tuple(round(float(m) / 255.0, 6) for m in mean),
         tuple(round(float(s) / 255.0, 6) or 1.0 for s in std),
     )
+
+
+def arrays_sha256(*arrays: np.ndarray) -> str:
+    """A SHA-256 of ``arrays``, each with its dtype and shape: what identifies the data a run or study
+    trained on, so that a resume on other data (as many rows, other content) is refused."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        contiguous: Any = array if array.flags.c_contiguous else array.copy(order="C")  # a buffer
+        digest.update(f"{contiguous.dtype.str}{contiguous.shape}".encode())
+        digest.update(memoryview(contiguous).cast("B"))
+    return digest.hexdigest()

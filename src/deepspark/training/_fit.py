@@ -136,6 +136,7 @@ class _Data:
     class_names: tuple[str, ...]
     test_inputs: torch.Tensor | None
     test_labels: torch.Tensor | None
+    digest: str  # of the training rows (config.json's "digest"): a resume on other rows is refused
 
 
 @dataclass(frozen=True)
@@ -361,6 +362,12 @@ def fit(
                 f"resume: the run in {run_path} trained on {saved['rows']} rows, but the data given now has "
                 f"{prepared.layout.rows}; resume it with the data it was started on"
             )
+        if resume and saved.get("digest") is not None and saved["digest"] != prepared.digest:
+            raise ConfigError(
+                f"resume: the run in {run_path} trained on other rows than the data given now holds (as many, "
+                f"{prepared.layout.rows}, but other labels or features); resume it with the data it was "
+                "started on (a DataFrame that draws random numbers must be pinned first: df.localCheckpoint())"
+            )
         inputs = _inputs_entry(prepared)
         if resume and saved.get("inputs") is not None and saved["inputs"] != inputs:
             # The same rows read in another shape, column or scale would train a scrambled continuation.
@@ -389,6 +396,7 @@ def fit(
                     "limit_test": limit_test,
                     "rows": prepared.layout.rows,
                     "inputs": inputs,
+                    "digest": prepared.digest,
                 },
             )
         run = _Run(
@@ -622,8 +630,10 @@ def _prepare_data(
             class_names=tuple(str(i) for i in range(layout.num_classes)),
             test_inputs=test_x,
             test_labels=test_y,
+            digest=layout.digest,
         )
     from deepspark.data import to_dataframe
+    from deepspark.data.record import arrays_sha256
 
     dataset = _load(data, data_dir, limit_train, limit_test)
     if len(dataset.train_labels) == 0:
@@ -650,6 +660,7 @@ def _prepare_data(
         class_names=tuple(dataset.class_names),
         test_inputs=preprocess.apply(dataset.test_images) if len(dataset.test_labels) else None,
         test_labels=torch.as_tensor(dataset.test_labels) if len(dataset.test_labels) else None,
+        digest=f"sha256:{arrays_sha256(dataset.train_images, dataset.train_labels)}",
     )
 
 
@@ -1565,14 +1576,23 @@ def _fit_local(
             "device 'cuda': CUDA is not available to torch in this process (strategy 'local' trains here, "
             "not in a Spark task); use --device auto or cpu"
         )
+    from deepspark.data.record import arrays_sha256
+
     dataset = _load(data, data_dir, limit_train, limit_test)
     layout = FrameLayout(
         "image", "label", "bytes", dataset.input_shape, len(dataset.train_labels), dataset.num_classes
     )
+    digest = f"sha256:{arrays_sha256(dataset.train_images, dataset.train_labels)}"
     spec = _model_spec(model, layout)
     start: EpochState | None = None
     history: list[dict[str, Any]] = []
     if resume:
+        saved = _read_config(run_path).get("digest")
+        if saved is not None and saved != digest:
+            raise ConfigError(
+                f"resume: the run in {run_path} trained on other examples than {_data_entry(data)!r} holds now "
+                "(other labels or images); resume it with the data it was started on"
+            )
         start = _load_local_checkpoint(run_path)
         history = _read_history(run_path, upto=start.epochs_done - 1)
     else:
@@ -1590,6 +1610,7 @@ def _fit_local(
                 "limit_train": limit_train,
                 "limit_test": limit_test,
                 "rows": layout.rows,
+                "digest": digest,
             },
         )
     elapsed_before = float(history[-1]["elapsed_s"]) if history else 0.0
@@ -1635,6 +1656,7 @@ def _fit_local(
         class_names=tuple(dataset.class_names),
         test_inputs=result.preprocess.apply(dataset.test_images) if len(dataset.test_labels) else None,
         test_labels=torch.as_tensor(dataset.test_labels) if len(dataset.test_labels) else None,
+        digest=digest,
     )
     run = _Run(
         spark=None,

@@ -65,6 +65,7 @@ class FrameLayout:
     shape: tuple[int, int, int]
     rows: int
     num_classes: int
+    digest: str = ""  # of every row's label and features, order aside (describe_frame): "" when not taken
 
     @property
     def pixels(self) -> bool:
@@ -176,6 +177,7 @@ def _describe(
     if check_shape is not None:
         check_shape(shape)
     label, values = column(label_column), column(feature_column)
+    row_hash = F.xxhash64(label, values)
     stats = df.agg(
         F.count(F.lit(1)).alias("rows"),
         F.min(label).alias("low"),
@@ -190,6 +192,10 @@ def _describe(
         ).alias("unfinite"),
         F.min(F.length(values) if kind != "array" else F.size(values)).alias("short"),
         F.max(F.length(values) if kind != "array" else F.size(values)).alias("long"),
+        # What the rows hold, whatever their order or partitioning: a resume on other rows of the same
+        # count is refused with it. Two sums of 32-bit halves, so no sum overflows a long.
+        F.sum(row_hash.bitwiseAND(F.lit(0xFFFFFFFF))).alias("digest_low"),
+        F.sum(F.shiftrightunsigned(row_hash, 32)).alias("digest_high"),
     ).first()
     assert stats is not None  # an aggregate always yields one row
     rows = int(stats["rows"])
@@ -240,6 +246,7 @@ def _describe(
         shape=shape,
         rows=rows,
         num_classes=classes,
+        digest=f"xxhash64-sums:{int(stats['digest_high'])}:{int(stats['digest_low'])}",
     )
 
 

@@ -721,8 +721,9 @@ def _refit(
 def _data_fingerprint(trials: Any, test: Any) -> dict[str, Any]:
     """What identifies the built-in objective's data: a SHA-256 of the trials' training and selection
     arrays and of the test split, with their sizes (for the error message)."""
-    digest = hashlib.sha256()
-    arrays = (
+    from deepspark.data.record import arrays_sha256
+
+    sha256 = arrays_sha256(
         trials.train_images,
         trials.train_labels,
         trials.test_images,
@@ -730,12 +731,8 @@ def _data_fingerprint(trials: Any, test: Any) -> dict[str, Any]:
         test.test_images,
         test.test_labels,
     )
-    for array in arrays:
-        contiguous = array if array.flags.c_contiguous else array.copy(order="C")
-        digest.update(f"{contiguous.dtype.str}{contiguous.shape}".encode())
-        digest.update(memoryview(contiguous).cast("B"))
     return {
-        "sha256": digest.hexdigest(),
+        "sha256": sha256,
         "train": len(trials.train_labels),
         "selection": len(trials.test_labels),
         "test": len(test.test_labels),
