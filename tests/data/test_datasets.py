@@ -199,6 +199,27 @@ def test_good_user_dir_is_used_in_place_and_only_good_files_are_copied(
     assert cached == sorted(set(MNIST_FILES) - {"train-labels-idx1-ubyte"})
 
 
+def test_a_cache_that_cannot_be_written_is_a_failed_source_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny: DatasetInfo, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deepspark.cli import main
+
+    # $DEEPSPARK_CACHE under a file: copying the user's good files into the cache raised
+    # NotADirectoryError out of fetch (a traceback from `deepspark data fetch`).
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    monkeypatch.setenv("DEEPSPARK_CACHE", str(blocker / "cache"))
+    user = tmp_path / "user"
+    _write_layout(user)
+    (user / "train-labels-idx1-ubyte").unlink()
+    with pytest.raises(DatasetError) as err:
+        fetch("mnist", data_dir=user, mirrors=False)
+    assert f"copying {user / 'train-images-idx3-ubyte'}: failed: " in str(err.value)
+    assert main(["data", "fetch", "mnist", "--data-dir", str(user), "--no-mirrors", "-q"]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("deepspark: error: could not obtain") and "Traceback" not in stderr
+
+
 def test_failed_or_partial_download_leaves_no_file_under_the_final_name(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny: DatasetInfo, mirror: str
 ) -> None:

@@ -52,10 +52,11 @@ def _install(cache: Path, raw_name: str, stream: Reader, expected: str, max_byte
     ``os.replace`` only after the checksum matched, so an interrupted or corrupt transfer can
     never leave a file under the final name.
     """
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=cache, prefix=f".{raw_name}.", suffix=".part")
-    tmp: Path | None = Path(tmp_name)
+    tmp: Path | None = None
     try:
+        cache.mkdir(parents=True, exist_ok=True)  # an unwritable cache is this source's failure, not a crash
+        fd, tmp_name = tempfile.mkstemp(dir=cache, prefix=f".{raw_name}.", suffix=".part")
+        tmp = Path(tmp_name)
         h = hashlib.sha256()
         size = 0
         with os.fdopen(fd, "wb") as out:
