@@ -344,6 +344,38 @@ def test_verified_marker_is_keyed_by_the_files_identity_not_only_size_and_mtime(
     assert verify("mnist") == dict.fromkeys(MNIST_FILES, "ok")
 
 
+def test_a_file_written_while_it_is_hashed_is_not_remembered_as_verified(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny: DatasetInfo
+) -> None:
+    import contextlib
+    import io
+
+    from deepspark.data import cache
+
+    user = tmp_path / "user"
+    path = _write_layout(user)[1]
+    real_open_raw = cache.open_raw
+
+    @contextlib.contextmanager
+    def overwritten_after_reading(p: Path) -> Iterator[io.BytesIO]:
+        with real_open_raw(p) as stream:
+            yield io.BytesIO(stream.read())  # the hash sees the good bytes...
+        if p == path:  # ...and then the file is written in place, same size, before the digest is kept
+            st = p.stat()
+            data = bytearray(p.read_bytes())
+            data[-1] ^= 0xFF
+            p.write_bytes(bytes(data))
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+    monkeypatch.setattr(cache, "open_raw", overwritten_after_reading)
+    assert verify("mnist", data_dir=user) == dict.fromkeys(MNIST_FILES, "ok")
+    monkeypatch.setattr(cache, "open_raw", real_open_raw)
+    # The good digest was kept for the changed file's identity: its other bytes passed from then on.
+    assert verify("mnist", data_dir=user)["train-labels-idx1-ubyte"].startswith("sha256 mismatch")
+    with pytest.raises(DatasetError, match="sha256 mismatch"):
+        load_dataset("mnist", data_dir=user)
+
+
 def test_verify_reports_missing_and_unknown_names_are_config_errors(tiny: DatasetInfo) -> None:
     assert verify("mnist") == dict.fromkeys(MNIST_FILES, "missing")
     with pytest.raises(ConfigError, match="registered dataset"):

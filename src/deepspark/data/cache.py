@@ -74,11 +74,16 @@ def _identity(st: os.stat_result) -> dict[str, int]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
 
 
-def remember(path: Path, digest: str) -> None:
-    """Record ``digest`` for ``path``'s current identity (size, times, inode); best effort, atomic."""
+def remember(path: Path, digest: str, st: os.stat_result | None = None) -> None:
+    """Record ``digest`` for ``path``'s identity (size, times, inode); best effort, atomic.
+
+    ``st`` is the identity the file had when ``digest`` was computed (default: its current one). A file
+    written while it was hashed then no longer has that identity, so it is hashed again next time
+    rather than keeping the digest of the bytes it held before.
+    """
     marker = _marker_path(path.parent)
     try:
-        st = path.stat()
+        st = path.stat() if st is None else st
         data = _read_marker(marker)
         data[path.name] = {**_identity(st), "sha256": digest}
         marker.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +119,7 @@ def raw_sha256(path: Path) -> str:
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise OSError(f"corrupt gzip stream ({exc})") from exc
     digest = h.hexdigest()
-    remember(path, digest)
+    remember(path, digest, st)
     return digest
 
 
