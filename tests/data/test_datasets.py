@@ -540,6 +540,29 @@ def test_the_registered_name_beside_a_directory_of_that_name_says_which_it_reads
     assert not caplog.records
 
 
+def test_cli_train_with_a_data_dir_named_like_a_registered_dataset_reads_that_directory(
+    tmp_path: Path, cached_mnist: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import deepspark.training
+    from deepspark.cli import main
+
+    # `train --data-dir mnist` (the user's own ./mnist) trained on the registered MNIST of the cache.
+    work = tmp_path / "work"
+    own = _write_other(work / "mnist")
+    monkeypatch.chdir(work)
+    given: dict[str, object] = {}
+
+    def fit(**options: object) -> None:
+        given.update(options)
+        raise ConfigError("stop before training")
+
+    monkeypatch.setattr(deepspark.training, "fit", fit)
+    assert main(["train", "--data-dir", "mnist", "--model", "mlp", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "stop before training" in capsys.readouterr().err
+    data = load_dataset(given["data"], data_dir=given["data_dir"])  # type: ignore[arg-type]
+    assert data.train_images.shape == (50, 7, 7) and Path(str(given["data"])) == own
+
+
 def test_cli_train_and_data_info_with_a_data_dir_use_that_directory(
     tmp_path: Path, cached_mnist: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -165,8 +165,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             )
         options: dict[str, Any] = {"data": _saved_data(args.resume), "run_dir": args.resume, "resume": True}
     else:
-        # A --data-dir without a dataset name IS the dataset: that directory, never MNIST instead.
-        dataset = args.dataset or args.data_dir or "mnist"
+        # A --data-dir without a dataset name IS the dataset: that directory, never MNIST instead (as a
+        # path, so that `--data-dir mnist` reads ./mnist and not the registered dataset of that name).
+        dataset = args.dataset or (
+            str(Path(args.data_dir).expanduser().absolute()) if args.data_dir else "mnist"
+        )
         data_dir = args.data_dir if args.dataset else None
         # 0 is a value, not "unset": fit refuses it (`or 1` would train one worker, one thread instead).
         workers = args.workers if args.workers is not None else 1
