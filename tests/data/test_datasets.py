@@ -694,3 +694,24 @@ def test_a_training_label_past_the_examples_is_refused_not_made_into_classes(tmp
     write_idx(paths[1], np.array([0, 1, 2] * 3 + [0, 1, 11], dtype=np.int32))
     write_idx(paths[3], np.array([0, 1, 2, 0, 1, 11], dtype=np.uint8))
     assert load_dataset(data_dir=tmp_path / "d").num_classes == 12
+
+
+def test_a_directory_holding_cifar10_beside_an_mnist_layout_is_refused_not_read_as_either(
+    tiny: DatasetInfo, source: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deepspark.cli import main
+
+    # `data verify --data-dir DIR` vouched for DIR's MNIST files while `train --data-dir DIR` trained on
+    # the CIFAR-10 batches beside them.
+    batches = source / "cifar-10-batches-bin"
+    batches.mkdir()
+    for name in [*(f"data_batch_{i}.bin" for i in range(1, 6)), "test_batch.bin"]:
+        (batches / name).write_bytes(bytes(3073))
+    for call in (lambda: load_dataset(data_dir=source), lambda: verify(data_dir=source)):
+        with pytest.raises(DatasetError, match="holds two datasets") as err:
+            call()
+        assert str(batches) in str(err.value) and "train-images-idx3-ubyte" in str(err.value)
+    assert main(["data", "verify", "--data-dir", str(source)]) == 2
+    assert "deepspark: error: " in capsys.readouterr().err
+    # A registered name says which: the directory's verified MNIST files.
+    assert load_dataset("mnist", data_dir=source).train_images.shape == (12, 8, 8)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from deepspark import http
 from deepspark.data.cache import CHUNK, cache_root, check, remember, user_dir
-from deepspark.data.directory import load_directory
+from deepspark.data.directory import check_one_dataset, load_directory
 from deepspark.data.files import Reader, find_file, open_raw, raw_stream, spellings
 from deepspark.data.registry import DATASETS, DatasetInfo, registered
 from deepspark.errors import ConfigError, DatasetError
@@ -322,6 +322,7 @@ def _check_directory(data_dir: str | os.PathLike[str] | None, what: str) -> tupl
         )
     if not user.is_dir():
         raise DatasetError(f"{user}: data directory does not exist")
+    check_one_dataset(user)  # else verify vouches for MNIST files while training reads CIFAR-10 beside them
     unlike = []
     for ds in DATASETS.values():
         found = {raw: find_file(user, raw) for raw in ds.files}
