@@ -95,6 +95,32 @@ def test_corrupt_file_raises_naming_the_file(tmp_path: Path, case: str, compress
     assert str(path) in str(err.value)
 
 
+def test_a_gzip_file_inflating_past_its_header_is_refused_without_reading_it_all(tmp_path: Path) -> None:
+    """A small .gz in a user's directory whose stream inflates to far more than its header says (a gzip
+    bomb) was decompressed whole into memory before the length check."""
+    import tracemalloc
+
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(_header(0x08, (2, 2, 2)) + bytes(8))
+        for _ in range(160):
+            f.write(bytes(1 << 20))  # 160 MiB of zeros after the 8 bytes of data: ~160 KiB on disk
+    tracemalloc.start()
+    try:
+        with pytest.raises(
+            DatasetError, match=r"= 8 bytes of data but the file holds more than \d+ bytes \(extra"
+        ):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+    small = tmp_path / "small.gz"  # extra bytes under the bound are counted exactly
+    small.write_bytes(gzip.compress(_header(0x08, (2, 2)) + bytes(4 + 1000)))
+    with pytest.raises(DatasetError, match=r"= 4 bytes of data but the file holds 1004 bytes \(extra"):
+        read_idx(small)
+
+
 def test_corrupt_gzip_stream_and_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "x.gz"
     path.write_bytes(gzip.compress(_header(8, (100,)) + bytes(100))[:-12])

@@ -36,6 +36,7 @@ _TYPES: dict[int, np.dtype] = {
 }
 _CODES: dict[tuple[str, int], int] = {(dt.kind, dt.itemsize): code for code, dt in _TYPES.items()}
 _MAX_NDIM = 4
+_EXTRA_COUNTED = 64 << 20  # bytes after a gzip file's data counted for the error message, no more
 
 
 def _parse_header(path: Path, head: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
@@ -63,17 +64,48 @@ def _parse_header(path: Path, head: bytes) -> tuple[np.dtype, tuple[int, ...], i
     return _TYPES[code], tuple(int(d) for d in shape), header_len
 
 
-def _check_length(path: Path, dtype: np.dtype, shape: tuple[int, ...], data_bytes: int) -> None:
-    expected = math.prod(shape) * dtype.itemsize  # Python ints: a product past 2**63 must not wrap
-    if data_bytes == expected:
+def _check_length(
+    path: Path, dtype: np.dtype, shape: tuple[int, ...], data_bytes: int, *, at_least: bool = False
+) -> None:
+    """A DatasetError unless the data is as long as the header says; ``at_least``: ``data_bytes`` is
+    where counting stopped (a gzip stream is not decompressed past a bound beyond the data)."""
+    expected = _data_bytes(dtype, shape)
+    if data_bytes == expected and not at_least:
         return
     dims = "×".join(str(d) for d in shape)
     unit = "" if dtype.itemsize == 1 else f"×{dtype.itemsize}"
     hint = "truncated?" if data_bytes < expected else "extra bytes after the data"
     raise DatasetError(
         f"{path}: header says {dims}{unit} = {expected} bytes of data "
-        f"but the file holds {data_bytes} bytes ({hint})"
+        f"but the file holds {'more than ' if at_least else ''}{data_bytes} bytes ({hint})"
     )
+
+
+def _data_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * dtype.itemsize  # Python ints: a product past 2**63 must not wrap
+
+
+def _read_gzip(p: Path) -> tuple[np.dtype, tuple[int, ...], bytes]:
+    """The header's dtype and shape and the data of a gzip IDX file, decompressing no more than the
+    header says plus a bounded count of what follows: a small file that inflates to gigabytes (a gzip
+    bomb in a user's directory) is refused as extra bytes, not read into memory."""
+    with gzip.open(p, "rb") as f:
+        head = f.read(4 + 4 * _MAX_NDIM)
+        dtype, shape, header_len = _parse_header(p, head)
+        expected = _data_bytes(dtype, shape)
+        parts, have = [head[header_len:]], len(head) - header_len
+        while have < expected and (
+            chunk := f.read(min(1 << 24, expected - have))
+        ):  # a header may claim 2**64
+            parts.append(chunk)
+            have += len(chunk)
+        data = b"".join(parts)
+        extra = max(0, len(data) - expected)
+        while extra <= _EXTRA_COUNTED and (chunk := f.read(1 << 20)):  # counted, not kept
+            extra += len(chunk)
+    if extra:
+        _check_length(p, dtype, shape, expected + extra, at_least=extra > _EXTRA_COUNTED)
+    return dtype, shape, data[:expected]
 
 
 def _native(array: np.ndarray) -> np.ndarray:
@@ -107,13 +139,11 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     try:
         if compressed:
             try:
-                with gzip.open(p, "rb") as f:
-                    blob = f.read()
+                dtype, shape, blob = _read_gzip(p)
             except (OSError, EOFError, zlib.error) as exc:
                 raise DatasetError(f"{p}: corrupt gzip stream ({exc})") from exc
-            dtype, shape, header_len = _parse_header(p, blob[: 4 + 4 * _MAX_NDIM])
-            _check_length(p, dtype, shape, len(blob) - header_len)
-            array = np.frombuffer(blob, dtype=dtype, offset=header_len).reshape(shape)
+            _check_length(p, dtype, shape, len(blob))
+            array = np.frombuffer(blob, dtype=dtype).reshape(shape)
             # frombuffer views immutable bytes: copy, so callers own a writable array as with raw files.
             return _native(array) if dtype.itemsize > 1 else array.copy()
         with open(p, "rb") as f:
