@@ -384,6 +384,16 @@ def test_verify_reports_missing_and_unknown_names_are_config_errors(tiny: Datase
         load_dataset("no-such-dataset-or-dir")
 
 
+def test_verify_of_a_data_dir_that_does_not_exist_says_so(
+    tiny: DatasetInfo, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its files were reported from the cache alone, without a word that the directory given was absent."""
+    missing = tmp_path / "typo"
+    with caplog.at_level("WARNING", logger="deepspark.data.fetch"):
+        assert verify("mnist", data_dir=missing) == dict.fromkeys(MNIST_FILES, "missing")
+    assert f"data directory {missing} does not exist; checking the cache only" in caplog.text
+
+
 # ----------------------------------------------------------------------------------------- loading
 @pytest.mark.parametrize(("gz", "dotted"), [(False, False), (True, False), (False, True), (True, True)])
 def test_custom_mnist_layout_dir_loads_with_its_own_classes(tmp_path: Path, gz: bool, dotted: bool) -> None:

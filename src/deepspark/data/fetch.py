@@ -295,6 +295,8 @@ def verify(name: str | None = None, *, data_dir: str | os.PathLike[str] | None =
         return _check_directory(data_dir, "verify")[1]
     ds = registered(name)
     user = user_dir(data_dir)
+    if user is not None and not user.is_dir():  # as fetch says it: else every "ok" reads as the directory's
+        _log.warning("data directory %s does not exist; checking the cache only", user)
     cache = cache_root() / ds.name
     report: dict[str, str] = {}
     for raw_name, expected in ds.files.items():
