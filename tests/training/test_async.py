@@ -63,6 +63,7 @@ def _server(**changes: Any) -> ParameterServer:
         "tau": 1,
         "batch_size": BATCH,
         "total_samples": 100 * BATCH,
+        "total_steps": 50,  # 10 epochs of 5 batches: each worker's even share of 80 rows
         "rows": 10 * BATCH,
         "new_cursor": lambda worker, rows: {"n": rows, "pushes": 0},
         "on_round": lambda record, weights: None,
@@ -179,6 +180,25 @@ def _send_push(
     header = {"op": "push", "version": pull["version"], "samples": samples, "loss_sum": float(samples)}
     cursor = {"n": rows, "pushes": 1}  # a real cursor covers its worker's rows
     conn.send({**header, "cursor": cursor, "compute_s": 0.0, "comm_s": 0.0}, payload)
+
+
+def test_a_pull_starts_where_the_run_stands_in_the_learning_rate_schedule() -> None:
+    # Workers take different shares of the budget. By its own step count, worker 0 (alone for ten pushes)
+    # would be at step 10 of the 50-step schedule after a tenth of the run's examples, and worker 1 would
+    # start at step 0: under cosine a fast worker ran past the schedule's end at rate 0 while a slow one
+    # still trained at half the rate. A pull carries the step the examples pushed so far reach.
+    server = _server()
+    payload = state_to_bytes({"w": torch.ones(4)})
+    starts = []
+    with _serving(server) as connect, connect(0) as fast:
+        for _ in range(10):
+            pull, _ = fast.recv()
+            starts.append(pull["first_step"])
+            _send_push(fast, pull, payload)
+        with connect(1) as late:
+            joined, _ = late.recv()
+    assert starts == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]  # 8 examples of 800 a push: half a step of 50
+    assert joined["first_step"] == 5
 
 
 def test_stale_pushes_blend_batchnorm_statistics_and_never_drive_a_variance_negative() -> None:

@@ -30,16 +30,24 @@ def _push(
     )
 
 
-def _server(records: list[RoundRecord], total_steps: int = 2, size: int = 2, **watch: Any) -> RoundServer:
-    """Two workers over one parameter ``w`` of ``size`` floats; ``watch``: the heartbeat clock
-    (``heartbeat_timeout``, ``cancel``), none by default."""
+def _server(
+    records: list[RoundRecord],
+    total_steps: int = 2,
+    size: int = 2,
+    round_seconds: float | None = None,
+    **watch: Any,
+) -> RoundServer:
+    """Two workers over one parameter ``w`` of ``size`` floats, rounds of one step (or ``round_seconds``);
+    ``watch``: the heartbeat clock (``heartbeat_timeout``, ``cancel``), none by default."""
     return RoundServer(
         weights={"w": torch.zeros(size)},
         parameters=["w"],
         cursors={},
         workers=2,
         new_cursor=lambda worker, rows: {"n": rows, "at": 0},
-        settings=AverageSettings(tau=1),
+        settings=AverageSettings(tau=1)
+        if round_seconds is None
+        else AverageSettings(round_seconds=round_seconds),
         batch_size=8,
         total_steps=total_steps,
         total_samples=32,
@@ -94,6 +102,23 @@ def test_a_round_whose_workers_with_data_were_lost_waits_for_their_replacement()
     assert server.error is None
     assert [(r.round, r.workers, r.samples) for r in records] == [(0, 2, 8)]
     assert torch.equal(server.weights["w"], torch.full((2,), 2.0))  # the empty push weighs nothing
+
+
+def test_rounds_of_seconds_start_where_the_run_stands_in_the_learning_rate_schedule() -> None:
+    # In rounds of seconds a slow worker takes fewer steps than a fast one: by their own step counts
+    # the fast one ran past the schedule's end (rate 0 under cosine) while the slow one trained at a
+    # high rate to the end. A round starts at the step the examples seen so far reach.
+    records: list[RoundRecord] = []
+    server = _server(records, total_steps=8, round_seconds=60.0)
+    with _serving(server) as endpoint, _connect(endpoint, 0) as fast, _connect(endpoint, 1) as slow:
+        first_fast, _ = fast.recv()
+        first_slow, _ = slow.recv()
+        assert first_fast["first_step"] == first_slow["first_step"] == 0
+        _push(fast, first_fast, 1.0, samples=16)  # two steps of 8
+        _push(slow, first_slow, 1.0, samples=4)  # half a step's examples
+        second_fast, _ = fast.recv()
+        second_slow, _ = slow.recv()
+    assert second_fast["first_step"] == second_slow["first_step"] == 20 * 8 // 32
 
 
 def test_a_superseded_connection_neither_pushes_nor_drops_its_worker_from_a_round() -> None:

@@ -1117,6 +1117,7 @@ def _fit_async(run: _Run) -> FitResult:
         tau=run.settings.tau,
         batch_size=config.batch_size,
         total_samples=config.epochs * layout.rows,
+        total_steps=total_steps,
         rows=layout.rows,
         new_cursor=_new_cursor(config),
         on_round=after_round,

@@ -55,6 +55,7 @@ __all__ = [
     "average_task",
     "load_worker",
     "round_steps",
+    "schedule_step",
 ]
 
 _log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class _Worker:
 class _Round:
     number: int
     steps: int
+    first_step: int  # where the round starts in the learning-rate schedule (the run's progress)
     expected: set[int] = field(default_factory=set)
     pushes: dict[int, _Push] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
@@ -365,10 +367,13 @@ class RoundServer(ServerState):
     def _open(self, number: int) -> _Round:
         if self._settings.round_seconds is None:
             steps = max(1, round_steps(self._settings.tau, self._total_steps - self._done_steps))
+            first_step = self._done_steps
         else:  # at most each worker's share of the examples left: a round's seconds must not overrun the run
             left = self._total - self._done_samples
             steps = max(1, -(-left // (self._batch_size * len(self._workers))))
-        return _Round(number=number, steps=steps, expected=set(self._workers))
+            # Workers take different steps in a round of seconds: the schedule follows the examples seen.
+            first_step = schedule_step(self._done_samples, self._total, self._total_steps)
+        return _Round(number=number, steps=steps, first_step=first_step, expected=set(self._workers))
 
     def worker_lost(self, worker: int) -> None:
         """A worker's Spark task failed or ended: leave it out of the round in progress; a connection of
@@ -447,6 +452,7 @@ class RoundServer(ServerState):
                     "op": "round",
                     "round": current.number,
                     "steps": current.steps,
+                    "first_step": current.first_step,
                     "seconds": self._settings.round_seconds,
                     "waited_s": time.perf_counter() - waited,
                 }
@@ -555,6 +561,14 @@ class RoundServer(ServerState):
         self._payload = state_to_bytes(self._weights)
 
 
+def schedule_step(samples_done: int, total_samples: int, total_steps: int) -> int:
+    """The step of the learning-rate schedule (``total_steps`` long) that ``samples_done`` examples of
+    ``total_samples`` reach: where the run stands when workers take different numbers of steps (``async``,
+    rounds of seconds). A worker's own step count would run a faster worker past the schedule's end
+    (rate 0 under ``cosine``) while a slower one still trained at a high rate."""
+    return samples_done * total_steps // max(total_samples, 1)
+
+
 def round_steps(tau: int, left: int) -> int:
     """The steps of the next round when ``left`` steps remain: ``tau``, except that the last round also
     takes a remainder shorter than ``tau`` (so no round is shorter than ``tau`` unless the whole run is).
@@ -627,10 +641,17 @@ class LoadedWorker:
     slowdown: Callable[[int, float], None]
 
     def take_steps(
-        self, optimizer: torch.optim.Optimizer, cursor: Any, steps: int, *, deadline: float | None = None
+        self,
+        optimizer: torch.optim.Optimizer,
+        cursor: Any,
+        steps: int,
+        *,
+        first_step: int,
+        deadline: float | None = None,
     ) -> Any:
-        """Up to ``steps`` steps from ``cursor`` (a ``StepStats``; None for an empty partition), then the
-        benchmark's straggler delay if this worker is the slowed one."""
+        """Up to ``steps`` steps from ``cursor`` (a ``StepStats``; None for an empty partition), the first
+        at step ``first_step`` of the learning-rate schedule (the driver's), then the benchmark's
+        straggler delay if this worker is the slowed one."""
         from deepspark.training.loop import run_steps
 
         started = time.perf_counter()
@@ -644,7 +665,7 @@ class LoadedWorker:
                 steps,
                 augment=self.config.augment,
                 learning_rate=self.rate,
-                first_step=cursor.epoch * cursor.steps_per_epoch + cursor.step,
+                first_step=first_step,
                 deadline=deadline,
             )
             if len(self.targets)
@@ -730,6 +751,7 @@ def average_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
                 optimizer,
                 cursor,
                 int(header["steps"]),
+                first_step=int(header["first_step"]),
                 deadline=None if seconds is None else loaded + float(seconds),
             )
             computed = time.perf_counter()

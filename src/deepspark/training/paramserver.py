@@ -33,6 +33,10 @@ Choices (docs/training.md):
   replaced, or whose Spark job failed meanwhile (a task that Spark has not killed yet), is told to stop and
   its push in flight is not applied: the replacement takes those batches again from the driver's cursor,
   so no batch is applied twice.
+- Learning-rate schedule: a pull carries the schedule's step that the examples pushed so far reach
+  (:func:`deepspark.training.average.schedule_step`), not the worker's own step count: a faster worker
+  takes more of the budget, and by its own count it would step past the schedule's end (rate 0 under
+  ``cosine``) while a slower one still trained at a high rate.
 - Budget: training stops when the examples pushed reach ``epochs × rows``. A pull is granted only while
   the examples already pushed plus those claimed by pulls in flight fall short of it (the last pulls get
   fewer steps), so the run takes the requested epochs and no push is thrown away; a lost worker's claim
@@ -56,7 +60,7 @@ import torch
 
 from deepspark.errors import DeepsparkError
 from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
-from deepspark.training.average import RoundRecord, ServerState, TaskSpec, load_worker
+from deepspark.training.average import RoundRecord, ServerState, TaskSpec, load_worker, schedule_step
 
 __all__ = ["AsyncRecord", "ParameterServer", "async_task"]
 
@@ -118,6 +122,7 @@ class ParameterServer(ServerState):
         tau: int,
         batch_size: int,
         total_samples: int,
+        total_steps: int,
         rows: int,
         new_cursor: Callable[[int, int], dict[str, Any]],
         on_round: Callable[[AsyncRecord, Mapping[str, torch.Tensor]], None],
@@ -138,6 +143,7 @@ class ParameterServer(ServerState):
         self._tau = tau
         self._batch_size = batch_size
         self._total = total_samples
+        self._total_steps = total_steps  # the learning-rate schedule's length
         self._on_round = on_round
         self._workers = {
             k: _Worker(cursor=dict((cursors or {}).get(k, {})), clock=int((clocks or {}).get(k, 0)))
@@ -284,6 +290,7 @@ class ParameterServer(ServerState):
                     "op": "pull",
                     "version": pulled,
                     "steps": steps,
+                    "first_step": schedule_step(self._done_samples, self._total, self._total_steps),
                     "clock": state.clock,
                 }
                 if first:
@@ -397,7 +404,9 @@ def async_task(task: TaskSpec, batches: Iterator[Any]) -> Iterator[Any]:
                 raise DeepsparkError("the parameter server sent no data cursor with the first pull")
             torch.manual_seed(task.seed * 1_000_003 + int(header["clock"]) * 1009 + worker)
             ready = time.perf_counter()
-            stats = loaded.take_steps(optimizer, cursor, int(header["steps"]))
+            stats = loaded.take_steps(
+                optimizer, cursor, int(header["steps"]), first_step=int(header["first_step"])
+            )
             computed = time.perf_counter()
             # Parameters and counters as deltas, floating buffers as values (the module docstring says why).
             pushed = {
