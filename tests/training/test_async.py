@@ -292,6 +292,25 @@ def test_a_worker_with_an_empty_partition_waits_while_no_worker_with_data_is_liv
     assert server.version == 2 and len(records) == 1
 
 
+def test_a_worker_with_an_empty_partition_neither_halves_the_others_steps_nor_drags_their_buffers() -> None:
+    # Worker 1's partition is empty. Counted among the workers, it halved every push of worker 0 (async
+    # trained at half the rate average and allreduce train the same data at), and its empty pushes
+    # blended its stale copy of the buffers back in.
+    server = _server(weights={"w": torch.zeros(4), "bn.running_var": torch.ones(1)})
+    trained = state_to_bytes({"w": torch.ones(4), "bn.running_var": torch.full((1,), 0.5)})
+    stale = state_to_bytes({"w": torch.zeros(4), "bn.running_var": torch.ones(1)})
+    with _serving(server) as connect, connect(0, rows=80) as data, connect(1, rows=0) as empty:
+        pull_data, _ = data.recv()
+        pull_empty, _ = empty.recv()  # both have loaded
+        _send_push(data, pull_data, trained, rows=80)
+        assert data.recv()[0]["op"] == "pull"
+        _send_push(empty, pull_empty, stale, samples=0, rows=0)
+        assert empty.recv()[0]["op"] == "pull"
+    assert server.version == 2
+    assert torch.equal(server.weights["w"], torch.ones(4))  # worker 0's whole step, as in average
+    assert torch.equal(server.weights["bn.running_var"], torch.full((1,), 0.5))
+
+
 def test_async_arguments_are_validated(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"staleness: expected an integer >= 1, got 0"):
         fit("mnist", strategy="async", workers=2, staleness=0, run_dir=tmp_path / "a")

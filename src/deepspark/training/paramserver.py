@@ -7,10 +7,13 @@ waiting for the others, and bumps the version. The executor side is :func:`async
 
 Choices (docs/training.md):
 
-- Scaling: the server applies ``w += delta / workers``. When every worker pulls the same weights, one push
-  from each is then exactly one round of model averaging, so the learning rates that suit ``average``
-  suit ``async`` too, and a stale delta moves the weights by a ``1/workers`` share only. The scale stays
-  ``1/workers`` while a worker is lost, so the step size does not jump. Integer buffers (BatchNorm's
+- Scaling: the server applies ``w += delta / workers``, counting the workers with data: one whose
+  partition is empty (its loaded frame says 0 rows) trains on nothing, so its pushes change nothing
+  and it is not counted (as its weight in ``average`` is 0; counted, it halved every step of the one
+  worker with data beside it); one that has not loaded yet is. When every worker pulls the same weights,
+  one push from each is then exactly one round of model averaging, so the learning rates that suit
+  ``average`` suit ``async`` too, and a stale delta moves the weights by a ``1/workers`` share only. The
+  scale stays while a worker is lost, so the step size does not jump. Integer buffers (BatchNorm's
   counters) are added unscaled. Floating buffers (BatchNorm's running mean and variance) are pushed as
   values, not deltas, and blended: ``b = (1 - 1/workers) b + pushed / workers``. A blend stays between
   values that were seen, where a stale delta (a variance falling fast from the one pulled) can drive a
@@ -138,7 +141,6 @@ class ParameterServer(ServerState):
         self._weights = {k: v.detach().clone() for k, v in weights.items()}
         self._parameters = frozenset(parameters)  # pushed as deltas; floating buffers as values
         self._payload, self._payload_version = b"", -1
-        self._scale = 1.0 / workers
         self._staleness = staleness
         self._tau = tau
         self._batch_size = batch_size
@@ -308,7 +310,7 @@ class ParameterServer(ServerState):
                 state.claimed = 0
                 if self.finished or self.error is not None:
                     continue  # the budget was met meanwhile: the loop answers stop
-                self._apply(delta)
+                self._apply(delta, int(reply["samples"]))
                 row = self._row
                 row.pushes += 1
                 row.samples += int(reply["samples"])
@@ -335,16 +337,20 @@ class ParameterServer(ServerState):
             self._payload, self._payload_version = state_to_bytes(self._weights), self._version
         return self._payload
 
-    def _apply(self, pushed: Mapping[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, current in self._weights.items():
-                value = pushed[name].to(current.dtype)
-                if not current.is_floating_point():
-                    current.add_(value)  # a counter's delta
-                elif name in self._parameters:
-                    current.add_(value * self._scale)
-                else:
-                    current.mul_(1 - self._scale).add_(value * self._scale)  # a buffer's value, blended
+    def _apply(self, pushed: Mapping[str, torch.Tensor], samples: int) -> None:
+        """Apply a push of ``samples`` examples; one of none (an empty partition's) holds the weights it
+        pulled and changes nothing (blended in, its stale buffers would drag the others' back)."""
+        if samples:
+            scale = 1.0 / max(1, sum(1 for w in self._workers.values() if w.rows != 0))  # workers with data
+            with torch.no_grad():
+                for name, current in self._weights.items():
+                    value = pushed[name].to(current.dtype)
+                    if not current.is_floating_point():
+                        current.add_(value)  # a counter's delta
+                    elif name in self._parameters:
+                        current.add_(value * scale)
+                    else:
+                        current.mul_(1 - scale).add_(value * scale)  # a buffer's value, blended
         self._version += 1
 
     def close_row(self) -> None:
