@@ -194,3 +194,17 @@ def test_validation_in_training_gives_back_every_training_example_once() -> None
     assert np.array_equal(merged.train_labels, merged.train_images[:, 0, 1].astype(np.int64))
     assert np.array_equal(merged.test_images, data.test_images)
     assert data.validation_in_training() is data  # nothing held out: nothing to give back
+
+
+def test_arrays_sha256_tells_contents_shapes_and_dtypes_apart_and_takes_empty_arrays() -> None:
+    from deepspark.data.record import arrays_sha256
+
+    images = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    digest = arrays_sha256(images, np.array([0, 1]))
+    assert digest == arrays_sha256(images.copy(), np.array([0, 1]))
+    assert digest != arrays_sha256(images, np.array([1, 0]))
+    assert digest != arrays_sha256(images.reshape(2, 4, 3), np.array([0, 1]))
+    assert digest != arrays_sha256(images.astype(np.int16), np.array([0, 1]))
+    # An empty split (limit_train=0) is hashed, not a TypeError from memoryview's cast.
+    empty = arrays_sha256(np.zeros((0, 8, 8), np.uint8), np.zeros(0, np.int64))
+    assert empty != arrays_sha256(np.zeros((0, 7, 8), np.uint8), np.zeros(0, np.int64))

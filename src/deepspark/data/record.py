@@ -307,5 +307,6 @@ def arrays_sha256(*arrays: np.ndarray) -> str:
     for array in arrays:
         contiguous: Any = array if array.flags.c_contiguous else array.copy(order="C")  # a buffer
         digest.update(f"{contiguous.dtype.str}{contiguous.shape}".encode())
-        digest.update(memoryview(contiguous).cast("B"))
+        if contiguous.size:  # an empty array has no bytes (and memoryview cannot cast its zero shape)
+            digest.update(memoryview(contiguous).cast("B"))
     return digest.hexdigest()
