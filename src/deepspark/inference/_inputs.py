@@ -20,8 +20,9 @@ from deepspark.validation import data_kind
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-__all__ = ["Input", "is_local", "local_path", "resolve_input"]
+__all__ = ["GLOB_CHARS", "Input", "is_local", "local_path", "parquet_table_file", "resolve_input"]
 
+GLOB_CHARS = "*?[{"  # a path holding one of these is a glob (Hadoop's syntax, `**` ours)
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # What a folder of images reads: the suffixes in any case (`x.Png` as `x.png`, as a single file's suffix is
 # read), `*.{[pP][nN][gG],...}` in the syntax both Hadoop's glob filter and fnmatch read.
@@ -204,6 +205,15 @@ def _empty_files(spark: SparkSession, uris: Sequence[str]) -> list[str]:
     return empty
 
 
+def parquet_table_file(entries: Sequence[Path]) -> Path | None:
+    """The first of a folder's ``entries`` that makes it a Parquet table: a Parquet file or ``_SUCCESS``,
+    not a folder named ``*.parquet`` (earlier predictions, say); None when there is none. The names are
+    looked at first, so that only candidates are stat'ed."""
+    return next(
+        (q for q in entries if (q.suffix == ".parquet" or q.name == "_SUCCESS") and q.is_file()), None
+    )
+
+
 def _check_pixel_shape(what: str, shape: Sequence[int], input_shape: tuple[int, int, int]) -> None:
     """Raw pixel records are taken as they are, not resized (as training reads them): a ConfigError unless
     their recorded shape (``[H, W]``, ``[C, H, W]``, or flat ``[C*H*W]``) is the model's input. Reshaped by
@@ -333,7 +343,7 @@ def _resolve(
     if not isinstance(data, str | os.PathLike):
         raise ConfigError(f"data: expected a Spark DataFrame or a path/glob, got {data_kind(data)}")
     path = os.fspath(data)
-    has_glob = any(ch in path for ch in "*?[{")
+    has_glob = any(ch in path for ch in GLOB_CHARS)
     if is_local(path):
         if not path.startswith("file://") and not os.path.isabs(path):
             # Hadoop reads a relative 'a:b' as a URI whose scheme is 'a' (a Java trace): go absolute,
@@ -352,11 +362,7 @@ def _resolve(
             idx = sorted(
                 {preferred_copy(q) for q in entries if "idx3-ubyte" in q.name or "idx3.ubyte" in q.name}
             )
-            # A Parquet table's own files, not a folder named *.parquet (earlier predictions, say); the
-            # names first, so that only candidates are stat'ed.
-            table = next(
-                (q for q in entries if (q.suffix == ".parquet" or q.name == "_SUCCESS") and q.is_file()), None
-            )
+            table = parquet_table_file(entries)
             if idx and table is not None:  # either kind alone would leave the other out without a word
                 raise ConfigError(
                     f"data: {path!r} holds both MNIST-layout IDX files ({', '.join(q.name for q in idx)}) and "
@@ -387,7 +393,7 @@ def _resolve(
     suffix = Path(path).suffix.lower()
     if has_glob:
         parts = path.split("/")
-        first = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?[{"))
+        first = next(i for i, part in enumerate(parts) if any(ch in part for ch in GLOB_CHARS))
         if first == len(parts) - 1 or (first == len(parts) - 2 and parts[first] == "**"):
             # Hadoop globs have no '**': list the fixed prefix (recursively for 'DIR/**/NAME') and filter
             # on the file name; a glob in the file name alone is read the same way.

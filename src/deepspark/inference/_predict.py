@@ -18,10 +18,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deepspark.errors import ConfigError, DeepsparkError, RunError
-from deepspark.inference._inputs import is_local, local_path, resolve_input
+from deepspark.inference._inputs import GLOB_CHARS, is_local, local_path, parquet_table_file, resolve_input
 from deepspark.inference._task import PHASES, TaskPlan, TaskStats, run_task
 from deepspark.inference.decode import InputKind, UrlPolicy
 from deepspark.inference.formats import ModelFormat, read_model
@@ -228,11 +229,8 @@ def _check_replaceable(output: str, model: Any, data: Any) -> None:
     Parquet files, as predict writes), never a folder of images, the model, or a folder holding the input
     (an input table read back is fine: it is read in full before the rename)."""
     target = os.path.realpath(output)
-    entries = os.listdir(target) if os.path.isdir(target) else []
-    table = any(
-        (name.endswith(".parquet") or name == "_SUCCESS") and os.path.isfile(os.path.join(target, name))
-        for name in entries
-    )
+    entries = sorted(Path(target).iterdir()) if os.path.isdir(target) else []
+    table = parquet_table_file(entries) is not None
 
     def inside(path: str) -> bool:
         return os.path.commonpath([target, path]) == target
@@ -240,7 +238,7 @@ def _check_replaceable(output: str, model: Any, data: Any) -> None:
     sources = [("the model", os.path.realpath(os.fspath(model)))]
     if isinstance(data, str | os.PathLike) and is_local(os.fspath(data)):
         text = local_path(os.fspath(data))
-        glob_at = min((i for i, c in enumerate(text) if c in "*?[{"), default=None)
+        glob_at = min((i for i, c in enumerate(text) if c in GLOB_CHARS), default=None)
         root = text if glob_at is None else os.path.dirname(text[:glob_at]) or "."
         sources.append(("the input", os.path.realpath(root)))
     for what, path in sources:
