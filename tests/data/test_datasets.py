@@ -432,6 +432,24 @@ def test_images_without_pixels_are_refused_naming_the_file(tmp_path: Path) -> No
         load_dataset(data_dir=tmp_path / "d")
 
 
+def test_channels_last_images_are_refused_not_read_as_channels(tmp_path: Path) -> None:
+    # [N, 8, 8, 3] (RGB as PIL and numpy hold it) was read as 8 channels of 8x3 pixels and trained on.
+    paths = _write_layout(tmp_path / "d")
+    rgb = np.random.default_rng(0).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
+    write_idx(paths[0], rgb)
+    write_idx(paths[2], rgb[:6])
+    with pytest.raises(DatasetError, match=rf"{paths[0]}: images of shape \[8, 8, 3\] look channels-last"):
+        load_dataset(data_dir=tmp_path / "d")
+    # The same images channels-first load as 3 channels of 8x8.
+    write_idx(paths[0], rgb.transpose(0, 3, 1, 2))
+    write_idx(paths[2], rgb[:6].transpose(0, 3, 1, 2))
+    assert load_dataset(data_dir=tmp_path / "d").input_shape == (3, 8, 8)
+    # So does a record built in Python.
+    with pytest.raises(ConfigError, match=r"train_images: images of shape \[8, 8, 3\] look channels-last"):
+        split = (rgb, np.zeros(12, dtype=np.int64))
+        ImageDataset.from_splits("rgb", split, split, ("a",))
+
+
 def test_missing_file_and_label_out_of_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     paths = _write_layout(tmp_path / "d")
     paths[2].unlink()

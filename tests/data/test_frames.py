@@ -91,6 +91,9 @@ def test_to_dataframe_validates(spark: Any) -> None:
         to_dataframe(spark, _images(3), np.zeros(2, dtype=np.int64))
     with pytest.raises(ConfigError, match="num_partitions"):
         to_dataframe(spark, _images(3), num_partitions=0)
+    # [N, H, W, C] is refused: its recorded shape made fit read H channels of W x C pixels.
+    with pytest.raises(ConfigError, match=r"to_dataframe: images of shape \[6, 5, 3\] look channels-last"):
+        to_dataframe(spark, _images(3, (6, 5, 3)))
 
 
 def test_rebatch_keeps_every_column_and_the_row_order() -> None:

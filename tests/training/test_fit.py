@@ -771,6 +771,8 @@ def test_arguments_the_data_would_ignore_are_refused(
         ({"input_shape": (1, 2.5, 2)}, r"input_shape: expected \(C, H, W\) .*got \(1, 2.5, 2\)"),
         ({"input_shape": "122"}, r"input_shape: expected \(C, H, W\) .*got '122'"),
         ({"input_shape": 4}, r"input_shape: expected \(C, H, W\) .*got 4"),
+        # (H, W, C) was read as H channels of W x C pixels.
+        ({"input_shape": (2, 2, 3)}, r"input_shape: images of shape \[2, 2, 3\] look channels-last"),
     ],
 )
 def test_a_dataframe_s_class_count_and_input_shape_are_checked(

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from deepspark.data.record import channels_last_hint
 from deepspark.errors import ConfigError, DatasetError
 from deepspark.validation import check_choice, check_positive_int, fail
 
@@ -72,6 +73,9 @@ def to_dataframe(
             f"to_dataframe: images must be a uint8 array [N, ...] of at least one pixel each; got {arr.dtype} "
             f"{arr.shape}"
         )
+    hint = channels_last_hint(arr.shape[1:])
+    if hint is not None:
+        raise ConfigError(f"to_dataframe: {hint}")
     if num_partitions is not None:
         check_positive_int("num_partitions", num_partitions)
     if not image_column or not label_column or image_column in ("id", label_column) or label_column == "id":

@@ -11,7 +11,7 @@ import numpy as np
 
 from deepspark.data.files import MNIST_FILES, find_file
 from deepspark.data.idx import read_idx
-from deepspark.data.record import ImageDataset
+from deepspark.data.record import ImageDataset, channels_last_hint
 from deepspark.data.registry import DatasetInfo
 from deepspark.errors import DatasetError
 
@@ -59,6 +59,9 @@ def check_idx_images(path: Path, images: np.ndarray) -> None:
             f"{path}: images must be uint8 with 3 ([N,H,W]) or 4 ([N,C,H,W]) dimensions; "
             f"got {images.dtype} {images.shape}"
         )
+    hint = channels_last_hint(images.shape[1:])
+    if hint is not None:
+        raise DatasetError(f"{path}: {hint}")
     if 0 in images.shape[1:]:  # a model for them would learn from nothing but its biases
         raise DatasetError(
             f"{path}: images of shape {images.shape[1:]} hold no pixels; each image dimension must be at least 1"

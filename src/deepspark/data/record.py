@@ -16,7 +16,14 @@ import numpy as np
 from deepspark.errors import ConfigError
 from deepspark.validation import check_int, fail
 
-__all__ = ["DEFAULT_VALIDATION", "ImageDataset", "arrays_sha256", "channel_stats", "validation_indices"]
+__all__ = [
+    "DEFAULT_VALIDATION",
+    "ImageDataset",
+    "arrays_sha256",
+    "channel_stats",
+    "channels_last_hint",
+    "validation_indices",
+]
 
 #: The hold-out that :meth:`ImageDataset.split_validation` takes when none is given: 10% of training.
 DEFAULT_VALIDATION = 0.1
@@ -70,6 +77,9 @@ class ImageDataset:
                     f"{split}_images and {split}_labels must have the same length; "
                     f"got {len(images)} and {len(labels)}"
                 )
+            hint = channels_last_hint(images.shape[1:])
+            if hint is not None:
+                raise ConfigError(f"{split}_images: {hint}")
             if split != "train" and images.shape[1:] != self.train_images.shape[1:]:
                 raise ConfigError(
                     f"train and {split} images must have the same shape; got {self.train_images.shape[1:]} "
@@ -268,6 +278,28 @@ def validation_indices(
     held = [rng.permutation(np.flatnonzero(labels == cls))[:k] for cls, k in zip(classes, take, strict=True)]
     out = np.concatenate(held) if held else np.empty(0, dtype=np.int64)
     return np.sort(out).astype(np.int64)
+
+
+_CHANNEL_COUNTS = (1, 3, 4)  # grey, RGB, RGBA: the channel counts images come in
+
+
+def channels_last_hint(shape: Any) -> str | None:
+    """Why ``shape`` (one image's, as ``(C, H, W)``) looks channels-last, or None.
+
+    deepspark reads a 3-dimensional image as ``(C, H, W)``; images stored ``(H, W, C)`` (as PIL,
+    numpy and TensorFlow hold them) would be read as H channels of W x C pixels and train or
+    predict scrambled without a word. A shape whose last dimension is a channel count and whose
+    first is not is refused by every reader with this reason: transposing is the user's one fix.
+    """
+    dims = tuple(int(d) for d in shape)
+    if len(dims) != 3 or dims[2] not in _CHANNEL_COUNTS or dims[0] in _CHANNEL_COUNTS:
+        return None
+    h, w, c = dims
+    return (
+        f"images of shape {list(dims)} look channels-last (height {h}, width {w}, {c} channels), but "
+        f"deepspark reads (channels, height, width); transpose them first, e.g. "
+        f"images.transpose(0, 3, 1, 2) for [N, {c}, {h}, {w}]"
+    )
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

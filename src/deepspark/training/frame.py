@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from deepspark.data.record import channels_last_hint
 from deepspark.errors import ConfigError, DatasetError
 from deepspark.spark import column
 from deepspark.validation import check_int
@@ -308,6 +309,9 @@ def _chw(shape: Any) -> tuple[int, int, int]:
         isinstance(d, bool) or not isinstance(d, int | np.integer) or d < 1 for d in dims
     ):
         raise ConfigError(f"input_shape: expected (C, H, W) or (H, W) of positive ints, got {shape!r}")
+    hint = channels_last_hint(dims)
+    if hint is not None:
+        raise ConfigError(f"input_shape: {hint}")
     return (int(dims[0]), int(dims[1]), int(dims[2]))
 
 
