@@ -17,7 +17,7 @@ from deepspark.data import load_dataset, to_dataframe, write_idx
 from deepspark.errors import ConfigError, DeepsparkError, RunError
 from deepspark.models import build_model, load_checkpoint, model_spec
 from deepspark.training import TrainConfig, fit, train_one_process
-from deepspark.training.average import round_steps
+from deepspark.training.average import AverageSettings, round_steps
 
 
 def _layout_dir(path: Path, *, train: int, test: int, classes: int = 3, size: int = 8, seed: int = 0) -> Path:
@@ -794,6 +794,19 @@ def test_local_run_without_test_examples_records_no_accuracy(toy: Path, tmp_path
     assert result.test_accuracy is None
     assert [r["test_accuracy"] for r in _history(result.run_dir)] == [""]
     assert "test_accuracy" not in load_checkpoint(result.model_dir).metadata.get("metrics", {})
+
+
+def test_async_given_default_average_settings_pushes_after_every_step(
+    spark: Any, toy: Path, tmp_path: Path
+) -> None:
+    # AverageSettings() under async made the workers push every 50 steps (average's default), not 1.
+    options: dict[str, Any] = {
+        "strategy": "async",
+        "workers": 2,
+        "config": {**SGD, "batch_size": 8, "epochs": 1},
+    }
+    result = fit(str(toy), "mlp", average=AverageSettings(), run_dir=tmp_path / "run", **options)
+    assert json.loads((result.run_dir / "config.json").read_text())["average"]["tau"] == 1
 
 
 def test_staleness_is_refused_off_the_async_strategy(toy: Path, tmp_path: Path) -> None:

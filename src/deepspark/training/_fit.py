@@ -456,11 +456,9 @@ def _settings(average: AverageSettings | Mapping[str, Any] | None, strategy: str
             "average: tau and round_seconds both set the length of a round; give one (round_seconds "
             "replaces tau)"
         )
-    if isinstance(average, AverageSettings):
-        settings = average
-    else:
-        base = asdict(ASYNC_SETTINGS) if strategy == "async" else {}
-        settings = AverageSettings(**{**base, **dict(average or {})})
+    # async's own defaults under what was given: AverageSettings() under async pushed every 50 steps.
+    base = asdict(ASYNC_SETTINGS) if strategy == "async" else {}
+    settings = AverageSettings(**{**base, **given})
     if strategy == "async":
         if settings.round_seconds is not None:
             raise ConfigError(
