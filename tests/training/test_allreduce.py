@@ -53,10 +53,18 @@ def _frame(spark: Any, x: np.ndarray, y: np.ndarray) -> Any:
     )
 
 
-def _fit_tiny(spark: Any, run_dir: Path, x: np.ndarray, y: np.ndarray, config: dict[str, Any]) -> Any:
+def _fit_tiny(
+    spark: Any,
+    run_dir: Path,
+    x: np.ndarray,
+    y: np.ndarray,
+    config: dict[str, Any],
+    model: Any = TINY,
+    **extra: Any,
+) -> Any:
     return fit(
         _frame(spark, x, y),
-        TINY,
+        model,
         strategy="allreduce",
         workers=2,
         config=config,
@@ -64,6 +72,7 @@ def _fit_tiny(spark: Any, run_dir: Path, x: np.ndarray, y: np.ndarray, config: d
         input_shape=SHAPE,
         num_classes=CLASSES,
         checkpoint_seconds=0,
+        **extra,
     )
 
 
@@ -103,6 +112,39 @@ def test_two_workers_take_one_step_on_the_union_batch(spark: Any, tmp_path: Path
     assert float(row["train_loss"]) == pytest.approx(float(loss.detach()), abs=1e-5)
     state = json.loads((result.run_dir / CHECKPOINT / "state.json").read_text())
     assert state["steps_done"] == 1
+
+
+class _WithSpare(torch.nn.Module):
+    """TINY's shape of model with a parameter its forward never uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(np.prod(SHAPE)), CLASSES))
+        self.spare = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def with_spare() -> torch.nn.Module:
+    return _WithSpare()
+
+
+def test_a_parameter_no_forward_uses_is_left_as_one_process_leaves_it(spark: Any, tmp_path: Path) -> None:
+    # Its gradient was all-reduced as zeros, so weight decay and momentum moved what one process (a None
+    # gradient) never touches.
+    x, y = _arrays(16)
+    config = {
+        "optimizer": "momentum",
+        "learning_rate": 0.5,
+        "weight_decay": 0.1,
+        "batch_size": 4,
+        "epochs": 1,
+    }
+    _fit_tiny(spark, tmp_path / "run", x, y, config, with_spare)
+    got = _checkpoint_weights(tmp_path / "run")
+    assert torch.equal(got["spare"], torch.ones(3))
+    assert not torch.equal(got["body.1.bias"], _WithSpare().body[1].bias.detach())  # the rest trained
 
 
 def test_replicas_stay_identical_on_uneven_partitions(spark: Any, tmp_path: Path) -> None:
@@ -222,18 +264,7 @@ def test_no_round_is_recorded_after_an_on_round_error(spark: Any, tmp_path: Path
     x, y = _arrays(64, seed=2)
     config = {"optimizer": "momentum", "learning_rate": 0.05, "batch_size": 4, "epochs": 2, "seed": 1}
     with pytest.raises(DeepsparkError, match="driver crash"):
-        fit(
-            _frame(spark, x, y),
-            TINY,
-            strategy="allreduce",
-            workers=2,
-            config=config,
-            run_dir=tmp_path / "run",
-            input_shape=SHAPE,
-            num_classes=CLASSES,
-            checkpoint_seconds=0,
-            on_round=driver_crash(1),
-        )
+        _fit_tiny(spark, tmp_path / "run", x, y, config, on_round=driver_crash(1))
     assert [int(r["round"]) for r in _history(tmp_path / "run")] == [0, 1]
     state = json.loads((tmp_path / "run" / CHECKPOINT / "state.json").read_text())
     assert state["round"] == 1

@@ -463,7 +463,10 @@ def _train(
     floats = [b for b in model.buffers() if b.is_floating_point()]
     ints = [b for b in model.buffers() if not b.is_floating_point()]
     sizes = [t.numel() for t in (*params, *floats, *ints)]
-    width = sum(sizes) + 3  # + examples, summed loss, non-empty ranks
+    # + a flag per parameter (a gradient on some rank: one no rank's forward used keeps grad None, and
+    # the optimizer leaves it as one process does), examples, summed loss, non-empty ranks
+    tail = len(params) + 3
+    width = sum(sizes) + tail
     dtype = params[0].dtype if params else torch.float32
     ring_bytes = 2 * (world - 1) * width * torch.finfo(dtype).bits // 8 if world > 1 else 0
     chain = hashlib.sha256()
@@ -502,14 +505,18 @@ def _train(
                 ),
                 *(b.reshape(-1) * count for b in floats),
                 *(b.reshape(-1).to(dtype) * (1 if count else 0) for b in ints),
-                torch.tensor([count, 0.0, 1.0 if count else 0.0], device=device, dtype=dtype),
+                torch.tensor(
+                    [*(p.grad is not None for p in params), count, 0.0, 1.0 if count else 0.0],
+                    device=device,
+                    dtype=dtype,
+                ),
             ]
         )
         flat[-2] = loss_value
         t1 = time.perf_counter()
         if world > 1:
             dist.all_reduce(flat)
-        total, summed, nonempty = flat[-3:].tolist()  # one device sync per step
+        *used, total, summed, nonempty = flat[-tail:].tolist()  # one device sync per step
         t2 = time.perf_counter()
         if not math.isfinite(summed):
             epoch = step // max(1, math.ceil(math.ceil(task.layout.rows / world) / config.batch_size))
@@ -528,10 +535,10 @@ def _train(
                     }
                 )
             raise DivergenceError(message, epoch=epoch, step=step)
-        parts = list(torch.split(flat[:-3], sizes))
+        parts = list(torch.split(flat[:-tail], sizes))
         with torch.no_grad():
-            for p, g in zip(params, parts, strict=False):
-                p.grad = (g / total).view_as(p)
+            for p, g, u in zip(params, parts, used, strict=False):
+                p.grad = (g / total).view_as(p) if u else None
             if total:
                 for b, v in zip(floats, parts[len(params) :], strict=False):
                     b.copy_((v / total).view_as(b))
