@@ -219,8 +219,7 @@ def observed_parallelism(run: StudyRun) -> int:
 
 
 def wall_seconds(run: StudyRun) -> float:
-    span = run.span()
-    return (span[1] - span[0]).total_seconds() if span else 0.0
+    return run.busy_seconds()
 
 
 def _unlike_trial_sets(runs: Sequence[StudyRun]) -> str | None:

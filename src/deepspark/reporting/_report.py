@@ -231,9 +231,9 @@ def _study_summary(run: StudyRun) -> dict[str, str]:
         )
     wall = _figures.wall_seconds(run)
     durations = [r.duration_s for r in run.records if r.duration_s > 0]
-    # From the first trial's start to the last one's end: best.json's wall_s is the driver's whole call
-    # (Spark's start, the reports, the refit), so the two are named apart.
-    out["wall time of the trials"] = f"{_minutes(wall)} (first start to last end)"
+    # While any trial ran: best.json's wall_s is the driver's whole call (Spark's start, the reports, the
+    # refit), so the two are named apart; a resumed study's downtime is in neither.
+    out["wall time of the trials"] = f"{_minutes(wall)} (while any trial ran)"
     if durations:
         out["per-trial time"] = (
             f"mean {_minutes(statistics.fmean(durations))}, median {_minutes(statistics.median(durations))}, "

@@ -113,6 +113,29 @@ class StudyRun:
             ends.append(self.last_write)
         return min(starts), max([*ends, min(starts)])
 
+    def busy_seconds(self) -> float:
+        """Seconds during which at least one trial ran: the union of the trials' spans (a running one's
+        ends at the last write). A resumed study's downtime, when no trial ran, is not in it; from the
+        first start to the last end counted it as the study's time."""
+        intervals = sorted(
+            (begun, t.datetime_complete or self.last_write)
+            for t in self.trials()
+            if (begun := self.started(t)) is not None
+            and (t.datetime_complete is not None or t.state == optuna.trial.TrialState.RUNNING)
+        )
+        total = 0.0
+        current: tuple[_dt.datetime, _dt.datetime] | None = None
+        for begun, ended in intervals:
+            if current is not None and begun <= current[1]:
+                current = (current[0], max(current[1], ended))
+                continue
+            if current is not None:
+                total += (current[1] - current[0]).total_seconds()
+            current = (begun, ended)
+        if current is not None:
+            total += (current[1] - current[0]).total_seconds()
+        return total
+
 
 @dataclass(frozen=True)
 class TrainingRun:
