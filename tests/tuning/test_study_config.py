@@ -25,7 +25,7 @@ from deepspark.tuning import (
     load_space,
     tune,
 )
-from deepspark.tuning.report import width_param
+from deepspark.tuning.report import summarise, width_param
 
 X = {"x": {"type": "uniform", "low": 0.0, "high": 1.0}}
 SPACE = {"hidden": {"type": "choice", "values": [8, 16]}, "epochs": 1}
@@ -174,6 +174,23 @@ def test_summary_record_reads_like_best_json() -> None:
     assert summary["best"]["config"] == {"x": 0.3} and dict(summary) == data
     assert data["best"]["test_accuracy"] == 0.8 and "protocol" not in data and data["default"] is None
     assert StudySummary.from_dict(json.loads(json.dumps(data))) == summary
+
+
+def test_a_default_without_error_names_no_split_its_reduction_is_on() -> None:
+    # best.json said error_reduction null and error_reduction_on "test": a figure on no split.
+    records = [
+        TrialRecord(
+            number=i, state=TrialState.COMPLETE, params={"x": i}, value=0.9 + i / 10, is_default=i == 0
+        )
+        for i in range(2)
+    ]
+    options = {"metric": "accuracy", "maximize": True, "fixed": {}, "wall_s": 1.0, "best_checkpoint": None}
+    perfect = summarise(records, **options, selected_on="validation", tests={0: (1.0, 1.0), 1: (1.0, 1.0)})
+    assert perfect.error_reduction is None and perfect.error_reduction_on is None
+    assert "error_reduction_on" not in perfect.to_dict()  # best.json leaves out what is None
+    # A default that errs does name it.
+    erring = summarise(records, **options, selected_on="validation", tests={0: (0.9, 0.9), 1: (1.0, 1.0)})
+    assert erring.error_reduction == pytest.approx(1.0) and erring.error_reduction_on == "test"
 
 
 def test_the_plot_width_parameter_comes_from_the_space_whatever_its_name() -> None:

@@ -357,6 +357,8 @@ def summarise(
             reduction, reduction_on = error_reduction(default_test, best_test), "test"
         elif best.value is not None and default.value is not None:
             reduction, reduction_on = error_reduction(default.value, best.value), selected_on or metric
+        if reduction is None:  # the default made no error: there is none to reduce, on any split
+            reduction_on = None
         if selected_on == "validation" and best.value is not None and default.value is not None:
             validation_reduction = error_reduction(default.value, best.value)
         if best.number in refits and default.number in refits:
