@@ -136,6 +136,23 @@ def test_names_starting_with_an_underscore_are_read_not_dropped(
     assert result.summary is not None and result.summary.rows == len(names)
 
 
+def test_a_broken_symbolic_link_is_an_error_row_not_left_out(
+    spark: Any, small_model: Model, tmp_path: Path
+) -> None:
+    # Spark's listing skips a link whose target is gone: 3 of the 4 listed images came back, no error.
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    for i, name in enumerate(["a.png", "sub/b.png"]):
+        (root / name).write_bytes(png_bytes(small_model.images[i]))
+    (root / "link.png").symlink_to(root / "a.png")
+    (root / "sub" / "broken.png").symlink_to(tmp_path / "gone.png")
+    result = predict(root, small_model.path, output=tmp_path / "out", spark=spark)
+    rows = {r["path"].split("/in/", 1)[1]: r for r in result.dataframe.collect()}
+    assert sorted(rows) == ["a.png", "link.png", "sub/b.png", "sub/broken.png"]
+    _assert_error_row(rows["sub/broken.png"], "input is null")
+    assert result.summary is not None and (result.summary.rows, result.summary.errors) == (4, 1)
+
+
 def test_a_folder_reads_image_suffixes_in_any_case(spark: Any, small_model: Model, tmp_path: Path) -> None:
     # Only all-lower and all-upper suffixes were listed: `b.Png` and `c.JPeg` were left out without a
     # word (a single file of either name is read, its suffix compared in lower case).

@@ -94,7 +94,8 @@ def _hidden_from_spark(
     path: str | list[str], *, pattern: str | None, recursive: bool
 ) -> tuple[list[str], list[str]]:
     """The local folders and files under ``path`` (as :func:`_binary_files` reads it) that Spark's
-    listing skips: folders named '_...' within a recursive listing, and files named '_...'."""
+    listing skips: folders named '_...' within a recursive listing, files named '_...', and broken
+    symbolic links (their rows say "input is null": the file is listed, and cannot be read)."""
     import fnmatch
 
     def matches(name: str) -> bool:
@@ -116,7 +117,11 @@ def _hidden_from_spark(
         for folder, subdirs, names in os.walk(local):
             subdirs[:] = sorted(d for d in subdirs if not d.startswith(".")) if recursive else []
             dirs += [os.path.join(folder, d) for d in subdirs if _spark_hides(d)]
-            files += [os.path.join(folder, n) for n in sorted(names) if _spark_hides(n) and matches(n)]
+            files += [
+                os.path.join(folder, n)
+                for n in sorted(names)
+                if matches(n) and (_spark_hides(n) or not os.path.exists(os.path.join(folder, n)))
+            ]
     return dirs, files
 
 
