@@ -344,6 +344,22 @@ def test_verified_marker_is_keyed_by_the_files_identity_not_only_size_and_mtime(
     assert verify("mnist") == dict.fromkeys(MNIST_FILES, "ok")
 
 
+def test_the_verified_marker_is_as_readable_as_the_files_it_vouches_for(
+    monkeypatch: pytest.MonkeyPatch, tiny: DatasetInfo, mirror: str
+) -> None:
+    # It was written 0600 (a temporary file's mode): a team sharing the cache rehashed every file.
+    import stat
+
+    monkeypatch.setenv("DEEPSPARK_MNIST_MIRRORS", f"{mirror}/good/")
+    umask = os.umask(0o022)
+    try:
+        cache = fetch("mnist")
+    finally:
+        os.umask(umask)
+    modes = {stat.S_IMODE((cache / name).stat().st_mode) for name in (".verified.json", *MNIST_FILES)}
+    assert modes == {0o644}
+
+
 def test_a_file_written_while_it_is_hashed_is_not_remembered_as_verified(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny: DatasetInfo
 ) -> None:

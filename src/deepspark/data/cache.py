@@ -10,18 +10,17 @@ time, which no one can set).
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import json
 import logging
 import os
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
 
 from deepspark.data.files import open_raw
+from deepspark.rundir import write_file_atomic
 
 __all__ = ["CHUNK", "cache_root", "check", "raw_sha256", "remember", "user_dir"]
 
@@ -87,15 +86,8 @@ def remember(path: Path, digest: str, st: os.stat_result | None = None) -> None:
         data = _read_marker(marker)
         data[path.name] = {**_identity(st), "sha256": digest}
         marker.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=marker.parent, prefix=".marker.", suffix=".part")
-        try:
-            with os.fdopen(fd, "w") as out:
-                json.dump(data, out, indent=1, sort_keys=True)
-            os.replace(tmp, marker)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        # Readable as the umask allows (a team's shared cache), not 0600 as a temporary file is made.
+        write_file_atomic(marker, json.dumps(data, indent=1, sort_keys=True).encode("utf-8"))
     except OSError as exc:
         _log.debug("could not record the checksum of %s: %s", path, exc)
 
