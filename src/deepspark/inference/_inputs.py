@@ -114,14 +114,28 @@ def _hidden_from_spark(
             if _spark_hides(name) and matches(name):
                 files.append(local)
             continue
-        for folder, subdirs, names in os.walk(local):
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith(".")) if recursive else []
-            dirs += [os.path.join(folder, d) for d in subdirs if _spark_hides(d)]
-            files += [
-                os.path.join(folder, n)
-                for n in sorted(names)
-                if matches(n) and (_spark_hides(n) or not os.path.exists(os.path.join(folder, n)))
-            ]
+        folders = [local]
+        while folders:  # os.walk's order and rules (links to folders listed, not entered), with its entries
+            folder = folders.pop()
+            try:
+                with os.scandir(folder) as listing:
+                    entries = list(listing)
+            except OSError:
+                continue
+            below = sorted(
+                (e for e in entries if recursive and not e.name.startswith(".") and e.is_dir()),
+                key=lambda e: e.name,
+            )
+            dirs += [e.path for e in below if _spark_hides(e.name)]
+            folders += [e.path for e in reversed(below) if not e.is_symlink()]
+            files += sorted(
+                e.path
+                for e in entries
+                # A link is the one kind of entry whose type needs a stat of its own: most are not.
+                if (_spark_hides(e.name) or (e.is_symlink() and not os.path.exists(e.path)))
+                and not e.is_dir()
+                and matches(e.name)
+            )
     return dirs, files
 
 
