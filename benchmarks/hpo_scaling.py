@@ -50,23 +50,26 @@ def main() -> None:
     endings: dict[int, float] = {}  # after the last trial: the final test evaluation, best.json, the report
     with tempfile.TemporaryDirectory() as tmp:
         keep = Path(args.keep) if args.keep else Path(tmp)
-        # Warm-up (not timed): Python workers start and import torch once, as they would in a long study.
-        # Two grid points, so that both slots run a trial and both Python workers are warm (with one
-        # point, one trial ran and the timed parallelism-2 study started a cold worker: ~3 s).
-        tune(
-            dataset="mnist",
-            model="cnn",
-            space={**space, "learning_rate": {"type": "grid", "values": [1e-3, 2e-3]}, "epochs": 1},
-            limit_train=512,
-            limit_test=256,
-            trials=2,
-            parallelism=2,
-            sampler="grid",
-            pruner="none",
-            default_config=False,
-            run_dir=Path(tmp) / "warm",
-        )
         for parallelism in (1, 2):
+            # Warm-up (not timed), before each timed study: Python workers start and import torch once, as
+            # they would in a long study. Two grid points, so that both slots run a trial and both Python
+            # workers are warm (with one point, one trial ran and the timed parallelism-2 study started a
+            # cold worker: ~3 s). Before each study, not once: the parallelism-1 study holds one worker in
+            # one long task for over a minute, and Spark ends the idle other (no worker released for 60 s),
+            # so a single warm-up left the parallelism-2 study a cold worker that parallelism 1 never paid.
+            tune(
+                dataset="mnist",
+                model="cnn",
+                space={**space, "learning_rate": {"type": "grid", "values": [1e-3, 2e-3]}, "epochs": 1},
+                limit_train=512,
+                limit_test=256,
+                trials=2,
+                parallelism=2,
+                sampler="grid",
+                pruner="none",
+                default_config=False,
+                run_dir=Path(tmp) / f"warm{parallelism}",
+            )
             first_start: list[float] = []
             finishes: list[float] = []
 
