@@ -107,15 +107,24 @@ def main() -> None:
     # The preset refits: the selected configuration (and the default) trained again on all the
     # training images, measured once on test. That is the selected configuration's test accuracy.
     best_test = refits["best"]
-    verdict = "PASS" if best_test is not None and best_test >= 0.995 else "FAIL"
+    accurate = best_test is not None and best_test >= 0.995
     print(
         f"refitted on training + validation: default {_fmt(refits['default'])}, best {_fmt(best_test)} "
-        f"(target: best's test >= 0.9950: {verdict})"
+        f"(target: best's test >= 0.9950: {'yes' if accurate else 'no'})"
     )
     reduction = result.summary.get("refit_error_reduction")
     if reduction is not None:
         print(f"error reduction vs default, refitted models on test: {100 * reduction:.1f}% (the blog: 34%)")
-    print(f"wall: {wall / 60:.1f} min with the refit (budget {args.budget_min:.0f} min); run dir {run_dir}")
+    # The target is the accuracy within the budget: a refit that overruns the reserve is a fail too.
+    in_time = wall <= args.budget_min * 60
+    print(
+        f"wall: {wall / 60:.1f} min with the refit (budget {args.budget_min:.0f} min: "
+        f"{'within' if in_time else 'OVER'}); run dir {run_dir}"
+    )
+    print(
+        f"target: best's test >= 0.9950 within {args.budget_min:.0f} min: "
+        f"{'PASS' if accurate and in_time else 'FAIL'}"
+    )
 
 
 def _fmt(value: float | None) -> str:
