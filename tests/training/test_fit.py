@@ -318,6 +318,25 @@ def test_local_run_checkpoints_every_epoch_and_resumes_the_same_curve(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(
+    toy: Path, tmp_path: Path, driver_crash: Any
+) -> None:
+    # Stopped after epoch 1's row, before its checkpoint (as a SIGTERM or a kill before any checkpoint
+    # leaves it): --resume said "holds no checkpoint/" and a new run there "already exists", so the
+    # directory could be neither resumed nor reused. It now trains from the start with its saved settings.
+    config = {"batch_size": 8, "epochs": 2, "seed": 3, "threads": 1}
+    whole = fit(str(toy), "mlp", strategy="local", config=config, run_dir=tmp_path / "whole")
+    run_dir = tmp_path / "stopped"
+    with pytest.raises(RuntimeError, match="driver crash"):
+        fit(str(toy), "mlp", strategy="local", config=config, run_dir=run_dir, on_round=driver_crash(0))
+    assert (run_dir / "history.csv").exists() and not (run_dir / "checkpoint").exists()
+    resumed = fit(str(toy), run_dir=run_dir, resume=True)
+    rows = _history(resumed.run_dir)
+    assert [int(r["round"]) for r in rows] == [0, 1]  # the row without a checkpoint redone, not kept twice
+    np.testing.assert_allclose(_losses(rows), _losses(whole.history), rtol=0, atol=1e-6)
+    assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["epochs_done"] == 2
+
+
 def test_resume_refuses_data_whose_rows_changed(spark: Any, tmp_path: Path, driver_crash: Any) -> None:
     data = _layout_dir(tmp_path / "data", train=40, test=30)
     config = {**SGD, "batch_size": 8, "epochs": 4, "seed": 2}

@@ -308,6 +308,13 @@ def fit(
     created = run_dir is None or not Path(run_dir).exists()
     top = rundir.first_missing(run_dir) if run_dir is not None else None  # with the parents it makes
     run_path = _run_dir(run_dir, resume=resume)
+    if resume and not (run_path / CHECKPOINT).is_dir():
+        # Stopped before its first checkpoint (the driver killed, SIGTERM, Ctrl-C in local's first epoch):
+        # no finished round to continue from, and a new run there is refused. Start again with the saved
+        # settings; history rows without a checkpoint are redone, as after any resume.
+        _log.warning("resume: %s has no %s/ yet; training it from the start", run_path, CHECKPOINT)
+        (run_path / HISTORY).unlink(missing_ok=True)
+        resume = False
     try:
         from deepspark.spark import check_gpu_request, session, task_cpus, total_slots
 
@@ -516,9 +523,7 @@ def _check_slow_worker(slow_worker: Any, strategy: str, workers: int) -> None:
 def _run_dir(run_dir: str | os.PathLike[str] | None, *, resume: bool) -> Path:
     path = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="deepspark-train-"))
     if resume:
-        if not (path / CHECKPOINT).is_dir():
-            raise ConfigError(f"resume: {path} holds no {CHECKPOINT}/ to continue from")
-        return path
+        return path  # fit read its config.json already; a missing checkpoint/ starts the run again
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ConfigError(
             f"run_dir: {path} already exists; pass --resume {path} to continue that run, or choose a new one"
