@@ -66,6 +66,53 @@ def test_tune_exit_codes(monkeypatch, capsys, tmp_path, outcome, code) -> None:
         assert "deepspark: error:" not in err and "Traceback" not in err
 
 
+class _Killed(Exception):
+    """What SIGTERM raises in this test when the command left Python's default (the process would end)."""
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+def test_sigterm_stops_a_command_as_ctrl_c_does(monkeypatch, capsys, tmp_path, command) -> None:
+    """SIGTERM (kill, docker stop, a scheduler) ended the process where it stood: no finished round
+    checkpointed on the way out, no job cancelled, a run directory half-made, no line said why. It now
+    raises KeyboardInterrupt where the work is (the stop path Ctrl-C takes), exits 143 with one line, and
+    the handler is put back."""
+    import signal
+    import time
+
+    import deepspark.training
+    import deepspark.tuning
+
+    stopped: list[str] = []
+
+    def work(**kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the signal interrupts this at once
+        except KeyboardInterrupt:
+            stopped.append("as on Ctrl-C")
+            if command == "tune":  # tune keeps its finished trials and reports the stop itself
+                return StudyResult(
+                    run_dir=tmp_path / "r", records=(), best=None, default=None, stop_reason="interrupted"
+                )
+            raise
+        raise AssertionError("SIGTERM did not interrupt the command")
+
+    def killed(signum, frame):
+        raise _Killed
+
+    monkeypatch.setattr(deepspark.training, "fit", work)
+    monkeypatch.setattr(deepspark.tuning, "tune", work)
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        code = main([command, "--run-dir", str(tmp_path / "r")])
+        assert signal.getsignal(signal.SIGTERM) is killed
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err.splitlines()
+    assert (code, stopped, err[-1:]) == (143, ["as on Ctrl-C"], ["deepspark: interrupted"])
+    assert not [line for line in err if "Traceback" in line or "error" in line]
+
+
 @pytest.mark.parametrize(("stop_reason", "code"), [("interrupted", 130), ("x failed", 1), (None, 1)])
 def test_a_failed_mlflow_log_never_hides_how_the_study_ended(
     monkeypatch, capsys, tmp_path, stop_reason, code

@@ -4,17 +4,19 @@ No logic of its own lives here; each sub-command maps onto one API call.
 
 Exit codes: 0 success; 1 a failure at run time (:class:`~deepspark.errors.RunError`, or a study that
 stopped early or completed no trial); 2 a usage error (every other :class:`DeepsparkError`, raised before
-work starts; argparse's own errors too); 130 Ctrl-C.
+work starts; argparse's own errors too); 130 Ctrl-C; 143 SIGTERM, which stops a command as Ctrl-C does.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from deepspark.errors import DeepsparkError, RunError
@@ -271,8 +273,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         else:
             print(f"mlflow: {tracked}", file=sys.stderr if args.json else sys.stdout)
     if result.stop_reason == "interrupted":  # tune caught the Ctrl-C itself, to keep finished trials
-        print(_INTERRUPTED, file=sys.stderr)
-        return 130
+        raise KeyboardInterrupt  # main says so, with the exit code of the signal that stopped it
     problem = _study_failure(result.stop_reason, result.counts()["complete"])
     if problem is not None:
         print(f"deepspark: error: {problem}", file=sys.stderr)
@@ -494,7 +495,38 @@ def _not_py4j_interrupt_noise(record: logging.LogRecord) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[list[int]]:
+    """Within the block, SIGTERM (``kill``, ``docker stop``, a scheduler ending a job) raises
+    KeyboardInterrupt, so the command stops as on Ctrl-C: its finished rounds checkpointed, its Spark jobs
+    cancelled, its outputs whole or absent; Python's default would end the process where it stands.
+    Yields the signals received, so that the exit code can name SIGTERM's."""
+    received: list[int] = []
+
+    def interrupt(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (an embedding program's): leave its signals alone
+        yield received
+        return
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with _sigterm_as_interrupt() as terminated:
+        code = _main(argv)
+    if code == 130 and terminated:
+        return 128 + signal.SIGTERM
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         # Building the parser imports torch and pyspark (seconds): a Ctrl-C then is an interruption too.
         from deepspark.spark import configured
