@@ -113,6 +113,29 @@ def test_sigterm_stops_a_command_as_ctrl_c_does(monkeypatch, capsys, tmp_path, c
     assert not [line for line in err if "Traceback" in line or "error" in line]
 
 
+@pytest.mark.parametrize(
+    "cleanup_error", [RuntimeError("Answer from Java side is empty"), RunError("job lost")]
+)
+def test_an_error_a_stop_path_meets_while_interrupted_is_the_interruption(
+    monkeypatch, capsys, tmp_path, cleanup_error
+) -> None:
+    """A SIGTERM sent to the whole process group (systemd, Slurm) ends Spark's JVM too: predict's cleanup
+    then raised py4j's network error over the interruption, and the command ended with a traceback and
+    exit 1. An error raised while a Ctrl-C or SIGTERM is handled is now that interruption's."""
+    import deepspark.inference
+
+    def predict(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise cleanup_error  # the broadcast's destroy(), say, on a JVM that is gone
+
+    monkeypatch.setattr(deepspark.inference, "predict", predict)
+    code = main(["predict", "--model", "m", "--input", "i", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.splitlines()
+    assert (code, err) == (130, ["deepspark: interrupted"])
+
+
 @pytest.mark.parametrize(("stop_reason", "code"), [("interrupted", 130), ("x failed", 1), (None, 1)])
 def test_a_failed_mlflow_log_never_hides_how_the_study_ended(
     monkeypatch, capsys, tmp_path, stop_reason, code

@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from deepspark.errors import DeepsparkError, RunError
@@ -488,11 +488,23 @@ def _not_py4j_interrupt_noise(record: logging.LogRecord) -> bool:
     if record.getMessage().startswith("KeyboardInterrupt while sending command"):
         return False
     exc = record.exc_info[1] if record.exc_info else None
-    while exc is not None:  # the error py4j wraps, and what it was handling
-        if isinstance(exc, KeyboardInterrupt) or "reentrant call" in str(exc):
-            return False
-        exc = exc.__cause__ or exc.__context__
-    return True
+    return exc is None or not _came_from_an_interrupt(exc, also=lambda e: "reentrant call" in str(e))
+
+
+def _came_from_an_interrupt(
+    exc: BaseException, *, also: Callable[[BaseException], bool] | None = None
+) -> bool:
+    """Whether ``exc`` is a KeyboardInterrupt (Ctrl-C, SIGTERM) or came up while one was handled: a stop
+    path's cleanup that found Spark's JVM ended by the same signal (a SIGTERM sent to the whole process
+    group, as systemd and batch schedulers do). Walks what it wraps and what it was handling."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt) or (also is not None and also(current)):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 @contextlib.contextmanager
@@ -542,18 +554,23 @@ def _main(argv: Sequence[str] | None) -> int:
         # -v also gives Spark's own start-up logging back (the JVM is configured when it starts).
         with configured(dict(getattr(args, "conf", [])), quiet_start=verbosity <= 0):
             return int(args.func(args))
-    except RunError as exc:
-        print(f"deepspark: error: {exc}", file=sys.stderr)
-        return 1
-    except DeepsparkError as exc:
-        print(f"deepspark: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        from deepspark.spark import end_lost_jvms
+        return _interrupted()
+    except Exception as exc:
+        if _came_from_an_interrupt(exc):  # the interruption's, not an error of the command
+            return _interrupted()
+        if not isinstance(exc, DeepsparkError):
+            raise
+        print(f"deepspark: error: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, RunError) else 2
 
-        end_lost_jvms()
-        print(_INTERRUPTED, file=sys.stderr)
-        return 130
+
+def _interrupted() -> int:
+    from deepspark.spark import end_lost_jvms
+
+    end_lost_jvms()
+    print(_INTERRUPTED, file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
