@@ -47,6 +47,7 @@ __all__ = [
     "limit_threads",
     "master_cores",
     "quiet_log_options",
+    "release_broadcast",
     "run_job",
     "session",
     "task_cpus",
@@ -439,6 +440,17 @@ def end_lost_jvms() -> None:
         if parent == me and b"org.apache.spark.deploy.SparkSubmit" in command:
             with contextlib.suppress(OSError):
                 os.kill(int(entry.name), signal.SIGTERM)
+
+
+def release_broadcast(broadcast: Any) -> None:
+    """Destroy ``broadcast`` on the way out of a job, whatever the job did. A JVM that is ending (a
+    SIGTERM sent to the whole process group reaches it too) cannot destroy it and has nothing left to
+    free: its error is logged, so that it never replaces how the job ended (a finished study, predictions
+    waiting to be moved into place, an interruption)."""
+    try:
+        broadcast.destroy()
+    except Exception as exc:
+        _log.debug("could not destroy a broadcast (the JVM is ending?): %s", exc)
 
 
 def run_job(

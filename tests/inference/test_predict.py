@@ -521,6 +521,26 @@ def test_a_failed_run_leaves_the_previous_output_and_no_new_folder(
     assert predict(table, small_model.path, output=table, overwrite=True, spark=spark).dataframe.count() == 5
 
 
+def test_a_broadcast_that_cannot_be_destroyed_loses_no_predictions(
+    spark: Any, small_model: Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model's broadcast was destroyed in a ``finally`` before the finished predictions were moved
+    from their hidden staging folder into place: a destroy that failed (a JVM ending under a SIGTERM sent
+    to the process group) lost the finished output and left the staging folder behind, with a traceback."""
+    from pyspark.core.broadcast import Broadcast
+    from pyspark.sql import functions as F
+
+    def ending(self: Any, blocking: bool = False) -> None:
+        raise RuntimeError("Answer from Java side is empty")
+
+    monkeypatch.setattr(Broadcast, "destroy", ending)
+    rows = spark.range(5).select("id", F.lit([0.0] * 784).cast("array<double>").alias("pixels"))
+    out = tmp_path / "out"
+    predict(rows, small_model.path, output=out, spark=spark)
+    assert spark.read.parquet(str(out)).count() == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left
+
+
 def test_overwrite_replaces_only_an_earlier_output_never_the_images_or_the_model(
     spark: Any, small_model: Model, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

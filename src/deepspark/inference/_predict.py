@@ -299,7 +299,16 @@ def predict(
     watcher thread while the job runs (and once when it ends), receives :class:`PredictProgress`. Every
     parameter is checked, and the model loaded once on the driver to check it, before any Spark job starts.
     """
-    from deepspark.spark import DEVICES, check_gpu_request, column, job_group, run_job, session, task_cpus
+    from deepspark.spark import (
+        DEVICES,
+        check_gpu_request,
+        column,
+        job_group,
+        release_broadcast,
+        run_job,
+        session,
+        task_cpus,
+    )
 
     top_k = check_positive_int("top_k", top_k)
     batch_size = check_positive_int("batch_size", batch_size)
@@ -426,7 +435,7 @@ def predict(
             raise RunError(f"predict: the Spark job failed: {root_cause(exc)}") from None
         raise
     finally:
-        model_bc.destroy()
+        release_broadcast(model_bc)
     if staging is not None:
         replace_dir(staging, local_path(output_path))
     seconds = time.perf_counter() - start

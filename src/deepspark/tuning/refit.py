@@ -82,13 +82,15 @@ def refit_models(
     shutil.rmtree(run_dir / rundir.REFIT_DIR, ignore_errors=True)
     if not items:
         return {}
+    from deepspark.spark import release_broadcast
+
     sc = spark.sparkContext
     broadcast = sc.broadcast(data)
     try:
         body = functools.partial(_task, _Spec(objective=objective, broadcast=broadcast, threads=threads))
         results = sc.parallelize(items, len(items)).mapPartitions(body).collect()
     finally:
-        broadcast.destroy()
+        release_broadcast(broadcast)
     numbers = {name: number for name, number, _ in items}
     out: dict[int, float] = {}
     for name, accuracy, files in results:

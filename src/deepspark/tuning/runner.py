@@ -30,7 +30,7 @@ from optuna.storages.journal import JournalFileBackend
 from deepspark import rundir
 from deepspark.errors import ConfigError, RunError
 from deepspark.slots import SameFailure, run_slots, short_error
-from deepspark.spark import check_task_cpus
+from deepspark.spark import check_task_cpus, release_broadcast
 from deepspark.tuning.config import (
     BUILTIN,
     LEGACY_STUDY_NAME,
@@ -1032,7 +1032,7 @@ def _execute(study: optuna.Study, work: _Work, options: RunOptions) -> tuple[str
         coordinator.interrupt_running()
         coordinator.close()
         if broadcast is not None:
-            broadcast.destroy()
+            release_broadcast(broadcast)
     if systematic.cause is not None:
         raise RunError(_no_trial_ran(systematic.cause))
     # A Ctrl-C is reported as such even when the study had already stopped for another reason (the
