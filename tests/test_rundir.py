@@ -95,3 +95,14 @@ def test_replace_dir_puts_the_old_directory_back_when_the_new_one_cannot_move_in
     (staged / "b").write_bytes(b"new")
     rundir.replace_dir(staged, target)
     assert sorted(os.listdir(target)) == ["b"] and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_interrupts_held_delivers_a_ctrl_c_once_the_block_is_done() -> None:
+    import signal
+
+    done = []
+    with pytest.raises(KeyboardInterrupt), rundir.interrupts_held():
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("the writes after the Ctrl-C")
+    assert done == ["the writes after the Ctrl-C"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

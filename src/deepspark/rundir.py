@@ -20,8 +20,10 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Collection, Mapping
+import threading
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ __all__ = [
     "DEFAULT_DIR",
     "REFIT_DIR",
     "check_writable",
+    "interrupts_held",
     "prepare",
     "read_config",
     "replace_dir",
@@ -182,6 +185,34 @@ def replace_dir(source: str | os.PathLike[str], path: str | os.PathLike[str]) ->
     _fsync_dir(target.parent)
     _remove(old)
     return target
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block is done, then deliver them.
+
+    For writes that belong together in a process that trains in its main thread (``local``'s history
+    row and the checkpoint of the same epoch): a Ctrl-C between the two lost the finished epoch. Outside
+    the main thread (where Python runs no signal handler) the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not None:  # None: set outside Python, which could not be put back
+            previous[signum] = signal.signal(signum, lambda received, frame: held.append(received))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(held):  # as they would have been: KeyboardInterrupt, for Ctrl-C
+            if callable(previous[number]):
+                previous[number](number, None)
+            elif previous[number] == signal.SIG_DFL:
+                os.kill(os.getpid(), number)
 
 
 def check_writable(path: str | os.PathLike[str], *, name: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -303,9 +304,9 @@ def test_local_run_checkpoints_every_epoch_and_resumes_the_same_curve(
     config = {**config, "batch_size": 8, "epochs": 4, "seed": 5, "threads": 1}
     whole = fit(str(toy), spec, strategy="local", config=config, run_dir=tmp_path / "whole")
     run_dir = tmp_path / "crashed"
-    with pytest.raises(RuntimeError, match="driver crash"):  # after epoch 2's row, before its checkpoint
+    with pytest.raises(RuntimeError, match="driver crash"):  # epoch 2 is shown once it is checkpointed
         fit(str(toy), spec, strategy="local", config=config, run_dir=run_dir, on_round=driver_crash(1))
-    assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["epochs_done"] == 1
+    assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["epochs_done"] == 2
     resumed = fit(str(toy), run_dir=run_dir, resume=True)
     rows = _history(resumed.run_dir)
     assert [int(r["round"]) for r in rows] == [0, 1, 2, 3]
@@ -321,20 +322,37 @@ def test_local_run_checkpoints_every_epoch_and_resumes_the_same_curve(
 def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(
     toy: Path, tmp_path: Path, driver_crash: Any
 ) -> None:
-    # Stopped after epoch 1's row, before its checkpoint (as a SIGTERM or a kill before any checkpoint
-    # leaves it): --resume said "holds no checkpoint/" and a new run there "already exists", so the
-    # directory could be neither resumed nor reused. It now trains from the start with its saved settings.
+    # Epoch 1's row written, its checkpoint not (as a driver killed before any checkpoint leaves it):
+    # --resume said "holds no checkpoint/" and a new run there "already exists", so the directory could
+    # be neither resumed nor reused. It now trains from the start with its saved settings.
     config = {"batch_size": 8, "epochs": 2, "seed": 3, "threads": 1}
     whole = fit(str(toy), "mlp", strategy="local", config=config, run_dir=tmp_path / "whole")
     run_dir = tmp_path / "stopped"
     with pytest.raises(RuntimeError, match="driver crash"):
         fit(str(toy), "mlp", strategy="local", config=config, run_dir=run_dir, on_round=driver_crash(0))
-    assert (run_dir / "history.csv").exists() and not (run_dir / "checkpoint").exists()
+    shutil.rmtree(run_dir / "checkpoint")  # killed before it was written
+    assert (run_dir / "history.csv").exists()
     resumed = fit(str(toy), run_dir=run_dir, resume=True)
     rows = _history(resumed.run_dir)
     assert [int(r["round"]) for r in rows] == [0, 1]  # the row without a checkpoint redone, not kept twice
     np.testing.assert_allclose(_losses(rows), _losses(whole.history), rtol=0, atol=1e-6)
     assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["epochs_done"] == 2
+
+
+def test_a_local_epoch_is_shown_only_once_its_row_and_checkpoint_are_written(
+    toy: Path, tmp_path: Path
+) -> None:
+    # A Ctrl-C on seeing an epoch's progress line landed between its history row and its checkpoint
+    # (measured: SIGINT 50 ms after the row appeared left no checkpoint): the finished epoch was lost.
+    seen: list[tuple[int, int, int]] = []
+
+    def on_round(row: dict[str, Any]) -> None:
+        state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+        seen.append((row["epoch"], state["epochs_done"], len(_history(tmp_path / "run"))))
+
+    config = {"batch_size": 8, "epochs": 2, "seed": 3, "threads": 1}
+    fit(str(toy), "mlp", strategy="local", config=config, run_dir=tmp_path / "run", on_round=on_round)
+    assert seen == [(1, 1, 1), (2, 2, 2)]
 
 
 def test_resume_refuses_data_whose_rows_changed(spark: Any, tmp_path: Path, driver_crash: Any) -> None:

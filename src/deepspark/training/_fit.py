@@ -1621,23 +1621,34 @@ def _fit_local(
     clock = time.perf_counter()
     tested = len(dataset.test_labels) > 0  # with no test examples there is no score (not 0.0)
 
+    finished: list[dict[str, Any]] = []  # the epoch's row, written with its checkpoint
+
     def on_epoch(m: EpochMetrics) -> None:
-        row = {
-            "round": m.epoch - 1,
-            "epoch": m.epoch,
-            "samples": layout.rows,
-            "workers": 1,
-            "train_loss": m.train_loss,
-            "test_accuracy": m.test_accuracy if tested else "",
-            "test_loss": m.test_loss if tested else "",
-            "seconds": m.seconds,
-            "compute_s": m.seconds,
-            "comm_s": 0.0,
-            "wait_s": 0.0,
-            "bytes": 0,
-            "elapsed_s": elapsed_before + time.perf_counter() - clock,
-        }
-        _append_history(run_path, row)
+        finished[:] = [
+            {
+                "round": m.epoch - 1,
+                "epoch": m.epoch,
+                "samples": layout.rows,
+                "workers": 1,
+                "train_loss": m.train_loss,
+                "test_accuracy": m.test_accuracy if tested else "",
+                "test_loss": m.test_loss if tested else "",
+                "seconds": m.seconds,
+                "compute_s": m.seconds,
+                "comm_s": 0.0,
+                "wait_s": 0.0,
+                "bytes": 0,
+                "elapsed_s": elapsed_before + time.perf_counter() - clock,
+            }
+        ]
+
+    def save(state: EpochState) -> None:
+        # Together: a Ctrl-C between the epoch's row and its checkpoint lost the finished epoch. Shown
+        # (on_round) only once both are written, so that a Ctrl-C on seeing it keeps the epoch.
+        row = finished.pop()
+        with rundir.interrupts_held():
+            _append_history(run_path, row)
+            _save_local_checkpoint(run_path, state)
         history.append(row)
         if on_round is not None:
             on_round(row)
@@ -1649,7 +1660,7 @@ def _fit_local(
         callback=on_epoch,
         device="cuda" if device == "cuda" else "cpu",
         start=start,
-        checkpoint=lambda state: _save_local_checkpoint(run_path, state),
+        checkpoint=save,
     )
     prepared = _Data(
         frame=None,
