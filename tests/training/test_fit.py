@@ -889,6 +889,31 @@ def test_cli_output_that_cannot_be_written_fails_before_training(
     assert not (tmp_path / "run").exists()
 
 
+def test_cli_output_is_the_whole_model_or_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --output was a shutil.copytree after training: a copy stopped midway (here a file that cannot be
+    # read; a Ctrl-C) left a folder with part of the model, a traceback, and a rerun refused it as existing.
+    import deepspark.training
+    from deepspark.cli import main
+    from deepspark.training import FitResult
+
+    model = tmp_path / "run" / "model"
+    model.mkdir(parents=True)
+    (model / "metadata.json").write_text("{}")
+    (model / "model.safetensors").symlink_to(tmp_path / "gone")  # fails to read, after metadata.json
+    result = FitResult(run_dir=tmp_path / "run", model_dir=model, history=(), test_accuracy=None, wall_s=1.0)
+    monkeypatch.setattr(deepspark.training, "fit", lambda **kwargs: result)
+    code = main(["train", "--run-dir", str(tmp_path / "run2"), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.splitlines()
+    assert (
+        code == 1
+        and len(err) == 1
+        and err[0].startswith("deepspark: error: output: could not copy the model")
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no output, whole or in part
+
+
 def test_a_path_object_is_its_directory_even_when_named_like_a_registered_dataset(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -205,7 +204,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     finally:
         progress.stop()
     if output is not None:
-        shutil.copytree(result.model_dir, output)
+        _copy_model(result.model_dir, output)
     split = result.time_split
     wall = max(split.get("wall_s", result.wall_s), 1e-9)
     accuracy = f"{result.test_accuracy:.4f}" if result.test_accuracy is not None else "n/a"
@@ -255,6 +254,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
         }
         print(json.dumps(summary, sort_keys=True, default=str), flush=True)
     return 0
+
+
+def _copy_model(model_dir: Path, output: Path) -> None:
+    """``--output``: the final model's folder, copied whole or not at all. A copy stopped midway (Ctrl-C,
+    a failed read or write) left a folder holding some of the files, which a rerun refused as existing."""
+    from deepspark import rundir
+    from deepspark.errors import RunError
+
+    if output.exists():  # made since it was checked, before training: someone else's, never replaced
+        raise RunError(f"output: {output} was made while the run trained; the model is in {model_dir}")
+    try:
+        rundir.write_dir_atomic(
+            output, {path.name: path.read_bytes() for path in sorted(model_dir.iterdir())}
+        )
+    except OSError as exc:
+        raise RunError(
+            f"output: could not copy the model to {output} ({exc.strerror or exc}); it is in {model_dir}"
+        ) from None
 
 
 def _saved_data(run_dir: str) -> str:
