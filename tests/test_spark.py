@@ -269,3 +269,40 @@ def test_a_cancelled_run_job_also_stops_the_job_its_action_submits_later(spark) 
     took = time.monotonic() - started
     assert error is not None and "cancel" in str(error).lower(), error
     assert took < 15, took
+
+
+class _Conf(dict):  # SparkConf.get's signature over a dict
+    def get(self, key, default=None):
+        return super().get(key, default)
+
+
+def _session(master: str, default_parallelism: int, executors: int = 0, **conf: str):
+    from types import SimpleNamespace
+
+    memory_status = SimpleNamespace(size=lambda: executors + 1)  # the driver is listed too
+    context = SimpleNamespace(
+        master=master,
+        defaultParallelism=default_parallelism,
+        getConf=lambda: _Conf({k.replace("_", "."): v for k, v in conf.items()}),
+        _jsc=SimpleNamespace(sc=lambda: SimpleNamespace(getExecutorMemoryStatus=lambda: memory_status)),
+    )
+    return SimpleNamespace(sparkContext=context)
+
+
+@pytest.mark.parametrize(
+    ("session", "cores", "slots"),
+    [
+        (_session("local[2]", 2), 2, 2),
+        # spark.default.parallelism set (a shuffle setting): fit counted 8 slots on local[2], started 4
+        # workers, and the rounds waited for the 2 that never ran (measured: still waiting after 150 s).
+        (_session("local[2]", 8, spark_default_parallelism="8"), 2, 2),
+        (_session("local[4]", 16, spark_default_parallelism="16", spark_task_cpus="2"), 4, 2),
+        (_session("local-cluster[2,1,1024]", 8, spark_default_parallelism="8"), 2, 2),
+        (_session("spark://h:7077", 200, 3, spark_default_parallelism="200", spark_executor_cores="2"), 6, 6),
+        (_session("yarn", 200, 3, spark_default_parallelism="200"), 200, 200),  # nothing better is known
+    ],
+)
+def test_slots_count_cores_not_spark_default_parallelism(session, cores: int, slots: int) -> None:
+    from deepspark.spark import total_cores, total_slots
+
+    assert (total_cores(session), total_slots(session)) == (cores, slots)

@@ -52,6 +52,7 @@ __all__ = [
     "session",
     "task_cpus",
     "task_device",
+    "total_cores",
     "total_slots",
 ]
 
@@ -360,18 +361,42 @@ def task_cpus(spark: SparkSession) -> int:
     return int(value)
 
 
+def total_cores(spark: SparkSession) -> int:
+    """The executor cores of the whole cluster.
+
+    ``defaultParallelism`` is that on every cluster manager Spark ships (``local[N]`` gives N), unless the
+    session sets ``spark.default.parallelism``, a shuffle setting often put at 2-3 times the cores: then
+    a local master's cores are read from its URL, and a cluster manager's are its executors times
+    ``spark.executor.cores`` where that is set (else ``defaultParallelism`` as it is: nothing better is
+    known). Counting the override as cores let ``fit`` start more workers than could run at once, and
+    its rounds waited for them for good.
+    """
+    sc = spark.sparkContext
+    conf = sc.getConf()
+    if conf.get("spark.default.parallelism", None) is None:
+        return int(sc.defaultParallelism)
+    master = str(sc.master).strip()
+    cluster = re.fullmatch(r"local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,\s*\d+\s*\]", master)
+    if cluster is not None:
+        return int(cluster.group(1)) * int(cluster.group(2))
+    cores = master_cores(master)
+    if cores is not None:
+        return cores
+    per_executor = conf.get("spark.executor.cores", None)
+    if per_executor:
+        executors = max(1, int(sc._jsc.sc().getExecutorMemoryStatus().size()) - 1)  # and the driver
+        return executors * int(per_executor)
+    return int(sc.defaultParallelism)
+
+
 def total_slots(spark: SparkSession, threads: int = 1) -> int:
-    """How many tasks of ``threads`` threads the cluster can run at once without sharing a core: total
-    executor cores // the larger of ``threads`` and ``spark.task.cpus``.
+    """How many tasks of ``threads`` threads the cluster can run at once without sharing a core:
+    :func:`total_cores` // the larger of ``threads`` and ``spark.task.cpus``.
 
     A task runs the larger of the two (:func:`limit_task_threads`); a live session keeps its
     ``spark.task.cpus`` whatever a caller asks for, so a task's threads can exceed what Spark reserves.
-    ``defaultParallelism`` is the total number of cores on every cluster manager Spark ships
-    (``local[N]`` gives N) unless the user overrode ``spark.default.parallelism``.
     """
-    sc = spark.sparkContext
-    cores = sc.defaultParallelism
-    return max(1, cores // max(threads, task_cpus(spark)))
+    return max(1, total_cores(spark) // max(threads, task_cpus(spark)))
 
 
 def cancel_group(sc: Any, group: str, timeout: float = 30.0) -> None:

@@ -316,7 +316,7 @@ def fit(
         (run_path / HISTORY).unlink(missing_ok=True)
         resume = False
     try:
-        from deepspark.spark import check_gpu_request, session, task_cpus, total_slots
+        from deepspark.spark import check_gpu_request, session, task_cpus, total_cores, total_slots
 
         if strategy == "local":
             return _fit_local(
@@ -344,7 +344,7 @@ def fit(
                 else ""
             )
             raise ConfigError(
-                f"workers: the cluster has {slots} task slot(s) ({spark.sparkContext.defaultParallelism} cores / "
+                f"workers: the cluster has {slots} task slot(s) ({total_cores(spark)} cores / "
                 f"{max(threads_per_worker, cpus)} thread(s) per worker{why}), and every worker of a round runs "
                 f"at once; expected at most {slots}, got {workers}"
             )

@@ -913,13 +913,13 @@ def _execute(study: optuna.Study, work: _Work, options: RunOptions) -> tuple[str
     """Run ``work.to_run`` trials of ``study`` on Spark; return (why it stopped early or None, width)."""
     threads, to_run, parallelism = work.config.threads_per_trial, work.to_run, options.parallelism
     master, data, run_path = options.master, work.data, work.run_path
-    from deepspark.spark import check_gpu_request, session, task_cpus
+    from deepspark.spark import check_gpu_request, session, task_cpus, total_cores
 
     spark = session(master, app_name="deepspark-tune", conf={"spark.task.cpus": threads})
     check_gpu_request(spark, options.device)
     sc = spark.sparkContext
     cpus = task_cpus(spark)
-    cores = sc.defaultParallelism
+    cores = total_cores(spark)
     # A trial uses max(threads_per_trial, spark.task.cpus) threads. When the session was made elsewhere
     # with fewer cpus per task than that, fewer trials run at once so that cores are never shared.
     effective_threads = max(threads, cpus)
