@@ -355,6 +355,21 @@ def test_a_local_epoch_is_shown_only_once_its_row_and_checkpoint_are_written(
     assert seen == [(1, 1, 1), (2, 2, 2)]
 
 
+def test_a_resume_replaces_the_history_it_trims_instead_of_rewriting_it_in_place(
+    toy: Path, tmp_path: Path, driver_crash: Any
+) -> None:
+    # The resume rewrote history.csv in place (truncate, then write): stopped midway (Ctrl-C, SIGTERM,
+    # a full disk) it left the finished rounds' rows lost. The trimmed history now replaces the file.
+    config = {"batch_size": 8, "epochs": 2, "seed": 3, "threads": 1}
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="driver crash"):
+        fit(str(toy), "mlp", strategy="local", config=config, run_dir=run_dir, on_round=driver_crash(0))
+    written = (run_dir / "history.csv").stat().st_ino
+    fit(str(toy), run_dir=run_dir, resume=True)
+    assert (run_dir / "history.csv").stat().st_ino != written
+    assert [int(r["round"]) for r in _history(run_dir)] == [0, 1]
+
+
 def test_resume_refuses_data_whose_rows_changed(spark: Any, tmp_path: Path, driver_crash: Any) -> None:
     data = _layout_dir(tmp_path / "data", train=40, test=30)
     config = {**SGD, "batch_size": 8, "epochs": 4, "seed": 2}

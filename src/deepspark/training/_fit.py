@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import logging
 import math
@@ -1454,10 +1455,13 @@ def _read_history(run_path: Path, *, upto: int) -> list[dict[str, Any]]:
         return []
     with open(path, newline="", encoding="utf-8") as fh:
         rows = [r for r in csv.DictReader(fh) if int(r["round"]) <= upto]
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    # Replaced, not rewritten in place: a resume stopped midway (Ctrl-C, SIGTERM) truncated the file and
+    # lost the finished rounds' rows, which the checkpoint does not hold.
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=HISTORY_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    rundir.write_file_atomic(path, text.getvalue().encode("utf-8"))
     return rows
 
 
