@@ -531,8 +531,14 @@ def _sigterm_as_interrupt() -> Iterator[list[int]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    ctrl_c = signal.getsignal(signal.SIGINT)
     with _sigterm_as_interrupt() as terminated:
         code = _main(argv)
+    if argv is not None and ctrl_c is not None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Called by a program (a test), not as the process's command: give it back its Ctrl-C. The command
+        # keeps ignoring it to the end, its interpreter's exit included (torch's finalizers ran into it).
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGINT, ctrl_c)
     if code == 130 and terminated:
         return 128 + signal.SIGTERM
     return code
@@ -566,6 +572,11 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _interrupted() -> int:
+    # Stopping already: one more Ctrl-C (a user pressing it again) could only turn the one line into a
+    # traceback, raised inside end_lost_jvms' py4j call or the interpreter's exit.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread: nothing to hold
+            signal.signal(signum, signal.SIG_IGN)
     from deepspark.spark import end_lost_jvms
 
     end_lost_jvms()
