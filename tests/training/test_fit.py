@@ -738,6 +738,19 @@ def test_threads_per_worker_above_the_sessions_task_cpus_count_against_the_slots
     assert not (tmp_path / "run").exists()
 
 
+def test_threads_per_worker_above_an_executor_s_cores_are_refused(
+    spark: Any, toy: Path, tmp_path: Path
+) -> None:
+    # 3 threads on local[2]: 2 // 3 = 0 slots, floored to 1, so one worker passed and trained with 3
+    # threads on 2 cores (tune refuses its threads_per_trial the same way).
+    with pytest.raises(
+        ConfigError,
+        match=r"threads_per_worker: expected at most 2 \(the cores of one executor of local\[2\]\), got 3",
+    ):
+        fit(str(toy), "mlp", strategy="average", threads_per_worker=3, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_dataframe_columns_are_checked(spark: Any, tmp_path: Path) -> None:
     def refused(df: Any, match: str, run: str, **kwargs: Any) -> None:
         with pytest.raises(ConfigError, match=match):

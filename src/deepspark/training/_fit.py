@@ -317,7 +317,14 @@ def fit(
         (run_path / HISTORY).unlink(missing_ok=True)
         resume = False
     try:
-        from deepspark.spark import check_gpu_request, session, task_cpus, total_cores, total_slots
+        from deepspark.spark import (
+            check_gpu_request,
+            check_task_cpus,
+            session,
+            task_cpus,
+            total_cores,
+            total_slots,
+        )
 
         if strategy == "local":
             return _fit_local(
@@ -335,6 +342,9 @@ def fit(
                 device,
             )
         spark = session(master, app_name="deepspark-train", conf={"spark.task.cpus": threads_per_worker})
+        # The session's (an active one keeps its own): a worker of more threads than an executor's cores
+        # made 0 slots, counted as 1, and trained oversubscribed on every core of it.
+        check_task_cpus("threads_per_worker", threads_per_worker)
         check_gpu_request(spark, device)
         slots = total_slots(spark, threads_per_worker)
         if workers > slots:
