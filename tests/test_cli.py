@@ -74,7 +74,7 @@ class _Killed(Exception):
 def test_sigterm_stops_a_command_as_ctrl_c_does(monkeypatch, capsys, tmp_path, command) -> None:
     """SIGTERM (kill, docker stop, a scheduler) ended the process where it stood: no finished round
     checkpointed on the way out, no job cancelled, a run directory half-made, no line said why. It now
-    raises KeyboardInterrupt where the work is (the stop path Ctrl-C takes), exits 143 with one line, and
+    raises KeyboardInterrupt where the work is (the stop path Ctrl-C takes), exits 130 with one line, and
     the handler is put back."""
     import signal
     import time
@@ -109,7 +109,7 @@ def test_sigterm_stops_a_command_as_ctrl_c_does(monkeypatch, capsys, tmp_path, c
     finally:
         signal.signal(signal.SIGTERM, previous)
     err = capsys.readouterr().err.splitlines()
-    assert (code, stopped, err[-1:]) == (143, ["as on Ctrl-C"], ["deepspark: interrupted"])
+    assert (code, stopped, err[-1:]) == (130, ["as on Ctrl-C"], ["deepspark: interrupted"])
     assert not [line for line in err if "Traceback" in line or "error" in line]
 
 

@@ -4,7 +4,7 @@ No logic of its own lives here; each sub-command maps onto one API call.
 
 Exit codes: 0 success; 1 a failure at run time (:class:`~deepspark.errors.RunError`, or a study that
 stopped early or completed no trial); 2 a usage error (every other :class:`DeepsparkError`, raised before
-work starts; argparse's own errors too); 130 Ctrl-C; 143 SIGTERM, which stops a command as Ctrl-C does.
+work starts; argparse's own errors too); 130 interrupted: Ctrl-C, or SIGTERM, which stops a command as Ctrl-C does.
 """
 
 from __future__ import annotations
@@ -273,7 +273,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         else:
             print(f"mlflow: {tracked}", file=sys.stderr if args.json else sys.stdout)
     if result.stop_reason == "interrupted":  # tune caught the Ctrl-C itself, to keep finished trials
-        raise KeyboardInterrupt  # main says so, with the exit code of the signal that stopped it
+        raise KeyboardInterrupt  # main says so, with the one line and exit code 130
     problem = _study_failure(result.stop_reason, result.counts()["complete"])
     if problem is not None:
         print(f"deepspark: error: {problem}", file=sys.stderr)
@@ -508,39 +508,35 @@ def _came_from_an_interrupt(
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[list[int]]:
+def _sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM (``kill``, ``docker stop``, a scheduler ending a job) raises
     KeyboardInterrupt, so the command stops as on Ctrl-C: its finished rounds checkpointed, its Spark jobs
     cancelled, its outputs whole or absent; Python's default would end the process where it stands.
-    Yields the signals received, so that the exit code can name SIGTERM's."""
-    received: list[int] = []
+    Its exit code is an interruption's, 130, as the documented codes have it."""
 
     def interrupt(signum: int, frame: Any) -> None:
-        received.append(signum)
         raise KeyboardInterrupt
 
     try:
         previous = signal.signal(signal.SIGTERM, interrupt)
     except ValueError:  # not the main thread (an embedding program's): leave its signals alone
-        yield received
+        yield
         return
     try:
-        yield received
+        yield
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ctrl_c = signal.getsignal(signal.SIGINT)
-    with _sigterm_as_interrupt() as terminated:
+    with _sigterm_as_interrupt():
         code = _main(argv)
     if argv is not None and ctrl_c is not None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         # Called by a program (a test), not as the process's command: give it back its Ctrl-C. The command
         # keeps ignoring it to the end, its interpreter's exit included (torch's finalizers ran into it).
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGINT, ctrl_c)
-    if code == 130 and terminated:
-        return 128 + signal.SIGTERM
     return code
 
 
