@@ -235,6 +235,18 @@ class ServerState:
                 self.error = error
             self._lock.notify_all()
 
+    def turn(self, conn: Any, state: Any, mine: int, ready: Callable[[], bool]) -> bool:
+        """Under the lock: wait until ``ready()``, the run's end, or ``state``'s connection is no longer
+        ``mine`` (a newer one took over); True when it is the worker's turn, else False once it has been
+        told to stop."""
+        self._lock.wait_for(
+            lambda: self.finished or self.error is not None or state.connection != mine or ready()
+        )
+        if self.finished or self.error is not None or state.connection != mine:
+            conn.send({"op": "stop"})
+            return False
+        return True
+
     def loaded_once(self, workers: int) -> bool:
         """Under the lock: whether each of the ``workers`` has loaded its partition at least once."""
         return len(self._rows_read) == workers
@@ -428,22 +440,18 @@ class RoundServer(ServerState):
         while True:
             waited = time.perf_counter()
             with self._lock:
-                self._lock.wait_for(
+                if not self.turn(
+                    conn,
+                    state,
+                    mine,
                     lambda: (
-                        self.finished
-                        or self.error is not None
-                        or state.connection != mine
-                        or (
-                            worker in self._round.expected
-                            and worker not in self._round.pushes
-                            # No round before every worker has loaded once: a partition that fails to
-                            # load (a row that does not decode) stops the run before any training.
-                            and self.loaded_once(len(self._workers))
-                        )
-                    )
-                )
-                if self.finished or self.error is not None or state.connection != mine:
-                    conn.send({"op": "stop"})
+                        worker in self._round.expected
+                        and worker not in self._round.pushes
+                        # No round before every worker has loaded once: a partition that fails to load
+                        # (a row that does not decode) stops the run before any training.
+                        and self.loaded_once(len(self._workers))
+                    ),
+                ):
                     return
                 current = self._round
                 if not current.dispatched:

@@ -269,16 +269,7 @@ class ParameterServer(ServerState):
         while True:
             waited = time.perf_counter()
             with self._lock:
-                self._lock.wait_for(
-                    lambda: (
-                        self.finished
-                        or self.error is not None
-                        or state.connection != mine
-                        or self._may_pull(worker)
-                    )
-                )
-                if self.finished or self.error is not None or state.connection != mine:
-                    conn.send({"op": "stop"})
+                if not self.turn(conn, state, mine, lambda: self._may_pull(worker)):
                     return
                 wait_s = time.perf_counter() - waited
                 gap = self._gap(worker)
