@@ -112,6 +112,8 @@ def test_two_workers_take_one_step_on_the_union_batch(spark: Any, tmp_path: Path
     assert float(row["train_loss"]) == pytest.approx(float(loss.detach()), abs=1e-5)
     state = json.loads((result.run_dir / CHECKPOINT / "state.json").read_text())
     assert state["steps_done"] == 1
+    # Each rank says where it trained, as average and async workers do (the CLI's `devices:` line).
+    assert result.devices == {0: "cpu", 1: "cpu"}
 
 
 class _WithSpare(torch.nn.Module):

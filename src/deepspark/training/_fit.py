@@ -1308,7 +1308,7 @@ def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
         if gang.steps_done > saved_step[0] or not (run_path / CHECKPOINT).is_dir():
             checkpoint(gang)
     driver_model.load_state_dict(weights_of(gang))
-    return _finish(run, driver_model, history)
+    return _finish(run, driver_model, history, devices=gang.devices)
 
 
 def _fields(record: Any) -> dict[str, Any]:

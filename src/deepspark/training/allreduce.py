@@ -168,6 +168,7 @@ class GangServer:
         self._heartbeat_timeout = heartbeat_timeout
         self.lost: str | None = None  # a rank of this attempt silent past the heartbeat timeout
         self._rows_read: dict[int, int] = {}  # rank -> the rows its task of this attempt read
+        self.devices: dict[int, str] = {}  # rank -> the device it trains on (from its hello)
 
     def hold(self) -> threading.Condition:
         """The server's (reentrant) lock: hold it to read or checkpoint a consistent state."""
@@ -197,6 +198,8 @@ class GangServer:
             if not 0 <= rank < self._workers or attempt != self.attempt:
                 _log.warning("ignoring a gang task (rank %r, attempt %r): not of this attempt", rank, attempt)
                 return
+            device, gpus = str(conn.hello.get("device", "cpu")), list(conn.hello.get("gpus") or [])
+            self.devices[rank] = device + (f" (Spark assigned GPU {','.join(gpus)})" if gpus else "")
         _log.info(
             "gang rank %d of attempt %d connected from %s (pid %s)",
             rank,
@@ -375,7 +378,14 @@ def allreduce_task(task: GangSpec, batches: Iterator[Any]) -> Iterator[Any]:
     rank, world = ctx.partitionId(), task.workers
     limit_task_threads(task.threads, ctx)
     device = task_device(task.device, ctx)
-    hello = {"rank": rank, "attempt": task.attempt, "pid": os.getpid()}
+    gpus = ctx.resources().get("gpu")
+    hello = {
+        "rank": rank,
+        "attempt": task.attempt,
+        "pid": os.getpid(),
+        "device": str(device),  # the driver's final `devices:` line, as for average and async
+        "gpus": list(gpus.addresses) if gpus is not None else [],
+    }
     # Connected and beating before the load and the rendezvous: a rank frozen in either fails no task
     # either, and the others would wait for it in allGather (Spark's barrier timeout: a year) or in
     # init_process_group (timeout_s). The rows follow in the loaded frame, once the gang is formed.
