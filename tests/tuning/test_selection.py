@@ -239,6 +239,31 @@ def test_a_resume_that_fails_on_its_data_leaves_the_saved_settings(spark, tmp_pa
     assert tune(run_dir=run, resume=True, trials=2).counts()["complete"] == 2
 
 
+def test_a_study_made_without_the_default_resumes_although_the_space_leaves_the_default_out(
+    spark, tmp_path
+) -> None:
+    # mlp's default width (256) lies outside this space: only --no-default can make the study, and a
+    # resume (the CLI passes default_config=True unless --no-default is repeated) adds no default trial
+    # to a study that has trials, so it must not refuse the default configuration either.
+    data_dir = _layout(tmp_path / "data")
+    run = tmp_path / "run"
+    space = {"hidden": {"type": "choice", "values": [4, 8]}, "epochs": 1, "batch_size": 16}
+    tune(
+        data_dir=str(data_dir),
+        model="mlp",
+        space=space,
+        trials=1,
+        pruner="none",
+        default_config=False,
+        run_dir=run,
+    )
+    with pytest.raises(ConfigError, match="lies outside the space"):  # a new study still says so
+        tune(data_dir=str(data_dir), model="mlp", space=space, trials=1, run_dir=tmp_path / "new")
+    result = tune(run_dir=run, resume=True, trials=2)
+    assert result.counts()["complete"] == 2
+    assert result.default is None
+
+
 def test_the_built_in_objective_refuses_another_metric_or_direction_before_spark(tmp_path) -> None:
     # Its trials report accuracy per epoch to the pruner and best.json calls the value an accuracy: a
     # study minimising the loss would prune the most accurate trials and label a loss as an accuracy.

@@ -430,7 +430,7 @@ def tune(
     if config.builtin is not None:
         builtin_objective = config.builtin.objective(device=options.device)
         search.check(builtin_objective.check)  # names, and every value the space can give, before Spark
-    default = _default_trial(search, builtin_objective, default_config)
+    default = _default_trial(search, builtin_objective, default_config, resume=resume)
     assert objective is not None or builtin_objective is not None
     return _run(
         config,
@@ -510,9 +510,18 @@ def _check_objects(config: StudyConfig, *, sampler: object, pruner: object) -> N
 
 
 def _default_trial(
-    search: SearchSpace, builtin: ImageClassifierObjective | None, default_config: Mapping[str, Any] | bool
+    search: SearchSpace,
+    builtin: ImageClassifierObjective | None,
+    default_config: Mapping[str, Any] | bool,
+    *,
+    resume: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """The default configuration's trial as (searched params, overrides of ``fixed``), or None."""
+    """The default configuration's trial as (searched params, overrides of ``fixed``), or None.
+
+    On ``resume`` the built-in default lying outside the space is no error but None: the default trial
+    is only ever added to a study with no trials, and a study made with ``--no-default`` (the one way
+    to search such a space) was refused on every ``--resume`` that did not repeat the flag.
+    """
     if not isinstance(default_config, bool | Mapping):  # None or "yes" would silently run no default
         raise fail("default_config", "True, False or a mapping of parameter -> value", default_config)
     params: dict[str, Any] | None = None
@@ -535,6 +544,8 @@ def _default_trial(
         return None
     for name, value in params.items():
         if not search.contains(name, value):
+            if resume and default_config is True:
+                return None
             raise ConfigError(
                 f"the default configuration's {name}={value!r} lies outside the space for {name}; "
                 "widen the space to include it, or pass default_config=False (--no-default)"
