@@ -237,6 +237,24 @@ def test_python_m_deepspark_and_version(tmp_path: Path) -> None:
     assert "torch " in done.stdout and "Python 3." in done.stdout
 
 
+def test_deepspark_main_runs_as_a_file_as_spark_submit_runs_it(tmp_path: Path) -> None:
+    # docs/clusters.md: `spark-submit .../deepspark/__main__.py ARGS`. Python puts the file's folder first
+    # on sys.path, where deepspark's http.py hid the standard library's http, which torch imports.
+    import deepspark.__main__ as entry
+
+    root = str(Path(entry.__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, entry.__file__, "train", "--help"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage: deepspark train" in done.stdout
+
+
 def test_verbosity_conf_and_json_are_accepted_after_the_sub_command() -> None:
     parser = build_parser()
     args = parser.parse_args(
