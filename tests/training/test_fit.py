@@ -277,7 +277,9 @@ def test_a_run_stopping_early_keeps_every_round_it_finished(
     # With a checkpoint interval longer than the run, only the stop itself can have written round 3
     # (Ctrl-C and a failed worker take the same path as this error out of on_round).
     config = {**SGD, "batch_size": 8, "epochs": 4, "seed": 2}
-    options: dict[str, Any] = {"strategy": strategy, "workers": 2, "config": config, "average": {"tau": 2}}
+    options: dict[str, Any] = {"strategy": strategy, "workers": 2, "config": config}
+    if strategy != "allreduce":  # all-reduce takes no tau: its rounds are a quarter epoch each
+        options["average"] = {"tau": 2}
     run = _crash_and_resume(toy, tmp_path, driver_crash(3), checkpoint_seconds=3600, **options)
     assert run.checkpoint_round == 3 and [int(r["round"]) for r in run.crashed] == [0, 1, 2, 3]
     assert [int(r["round"]) for r in run.resumed] == list(range(len(run.resumed)))
@@ -708,6 +710,9 @@ def test_column_names_are_taken_literally(spark: Any, tmp_path: Path, feature: s
         ({"average": {"tau": 0}}, "tau: expected an integer >= 1, got 0"),
         ({"average": {"outer": "adam"}}, "outer: expected one of"),
         ({"strategy": "local", "workers": 2}, "strategy 'local' runs in one process"),
+        # all-reduce has no rounds and no outer step: these were saved in config.json and ignored
+        ({"strategy": "allreduce", "average": {"tau": 5}}, r"average: \['tau'\] .*strategy 'allreduce'"),
+        ({"strategy": "allreduce", "average": {"outer": "nesterov"}}, r"average: \['outer'\] .*'allreduce'"),
         ({"config": {"optimizer": "lbfgs"}}, "optimizer: expected one of"),
     ],
 )

@@ -299,7 +299,7 @@ def fit(
     check_choice("device", device, DEVICES)
     _check_slow_worker(slow_worker, strategy, workers)
     train_config = _train_config(config, strategy)
-    settings = _settings(average, strategy)
+    settings = _settings(average, strategy, resume=resume)
     if factory is not None and strategy == "local":
         raise ConfigError(
             "strategy: 'local' trains a zoo model or spec; a model factory trains with 'average' "
@@ -458,7 +458,9 @@ def _train_config(config: TrainConfig | Mapping[str, Any] | None, strategy: str)
     return TrainConfig.from_dict({**base.to_dict(), **dict(config or {})})
 
 
-def _settings(average: AverageSettings | Mapping[str, Any] | None, strategy: str) -> AverageSettings:
+def _settings(
+    average: AverageSettings | Mapping[str, Any] | None, strategy: str, *, resume: bool = False
+) -> AverageSettings:
     if isinstance(average, AverageSettings):  # the settings that differ from the defaults count as given
         defaults = asdict(AverageSettings())
         given = {k: v for k, v in asdict(average).items() if v != defaults[k]}
@@ -468,6 +470,12 @@ def _settings(average: AverageSettings | Mapping[str, Any] | None, strategy: str
         raise ConfigError(
             f"average: {sorted(given)} set how distributed workers combine their steps; strategy 'local' "
             "trains one process: drop them, or choose strategy 'average' (--workers 1 takes the local steps)"
+        )
+    if strategy == "allreduce" and given and not resume:  # a resume passes the saved settings back
+        raise ConfigError(
+            f"average: {sorted(given)} set how the average strategy combines its workers' steps; strategy "
+            "'allreduce' all-reduces the gradients every step and takes none of them: drop them, or choose "
+            "strategy 'average'"
         )
     if "tau" in given and given.get("round_seconds") is not None:
         raise ConfigError(
