@@ -671,7 +671,11 @@ def test_a_stray_test_label_is_refused_not_turned_into_extra_classes(
 
 
 def test_cli_data_fetch_and_verify_with_only_a_data_dir_check_that_directory(
-    tmp_path: Path, cached_mnist: Path, tiny: DatasetInfo, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    cached_mnist: Path,
+    tiny: DatasetInfo,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     import json
 
@@ -693,6 +697,10 @@ def test_cli_data_fetch_and_verify_with_only_a_data_dir_check_that_directory(
     assert all(
         v.startswith("ok (read as other: 50 train, 20 test") and "not mnist" in v for v in report.values()
     )
+    # ... without a warning per file that it is "not using it": it is read, as the report says.
+    with caplog.at_level(logging.WARNING):
+        assert all(v.startswith("ok (read as other") for v in verify(data_dir=other).values())
+    assert not [r for r in caplog.records if "not using it" in r.getMessage()]
     # Neither a name nor a directory: the error says what to give.
     assert main(["data", "fetch"]) == 2
     assert "--data-dir DIR" in capsys.readouterr().err

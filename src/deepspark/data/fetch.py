@@ -329,7 +329,9 @@ def _check_directory(data_dir: str | os.PathLike[str] | None, what: str) -> tupl
     for ds in DATASETS.values():
         found = {raw: find_file(user, raw) for raw in ds.files}
         if all(path is not None for path in found.values()):
-            report = {raw: check(path, ds.files[raw]) for raw, path in found.items() if path is not None}
+            report = {
+                raw: check(path, ds.files[raw], log=False) for raw, path in found.items() if path is not None
+            }
             if all(status == "ok" for status in report.values()):
                 return user, report
             unlike.append(ds.name)  # same file names, other bytes: another dataset in that layout
