@@ -371,6 +371,25 @@ def test_a_worker_that_sees_the_deadline_first_still_gets_the_running_trials_int
     assert coord.records == []
 
 
+def test_a_worker_asking_after_the_deadline_once_every_trial_is_done_stops_nothing(monkeypatch) -> None:
+    # `tune --timeout 25`: all 4 trials completed, and the study still said "stopped early: timeout",
+    # since a worker's ask for its next trial came just after the deadline.
+    clock = _ShiftedClock()
+    monkeypatch.setattr("deepspark.tuning.coordinator.time", clock)
+    coord = _clocked(n_trials=1, timeout=600, heartbeat_timeout=None)
+    try:
+        with _connect(coord, 0) as worker:
+            first = _ask(worker, {"op": "next"})
+            _ask(worker, {"op": "done", "trial": first["trial"], "state": "complete", "value": 0.5})
+            clock.ahead = 601.0
+            assert _ask(worker, {"op": "next"}) == {"stop": True}
+        _until(lambda: coord.finished, timeout=5.0)
+        assert coord.stop_reason is None
+    finally:
+        coord.close()
+    assert [r.state.value for r in coord.records] == ["complete"]
+
+
 class _RefusesOneFail(optuna.storages.InMemoryStorage):
     """A storage whose first write of a FAIL state raises (a journal on a full disk), then recovers."""
 

@@ -364,7 +364,9 @@ class Coordinator:
                 # must not take the trial its neighbour just lost: that worker is gone too.
                 if conn.peer_closed() or conn_id in self._cut:
                     return {"stop": True}
-                if self._deadline is not None and time.monotonic() > self._deadline:
+                # Not once every trial is done: a worker asks again after its last one (the driver took
+                # its result and model first), and the study that ran them all said it stopped early.
+                if self._deadline is not None and time.monotonic() > self._deadline and not self.finished:
                     self._halt("timeout")
                 if self.stop_reason is not None:
                     return {"stop": True}
