@@ -713,6 +713,15 @@ def test_column_names_are_taken_literally(spark: Any, tmp_path: Path, feature: s
         # all-reduce has no rounds and no outer step: these were saved in config.json and ignored
         ({"strategy": "allreduce", "average": {"tau": 5}}, r"average: \['tau'\] .*strategy 'allreduce'"),
         ({"strategy": "allreduce", "average": {"outer": "nesterov"}}, r"average: \['outer'\] .*'allreduce'"),
+        # the Nesterov step's knobs without it: saved in config.json and ignored
+        (
+            {"average": {"outer_momentum": 0.9}},
+            r"average: \['outer_momentum'\] set the Nesterov outer step, but outer is 'plain'",
+        ),
+        (
+            {"strategy": "async", "average": {"outer_learning_rate": 0.5}},
+            r"average: \['outer_learning_rate'\] .*strategy 'async' takes no outer step",
+        ),
         ({"config": {"optimizer": "lbfgs"}}, "optimizer: expected one of"),
     ],
 )

@@ -494,6 +494,15 @@ def _settings(
             raise ConfigError(
                 f"outer: strategy 'async' applies each push as it comes; expected 'plain', got {settings.outer!r}"
             )
+    nesterov = sorted({"outer_learning_rate", "outer_momentum"} & set(given))
+    if nesterov and settings.outer != "nesterov" and not resume:  # a resume passes the saved settings back
+        where = (
+            "strategy 'async' takes no outer step" if strategy == "async" else "outer is 'plain' (averaging)"
+        )
+        raise ConfigError(
+            f"average: {nesterov} set the Nesterov outer step, but {where}, which would ignore them: drop "
+            "them" + ("" if strategy == "async" else ", or give outer 'nesterov' (--outer nesterov)")
+        )
     return settings
 
 
