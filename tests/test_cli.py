@@ -383,3 +383,18 @@ def test_train_refuses_a_heartbeat_timeout_under_a_second_before_spark(monkeypat
         "deepspark: error: heartbeat_timeout: expected at least 1 second (or None for no heartbeat clock), got 0.1"
     ]
     assert not run.exists()
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly() -> None:
+    """`deepspark data info mnist | head` ended in a BrokenPipeError traceback."""
+    import subprocess
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepspark", "data", "info", "mnist"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # before the command writes: the reader is gone
+    _, err = proc.communicate(timeout=120)
+    assert (proc.returncode, err.decode()) == (1, "")

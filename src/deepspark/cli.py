@@ -531,7 +531,14 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     ctrl_c = signal.getsignal(signal.SIGINT)
     with _sigterm_as_interrupt():
-        code = _main(argv)
+        try:
+            code = _main(argv)
+        except BrokenPipeError:
+            # A reader that stopped reading (`deepspark data info mnist | head`): quietly, as other
+            # commands end there, with the rest of the output sent nowhere so the exit's flush cannot
+            # raise again. Exit 1: the output is not whole.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
     if argv is not None and ctrl_c is not None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         # Called by a program (a test), not as the process's command: give it back its Ctrl-C. The command
         # keeps ignoring it to the end, its interpreter's exit included (torch's finalizers ran into it).
