@@ -219,6 +219,30 @@ def test_the_cores_of_an_executor_are_known_from_a_local_master_before_the_jvm()
         assert master_cores(master) is None
 
 
+def test_threads_are_checked_against_the_master_the_session_would_start_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cluster named by --conf spark.master or spark-defaults.conf was taken for local[*]: 64 threads
+    per trial were refused against this machine's cores."""
+    from pyspark.sql import SparkSession
+
+    from deepspark.spark import check_task_cpus, configured
+
+    monkeypatch.setattr(SparkSession, "getActiveSession", staticmethod(lambda: None))
+    for name in ("MASTER", "SPARK_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SPARK_CONF_DIR", str(tmp_path / "none"))
+    too_many = (os.cpu_count() or 1) + 1
+    with pytest.raises(ConfigError, match=r"the cores of one executor of local\[\*\]"):
+        check_task_cpus("threads_per_trial", too_many)
+    with configured({"spark.master": "spark://127.0.0.1:7077"}):
+        check_task_cpus("threads_per_trial", too_many)  # a standalone cluster's executors: not this machine
+    with configured({"spark.master": "local[1]"}), pytest.raises(ConfigError, match=r"of local\[1\]"):
+        check_task_cpus("threads_per_trial", 2)
+    monkeypatch.setenv("SPARK_CONF_DIR", str(_defaults(tmp_path / "conf", "spark.master yarn\n")))
+    check_task_cpus("threads_per_trial", too_many)
+
+
 def test_sparks_cpus_per_task_error_becomes_one_line_naming_both_numbers() -> None:
     from deepspark.spark import _raise_gateway_error
 

@@ -149,6 +149,14 @@ def quiet_log_options(conf: Mapping[str, str], env: Mapping[str, str] | None = N
     return f"-Dlog4j2.configurationFile={uri} {existing}".strip()
 
 
+def _planned_master(master: str | None, given: Mapping[str, str]) -> str | None:
+    """The master a new session takes: ``master``, else ``spark.master`` of the settings ``given``, of
+    ``MASTER``, or of ``spark-defaults.conf``; None where none names one (then ``local[*]``)."""
+    if master is not None:
+        return master
+    return given.get("spark.master") or os.environ.get("MASTER") or environment_conf().get("spark.master")
+
+
 def session(
     master: str | None = None,
     *,
@@ -177,11 +185,7 @@ def session(
             )
         return active
     given = {**{k: str(v) for k, v in (conf or {}).items()}, **settings_.conf}
-    planned = (
-        master
-        if master is not None
-        else given.get("spark.master") or os.environ.get("MASTER") or environment_conf().get("spark.master")
-    )
+    planned = _planned_master(master, given)
     check_master(planned)
     if "spark.task.cpus" in given:
         _check_cores("spark.task.cpus", int(given["spark.task.cpus"]), planned or "local[*]")
@@ -301,7 +305,9 @@ def check_task_cpus(name: str, threads: int, *, master: str | None = None) -> No
     if active is not None:
         cores, where = executor_cores(active), str(active.sparkContext.master)
     else:
-        where = master or os.environ.get("MASTER") or "local[*]"
+        # The master the session would start on: a cluster's named by --conf or spark-defaults.conf was
+        # taken for local[*], and its threads were checked against this machine's cores.
+        where = _planned_master(master, (_SETTINGS.get() or _Settings()).conf) or "local[*]"
         check_master_form(where)
         cores = master_cores(where)
     if cores is not None and threads > cores:
