@@ -225,6 +225,7 @@ class _Resumed:
     crashed: list[dict[str, str]]  # the crashed run's history before its resume
     checkpoint_round: int  # the round its checkpoint held
     resumed: list[dict[str, str]]  # its history after the resume
+    time_split: dict[str, float]  # the resumed session's
 
 
 def _crash_and_resume(
@@ -241,7 +242,9 @@ def _crash_and_resume(
     crashed = _history(run_dir)
     state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
     resumed = fit(str(toy), run_dir=run_dir, resume=True)
-    return _Resumed(list(whole.history), crashed, int(state["round"]), _history(resumed.run_dir))
+    return _Resumed(
+        list(whole.history), crashed, int(state["round"]), _history(resumed.run_dir), dict(resumed.time_split)
+    )
 
 
 def _losses(rows: list[Any]) -> list[float]:
@@ -284,6 +287,11 @@ def test_a_run_stopping_early_keeps_every_round_it_finished(
     assert run.checkpoint_round == 3 and [int(r["round"]) for r in run.crashed] == [0, 1, 2, 3]
     assert [int(r["round"]) for r in run.resumed] == list(range(len(run.resumed)))
     assert sum(int(r["samples"]) for r in run.resumed) == sum(int(r["samples"]) for r in run.whole)
+    # The resumed session's time is its own rounds': the crashed session's compute was added to it and
+    # divided by this session's wall ("compute 21.9 s (117%)").
+    this_session = [r for r in run.resumed if int(r["round"]) > run.checkpoint_round]
+    computed = sum(float(r["compute_s"] or 0) for r in this_session)
+    assert run.time_split["compute_s"] == pytest.approx(computed, rel=1e-3, abs=1e-3)
     if strategy != "async":  # async's pushes interleave by timing; the others are deterministic
         np.testing.assert_allclose(_losses(run.resumed), _losses(run.whole), rtol=0, atol=1e-6)
 

@@ -1048,6 +1048,7 @@ def _fit_average(run: _Run) -> FitResult:
         outer_state = None
         cursors = {}
         first_round, samples_done, steps_done, history = 0, 0, 0, []
+    earlier = len(history)  # rows of the sessions before this one
     recorder = _Recorder(run, driver_model, history, samples_done)
     jobs = _WorkerJobs(run.spark, "deepspark-average")
 
@@ -1106,7 +1107,7 @@ def _fit_average(run: _Run) -> FitResult:
             f"momentum builds up), or use the plain outer step"
         ) from exc
     driver_model.load_state_dict(dict(server.weights))
-    return _finish(run, driver_model, history, devices=server.devices)
+    return _finish(run, driver_model, history, devices=server.devices, earlier=earlier)
 
 
 # -------------------------------------------------------------------------------------------- async
@@ -1131,6 +1132,7 @@ def _fit_async(run: _Run) -> FitResult:
         history = _read_history(run_path, upto=int(state["round"]))
     else:
         weights, history = dict(driver_model.state_dict()), []
+    earlier = len(history)  # rows of the sessions before this one
     recorder = _Recorder(run, driver_model, history, progress.get("samples_done", 0))
     jobs = _WorkerJobs(run.spark, "deepspark-async")
 
@@ -1175,7 +1177,7 @@ def _fit_async(run: _Run) -> FitResult:
         run.staleness,
     )
     driver_model.load_state_dict(server.weights)
-    return _finish(run, driver_model, history, devices=server.devices)
+    return _finish(run, driver_model, history, devices=server.devices, earlier=earlier)
 
 
 def _drain(rows: Any) -> list[Any]:
@@ -1217,6 +1219,7 @@ def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
         payload = state_to_bytes({f"{MODEL_PREFIX}{k}": v for k, v in driver_model.state_dict().items()})
         state = {"round": -1, "steps_done": 0, "samples_done": 0, "cursors": {}, "optimizer": None}
         history, first_attempt = [], 0
+    earlier = len(history)  # rows of the sessions before this one
     saved_step = [int(state["steps_done"])]
 
     def weights_of(gang: GangServer) -> dict[str, torch.Tensor]:
@@ -1325,7 +1328,7 @@ def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
         if gang.steps_done > saved_step[0] or not (run_path / CHECKPOINT).is_dir():
             checkpoint(gang)
     driver_model.load_state_dict(weights_of(gang))
-    return _finish(run, driver_model, history, devices=gang.devices)
+    return _finish(run, driver_model, history, devices=gang.devices, earlier=earlier)
 
 
 def _fields(record: Any) -> dict[str, Any]:
@@ -1498,7 +1501,9 @@ def _finish(
     history: list[dict[str, Any]],
     *,
     devices: Mapping[int, str] | None = None,
+    earlier: int = 0,
 ) -> FitResult:
+    """The run's model, curve and result; ``earlier`` history rows came from the sessions before a resume."""
     run_path, data, config = run.run_path, run.data, run.config
 
     accuracy = None
@@ -1517,7 +1522,7 @@ def _finish(
     )
     _plot(run_path, history)
     wall = time.perf_counter() - run.started
-    split = _time_split(history, wall)
+    split = _time_split(history[earlier:], wall)  # this session's rounds in this session's wall time
     epochs = float(history[-1]["epoch"]) if history else 0.0
     total_bytes = sum(float(r["bytes"] or 0) for r in history)
     return FitResult(
@@ -1648,6 +1653,7 @@ def _fit_local(
                 "digest": digest,
             },
         )
+    earlier = len(history)  # rows of the sessions before this one
     elapsed_before = float(history[-1]["elapsed_s"]) if history else 0.0
     clock = time.perf_counter()
     tested = len(dataset.test_labels) > 0  # with no test examples there is no score (not 0.0)
@@ -1718,7 +1724,7 @@ def _fit_local(
         started=started,
         on_round=on_round,
     )
-    return _finish(run, result.model, history)
+    return _finish(run, result.model, history, earlier=earlier)
 
 
 def _raise_training_error(error: BaseException) -> NoReturn:
