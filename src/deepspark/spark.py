@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEVICES",
+    "assigned_gpus",
     "cancel_group",
     "check_gpu_request",
     "check_master",
@@ -40,6 +41,7 @@ __all__ = [
     "check_task_cpus",
     "column",
     "configured",
+    "device_label",
     "end_lost_jvms",
     "environment_conf",
     "executor_cores",
@@ -276,8 +278,11 @@ def master_cores(master: str) -> int | None:
     m = re.fullmatch(r"local\[(\*|\d+)(?:,\s*(?:\*|\d+))?\]", text)
     if m is not None:
         return (os.cpu_count() or 1) if m.group(1) == "*" else int(m.group(1))
-    m = re.fullmatch(r"local-cluster\[\s*\d+\s*,\s*(\d+)\s*,\s*\d+\s*\]", text)
-    return int(m.group(1)) if m is not None else None
+    m = _LOCAL_CLUSTER.fullmatch(text)
+    return int(m.group(2)) if m is not None else None
+
+
+_LOCAL_CLUSTER = re.compile(r"local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,\s*\d+\s*\]")  # executors, cores, MB
 
 
 def executor_cores(spark: SparkSession) -> int | None:
@@ -378,21 +383,18 @@ def total_cores(spark: SparkSession) -> int:
     its rounds waited for them for good.
     """
     sc = spark.sparkContext
-    conf = sc.getConf()
-    if conf.get("spark.default.parallelism", None) is None:
+    per_executor = executor_cores(spark)
+    if sc.getConf().get("spark.default.parallelism", None) is None or per_executor is None:
         return int(sc.defaultParallelism)
     master = str(sc.master).strip()
-    cluster = re.fullmatch(r"local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,\s*\d+\s*\]", master)
-    if cluster is not None:
-        return int(cluster.group(1)) * int(cluster.group(2))
-    cores = master_cores(master)
-    if cores is not None:
-        return cores
-    per_executor = conf.get("spark.executor.cores", None)
-    if per_executor:
-        executors = max(1, int(sc._jsc.sc().getExecutorMemoryStatus().size()) - 1)  # and the driver
-        return executors * int(per_executor)
-    return int(sc.defaultParallelism)
+    cluster = _LOCAL_CLUSTER.fullmatch(master)
+    if cluster is not None:  # from its URL: its executors may not have registered yet
+        executors = int(cluster.group(1))
+    elif master_cores(master) is not None:  # local[N]: the driver is the one executor
+        executors = 1
+    else:
+        executors = max(1, int(sc._jsc.sc().getExecutorMemoryStatus().size()) - 1)  # less the driver
+    return executors * per_executor
 
 
 def total_slots(spark: SparkSession, threads: int = 1) -> int:
@@ -590,6 +592,23 @@ def check_gpu_request(spark: SparkSession, device: str) -> None:
         )
 
 
+def assigned_gpus(context: Any = None) -> list[str]:
+    """The addresses of the GPUs Spark assigned this task (``TaskContext.resources()``; ``context`` or
+    the current task's); empty outside a task or without GPU scheduling."""
+    if context is None:
+        from pyspark import TaskContext
+
+        context = TaskContext.get()
+    gpus = context.resources().get("gpu") if context is not None else None
+    return [str(a) for a in gpus.addresses] if gpus is not None else []
+
+
+def device_label(device: Any, gpus: Sequence[str]) -> str:
+    """How a task's device is reported (``devices:`` lines, trials' records): ``cpu``, ``cuda:0``, and the
+    GPU Spark assigned when there was one (``cpu (Spark assigned GPU 3)`` says CUDA could not use it)."""
+    return str(device) + (f" (Spark assigned GPU {','.join(gpus)})" if gpus else "")
+
+
 def task_device(requested: str = "auto", context: Any = None) -> Any:
     """The torch device a Spark task should use: the GPU Spark assigned it, else the CPU.
 
@@ -604,12 +623,7 @@ def task_device(requested: str = "auto", context: Any = None) -> Any:
         raise ConfigError(f"device: expected one of {list(DEVICES)}, got {requested!r}")
     if requested == "cpu":
         return torch.device("cpu")
-    if context is None:
-        from pyspark import TaskContext
-
-        context = TaskContext.get()
-    gpus = context.resources().get("gpu") if context is not None else None
-    addresses = list(gpus.addresses) if gpus is not None else []
+    addresses = assigned_gpus(context)
     if addresses and torch.cuda.is_available():
         index, why = _cuda_index(str(addresses[0]), os.environ.get("CUDA_VISIBLE_DEVICES"))
         if index is not None and index < torch.cuda.device_count():

@@ -162,14 +162,6 @@ def _timed(batches: Iterator[Any], times: dict[str, float]) -> Iterator[Any]:
         yield batch
 
 
-def _assigned_gpus() -> tuple[str, ...]:
-    from pyspark import TaskContext
-
-    context = TaskContext.get()
-    gpus = context.resources().get("gpu") if context is not None else None
-    return tuple(gpus.addresses) if gpus is not None else ()
-
-
 def run_task(
     batches: Iterator[Any],
     plan: TaskPlan,
@@ -179,13 +171,13 @@ def run_task(
 ) -> Iterator[Any]:
     from deepspark.data.frames import rebatch
     from deepspark.inference.runners import runner_device
-    from deepspark.spark import limit_threads
+    from deepspark.spark import assigned_gpus, device_label, limit_threads
 
     limit_threads(plan.threads)
     times = dict.fromkeys(PHASES, 0.0)
     start = time.perf_counter()
     device = runner_device(plan.device, plan.backend)
-    gpus = _assigned_gpus()
+    gpus = assigned_gpus()
     runner, loaded = _cached_runner(plan, artifact, device)
     times["load"] = time.perf_counter() - start
     rows = errors = 0
@@ -248,7 +240,7 @@ def run_task(
             "loads": int(loaded),
             "tasks": 1,
             "pids": frozenset([os.getpid()]),
-            "devices": frozenset([device + (f" (Spark assigned GPU {','.join(gpus)})" if gpus else "")]),
+            "devices": frozenset([device_label(device, gpus)]),
         }
         | {f"seconds_{name}": value for name, value in times.items()}
     )

@@ -67,6 +67,7 @@ import torch
 from deepspark import wire
 from deepspark.errors import DeepsparkError, DivergenceError, RunError
 from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
+from deepspark.spark import device_label
 from deepspark.training.average import LOADED, RoundRecord, TaskSpec
 from deepspark.training.frame import rows_changed
 
@@ -199,7 +200,7 @@ class GangServer:
                 _log.warning("ignoring a gang task (rank %r, attempt %r): not of this attempt", rank, attempt)
                 return
             device, gpus = str(conn.hello.get("device", "cpu")), list(conn.hello.get("gpus") or [])
-            self.devices[rank] = device + (f" (Spark assigned GPU {','.join(gpus)})" if gpus else "")
+            self.devices[rank] = device_label(device, gpus)
         _log.info(
             "gang rank %d of attempt %d connected from %s (pid %s)",
             rank,
@@ -372,19 +373,18 @@ def allreduce_task(task: GangSpec, batches: Iterator[Any]) -> Iterator[Any]:
     import torch.distributed as dist
     from pyspark import BarrierTaskContext
 
-    from deepspark.spark import limit_task_threads, task_device
+    from deepspark.spark import assigned_gpus, limit_task_threads, task_device
 
     ctx = BarrierTaskContext.get()
     rank, world = ctx.partitionId(), task.workers
     limit_task_threads(task.threads, ctx)
     device = task_device(task.device, ctx)
-    gpus = ctx.resources().get("gpu")
     hello = {
         "rank": rank,
         "attempt": task.attempt,
         "pid": os.getpid(),
         "device": str(device),  # the driver's final `devices:` line, as for average and async
-        "gpus": list(gpus.addresses) if gpus is not None else [],
+        "gpus": assigned_gpus(ctx),
     }
     # Connected and beating before the load and the rendezvous: a rank frozen in either fails no task
     # either, and the others would wait for it in allGather (Spark's barrier timeout: a year) or in

@@ -41,6 +41,7 @@ import torch
 from deepspark import wire
 from deepspark.errors import ConfigError, DeepsparkError
 from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
+from deepspark.spark import device_label
 from deepspark.training.frame import rows_changed
 
 __all__ = [
@@ -179,7 +180,7 @@ class ServerState:
             conn.hello.get("pid", "?"),
         )
         with self._lock:
-            self.devices[worker] = device + (f" (Spark assigned GPU {','.join(gpus)})" if gpus else "")
+            self.devices[worker] = device_label(device, gpus)
         return worker
 
     def receive(self, conn: Any) -> tuple[dict[str, Any], bytes, int]:
@@ -694,20 +695,19 @@ def load_worker(task: TaskSpec, batches: Iterator[Any]) -> Iterator[tuple[wire.C
     knows before reading (the driver's log names its pid at once); the rows come with ``loaded``."""
     from pyspark import TaskContext
 
-    from deepspark.spark import limit_task_threads, task_device
+    from deepspark.spark import assigned_gpus, limit_task_threads, task_device
     from deepspark.training.loop import TrainConfig, cosine_rate
 
     ctx = TaskContext.get()
     worker = ctx.partitionId() if ctx is not None else 0
     limit_task_threads(task.threads, ctx)
     device = task_device(task.device, ctx)
-    gpus = ctx.resources().get("gpu") if ctx is not None else None
     hello = {
         "worker": worker,
         "attempt": ctx.attemptNumber() if ctx else 0,
         "pid": os.getpid(),  # named in the driver's log, to find a frozen worker (py-spy dump --pid)
         "device": str(device),
-        "gpus": list(gpus.addresses) if gpus is not None else [],
+        "gpus": assigned_gpus(ctx),
     }
     with (
         wire.connect(task.host, task.port, token=task.token, hello=hello) as conn,

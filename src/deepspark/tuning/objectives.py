@@ -261,14 +261,13 @@ class ImageClassifierObjective:
     def __call__(self, config: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
         from pyspark import TaskContext
 
-        from deepspark.spark import task_device
+        from deepspark.spark import assigned_gpus, device_label, task_device
 
         data = reporter.data
         # The GPU Spark assigned this task (auto: when CUDA can use it); cuda without one is an error.
         context = TaskContext.get()
         device = task_device(self.device, context)
-        assigned = context.resources().get("gpu") if context is not None else None
-        gpus = list(assigned.addresses) if assigned is not None else []
+        gpus = assigned_gpus(context)
         train_config, hyper = self.split(config)
         train_config = TrainConfig.from_dict({**train_config.to_dict(), "threads": reporter.threads})
         spec = self.spec or model_spec(
@@ -303,5 +302,5 @@ class ImageClassifierObjective:
             "train_seconds": sum(m.seconds for m in result.history),
             "threads": reporter.threads,
             "pid": os.getpid(),
-            "device": str(device) + (f" (Spark assigned GPU {','.join(gpus)})" if gpus else ""),
+            "device": device_label(device, gpus),
         }
