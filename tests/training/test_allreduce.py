@@ -313,7 +313,7 @@ def test_a_rank_frozen_before_it_reads_its_start_state_marks_the_attempt_lost() 
     with wire.Server(token=token, handler=server.handle, name="test-gang") as endpoint:
         hello = {"rank": 1, "attempt": 0, "pid": 7}
         with wire.connect("127.0.0.1", endpoint.address[1], token=token, hello=hello, timeout=10) as rank:
-            rank.send({"op": "loaded", "rows": 8})
+            rank.send({"op": "loaded", "rows": 8, "digest": "xxhash64-sums:0:0"})
             lock = server.hold()
             with lock:
                 assert lock.wait_for(lambda: server.lost is not None, timeout=10)
@@ -331,7 +331,7 @@ def test_a_rank_frozen_after_the_last_round_marks_the_attempt_lost() -> None:
     with wire.Server(token=token, handler=server.handle, name="test-gang") as endpoint:
         hello = {"rank": 1, "attempt": 0, "pid": 7}
         with wire.connect("127.0.0.1", endpoint.address[1], token=token, hello=hello, timeout=10) as rank:
-            rank.send({"op": "loaded", "rows": 8})
+            rank.send({"op": "loaded", "rows": 8, "digest": "xxhash64-sums:0:0"})
             assert rank.recv()[0]["op"] == "start"  # and it never says done
             lock = server.hold()
             with lock:
@@ -352,7 +352,7 @@ def test_a_rank_frozen_after_its_done_marks_the_attempt_lost_one_that_leaves_not
     with wire.Server(token=token, handler=server.handle, name="test-gang") as endpoint:
         hello = {"rank": rank_id, "attempt": 0, "pid": 7}
         with wire.connect("127.0.0.1", endpoint.address[1], token=token, hello=hello, timeout=10) as rank:
-            rank.send({"op": "loaded", "rows": 8})
+            rank.send({"op": "loaded", "rows": 8, "digest": "xxhash64-sums:0:0"})
             assert rank.recv()[0]["op"] == "start"
             rank.send({"op": "done"})
             if rank_id == 0:
@@ -388,7 +388,7 @@ def test_a_rank_silent_while_it_loads_and_joins_the_gang_marks_the_attempt_lost_
             rank.settimeout(10)
             loading.wait(2.5)  # longer than the heartbeat timeout
             if beats:
-                rank.send({"op": "loaded", "rows": 8})
+                rank.send({"op": "loaded", "rows": 8, "digest": "xxhash64-sums:0:0"})
                 assert rank.recv()[0]["op"] == "start" and server.lost is None
             else:
                 lock = server.hold()

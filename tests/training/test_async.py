@@ -28,7 +28,7 @@ def _client(port: int, token: str, worker: int, leave_after: int | None, out: di
     """A fake worker: pushes a delta of ones per pull; closes its connection after ``leave_after`` pushes."""
     pushes = 0
     with wire.connect("127.0.0.1", port, token=token, hello={"worker": worker}) as conn:
-        conn.send({"op": "loaded", "rows": 40})
+        conn.send({"op": "loaded", "rows": 40, "digest": "xxhash64-sums:0:0"})
         while True:
             header, payload = conn.recv()
             if header["op"] == "stop":
@@ -132,12 +132,12 @@ def test_a_push_from_a_lost_workers_connection_is_not_applied_twice() -> None:
         hello = {"worker": 0}
         with wire.connect("127.0.0.1", port, token=token, hello=hello, timeout=10) as old:
             old.settimeout(10)
-            old.send({"op": "loaded", "rows": 40})
+            old.send({"op": "loaded", "rows": 40, "digest": "xxhash64-sums:0:0"})
             first, _ = old.recv()
             server.worker_lost(0)
             with wire.connect("127.0.0.1", port, token=token, hello=hello, timeout=10) as new:
                 new.settimeout(10)
-                new.send({"op": "loaded", "rows": 40})
+                new.send({"op": "loaded", "rows": 40, "digest": "xxhash64-sums:0:0"})
                 again, _ = new.recv()
                 assert first["cursor"] == again["cursor"] == {"n": 40, "pushes": 0}
                 _push(old, first, {"n": 40, "pushes": 1})
@@ -165,7 +165,7 @@ def _serving(server: ParameterServer) -> Iterator[Callable[..., wire.Connection]
             "127.0.0.1", endpoint.address[1], token=token, hello={"worker": worker}, timeout=10
         )
         conn.settimeout(10)
-        conn.send({"op": "loaded", "rows": rows})
+        conn.send({"op": "loaded", "rows": rows, "digest": "xxhash64-sums:0:0"})
         return conn
 
     try:

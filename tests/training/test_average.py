@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from deepspark import wire
+from deepspark.errors import DatasetError
 from deepspark.models.checkpoint import state_to_bytes
 from deepspark.training.average import AverageSettings, RoundRecord, RoundServer
 
@@ -72,13 +73,56 @@ def _serving(server: RoundServer) -> Iterator[wire.Server]:
         endpoint.close()
 
 
-def _connect(endpoint: wire.Server, worker: int, *, loaded: bool = True) -> wire.Connection:
-    """A fake worker's connection; ``loaded``: it has read its partition of 8 rows and said so."""
+def _connect(
+    endpoint: wire.Server, worker: int, *, loaded: bool = True, digest: str = "xxhash64-sums:0:0"
+) -> wire.Connection:
+    """A fake worker's connection; ``loaded``: it has read its partition of 8 rows (of ``digest``) and
+    said so."""
     conn = wire.connect("127.0.0.1", endpoint.address[1], token=TOKEN, hello={"worker": worker}, timeout=10)
     conn.settimeout(10)
     if loaded:
-        conn.send({"op": "loaded", "rows": 8})
+        conn.send({"op": "loaded", "rows": 8, "digest": digest})
     return conn
+
+
+def test_a_retried_task_that_reads_other_rows_of_the_same_count_stops_the_run() -> None:
+    # A DataFrame that draws random numbers hands a resubmitted task other rows of the same count. The
+    # count matched, so the replacement trained on, at a data position made for the first task's rows.
+    records: list[RoundRecord] = []
+    server = _server(records, total_steps=2)
+    with _serving(server) as endpoint, _connect(endpoint, 1) as other, _connect(endpoint, 0) as lost:
+        lost.recv()
+        other.recv()
+        lost.close()
+        server.worker_lost(0)
+        with _connect(endpoint, 0, digest="xxhash64-sums:0:1"):
+            assert server.wait(10)
+    assert isinstance(server.error, DatasetError)
+    assert "worker 0's task read other rows than its first task did (8 rows)" in str(server.error)
+    assert not records
+
+
+@pytest.mark.parametrize(("digests", "error"), [(("1:2", "3:4"), False), (("1:2", "3:5"), True)])
+def test_the_workers_rows_must_add_up_to_the_counted_digest(digests: tuple[str, str], error: bool) -> None:
+    records: list[RoundRecord] = []
+    server = _server(records, total_steps=1, digest="xxhash64-sums:4:6")
+    with (
+        _serving(server) as endpoint,
+        _connect(endpoint, 0, digest=f"xxhash64-sums:{digests[0]}") as first,
+        _connect(endpoint, 1, digest=f"xxhash64-sums:{digests[1]}") as second,
+    ):
+        if error:
+            assert server.wait(10)
+        else:
+            for conn in (first, second):
+                _push(conn, conn.recv()[0], 1.0)
+            assert server.wait(10)
+    if error:
+        assert isinstance(server.error, DatasetError)
+        assert "the workers read other rows than the DataFrame counted (16 rows)" in str(server.error)
+        assert not records
+    else:
+        assert server.error is None and [r.round for r in records] == [0]
 
 
 def test_a_round_whose_workers_with_data_were_lost_waits_for_their_replacement() -> None:
@@ -278,7 +322,7 @@ def test_a_worker_that_beats_while_it_loads_longer_than_the_timeout_is_waited_fo
         with _connect(endpoint, 0, loaded=False) as slow, _connect(endpoint, 1) as one:
             with wire.Heartbeat(slow, wire.heartbeat_interval(1.0)):
                 loading.wait(2.5)  # its partition takes longer than the heartbeat timeout to read
-                slow.send({"op": "loaded", "rows": 8})
+                slow.send({"op": "loaded", "rows": 8, "digest": "xxhash64-sums:0:0"})
                 first_slow, _ = slow.recv()
                 first_one, _ = one.recv()
                 assert first_slow["round"] == first_one["round"] == 0  # the round waited for it

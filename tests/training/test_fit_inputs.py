@@ -451,6 +451,60 @@ def test_rows_that_change_between_the_count_and_training_stop_the_run(
         )
 
 
+@pytest.mark.parametrize("strategy", ["average", "allreduce"])
+def test_rows_that_change_at_the_same_count_stop_the_run_before_any_step(
+    spark: Any, tmp_path: Path, strategy: str
+) -> None:
+    # A label drawn at random on every read: the count before training and the workers' reads agree on
+    # 30 rows, but not on what the rows hold. The workers trained on labels nobody counted; now the
+    # partitions' digests, summed, must be the count's.
+    import random
+
+    from pyspark.sql import functions as F
+
+    images, labels = _images(30)
+    drawn = F.udf(lambda _: random.randrange(CLASSES), "int").asNondeterministic()
+    df = _png_frame(spark, images, labels).withColumn("label", drawn("label"))
+    with pytest.raises(
+        DeepsparkError, match=r"read other rows than the DataFrame counted \(30 rows\): .*localCheckpoint"
+    ):
+        fit(
+            df,
+            "mlp",
+            strategy=strategy,
+            workers=2,
+            num_classes=CLASSES,
+            config={**SGD, "epochs": 1},
+            run_dir=tmp_path / "run",
+        )
+    assert not (tmp_path / "run" / "history.csv").exists()
+
+
+def test_partition_digests_add_up_to_the_frames(spark: Any) -> None:
+    from deepspark.training.frame import describe_frame, keyed_rows, read_partition, sum_digests
+
+    images, labels = _images(30)
+    df = _png_frame(spark, images, labels).repartition(3)
+    layout = describe_frame(
+        df, feature_column="image", label_column="label", input_shape=None, num_classes=None
+    )
+    table = keyed_rows(df, layout).toArrow()
+    parts = [read_partition(table.slice(at, 10).to_batches(), layout) for at in (0, 10, 20)]
+    assert [len(p.labels) for p in parts] == [10, 10, 10]
+    assert len({p.digest for p in parts}) == 3
+    assert sum_digests(p.digest for p in parts) == layout.digest
+    other = read_partition(table.slice(0, 10).to_batches(), layout)
+    assert other.digest == parts[0].digest  # the same rows, the same digest
+    relabelled = describe_frame(
+        _png_frame(spark, images, (labels + 1) % CLASSES),
+        feature_column="image",
+        label_column="label",
+        input_shape=None,
+        num_classes=None,
+    )
+    assert relabelled.rows == layout.rows and relabelled.digest != layout.digest
+
+
 @pytest.mark.parametrize("strategy", ["average", "async"])
 def test_a_resume_on_rows_split_otherwise_stops_instead_of_training_past_them(
     spark: Any, tmp_path: Path, driver_crash: Any, strategy: str

@@ -38,7 +38,16 @@ from deepspark.slots import SameFailure, root_cause, run_slots, short_error
 from deepspark.spark import DEVICES, cancel_group, job_group, run_job
 from deepspark.training._model import FACTORY_KEY, TrainModel, factory_of
 from deepspark.training.average import AverageSettings, RoundRecord, RoundServer, TaskSpec, average_task
-from deepspark.training.frame import FEATURE, KEY, LABEL, FrameLayout, describe_frame, keyed_rows
+from deepspark.training.frame import (
+    FEATURE,
+    HASH,
+    KEY,
+    LABEL,
+    FrameLayout,
+    describe_frame,
+    keyed_rows,
+    row_hash,
+)
 from deepspark.training.loop import DataCursor, TrainConfig, evaluate
 from deepspark.validation import (
     check_choice,
@@ -675,7 +684,9 @@ def _prepare_data(
     frame = to_dataframe(
         spark, dataset.train_images, dataset.train_labels, image_column=FEATURE, label_column=LABEL
     )
-    frame = frame.withColumn(KEY, F.col("id")).drop("id")
+    frame = (
+        frame.withColumn(KEY, F.col("id")).drop("id").withColumn(HASH, row_hash(F.col(LABEL), F.col(FEATURE)))
+    )
     layout = FrameLayout(
         feature_column=feature_column,
         label_column="label",
@@ -729,9 +740,9 @@ def _load(data: Any, data_dir: Any, limit_train: int | None, limit_test: int | N
 def _collect(df: Any, layout: FrameLayout, preprocess: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:
     from deepspark.training.frame import read_partition
 
-    x, y = read_partition(keyed_rows(df, layout).toArrow().to_batches(), layout)
-    inputs = preprocess.apply(x) if layout.pixels else torch.from_numpy(x)
-    return inputs, torch.from_numpy(y)
+    part = read_partition(keyed_rows(df, layout).toArrow().to_batches(), layout)
+    inputs = preprocess.apply(part.features) if layout.pixels else torch.from_numpy(part.features)
+    return inputs, torch.from_numpy(part.labels)
 
 
 def _model_spec(model: Any, layout: FrameLayout) -> ModelSpec:
@@ -1078,6 +1089,7 @@ def _fit_average(run: _Run) -> FitResult:
         steps_done=steps_done,
         samples_done=samples_done,
         rows=layout.rows,
+        digest=layout.digest,
         first_round=first_round,
         outer_state=outer_state,
         on_round=after_round,
@@ -1152,6 +1164,7 @@ def _fit_async(run: _Run) -> FitResult:
         total_samples=config.epochs * layout.rows,
         total_steps=total_steps,
         rows=layout.rows,
+        digest=layout.digest,
         new_cursor=_new_cursor(config),
         on_round=after_round,
         heartbeat_timeout=run.heartbeat_timeout,
@@ -1243,6 +1256,7 @@ def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
         samples_done=int(state["samples_done"]),
         total_steps=total_steps,
         rows=layout.rows,
+        digest=layout.digest,
         workers=workers,
         on_round=after_round,
         heartbeat_timeout=run.heartbeat_timeout,

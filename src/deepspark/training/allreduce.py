@@ -69,7 +69,7 @@ from deepspark.errors import DeepsparkError, DivergenceError, RunError
 from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
 from deepspark.spark import device_label
 from deepspark.training.average import LOADED, RoundRecord, TaskSpec
-from deepspark.training.frame import rows_changed
+from deepspark.training.frame import rows_changed, sum_digests
 
 __all__ = [
     "GangReport",
@@ -147,6 +147,7 @@ class GangServer:
         rows: int,
         workers: int,
         on_round: Callable[[GangReport, GangServer], None],
+        digest: str = "",  # of the rows counted (FrameLayout.digest); "" when not taken
         heartbeat_timeout: float | None = None,
     ) -> None:
         self._lock = threading.Condition()
@@ -169,6 +170,8 @@ class GangServer:
         self._heartbeat_timeout = heartbeat_timeout
         self.lost: str | None = None  # a rank of this attempt silent past the heartbeat timeout
         self._rows_read: dict[int, int] = {}  # rank -> the rows its task of this attempt read
+        self._digest = digest
+        self._digests_read: dict[int, str] = {}  # rank -> the digest of the rows its first task read
         self.devices: dict[int, str] = {}  # rank -> the device it trains on (from its hello)
 
     def hold(self) -> threading.Condition:
@@ -228,13 +231,19 @@ class GangServer:
                 }
                 payload = self.payload
                 self._rows_read[rank] = int(loaded["rows"])
+                digest = str(loaded["digest"])
+                first = self._digests_read.setdefault(rank, digest)
                 read = sum(self._rows_read.values())
-                if len(self._rows_read) == self._workers and read != self._rows:
-                    self.fail(
-                        rows_changed(
-                            f"the gang's ranks read {read} rows where the DataFrame counted {self._rows}"
-                        )
-                    )
+                whole = len(self._rows_read) == self._workers
+                error = None
+                if digest != first:
+                    error = f"gang rank {rank}'s task read other rows than its first task did ({loaded['rows']} rows)"
+                elif whole and read != self._rows:
+                    error = f"the gang's ranks read {read} rows where the DataFrame counted {self._rows}"
+                elif whole and self._digest and sum_digests(self._digests_read.values()) != self._digest:
+                    error = f"the gang's ranks read other rows than the DataFrame counted ({read} rows)"
+                if error is not None:
+                    self.fail(rows_changed(error))
                     return
                 if rank == 0:
                     self._reporting += 1
@@ -393,7 +402,7 @@ def allreduce_task(task: GangSpec, batches: Iterator[Any]) -> Iterator[Any]:
         wire.connect(task.host, task.port, token=task.token, hello=hello) as conn,
         wire.Heartbeat(conn, task.heartbeat_s),  # every rank: a frozen one stalls the whole gang
     ):
-        inputs, targets = task.read(batches)
+        inputs, targets, digest = task.read(batches)
         # Rendezvous: rank 0 picks a free port on its host; everyone learns it.
         if rank == 0:
             with socket.socket() as probe:
@@ -419,7 +428,7 @@ def allreduce_task(task: GangSpec, batches: Iterator[Any]) -> Iterator[Any]:
                 world_size=world,
                 timeout=datetime.timedelta(seconds=task.timeout_s),
             )
-            steps = _train(task, rank, device, inputs.to(device), targets.to(device), conn)
+            steps = _train(task, rank, device, inputs.to(device), targets.to(device), digest, conn)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
@@ -439,6 +448,7 @@ def _train(
     device: torch.device,
     inputs: torch.Tensor,
     targets: torch.Tensor,
+    digest: str,
     conn: Any,
 ) -> int:
     """The gang member's loop on its connection to the driver: the loaded frame (its rows), the start
@@ -454,7 +464,8 @@ def _train(
     model = task.build_model().to(device)
     optimizer = make_optimizer(model, config)
     rate = cosine_rate(config.learning_rate, task.total_steps) if config.lr_schedule == "cosine" else None
-    conn.send({"op": LOADED, "rows": n})  # just before reading the start state, which the driver sends then
+    # Just before reading the start state, which the driver sends then.
+    conn.send({"op": LOADED, "rows": n, "digest": digest})
     start, payload = conn.recv()
     tensors = state_from_bytes(payload)
     model.load_state_dict(

@@ -42,7 +42,7 @@ from deepspark import wire
 from deepspark.errors import ConfigError, DeepsparkError
 from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
 from deepspark.spark import device_label
-from deepspark.training.frame import rows_changed
+from deepspark.training.frame import rows_changed, sum_digests
 
 __all__ = [
     "LOADED",
@@ -152,6 +152,7 @@ class ServerState:
         *,
         rows: int,
         new_cursor: Callable[[int, int], dict[str, Any]],
+        digest: str = "",
         heartbeat_timeout: float | None = None,
         cancel: Callable[[int], None] | None = None,
     ) -> None:
@@ -164,6 +165,8 @@ class ServerState:
         self._heartbeat_timeout = heartbeat_timeout
         self._cancel = cancel
         self._rows_read: dict[int, int] = {}  # worker -> the rows its newest task read
+        self._digest = digest  # of the rows counted (FrameLayout.digest); "" when not taken
+        self._digests_read: dict[int, str] = {}  # worker -> the digest of the rows its first task read
 
     def admit(self, conn: Any, workers: int) -> int | None:
         """The worker index a connection's hello names (its device noted), or None if it is not one of ours."""
@@ -188,14 +191,15 @@ class ServerState:
         under the heartbeat timeout)."""
         return wire.receive(conn, self._heartbeat_timeout)
 
-    def loaded(self, conn: Any, worker: int) -> int:
-        """The rows ``worker``'s task read, from the frame it sends once loaded. A task connects before
+    def loaded(self, conn: Any, worker: int) -> tuple[int, str]:
+        """The rows ``worker``'s task read and their digest, from the frame it sends once loaded. A task
+        connects before
         it reads its partition and beats meanwhile: a silent one is frozen (TimeoutError, under the
         heartbeat timeout), one that beats is waited for however long its load takes."""
         header, _, _ = self.receive(conn)
         if header.get("op") != LOADED:
             raise DeepsparkError(f"worker {worker}: expected its {LOADED!r} frame, got {header.get('op')!r}")
-        return int(header["rows"])
+        return int(header["rows"]), str(header["digest"])
 
     def deliver(self, conn: Any, header: Mapping[str, Any], payload: bytes) -> int:
         """Send a worker a frame that it must read (its round, its pull) under the heartbeat timeout
@@ -252,23 +256,34 @@ class ServerState:
         """Under the lock: whether each of the ``workers`` has loaded its partition at least once."""
         return len(self._rows_read) == workers
 
-    def place(self, worker: int, rows: int, state: Any, *, workers: int) -> bool:
-        """Under the lock, as ``worker``'s task says it has read ``rows`` rows: give its ``state`` (the
-        server's record of it, with a ``cursor``) a first data position if it has none, and say whether
-        the rows are the ones that position covers and, once every one of the ``workers`` has loaded,
-        add up to the count. If not, the run fails (a resubmitted task would read the same changed
-        rows): nothing trains on rows that are not the ones counted and positioned."""
+    def place(self, worker: int, rows: int, digest: str, state: Any, *, workers: int) -> bool:
+        """Under the lock, as ``worker``'s task says it has read ``rows`` rows of ``digest``: give its
+        ``state`` (the server's record of it, with a ``cursor``) a first data position if it has none, and
+        say whether the rows are the ones that position covers, the ones its first task read and, once
+        every one of the ``workers`` has loaded, the ones counted. If not, the run fails (a resubmitted
+        task would read the same changed rows): nothing trains on rows that are not the ones counted and
+        positioned."""
         if not state.cursor:
             state.cursor = self._new_cursor(worker, rows)
         self._rows_read[worker] = rows
+        first = self._digests_read.setdefault(worker, digest)
+        read = sum(self._rows_read.values())
         if int(state.cursor["n"]) != rows:
             error = rows_changed(
                 f"worker {worker} read {rows} rows where its data position covers {state.cursor['n']}"
             )
-        elif len(self._rows_read) == workers and sum(self._rows_read.values()) != self._rows:
+        elif digest != first:
             error = rows_changed(
-                f"the workers read {sum(self._rows_read.values())} rows where the DataFrame counted {self._rows}"
+                f"worker {worker}'s task read other rows than its first task did ({rows} rows)"
             )
+        elif len(self._rows_read) == workers and read != self._rows:
+            error = rows_changed(f"the workers read {read} rows where the DataFrame counted {self._rows}")
+        elif (
+            len(self._rows_read) == workers
+            and self._digest
+            and sum_digests(self._digests_read.values()) != self._digest
+        ):
+            error = rows_changed(f"the workers read other rows than the DataFrame counted ({read} rows)")
         else:
             return True
         self.fail(error)
@@ -301,13 +316,20 @@ class RoundServer(ServerState):
         steps_done: int,
         samples_done: int,
         rows: int,
+        digest: str = "",  # of the rows counted (FrameLayout.digest)
         first_round: int,
         outer_state: Mapping[str, Any] | None,
         on_round: Callable[[RoundRecord, Mapping[str, torch.Tensor]], None],
         heartbeat_timeout: float | None = None,
         cancel: Callable[[int], None] | None = None,
     ) -> None:
-        super().__init__(rows=rows, new_cursor=new_cursor, heartbeat_timeout=heartbeat_timeout, cancel=cancel)
+        super().__init__(
+            rows=rows,
+            new_cursor=new_cursor,
+            digest=digest,
+            heartbeat_timeout=heartbeat_timeout,
+            cancel=cancel,
+        )
         self._weights = {k: v.detach().clone() for k, v in weights.items()}
         self._payload = state_to_bytes(self._weights)
         self._workers = {k: _Worker(cursor=dict(cursors.get(k, {}))) for k in range(workers)}
@@ -417,10 +439,10 @@ class RoundServer(ServerState):
             if state.first_seen is None:
                 state.first_seen = time.perf_counter()
         try:
-            rows = self.loaded(conn, worker)  # a worker frozen while it loads is lost like any other
+            rows, digest = self.loaded(conn, worker)  # a worker frozen while it loads is lost like any other
             with self._lock:
                 if state.connection == mine:  # else superseded while it loaded: _serve tells it to stop
-                    if not self.place(worker, rows, state, workers=len(self._workers)):
+                    if not self.place(worker, rows, digest, state, workers=len(self._workers)):
                         return
                     if worker not in self._round.expected and not any(
                         p.samples for p in self._round.pushes.values()
@@ -623,18 +645,18 @@ class TaskSpec:
         if self.slow_worker == worker and self.slow_factor > 1:
             time.sleep((self.slow_factor - 1) * compute_s)
 
-    def read(self, batches: Iterator[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The task's partition as model-ready inputs and int64 labels (on the CPU)."""
+    def read(self, batches: Iterator[Any]) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """The task's partition as model-ready inputs and int64 labels (on the CPU), and its digest."""
         from deepspark.models import Preprocess
         from deepspark.training.frame import read_partition
 
-        features, labels = read_partition(batches, self.layout)
+        part = read_partition(batches, self.layout)
         inputs = (
-            Preprocess.from_dict(self.preprocess).apply(features)
+            Preprocess.from_dict(self.preprocess).apply(part.features)
             if self.layout.pixels
-            else torch.from_numpy(features)
+            else torch.from_numpy(part.features)
         )
-        return inputs, torch.from_numpy(labels)
+        return inputs, torch.from_numpy(part.labels), part.digest
 
 
 @dataclass(frozen=True)
@@ -713,7 +735,7 @@ def load_worker(task: TaskSpec, batches: Iterator[Any]) -> Iterator[tuple[wire.C
         wire.connect(task.host, task.port, token=task.token, hello=hello) as conn,
         wire.Heartbeat(conn, task.heartbeat_s),
     ):
-        inputs, targets = task.read(batches)
+        inputs, targets, digest = task.read(batches)
         config = TrainConfig.from_dict(task.config)
         unit = LoadedWorker(
             worker=worker,
@@ -726,7 +748,7 @@ def load_worker(task: TaskSpec, batches: Iterator[Any]) -> Iterator[tuple[wire.C
             else None,
             slowdown=task.slowdown,
         )
-        conn.send({"op": LOADED, "rows": len(targets)})
+        conn.send({"op": LOADED, "rows": len(targets), "digest": digest})
         yield conn, unit
 
 

@@ -36,15 +36,19 @@ __all__ = [
     "KEY",
     "LABEL",
     "FrameLayout",
+    "Partition",
     "describe_frame",
     "keyed_rows",
     "read_partition",
+    "row_hash",
     "rows_changed",
+    "sum_digests",
 ]
 
 KEY = "_deepspark_key"
 FEATURE = "_deepspark_feature"  # the feature and label columns as the tasks read them (see keyed_rows)
 LABEL = "_deepspark_label"
+HASH = "_deepspark_hash"  # each row's row_hash, read with it: a partition's digest (read_partition)
 FEATURE_KINDS = ("bytes", "image", "array")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _MAX_INFERRED_CLASSES = 100_000  # more, and the class count must be given (num_classes)
@@ -178,7 +182,7 @@ def _describe(
     if check_shape is not None:
         check_shape(shape)
     label, values = column(label_column), column(feature_column)
-    row_hash = F.xxhash64(label, values)
+    hashed = row_hash(label, values)
     stats = df.agg(
         F.count(F.lit(1)).alias("rows"),
         F.min(label).alias("low"),
@@ -195,8 +199,8 @@ def _describe(
         F.max(F.length(values) if kind != "array" else F.size(values)).alias("long"),
         # What the rows hold, whatever their order or partitioning: a resume on other rows of the same
         # count is refused with it. Two sums of 32-bit halves, so no sum overflows a long.
-        F.sum(row_hash.bitwiseAND(F.lit(0xFFFFFFFF))).alias("digest_low"),
-        F.sum(F.shiftrightunsigned(row_hash, 32)).alias("digest_high"),
+        F.sum(hashed.bitwiseAND(F.lit(0xFFFFFFFF))).alias("digest_low"),
+        F.sum(F.shiftrightunsigned(hashed, 32)).alias("digest_high"),
     ).first()
     assert stats is not None  # an aggregate always yields one row
     rows = int(stats["rows"])
@@ -247,8 +251,29 @@ def _describe(
         shape=shape,
         rows=rows,
         num_classes=classes,
-        digest=f"xxhash64-sums:{int(stats['digest_high'])}:{int(stats['digest_low'])}",
+        digest=_digest(int(stats["digest_high"]), int(stats["digest_low"])),
     )
+
+
+def row_hash(label: Any, features: Any) -> Any:
+    """A row's 64-bit hash (a Spark column): the counting job sums them into the frame's digest, and each
+    task reads them with its rows (:data:`HASH`) to sum its partition's."""
+    from pyspark.sql import functions as F
+
+    return F.xxhash64(label, features)
+
+
+def _digest(high: int, low: int) -> str:
+    return f"xxhash64-sums:{high}:{low}"
+
+
+def sum_digests(digests: Iterable[str]) -> str:
+    """The digest of the union of disjoint row sets, from each set's (the frame's from its partitions')."""
+    high = low = 0
+    for digest in digests:
+        _, h, lo = digest.split(":")
+        high, low = high + int(h), low + int(lo)
+    return _digest(high, low)
 
 
 def _sample_images(df: DataFrame, name: str) -> set[tuple[int, int, int]]:
@@ -324,14 +349,28 @@ def keyed_rows(df: DataFrame, layout: FrameLayout) -> DataFrame:
     """
     from pyspark.sql import functions as F
 
+    feature, label = column(layout.feature_column), column(layout.label_column)
     return df.select(
-        column(layout.feature_column).alias(FEATURE), column(layout.label_column).alias(LABEL)
-    ).withColumn(KEY, F.monotonically_increasing_id())
+        feature.alias(FEATURE),
+        label.alias(LABEL),
+        F.monotonically_increasing_id().alias(KEY),
+        row_hash(label, feature).alias(HASH),
+    )
 
 
-def read_partition(batches: Iterable[Any], layout: FrameLayout) -> tuple[np.ndarray, np.ndarray]:
-    """A task's Arrow record batches (:data:`FEATURE`, :data:`LABEL` and :data:`KEY` columns) →
-    (features ``[n, C, H, W]``, int64 labels), in key order.
+@dataclass(frozen=True)
+class Partition:
+    """The rows one task read: features ``[n, C, H, W]`` and int64 labels in key order, and their digest
+    (what :func:`sum_digests` adds up to the frame's: a retried task must read the same)."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    digest: str
+
+
+def read_partition(batches: Iterable[Any], layout: FrameLayout) -> Partition:
+    """A task's Arrow record batches (:data:`FEATURE`, :data:`LABEL`, :data:`KEY` and :data:`HASH`
+    columns, as :func:`keyed_rows` selects them) → its :class:`Partition`.
 
     Features are uint8 for ``bytes`` and ``image`` columns and float32 for ``array`` columns. Raises
     :class:`DatasetError` naming the row key of an image that does not decode to the input's shape.
@@ -341,6 +380,7 @@ def read_partition(batches: Iterable[Any], layout: FrameLayout) -> tuple[np.ndar
     features: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     keys: list[np.ndarray] = []
+    high = low = 0
     width = math.prod(layout.shape)
     for batch in batches:
         if batch.num_rows == 0:
@@ -361,13 +401,18 @@ def read_partition(batches: Iterable[Any], layout: FrameLayout) -> tuple[np.ndar
             features.append(values.reshape(-1, *layout.shape))
         labels.append(np.asarray(batch.column(LABEL).to_numpy(), dtype=np.int64))
         keys.append(np.asarray(batch.column(KEY).to_numpy(), dtype=np.int64))
+        hashes = np.asarray(batch.column(HASH).to_numpy(), dtype=np.int64).view(np.uint64)
+        high += int((hashes >> np.uint64(32)).sum(dtype=np.uint64))  # < 2**32 rows of < 2**32 each
+        low += int((hashes & np.uint64(0xFFFFFFFF)).sum(dtype=np.uint64))
     dtype = np.uint8 if layout.pixels else np.float32
     if not features:
-        return np.zeros((0, *layout.shape), dtype=dtype), np.zeros(0, dtype=np.int64)
+        return Partition(
+            np.zeros((0, *layout.shape), dtype=dtype), np.zeros(0, dtype=np.int64), _digest(0, 0)
+        )
     x = np.concatenate(features)
     y = np.concatenate(labels)
     order = np.argsort(np.concatenate(keys), kind="stable")
-    return np.ascontiguousarray(x[order]), y[order]
+    return Partition(np.ascontiguousarray(x[order]), y[order], _digest(high, low))
 
 
 def _decode_images(column: Any, keys: Any, layout: FrameLayout) -> np.ndarray:

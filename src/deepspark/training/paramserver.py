@@ -127,6 +127,7 @@ class ParameterServer(ServerState):
         total_samples: int,
         total_steps: int,
         rows: int,
+        digest: str = "",  # of the rows counted (FrameLayout.digest)
         new_cursor: Callable[[int, int], dict[str, Any]],
         on_round: Callable[[AsyncRecord, Mapping[str, torch.Tensor]], None],
         cursors: Mapping[int, Mapping[str, Any]] | None = None,
@@ -137,7 +138,13 @@ class ParameterServer(ServerState):
         heartbeat_timeout: float | None = None,
         cancel: Callable[[int], None] | None = None,
     ) -> None:
-        super().__init__(rows=rows, new_cursor=new_cursor, heartbeat_timeout=heartbeat_timeout, cancel=cancel)
+        super().__init__(
+            rows=rows,
+            new_cursor=new_cursor,
+            digest=digest,
+            heartbeat_timeout=heartbeat_timeout,
+            cancel=cancel,
+        )
         self._weights = {k: v.detach().clone() for k, v in weights.items()}
         self._parameters = frozenset(parameters)  # pushed as deltas; floating buffers as values
         self._payload, self._payload_version = b"", -1
@@ -231,7 +238,7 @@ class ParameterServer(ServerState):
             mine = state.connection
             self._lock.notify_all()
         try:
-            rows = self.loaded(conn, worker)  # a worker frozen while it loads is lost like any other
+            rows, digest = self.loaded(conn, worker)  # a worker frozen while it loads is lost like any other
             with self._lock:
                 if state.connection == mine:  # else superseded while it loaded: _serve tells it to stop
                     if not state.live:  # a replacement: rejoin at the slowest live worker's clock
@@ -239,7 +246,7 @@ class ParameterServer(ServerState):
                         state.clock = state.clock if low is None else low
                         state.live = True
                     state.rows = rows
-                    if not self.place(worker, rows, state, workers=len(self._workers)):
+                    if not self.place(worker, rows, digest, state, workers=len(self._workers)):
                         return
                     self._lock.notify_all()
             self._serve(conn, worker, mine)
