@@ -51,6 +51,34 @@ def test_write_file_atomic_replaces_and_leaves_no_temp_file(tmp_path) -> None:
     assert os.listdir(tmp_path) == ["f.json"]
 
 
+def test_a_figure_interrupted_while_it_renders_leaves_the_old_png_and_no_temp_file(tmp_path) -> None:
+    # The training curve was rendered into a temp file beside it: Ctrl-C mid-render left
+    # ".curve.png.tmp.png" in the run directory, and the tuning report's PNG was rendered in place.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = tmp_path / "curve.png"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    data = rundir.write_figure_atomic(fig, path)
+    assert data.startswith(b"\x89PNG") and path.read_bytes() == data
+    assert not plt.fignum_exists(fig.number)  # closed
+
+    class Interrupted(plt.Figure):
+        def savefig(self, fname, **kwargs) -> None:  # type: ignore[override]
+            super().savefig(fname, **kwargs)
+            raise KeyboardInterrupt
+
+    other = plt.figure(FigureClass=Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rundir.write_figure_atomic(other, path)
+    assert path.read_bytes() == data
+    assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]
+    assert not plt.fignum_exists(other.number)
+
+
 def test_write_dir_atomic_swaps_the_whole_directory(tmp_path) -> None:
     best = tmp_path / rundir.BEST_DIR
     rundir.write_dir_atomic(best, {"a.bin": b"1", "b.json": b"{}"})

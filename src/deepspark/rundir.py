@@ -17,6 +17,7 @@ directories are written the same way and swapped in with two renames.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -41,6 +42,7 @@ __all__ = [
     "replace_dir",
     "write_config",
     "write_dir_atomic",
+    "write_figure_atomic",
     "write_file_atomic",
 ]
 
@@ -136,6 +138,22 @@ def write_file_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
         raise
     _fsync_dir(target.parent)
     return target
+
+
+def write_figure_atomic(fig: Any, path: str | os.PathLike[str]) -> bytes:
+    """Render the matplotlib figure ``fig`` as a PNG, replace ``path`` with it (:func:`write_file_atomic`:
+    an interrupted run leaves the old file or the new, never half of one nor a temp file) and close
+    ``fig``; the PNG's bytes."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    data = buffer.getvalue()
+    write_file_atomic(path, data)
+    return data
 
 
 def write_dir_atomic(path: str | os.PathLike[str], files: Mapping[str, bytes]) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import io
 import logging
 import re
 import statistics
@@ -140,7 +139,6 @@ def _save(
     drawn: Mapping[str, Any], out: Path, prefix: str, figures: dict[str, Path], missing: dict[str, str]
 ) -> list[str]:
     """Write each figure's PNG next to the HTML; return its HTML blocks (inlined PNG or the reason)."""
-    import matplotlib.pyplot as plt
 
     blocks = []
     for name, fig in drawn.items():
@@ -153,14 +151,8 @@ def _save(
                 f"{html.escape(fig)}</em></figcaption></figure>"
             )
             continue
-        buffer = io.BytesIO()
-        try:
-            fig.savefig(buffer, format="png", dpi=100)
-        finally:
-            plt.close(fig)
-        data = buffer.getvalue()
         path = out.with_name(f"{out.stem}-{key}.png")
-        rundir.write_file_atomic(path, data)
+        data = rundir.write_figure_atomic(fig, path)
         figures[key] = path
         encoded = base64.b64encode(data).decode("ascii")
         blocks.append(

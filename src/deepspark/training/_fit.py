@@ -1594,10 +1594,7 @@ def _plot(run_path: Path, history: list[dict[str, Any]]) -> None:
         other.set_ylabel("test accuracy (%)", color="tab:red")
     ax.set_title(f"{run_path.name}: loss and accuracy per round")
     fig.tight_layout()
-    tmp = run_path / f".{CURVE}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, run_path / CURVE)
+    rundir.write_figure_atomic(fig, run_path / CURVE)
 
 
 # ---------------------------------------------------------------------------------------- local

@@ -577,11 +577,15 @@ def _plot(
 
     fig, ax = plt.subplots(figsize=(6, 4))
     try:
-        if plot_sensitivity(ax, records, metric=metric, maximize=maximize, space=space, split=split):
-            fig.tight_layout()
-            fig.savefig(path, dpi=100)
-    finally:
+        drawn = plot_sensitivity(ax, records, metric=metric, maximize=maximize, space=space, split=split)
+    except BaseException:
         plt.close(fig)
+        raise
+    if not drawn:
+        plt.close(fig)
+        return
+    fig.tight_layout()
+    rundir.write_figure_atomic(fig, path)
 
 
 def _finite(value: Any) -> bool:
