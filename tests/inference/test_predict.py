@@ -919,7 +919,7 @@ def test_cli_device_cuda_where_spark_assigns_no_gpu_is_refused_before_the_job(
 ) -> None:
     """--device cuda with no spark.task.resource.gpu.amount: every task would fail alike, so it is a usage
     error on one line before any job (exit 2), and no output is left. (A job that does fail is exit 1 with
-    its cause on one line: tests/inference/test_predict_gpu.py, where Spark assigns GPUs CUDA cannot use.)"""
+    its cause on one line: tests/test_gpu_plumbing.py, where Spark assigns GPUs CUDA cannot use.)"""
     from deepspark.cli import main
 
     out = tmp_path / "preds"
