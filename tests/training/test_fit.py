@@ -6,6 +6,7 @@ import csv
 import functools
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,6 +295,41 @@ def test_a_run_stopping_early_keeps_every_round_it_finished(
     assert run.time_split["compute_s"] == pytest.approx(computed, rel=1e-3, abs=1e-3)
     if strategy != "async":  # async's pushes interleave by timing; the others are deterministic
         np.testing.assert_allclose(_losses(run.resumed), _losses(run.whole), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "save"), [("average", "_save_checkpoint"), ("allreduce", "_save_gang_checkpoint")]
+)
+def test_a_second_ctrl_c_while_the_stop_saves_the_last_round_waits_for_the_save(
+    spark: Any, toy: Path, tmp_path: Path, driver_crash: Any, monkeypatch: Any, strategy: str, save: str
+) -> None:
+    # The run stops (the driver's error after round 3) with round 3 not yet checkpointed (an interval
+    # longer than the run); the stop saves it, and a Ctrl-C pressed meanwhile cut that save short: the
+    # run resumed from round 2 or earlier. Now the Ctrl-C waits for the save, then stops the run.
+    import os
+    import signal
+    import threading
+
+    from deepspark.training import _fit
+
+    saved = getattr(_fit, save)
+
+    def pressed_again(*args: Any, **kwargs: Any) -> None:
+        if threading.current_thread() is threading.main_thread():  # the stop's save, not a round's
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # where the signal lands, before the save
+        saved(*args, **kwargs)
+
+    monkeypatch.setattr(_fit, save, pressed_again)
+    config = {**SGD, "batch_size": 8, "epochs": 4, "seed": 2}
+    options: dict[str, Any] = {"strategy": strategy, "workers": 2, "config": config}
+    if strategy == "average":
+        options["average"] = {"tau": 2}
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        fit(str(toy), "mlp", **options, run_dir=run_dir, checkpoint_seconds=3600, on_round=driver_crash(3))
+    assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["round"] == 3
+    assert [int(r["round"]) for r in _history(run_dir)] == [0, 1, 2, 3]
 
 
 def test_local_run_checkpoints_every_epoch_and_resumes_the_same_curve(

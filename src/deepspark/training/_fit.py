@@ -1105,7 +1105,7 @@ def _fit_average(run: _Run) -> FitResult:
         try:
             _run_workers(run.spark, data.frame, workers, server, task_fn, jobs)
         finally:
-            with server.hold():
+            with rundir.interrupts_held(), server.hold():  # a second Ctrl-C skipped the last round's save
                 recorder.keep()
     except RunError as exc:
         settings = run.settings
@@ -1179,7 +1179,7 @@ def _fit_async(run: _Run) -> FitResult:
     try:
         _run_workers(run.spark, data.frame, workers, server, task_fn, jobs)
     finally:
-        with server.hold():
+        with rundir.interrupts_held(), server.hold():
             server.close_row()
             recorder.keep()
     _log.info(
@@ -1334,7 +1334,7 @@ def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
             )
     finally:
         endpoint.close()
-        with gang.hold():
+        with rundir.interrupts_held(), gang.hold():
             recorder.keep()
     if gang.fatal is not None:
         _raise_training_error(gang.fatal)
