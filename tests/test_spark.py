@@ -168,7 +168,8 @@ def test_quiet_start_passes_our_log4j2_file_to_the_driver_jvm(tmp_path: Path) ->
 
 def test_quiet_start_reports_a_failed_task_in_one_line_each_without_its_traces() -> None:
     """A task that raised used to print its Python traceback and Java stack twice (executor and
-    scheduler), ~120 lines per failed attempt; the job's error itself still carries the whole cause."""
+    scheduler), ~120 lines per failed attempt; the job's error itself still carries the whole cause.
+    A large task is no news either."""
     code = (
         "from deepspark.spark import session\n"
         "spark = session('local[1]')\n"
@@ -180,14 +181,20 @@ def test_quiet_start_reports_a_failed_task_in_one_line_each_without_its_traces()
         "    spark.sparkContext.parallelize([1], 1).mapPartitions(boom).collect()\n"
         "except Exception as exc:\n"
         "    print('CAUGHT', 'RuntimeError: boom on the executor' in str(exc))\n"
+        # A task of 2 MB of local data, as `train DATASET --workers N` ships its dataset: Spark's hint
+        # that the task is large came with every such run.
+        "import pyarrow as pa\n"
+        "table = pa.table({'b': [bytes(1000)] * 2000})\n"
+        "print('BYTES', spark.createDataFrame(table).repartition(2).selectExpr('sum(length(b))').first()[0])\n"
         "spark.stop()\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "DEEPSPARK_SPARK_LOG_LEVEL"}
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env, check=True
     )
-    assert done.stdout.strip().splitlines()[-1] == "CAUGHT True"
+    assert done.stdout.strip().splitlines()[-2:] == ["CAUGHT True", "BYTES 2000000"]
     lines = done.stderr.splitlines()
+    assert not [line for line in lines if "very large size" in line or "ERROR Logger" in line], lines
     lost = [line for line in lines if "WARN TaskSetManager: Lost task 0.0 in stage" in line]
     assert len(lost) == 1 and lost[0].endswith("An exception was thrown from the Python worker"), lines
     assert sum("ERROR Executor: Exception in task 0.0 in stage" in line for line in lines) == 1, lines
