@@ -23,7 +23,6 @@ from _cluster import (
     frozen,
     kill_group,
     standalone_cluster,
-    start_driver,
 )
 from deepspark.tuning import TrialState, tune
 
@@ -132,59 +131,6 @@ def test_driver_killed_mid_study_resumes_without_repeating_finished_trials(spark
     assert len(rerun) == 3
 
 
-@pytest.mark.slow
-@pytest.mark.cluster
-def test_lost_executor_on_standalone_cluster_reruns_the_trial(tmp_path) -> None:
-    with standalone_cluster(tmp_path, workers=1, cores=2) as (url, procs):
-        script = tmp_path / "driver.py"
-        out = tmp_path / "result.json"
-        script.write_text(
-            textwrap.dedent(f"""
-            import json, os, signal
-            from deepspark.spark import session
-            from deepspark.tuning import tune
-
-            def executor_pid():
-                pid = os.getpid()
-                for _ in range(4):
-                    with open(f"/proc/{{pid}}/cmdline", "rb") as fh:
-                        if b"CoarseGrainedExecutorBackend" in fh.read():
-                            return pid
-                    with open(f"/proc/{{pid}}/stat") as fh:
-                        pid = int(fh.read().rsplit(")", 1)[1].split()[1])
-                    if pid <= 1:
-                        return None
-                return None  # orphaned: the executor JVM is already gone
-
-            def objective(config, reporter):
-                if reporter.number == 1 and reporter.attempt == 1:
-                    pid = executor_pid()
-                    open({str(tmp_path / "killed")!r}, "w").write(str(pid))
-                    os.kill(pid, signal.SIGKILL)  # the whole executor is lost
-                    import time; time.sleep(60)
-                return {{"accuracy": config["x"], "executor": executor_pid()}}
-
-            session({url!r}, conf={{"spark.driver.host": "127.0.0.1",
-                    "spark.driver.bindAddress": "127.0.0.1", "spark.executor.memory": "1g",
-                    "spark.cores.max": "2"}})
-            result = tune(objective, space={X!r}, trials=4, sampler="random", pruner="none",
-                          parallelism=2, run_dir={str(tmp_path / "run")!r})
-            json.dump([{{"number": r.number, "state": r.state.value, "attempts": r.attempts,
-                         "executor": r.metrics.get("executor"), "error": r.error}} for r in result.records],
-                      open({str(out)!r}, "w"))
-        """)
-        )
-        _run_driver(script, cluster_env(tmp_path), procs, "the driver on the standalone cluster")
-        records = json.loads(out.read_text())
-        assert [r["state"] for r in records] == ["complete"] * 4, [r["error"] for r in records]
-        by_number = {r["number"]: r for r in records}
-        # Run again on the new executor. (Exactly two attempts is the usual count; a worker of the dead
-        # executor that hangs up a moment later may cost one more, which is still correct.)
-        assert 2 <= by_number[1]["attempts"] <= 3
-        killed = int((tmp_path / "killed").read_text())
-        assert by_number[1]["executor"] not in (None, killed)
-
-
 def test_states_enum_values() -> None:
     assert {s.value for s in TrialState} == {"complete", "pruned", "fail"}
 
@@ -277,21 +223,67 @@ def test_local_cluster_spreads_trials_over_both_executors(tmp_path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.cluster
-def test_a_frozen_worker_costs_one_heartbeat_timeout_not_the_study(tmp_path) -> None:
-    """A worker SIGSTOPped (its JVM, executor and Python workers: a host that stops answering, its sockets
-    open) while it runs a trial: the trial is re-queued after deepspark's heartbeat timeout and re-run on
-    the other worker; the study completes with exactly the trials asked for, none run twice as a new trial.
-    Spark's own timeouts are lowered (10 s network timeout, checked every 2 s; 2 s executor heartbeats)
-    to keep this short."""
-    marks, out = tmp_path / "marks", tmp_path / "result.json"
+def test_on_a_standalone_cluster_2000_trials_a_lost_executor_and_a_frozen_worker(tmp_path: Path) -> None:
+    """Three studies, one after the other, by one driver on a master and 2 one-core workers on 127.0.0.1
+    (the cluster, the driver's JVM and its executors are started once for the three).
+
+    Load: 2,000 no-op trials all finish, each exactly once (the speed is measured by
+    benchmarks/hpo_overhead.py, not here).
+
+    Then a trial SIGKILLs its own executor JVM: the trial runs again on a new executor and the study
+    completes.
+
+    Then a worker SIGSTOPped (its JVM, executor and Python workers: a host that stops answering, its
+    sockets open) while it runs a trial: the trial is re-queued after deepspark's heartbeat timeout and
+    re-run on the other worker; the study completes with exactly the trials asked for, none run twice as
+    a new trial. Spark's own timeouts are lowered (10 s network timeout, checked every 2 s; 2 s executor
+    heartbeats) to keep this short."""
+    marks, load, out = tmp_path / "marks", tmp_path / "load.json", tmp_path / "result.json"
+    lost = tmp_path / "lost.json"
     marks.mkdir()
+    log = tmp_path / "driver.log"
     with standalone_cluster(tmp_path, workers=2, cores=1, memory="1g") as (url, procs):
         script = tmp_path / "driver.py"
         script.write_text(
             textwrap.dedent(f"""
-            import json, os, time
+            import json, os, signal, time
             from deepspark.spark import session
             from deepspark.tuning import tune
+
+            session({url!r}, conf={{"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1",
+                    "spark.executor.memory": "512m", "spark.cores.max": "2", "spark.network.timeout": "10s",
+                    "spark.network.timeoutInterval": "2s",
+                    "spark.executor.heartbeatInterval": "2s"}})
+            result = tune(lambda config, reporter: config["x"], space={X!r}, trials=2000, sampler="random",
+                          pruner="none", parallelism=2, run_dir={str(tmp_path / "load")!r})
+            json.dump({{"counts": result.counts(), "numbers": sorted(r.number for r in result.records),
+                        "stop": result.stop_reason}}, open({str(load)!r}, "w"))
+
+            def executor_pid():
+                pid = os.getpid()
+                for _ in range(4):
+                    with open(f"/proc/{{pid}}/cmdline", "rb") as fh:
+                        if b"CoarseGrainedExecutorBackend" in fh.read():
+                            return pid
+                    with open(f"/proc/{{pid}}/stat") as fh:
+                        pid = int(fh.read().rsplit(")", 1)[1].split()[1])
+                    if pid <= 1:
+                        return None
+                return None  # orphaned: the executor JVM is already gone
+
+            def killer(config, reporter):
+                if reporter.number == 1 and reporter.attempt == 1:
+                    pid = executor_pid()
+                    open({str(tmp_path / "killed")!r}, "w").write(str(pid))
+                    os.kill(pid, signal.SIGKILL)  # the whole executor is lost
+                    time.sleep(60)
+                return {{"accuracy": config["x"], "executor": executor_pid()}}
+
+            result = tune(killer, space={X!r}, trials=4, sampler="random", pruner="none",
+                          parallelism=2, run_dir={str(tmp_path / "lost")!r})
+            json.dump([{{"number": r.number, "state": r.state.value, "attempts": r.attempts,
+                         "executor": r.metrics.get("executor"), "error": r.error}} for r in result.records],
+                      open({str(lost)!r}, "w"))
 
             def objective(config, reporter):
                 open(os.path.join({str(marks)!r}, f"{{reporter.number}}-{{reporter.attempt}}-{{os.getpid()}}"),
@@ -299,10 +291,6 @@ def test_a_frozen_worker_costs_one_heartbeat_timeout_not_the_study(tmp_path) -> 
                 time.sleep(2.0)
                 return {{"accuracy": config["x"], "pid": os.getpid()}}
 
-            session({url!r}, conf={{"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1",
-                    "spark.executor.memory": "512m", "spark.cores.max": "2", "spark.network.timeout": "10s",
-                    "spark.network.timeoutInterval": "2s",
-                    "spark.executor.heartbeatInterval": "2s"}})
             result = tune(objective, space={X!r}, trials=6, sampler="random", pruner="none", parallelism=2,
                           heartbeat_timeout=5, run_dir={str(tmp_path / "run")!r})
             json.dump({{"stop": result.stop_reason, "records": [{{"number": r.number, "state": r.state.value,
@@ -310,13 +298,35 @@ def test_a_frozen_worker_costs_one_heartbeat_timeout_not_the_study(tmp_path) -> 
                         for r in result.records]}}, open({str(out)!r}, "w"))
             """)
         )
-        driver = start_driver(script, tmp_path, procs)
+        # Its output to a file: a pipe nobody reads while 2,000 trials run could fill and block it.
+        driver = subprocess.Popen(
+            [sys.executable, str(script)],
+            env=cluster_env(tmp_path),
+            start_new_session=True,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        procs.append(driver)  # killed by the cluster's finally
+
+        def tail() -> str:
+            return log.read_text(errors="replace")[-3000:]
+
+        deadline = time.monotonic() + 600
+        while not load.exists():
+            assert time.monotonic() < deadline, "2,000 no-op trials did not finish in 600 s"
+            assert driver.poll() is None, tail()
+            time.sleep(0.2)
+        deadline = time.monotonic() + 240
+        while not lost.exists():
+            assert time.monotonic() < deadline, "the study that lost an executor did not finish in 240 s"
+            assert driver.poll() is None, tail()
+            time.sleep(0.2)
         worker = procs[2]  # the second Worker
         deadline = time.monotonic() + 180
         victim: tuple[int, int] | None = None  # (trial, pid) of a trial running on the second worker
         while victim is None:
             assert time.monotonic() < deadline, "no trial ever ran on the second worker"
-            assert driver.poll() is None, driver.communicate()[0].decode(errors="replace")[-3000:]
+            assert driver.poll() is None, tail()
             below = set(descendants(worker.pid))
             for mark in marks.iterdir():
                 number, _, pid = (int(v) for v in mark.name.split("-"))
@@ -328,9 +338,24 @@ def test_a_frozen_worker_costs_one_heartbeat_timeout_not_the_study(tmp_path) -> 
             started = time.monotonic()
             while not out.exists():
                 assert time.monotonic() - started < 90, "the study did not complete within 90 s of the freeze"
-                assert driver.poll() is None, driver.communicate()[0].decode(errors="replace")[-3000:]
+                assert driver.poll() is None, tail()
                 time.sleep(0.2)
             took = time.monotonic() - started
+    # Whole by now: the driver closed each file before its next study's first trial ran.
+    loaded = json.loads(load.read_text())
+    assert loaded["stop"] is None
+    assert loaded["counts"] == {"complete": 2000, "pruned": 0, "fail": 0}
+    assert loaded["numbers"] == list(range(2000))  # none lost, none run twice
+
+    records = json.loads(lost.read_text())
+    assert [r["state"] for r in records] == ["complete"] * 4, [r["error"] for r in records]
+    by_number = {r["number"]: r for r in records}
+    # Run again on the new executor. (Exactly two attempts is the usual count; a worker of the dead
+    # executor that hangs up a moment later may cost one more, which is still correct.)
+    assert 2 <= by_number[1]["attempts"] <= 3
+    killed = int((tmp_path / "killed").read_text())
+    assert by_number[1]["executor"] not in (None, killed)
+
     result = json.loads(out.read_text())
     records = result["records"]
     assert result["stop"] is None
@@ -342,36 +367,3 @@ def test_a_frozen_worker_costs_one_heartbeat_timeout_not_the_study(tmp_path) -> 
     # Bounded by the heartbeat timeout (5 s) plus the trials left (2 s each, on one worker), not by how
     # long the frozen processes live; 90 s above is the hard limit, this the expected size.
     assert took < 45, took
-
-
-@pytest.mark.slow
-@pytest.mark.cluster
-def test_two_thousand_noop_trials_complete_on_the_standalone_cluster(tmp_path: Path) -> None:
-    """Load: 2,000 no-op trials through `deepspark tune` on a master and 2 workers on 127.0.0.1 all finish,
-    each exactly once (the speed is measured by benchmarks/hpo_overhead.py, not here)."""
-    run, out = tmp_path / "run", tmp_path / "result.json"
-    with standalone_cluster(tmp_path, workers=2, cores=1, memory="1g") as (url, procs):
-        script = tmp_path / "driver.py"
-        script.write_text(
-            textwrap.dedent(f"""
-            import json
-            from deepspark.spark import session
-            from deepspark.tuning import tune
-            session({url!r}, conf={{"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1",
-                    "spark.executor.memory": "512m", "spark.cores.max": "2"}})
-            result = tune(lambda config, reporter: config["x"], space={X!r}, trials=2000, sampler="random",
-                          pruner="none", parallelism=2, run_dir={str(run)!r})
-            json.dump({{"counts": result.counts(), "numbers": sorted(r.number for r in result.records),
-                        "stop": result.stop_reason}}, open({str(out)!r}, "w"))
-            """)
-        )
-        driver = start_driver(script, tmp_path, procs)
-        try:
-            output, _ = driver.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            pytest.fail("2,000 no-op trials did not finish in 600 s")
-        assert driver.returncode == 0, output.decode(errors="replace")[-3000:]
-    result = json.loads(out.read_text())
-    assert result["stop"] is None
-    assert result["counts"] == {"complete": 2000, "pruned": 0, "fail": 0}
-    assert result["numbers"] == list(range(2000))  # none lost, none run twice
