@@ -1,5 +1,5 @@
-"""Training under faults, for real: an executor killed mid-training on a standalone cluster on 127.0.0.1,
-and a driver SIGKILLed mid-run then resumed. Drivers run in subprocesses (a process holds one
+"""Training under faults, for real: an executor killed mid-training (then mid-predict) on a standalone
+cluster on 127.0.0.1, and a driver SIGKILLed mid-run then resumed. Drivers run in subprocesses (a process holds one
 SparkContext), bounded in time; everything started is torn down in ``finally``."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from test_fit import SGD, _layout_dir
 from torch import nn
 
-from _cluster import executor_pids, kill_group, proc_table, standalone_cluster, start_driver
+from _cluster import cluster_env, executor_pids, kill_group, proc_table, standalone_cluster
 from deepspark.training import fit
 
 
@@ -52,39 +52,102 @@ def _wait_rows(run: Path, proc: subprocess.Popen, n: int, timeout: float = 240) 
 
 @pytest.mark.slow
 @pytest.mark.cluster
-def test_average_survives_an_executor_killed_mid_training(tmp_path: Path) -> None:
+def test_average_then_predict_survive_an_executor_killed_mid_job(tmp_path: Path) -> None:
+    """One standalone master + 2 one-core workers and one driver (a cluster and a driver's JVM start
+    once) for two faults, one after the other:
+
+    fit (``average``): once 3 rounds are recorded, the second worker's executor is SIGKILLed; the run
+    completes without it in the rounds it missed.
+
+    predict (with the model that fit saved): 16 partitions of 50 rows, each slowed to about a second,
+    over the two workers; once tasks run, the second worker's (new) executor is SIGKILLed. Its tasks run
+    again elsewhere, and the output holds every input row exactly once."""
     run, out = tmp_path / "run", tmp_path / "result.json"
+    marks, predicted, preds = tmp_path / "marks", tmp_path / "predicted.json", tmp_path / "preds"
+    marks.mkdir()
+    rows = 800
     with standalone_cluster(tmp_path, workers=2, cores=1, memory="1536m") as (url, procs):
         script = tmp_path / "driver.py"
         script.write_text(
             textwrap.dedent(f"""
-            import json, time
+            import json, os, time
+            import numpy as np
+            from deepspark.inference import predict
             from deepspark.spark import session
             from deepspark.training import fit
-            session({url!r}, conf={{"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1",
-                    "spark.executor.memory": "1g", "spark.cores.max": "2"}})
+            spark = session({url!r}, conf={{"spark.driver.host": "127.0.0.1",
+                            "spark.driver.bindAddress": "127.0.0.1", "spark.executor.memory": "1g",
+                            "spark.cores.max": "2"}})
             result = fit("mnist", "lenet", workers=2, config={{"epochs": 3}}, average={{"tau": 10}},
                          limit_train=6000, limit_test=2000, run_dir={str(run)!r}, checkpoint_seconds=0,
                          on_round=lambda row: time.sleep(0.5))  # slow rounds: room for the kill
             json.dump({{"accuracy": result.test_accuracy}}, open({str(out)!r}, "w"))
+
+            def pixels(batches):
+                from pyspark import TaskContext
+                ctx = TaskContext.get()
+                open(os.path.join({str(marks)!r}, f"{{ctx.partitionId()}}-{{ctx.attemptNumber()}}"), "w").close()
+                time.sleep(1.0)  # slow partitions: the kill lands while tasks run
+                for batch in batches:
+                    rng = np.random.default_rng(0)
+                    batch["pixels"] = [rng.integers(0, 255, 784).astype(float) for _ in batch["id"]]
+                    yield batch
+
+            data = spark.range(0, {rows}, numPartitions=16).mapInPandas(pixels, "id long, pixels array<double>")
+            result = predict(data, {str(run / "model")!r}, output={str(preds)!r}, batch_size=25)
+            json.dump({{"rows": result.summary.rows, "errors": result.summary.errors}},
+                      open({str(predicted)!r}, "w"))
             """)
         )
-        driver = start_driver(script, tmp_path, procs)
+        # Its output to a file (shown on failure): a pipe read only at the end could fill and block it.
+        log = tmp_path / "driver.log"
+        driver = subprocess.Popen(
+            [sys.executable, str(script)],
+            env=cluster_env(tmp_path),
+            start_new_session=True,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        procs.append(driver)  # killed by the cluster's finally
+
+        def tail() -> str:
+            return log.read_text(errors="replace")[-3000:]
+
         _wait_rows(run, driver, 3)
         victims = executor_pids(procs[2])  # the second Worker's executor JVM
         assert victims, "the second worker runs no executor"
         os.kill(victims[0], signal.SIGKILL)
+        deadline = time.monotonic() + 300
+        while not out.exists():
+            assert time.monotonic() < deadline, "training did not finish within 300 s of the executor loss"
+            assert driver.poll() is None, tail()
+            time.sleep(0.2)
+        deadline = time.monotonic() + 180
+        while not (any(marks.iterdir()) and set(executor_pids(procs[2])) - set(victims)):
+            assert time.monotonic() < deadline, "the predict job never started on the second worker"
+            assert driver.poll() is None, tail()
+            time.sleep(0.2)
+        new = sorted(set(executor_pids(procs[2])) - set(victims))
+        os.kill(new[0], signal.SIGKILL)  # the second worker's new executor JVM
         try:
-            output, _ = driver.communicate(timeout=300)
+            driver.wait(timeout=240)
         except subprocess.TimeoutExpired:
-            pytest.fail("training did not finish within 300 s of the executor loss")
-        assert driver.returncode == 0, output.decode(errors="replace")[-3000:]
-    rows = _rows(run)
-    assert [int(r["round"]) for r in rows] == list(range(len(rows)))  # no round lost or repeated
-    assert any(int(r["workers"]) == 1 for r in rows)  # the loss was seen: rounds went on without it
+            pytest.fail("predict did not finish within 240 s of the executor loss")
+        assert driver.returncode == 0 and predicted.exists(), tail()
+    history = _rows(run)
+    assert [int(r["round"]) for r in history] == list(range(len(history)))  # no round lost or repeated
+    assert any(int(r["workers"]) == 1 for r in history)  # the loss was seen: rounds went on without it
     # Every worker takes 3 * ceil(3000 / 64) = 141 steps; rounds without the lost worker count once.
-    assert sum(int(r["workers"]) for r in rows) < 2 * len(rows)
+    assert sum(int(r["workers"]) for r in history) < 2 * len(history)
     assert json.loads(out.read_text())["accuracy"] > 0.85  # an undisturbed run reaches about 0.95
+
+    import pyarrow.parquet as pq
+
+    ids = sorted(pq.read_table(preds, columns=["id", "error"]).column("id").to_pylist())
+    assert ids == list(range(rows))  # every input row exactly once
+    assert pq.read_table(preds).column("error").null_count == rows
+    attempts = [tuple(int(v) for v in mark.name.split("-")) for mark in marks.iterdir()]
+    assert any(attempt > 0 for _, attempt in attempts), attempts  # the kill did cost a running task
 
 
 @pytest.mark.slow
