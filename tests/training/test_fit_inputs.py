@@ -526,3 +526,49 @@ def test_a_resume_on_rows_split_otherwise_stops_instead_of_training_past_them(
     with pytest.raises(DeepsparkError, match=r"worker \d read \d+ rows where its data position covers \d+: "):
         fit(df.coalesce(1), run_dir=tmp_path / "run", resume=True)
     assert fit(df, run_dir=tmp_path / "run", resume=True).history  # the same split resumes
+
+
+def _worker_ids(df: Any, workers: int) -> list[set[int]]:
+    """The ``id`` of the rows each worker reads of ``df`` (made by ``to_dataframe``): fit keys the rows with
+    ``monotonically_increasing_id`` and hash-partitions them by that key."""
+    from pyspark.sql import functions as F
+
+    keyed = df.select("id", F.monotonically_increasing_id().alias("key")).repartition(workers, "key")
+    ids: list[set[int]] = [set() for _ in range(workers)]
+    for row in keyed.select(F.spark_partition_id().alias("worker"), "id").collect():
+        ids[row.worker].add(int(row.id))
+    return ids
+
+
+@pytest.mark.parametrize("strategy", ["average", "async", "allreduce"])
+def test_a_resume_on_as_many_rows_per_worker_split_otherwise_stops(
+    spark: Any, tmp_path: Path, driver_crash: Any, strategy: str
+) -> None:
+    # The same 40 rows in 4 input partitions, then in 8: other row keys, so each worker gets other rows,
+    # but as many as before (18 and 22). Only the counts were compared with the checkpoint's data positions:
+    # the resumed workers walked positions made for other rows, training some rows of the epoch in
+    # progress twice and others never, without a word.
+    from deepspark.data import to_dataframe
+
+    images, labels = _images(40)
+    before, after = (to_dataframe(spark, images, labels, num_partitions=p) for p in (4, 8))
+    split_before, split_after = _worker_ids(before, 2), _worker_ids(after, 2)
+    assert [len(ids) for ids in split_before] == [len(ids) for ids in split_after]
+    assert split_before != split_after
+    options: dict[str, Any] = {
+        "strategy": strategy,
+        "workers": 2,
+        "config": {**SGD, "batch_size": 4, "epochs": 3},
+    }
+    if strategy == "average":
+        options["average"] = {"tau": 1}
+    with pytest.raises(DeepsparkError, match="driver crash"):
+        fit(
+            before, "mlp", **options, run_dir=tmp_path / "run", checkpoint_seconds=0, on_round=driver_crash(1)
+        )
+    with pytest.raises(
+        DeepsparkError,
+        match=r"(worker|gang rank) \d's task read other rows than its first task did \((18|22) rows\)",
+    ):
+        fit(after, run_dir=tmp_path / "run", resume=True)
+    assert fit(before, run_dir=tmp_path / "run", resume=True).history  # the same split resumes

@@ -1051,13 +1051,14 @@ def _fit_average(run: _Run) -> FitResult:
         # parameter index, and safetensors hands tensors back in another order.
         weights = {name: weights[name] for name in driver_model.state_dict()}
         cursors = {int(k): v for k, v in state["cursors"].items()}
+        row_digests = _row_digests(state)
         first_round, samples_done = int(state["round"]) + 1, int(state["samples_done"])
         steps_done = int(state["steps_done"])
         history = _read_history(run_path, upto=int(state["round"]))
     else:
         weights = dict(driver_model.state_dict())
         outer_state = None
-        cursors = {}
+        cursors, row_digests = {}, {}
         first_round, samples_done, steps_done, history = 0, 0, 0, []
     earlier = len(history)  # rows of the sessions before this one
     recorder = _Recorder(run, driver_model, history, samples_done)
@@ -1071,6 +1072,7 @@ def _fit_average(run: _Run) -> FitResult:
                 "samples_done": server.samples_done,
                 "steps_done": server.steps_done,
                 "cursors": {str(k): v for k, v in server.cursors().items()},
+                "row_digests": {str(k): v for k, v in server.row_digests().items()},
             }
             _save_checkpoint(run_path, new_weights, outer, state)
 
@@ -1090,6 +1092,7 @@ def _fit_average(run: _Run) -> FitResult:
         samples_done=samples_done,
         rows=layout.rows,
         digest=layout.digest,
+        row_digests=row_digests,
         first_round=first_round,
         outer_state=outer_state,
         on_round=after_round,
@@ -1140,6 +1143,7 @@ def _fit_async(run: _Run) -> FitResult:
             "version": int(state["version"]),
             "samples_done": int(state["samples_done"]),
             "first_round": int(state["round"]) + 1,
+            "row_digests": _row_digests(state),
         }
         history = _read_history(run_path, upto=int(state["round"]))
     else:
@@ -1257,6 +1261,7 @@ def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
         total_steps=total_steps,
         rows=layout.rows,
         digest=layout.digest,
+        row_digests=_row_digests(state),
         workers=workers,
         on_round=after_round,
         heartbeat_timeout=run.heartbeat_timeout,
@@ -1439,6 +1444,7 @@ def _save_gang_checkpoint(run_path: Path, gang: Any) -> None:
         "steps_done": gang.steps_done,
         "samples_done": gang.samples_done,
         "cursors": {str(k): v for k, v in gang.cursors.items()},
+        "row_digests": {str(k): v for k, v in gang.row_digests.items()},
         "optimizer": gang.optimizer,
         "attempt": gang.attempt,
     }
@@ -1451,6 +1457,13 @@ def _load_gang_checkpoint(run_path: Path) -> tuple[bytes, dict[str, Any]]:
     if state.get("strategy") != "allreduce":
         raise ConfigError(f"resume: {folder} was not written by the allreduce strategy")
     return (folder / "state.safetensors").read_bytes(), dict(state)
+
+
+def _row_digests(state: Mapping[str, Any]) -> dict[int, str]:
+    """Each worker's rows' digest from a checkpoint's state: a resumed worker must read the rows its data
+    position covers (as many rows split otherwise would walk that position over other rows). A
+    checkpoint written before they were kept has none: only the counts are compared then."""
+    return {int(k): str(v) for k, v in dict(state.get("row_digests") or {}).items()}
 
 
 def _check_resumed(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], run_path: Path) -> None:

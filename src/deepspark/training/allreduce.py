@@ -148,6 +148,7 @@ class GangServer:
         workers: int,
         on_round: Callable[[GangReport, GangServer], None],
         digest: str = "",  # of the rows counted (FrameLayout.digest); "" when not taken
+        row_digests: Mapping[int, str] | None = None,  # each rank's, from a resumed checkpoint
         heartbeat_timeout: float | None = None,
     ) -> None:
         self._lock = threading.Condition()
@@ -171,7 +172,9 @@ class GangServer:
         self.lost: str | None = None  # a rank of this attempt silent past the heartbeat timeout
         self._rows_read: dict[int, int] = {}  # rank -> the rows its task of this attempt read
         self._digest = digest
-        self._digests_read: dict[int, str] = {}  # rank -> the digest of the rows its first task read
+        # rank -> the digest of the rows its first task read: in this session or, on a resume, the run's
+        # first (row_digests, from the checkpoint), which the rank's data position was made for.
+        self.row_digests: dict[int, str] = dict(row_digests or {})
         self.devices: dict[int, str] = {}  # rank -> the device it trains on (from its hello)
 
     def hold(self) -> threading.Condition:
@@ -232,7 +235,7 @@ class GangServer:
                 payload = self.payload
                 self._rows_read[rank] = int(loaded["rows"])
                 digest = str(loaded["digest"])
-                first = self._digests_read.setdefault(rank, digest)
+                first = self.row_digests.setdefault(rank, digest)
                 read = sum(self._rows_read.values())
                 whole = len(self._rows_read) == self._workers
                 error = None
@@ -240,7 +243,7 @@ class GangServer:
                     error = f"gang rank {rank}'s task read other rows than its first task did ({loaded['rows']} rows)"
                 elif whole and read != self._rows:
                     error = f"the gang's ranks read {read} rows where the DataFrame counted {self._rows}"
-                elif whole and self._digest and sum_digests(self._digests_read.values()) != self._digest:
+                elif whole and self._digest and sum_digests(self.row_digests.values()) != self._digest:
                     error = f"the gang's ranks read other rows than the DataFrame counted ({read} rows)"
                 if error is not None:
                     self.fail(rows_changed(error))

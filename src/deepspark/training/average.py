@@ -153,6 +153,7 @@ class ServerState:
         rows: int,
         new_cursor: Callable[[int, int], dict[str, Any]],
         digest: str = "",
+        row_digests: Mapping[int, str] | None = None,
         heartbeat_timeout: float | None = None,
         cancel: Callable[[int], None] | None = None,
     ) -> None:
@@ -166,7 +167,14 @@ class ServerState:
         self._cancel = cancel
         self._rows_read: dict[int, int] = {}  # worker -> the rows its newest task read
         self._digest = digest  # of the rows counted (FrameLayout.digest); "" when not taken
-        self._digests_read: dict[int, str] = {}  # worker -> the digest of the rows its first task read
+        # worker -> the digest of the rows its first task read: in this session or, on a resume, the run's
+        # first (row_digests, from the checkpoint), which the worker's data position was made for.
+        self._digests_read: dict[int, str] = dict(row_digests or {})
+
+    def row_digests(self) -> dict[int, str]:
+        """Each worker's rows' digest as its first task read them (under the lock): a checkpoint keeps them,
+        so that a resumed run's tasks must read the rows the data positions cover, not only as many."""
+        return dict(self._digests_read)
 
     def admit(self, conn: Any, workers: int) -> int | None:
         """The worker index a connection's hello names (its device noted), or None if it is not one of ours."""
@@ -317,6 +325,7 @@ class RoundServer(ServerState):
         samples_done: int,
         rows: int,
         digest: str = "",  # of the rows counted (FrameLayout.digest)
+        row_digests: Mapping[int, str] | None = None,  # each worker's, from a resumed checkpoint
         first_round: int,
         outer_state: Mapping[str, Any] | None,
         on_round: Callable[[RoundRecord, Mapping[str, torch.Tensor]], None],
@@ -327,6 +336,7 @@ class RoundServer(ServerState):
             rows=rows,
             new_cursor=new_cursor,
             digest=digest,
+            row_digests=row_digests,
             heartbeat_timeout=heartbeat_timeout,
             cancel=cancel,
         )

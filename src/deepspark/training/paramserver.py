@@ -128,6 +128,7 @@ class ParameterServer(ServerState):
         total_steps: int,
         rows: int,
         digest: str = "",  # of the rows counted (FrameLayout.digest)
+        row_digests: Mapping[int, str] | None = None,  # each worker's, from a resumed checkpoint
         new_cursor: Callable[[int, int], dict[str, Any]],
         on_round: Callable[[AsyncRecord, Mapping[str, torch.Tensor]], None],
         cursors: Mapping[int, Mapping[str, Any]] | None = None,
@@ -142,6 +143,7 @@ class ParameterServer(ServerState):
             rows=rows,
             new_cursor=new_cursor,
             digest=digest,
+            row_digests=row_digests,
             heartbeat_timeout=heartbeat_timeout,
             cancel=cancel,
         )
@@ -200,6 +202,7 @@ class ParameterServer(ServerState):
             "version": self._version,
             "cursors": {str(k): v for k, v in self.cursors().items()},
             "clocks": {str(k): v for k, v in self.clocks().items()},
+            "row_digests": {str(k): v for k, v in self.row_digests().items()},
         }
 
     def worker_lost(self, worker: int) -> None:
