@@ -864,6 +864,25 @@ def test_dataframe_columns_are_checked(spark: Any, tmp_path: Path) -> None:
     assert not any((tmp_path / name).exists() for name in "abcdefghi")
 
 
+def test_integer_arrays_holding_their_type_s_smallest_value_are_counted(spark: Any) -> None:
+    # The check for numbers beyond float32's range took each value's abs(): under ANSI mode (Spark 4's
+    # default) that of a tinyint's -128, or of the smallest int or long, overflows, and the counting job
+    # failed with Spark's ArithmeticException on data that trains as it is.
+    from deepspark.training.frame import describe_frame
+
+    for kind, smallest in (
+        ("tinyint", -128),
+        ("smallint", -(2**15)),
+        ("int", -(2**31)),
+        ("bigint", -(2**63)),
+    ):
+        df = spark.createDataFrame([([smallest, 0, 1, 2], 0), ([3, 4, 5, 6], 1)], f"x array<{kind}>, y int")
+        layout = describe_frame(
+            df, feature_column="x", label_column="y", input_shape=(1, 2, 2), num_classes=None
+        )
+        assert (layout.kind, layout.rows, layout.num_classes) == ("array", 2, 2)
+
+
 @pytest.mark.parametrize(
     ("on_dataframe", "kwargs", "message"),
     [

@@ -190,8 +190,15 @@ def _describe(
         F.count(label).alias("labelled"),
         F.count(values).alias("featured"),
         F.sum(
-            # Beyond float32's range is infinite too: the tasks read every array as float32.
-            F.when(F.exists(values, lambda v: v.isNull() | F.isnan(v) | (F.abs(v) > _FLOAT32_MAX)), 1)
+            # Beyond float32's range is infinite too: the tasks read every array as float32. Compared
+            # both ways, not through abs(): under ANSI mode (Spark 4's default) the abs of a tinyint's
+            # -128, or of the smallest int or long, overflows and failed the job on data that trains.
+            F.when(
+                F.exists(
+                    values, lambda v: v.isNull() | F.isnan(v) | (v > _FLOAT32_MAX) | (v < -_FLOAT32_MAX)
+                ),
+                1,
+            )
             if kind == "array"
             else F.lit(0)
         ).alias("unfinite"),
