@@ -166,6 +166,18 @@ def test_image_sizes_that_disagree_are_refused_before_training(spark: Any, tmp_p
             input_shape=(1, 10, 10),
             run_dir=tmp_path / "b",
         )
+    # Grey and colour images of one size: the error named their sizes only ("different sizes (8x8, 8x8
+    # pixels)"), which left nothing to fix.
+    from PIL import Image
+
+    colour = io.BytesIO()
+    Image.fromarray(np.repeat(_images(1)[0][0][..., None], 3, axis=2), mode="RGB").save(colour, format="PNG")
+    blobs, labels = _blobs_with(colour.getvalue(), at=3)
+    with pytest.raises(
+        ConfigError,
+        match=r"first images mix grey and colour ones \(all 8x8 pixels\); pass input_shape=\(3, 8, 8\)",
+    ):
+        fit(_png_frame(spark, labels, labels, blobs), "mlp", workers=2, run_dir=tmp_path / "d")
     blobs, labels = _blobs_with(b"\x00" * 64, at=2)
     with pytest.raises(ConfigError, match=r"mix encoded image files with other bytes \(15 of 16"):
         fit(_png_frame(spark, labels, labels, blobs), "mlp", workers=2, run_dir=tmp_path / "c")

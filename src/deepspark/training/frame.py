@@ -310,7 +310,14 @@ def _only(images: set[tuple[int, int, int]], column: str) -> tuple[int, int, int
     if not images:
         return None
     if len(images) > 1:
-        sizes = sorted(f"{w}x{h}" for _, h, w in images)
+        sizes = sorted({f"{w}x{h}" for _, h, w in images})
+        if len(sizes) == 1:  # one size: grey and colour images, which only the channel count tells apart
+            _, height, width = next(iter(images))
+            raise ConfigError(
+                f"feature_column {column!r}: its first images mix grey and colour ones (all {sizes[0]} "
+                f"pixels); pass input_shape=(3, {height}, {width}) to train on colour (grey images are "
+                f"converted, as predict converts them) or (1, {height}, {width}) to train on grey"
+            )
         raise ConfigError(
             f"feature_column {column!r}: its first images have different sizes ({', '.join(sizes)} pixels); "
             "training takes every image at the model's input size: resize them, or pass input_shape and "
