@@ -69,7 +69,7 @@ from deepspark.errors import DeepsparkError, DivergenceError, RunError
 from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
 from deepspark.spark import device_label
 from deepspark.training.average import LOADED, RoundRecord, TaskSpec
-from deepspark.training.frame import rows_changed, sum_digests
+from deepspark.training.frame import count_disagrees, rows_changed
 
 __all__ = [
     "GangReport",
@@ -236,15 +236,17 @@ class GangServer:
                 self._rows_read[rank] = int(loaded["rows"])
                 digest = str(loaded["digest"])
                 first = self.row_digests.setdefault(rank, digest)
-                read = sum(self._rows_read.values())
-                whole = len(self._rows_read) == self._workers
-                error = None
+                error: str | None = None
                 if digest != first:
                     error = f"gang rank {rank}'s task read other rows than its first task did ({loaded['rows']} rows)"
-                elif whole and read != self._rows:
-                    error = f"the gang's ranks read {read} rows where the DataFrame counted {self._rows}"
-                elif whole and self._digest and sum_digests(self.row_digests.values()) != self._digest:
-                    error = f"the gang's ranks read other rows than the DataFrame counted ({read} rows)"
+                elif len(self._rows_read) == self._workers:
+                    error = count_disagrees(
+                        self._rows_read,
+                        self.row_digests,
+                        rows=self._rows,
+                        digest=self._digest,
+                        who="the gang's ranks",
+                    )
                 if error is not None:
                     self.fail(rows_changed(error))
                     return

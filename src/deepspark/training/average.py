@@ -42,7 +42,7 @@ from deepspark import wire
 from deepspark.errors import ConfigError, DeepsparkError
 from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
 from deepspark.spark import device_label
-from deepspark.training.frame import rows_changed, sum_digests
+from deepspark.training.frame import count_disagrees, rows_changed
 
 __all__ = [
     "LOADED",
@@ -201,9 +201,8 @@ class ServerState:
 
     def loaded(self, conn: Any, worker: int) -> tuple[int, str]:
         """The rows ``worker``'s task read and their digest, from the frame it sends once loaded. A task
-        connects before
-        it reads its partition and beats meanwhile: a silent one is frozen (TimeoutError, under the
-        heartbeat timeout), one that beats is waited for however long its load takes."""
+        connects before it reads its partition and beats meanwhile: a silent one is frozen (TimeoutError,
+        under the heartbeat timeout), one that beats is waited for however long its load takes."""
         header, _, _ = self.receive(conn)
         if header.get("op") != LOADED:
             raise DeepsparkError(f"worker {worker}: expected its {LOADED!r} frame, got {header.get('op')!r}")
@@ -275,26 +274,18 @@ class ServerState:
             state.cursor = self._new_cursor(worker, rows)
         self._rows_read[worker] = rows
         first = self._digests_read.setdefault(worker, digest)
-        read = sum(self._rows_read.values())
+        problem: str | None = None
         if int(state.cursor["n"]) != rows:
-            error = rows_changed(
-                f"worker {worker} read {rows} rows where its data position covers {state.cursor['n']}"
-            )
+            problem = f"worker {worker} read {rows} rows where its data position covers {state.cursor['n']}"
         elif digest != first:
-            error = rows_changed(
-                f"worker {worker}'s task read other rows than its first task did ({rows} rows)"
+            problem = f"worker {worker}'s task read other rows than its first task did ({rows} rows)"
+        elif len(self._rows_read) == workers:
+            problem = count_disagrees(
+                self._rows_read, self._digests_read, rows=self._rows, digest=self._digest, who="the workers"
             )
-        elif len(self._rows_read) == workers and read != self._rows:
-            error = rows_changed(f"the workers read {read} rows where the DataFrame counted {self._rows}")
-        elif (
-            len(self._rows_read) == workers
-            and self._digest
-            and sum_digests(self._digests_read.values()) != self._digest
-        ):
-            error = rows_changed(f"the workers read other rows than the DataFrame counted ({read} rows)")
-        else:
+        if problem is None:
             return True
-        self.fail(error)
+        self.fail(rows_changed(problem))
         return False
 
 

@@ -17,7 +17,7 @@ skipping would silently change the data and every worker's step budget.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +37,7 @@ __all__ = [
     "LABEL",
     "FrameLayout",
     "Partition",
+    "count_disagrees",
     "describe_frame",
     "keyed_rows",
     "read_partition",
@@ -447,6 +448,20 @@ def _decode_images(column: Any, keys: Any, layout: FrameLayout) -> np.ndarray:
 def describe_key(key: int) -> str:
     """A row key of a DataFrame (``monotonically_increasing_id``: input partition << 33 | row) in words."""
     return f"row key {key} (row {key & ((1 << 33) - 1)} of the DataFrame's partition {key >> 33})"
+
+
+def count_disagrees(
+    rows_read: Mapping[int, int], digests_read: Mapping[int, str], *, rows: int, digest: str, who: str
+) -> str | None:
+    """Once every worker has read its partition (``rows_read``, ``rows`` of ``digest`` counted: "" when
+    the count took none), what ``who`` read that the count disagrees with: the number of rows, or what
+    they hold (``digests_read``: of the rows each worker's first task read); else None."""
+    read = sum(rows_read.values())
+    if read != rows:
+        return f"{who} read {read} rows where the DataFrame counted {rows}"
+    if digest and sum_digests(digests_read.values()) != digest:
+        return f"{who} read other rows than the DataFrame counted ({read} rows)"
+    return None
 
 
 def rows_changed(what: str) -> DatasetError:
