@@ -395,6 +395,25 @@ def test_resume_needs_the_factory_again(spark: Any, tmp_path: Path, driver_crash
     )
 
 
+def test_a_column_name_that_a_join_doubled_is_refused_before_any_job(spark: Any, tmp_path: Path) -> None:
+    # Both sides of a join kept their "label": Spark's AnalysisException (an ambiguous reference, with
+    # its plan) came out of the counting job instead of one line saying what to do.
+    from pyspark.sql import functions as F
+
+    images, labels = _images(6)
+    left = _png_frame(spark, images, labels).withColumn("id", F.monotonically_increasing_id())
+    joined = left.join(left.select("id", "label"), "id")
+
+    def refused() -> None:
+        with pytest.raises(
+            ConfigError, match=r"^label_column 'label': the DataFrame has 2 columns of that name"
+        ):
+            fit(joined, "mlp", strategy="average", run_dir=tmp_path / "run")
+
+    _no_job_ran(spark, refused)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_pandas_dataframe_is_named_as_pandas_with_the_way_to_a_spark_one(
     spark: Any, tmp_path: Path
 ) -> None:

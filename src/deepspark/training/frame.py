@@ -139,6 +139,12 @@ def _describe(
     for role, name in (("feature_column", feature_column), ("label_column", label_column)):
         if name not in fields:
             raise ConfigError(f"{role}: expected a column of the DataFrame {sorted(fields)}, got {name!r}")
+        same = sum(f.name == name for f in df.schema.fields)
+        if same > 1:  # Spark's AnalysisException ("ambiguous reference") came out of the counting job
+            raise ConfigError(
+                f"{role} {name!r}: the DataFrame has {same} columns of that name (a join keeps both sides'); "
+                "drop or rename all but one first"
+            )
     label_type = fields[label_column].dataType
     if not _integral(label_type):
         raise ConfigError(
