@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -119,18 +119,21 @@ def standalone_cluster(
 
 def start_driver(
     script: Path, tmp_path: Path, procs: list[subprocess.Popen[bytes]]
-) -> subprocess.Popen[bytes]:
-    """Run the driver ``script`` (a process holds one SparkContext) in its own session, its output piped,
-    and add it to ``procs`` so the cluster's ``finally`` kills it too."""
+) -> tuple[subprocess.Popen[bytes], Callable[[], str]]:
+    """Run the driver ``script`` (a process holds one SparkContext) in its own session and add it to
+    ``procs`` so the cluster's ``finally`` kills it too; the process, and a function giving the last
+    3,000 characters of its output. The output goes to ``tmp_path/driver.log``: a pipe read only at the
+    end could fill, over a long job, and block the driver."""
+    log = tmp_path / "driver.log"
     driver = subprocess.Popen(
         [sys.executable, str(script)],
         env=cluster_env(tmp_path),
         start_new_session=True,
-        stdout=subprocess.PIPE,
+        stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
     procs.append(driver)
-    return driver
+    return driver, lambda: log.read_text(errors="replace")[-3000:]
 
 
 def proc_table() -> dict[int, tuple[int, bytes, list[int]]]:

@@ -536,6 +536,18 @@ def test_partition_digests_add_up_to_the_frames(spark: Any) -> None:
     assert relabelled.rows == layout.rows and relabelled.digest != layout.digest
 
 
+def _two_workers(strategy: str) -> dict[str, Any]:
+    """fit's options for two workers of ``strategy``, batches of 4, 3 epochs (``average``: rounds of a step)."""
+    options: dict[str, Any] = {
+        "strategy": strategy,
+        "workers": 2,
+        "config": {**SGD, "batch_size": 4, "epochs": 3},
+    }
+    if strategy == "average":
+        options["average"] = {"tau": 1}
+    return options
+
+
 @pytest.mark.parametrize("strategy", ["average", "async"])
 def test_a_resume_on_rows_split_otherwise_stops_instead_of_training_past_them(
     spark: Any, tmp_path: Path, driver_crash: Any, strategy: str
@@ -545,13 +557,7 @@ def test_a_resume_on_rows_split_otherwise_stops_instead_of_training_past_them(
     # permutation of that many rows over a partition of another size.
     images, labels = _images(30)
     df = _png_frame(spark, images, labels).repartition(2)
-    options: dict[str, Any] = {
-        "strategy": strategy,
-        "workers": 2,
-        "config": {**SGD, "batch_size": 4, "epochs": 3},
-    }
-    if strategy == "average":
-        options["average"] = {"tau": 1}
+    options = _two_workers(strategy)
     with pytest.raises(DeepsparkError, match="driver crash"):
         fit(df, "mlp", **options, run_dir=tmp_path / "run", checkpoint_seconds=0, on_round=driver_crash(1))
     with pytest.raises(DeepsparkError, match=r"worker \d read \d+ rows where its data position covers \d+: "):
@@ -586,13 +592,7 @@ def test_a_resume_on_as_many_rows_per_worker_split_otherwise_stops(
     split_before, split_after = _worker_ids(before, 2), _worker_ids(after, 2)
     assert [len(ids) for ids in split_before] == [len(ids) for ids in split_after]
     assert split_before != split_after
-    options: dict[str, Any] = {
-        "strategy": strategy,
-        "workers": 2,
-        "config": {**SGD, "batch_size": 4, "epochs": 3},
-    }
-    if strategy == "average":
-        options["average"] = {"tau": 1}
+    options = _two_workers(strategy)
     with pytest.raises(DeepsparkError, match="driver crash"):
         fit(
             before, "mlp", **options, run_dir=tmp_path / "run", checkpoint_seconds=0, on_round=driver_crash(1)

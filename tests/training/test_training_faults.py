@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from test_fit import SGD, _layout_dir
 from torch import nn
 
-from _cluster import cluster_env, executor_pids, kill_group, proc_table, standalone_cluster
+from _cluster import executor_pids, kill_group, proc_table, standalone_cluster, start_driver
 from deepspark.training import fit
 
 
@@ -99,20 +99,7 @@ def test_average_then_predict_survive_an_executor_killed_mid_job(tmp_path: Path)
                       open({str(predicted)!r}, "w"))
             """)
         )
-        # Its output to a file (shown on failure): a pipe read only at the end could fill and block it.
-        log = tmp_path / "driver.log"
-        driver = subprocess.Popen(
-            [sys.executable, str(script)],
-            env=cluster_env(tmp_path),
-            start_new_session=True,
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        procs.append(driver)  # killed by the cluster's finally
-
-        def tail() -> str:
-            return log.read_text(errors="replace")[-3000:]
-
+        driver, tail = start_driver(script, tmp_path, procs)
         _wait_rows(run, driver, 3)
         victims = executor_pids(procs[2])  # the second Worker's executor JVM
         assert victims, "the second worker runs no executor"

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from _cluster import (
-    cluster_env,
     descendants,
     frozen,
     kill_group,
     standalone_cluster,
+    start_driver,
 )
 from deepspark.tuning import TrialState, tune
 
@@ -241,7 +241,6 @@ def test_on_a_standalone_cluster_2000_trials_a_lost_executor_and_a_frozen_worker
     marks, load, out = tmp_path / "marks", tmp_path / "load.json", tmp_path / "result.json"
     lost = tmp_path / "lost.json"
     marks.mkdir()
-    log = tmp_path / "driver.log"
     with standalone_cluster(tmp_path, workers=2, cores=1, memory="1g") as (url, procs):
         script = tmp_path / "driver.py"
         script.write_text(
@@ -298,19 +297,7 @@ def test_on_a_standalone_cluster_2000_trials_a_lost_executor_and_a_frozen_worker
                         for r in result.records]}}, open({str(out)!r}, "w"))
             """)
         )
-        # Its output to a file: a pipe nobody reads while 2,000 trials run could fill and block it.
-        driver = subprocess.Popen(
-            [sys.executable, str(script)],
-            env=cluster_env(tmp_path),
-            start_new_session=True,
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        procs.append(driver)  # killed by the cluster's finally
-
-        def tail() -> str:
-            return log.read_text(errors="replace")[-3000:]
-
+        driver, tail = start_driver(script, tmp_path, procs)  # its output to a file: 2,000 trials' worth
         deadline = time.monotonic() + 600
         while not load.exists():
             assert time.monotonic() < deadline, "2,000 no-op trials did not finish in 600 s"
