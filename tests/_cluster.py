@@ -136,6 +136,23 @@ def start_driver(
     return driver, lambda: log.read_text(errors="replace")[-3000:]
 
 
+def wait_driving(
+    driver: subprocess.Popen[bytes],
+    tail: Callable[[], str],
+    ready: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+) -> None:
+    """Poll ``ready()`` until it holds: fail saying ``what`` did not happen after ``timeout`` seconds, or
+    with the driver's output (``tail()``, from :func:`start_driver`) as soon as the driver has exited."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert time.monotonic() < deadline, f"{what} within {timeout:g} s"
+        assert driver.poll() is None, tail()
+        time.sleep(0.2)
+
+
 def proc_table() -> dict[int, tuple[int, bytes, list[int]]]:
     """Every live process, read from Linux /proc: pid -> (parent pid, command line, [utime, stime,
     cutime, cstime] in clock ticks). Also benchmarks/inference.py's source of CPU seconds."""

@@ -23,6 +23,7 @@ from _cluster import (
     kill_group,
     standalone_cluster,
     start_driver,
+    wait_driving,
 )
 from deepspark.tuning import TrialState, tune
 
@@ -298,16 +299,10 @@ def test_on_a_standalone_cluster_2000_trials_a_lost_executor_and_a_frozen_worker
             """)
         )
         driver, tail = start_driver(script, tmp_path, procs)  # its output to a file: 2,000 trials' worth
-        deadline = time.monotonic() + 600
-        while not load.exists():
-            assert time.monotonic() < deadline, "2,000 no-op trials did not finish in 600 s"
-            assert driver.poll() is None, tail()
-            time.sleep(0.2)
-        deadline = time.monotonic() + 240
-        while not lost.exists():
-            assert time.monotonic() < deadline, "the study that lost an executor did not finish in 240 s"
-            assert driver.poll() is None, tail()
-            time.sleep(0.2)
+        wait_driving(driver, tail, load.exists, timeout=600, what="2,000 no-op trials did not finish")
+        wait_driving(
+            driver, tail, lost.exists, timeout=240, what="the study that lost an executor did not finish"
+        )
         worker = procs[2]  # the second Worker
         deadline = time.monotonic() + 180
         victim: tuple[int, int] | None = None  # (trial, pid) of a trial running on the second worker
@@ -323,10 +318,9 @@ def test_on_a_standalone_cluster_2000_trials_a_lost_executor_and_a_frozen_worker
         with frozen(worker) as stopped:
             assert victim[1] in stopped
             started = time.monotonic()
-            while not out.exists():
-                assert time.monotonic() - started < 90, "the study did not complete within 90 s of the freeze"
-                assert driver.poll() is None, tail()
-                time.sleep(0.2)
+            wait_driving(
+                driver, tail, out.exists, timeout=90, what="the study did not complete after the freeze"
+            )
             took = time.monotonic() - started
     # Whole by now: the driver closed each file before its next study's first trial ran.
     loaded = json.loads(load.read_text())
