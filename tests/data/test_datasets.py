@@ -14,8 +14,10 @@ import http.server
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -315,10 +317,15 @@ def test_verified_marker_is_keyed_by_the_files_identity_not_only_size_and_mtime(
     mirror: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    from deepspark.data import cache as verified
+
     caplog.set_level(logging.INFO, logger="deepspark.data.cache")
     monkeypatch.setenv("DEEPSPARK_MNIST_MIRRORS", f"{mirror}/good/")
     cache = fetch("mnist")
     path = cache / "train-labels-idx1-ubyte"
+    # Files this fresh are hashed on every use (the next test says why); here, as if long still.
+    monkeypatch.setattr(verified, "RACY_NS", 0)
+    assert verify("mnist") == dict.fromkeys(MNIST_FILES, "ok")
     caplog.clear()
     # An untouched file keeps its remembered result (that is what saves rehashing 50 MB on every load).
     assert verify("mnist") == dict.fromkeys(MNIST_FILES, "ok")
@@ -350,19 +357,29 @@ def test_the_verified_marker_is_as_readable_as_the_files_it_vouches_for(
     # It was written 0600 (a temporary file's mode): a team sharing the cache rehashed every file.
     import stat
 
+    from deepspark.data import cache as verified
+
     monkeypatch.setenv("DEEPSPARK_MNIST_MIRRORS", f"{mirror}/good/")
+    monkeypatch.setattr(verified, "RACY_NS", 0)  # as if the fetched files had been still for long
     umask = os.umask(0o022)
     try:
         cache = fetch("mnist")
+        verify("mnist")  # the first use after the fetch records the digests
     finally:
         os.umask(umask)
     modes = {stat.S_IMODE((cache / name).stat().st_mode) for name in (".verified.json", *MNIST_FILES)}
     assert modes == {0o644}
 
 
+@pytest.mark.parametrize("same_tick", [False, True], ids=["times-moved", "same-clock-tick"])
 def test_a_file_written_while_it_is_hashed_is_not_remembered_as_verified(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny: DatasetInfo
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny: DatasetInfo, same_tick: bool
 ) -> None:
+    # The file is written in place, same size, after the hash read its good bytes and before the digest
+    # is kept. Either its times moved, or the write fell in the clock tick of the stat the digest is
+    # keyed by, which leaves size, times and inode as they were (simulated by a stat that keeps
+    # answering what it saw before the write, as a coarse clock would): the marker then vouched for
+    # bytes it never saw.
     import contextlib
     import io
 
@@ -370,19 +387,27 @@ def test_a_file_written_while_it_is_hashed_is_not_remembered_as_verified(
 
     user = tmp_path / "user"
     path = _write_layout(user)[1]
-    real_open_raw = cache.open_raw
+    real_open_raw, real_stat = cache.open_raw, Path.stat
+    frozen: dict[Path, os.stat_result] = {}
+
+    def coarse_stat(self: Path, *args: Any, **kwargs: Any) -> os.stat_result:
+        return frozen.get(self) or real_stat(self, *args, **kwargs)
 
     @contextlib.contextmanager
     def overwritten_after_reading(p: Path) -> Iterator[io.BytesIO]:
         with real_open_raw(p) as stream:
             yield io.BytesIO(stream.read())  # the hash sees the good bytes...
-        if p == path:  # ...and then the file is written in place, same size, before the digest is kept
-            st = p.stat()
+        if p == path:  # ...and then the file is written in place
+            st = real_stat(p)
             data = bytearray(p.read_bytes())
             data[-1] ^= 0xFF
             p.write_bytes(bytes(data))
-            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+            if same_tick:
+                frozen[p] = st
+            else:
+                os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
 
+    monkeypatch.setattr(Path, "stat", coarse_stat)
     monkeypatch.setattr(cache, "open_raw", overwritten_after_reading)
     assert verify("mnist", data_dir=user) == dict.fromkeys(MNIST_FILES, "ok")
     monkeypatch.setattr(cache, "open_raw", real_open_raw)
@@ -390,6 +415,26 @@ def test_a_file_written_while_it_is_hashed_is_not_remembered_as_verified(
     assert verify("mnist", data_dir=user)["train-labels-idx1-ubyte"].startswith("sha256 mismatch")
     with pytest.raises(DatasetError, match="sha256 mismatch"):
         load_dataset("mnist", data_dir=user)
+
+
+def test_a_digest_is_remembered_once_the_file_has_been_still_for_the_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny: DatasetInfo, caplog: pytest.LogCaptureFixture
+) -> None:
+    from deepspark.data import cache
+
+    caplog.set_level(logging.INFO, logger="deepspark.data.cache")
+    user = tmp_path / "user"
+    _write_layout(user)
+    monkeypatch.setattr(cache, "RACY_NS", 300_000_000)
+    assert verify("mnist", data_dir=user) == dict.fromkeys(MNIST_FILES, "ok")  # just written: racy
+    caplog.clear()
+    assert verify("mnist", data_dir=user) == dict.fromkeys(MNIST_FILES, "ok")
+    assert caplog.text.count("computing the SHA-256") == len(MNIST_FILES)  # so hashed again
+    time.sleep(0.4)  # still for longer than the window: now the digests are kept...
+    assert verify("mnist", data_dir=user) == dict.fromkeys(MNIST_FILES, "ok")
+    caplog.clear()
+    assert verify("mnist", data_dir=user) == dict.fromkeys(MNIST_FILES, "ok")
+    assert "computing the SHA-256" not in caplog.text  # ...and trusted
 
 
 def test_verify_reports_missing_and_unknown_names_are_config_errors(tiny: DatasetInfo) -> None:

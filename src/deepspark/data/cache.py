@@ -6,6 +6,12 @@ remembered in a small marker file keyed by the file's size, ``mtime_ns``, ``ctim
 write, touch, replacement or re-pointed symlink invalidates it (a copy that kept the old size and
 modification time, such as Fashion-MNIST's files over MNIST's with ``cp -p``, still gets a new change
 time, which no one can set).
+
+A file's times advance in ticks of the file system's clock (a few milliseconds on ext4, two seconds on
+FAT), so a write in the same tick as our ``stat`` leaves every key as it was. A result is therefore not
+remembered for a file changed within ``RACY_NS`` of that ``stat`` (git's "racily clean" entries): it is
+hashed again on its next use, once it has been still for longer than that. A freshly fetched file is
+hashed once more on its first load for this reason.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -22,13 +29,16 @@ from typing import Any
 from deepspark.data.files import open_raw
 from deepspark.rundir import write_file_atomic
 
-__all__ = ["CHUNK", "cache_root", "check", "raw_sha256", "remember", "user_dir"]
+__all__ = ["CHUNK", "RACY_NS", "cache_root", "check", "raw_sha256", "user_dir"]
 
 _log = logging.getLogger(__name__)
 
 #: Bytes read at a time when hashing or copying dataset files.
 CHUNK = 1 << 20
 _MARKER = ".verified.json"
+#: A file changed this close to the ``stat`` its digest is keyed by is hashed again next time (module
+#: docstring): two seconds covers the coarsest clocks local file systems keep (FAT's).
+RACY_NS = 2_000_000_000
 
 
 def cache_root() -> Path:
@@ -73,16 +83,18 @@ def _identity(st: os.stat_result) -> dict[str, int]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
 
 
-def remember(path: Path, digest: str, st: os.stat_result | None = None) -> None:
-    """Record ``digest`` for ``path``'s identity (size, times, inode); best effort, atomic.
+def _remember(path: Path, digest: str, st: os.stat_result, stat_ns: int) -> None:
+    """Record ``digest`` for the identity ``st`` that ``path`` had at ``stat_ns``; best effort, atomic.
 
-    ``st`` is the identity the file had when ``digest`` was computed (default: its current one). A file
-    written while it was hashed then no longer has that identity, so it is hashed again next time
-    rather than keeping the digest of the bytes it held before.
+    ``st`` is the identity the file had before it was hashed, so a file written while it was hashed
+    no longer has it and is hashed again next time. A file changed within ``RACY_NS`` of ``stat_ns``
+    is not recorded at all: a write in the same clock tick would not have changed its identity.
     """
+    if max(st.st_mtime_ns, st.st_ctime_ns) >= stat_ns - RACY_NS:
+        _log.debug("not recording the checksum of %s: it changed moments before it was read", path)
+        return
     marker = _marker_path(path.parent)
     try:
-        st = path.stat() if st is None else st
         data = _read_marker(marker)
         data[path.name] = {**_identity(st), "sha256": digest}
         marker.parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +106,7 @@ def remember(path: Path, digest: str, st: os.stat_result | None = None) -> None:
 
 def raw_sha256(path: Path) -> str:
     """SHA-256 of the file's raw bytes (decompressed when gzip), from the marker when still valid."""
+    stat_ns = time.time_ns()
     st = path.stat()
     entry = _read_marker(_marker_path(path.parent)).get(path.name)
     if (
@@ -111,7 +124,7 @@ def raw_sha256(path: Path) -> str:
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise OSError(f"corrupt gzip stream ({exc})") from exc
     digest = h.hexdigest()
-    remember(path, digest, st)
+    _remember(path, digest, st, stat_ns)
     return digest
 
 

@@ -23,7 +23,7 @@ from functools import partial
 from pathlib import Path
 
 from deepspark import http
-from deepspark.data.cache import CHUNK, cache_root, check, remember, user_dir
+from deepspark.data.cache import CHUNK, cache_root, check, user_dir
 from deepspark.data.directory import check_one_dataset, load_directory
 from deepspark.data.files import Reader, find_file, open_raw, raw_stream, spellings
 from deepspark.data.registry import DATASETS, DatasetInfo, registered
@@ -75,7 +75,6 @@ def _install(cache: Path, raw_name: str, stream: Reader, expected: str, max_byte
         os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; a cache may be shared by a team
         os.replace(tmp_name, final)
         tmp = None
-        remember(final, got)
         return "ok"
     except (OSError, EOFError, zlib.error) as exc:
         return f"failed: {exc}"
