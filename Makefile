@@ -27,7 +27,7 @@ run: data
 	else $(BIN)/deepspark tune mnist --preset $(PRESET) --run-dir $(RUN_DIR); fi
 
 test: data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 test-fast: data
 	$(BIN)/python -m pytest -q -m "not slow"
