@@ -52,6 +52,7 @@ __all__ = [
     "release_broadcast",
     "run_job",
     "session",
+    "speculative_copy",
     "task_cpus",
     "task_device",
     "total_cores",
@@ -428,6 +429,17 @@ def cancel_group(sc: Any, group: str, timeout: float = 30.0) -> None:
             return
         time.sleep(0.05)
     _log.debug("job group %s: tasks still running %.0f s after it was cancelled", group, timeout)
+
+
+def speculative_copy(sc: Any, stage: int) -> bool:
+    """Whether Spark runs a speculative copy of a task of stage ``stage`` beside its original
+    (``spark.speculation``): more of the stage's tasks run than are left to finish (its status tracker).
+
+    Spark otherwise runs one attempt of a task at a time, so a new attempt means the old one is dead;
+    a long-lived task's copy (``spark.speculation.task.duration.threshold`` speculates one-task stages)
+    must not be taken for that."""
+    info = sc.statusTracker().getStageInfo(stage)
+    return info is not None and info.numActiveTasks > info.numTasks - info.numCompletedTasks
 
 
 def column(name: str) -> Any:

@@ -37,9 +37,10 @@ def coordinator():
         coord.close()
 
 
-def _connect(coord: Coordinator, slot: int) -> wire.Connection:
+def _connect(coord: Coordinator, slot: int, **hello: object) -> wire.Connection:
     host, port = coord.address
-    conn = wire.connect(host, port, token="secret", hello={"slot": slot, "worker": f"w{slot}"}, timeout=10)
+    hello = {"slot": slot, "worker": f"w{slot}", **hello}
+    conn = wire.connect(host, port, token="secret", hello=hello, timeout=10)
     conn.settimeout(10)
     return conn
 
@@ -84,6 +85,37 @@ def test_a_worker_that_hung_up_while_waiting_is_not_handed_the_lost_trial(coordi
     _until(lambda: coordinator.finished)
     [record] = coordinator.records
     assert record.attempts == 2
+
+
+def test_a_speculative_copy_of_a_slots_task_stands_by_until_the_original_ends() -> None:
+    # spark.speculation with spark.speculation.task.duration.threshold runs a copy of a long-lived slot
+    # task beside it. Taken for a restart, it had the running trial re-queued (the original's result was
+    # ignored), the copy then killed when the original's task ended: trials ran two or three times and
+    # some FAILed after max_attempts although no attempt had failed.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    coord = _started(optuna.create_study(direction="maximize"), n_trials=2, copies=lambda stage: stage == 7)
+    original = _connect(coord, 0, stage=7)
+    try:
+        first = _ask(original, {"op": "next"})
+        with _connect(coord, 0, stage=7) as copy:
+            copy.send({"op": "next"})
+            time.sleep(0.3)  # the copy's request waits: no trial for it while the original lives
+            assert coord.counts()["running"] == 1
+            done = {"op": "done", "trial": first["trial"], "state": "complete", "value": 0.5}
+            assert _ask(original, done) == {"send_model": True}  # its result counts
+            second = _ask(original, {"op": "next"})
+            original.close()  # its executor is lost mid-trial: the copy takes the slot and the trial over
+            answer, _ = copy.recv()
+            _ask(copy, {"op": "done", "trial": answer["trial"], "state": "complete", "value": 0.4})
+            _until(lambda: coord.finished)
+    finally:
+        original.close()
+        coord.close()
+    assert (second["attempt"], answer["trial"], answer["attempt"]) == (1, second["trial"], 2)
+    assert sorted((r.number, r.attempts, r.value) for r in coord.records) == [
+        (first["trial"], 1, 0.5),
+        (second["trial"], 2, 0.4),
+    ]
 
 
 def test_a_connection_without_the_token_gets_nothing(coordinator) -> None:

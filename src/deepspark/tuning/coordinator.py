@@ -16,6 +16,11 @@ between every two trials of a slot. The trials sampled ahead are RUNNING in the 
 ones (TPE's constant liar counts them as pending); a study that stops first marks them interrupted
 and queues their configurations for ``--resume``, as it does the running trials.
 
+A speculative copy of a slot's task (Spark's ``spark.speculation``: ``copies(stage)`` says Spark runs the
+task twice) stands by: it takes no trial while the original's connection lives, and takes the slot over
+when that ends. Taken for a restart, it had the original's trials re-run and, past ``max_attempts``,
+FAIL, although no attempt had failed.
+
 A worker is lost when its socket closes, or when it has been silent (no frame, heartbeats included)
 for ``heartbeat_timeout`` seconds while it holds a trial: a frozen host never closes its socket (its
 slot's Spark job is cancelled then, or the frozen task would hold the slot for good). A
@@ -156,6 +161,7 @@ class Coordinator:
         cancel: Callable[[int | None], None] | None = None,
         sample_ahead: int = 0,
         parallel_asks: int = 0,
+        copies: Callable[[int], bool] | None = None,
     ) -> None:
         self._deadline = time.monotonic() + timeout if timeout is not None else None
         # Whether the watchdog has applied the deadline (interrupted the running trials); set once it has,
@@ -203,6 +209,8 @@ class Coordinator:
         self._failures = 0
         self._connections = 0
         self._slot_conn: dict[int, int] = {}
+        self._copies = copies  # stage id -> whether Spark runs a speculative copy of its task
+        self._standby: set[int] = set()  # connections of speculative copies, waiting for their slot
         self.stop_reason: str | None = None
         # The best trial so far as (value, number); best/ holds its model. Ties go to the lower trial
         # number, the trial best.json names (report.best_and_default), whatever order they finish in.
@@ -306,7 +314,7 @@ class Coordinator:
             self._conns[conn_id] = conn
         try:
             slot, worker = int(conn.hello.get("slot", -1)), str(conn.hello.get("worker", "?"))
-            self._supersede(slot, conn_id)
+            self._supersede(slot, conn_id, conn.hello.get("stage"))
             while True:
                 msg, payload = conn.recv()
                 self._heard[conn_id] = time.monotonic()
@@ -341,12 +349,19 @@ class Coordinator:
                 self._conns.pop(conn_id, None)
                 self._heard.pop(conn_id, None)
                 self._cut.discard(conn_id)
+                self._standby.discard(conn_id)
             self.worker_lost(slot, reason=f"worker {worker} disconnected", conn_id=conn_id)
 
-    def _supersede(self, slot: int, conn_id: int) -> None:
+    def _supersede(self, slot: int, conn_id: int, stage: Any) -> None:
         """A new attempt of slot's Spark task has started, so any older attempt is dead (Spark runs one
-        attempt of a task at a time), even if its process has not noticed yet: re-run its trials."""
+        attempt of a task at a time, but for a speculative copy), even if its process has not noticed
+        yet: re-run its trials. A speculative copy stands by instead (:meth:`_holder_live`)."""
+        copy = stage is not None and self._copies is not None and self._copies(int(stage))
         with self._lock:
+            if copy and self._holder_live(slot, conn_id):
+                _log.info("slot %d: a speculative copy of its Spark task stands by", slot)
+                self._standby.add(conn_id)
+                return
             stale = {
                 run.conn_id for run in self._running.values() if run.slot == slot and run.conn_id != conn_id
             }
@@ -358,6 +373,16 @@ class Coordinator:
         run: _Running | None = None
         with self._lock:
             while True:
+                if conn_id in self._standby:
+                    if (
+                        self.stop_reason is None
+                        and not conn.peer_closed()
+                        and self._holder_live(slot, conn_id)
+                    ):
+                        self._changed.wait(timeout=1.0)
+                        continue
+                    self._standby.discard(conn_id)  # the original's connection ended: the copy goes on
+                    self._slot_conn[slot] = conn_id
                 if self._slot_conn.get(slot, conn_id) != conn_id:
                     return {"stop": True}  # a stale attempt: a newer one holds this slot
                 # A lost executor takes all its workers at once. The thread of one that was waiting here
@@ -437,6 +462,12 @@ class Coordinator:
         if self._heartbeat_timeout is not None:
             task["heartbeat_s"] = wire.heartbeat_interval(self._heartbeat_timeout)
         return task
+
+    def _holder_live(self, slot: int, conn_id: int) -> bool:
+        """Under the lock: whether another connection, open and not being cut, holds ``slot``."""
+        holder = self._slot_conn.get(slot)
+        conn = self._conns.get(holder) if holder is not None and holder != conn_id else None
+        return conn is not None and holder not in self._cut and not conn.peer_closed()
 
     def _register(self, run: _Running) -> None:
         """``run`` holds its slot now; under the lock."""

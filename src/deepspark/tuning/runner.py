@@ -30,7 +30,7 @@ from optuna.storages.journal import JournalFileBackend
 from deepspark import rundir
 from deepspark.errors import ConfigError, RunError
 from deepspark.slots import SameFailure, run_slots, short_error
-from deepspark.spark import check_task_cpus, release_broadcast
+from deepspark.spark import check_task_cpus, release_broadcast, speculative_copy
 from deepspark.tuning.config import (
     BUILTIN,
     LEGACY_STUDY_NAME,
@@ -996,6 +996,7 @@ def _execute(study: optuna.Study, work: _Work, options: RunOptions) -> tuple[str
         cancel=cancel,
         sample_ahead=_sample_ahead(width, sampled_elsewhere=isinstance(study.sampler, ProcessSampler)),
         parallel_asks=study.sampler.processes if isinstance(study.sampler, ProcessSampler) else 0,
+        copies=functools.partial(speculative_copy, sc),
     )
     try:
         coordinator.start()

@@ -124,7 +124,9 @@ def run_worker(spec: WorkerSpec, slot: int, partition: Iterable[Any]) -> Iterato
     if ctx is not None:
         worker += f":attempt{ctx.attemptNumber()}"
     done = 0
-    hello = {"worker": worker, "slot": slot, "threads": threads}
+    hello: dict[str, Any] = {"worker": worker, "slot": slot, "threads": threads}
+    if ctx is not None:
+        hello["stage"] = ctx.stageId()  # a speculative copy of this task stands by (Coordinator)
     with wire.connect(spec.host, spec.port, token=spec.token, hello=hello, timeout=60) as conn:
         while True:
             conn.send({"op": "next"})
