@@ -24,7 +24,7 @@ def _push(
     conn: wire.Connection, header: dict[str, Any], value: float, samples: int = 8, size: int = 2
 ) -> None:
     reply = {"op": "push", "round": header["round"], "samples": samples, "loss_sum": float(samples)}
-    reply["cursor"] = {"at": 1}
+    reply["cursor"] = {"n": 8, "at": 1}  # a data position of the 8 rows a fake worker reads
     conn.send(
         {**reply, "compute_s": 0.0, "comm_s": 0.0, "wait_s": 0.0},
         state_to_bytes({"w": torch.full((size,), value)}),
@@ -74,11 +74,17 @@ def _serving(server: RoundServer) -> Iterator[wire.Server]:
 
 
 def _connect(
-    endpoint: wire.Server, worker: int, *, loaded: bool = True, digest: str = "xxhash64-sums:0:0"
+    endpoint: wire.Server,
+    worker: int,
+    *,
+    loaded: bool = True,
+    digest: str = "xxhash64-sums:0:0",
+    **hello: Any,
 ) -> wire.Connection:
     """A fake worker's connection; ``loaded``: it has read its partition of 8 rows (of ``digest``) and
-    said so."""
-    conn = wire.connect("127.0.0.1", endpoint.address[1], token=TOKEN, hello={"worker": worker}, timeout=10)
+    said so; ``hello``: more of its hello (``stage``)."""
+    hello = {"worker": worker, **hello}
+    conn = wire.connect("127.0.0.1", endpoint.address[1], token=TOKEN, hello=hello, timeout=10)
     conn.settimeout(10)
     if loaded:
         conn.send({"op": "loaded", "rows": 8, "digest": digest})
@@ -193,6 +199,32 @@ def test_a_superseded_connection_neither_pushes_nor_drops_its_worker_from_a_roun
                 assert new.recv()[0] == {"op": "stop"} and one.recv()[0] == {"op": "stop"}
     assert [(r.round, r.workers, r.samples) for r in records] == [(0, 2, 16), (1, 2, 16)]
     assert torch.equal(server.weights["w"], torch.full((2,), 3.0))  # (2 + 4) / 2, never the 100
+
+
+def test_a_speculative_copy_of_a_workers_task_stands_by_until_the_original_ends() -> None:
+    # spark.speculation with a task duration threshold runs a copy of a long-lived worker task beside it.
+    # Taken for a retry, the copy stopped the original, whose task then ended, and Spark killed the copy:
+    # with a copy that came while the worker loaded (Python workers not reused), no worker ever trained.
+    records: list[RoundRecord] = []
+    server = _server(records, copies=lambda stage: stage == 3)
+    with _serving(server) as endpoint:
+        connect = functools.partial(_connect, endpoint, stage=3)
+        with connect(1) as one, connect(0) as original:
+            first_one, _ = one.recv()
+            first, _ = original.recv()
+            with connect(0) as copy:
+                time.sleep(0.3)  # the copy waits: nothing for it while the original lives
+                _push(original, first, 2.0)  # taken: the original still holds its worker
+                _push(one, first_one, 4.0)
+                second_one, _ = one.recv()
+                original.close()  # its executor is lost: the copy takes the worker over
+                second, _ = copy.recv()
+                _push(copy, second, 2.0)
+                _push(one, second_one, 4.0)
+                assert copy.recv()[0] == {"op": "stop"} and one.recv()[0] == {"op": "stop"}
+    assert (first["round"], second["round"]) == (0, 1)
+    assert [(r.round, r.workers, r.samples) for r in records] == [(0, 2, 16), (1, 2, 16)]
+    assert torch.equal(server.weights["w"], torch.full((2,), 3.0))
 
 
 @pytest.mark.timeout(30)

@@ -35,7 +35,7 @@ from deepspark import rundir
 from deepspark._optional import skip_unless
 from deepspark.errors import ConfigError, DeepsparkError, RunError
 from deepspark.slots import SameFailure, root_cause, run_slots, short_error
-from deepspark.spark import DEVICES, cancel_group, job_group, run_job
+from deepspark.spark import DEVICES, cancel_group, job_group, run_job, speculative_copy
 from deepspark.training._model import FACTORY_KEY, TrainModel, factory_of
 from deepspark.training.average import AverageSettings, RoundRecord, RoundServer, TaskSpec, average_task
 from deepspark.training.frame import (
@@ -886,6 +886,10 @@ class _WorkerJobs:
     def cancel(self, worker: int) -> None:
         self._spark.sparkContext.cancelJobsWithTag(self.tag(worker))
 
+    def speculative(self, stage: int) -> bool:
+        """Whether Spark runs a speculative copy of a worker's task of ``stage`` beside the original."""
+        return speculative_copy(self._spark.sparkContext, stage)
+
 
 def _inputs_entry(prepared: _Data) -> dict[str, Any]:
     """How a run reads its data (config.json's ``inputs``), which a resume must read the same way."""
@@ -1098,6 +1102,7 @@ def _fit_average(run: _Run) -> FitResult:
         on_round=after_round,
         heartbeat_timeout=run.heartbeat_timeout,
         cancel=jobs.cancel,
+        copies=jobs.speculative,
     )
 
     def task_fn(host: str, port: int, token: str) -> Callable[[Any], Any]:
@@ -1173,6 +1178,7 @@ def _fit_async(run: _Run) -> FitResult:
         on_round=after_round,
         heartbeat_timeout=run.heartbeat_timeout,
         cancel=jobs.cancel,
+        copies=jobs.speculative,
         **progress,
     )
 

@@ -145,6 +145,10 @@ class ServerState:
     frame it is sent (:meth:`deliver`), it is lost, as if its connection had closed (a frozen process
     whose executor lives on never closes it), and ``cancel(worker)`` cancels its Spark job so that the
     job is resubmitted. ``heartbeat_timeout`` None: no clock (a silent worker is waited for).
+
+    A worker's newest connection supersedes an earlier one (a retried task), except that a speculative copy
+    of its task (``copies(stage)``: Spark runs the task twice, under ``spark.speculation``) stands by while
+    the original's connection is open (:meth:`connect`).
     """
 
     def __init__(
@@ -156,8 +160,11 @@ class ServerState:
         row_digests: Mapping[int, str] | None = None,
         heartbeat_timeout: float | None = None,
         cancel: Callable[[int], None] | None = None,
+        copies: Callable[[int], bool] | None = None,
     ) -> None:
         self._lock = threading.Condition()
+        self._copies = copies  # stage id -> whether Spark runs a speculative copy of its task
+        self._current: dict[int, int] = {}  # worker -> the number of its current connection, while open
         self.finished = False
         self.error: BaseException | None = None
         self.devices: dict[int, str] = {}  # worker -> the device it trains on (from its hello)
@@ -193,6 +200,34 @@ class ServerState:
         with self._lock:
             self.devices[worker] = device_label(device, gpus)
         return worker
+
+    def connect(self, conn: Any, worker: int, state: Any) -> int | None:
+        """Make ``conn`` ``worker``'s current connection and return its number (``state.connection``):
+        an earlier connection is superseded, since Spark runs a new attempt of a task once the old one
+        failed. A speculative copy of the task runs beside a live original: taken for a retry, it stopped
+        the original, and Spark then killed the copy as the original's task had ended, round after round
+        (a copy that came before the worker had loaded kept it from ever training: the run never ended).
+        It stands by while the original's connection is open, and takes over when that ends; None when
+        its own connection closed first (Spark killed it: the original's task ended)."""
+        stage = conn.hello.get("stage")
+        copy = stage is not None and self._copies is not None and self._copies(int(stage))
+        with self._lock:
+            if copy and worker in self._current:
+                _log.info("worker %d: a speculative copy of its Spark task stands by", worker)
+            while copy and worker in self._current and not self.finished and self.error is None:
+                if conn.peer_closed():
+                    return None
+                self._lock.wait(timeout=1.0)
+            state.connection += 1
+            self._current[worker] = state.connection
+            self._lock.notify_all()
+            return int(state.connection)
+
+    def disconnect(self, worker: int, mine: int) -> None:
+        """Under the lock, as ``worker``'s connection number ``mine`` ends: a copy standing by goes on."""
+        if self._current.get(worker) == mine:
+            del self._current[worker]
+            self._lock.notify_all()
 
     def receive(self, conn: Any) -> tuple[dict[str, Any], bytes, int]:
         """A worker's next frame other than a heartbeat, and its size (:func:`deepspark.wire.receive`
@@ -322,6 +357,7 @@ class RoundServer(ServerState):
         on_round: Callable[[RoundRecord, Mapping[str, torch.Tensor]], None],
         heartbeat_timeout: float | None = None,
         cancel: Callable[[int], None] | None = None,
+        copies: Callable[[int], bool] | None = None,
     ) -> None:
         super().__init__(
             rows=rows,
@@ -330,6 +366,7 @@ class RoundServer(ServerState):
             row_digests=row_digests,
             heartbeat_timeout=heartbeat_timeout,
             cancel=cancel,
+            copies=copies,
         )
         self._weights = {k: v.detach().clone() for k, v in weights.items()}
         self._payload = state_to_bytes(self._weights)
@@ -432,11 +469,11 @@ class RoundServer(ServerState):
         worker = self.admit(conn, len(self._workers))
         if worker is None:
             return
+        state = self._workers[worker]
+        mine = self.connect(conn, worker, state)
+        if mine is None:
+            return
         with self._lock:
-            state = self._workers[worker]
-            state.connection += 1  # supersedes an earlier connection of this worker (a retried task)
-            mine = state.connection
-            self._lock.notify_all()
             if state.first_seen is None:
                 state.first_seen = time.perf_counter()
         try:
@@ -455,6 +492,7 @@ class RoundServer(ServerState):
             self.silent(worker, conn, current=state.connection == mine)
         finally:
             with self._lock:
+                self.disconnect(worker, mine)
                 if not self.finished and state.connection == mine:  # not when a newer one took over
                     self._leave(worker)
 
@@ -728,6 +766,7 @@ def load_worker(task: TaskSpec, batches: Iterator[Any]) -> Iterator[tuple[wire.C
     hello = {
         "worker": worker,
         "attempt": ctx.attemptNumber() if ctx else 0,
+        "stage": ctx.stageId() if ctx else None,  # a speculative copy of this task stands by (connect)
         "pid": os.getpid(),  # named in the driver's log, to find a frozen worker (py-spy dump --pid)
         "device": str(device),
         "gpus": assigned_gpus(ctx),

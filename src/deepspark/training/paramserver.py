@@ -138,6 +138,7 @@ class ParameterServer(ServerState):
         first_round: int = 0,
         heartbeat_timeout: float | None = None,
         cancel: Callable[[int], None] | None = None,
+        copies: Callable[[int], bool] | None = None,
     ) -> None:
         super().__init__(
             rows=rows,
@@ -146,6 +147,7 @@ class ParameterServer(ServerState):
             row_digests=row_digests,
             heartbeat_timeout=heartbeat_timeout,
             cancel=cancel,
+            copies=copies,
         )
         self._weights = {k: v.detach().clone() for k, v in weights.items()}
         self._parameters = frozenset(parameters)  # pushed as deltas; floating buffers as values
@@ -234,12 +236,12 @@ class ParameterServer(ServerState):
         worker = self.admit(conn, len(self._workers))
         if worker is None:
             return
+        state = self._workers[worker]
+        mine = self.connect(conn, worker, state)
+        if mine is None:
+            return
         with self._lock:
-            state = self._workers[worker]
-            state.connection += 1  # supersedes an earlier connection of this worker
             state.claimed = 0  # an earlier connection's pull in flight no longer counts
-            mine = state.connection
-            self._lock.notify_all()
         try:
             rows, digest = self.loaded(conn, worker)  # a worker frozen while it loads is lost like any other
             with self._lock:
@@ -259,6 +261,7 @@ class ParameterServer(ServerState):
             _log.warning("async worker %d: connection lost (%s)", worker, exc)
         finally:
             with self._lock:
+                self.disconnect(worker, mine)
                 if state.connection == mine:  # its current connection ended (not a superseded one)
                     self._drop(worker)
 
