@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from deepspark.errors import ConfigError
-from deepspark.spark import _names_master, check_master, environment_conf, quiet_log_options
+from deepspark.spark import _names_master, check_master, environment_conf, quiet_log_options, speculative_copy
 
 
 def _closed_port() -> int:
@@ -337,3 +337,20 @@ def test_slots_count_cores_not_spark_default_parallelism(session, cores: int, sl
     from deepspark.spark import total_cores, total_slots
 
     assert (total_cores(session), total_slots(session)) == (cores, slots)
+
+
+@pytest.mark.parametrize(
+    ("tasks", "running", "completed", "copy"),
+    [(1, 1, 0, False), (1, 2, 0, True), (4, 3, 1, False), (4, 4, 1, True)],
+)
+def test_a_speculative_copy_is_more_attempts_running_than_tasks_left(
+    tasks: int, running: int, completed: int, copy: bool
+) -> None:
+    from types import SimpleNamespace
+
+    from pyspark.status import SparkStageInfo
+
+    info = SparkStageInfo(7, 0, "collect", tasks, running, completed, 0)
+    sc = SimpleNamespace(statusTracker=lambda: SimpleNamespace(getStageInfo={7: info}.get))
+    assert speculative_copy(sc, 7) is copy
+    assert speculative_copy(sc, 8) is False  # a stage the tracker no longer knows
