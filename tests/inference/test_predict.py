@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from _inference_support import CLASS_NAMES, Model, Server, png_bytes, reference_probabilities
 
-from deepspark.errors import ConfigError, DatasetError
+from deepspark.errors import ConfigError, DatasetError, RunError
 from deepspark.inference import PredictProgress, UrlPolicy, export_model, predict
 from deepspark.inference._cli import add_predict_parser
 
@@ -261,6 +261,34 @@ def test_model_is_loaded_once_per_worker_not_per_partition(
     # A second job finds the model already loaded in the workers.
     again = predict(df.limit(20), tmp_path / "fresh", output=tmp_path / "again", spark=spark).summary
     assert again is not None and again.model_loads == 0
+
+
+def test_an_input_that_went_through_a_shuffle_is_read_once_and_its_failure_is_one_line(
+    spark: Any, small_model: Model, tmp_path: Path
+) -> None:
+    # Under adaptive execution (Spark's default) the summary's partition count, df.rdd.getNumPartitions(),
+    # ran the input's shuffle as a job of its own before predict's: the input was read twice, outside
+    # predict's job group, and an input that fails there escaped as pyspark's own exception and trace.
+    from pyspark.sql import functions as F
+
+    read = spark.sparkContext.accumulator(0)
+
+    def counted(rows: Any) -> Any:
+        for row in rows:
+            read.add(1)
+            yield row
+
+    base = spark.createDataFrame(
+        [(i, png_bytes(img)) for i, img in enumerate(small_model.images)], "id long, image binary"
+    )
+    df = spark.createDataFrame(base.rdd.mapPartitions(counted), base.schema).repartition(5)
+    summary = predict(df, small_model.path, output=tmp_path / "out", spark=spark).summary
+    assert summary is not None and (summary.rows, summary.errors, summary.partitions) == (40, 0, 5)
+    assert read.value == 40
+    failing = base.withColumn("checked", F.assert_true(F.col("id") < 0)).repartition(3)
+    with pytest.raises(RunError, match=r"^predict: the Spark job failed: .*is not true"):
+        predict(failing, small_model.path, output=tmp_path / "failing", spark=spark)
+    assert not (tmp_path / "failing").exists()
 
 
 def test_rows_the_model_scores_nan_or_infinite_are_error_rows_not_class_zero(

@@ -56,7 +56,8 @@ class PredictSummary:
     over all of them: ``load`` (model loads), ``read`` (waiting for Spark to hand over input batches),
     ``decode`` (thread time spent decoding/fetching; it overlaps ``forward``), ``forward`` (model, softmax,
     top-k), ``write`` (handing output batches back to Spark, including the Parquet writer's back-pressure).
-    ``model_loads`` counts loads in Python workers; ``workers`` how many distinct worker processes ran tasks.
+    ``model_loads`` counts loads in Python workers; ``workers`` how many distinct worker processes ran tasks;
+    ``partitions`` how many tasks (input partitions) the job ran, counted by the tasks themselves.
     ``devices`` lists where tasks ran the model (``cpu``, ``cuda:0``; with the GPU Spark assigned, if any).
     """
 
@@ -405,7 +406,6 @@ def predict(
     if output_path is None:
         return PredictResult(result)
 
-    partitions = df.rdd.getNumPartitions()
     # A local output is written next to its place and renamed into it once the job has succeeded: Spark's
     # own "overwrite" deletes the old output before the job runs (and an input read from it), and a
     # failed job leaves an empty folder behind that the next run's existence check then refuses.
@@ -447,7 +447,10 @@ def predict(
         rows_per_second=totals.get("rows", 0) / seconds if seconds > 0 else 0.0,
         model_loads=int(totals.get("loads", 0)),
         workers=len(totals.get("pids", ())),
-        partitions=partitions,
+        # Counted by the tasks, not df.rdd.getNumPartitions(): under adaptive execution (Spark's default)
+        # that runs an input's shuffle as a job of its own, outside the group (Ctrl-C, one-line errors),
+        # and the write then reads the input again.
+        partitions=int(totals.get("tasks", 0)),
         backend=chosen,
         model_format=model_format,
         batch_size=batch_size,
