@@ -407,9 +407,7 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing(
     jobs_before = len(spark.sparkContext.statusTracker().getJobIdsForGroup())
     with monkeypatch.context() as patch:
         if case.fresh_driver:
-            from pyspark.sql import SparkSession
-
-            patch.setattr(SparkSession, "getActiveSession", staticmethod(lambda: None))
+            patch.setattr("deepspark.spark.running_session", lambda: None)
         try:
             code = main(argv)
         except SystemExit as exc:  # argparse's own usage errors

@@ -10,6 +10,7 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,14 +47,12 @@ def test_a_live_master_and_non_standalone_masters_pass() -> None:
 def test_a_bad_master_leaves_no_run_directory_and_the_corrected_command_runs(
     spark, tmp_path, monkeypatch
 ) -> None:
-    from pyspark.sql import SparkSession
-
     from deepspark.tuning import tune
 
     space = {"x": {"type": "uniform", "low": 0.0, "high": 1.0}}
     run = tmp_path / "run"
     with monkeypatch.context() as patch:  # as in a fresh driver: no session to reuse
-        patch.setattr(SparkSession, "getActiveSession", staticmethod(lambda: None))
+        patch.setattr("deepspark.spark.running_session", lambda: None)
         with pytest.raises(ConfigError, match="no Spark master answers"):
             tune(
                 lambda c, r: c["x"],
@@ -231,11 +230,9 @@ def test_threads_are_checked_against_the_master_the_session_would_start_on(
 ) -> None:
     """A cluster named by --conf spark.master or spark-defaults.conf was taken for local[*]: 64 threads
     per trial were refused against this machine's cores."""
-    from pyspark.sql import SparkSession
-
     from deepspark.spark import check_task_cpus, configured
 
-    monkeypatch.setattr(SparkSession, "getActiveSession", staticmethod(lambda: None))
+    monkeypatch.setattr("deepspark.spark.running_session", lambda: None)
     for name in ("MASTER", "SPARK_HOME"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SPARK_CONF_DIR", str(tmp_path / "none"))
@@ -354,3 +351,35 @@ def test_a_speculative_copy_is_more_attempts_running_than_tasks_left(
     sc = SimpleNamespace(statusTracker=lambda: SimpleNamespace(getStageInfo={7: info}.get))
     assert speculative_copy(sc, 7) is copy
     assert speculative_copy(sc, 8) is False  # a stage the tracker no longer knows
+
+
+def test_a_session_built_in_another_thread_is_used_as_it_is(spark: Any) -> None:
+    # pyspark's active session is per thread: from a thread other than the one that built the user's
+    # session, session() found none and ran the builder, whose getOrCreate returned the user's session
+    # with deepspark's settings applied to it (Arrow turned on behind the user's back).
+    import threading
+
+    from deepspark.spark import check_task_cpus, session
+
+    key = "spark.sql.execution.arrow.pyspark.enabled"
+    found: list[Any] = []
+    spark.conf.set(key, "false")
+    try:
+
+        def in_a_thread() -> None:
+            found.append(session())
+            try:
+                check_task_cpus("threads", 3)  # the session's local[2], not this machine's cores
+            except ConfigError as exc:
+                found.append(str(exc))
+
+        thread = threading.Thread(target=in_a_thread)
+        thread.start()
+        thread.join(60)
+        assert found[0] is spark and spark.conf.get(key) == "false"
+        assert found[1:] == [
+            "threads: expected at most 2 (the cores of one executor of local[2]), got 3; "
+            "use fewer threads, or executors with more cores"
+        ]
+    finally:
+        spark.conf.set(key, "true")

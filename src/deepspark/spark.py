@@ -1,6 +1,6 @@
 """Finding or starting a SparkSession, and matching threads to Spark task slots.
 
-deepspark never manages a cluster. It uses the active SparkSession when there is one, otherwise it
+deepspark never manages a cluster. It uses the running SparkSession when there is one, otherwise it
 builds one from ordinary Spark configuration (``--master``, ``--conf spark.master=...``, ``MASTER``,
 ``spark.master`` in ``spark-defaults.conf``), defaulting to the embedded ``local[*]`` only when none of
 them names a master.
@@ -51,6 +51,7 @@ __all__ = [
     "quiet_log_options",
     "release_broadcast",
     "run_job",
+    "running_session",
     "session",
     "speculative_copy",
     "task_cpus",
@@ -166,9 +167,9 @@ def session(
     app_name: str = "deepspark",
     conf: Mapping[str, Any] | None = None,
 ) -> SparkSession:
-    """Return the active SparkSession, or start one.
+    """Return the running SparkSession (:func:`running_session`), or start one.
 
-    An active session always wins: deepspark runs inside the user's application as it is (a
+    A running session always wins: deepspark runs inside the user's application as it is (a
     ``master`` or ``conf`` that disagrees with it is logged, not applied, since Spark cannot change
     them on a live context). Without one, ``master`` and ``conf`` configure a new session; the master
     defaults to ``spark.master`` from the configuration (``conf``, ``MASTER``, ``spark-defaults.conf``),
@@ -178,7 +179,7 @@ def session(
     from pyspark.sql import SparkSession
 
     settings_ = _SETTINGS.get() or _Settings()
-    active = SparkSession.getActiveSession()
+    active = running_session()
     if active is not None:
         if master is not None and active.sparkContext.master != master:
             _log.warning(
@@ -220,6 +221,23 @@ def session(
     spark.sparkContext.setLogLevel(os.environ.get("DEEPSPARK_SPARK_LOG_LEVEL", "WARN"))
     _log.info("Spark UI: %s (master %s)", spark.sparkContext.uiWebUrl, spark.sparkContext.master)
     return spark
+
+
+def running_session() -> SparkSession | None:
+    """The session this process runs, or None: the calling thread's active session, else the default one.
+
+    pyspark's active session is per thread: called from another thread than the one that built the
+    user's session (a web handler, a scheduler's worker, a background thread), :func:`session` found none
+    and ran the builder, whose ``getOrCreate`` returned that same session with deepspark's own settings
+    applied to it (``spark.sql.execution.arrow.pyspark.enabled`` turned on, the log level set to WARN),
+    and the thread checks compared a task's threads with this machine's cores, not the session's."""
+    from pyspark.errors import PySparkRuntimeError
+    from pyspark.sql import SparkSession
+
+    try:
+        return SparkSession.active()
+    except PySparkRuntimeError:  # NO_ACTIVE_OR_DEFAULT_SESSION
+        return None
 
 
 def check_master(master: str | None) -> None:
@@ -305,9 +323,7 @@ def check_task_cpus(name: str, threads: int, *, master: str | None = None) -> No
     with a Java trace, or never schedules the task. Where the cores are unknown (a cluster manager
     without ``spark.executor.cores``) nothing is checked.
     """
-    from pyspark.sql import SparkSession
-
-    active = SparkSession.getActiveSession()
+    active = running_session()
     if active is not None:
         cores, where = executor_cores(active), str(active.sparkContext.master)
     else:
@@ -465,9 +481,7 @@ def end_lost_jvms() -> None:
     if "pyspark.java_gateway" not in sys.modules:
         return  # pyspark never got as far as starting a JVM (a Ctrl-C during the imports, say)
     try:
-        from pyspark.sql import SparkSession
-
-        if SparkSession.getActiveSession() is not None:
+        if running_session() is not None:
             return
     except Exception:  # a half-imported pyspark, a JVM already gone: look for lost JVMs all the same
         pass
