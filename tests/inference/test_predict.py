@@ -443,6 +443,67 @@ def test_parquet_tensor_column_wrong_shape_is_an_error_row(
     _assert_error_row(rows[4], "input is null")
 
 
+def _write_pixel_table(path: Path, images: np.ndarray, ids: range) -> None:
+    """A Parquet file at ``path`` (any name: pyarrow's writer) of ``id`` and flat ``pixels`` rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pixels = pa.array([images[i].reshape(-1).tolist() for i in ids], pa.list_(pa.int32()))
+    pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), "pixels": pixels}), path)
+
+
+@pytest.mark.parametrize("layout", ["flat", "partitioned", "file"])
+def test_a_hive_table_of_parquet_files_without_a_suffix_is_read_every_row_once(
+    spark: Any, small_model: Model, tmp_path: Path, layout: str
+) -> None:
+    # Hive and MapReduce name their data files `000000_0`, `part-00000`, with no `_SUCCESS`: such a folder
+    # was no Parquet table ("holds no image files"), nor was a file of that name ("cannot tell").
+    table = tmp_path / "table"
+    table.mkdir()
+    if layout == "partitioned":
+        for label, ids in ((3, range(0, 3)), (4, range(3, 6))):
+            (table / f"label={label}").mkdir()
+            _write_pixel_table(table / f"label={label}" / "000000_0", small_model.images, ids)
+        (table / "label=4" / "000001_0").write_bytes(b"")  # an empty bucket: Hive writes zero-byte files
+        expected_ids = {0: 3, 1: 3, 2: 3, 3: 4, 4: 4, 5: 4}
+    else:
+        _write_pixel_table(table / "000000_0", small_model.images, range(0, 4))
+        _write_pixel_table(table / "part-00000", small_model.images, range(4, 6))
+        (table / "000001_0").write_bytes(b"")
+        expected_ids = dict.fromkeys(range(6) if layout == "flat" else range(4))
+    data = table / "000000_0" if layout == "file" else table
+    result = predict(data, small_model.path, output=tmp_path / "out", spark=spark)
+    rows = result.dataframe.collect()
+    assert sorted(row["id"] for row in rows) == sorted(expected_ids)  # each row once
+    expected = reference_probabilities(small_model, small_model.images)
+    for row in rows:
+        _assert_matches(row, expected[row["id"]], 5)
+        if layout == "partitioned":  # the partition column comes through, renamed as an output's name
+            assert row["input_label"] == expected_ids[row["id"]]
+
+
+@pytest.mark.parametrize("stray", ["x.png", "notes.txt", "truncated.parquet"])
+def test_a_parquet_table_holding_a_file_that_is_not_parquet_is_refused_before_any_job(
+    spark: Any, small_model: Model, tmp_path: Path, capsys: pytest.CaptureFixture[str], stray: str
+) -> None:
+    # Spark reads every file of the folder as Parquet: the job failed on the stray file (a Java trace
+    # for a lazy result, exit 1 after a job for the CLI).
+    data = tmp_path / "table"
+    (data / "label=1").mkdir(parents=True)
+    _write_pixel_table(data / "label=1" / "part-0.parquet", small_model.images, range(3))
+    (data / "_SUCCESS").write_bytes(b"")
+    (data / "label=1" / ".part-0.parquet.crc").write_bytes(b"not read")
+    (data / "label=1" / stray).write_bytes(
+        png_bytes(small_model.images[0]) if stray == "x.png" else b"PAR1 cut"
+    )
+    line = _refused_by_the_cli(spark, small_model, data, capsys)
+    assert line.startswith(
+        f"deepspark: error: data: {str(data)!r} is a Parquet table (_SUCCESS, ...), but "
+        f"label=1/{stray} in it is not a Parquet file"
+    )
+    assert ("name them with a glob" in line) == (stray == "x.png")
+
+
 def test_urls_served_missing_and_refused(
     spark: Any, small_model: Model, http_server: Server, closed_port: int, tmp_path: Path
 ) -> None:
@@ -582,6 +643,9 @@ def test_overwrite_replaces_only_an_earlier_output_never_the_images_or_the_model
         (images / f"{i}.png").write_bytes(png_bytes(small_model.images[i]))
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
+    hive = tmp_path / "warehouse" / "t"  # a Hive table (read as an input) is no earlier predict output
+    (hive / "label=1").mkdir(parents=True)
+    _write_pixel_table(hive / "label=1" / "000000_0", small_model.images, range(2))
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     cases = [
         (images, images, f"output: {images} holds the input ({images})"),
@@ -593,6 +657,7 @@ def test_overwrite_replaces_only_an_earlier_output_never_the_images_or_the_model
             tmp_path / "notes",
             f"output: {tmp_path / 'notes'} exists and is not an earlier predict output",
         ),
+        (images, hive, f"output: {hive} exists and is not an earlier predict output"),
     ]
     for data, output, message in cases:
         jobs = len(spark.sparkContext.statusTracker().getJobIdsForGroup())

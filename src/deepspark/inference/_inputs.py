@@ -24,6 +24,7 @@ __all__ = ["GLOB_CHARS", "Input", "is_local", "local_path", "parquet_table_file"
 
 GLOB_CHARS = "*?[{"  # a path holding one of these is a glob (Hadoop's syntax, `**` ours)
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+_PARQUET_MAGIC = b"PAR1"
 # What a folder of images reads: the suffixes in any case (`x.Png` as `x.png`, as a single file's suffix is
 # read), `*.{[pP][nN][gG],...}` in the syntax both Hadoop's glob filter and fnmatch read.
 _IMAGE_GLOB = "*.{" + ",".join("".join(f"[{c}{c.upper()}]" for c in s[1:]) for s in _IMAGE_SUFFIXES) + "}"
@@ -224,13 +225,77 @@ def _empty_files(spark: SparkSession, uris: Sequence[str]) -> list[str]:
     return empty
 
 
+def is_parquet_file(path: Path) -> bool:
+    """Whether ``path`` holds Parquet, by its content: a Parquet file starts and ends with the magic
+    ``PAR1`` (a Hive or MapReduce table's data files have no suffix: ``000000_0``, ``part-00000``)."""
+    try:
+        with path.open("rb") as fh:
+            # The smallest holds the magic, a footer's 4-byte length and the magic again (and a footer).
+            if os.fstat(fh.fileno()).st_size < 12 or fh.read(4) != _PARQUET_MAGIC:
+                return False
+            fh.seek(-4, os.SEEK_END)
+            return fh.read(4) == _PARQUET_MAGIC
+    except OSError:  # a folder, a broken link, unreadable
+        return False
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(_IMAGE_SUFFIXES)
+
+
 def parquet_table_file(entries: Sequence[Path]) -> Path | None:
-    """The first of a folder's ``entries`` that makes it a Parquet table: a Parquet file or ``_SUCCESS``,
-    not a folder named ``*.parquet`` (earlier predictions, say); None when there is none. The names are
-    looked at first, so that only candidates are stat'ed."""
+    """The first of a folder's ``entries`` that makes it a Parquet table as Spark writes one (predict's
+    output too): a file named ``*.parquet`` or ``_SUCCESS``, not a folder named ``*.parquet`` (earlier
+    predictions, say); None when there is none. The names are looked at first, so that only candidates are
+    stat'ed. (``overwrite`` replaces only such a folder; an input is told by :func:`_table_file`.)"""
     return next(
         (q for q in entries if (q.suffix == ".parquet" or q.name == "_SUCCESS") and q.is_file()), None
     )
+
+
+def _table_file(entries: Sequence[Path]) -> Path | None:
+    """The first of a folder's ``entries`` that makes it a Parquet table to read: one
+    :func:`parquet_table_file` finds, a file that is Parquet by content under any other name but an
+    image's (Hive's ``000000_0``), or such a file in a partition folder (``NAME=VALUE``) below. Only
+    the names :func:`parquet_table_file` does not decide on are opened."""
+    named = parquet_table_file(entries)
+    if named is not None:
+        return named
+    for q in entries:
+        if q.name.startswith((".", "_")) and "=" not in q.name:
+            continue  # Spark reads no such file as the table's data
+        if "=" in q.name and q.is_dir():
+            below = _table_file(sorted(q.iterdir()))
+            if below is not None:
+                return below
+        elif not _is_image_name(q.name) and is_parquet_file(q):
+            return q
+    return None
+
+
+def _check_table_files(directory: Path, table: Path) -> None:
+    """A ConfigError unless every file Spark reads as the data of the Parquet table in ``directory``
+    (found by ``table``) is Parquet: the files in it and in its partition folders (``NAME=VALUE``), but
+    names starting with '_' or '.' and empty files. Spark failed the job on an image or text file
+    there (its Java trace at the first row, or exit 1 after a job)."""
+    for folder, subdirs, names in os.walk(directory):
+        subdirs[:] = sorted(d for d in subdirs if "=" in d and not d.startswith("."))
+        for name in sorted(names):
+            file = Path(folder, name)
+            if name.startswith((".", "_")) or not file.is_file() or file.stat().st_size == 0:
+                continue
+            if not is_parquet_file(file):
+                glob = os.path.join(directory, "**", "*" + file.suffix)
+                hint = (
+                    f"; to predict the images, name them with a glob ({glob!r})"
+                    if _is_image_name(name)
+                    else ""
+                )
+                raise ConfigError(
+                    f"data: {str(directory)!r} is a Parquet table ({table.relative_to(directory)}, ...), but "
+                    f"{file.relative_to(directory)} in it is not a Parquet file (one starts and ends with PAR1), "
+                    f"and Spark would read it as one: move it out of the table's folder{hint}"
+                )
 
 
 def _check_pixel_shape(what: str, shape: Sequence[int], input_shape: tuple[int, int, int]) -> None:
@@ -381,7 +446,7 @@ def _resolve(
             idx = sorted(
                 {preferred_copy(q) for q in entries if "idx3-ubyte" in q.name or "idx3.ubyte" in q.name}
             )
-            table = parquet_table_file(entries)
+            table = _table_file(entries)
             if idx and table is not None:  # either kind alone would leave the other out without a word
                 raise ConfigError(
                     f"data: {path!r} holds both MNIST-layout IDX files ({', '.join(q.name for q in idx)}) and "
@@ -399,6 +464,7 @@ def _resolve(
                     )
                 return _idx_input(spark, idx, input_shape)
             if table is not None:
+                _check_table_files(p, table)
                 return _dataframe_input(spark.read.parquet(path), input_column, input_shape, ours=False)
             images = _binary_files(spark, path, pattern=_IMAGE_GLOB, recursive=True)
             if images.rows_hint == 0:  # as an empty glob: nothing to predict is a mistake, not 0 rows
@@ -438,7 +504,7 @@ def _resolve(
             dirs = sorted(found)
             return _binary_files(spark, [prefix + d for d in dirs], pattern=parts[-1], recursive=False)
         return _binary_files(spark, path, pattern=None, recursive=False)
-    if suffix == ".parquet":
+    if suffix == ".parquet" or (is_local(path) and is_parquet_file(Path(local_path(path)))):
         return _dataframe_input(spark.read.parquet(path), input_column, input_shape)
     if suffix == ".txt":
         df = spark.read.text(path).withColumnRenamed("value", "url").filter("trim(url) != ''")
