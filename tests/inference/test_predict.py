@@ -504,6 +504,34 @@ def test_a_parquet_table_holding_a_file_that_is_not_parquet_is_refused_before_an
     assert ("name them with a glob" in line) == (stray == "x.png")
 
 
+@pytest.mark.parametrize("layout", ["two-layouts", "no-footer"])
+def test_a_table_spark_refuses_to_read_on_the_driver_is_one_line_not_a_trace(
+    spark: Any, small_model: Model, tmp_path: Path, capsys: pytest.CaptureFixture[str], layout: str
+) -> None:
+    # Spark's AnalysisException-like errors while it planned the read came out as a Python and Java trace.
+    from deepspark.cli import main
+
+    data = tmp_path / "table"
+    if layout == "two-layouts":  # a partition folder beside a plain one: Spark's conflicting structures
+        for folder in ("label=1", "other"):
+            (data / folder).mkdir(parents=True)
+            _write_pixel_table(data / folder / "part-0.parquet", small_model.images, range(2))
+        (data / "_SUCCESS").write_bytes(b"")
+        cause = "[CONFLICTING_DIRECTORY_STRUCTURES]"
+    else:  # both magics, nothing readable between them: Spark reads the footer for the schema
+        data.mkdir()
+        (data / "part-0.parquet").write_bytes(b"PAR1" + bytes(16) + b"PAR1")
+        cause = "[FAILED_READ_FILE.CANNOT_READ_FILE_FOOTER]"
+    out = tmp_path / "preds"
+    assert (
+        main(["predict", "--model", str(small_model.path), "--input", str(data), "--output", str(out)]) == 2
+    )
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("deepspark:")]
+    assert len(err) == 1 and err[0].startswith(f"deepspark: error: data: Spark cannot read {str(data)!r}: ")
+    assert cause in err[0]
+    assert not out.exists()
+
+
 def test_urls_served_missing_and_refused(
     spark: Any, small_model: Model, http_server: Server, closed_port: int, tmp_path: Path
 ) -> None:

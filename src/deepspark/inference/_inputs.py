@@ -405,7 +405,17 @@ def resolve_input(
     """``data`` as an :class:`Input`; ``input_shape`` is the model's (C, H, W), which raw pixel records
     (IDX files, a column ``to_dataframe`` wrote) must have. An ``input_column`` is a table's column: one
     that the input is not read by (image files, IDX files, a URL list) is refused, not ignored."""
-    source = _resolve(spark, data, input_column, input_shape)
+    from py4j.protocol import Py4JJavaError
+    from pyspark.errors.exceptions.captured import CapturedException
+
+    from deepspark.slots import short_error
+
+    try:
+        source = _resolve(spark, data, input_column, input_shape)
+    except (CapturedException, Py4JJavaError) as exc:
+        # Spark refused the input while planning its read on the driver (a table's folders in two
+        # layouts, a footer it cannot parse): one line, not its Java trace.
+        raise ConfigError(f"data: Spark cannot read {os.fspath(data)!r}: {short_error(exc)}") from None
     if input_column is not None and source.column != input_column:
         raise ConfigError(
             f"input_column: {input_column!r} names a column of a table, but {os.fspath(data)!r} is not a "
