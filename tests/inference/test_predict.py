@@ -580,6 +580,38 @@ def test_a_glob_in_a_directory_matches_one_level_like_a_shell(
         predict(str(notes), small_model.path, spark=spark)
 
 
+@pytest.mark.parametrize("form", ["glob", "dir-glob", "dir"])
+def test_a_subfolder_named_like_a_partition_neither_hides_nor_joins_a_globs_files(
+    spark: Any, small_model: Model, tmp_path: Path, form: str
+) -> None:
+    # Spark took `in/label=3` for a partition of a table: `in/*.png` gave in/label=3/b.png, which it
+    # does not match, and left out every file it matches.
+    root = tmp_path / "tree" / "in"
+    top = ["a.png", "x[1] {a,b}?.png", "t:1.png", "_u.png", "empty.png", "broken.png"]
+    for i, rel in enumerate([*top[:4], "label=3/b.png", "notes.txt"]):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(png_bytes(small_model.images[i]))
+    (root / "empty.png").write_bytes(b"")
+    (root / "broken.png").symlink_to(tmp_path / "gone.png")
+    data, names = {
+        "glob": (f"{root}/*.png", top),
+        "dir-glob": (f"{root.parent}/*/*.png", top),
+        "dir": (root, [*top, "label=3/b.png"]),
+    }[form]
+    rows = {
+        r["path"].split("/in/", 1)[1]: r
+        for r in predict(data, small_model.path, spark=spark).dataframe.collect()
+    }
+    assert sorted(rows) == sorted(names)
+    assert all(r["path"].startswith(f"file:{root}/") for r in rows.values())
+    expected = reference_probabilities(small_model, small_model.images[:5])
+    for i, name in enumerate([*top[:4], "label=3/b.png"]):
+        if name in names:
+            _assert_matches(rows[name], expected[i], 5)
+    _assert_error_row(rows["empty.png"], "empty input (0 bytes)")
+    _assert_error_row(rows["broken.png"], "input is null")
+
+
 def test_a_double_star_before_a_directory_matches_only_under_that_directory(
     spark: Any, small_model: Model, tmp_path: Path
 ) -> None:

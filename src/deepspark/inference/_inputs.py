@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob as _glob
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,7 @@ def _binary_files(
         reader = reader.option("pathGlobFilter", pattern)
     if recursive:
         reader = reader.option("recursiveFileLookup", "true")
-    df = reader.load(path).select("path", "content")
+    df = reader.load(path if recursive else _without_partitions(path, pattern)).select("path", "content")
     files = _input_files(df)
     # Spark's listing leaves out names starting with '_' (it takes them for metadata, like _SUCCESS):
     # such folders are read as inputs of their own (Spark lists what it is given), such files here.
@@ -85,6 +86,39 @@ def _binary_files(
     )
 
 
+def _without_partitions(path: str | list[str], pattern: str | None) -> str | list[str]:
+    """``path`` as Spark is to list it without recursion. Spark takes a subfolder named ``NAME=VALUE`` for a
+    partition of a table and then reads its files, leaving out the folder's own: ``DIR/*.png`` gave
+    ``DIR/label=3/b.png``, which it does not match, and not ``DIR/a.png``. A local folder holding one is
+    given as its files that Spark's listing would read (those named '_...' and broken links are
+    :func:`_hidden_from_spark`'s), their names escaped from Hadoop's glob syntax."""
+    out: list[str] = []
+    for root in [path] if isinstance(path, str) else path:
+        local = os.path.abspath(local_path(root))
+        if not is_local(root) or not os.path.isdir(local):
+            out.append(root)
+            continue
+        with os.scandir(local) as listing:
+            entries = sorted(listing, key=lambda e: e.name)
+        if not any("=" in e.name and not e.name.startswith(".") and e.is_dir() for e in entries):
+            out.append(root)
+            continue
+        prefix = "file://" if root.startswith("file://") else ""
+        out += [
+            prefix + re.sub(r"([\\{}\[\]*?])", r"\\\1", e.path)
+            for e in entries
+            if not e.name.startswith((".", "_")) and e.is_file() and _matches(e.name, pattern)
+        ]
+    return out if isinstance(path, list) or out != [path] else path
+
+
+def _matches(name: str, pattern: str | None) -> bool:
+    """Whether Spark's ``pathGlobFilter`` ``pattern`` (None: any) lets a file of this name through."""
+    import fnmatch
+
+    return pattern is None or any(fnmatch.fnmatchcase(name, p) for p in braces(pattern))
+
+
 def _spark_hides(name: str) -> bool:
     """Whether Spark's file listing leaves out a file or folder of this name for starting with '_'
     (``HadoopFSUtils.shouldFilterOutPathName``; '.' names stay out, as a shell's globs leave them)."""
@@ -97,12 +131,9 @@ def _hidden_from_spark(
     """The local folders and files under ``path`` (as :func:`_binary_files` reads it) that Spark's
     listing skips: folders named '_...' within a recursive listing, files named '_...', and broken
     symbolic links (their rows say "input is null": the file is listed, and cannot be read)."""
-    import fnmatch
 
     def matches(name: str) -> bool:
-        return not name.startswith(".") and (
-            pattern is None or any(fnmatch.fnmatchcase(name, p) for p in braces(pattern))
-        )
+        return not name.startswith(".") and _matches(name, pattern)
 
     dirs: list[str] = []
     files: list[str] = []
