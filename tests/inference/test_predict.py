@@ -832,6 +832,20 @@ def test_mnist_idx_directory(spark: Any, small_model: Model, tmp_path: Path) -> 
         _assert_matches(rows[i], expected[i], 5)
 
 
+def test_an_idx_file_of_no_images_gives_no_rows_not_a_traceback(
+    spark: Any, small_model: Model, tmp_path: Path
+) -> None:
+    # numpy cannot reshape 0 records to (0, -1): a ValueError's traceback instead of an empty output.
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_idx(data / "t10k-images-idx3-ubyte", small_model.images[:0])
+    _write_idx(data / "t10k-labels-idx1-ubyte", np.arange(0))
+    result = predict(data, small_model.path, output=tmp_path / "out", spark=spark)
+    assert result.summary is not None and (result.summary.rows, result.summary.errors) == (0, 0)
+    assert result.dataframe.count() == 0
+    assert result.dataframe.columns[:3] == ["file", "index", "target"]
+
+
 def _refused_by_the_cli(spark: Any, model: Model, data: Path, capsys: pytest.CaptureFixture[str]) -> str:
     """``deepspark predict --input data`` exits 2 before any Spark job, with one line on stderr and no
     output written: that line."""

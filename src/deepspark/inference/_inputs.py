@@ -373,7 +373,9 @@ def _idx_input(spark: SparkSession, files: Sequence[Path], input_shape: tuple[in
                     "file": file.name,
                     "index": np.arange(len(images), dtype=np.int64),
                     "target": labels,
-                    "pixels": [row.tobytes() for row in images.reshape(len(images), -1)],
+                    "pixels": [
+                        row.tobytes() for row in images.reshape(len(images), math.prod(images.shape[1:]))
+                    ],
                 }
             )
         )
