@@ -153,6 +153,42 @@ def test_a_broken_symbolic_link_is_an_error_row_not_left_out(
     assert result.summary is not None and (result.summary.rows, result.summary.errors) == (4, 1)
 
 
+@pytest.mark.parametrize("form", ["dir", "glob"])
+def test_a_linked_folder_is_read_once_and_a_link_back_up_is_refused(
+    spark: Any, small_model: Model, tmp_path: Path, form: str
+) -> None:
+    # Spark enters links to folders: one leading back up was listed again and again (41 rows for 2
+    # images); and a linked folder's '_...' files, which deepspark adds, were left out.
+    root, other = tmp_path / "in", tmp_path / "other"
+    root.mkdir()
+    other.mkdir()
+    for i, name in enumerate(["in/a.png", "other/b.png", "other/_c.png"]):
+        (tmp_path / name).write_bytes(png_bytes(small_model.images[i]))
+    (root / "linked").symlink_to(other)
+    data = root if form == "dir" else f"{root}/**/*.png"
+    rows = {
+        r["path"].split("/in/", 1)[1]: r
+        for r in predict(data, small_model.path, spark=spark).dataframe.collect()
+    }
+    assert sorted(rows) == ["a.png", "linked/_c.png", "linked/b.png"]
+    expected = reference_probabilities(small_model, small_model.images[:3])
+    for i, name in enumerate(["a.png", "linked/b.png", "linked/_c.png"]):
+        _assert_matches(rows[name], expected[i], 5)
+    (other / "up").symlink_to(root)
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
+            f"data: {str(root / 'linked' / 'up')!r} links to {str(root.resolve())!r}, a folder it lies in"
+        ),
+    ):
+        predict(data, small_model.path, spark=spark)
+    if form == "dir":  # (a `**` glob's own check, Python's glob, would follow two loops for ages first)
+        (other / "up").unlink()
+        (other / "top").symlink_to(tmp_path)  # above the input folder: refused before walking through it
+        with pytest.raises(ConfigError, match=re.escape(f"data: {str(root / 'linked' / 'top')!r} links to")):
+            predict(data, small_model.path, spark=spark)
+
+
 def test_a_folder_reads_image_suffixes_in_any_case(spark: Any, small_model: Model, tmp_path: Path) -> None:
     # Only all-lower and all-upper suffixes were listed: `b.Png` and `c.JPeg` were left out without a
     # word (a single file of either name is read, its suffix compared in lower case).

@@ -64,11 +64,11 @@ def _binary_files(
         reader = reader.option("pathGlobFilter", pattern)
     if recursive:
         reader = reader.option("recursiveFileLookup", "true")
-    df = reader.load(path if recursive else _without_partitions(path, pattern)).select("path", "content")
-    files = _input_files(df)
     # Spark's listing leaves out names starting with '_' (it takes them for metadata, like _SUCCESS):
     # such folders are read as inputs of their own (Spark lists what it is given), such files here.
     hidden_dirs, hidden_files = _hidden_from_spark(path, pattern=pattern, recursive=recursive)
+    df = reader.load(path if recursive else _without_partitions(path, pattern)).select("path", "content")
+    files = _input_files(df)
     if hidden_dirs:
         extra = reader.load(hidden_dirs).select("path", "content")
         files += _input_files(extra)
@@ -130,7 +130,11 @@ def _hidden_from_spark(
 ) -> tuple[list[str], list[str]]:
     """The local folders and files under ``path`` (as :func:`_binary_files` reads it) that Spark's
     listing skips: folders named '_...' within a recursive listing, files named '_...', and broken
-    symbolic links (their rows say "input is null": the file is listed, and cannot be read)."""
+    symbolic links (their rows say "input is null": the file is listed, and cannot be read). Links to
+    folders are entered, as Spark's listing enters them; one leading back to a folder it lies in (above
+    the root too, found before the walk goes through that folder) is a ConfigError: Spark listed the
+    files below it again and again, under ever longer paths, until they grew too long (41 rows for 2
+    images)."""
 
     def matches(name: str) -> bool:
         return not name.startswith(".") and _matches(name, pattern)
@@ -146,9 +150,10 @@ def _hidden_from_spark(
             if _spark_hides(name) and matches(name):
                 files.append(local)
             continue
-        folders = [local]
-        while folders:  # os.walk's order and rules (links to folders listed, not entered), with its entries
-            folder = folders.pop()
+        # os.walk's order, with its entries; each folder with the real paths of those it lies in
+        folders: list[tuple[str, tuple[str, ...]]] = [(local, (os.path.realpath(local),))]
+        while folders:
+            folder, above = folders.pop()
             try:
                 with os.scandir(folder) as listing:
                     entries = list(listing)
@@ -159,7 +164,15 @@ def _hidden_from_spark(
                 key=lambda e: e.name,
             )
             dirs += [e.path for e in below if _spark_hides(e.name)]
-            folders += [e.path for e in reversed(below) if not e.is_symlink()]
+            for e in reversed(below):
+                real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(above[-1], e.name)
+                if e.is_symlink() and any(os.path.commonpath([real, a]) == real for a in above):
+                    raise ConfigError(
+                        f"data: {e.path!r} links to {real!r}, a folder it lies in: Spark would list the "
+                        "files below it again and again; remove the link, or name the folders to read with a "
+                        "glob that does not recurse ('DIR/*/*.png')"
+                    )
+                folders.append((e.path, (*above, real)))
             files += sorted(
                 e.path
                 for e in entries
