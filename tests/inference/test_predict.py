@@ -249,6 +249,23 @@ def test_a_relative_input_path_with_a_colon_is_read(
     _assert_matches(row, reference_probabilities(small_model, small_model.images[:1])[0], 5)
 
 
+@pytest.mark.parametrize("name", ["out[1]", "out{a,b}", "out:1", "out"])
+def test_an_output_named_with_glob_characters_or_a_colon_is_read_back_as_named(
+    spark: Any, small_model: Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # The predictions were written, then read back by the name as given: Spark globbed `out[1]` (no such
+    # path: a trace), took a relative `out:1` for a URI, and resolved a relative name against the JVM's
+    # working folder, not the program's (an embedding program that changed folder read another output).
+    (tmp_path / "a.png").write_bytes(png_bytes(small_model.images[0]))
+    (tmp_path / "out1").mkdir()  # what Spark's glob would read for out[1]
+    monkeypatch.chdir(tmp_path)  # the JVM's working folder stays where the tests started
+    result = predict(tmp_path / "a.png", small_model.path, output=name, spark=spark)
+    [row] = result.dataframe.collect()
+    assert Path(row["path"]).name == "a.png"
+    _assert_matches(row, reference_probabilities(small_model, small_model.images[:1])[0], 5)
+    assert result.dataframe.inputFiles()[0].startswith(f"file://{tmp_path}/")
+
+
 def test_input_files_are_listed_in_one_jvm_call_exactly_as_spark_lists_them(
     spark: Any, tmp_path: Path
 ) -> None:

@@ -21,7 +21,15 @@ from deepspark.validation import data_kind
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-__all__ = ["GLOB_CHARS", "Input", "is_local", "local_path", "parquet_table_file", "resolve_input"]
+__all__ = [
+    "GLOB_CHARS",
+    "Input",
+    "hadoop_literal",
+    "is_local",
+    "local_path",
+    "parquet_table_file",
+    "resolve_input",
+]
 
 GLOB_CHARS = "*?[{"  # a path holding one of these is a glob (Hadoop's syntax, `**` ours)
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -105,11 +113,17 @@ def _without_partitions(path: str | list[str], pattern: str | None) -> str | lis
             continue
         prefix = "file://" if root.startswith("file://") else ""
         out += [
-            prefix + re.sub(r"([\\{}\[\]*?])", r"\\\1", e.path)
+            prefix + hadoop_literal(e.path)
             for e in entries
             if not e.name.startswith((".", "_")) and e.is_file() and _matches(e.name, pattern)
         ]
     return out if isinstance(path, list) or out != [path] else path
+
+
+def hadoop_literal(path: str) -> str:
+    """``path`` with the characters of Hadoop's glob syntax escaped: Spark globs every path it reads, and
+    read ``out[1]`` as ``out1`` and ``{a,b}`` as ``a`` or ``b``."""
+    return re.sub(r"([\\{}\[\]*?])", r"\\\1", path)
 
 
 def _matches(name: str, pattern: str | None) -> bool:

@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deepspark.errors import ConfigError, DeepsparkError, RunError
-from deepspark.inference._inputs import GLOB_CHARS, is_local, local_path, parquet_table_file, resolve_input
+from deepspark.inference._inputs import (
+    GLOB_CHARS,
+    hadoop_literal,
+    is_local,
+    local_path,
+    parquet_table_file,
+    resolve_input,
+)
 from deepspark.inference._task import PHASES, TaskPlan, TaskStats, run_task
 from deepspark.inference.decode import InputKind, UrlPolicy
 from deepspark.inference.formats import ModelFormat, read_model
@@ -466,4 +473,11 @@ def predict(
             summary.workers,
         )
     _log.info("predict: %s", summary.to_dict())
-    return PredictResult(spark.read.parquet(output_path), summary)
+    # Read back by its absolute, escaped URI: Spark globs what it reads (`out[1]` as `out1`), and took a
+    # relative `out:1` for a URI of scheme `out`: a trace after the predictions were written.
+    written = (
+        output_path
+        if staging is None
+        else "file://" + hadoop_literal(os.path.abspath(local_path(output_path)))
+    )
+    return PredictResult(spark.read.parquet(written), summary)
