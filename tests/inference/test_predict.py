@@ -7,6 +7,7 @@ import itertools
 import re
 import struct
 import warnings
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -663,6 +664,37 @@ def test_a_subfolder_named_like_a_partition_neither_hides_nor_joins_a_globs_file
             _assert_matches(rows[name], expected[i], 5)
     _assert_error_row(rows["empty.png"], "empty input (0 bytes)")
     _assert_error_row(rows["broken.png"], "input is null")
+
+
+@pytest.mark.parametrize("form", ["dir", "table", "dir-glob"])
+def test_folders_named_with_glob_characters_are_read_as_named(
+    spark: Any, small_model: Model, tmp_path: Path, form: str
+) -> None:
+    # A folder `imgs [a]` matched nothing as a glob ("no files match"), and Spark globbed the folders
+    # deepspark had listed: `*/*.png` read b1/q.png twice (as b1 and as b[1]) and b[1]/p.png not at all.
+    root = tmp_path / "imgs [a]"
+    for i, rel in enumerate(["a.png", "x{1}/b[2].png", "_h[1]/c.png", "b1/q.png"]):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(png_bytes(small_model.images[i]))
+    expected = reference_probabilities(small_model, small_model.images[:4])
+    if form == "table":
+        table = tmp_path / "table {1}"
+        table.mkdir()
+        _write_pixel_table(table / "part-0.parquet", small_model.images, range(4))
+        rows = _by(predict(table, small_model.path, spark=spark).dataframe.collect(), "id")
+        assert sorted(rows) == [0, 1, 2, 3]
+        for i in range(4):
+            _assert_matches(rows[i], expected[i], 5)
+        return
+    data = root if form == "dir" else f"{glob_escape(str(root))}/*/*.png"
+    rows = {
+        r["path"].split("/imgs [a]/", 1)[1]: r
+        for r in predict(data, small_model.path, spark=spark).dataframe.collect()
+    }
+    names = ["x{1}/b[2].png", "_h[1]/c.png", "b1/q.png"]
+    assert sorted(rows) == sorted(["a.png", *names] if form == "dir" else names)
+    for name, row in rows.items():
+        _assert_matches(row, expected[["a.png", *names].index(name)], 5)
 
 
 def test_a_double_star_before_a_directory_matches_only_under_that_directory(

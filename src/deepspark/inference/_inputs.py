@@ -75,10 +75,13 @@ def _binary_files(
     # Spark's listing leaves out names starting with '_' (it takes them for metadata, like _SUCCESS):
     # such folders are read as inputs of their own (Spark lists what it is given), such files here.
     hidden_dirs, hidden_files = _hidden_from_spark(path, pattern=pattern, recursive=recursive)
-    df = reader.load(path if recursive else _without_partitions(path, pattern)).select("path", "content")
+    roots = [path] if isinstance(path, str) else path
+    if not recursive:
+        roots = _without_partitions(roots, pattern)
+    df = reader.load([for_spark(root) for root in roots]).select("path", "content")
     files = _input_files(df)
     if hidden_dirs:
-        extra = reader.load(hidden_dirs).select("path", "content")
+        extra = reader.load([for_spark(d) for d in hidden_dirs]).select("path", "content")
         files += _input_files(extra)
         df = df.unionByName(extra)
     empty = _empty_files(spark, files)
@@ -94,14 +97,14 @@ def _binary_files(
     )
 
 
-def _without_partitions(path: str | list[str], pattern: str | None) -> str | list[str]:
-    """``path`` as Spark is to list it without recursion. Spark takes a subfolder named ``NAME=VALUE`` for a
+def _without_partitions(paths: list[str], pattern: str | None) -> list[str]:
+    """``paths`` as Spark is to list them without recursion. Spark takes a subfolder named ``NAME=VALUE`` for a
     partition of a table and then reads its files, leaving out the folder's own: ``DIR/*.png`` gave
     ``DIR/label=3/b.png``, which it does not match, and not ``DIR/a.png``. A local folder holding one is
     given as its files that Spark's listing would read (those named '_...' and broken links are
-    :func:`_hidden_from_spark`'s), their names escaped from Hadoop's glob syntax."""
+    :func:`_hidden_from_spark`'s)."""
     out: list[str] = []
-    for root in [path] if isinstance(path, str) else path:
+    for root in paths:
         local = os.path.abspath(local_path(root))
         if not is_local(root) or not os.path.isdir(local):
             out.append(root)
@@ -113,17 +116,23 @@ def _without_partitions(path: str | list[str], pattern: str | None) -> str | lis
             continue
         prefix = "file://" if root.startswith("file://") else ""
         out += [
-            prefix + hadoop_literal(e.path)
+            prefix + e.path
             for e in entries
             if not e.name.startswith((".", "_")) and e.is_file() and _matches(e.name, pattern)
         ]
-    return out if isinstance(path, list) or out != [path] else path
+    return out
 
 
 def hadoop_literal(path: str) -> str:
     """``path`` with the characters of Hadoop's glob syntax escaped: Spark globs every path it reads, and
     read ``out[1]`` as ``out1`` and ``{a,b}`` as ``a`` or ``b``."""
     return re.sub(r"([\\{}\[\]*?])", r"\\\1", path)
+
+
+def for_spark(path: str) -> str:
+    """A path deepspark resolved, as Spark is to read it: a local path is a name, never a glob (deepspark
+    lists local globs itself); others are given to Spark as they are."""
+    return hadoop_literal(path) if is_local(path) else path
 
 
 def _matches(name: str, pattern: str | None) -> bool:
@@ -506,7 +515,9 @@ def _resolve(
         local = local_path(path)
         if has_glob:
             if not any(_glob.glob(alternative, recursive=True) for alternative in braces(local)):
-                raise ConfigError(f"data: no files match {path!r}")
+                if not os.path.exists(local):
+                    raise ConfigError(f"data: no files match {path!r}")
+                has_glob = False  # `imgs [a]`, `run{1}`: no match as a glob, and a path so named (as a shell reads it)
         elif not os.path.exists(local):
             raise ConfigError(f"data: expected an existing path, DataFrame or glob, got {path!r}")
         p = Path(local)
@@ -535,7 +546,9 @@ def _resolve(
                 return _idx_input(spark, idx, input_shape)
             if table is not None:
                 _check_table_files(p, table)
-                return _dataframe_input(spark.read.parquet(path), input_column, input_shape, ours=False)
+                return _dataframe_input(
+                    spark.read.parquet(for_spark(path)), input_column, input_shape, ours=False
+                )
             images = _binary_files(spark, path, pattern=_IMAGE_GLOB, recursive=True)
             if images.rows_hint == 0:  # as an empty glob: nothing to predict is a mistake, not 0 rows
                 raise ConfigError(
@@ -575,13 +588,13 @@ def _resolve(
             return _binary_files(spark, [prefix + d for d in dirs], pattern=parts[-1], recursive=False)
         return _binary_files(spark, path, pattern=None, recursive=False)
     if suffix == ".parquet" or (is_local(path) and is_parquet_file(Path(local_path(path)))):
-        return _dataframe_input(spark.read.parquet(path), input_column, input_shape)
+        return _dataframe_input(spark.read.parquet(for_spark(path)), input_column, input_shape)
     if suffix == ".txt":
-        df = spark.read.text(path).withColumnRenamed("value", "url").filter("trim(url) != ''")
+        df = spark.read.text(for_spark(path)).withColumnRenamed("value", "url").filter("trim(url) != ''")
         return _dataframe_input(df, "url", input_shape, ours=True)
     if suffix == ".csv":
         return _dataframe_input(
-            spark.read.csv(path, header=True), input_column or "url", input_shape, ours=True
+            spark.read.csv(for_spark(path), header=True), input_column or "url", input_shape, ours=True
         )
     if suffix in _IMAGE_SUFFIXES:
         return _binary_files(spark, path, pattern=None, recursive=False)
