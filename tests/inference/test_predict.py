@@ -597,7 +597,8 @@ def test_urls_served_missing_and_refused(
         "ftp://127.0.0.1/x.png",
     ]
     url_file = tmp_path / "urls.txt"
-    url_file.write_text("\n".join(urls) + "\n\n")
+    # Windows line ends, and blank lines of spaces or tabs: those were rows "unsupported URL scheme (none)".
+    url_file.write_bytes(("\r\n".join(urls) + "\r\n\t\r\n \t \n\n").encode())
     result = predict(url_file, small_model.path, output=tmp_path / "out", url_policy=FAST_URLS, spark=spark)
     rows = _by(result.dataframe.collect(), "url")
     assert len(rows) == len(urls)

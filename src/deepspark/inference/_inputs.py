@@ -590,7 +590,8 @@ def _resolve(
     if suffix == ".parquet" or (is_local(path) and is_parquet_file(Path(local_path(path)))):
         return _dataframe_input(spark.read.parquet(for_spark(path)), input_column, input_shape)
     if suffix == ".txt":
-        df = spark.read.text(for_spark(path)).withColumnRenamed("value", "url").filter("trim(url) != ''")
+        # Blank lines are no rows: Spark's trim() strips spaces only, and a line of tabs was a row.
+        df = spark.read.text(for_spark(path)).withColumnRenamed("value", "url").filter(r"url rlike '\\S'")
         return _dataframe_input(df, "url", input_shape, ours=True)
     if suffix == ".csv":
         return _dataframe_input(
