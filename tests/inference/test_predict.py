@@ -183,11 +183,16 @@ def test_a_linked_folder_is_read_once_and_a_link_back_up_is_refused(
         ),
     ):
         predict(data, small_model.path, spark=spark)
-    if form == "dir":  # (a `**` glob's own check, Python's glob, would follow two loops for ages first)
-        (other / "up").unlink()
-        (other / "top").symlink_to(tmp_path)  # above the input folder: refused before walking through it
-        with pytest.raises(ConfigError, match=re.escape(f"data: {str(root / 'linked' / 'top')!r} links to")):
-            predict(data, small_model.path, spark=spark)
+    (other / "up").unlink()
+    (other / "top").symlink_to(tmp_path)  # above the input folder: refused before walking through it
+    with pytest.raises(ConfigError, match=re.escape(f"data: {str(root / 'linked' / 'top')!r} links to")):
+        predict(data, small_model.path, spark=spark)
+    # Two loops: Python's `**` glob (deepspark's listing of a local glob) followed both, branching at
+    # every level until the paths grew too long (2**40 folders); the loop is refused before it walks.
+    (other / "up").symlink_to(root)
+    (root / "also").symlink_to(root)
+    with pytest.raises(ConfigError, match=r"links to .*, a folder it lies in"):
+        predict(data, small_model.path, spark=spark)
 
 
 def test_a_folder_reads_image_suffixes_in_any_case(spark: Any, small_model: Model, tmp_path: Path) -> None:

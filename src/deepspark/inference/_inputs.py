@@ -7,7 +7,7 @@ import glob as _glob
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -148,16 +148,43 @@ def _spark_hides(name: str) -> bool:
     return name.startswith("_") and "=" not in name and not name.startswith(("_metadata", "_common_metadata"))
 
 
+def _walk(local: str, *, recursive: bool) -> Iterator[list[os.DirEntry[str]]]:
+    """Each local folder's entries from ``local`` down (``recursive``), in ``os.walk``'s order. Links to
+    folders are entered, as Spark's listing enters them (and Python's ``glob`` for ``**``); one leading
+    back to a folder it lies in (above ``local`` too, found before the walk goes through that folder) is
+    a ConfigError: Spark listed the files below it again and again, under ever longer paths, until they
+    grew too long (41 rows for 2 images), and two such links made Python's ``**`` walk exponentially."""
+    folders: list[tuple[str, tuple[str, ...]]] = [(local, (os.path.realpath(local),))]
+    while folders:  # each folder with the real paths of those it lies in
+        folder, above = folders.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError:
+            continue
+        yield entries
+        below = sorted(
+            (e for e in entries if recursive and not e.name.startswith(".") and e.is_dir()),
+            key=lambda e: e.name,
+        )
+        for e in reversed(below):
+            real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(above[-1], e.name)
+            if e.is_symlink() and any(os.path.commonpath([real, a]) == real for a in above):
+                raise ConfigError(
+                    f"data: {e.path!r} links to {real!r}, a folder it lies in: Spark would list the "
+                    "files below it again and again; remove the link, or name the folders to read with a "
+                    "glob that does not recurse ('DIR/*/*.png')"
+                )
+            folders.append((e.path, (*above, real)))
+
+
 def _hidden_from_spark(
     path: str | list[str], *, pattern: str | None, recursive: bool
 ) -> tuple[list[str], list[str]]:
     """The local folders and files under ``path`` (as :func:`_binary_files` reads it) that Spark's
     listing skips: folders named '_...' within a recursive listing, files named '_...', and broken
-    symbolic links (their rows say "input is null": the file is listed, and cannot be read). Links to
-    folders are entered, as Spark's listing enters them; one leading back to a folder it lies in (above
-    the root too, found before the walk goes through that folder) is a ConfigError: Spark listed the
-    files below it again and again, under ever longer paths, until they grew too long (41 rows for 2
-    images)."""
+    symbolic links (their rows say "input is null": the file is listed, and cannot be read). A link loop
+    below is a ConfigError (:func:`_walk`)."""
 
     def matches(name: str) -> bool:
         return not name.startswith(".") and _matches(name, pattern)
@@ -173,29 +200,8 @@ def _hidden_from_spark(
             if _spark_hides(name) and matches(name):
                 files.append(local)
             continue
-        # os.walk's order, with its entries; each folder with the real paths of those it lies in
-        folders: list[tuple[str, tuple[str, ...]]] = [(local, (os.path.realpath(local),))]
-        while folders:
-            folder, above = folders.pop()
-            try:
-                with os.scandir(folder) as listing:
-                    entries = list(listing)
-            except OSError:
-                continue
-            below = sorted(
-                (e for e in entries if recursive and not e.name.startswith(".") and e.is_dir()),
-                key=lambda e: e.name,
-            )
-            dirs += [e.path for e in below if _spark_hides(e.name)]
-            for e in reversed(below):
-                real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(above[-1], e.name)
-                if e.is_symlink() and any(os.path.commonpath([real, a]) == real for a in above):
-                    raise ConfigError(
-                        f"data: {e.path!r} links to {real!r}, a folder it lies in: Spark would list the "
-                        "files below it again and again; remove the link, or name the folders to read with a "
-                        "glob that does not recurse ('DIR/*/*.png')"
-                    )
-                folders.append((e.path, (*above, real)))
+        for entries in _walk(local, recursive=recursive):
+            dirs += sorted(e.path for e in entries if recursive and _spark_hides(e.name) and e.is_dir())
             files += sorted(
                 e.path
                 for e in entries
@@ -514,6 +520,15 @@ def _resolve(
             path = os.path.join(os.getcwd(), path)
         local = local_path(path)
         if has_glob:
+            if "**" in local:  # Python's '**' enters links to folders: refuse a loop before it walks one
+                for alternative in braces(local):
+                    parts = alternative.split("/")
+                    fixed = next(
+                        (i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARS)), len(parts)
+                    )
+                    base = "/".join(parts[:fixed]) or "/"
+                    for _ in _walk(base, recursive=True) if os.path.isdir(base) else ():
+                        pass
             if not any(_glob.glob(alternative, recursive=True) for alternative in braces(local)):
                 if not os.path.exists(local):
                     raise ConfigError(f"data: no files match {path!r}")
