@@ -158,6 +158,34 @@ def test_the_last_step_is_recorded_but_never_prunes() -> None:
         coord.close()
 
 
+def test_the_default_configuration_is_never_pruned() -> None:
+    # Trial 0 is the error reduction's baseline: ASHA pruned it whenever a parallel trial reported a
+    # better first epoch, and best.json then had no default (and no error reduction) at all.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.9, n_warmup_steps=0)
+    )
+    study.enqueue_trial({"x": 0.5}, user_attrs={"deepspark:default": True})
+    coord = _started(study, n_trials=2)
+    try:
+        worker = _connect(coord, 0)
+        try:
+            for prune in (False, True):  # the default (trial 0), then a trial the pruner stops
+                trial = _ask(worker, {"op": "next"})
+                report = {"op": "report", "trial": trial["trial"], "step": 1, "value": 0.5}
+                assert _ask(worker, report) == {"prune": prune}
+                done = {"op": "done", "trial": trial["trial"], "state": "pruned" if prune else "complete"}
+                _ask(worker, {**done, "value": None if prune else 0.5})
+        finally:
+            worker.close()
+        _until(lambda: coord.finished)
+        trials = study.get_trials(deepcopy=False)
+        assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
+        assert trials[0].intermediate_values == {1: 0.5}  # it still fed the pruner
+    finally:
+        coord.close()
+
+
 def test_the_best_model_arrives_as_payload_bytes_and_workers_get_the_endpoint() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     saved: list[tuple[int, dict]] = []

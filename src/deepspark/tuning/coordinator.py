@@ -563,7 +563,10 @@ class Coordinator:
                 return False  # a re-run reporting a step its first attempt already reported
             run.trial.report(value, step)
             run.intermediate[step] = value  # after Optuna took it: a refused report is not one reported
-            return not final and bool(run.trial.should_prune())
+            # The default configuration is the baseline of the error reduction: its value feeds the
+            # pruner, but it runs to the end (pruned, best.json would have no default to compare with).
+            default = bool(run.trial.user_attrs.get(DEFAULT_ATTR))
+            return not final and not default and bool(run.trial.should_prune())
 
     def _done(self, msg: Mapping[str, Any], worker: str, conn_id: int) -> bool:
         number = int(msg["trial"])
