@@ -214,6 +214,17 @@ def test_select_on_is_checked_before_spark(tmp_path) -> None:
     assert not any((tmp_path / name).exists() for name in "abcd")
 
 
+@pytest.mark.parametrize("select_on", ["validation", "test"])
+def test_a_dataset_with_an_empty_test_split_is_refused_before_spark(tmp_path, select_on) -> None:
+    # Its test accuracy was the 0.0 of no image: best.json said 0.0 and an error reduction of 0%.
+    data_dir = _layout(tmp_path / "data")
+    write_idx(data_dir / MNIST_FILES[2], np.zeros((0, 7, 7), np.uint8))
+    write_idx(data_dir / MNIST_FILES[3], np.zeros(0, np.uint8))
+    with pytest.raises(DatasetError, match="the test split holds no example"):
+        tune(data_dir=str(data_dir), model="mlp", space=SPACE, select_on=select_on, run_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
 def test_data_given_to_the_built_in_objective_is_refused_not_ignored(tmp_path) -> None:
     mine = load_dataset(data_dir=_layout(tmp_path / "mine"))
     with pytest.raises(ConfigError, match="data: reaches your own objective"):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from deepspark.data.record import DEFAULT_VALIDATION
-from deepspark.errors import ConfigError, SpecError
+from deepspark.errors import ConfigError, DatasetError, SpecError
 from deepspark.models import ZOO, ModelSpec, checkpoint_files, load_spec, model_spec
 from deepspark.spark import DEVICES
 from deepspark.training import DEFAULT_TRAIN_CONFIG, EpochMetrics, TrainConfig, train_one_process
@@ -118,6 +118,12 @@ class BuiltinOptions:
         data = load_dataset(self.dataset, data_dir=self.data_dir)
         if self.limit_train is not None or self.limit_test is not None:
             data = data.subset(train=self.limit_train, test=self.limit_test)
+        if len(data.test_labels) == 0:
+            # An accuracy over no image reads as 0.0 (or an error reduction of 0%) rather than as missing.
+            raise DatasetError(
+                f"{self.data_dir or self.dataset}: the test split holds no example; the study measures its "
+                "chosen models on it (and with select_on='test' chooses on it): give a dataset with test examples"
+            )
         if self.select_on == "test":
             return data, data
         assert self.validation is not None
