@@ -29,6 +29,7 @@ class World:
     """The files the cases point at (made once per module)."""
 
     data: Path  # a 10-class MNIST-layout directory of 8x8 images (not MNIST)
+    one_class: Path  # the same with every label 0
     corrupt: Path  # the same with a truncated training-image file
     space: Path  # a valid search space
     bad_space: Path  # a space with an unknown distribution type
@@ -63,6 +64,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
     root = tmp_path_factory.mktemp("bad-input")
     data = _layout_dir(root / "data")
+    one_class = _layout_dir(root / "one-class", classes=1)
     corrupt = _layout_dir(root / "corrupt")
     images = corrupt / "train-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:100])
@@ -91,6 +93,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     (train_run / "config.json").write_text(json.dumps({"strategy": "local", "workers": 1, "data": str(data)}))
     return World(
         data=data,
+        one_class=one_class,
         corrupt=corrupt,
         space=space,
         bad_space=bad_space,
@@ -270,6 +273,17 @@ CASES = [
             ),
         )
     ],
+    # A zoo network the data cannot take failed every trial inside Spark (exit 1) instead.
+    Case(
+        "tune-zoo-model-on-images-too-small",
+        _tune_on(lambda w: w.data, "--model", "lenet"),
+        r"model 'lenet' cannot take the data \(10 classes of \[1, 8, 8\] images\): layer 2 \(conv\)",
+    ),
+    Case(
+        "tune-zoo-model-on-one-class",
+        _tune_on(lambda w: w.one_class),
+        r"model 'mlp' cannot .*\(1 classes .*num_classes: .* >= 2, got 1",
+    ),
     Case(
         "tune-spec-file-that-is-missing",
         lambda w, run: [*_tune_on(lambda w: w.data)(w, run), "--model", w.data / "spec.json"],

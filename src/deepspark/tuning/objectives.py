@@ -220,10 +220,19 @@ class ImageClassifierObjective:
         return self.model if self.spec is None else self.spec.to_dict()
 
     def check_data(self, *, input_shape: tuple[int, ...], num_classes: int) -> None:
-        """Raise :class:`ConfigError` unless the network fits the dataset (a spec's input shape and
-        output count; a zoo network is built for the data, so it always does)."""
+        """Raise :class:`ConfigError` unless the network fits the dataset: a spec's input shape and
+        output count; a zoo network built for the data (its hyperparameters change no image size), which
+        needs two classes or more and images its convolutions and poolings fit (lenet: 16x16 and up)."""
         if self.spec is not None:
             self.spec.check_fits(input_shape=input_shape, num_classes=num_classes)
+            return
+        try:
+            model_spec(self.model, input_shape=input_shape, num_classes=num_classes)
+        except (SpecError, ConfigError) as exc:
+            raise ConfigError(
+                f"model {self.model!r} cannot take the data ({num_classes} classes of {list(input_shape)} "
+                f"images): {exc}"
+            ) from None
 
     def split(self, config: Mapping[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
         merged = {**self.base, **config}
