@@ -329,6 +329,18 @@ def test_no_speedup_is_drawn_between_studies_of_other_trial_sets(tmp_path) -> No
     assert "efficiency" not in result.html.read_text(encoding="utf-8")
 
 
+@pytest.mark.parametrize("given", [{"dataset": "/data/mine"}, {"dataset": None, "data_dir": "/data/mine"}])
+def test_the_summary_names_the_dataset_directory_however_it_was_given(tmp_path, given) -> None:
+    # `tune --data-dir DIR` keeps "dataset": null and DIR in "data_dir": the summary named no dataset.
+    run = tmp_path / "run"
+    study = _journal_study(run, 1)
+    study.tell(study.ask(), 0.5)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, **given, "model": "mlp"}))
+    page = report(run, output=tmp_path / "s.html").html.read_text(encoding="utf-8")
+    assert "<th>dataset</th><td>/data/mine</td>" in page
+
+
 def test_a_resumed_study_s_downtime_is_not_counted_as_its_wall_time(tmp_path) -> None:
     """Four 10 s trials one at a time with the driver down 1000 s between the second and the third,
     beside the same four two at a time: drawn as a 52x "speedup" of parallelism 2."""

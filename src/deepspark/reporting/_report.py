@@ -240,9 +240,11 @@ def _study_summary(run: StudyRun) -> dict[str, str]:
     else:
         out["parallel trials (observed)"] = str(_figures.observed_parallelism(run))
     config = run.config
+    # A study of a directory given with --data-dir names it there (its "dataset" is null).
+    named = {**config, "dataset": config.get("dataset") or config.get("data_dir")}
     for key in ("dataset", "model", "sampler", "pruner"):
-        if config.get(key) is not None:
-            out[key] = str(config[key])
+        if named.get(key) is not None:
+            out[key] = str(named[key])
     return out
 
 
