@@ -339,6 +339,19 @@ def test_the_summary_names_the_dataset_directory_however_it_was_given(tmp_path, 
     (run / "config.json").write_text(json.dumps({**config, **given, "model": "mlp"}))
     page = report(run, output=tmp_path / "s.html").html.read_text(encoding="utf-8")
     assert "<th>dataset</th><td>/data/mine</td>" in page
+    assert "optimistic" not in page
+
+
+def test_a_study_selected_on_test_says_its_best_accuracy_is_optimistic(tmp_path) -> None:
+    # best.json and the leaderboard said so; the report's summary gave the accuracy without a word.
+    run = tmp_path / "run"
+    study = _journal_study(run, 1)
+    study.tell(study.ask(), 0.5)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "objective": "builtin", "select_on": "test"}))
+    page = report(run, output=tmp_path / "s.html").html.read_text(encoding="utf-8")
+    assert "<th>best</th><td>test accuracy 0.5 (trial 0)</td>" in page
+    assert "<th>protocol</th><td>selected on the test split (the 2016 blog&#x27;s protocol): the best" in page
 
 
 def test_a_resumed_study_s_downtime_is_not_counted_as_its_wall_time(tmp_path) -> None:

@@ -21,7 +21,7 @@ from deepspark import rundir
 from deepspark.errors import ConfigError
 from deepspark.reporting import _figures
 from deepspark.reporting._runs import StudyRun, TrainingRun, open_runs
-from deepspark.tuning.report import best_and_default, error_reduction, measures_error
+from deepspark.tuning.report import TEST_PROTOCOL, best_and_default, error_reduction, measures_error
 
 __all__ = ["Report", "report"]
 
@@ -200,6 +200,8 @@ def _study_summary(run: StudyRun) -> dict[str, str]:
                 )
         if key == "best":
             out["best configuration"] = _fmt(dict(record.params))
+            if split == "test":
+                out["protocol"] = TEST_PROTOCOL
     if best is not None and default is not None and measures_error(metric, maximize=run.maximize):
         if saved.get("error_reduction") is not None:
             on = saved.get("error_reduction_on") or split or metric

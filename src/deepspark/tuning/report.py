@@ -22,6 +22,7 @@ from deepspark.tuning.space import SearchSpace
 from deepspark.tuning.trial import TrialRecord, TrialState, read_result
 
 __all__ = [
+    "TEST_PROTOCOL",
     "StudySummary",
     "TrialSummary",
     "error_reduction",
@@ -34,6 +35,10 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+#: What ``best.json`` (``protocol``) and the HTML report say of a study selected on the test split.
+TEST_PROTOCOL = (
+    "selected on the test split (the 2016 blog's protocol): the best trial's test accuracy is optimistic"
+)
 _STATES = {
     optuna.trial.TrialState.COMPLETE: TrialState.COMPLETE,
     optuna.trial.TrialState.PRUNED: TrialState.PRUNED,
@@ -365,7 +370,7 @@ def summarise(
             refit_reduction = error_reduction(refits[default.number], refits[best.number])
     protocol = None
     if selected_on == "test":
-        protocol = "selected on the test split (the 2016 blog's protocol): the best trial's test accuracy is optimistic"
+        protocol = TEST_PROTOCOL
     return StudySummary(
         metric=metric,
         direction="maximize" if maximize else "minimize",
