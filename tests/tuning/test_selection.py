@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import csv
 import json
 import shutil
@@ -166,6 +167,27 @@ def test_refit_trains_the_chosen_configurations_again_on_training_plus_validatio
         json.loads((run / "refit" / "default" / "trial.json").read_text())["trial"]
         == summary["default"]["trial"]
     )
+
+
+def test_ctrl_c_stops_a_refit_study_without_refitting_and_its_resume_refits(spark, tmp_path) -> None:
+    # After Ctrl-C the study went on to train the best and the default configuration again (minutes
+    # on MNIST) before it stopped, only for the --resume that runs the interrupted trials to refit again.
+    data_dir = _layout(tmp_path / "data")
+    run = tmp_path / "run"
+
+    def ctrl_c_after_the_first_trial(event) -> None:
+        if event.kind.value == "finish":
+            _thread.interrupt_main()
+
+    options = {"data_dir": str(data_dir), "model": "mlp", "space": SPACE, "trials": 3, "parallelism": 1}
+    result = tune(**options, pruner="none", refit=True, on_event=ctrl_c_after_the_first_trial, run_dir=run)
+    assert result.stop_reason == "interrupted"
+    assert not (run / "refit").exists()
+    assert "refit_test_accuracy" not in json.loads((run / "best.json").read_text())["best"]
+    resumed = tune(run_dir=run, resume=True)
+    assert resumed.stop_reason is None and len(resumed.records) == 3
+    assert resumed.summary.best is not None and resumed.summary.best.refit_test_accuracy is not None
+    assert (run / "refit" / "best" / "trial.json").is_file()
 
 
 def test_cli_select_on_test_keeps_the_blogs_protocol_and_says_so(spark, tmp_path, capsys) -> None:

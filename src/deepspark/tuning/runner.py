@@ -658,7 +658,13 @@ def _run(
     records = records_from_study(study)
     best, default_record = best_and_default(records, maximize=config.maximize)
     summary = _previous_summary(run_path, records, best) if resume and len(records) == finished else None
-    refitting = test_data is not None and config.builtin is not None and config.builtin.refit
+    # Not after Ctrl-C: the user asked to stop, and the --resume that runs the interrupted trials refits.
+    refitting = (
+        test_data is not None
+        and config.builtin is not None
+        and config.builtin.refit
+        and stop_reason != "interrupted"
+    )
     if (
         summary is not None
         and refitting
