@@ -151,3 +151,18 @@ def test_a_malformed_preprocess_entry_is_a_checkpoint_error(tmp_path, preprocess
     (path / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=rf"bad 'preprocess' entry in metadata.json: {named}: expected"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("names", ["abc", 3, {"a": 0, "b": 1, "c": 2}, [["a"], "b", "c"], ["a", None, "c"]])
+def test_class_names_that_are_not_a_list_of_names_are_a_checkpoint_error(tmp_path, names) -> None:
+    """A string was read as one class name per character and a mapping as its keys: a 3-output model
+    then predicted labels 'a', 'b', 'c' without a word."""
+    spec = model_spec("mlp", hidden=8, num_classes=3)
+    path = save_checkpoint(
+        tmp_path / "ck", build_model(spec), spec, preprocess=PRE, class_names=["x", "y", "z"]
+    )
+    meta = json.loads((path / "metadata.json").read_text())
+    meta["class_names"] = names
+    (path / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"'class_names' must be a list of class names"):
+        load_checkpoint(path)

@@ -180,6 +180,15 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{p} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{p}: expected a JSON object, got {type(data).__name__}")
+    names = data.get("class_names")
+    if names is not None and (
+        not isinstance(names, list)
+        or not all(isinstance(n, str | int) and not isinstance(n, bool) for n in names)
+    ):
+        # Read as a sequence, a string "cat" named three classes 'c', 'a', 't' and a mapping its keys.
+        raise CheckpointError(
+            f"{p}: 'class_names' must be a list of class names (strings), got {str(names)[:100]!r}"
+        )
     return data
 
 
