@@ -166,3 +166,12 @@ def test_class_names_that_are_not_a_list_of_names_are_a_checkpoint_error(tmp_pat
     (path / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"'class_names' must be a list of class names"):
         load_checkpoint(path)
+
+
+def test_a_metadata_json_that_is_not_utf8_is_a_checkpoint_error(tmp_path) -> None:
+    """It was a UnicodeDecodeError: a traceback from the CLI instead of its one error line."""
+    spec = model_spec("mlp", hidden=8)
+    path = save_checkpoint(tmp_path / "ck", build_model(spec), spec, preprocess=PRE)
+    (path / "metadata.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(CheckpointError, match=r"metadata.json is not valid JSON: not UTF-8 text"):
+        load_checkpoint(path)

@@ -178,6 +178,8 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{p} is not valid JSON: {exc}") from exc
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{p} is not valid JSON: not UTF-8 text") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{p}: expected a JSON object, got {type(data).__name__}")
     names = data.get("class_names")
