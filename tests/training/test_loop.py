@@ -187,3 +187,20 @@ def test_a_data_cursor_is_its_position_and_resumes_the_same_batches_and_augmenta
 def test_a_data_cursor_of_the_earlier_generator_format_is_refused_clearly() -> None:
     with pytest.raises(ConfigError, match="start the run again"):
         DataCursor.from_state({"n": 10, "batch_size": 2, "epoch": 0, "step": 1, "generator": "AAAA"})
+
+
+def test_a_last_batch_of_one_that_batch_norm_cannot_normalise_is_a_config_error() -> None:
+    """129 examples in batches of 8 leave one: BatchNorm1d's ValueError escaped as a traceback."""
+    spec = {
+        "input_shape": [1, 8, 8],
+        "layers": [
+            {"type": "flatten"},
+            {"type": "linear", "out_features": 4},
+            {"type": "batchnorm"},
+            {"type": "linear", "out_features": 2},
+        ],
+    }
+    data = _toy(258)
+    with pytest.raises(ConfigError, match=r"last batch holds one example \(129 examples, batch size 8\)"):
+        train_one_process(spec, data, TrainConfig(epochs=1, batch_size=8, threads=1))
+    train_one_process(spec, data, TrainConfig(epochs=1, batch_size=10, threads=1))  # a last batch of 9

@@ -461,7 +461,14 @@ def _train(
     import torch.distributed as dist
     from torch import nn
 
-    from deepspark.training.loop import DataCursor, TrainConfig, augment_batch, cosine_rate, make_optimizer
+    from deepspark.training.loop import (
+        DataCursor,
+        TrainConfig,
+        augment_batch,
+        cosine_rate,
+        make_optimizer,
+        train_forward,
+    )
 
     config = TrainConfig.from_dict(task.config)
     world = task.workers
@@ -519,7 +526,7 @@ def _train(
             batch = inputs[idx.to(device)]
             if config.augment:
                 batch = augment_batch(batch.cpu(), config.augment, cursor.batch_generator()).to(device)
-            loss = nn.functional.cross_entropy(model(batch), targets[idx.to(device)])
+            loss = nn.functional.cross_entropy(train_forward(model, batch, cursor), targets[idx.to(device)])
             loss.backward()
             count = int(idx.shape[0])
             loss_value = loss.detach().to(dtype) * count

@@ -275,6 +275,25 @@ class DataCursor:
         return cursor
 
 
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def train_forward(model: nn.Module, batch: torch.Tensor, cursor: DataCursor) -> torch.Tensor:
+    """``model(batch)`` for a training step. An epoch's last batch of one example (``n`` one more than
+    a multiple of ``batch_size``) is a :class:`ConfigError` saying so when a batch-norm layer cannot
+    normalise it (torch's ValueError "Expected more than 1 value per channel" escaped as a traceback)."""
+    try:
+        return model(batch)
+    except ValueError as exc:
+        if len(batch) != 1 or not any(isinstance(m, _BATCH_NORMS) for m in model.modules()):
+            raise
+        raise ConfigError(
+            f"batch_size: an epoch's last batch holds one example ({cursor.n} examples, batch size "
+            f"{cursor.batch_size}), which the model's batch-norm layers cannot normalise in training "
+            f"({exc}); choose a batch_size that leaves no example or more than one in the last batch"
+        ) from None
+
+
 @dataclass(frozen=True)
 class StepStats:
     """What :func:`run_steps` did: steps taken, examples seen and their summed loss."""
@@ -318,7 +337,7 @@ def run_steps(
         batch = inputs[idx]
         if augment:
             batch = augment_batch(batch, augment, cursor.batch_generator())
-        logits = model(batch)
+        logits = train_forward(model, batch, cursor)
         loss = nn.functional.cross_entropy(logits, labels[idx])
         value = loss.item()
         if not math.isfinite(value):
