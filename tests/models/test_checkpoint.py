@@ -175,3 +175,20 @@ def test_a_metadata_json_that_is_not_utf8_is_a_checkpoint_error(tmp_path) -> Non
     (path / "metadata.json").write_bytes(b"\xff\xfe{}")
     with pytest.raises(CheckpointError, match=r"metadata.json is not valid JSON: not UTF-8 text"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_class_names_for_another_number_of_outputs_are_a_checkpoint_error(tmp_path, count) -> None:
+    """load_checkpoint took 4 names for a 3-output network as they were (export_model wrote them next to
+    the model file) and inference said that 'labels' were given."""
+    spec = model_spec("mlp", hidden=8, num_classes=3)
+    path = save_checkpoint(
+        tmp_path / "ck", build_model(spec), spec, preprocess=PRE, class_names=["x", "y", "z"]
+    )
+    meta = json.loads((path / "metadata.json").read_text())
+    meta["class_names"] = [str(i) for i in range(count)]
+    (path / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        CheckpointError, match=rf"names {count} classes but spec.json builds a network with 3 outputs"
+    ):
+        load_checkpoint(path)

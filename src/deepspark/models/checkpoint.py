@@ -263,6 +263,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointFiles:
         raise CheckpointError(f"checkpoint {p}: cannot read {WEIGHTS}: {exc}") from exc
     metadata = read_metadata(p / METADATA)
     _check_preprocess(p, spec, metadata)
+    _check_class_names(p, spec, metadata)
     return CheckpointFiles(path=p, weights=weights, spec=spec, metadata=metadata)
 
 
@@ -281,6 +282,22 @@ def _check_preprocess(path: Path, spec: ModelSpec, metadata: Mapping[str, Any]) 
             f"checkpoint {path}: {METADATA} preprocesses images to {list(preprocess.input_shape)} but "
             f"{SPEC} builds the network for {list(spec.input_shape)}; the two files come from different "
             "models: save the checkpoint again with save_checkpoint"
+        )
+
+
+def _check_class_names(path: Path, spec: ModelSpec, metadata: Mapping[str, Any]) -> None:
+    """``metadata.json`` must name every output of the network (:func:`checkpoint_files` writes one name
+    per output): more names were taken as they were by ``load_checkpoint`` (an export then wrote them
+    next to the model), and inference blamed them on ``labels`` that nobody gave."""
+    names = metadata.get("class_names")
+    if not names:
+        return
+    outputs = spec.output_shape()
+    if len(outputs) == 1 and len(names) != outputs[0]:
+        raise CheckpointError(
+            f"checkpoint {path}: {METADATA} names {len(names)} classes but {SPEC} builds a network with "
+            f"{outputs[0]} outputs; the two files come from different models: save the checkpoint again "
+            "with save_checkpoint"
         )
 
 
