@@ -52,6 +52,18 @@ def exported(small_model: Model, tmp_path_factory: pytest.TempPathFactory) -> di
     }
 
 
+def test_an_export_into_the_checkpoints_own_folder_keeps_its_metadata(
+    small_model: Model, tmp_path: Path
+) -> None:
+    """Its metadata.json, which agrees with the export, was replaced by the two entries an export writes:
+    the checkpoint lost its metrics, config and versions."""
+    checkpoint = Path(shutil.copytree(small_model.path, tmp_path / "ck"))
+    before = (checkpoint / "metadata.json").read_text()
+    export_model(checkpoint, checkpoint / "model.onnx")
+    assert (checkpoint / "metadata.json").read_text() == before
+    assert load_model(checkpoint / "model.onnx").class_names == tuple(CLASS_NAMES)
+
+
 def test_each_format_is_detected_loads_and_agrees_with_the_model(
     small_model: Model, exported: dict[str, Path]
 ) -> None:

@@ -56,10 +56,11 @@ def export_model(
     ckpt = load_checkpoint(model)
     meta = {"preprocess": ckpt.preprocess.to_dict(), "class_names": list(ckpt.class_names)}
     sidecar = target.parent / METADATA
-    if sidecar.is_file() and not overwrite:
-        existing = read_metadata(sidecar)
-        if {k: existing.get(k) for k in meta} != meta:
-            raise ConfigError(f"path: {sidecar} describes another model; export into another directory")
+    # One that agrees is kept as it is: the checkpoint's own, when exporting into its folder, holds its
+    # metrics, config and versions too.
+    agrees = sidecar.is_file() and {k: v for k, v in read_metadata(sidecar).items() if k in meta} == meta
+    if sidecar.is_file() and not agrees and not overwrite:
+        raise ConfigError(f"path: {sidecar} describes another model; export into another directory")
     # Weights in the default layout: a torch.export archive of channels-last weights (how spec models
     # train) loads with a warning about incomplete tensors; the exported values are the same.
     module = ckpt.model.eval().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
@@ -75,7 +76,8 @@ def export_model(
         torch.export.save(program, str(target))
     else:
         target.write_bytes(export_onnx(module, example))
-    sidecar.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    if not agrees:
+        sidecar.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return target
 
 
