@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from deepspark.errors import CheckpointError
+from deepspark.errors import CheckpointError, ConfigError
 from deepspark.models import Preprocess, build_model, load_checkpoint, model_spec, save_checkpoint
 
 PRE = Preprocess(input_shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,))
@@ -192,3 +192,21 @@ def test_class_names_for_another_number_of_outputs_are_a_checkpoint_error(tmp_pa
         CheckpointError, match=rf"names {count} classes but spec.json builds a network with 3 outputs"
     ):
         load_checkpoint(path)
+
+
+def test_a_checkpoint_its_loader_would_refuse_is_not_written(tmp_path) -> None:
+    """Preprocessing for a transposed input and more names than outputs were written, and only
+    load_checkpoint refused them (saying to save the checkpoint again)."""
+    spec = model_spec("mlp", hidden=8, input_shape=(1, 12, 20), num_classes=3)
+    model = build_model(spec)
+    with pytest.raises(ConfigError, match=r"preprocess: its input shape \[1, 20, 12\] is not the network's"):
+        save_checkpoint(tmp_path / "a", model, spec, preprocess=Preprocess((1, 20, 12), (0.1,), (0.3,)))
+    right = Preprocess((1, 12, 20), (0.1,), (0.3,))
+    with pytest.raises(ConfigError, match=r"class_names: 4 names for a network with 3 outputs"):
+        save_checkpoint(tmp_path / "b", model, spec, preprocess=right, class_names=list("abcd"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert load_checkpoint(save_checkpoint(tmp_path / "c", model, spec, preprocess=right)).class_names == (
+        "0",
+        "1",
+        "2",
+    )

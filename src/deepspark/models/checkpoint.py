@@ -114,7 +114,19 @@ def checkpoint_files(
     config: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, bytes]:
-    """A checkpoint as ``{file name: bytes}``, without touching the disk (to send it to the driver)."""
+    """A checkpoint as ``{file name: bytes}``, without touching the disk (to send it to the driver).
+
+    Preprocessing for another input shape than ``spec``'s, or more class names than the network has
+    outputs, is a :class:`ConfigError`: :func:`read_checkpoint` refuses such a checkpoint."""
+    if tuple(preprocess.input_shape) != tuple(spec.input_shape):
+        raise ConfigError(
+            f"preprocess: its input shape {list(preprocess.input_shape)} is not the network's "
+            f"{list(spec.input_shape)}"
+        )
+    if class_names is not None and len(class_names) > _outputs(spec, class_names):
+        raise ConfigError(
+            f"class_names: {len(class_names)} names for a network with {_outputs(spec, class_names)} outputs"
+        )
     metadata: dict[str, Any] = {
         "format": FORMAT,
         "format_version": 1,
