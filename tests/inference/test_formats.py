@@ -190,6 +190,15 @@ def test_label_file_overrides_names_and_must_match_the_classes(small_model: Mode
         load_model(small_model.path, labels=labels)
 
 
+def test_a_label_file_with_a_byte_order_mark_names_the_first_class_without_it(
+    small_model: Model, tmp_path: Path
+) -> None:
+    """Notepad's UTF-8 (a BOM, CRLF): the first class was named '\\ufeffn0', printed as 'n0' but unequal to it."""
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(f"n{i}" for i in range(10)).encode())
+    assert load_model(small_model.path, labels=labels).class_names == tuple(f"n{i}" for i in range(10))
+
+
 def test_missing_model_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model"):
         load_model(tmp_path / "nope")

@@ -140,7 +140,8 @@ def read_labels(path: str | os.PathLike[str]) -> tuple[str, ...]:
     if not p.is_file():
         raise ConfigError(f"labels: expected a text file with one class name per line, got {str(p)!r}")
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: the byte-order mark Windows editors write would start the first class name.
+        lines = p.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError:
         raise ConfigError(f"labels: {p} is not UTF-8 text; expected one class name per line") from None
     while lines and not lines[-1].strip():
