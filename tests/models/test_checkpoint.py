@@ -210,3 +210,11 @@ def test_a_checkpoint_its_loader_would_refuse_is_not_written(tmp_path) -> None:
         "1",
         "2",
     )
+
+
+def test_a_metadata_json_nested_too_deeply_is_a_checkpoint_error(tmp_path) -> None:
+    spec = model_spec("mlp", hidden=8)
+    path = save_checkpoint(tmp_path / "ck", build_model(spec), spec, preprocess=PRE)
+    (path / "metadata.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="metadata.json is not a metadata file: nested too deeply"):
+        load_checkpoint(path)

@@ -207,3 +207,12 @@ def test_convolutional_models_hold_channels_last_weights_and_compute_the_same(na
 def test_models_without_convolutions_keep_the_default_layout() -> None:
     model = build_model(model_spec("mlp", hidden=16), seed=0)
     assert all(p.is_contiguous() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["spec.json", "spec.yaml"])
+def test_a_spec_file_nested_too_deeply_is_a_spec_error(tmp_path, name) -> None:
+    """The parsers' RecursionError escaped: a traceback from the CLI instead of its one error line."""
+    path = tmp_path / name
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(SpecError, match="is not a model spec: nested too deeply"):
+        load_spec(path)

@@ -104,11 +104,15 @@ class ModelSpec:
                 data = yaml.safe_load(text)
             except yaml.YAMLError as exc:
                 raise SpecError(f"{p} is not valid YAML: {exc}") from exc
+            except RecursionError:  # the parsers recurse per nesting level
+                raise SpecError(f"{p} is not a model spec: nested too deeply") from None
         else:
             try:
                 data = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise SpecError(f"{p} is not valid JSON: {exc}") from exc
+            except RecursionError:
+                raise SpecError(f"{p} is not a model spec: nested too deeply") from None
         repeated = repeated_key(text)
         if repeated is not None:  # the parsers keep the last value: the first would be dropped unsaid
             raise SpecError(
