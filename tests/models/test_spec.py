@@ -216,3 +216,9 @@ def test_a_spec_file_nested_too_deeply_is_a_spec_error(tmp_path, name) -> None:
     path.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(SpecError, match="is not a model spec: nested too deeply"):
         load_spec(path)
+
+
+def test_a_negative_mlp_depth_is_refused_not_read_as_zero() -> None:
+    assert [layer["type"] for layer in model_spec("mlp", depth=0).layers] == ["flatten", "linear"]
+    with pytest.raises(ConfigError, match=r"model 'mlp': depth: expected an integer >= 0, got -2"):
+        model_spec("mlp", depth=-2)

@@ -13,6 +13,8 @@ __all__ = ["ZOO", "model_spec"]
 
 
 def _mlp(*, hidden: int = 256, depth: int = 2, dropout: float = 0.0) -> list[dict[str, Any]]:
+    # depth 0 is a linear model; a negative one made one too, as if it were 0, without a word.
+    check_int("model 'mlp': depth", depth, minimum=0)
     layers: list[dict[str, Any]] = [{"type": "flatten"}]
     for _ in range(depth):
         layers += [{"type": "linear", "out_features": hidden}, {"type": "relu"}]
