@@ -199,6 +199,14 @@ def test_a_label_file_with_a_byte_order_mark_names_the_first_class_without_it(
     assert load_model(small_model.path, labels=labels).class_names == tuple(f"n{i}" for i in range(10))
 
 
+def test_a_blank_line_inside_a_label_file_is_refused(small_model: Model, tmp_path: Path) -> None:
+    """It named a class "" (and the count still matched when a name was missing elsewhere)."""
+    labels = tmp_path / "labels.txt"
+    labels.write_text("n0\n\n" + "\n".join(f"n{i}" for i in range(2, 10)) + "\n\n")
+    with pytest.raises(ConfigError, match=r"labels: line 2 of .*labels.txt is blank"):
+        load_model(small_model.path, labels=labels)
+
+
 def test_missing_model_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model"):
         load_model(tmp_path / "nope")

@@ -148,6 +148,9 @@ def read_labels(path: str | os.PathLike[str]) -> tuple[str, ...]:
         lines.pop()
     if not lines:
         raise ConfigError(f"labels: {p} is empty")
+    blank = next((i for i, line in enumerate(lines, 1) if not line.strip()), None)
+    if blank is not None:  # a class named "", or a line left out above it: every later name one off
+        raise ConfigError(f"labels: line {blank} of {p} is blank; give one class name per line")
     return tuple(line.strip() for line in lines)
 
 
