@@ -96,6 +96,15 @@ def test_hyperparameters_that_are_not_a_mapping_are_a_spec_error() -> None:
         )
 
 
+@pytest.mark.parametrize("shape", [[True, 28, 28], [1, False, 3], [0, 4], [], "1x28x28", [1.0, 28, 28]])
+def test_an_input_shape_that_is_not_positive_integers_is_a_spec_error(shape) -> None:
+    # true is an int to Python: [true, 28, 28] was read as one channel of 28 x 28.
+    with pytest.raises(SpecError, match="input_shape must be a list of positive integers"):
+        load_spec(
+            {"input_shape": shape, "layers": [{"type": "flatten"}, {"type": "linear", "out_features": 2}]}
+        )
+
+
 def test_spec_files_round_trip(tmp_path) -> None:
     spec = model_spec("lenet")
     (tmp_path / "s.json").write_text(spec.to_json())

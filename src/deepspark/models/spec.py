@@ -54,7 +54,8 @@ class ModelSpec:
             not isinstance(shape, Sequence)
             or isinstance(shape, str)
             or not shape
-            or not all(isinstance(d, int) and d > 0 for d in shape)
+            # true is an int to Python: [true, 28, 28] was read as one channel
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
         ):
             raise SpecError(
                 f"input_shape must be a list of positive integers such as [1, 28, 28], got {shape!r}"
