@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GLOB_CHARS",
     "Input",
-    "hadoop_literal",
+    "for_spark",
     "is_local",
     "local_path",
     "parquet_table_file",
@@ -529,7 +529,8 @@ def _resolve(
                     base = "/".join(parts[:fixed]) or "/"
                     for _ in _walk(base, recursive=True) if os.path.isdir(base) else ():
                         pass
-            if not any(_glob.glob(alternative, recursive=True) for alternative in braces(local)):
+            # One match is enough to know the glob matches: stop there (the listing below walks it all).
+            if not any(next(_glob.iglob(alt, recursive=True), None) for alt in braces(local)):
                 if not os.path.exists(local):
                     raise ConfigError(f"data: no files match {path!r}")
                 has_glob = False  # `imgs [a]`, `run{1}`: no match as a glob, and a path so named (as a shell reads it)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from deepspark.errors import ConfigError, DeepsparkError, RunError
 from deepspark.inference._inputs import (
     GLOB_CHARS,
-    hadoop_literal,
+    for_spark,
     is_local,
     local_path,
     parquet_table_file,
@@ -476,8 +476,6 @@ def predict(
     # Read back by its absolute, escaped URI: Spark globs what it reads (`out[1]` as `out1`), and took a
     # relative `out:1` for a URI of scheme `out`: a trace after the predictions were written.
     written = (
-        output_path
-        if staging is None
-        else "file://" + hadoop_literal(os.path.abspath(local_path(output_path)))
+        output_path if staging is None else for_spark("file://" + os.path.abspath(local_path(output_path)))
     )
     return PredictResult(spark.read.parquet(written), summary)
