@@ -58,3 +58,15 @@ def test_nan_or_infinite_mean_and_std_are_refused(
     # to NaN (or, with std inf, to zeros): class 0 with a NaN probability for every row, and no error.
     with pytest.raises(ConfigError, match=match):
         Preprocess(input_shape=(1, 28, 28), mean=mean, std=std)
+
+
+def test_the_input_shape_is_checked_however_the_preprocess_is_made() -> None:
+    # A bool is an int to Python: True channels would have read as one.
+    with pytest.raises(ConfigError, match=r"preprocess\.input_shape: expected an integer >= 1, got True"):
+        Preprocess(input_shape=(True, 28, 28), mean=(0.0,), std=(1.0,))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"preprocess\.input_shape: expected three integers"):
+        Preprocess(input_shape=(28, 28), mean=(0.0,), std=(1.0,))  # type: ignore[arg-type]
+    # A list is taken as the tuple it names (it compared unequal to every image shape).
+    listed = Preprocess(input_shape=[1, 2, 2], mean=(0.0,), std=(1.0,))  # type: ignore[arg-type]
+    assert listed.input_shape == (1, 2, 2)
+    assert listed.apply(np.zeros((3, 2, 2), dtype=np.uint8)).shape == (3, 1, 2, 2)

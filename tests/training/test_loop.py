@@ -204,3 +204,29 @@ def test_a_last_batch_of_one_that_batch_norm_cannot_normalise_is_a_config_error(
     with pytest.raises(ConfigError, match=r"last batch holds one example \(129 examples, batch size 8\)"):
         train_one_process(spec, data, TrainConfig(epochs=1, batch_size=8, threads=1))
     train_one_process(spec, data, TrainConfig(epochs=1, batch_size=10, threads=1))  # a last batch of 9
+
+
+@pytest.mark.parametrize("shape", [(40, 6, 5), (40, 3, 6, 5)])
+def test_examples_keep_pixels_and_give_the_batches_preprocessing_the_whole_set_gives(
+    shape: tuple[int, ...],
+) -> None:
+    from deepspark.models import Preprocess
+    from deepspark.training.loop import Examples
+
+    pixels = np.random.default_rng(5).integers(0, 256, size=shape, dtype=np.uint8)
+    channels = 1 if len(shape) == 3 else shape[1]
+    preprocess = Preprocess(input_shape=(channels, 6, 5), mean=(0.4,) * channels, std=(0.27,) * channels)
+    examples = Examples.of(pixels, preprocess)
+    # Kept as the pixels themselves (a quarter of float32's memory), not a normalised copy.
+    assert examples.stored.dtype == torch.uint8 and examples.stored.data_ptr() == pixels.ctypes.data
+    assert len(examples) == 40
+    whole = preprocess.apply(pixels)
+    index = torch.tensor([7, 0, 39, 7, 12])
+    assert torch.equal(examples[index], whole[index])  # bit for bit: the same operations per element
+    assert np.array_equal(examples.stored.numpy(), pixels)  # batches never normalise the kept pixels
+    # A read-only array (a memory map) is copied rather than viewed; model inputs pass as they are.
+    frozen = pixels.copy()
+    frozen.flags.writeable = False
+    assert torch.equal(Examples.of(frozen, preprocess)[index], whole[index])
+    floats = whole.numpy()
+    assert torch.equal(Examples.of(floats, None)[index], whole[index])

@@ -60,7 +60,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -70,6 +70,9 @@ from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
 from deepspark.spark import device_label
 from deepspark.training.average import LOADED, RoundRecord, TaskSpec
 from deepspark.training.frame import count_disagrees, rows_changed
+
+if TYPE_CHECKING:
+    from deepspark.training.loop import Examples
 
 __all__ = [
     "GangReport",
@@ -407,7 +410,7 @@ def allreduce_task(task: GangSpec, batches: Iterator[Any]) -> Iterator[Any]:
         wire.connect(task.host, task.port, token=task.token, hello=hello) as conn,
         wire.Heartbeat(conn, task.heartbeat_s),  # every rank: a frozen one stalls the whole gang
     ):
-        inputs, targets, digest = task.read(batches)
+        inputs, targets, digest = task.read(batches, device)
         # Rendezvous: rank 0 picks a free port on its host; everyone learns it.
         if rank == 0:
             with socket.socket() as probe:
@@ -433,7 +436,7 @@ def allreduce_task(task: GangSpec, batches: Iterator[Any]) -> Iterator[Any]:
                 world_size=world,
                 timeout=datetime.timedelta(seconds=task.timeout_s),
             )
-            steps = _train(task, rank, device, inputs.to(device), targets.to(device), digest, conn)
+            steps = _train(task, rank, device, inputs, targets, digest, conn)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
@@ -451,7 +454,7 @@ def _train(
     task: GangSpec,
     rank: int,
     device: torch.device,
-    inputs: torch.Tensor,
+    inputs: Examples,
     targets: torch.Tensor,
     digest: str,
     conn: Any,

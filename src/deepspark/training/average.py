@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,6 +43,9 @@ from deepspark.errors import ConfigError, DeepsparkError
 from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
 from deepspark.spark import device_label
 from deepspark.training.frame import count_disagrees, rows_changed
+
+if TYPE_CHECKING:
+    from deepspark.training.loop import Examples
 
 __all__ = [
     "LOADED",
@@ -684,18 +687,16 @@ class TaskSpec:
         if self.slow_worker == worker and self.slow_factor > 1:
             time.sleep((self.slow_factor - 1) * compute_s)
 
-    def read(self, batches: Iterator[Any]) -> tuple[torch.Tensor, torch.Tensor, str]:
-        """The task's partition as model-ready inputs and int64 labels (on the CPU), and its digest."""
+    def read(self, batches: Iterator[Any], device: torch.device) -> tuple[Examples, torch.Tensor, str]:
+        """The task's partition as examples and int64 labels on ``device``, and its digest."""
         from deepspark.models import Preprocess
         from deepspark.training.frame import read_partition
+        from deepspark.training.loop import Examples
 
         part = read_partition(batches, self.layout)
-        inputs = (
-            Preprocess.from_dict(self.preprocess).apply(part.features)
-            if self.layout.pixels
-            else torch.from_numpy(part.features)
-        )
-        return inputs, torch.from_numpy(part.labels), part.digest
+        preprocess = Preprocess.from_dict(self.preprocess) if self.layout.pixels else None
+        examples = Examples.of(part.features, preprocess, device)
+        return examples, torch.from_numpy(part.labels).to(device), part.digest
 
 
 @dataclass(frozen=True)
@@ -703,7 +704,7 @@ class LoadedWorker:
     """A worker task's partition as tensors, its model and training settings (shared by strategies)."""
 
     worker: int
-    inputs: torch.Tensor
+    inputs: Examples
     targets: torch.Tensor
     config: Any  # TrainConfig
     model: torch.nn.Module
@@ -775,12 +776,12 @@ def load_worker(task: TaskSpec, batches: Iterator[Any]) -> Iterator[tuple[wire.C
         wire.connect(task.host, task.port, token=task.token, hello=hello) as conn,
         wire.Heartbeat(conn, task.heartbeat_s),
     ):
-        inputs, targets, digest = task.read(batches)
+        inputs, targets, digest = task.read(batches, device)
         config = TrainConfig.from_dict(task.config)
         unit = LoadedWorker(
             worker=worker,
-            inputs=inputs.to(device),
-            targets=targets.to(device),
+            inputs=inputs,
+            targets=targets,
             config=config,
             model=task.build_model().to(device),
             rate=cosine_rate(config.learning_rate, task.total_steps)
