@@ -56,6 +56,7 @@ __all__ = [
     "speculative_copy",
     "task_cpus",
     "task_device",
+    "task_memory",
     "total_cores",
     "total_slots",
 ]
@@ -596,6 +597,31 @@ def limit_task_threads(requested: int, context: Any = None) -> int:
     threads = max(requested, context.cpus() if context is not None else 1)
     limit_threads(threads)
     return threads
+
+
+def task_memory(given: int | None, env: Mapping[str, str] | None = None) -> tuple[int | None, str | None]:
+    """Inside a Spark task: how many bytes of rows it may keep in memory, and the folder for the rest.
+
+    ``given`` is the user's budget; without one, half of ``spark.executor.pyspark.memory`` where it is
+    set (Spark then limits the Python worker's address space to it: the model, torch and the batches
+    need the other half), else a quarter of the memory this host has available now (a host runs several
+    workers), else no bound. The folder is Spark's local directory for the task (``spark.local.dir``;
+    None: the system's temporary folder)."""
+    env = os.environ if env is None else env
+    local = (env.get("SPARK_LOCAL_DIRS") or "").split(",")[0] or None
+    if given is not None:
+        return given, local
+    limit = env.get("PYSPARK_EXECUTOR_MEMORY_MB", "")
+    if limit.isdigit():
+        return int(limit) * (1 << 20) // 2, local
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 4, local
+    except (OSError, ValueError, IndexError):
+        pass
+    return None, local
 
 
 DEVICES = ("auto", "cpu", "cuda")

@@ -7,6 +7,7 @@ Every public entry point validates where it receives a value, before any Spark j
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection
 from typing import Any
 
@@ -18,6 +19,7 @@ __all__ = [
     "check_int",
     "check_number",
     "check_positive_int",
+    "check_size",
     "data_kind",
     "fail",
 ]
@@ -114,3 +116,17 @@ def check_heartbeat_timeout(value: Any) -> float | None:
             seconds,
         )
     return seconds
+
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def check_size(name: str, value: Any) -> int:
+    """``value`` as a number of bytes: an int >= 0, or a string in Spark's size syntax (``"512m"``,
+    ``"4g"``: binary units k, m, g, t, optionally followed by ``b``)."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"(\d+)\s*([kmgt]?)b?", value.strip().lower())
+        if match is None:
+            raise fail(name, "a size in bytes, e.g. 512m or 4g", value)
+        return int(match[1]) * _SIZE_UNITS[match[2]]
+    return check_int(name, value, minimum=0)

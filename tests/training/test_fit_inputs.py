@@ -603,3 +603,105 @@ def test_a_resume_on_as_many_rows_per_worker_split_otherwise_stops(
     ):
         fit(after, run_dir=tmp_path / "run", resume=True)
     assert fit(before, run_dir=tmp_path / "run", resume=True).history  # the same split resumes
+
+
+# ------------------------------------------------------------------------------- rows over memory
+@pytest.mark.parametrize("kind", ["bytes", "array"])
+def test_rows_over_the_memory_budget_are_read_back_from_a_file_as_they_were_held(
+    spark: Any, tmp_path: Path, kind: str
+) -> None:
+    from deepspark.training.frame import RowFile, describe_frame, keyed_rows, read_partition
+    from deepspark.training.loop import Examples
+
+    images, labels = _images(37)
+    rows = (
+        [(i.tobytes(), int(y)) for i, y in zip(images, labels, strict=True)]
+        if kind == "bytes"
+        else [(i.reshape(-1).astype(float).tolist(), int(y)) for i, y in zip(images, labels, strict=True)]
+    )
+    schema = "image binary, label int" if kind == "bytes" else "image array<float>, label int"
+    # Three input partitions read in reverse: rows arrive out of key order, as after a shuffle.
+    df = spark.createDataFrame(rows, schema).repartition(3)
+    layout = describe_frame(
+        df, feature_column="image", label_column="label", input_shape=(1, SIZE, SIZE), num_classes=None
+    )
+    table = keyed_rows(df, layout).toArrow()
+    batches = table.to_batches(max_chunksize=5)[::-1]
+    held = read_partition(batches, layout)
+    assert isinstance(held.features, np.ndarray)
+    row = held.features[0].nbytes
+    index = torch.tensor([36, 0, 5, 5, 17, 30])
+    # memory 0: every row in the file; 12 rows' worth: the rows held so far go to the file with the rest.
+    for memory in (0, 12 * row):
+        spill_dir = tmp_path / f"spill-{memory}"
+        spill_dir.mkdir()
+        part = read_partition(batches, layout, memory=memory, spill_dir=str(spill_dir))
+        assert isinstance(part.features, RowFile) and len(part.features) == 37
+        assert part.features.nbytes == 37 * row
+        assert list(spill_dir.iterdir()) == []  # unlinked: freed when the worker closes it or dies
+        assert np.array_equal(part.labels, held.labels) and part.digest == held.digest
+        assert np.array_equal(part.features[index].numpy(), held.features[index.numpy()])
+        assert np.array_equal(part.features[torch.arange(37)].numpy(), held.features)
+        preprocess = None if kind == "array" else _preprocess()
+        assert torch.equal(
+            Examples.of(part.features, preprocess)[index], Examples.of(held.features, preprocess)[index]
+        )
+    # Under the budget, nothing goes to a file.
+    assert isinstance(read_partition(batches, layout, memory=37 * row).features, np.ndarray)
+
+
+def _preprocess() -> Any:
+    from deepspark.models import Preprocess
+
+    return Preprocess(input_shape=(1, SIZE, SIZE), mean=(0.3,), std=(0.2,))
+
+
+@pytest.mark.parametrize("strategy", ["average", "allreduce"])
+def test_workers_over_their_memory_budget_train_exactly_as_in_memory(
+    spark: Any, tmp_path: Path, strategy: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    images, labels = _images(60)
+    df = spark.createDataFrame(
+        [(i.tobytes(), int(y)) for i, y in zip(images, labels, strict=True)], "image binary, label int"
+    )
+
+    def run(name: str, **kwargs: Any) -> list[str]:
+        result = fit(
+            df,
+            "mlp",
+            strategy=strategy,
+            workers=2,
+            input_shape=(1, SIZE, SIZE),
+            config={**SGD, "batch_size": 8, "epochs": 2, "seed": 3},
+            average={"tau": 2} if strategy == "average" else None,
+            run_dir=tmp_path / name,
+            **kwargs,
+        )
+        return [r["train_loss"] for r in _history(result.run_dir)]
+
+    held = run("held")
+    with caplog.at_level(logging.INFO, logger="deepspark"):
+        spilled = run("spilled", worker_memory=0)
+    assert spilled == held  # the same steps on the same values, read from the file
+    assert len(held) >= 4
+    who = "worker" if strategy == "average" else "gang rank"
+    assert sum(f"{who} " in m and "keeps its" in m for m in caplog.messages) == 2
+
+
+def test_worker_memory_is_a_size_and_only_for_spark_workers(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"worker_memory: expected a size in bytes, e\.g\. 512m or 4g, got '4x'"
+    ):
+        fit("mnist", strategy="average", workers=2, worker_memory="4x", run_dir=tmp_path / "a")
+    with pytest.raises(ConfigError, match="worker_memory: bounds the rows each worker"):
+        fit("mnist", worker_memory="1g", run_dir=tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_tasks_memory_budget() -> None:
+    from deepspark.spark import task_memory
+
+    assert task_memory(5, {"SPARK_LOCAL_DIRS": "/a,/b"}) == (5, "/a")
+    assert task_memory(None, {"PYSPARK_EXECUTOR_MEMORY_MB": "512"}) == (256 << 20, None)
+    budget, folder = task_memory(None, {})
+    assert folder is None and (budget is None or budget > 0)

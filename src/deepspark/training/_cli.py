@@ -60,6 +60,14 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "allreduce: the gang is restarted from its last round (default 60, at least 1)",
     )
     p.add_argument(
+        "--worker-memory",
+        default=None,
+        metavar="SIZE",
+        help="average, async, allreduce: rows a worker keeps in memory (e.g. 4g); a larger partition is "
+        "kept in a file in Spark's local directory (default: half of spark.executor.pyspark.memory, else "
+        "a quarter of the host's available memory)",
+    )
+    p.add_argument(
         "--device",
         default=None,
         choices=["auto", "cpu", "cuda"],
@@ -191,6 +199,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             options["device"] = args.device
     if args.heartbeat_timeout is not None:  # not saved with the run: a resume may change it
         options["heartbeat_timeout"] = args.heartbeat_timeout
+    if args.worker_memory is not None:  # not saved either: it changes where rows are kept, not training
+        options["worker_memory"] = args.worker_memory
     progress = _Progress(console)
     try:
         result = fit(

@@ -55,6 +55,7 @@ from deepspark.validation import (
     check_int,
     check_number,
     check_positive_int,
+    check_size,
     data_kind,
 )
 from deepspark.wire import DEFAULT_HEARTBEAT_TIMEOUT, heartbeat_interval
@@ -170,6 +171,7 @@ class _Run:
     heartbeat_timeout: float | None = DEFAULT_HEARTBEAT_TIMEOUT
     slow_worker: tuple[int, float] | None = None
     on_round: Callable[[dict[str, Any]], None] | None = None
+    worker_memory: int | None = None  # bytes of rows a worker keeps in memory (None: task_memory's default)
 
 
 def fit(
@@ -198,6 +200,7 @@ def fit(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     slow_worker: tuple[int, float] | None = None,
     device: str = "auto",
+    worker_memory: int | str | None = None,
 ) -> FitResult:
     """Train ``model`` on ``data`` with ``workers`` Spark tasks.
 
@@ -231,6 +234,12 @@ def fit(
     had failed, and its Spark job is cancelled and resubmitted; an ``allreduce`` gang's job is cancelled
     and the gang restarted from its last round. Not saved with the run: a resumed run takes the one
     given. ``local`` has no such clock and refuses another value than the default.
+
+    ``worker_memory`` (bytes, or a size such as ``"4g"``) bounds the rows a worker of ``average``,
+    ``async`` or ``allreduce`` keeps in memory: a partition larger than that is kept in a file in
+    Spark's local directory and read back a batch at a time (the same steps, from disk or the page
+    cache). By default, half of ``spark.executor.pyspark.memory`` where it is set, else a quarter of the
+    memory the worker's host has available when it reads. Not saved with the run.
     """
     started = time.perf_counter()
     _check_data_arguments(
@@ -306,6 +315,13 @@ def fit(
             "strategy 'local' trains in this process, drop it"
         )
     check_choice("device", device, DEVICES)
+    if worker_memory is not None:
+        worker_memory = check_size("worker_memory", worker_memory)
+        if strategy == "local":
+            raise ConfigError(
+                "worker_memory: bounds the rows each worker of the average, allreduce and async strategies "
+                "keeps in memory; strategy 'local' trains in this process, drop it"
+            )
     _check_slow_worker(slow_worker, strategy, workers)
     train_config = _train_config(config, strategy)
     settings = _settings(average, strategy, resume=resume)
@@ -443,6 +459,7 @@ def fit(
             heartbeat_timeout=heartbeat_timeout,
             slow_worker=(int(slow_worker[0]), float(slow_worker[1])) if slow_worker is not None else None,
             on_round=on_round,
+            worker_memory=worker_memory,
         )
         if strategy == "async":
             return _fit_async(run)
@@ -738,10 +755,12 @@ def _load(data: Any, data_dir: Any, limit_train: int | None, limit_test: int | N
 
 
 def _collect(df: Any, layout: FrameLayout, preprocess: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:
-    from deepspark.training.frame import read_partition
+    from deepspark.training.frame import RowFile, read_partition
 
     part = read_partition(keyed_rows(df, layout).toArrow().to_batches(), layout)
-    inputs = preprocess.apply(part.features) if layout.pixels else torch.from_numpy(part.features)
+    features = part.features
+    assert not isinstance(features, RowFile)  # read without a memory bound: never a file
+    inputs = preprocess.apply(features) if layout.pixels else torch.from_numpy(features)
     return inputs, torch.from_numpy(part.labels)
 
 
@@ -1025,6 +1044,7 @@ def _task_spec(run: _Run, total_steps: int, endpoint: tuple[str, int, str]) -> T
         slow_factor=run.slow_worker[1] if run.slow_worker is not None else 1.0,
         device=run.device,
         heartbeat_s=heartbeat_interval(run.heartbeat_timeout),
+        memory=run.worker_memory,
     )
 
 

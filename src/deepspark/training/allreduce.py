@@ -68,7 +68,7 @@ from deepspark import wire
 from deepspark.errors import DeepsparkError, DivergenceError, RunError
 from deepspark.models.checkpoint import state_from_bytes, state_to_bytes
 from deepspark.spark import device_label
-from deepspark.training.average import LOADED, RoundRecord, TaskSpec
+from deepspark.training.average import LOADED, RoundRecord, TaskSpec, log_spilled
 from deepspark.training.frame import count_disagrees, rows_changed
 
 if TYPE_CHECKING:
@@ -226,6 +226,7 @@ class GangServer:
                 raise DeepsparkError(
                     f"gang rank {rank}: expected its {LOADED!r} frame, got {loaded.get('op')!r}"
                 )
+            log_spilled(f"gang rank {rank}", loaded)
             with self._lock:
                 if attempt != self.attempt:
                     return  # its gang failed meanwhile (its job is being cancelled)
@@ -410,7 +411,7 @@ def allreduce_task(task: GangSpec, batches: Iterator[Any]) -> Iterator[Any]:
         wire.connect(task.host, task.port, token=task.token, hello=hello) as conn,
         wire.Heartbeat(conn, task.heartbeat_s),  # every rank: a frozen one stalls the whole gang
     ):
-        inputs, targets, digest = task.read(batches, device)
+        inputs, targets, digest, spilled = task.read(batches, device)
         # Rendezvous: rank 0 picks a free port on its host; everyone learns it.
         if rank == 0:
             with socket.socket() as probe:
@@ -436,7 +437,7 @@ def allreduce_task(task: GangSpec, batches: Iterator[Any]) -> Iterator[Any]:
                 world_size=world,
                 timeout=datetime.timedelta(seconds=task.timeout_s),
             )
-            steps = _train(task, rank, device, inputs, targets, digest, conn)
+            steps = _train(task, rank, device, inputs, targets, digest, spilled, conn)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
@@ -457,6 +458,7 @@ def _train(
     inputs: Examples,
     targets: torch.Tensor,
     digest: str,
+    spilled: int,
     conn: Any,
 ) -> int:
     """The gang member's loop on its connection to the driver: the loaded frame (its rows), the start
@@ -480,7 +482,7 @@ def _train(
     optimizer = make_optimizer(model, config)
     rate = cosine_rate(config.learning_rate, task.total_steps) if config.lr_schedule == "cosine" else None
     # Just before reading the start state, which the driver sends then.
-    conn.send({"op": LOADED, "rows": n, "digest": digest})
+    conn.send({"op": LOADED, "rows": n, "digest": digest, "spilled": spilled})
     start, payload = conn.recv()
     tensors = state_from_bytes(payload)
     model.load_state_dict(

@@ -244,6 +244,7 @@ class ServerState:
         header, _, _ = self.receive(conn)
         if header.get("op") != LOADED:
             raise DeepsparkError(f"worker {worker}: expected its {LOADED!r} frame, got {header.get('op')!r}")
+        log_spilled(f"worker {worker}", header)
         return int(header["rows"]), str(header["digest"])
 
     def deliver(self, conn: Any, header: Mapping[str, Any], payload: bytes) -> int:
@@ -652,6 +653,18 @@ def round_steps(tau: int, left: int) -> int:
     return left if left < 2 * tau else tau
 
 
+def log_spilled(who: str, loaded: Mapping[str, Any]) -> None:
+    """Say when a worker's rows exceeded its memory budget (its ``loaded`` frame's ``spilled`` bytes)."""
+    spilled = int(loaded.get("spilled") or 0)
+    if spilled:
+        _log.info(
+            "%s keeps its %.1f MiB of rows in a file in Spark's local directory, over its memory budget "
+            "(worker_memory), and reads them back a batch at a time",
+            who,
+            spilled / (1 << 20),
+        )
+
+
 # ----------------------------------------------------------------------------------- executor side
 @dataclass(frozen=True)
 class TaskSpec:
@@ -672,6 +685,7 @@ class TaskSpec:
     slow_factor: float = 1.0
     factory: Callable[[], torch.nn.Module] | None = None  # the user's model factory (pickled by Spark)
     heartbeat_s: float | None = None  # seconds between heartbeats while connected (None: none)
+    memory: int | None = None  # bytes of rows a worker keeps in memory (None: spark.task_memory's default)
 
     def build_model(self) -> torch.nn.Module:
         """The task's own module: from the factory, else from the spec (weights come from the driver)."""
@@ -687,16 +701,20 @@ class TaskSpec:
         if self.slow_worker == worker and self.slow_factor > 1:
             time.sleep((self.slow_factor - 1) * compute_s)
 
-    def read(self, batches: Iterator[Any], device: torch.device) -> tuple[Examples, torch.Tensor, str]:
-        """The task's partition as examples and int64 labels on ``device``, and its digest."""
+    def read(self, batches: Iterator[Any], device: torch.device) -> tuple[Examples, torch.Tensor, str, int]:
+        """The task's partition as examples and int64 labels on ``device``, its digest, and the bytes of
+        rows it keeps in a file (0: all in memory; see :func:`deepspark.spark.task_memory`)."""
         from deepspark.models import Preprocess
-        from deepspark.training.frame import read_partition
+        from deepspark.spark import task_memory
+        from deepspark.training.frame import RowFile, read_partition
         from deepspark.training.loop import Examples
 
-        part = read_partition(batches, self.layout)
+        memory, spill_dir = task_memory(self.memory)
+        part = read_partition(batches, self.layout, memory=memory, spill_dir=spill_dir)
         preprocess = Preprocess.from_dict(self.preprocess) if self.layout.pixels else None
         examples = Examples.of(part.features, preprocess, device)
-        return examples, torch.from_numpy(part.labels).to(device), part.digest
+        spilled = part.features.nbytes if isinstance(part.features, RowFile) else 0
+        return examples, torch.from_numpy(part.labels).to(device), part.digest, spilled
 
 
 @dataclass(frozen=True)
@@ -776,7 +794,7 @@ def load_worker(task: TaskSpec, batches: Iterator[Any]) -> Iterator[tuple[wire.C
         wire.connect(task.host, task.port, token=task.token, hello=hello) as conn,
         wire.Heartbeat(conn, task.heartbeat_s),
     ):
-        inputs, targets, digest = task.read(batches, device)
+        inputs, targets, digest, spilled = task.read(batches, device)
         config = TrainConfig.from_dict(task.config)
         unit = LoadedWorker(
             worker=worker,
@@ -789,7 +807,7 @@ def load_worker(task: TaskSpec, batches: Iterator[Any]) -> Iterator[tuple[wire.C
             else None,
             slowdown=task.slowdown,
         )
-        conn.send({"op": LOADED, "rows": len(targets), "digest": digest})
+        conn.send({"op": LOADED, "rows": len(targets), "digest": digest, "spilled": spilled})
         yield conn, unit
 
 

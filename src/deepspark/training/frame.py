@@ -17,6 +17,8 @@ skipping would silently change the data and every worker's step budget.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -37,6 +39,7 @@ __all__ = [
     "LABEL",
     "FrameLayout",
     "Partition",
+    "RowFile",
     "count_disagrees",
     "describe_frame",
     "keyed_rows",
@@ -379,60 +382,127 @@ def keyed_rows(df: DataFrame, layout: FrameLayout) -> DataFrame:
     )
 
 
+class RowFile:
+    """A partition's rows in an anonymous file (unlinked: the system frees it when the task's worker
+    closes it or dies), read back a batch at a time: what a worker keeps when its rows exceed its memory
+    budget. Row ``i`` in key order is row ``order[i]`` of the file, which holds them as they arrived.
+
+    Indexed by a 1-D array of row numbers (a batch's, from :class:`~deepspark.training.loop.DataCursor`),
+    it gives those rows as a new CPU tensor; the operating system's page cache keeps what memory allows.
+    """
+
+    def __init__(self, file: Any, shape: tuple[int, ...], dtype: np.dtype, order: np.ndarray) -> None:
+        self._file = file
+        self.shape = shape
+        self.dtype = np.dtype(dtype)
+        self.order = order
+        self.row_bytes = math.prod(shape) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.order) * self.row_bytes
+
+    def __getitem__(self, index: Any) -> Any:
+        import torch
+
+        rows = self.order[
+            np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64)
+        ]
+        out = np.empty((len(rows), *self.shape), dtype=self.dtype)
+        flat = out.reshape(len(rows), -1).view(np.uint8)
+        fd = self._file.fileno()
+        for i in np.argsort(rows, kind="stable"):  # in file order
+            got = os.preadv(fd, [flat[i]], int(rows[i]) * self.row_bytes)
+            if got != self.row_bytes:
+                raise DatasetError(f"the worker's file of rows ended early (row {int(rows[i])}: {got} bytes)")
+        return torch.from_numpy(out)
+
+
 @dataclass(frozen=True)
 class Partition:
-    """The rows one task read: features ``[n, C, H, W]`` and int64 labels in key order, and their digest
-    (what :func:`sum_digests` adds up to the frame's: a retried task must read the same)."""
+    """The rows one task read: features ``[n, C, H, W]`` (an array, or a :class:`RowFile` when they
+    exceeded the task's memory budget) and int64 labels in key order, and their digest (what
+    :func:`sum_digests` adds up to the frame's: a retried task must read the same)."""
 
-    features: np.ndarray
+    features: np.ndarray | RowFile
     labels: np.ndarray
     digest: str
 
 
-def read_partition(batches: Iterable[Any], layout: FrameLayout) -> Partition:
+def read_partition(
+    batches: Iterable[Any], layout: FrameLayout, *, memory: int | None = None, spill_dir: str | None = None
+) -> Partition:
     """A task's Arrow record batches (:data:`FEATURE`, :data:`LABEL`, :data:`KEY` and :data:`HASH`
     columns, as :func:`keyed_rows` selects them) → its :class:`Partition`.
 
-    Features are uint8 for ``bytes`` and ``image`` columns and float32 for ``array`` columns. Raises
-    :class:`DatasetError` naming the row key of an image that does not decode to the input's shape.
+    Features are uint8 for ``bytes`` and ``image`` columns and float32 for ``array`` columns. When they
+    come to more than ``memory`` bytes (None: no bound), all of them go to a :class:`RowFile` in
+    ``spill_dir`` instead, a batch at a time as they arrive. Raises :class:`DatasetError` naming the row
+    key of an image that does not decode to the input's shape.
     """
     from deepspark.data.frames import decode_binary
 
     features: list[np.ndarray] = []
+    held = 0
+    spill: Any = None
     labels: list[np.ndarray] = []
     keys: list[np.ndarray] = []
     high = low = 0
     width = math.prod(layout.shape)
-    for batch in batches:
-        if batch.num_rows == 0:
-            continue
-        column = batch.column(FEATURE)
-        if column.null_count:
-            raise DatasetError(f"feature_column {layout.feature_column!r}: {column.null_count} null value(s)")
-        if layout.kind == "bytes":
-            features.append(decode_binary(column, layout.shape, layout.feature_column))
-        elif layout.kind == "image":
-            features.append(_decode_images(column, batch.column(KEY), layout))
-        else:
-            values = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
-            if values.size != width * batch.num_rows:
+    try:
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            column = batch.column(FEATURE)
+            if column.null_count:
                 raise DatasetError(
-                    f"feature_column {layout.feature_column!r}: arrays must hold {width} values each"
+                    f"feature_column {layout.feature_column!r}: {column.null_count} null value(s)"
                 )
-            features.append(values.reshape(-1, *layout.shape))
-        labels.append(np.asarray(batch.column(LABEL).to_numpy(), dtype=np.int64))
-        keys.append(np.asarray(batch.column(KEY).to_numpy(), dtype=np.int64))
-        hashes = np.asarray(batch.column(HASH).to_numpy(), dtype=np.int64).view(np.uint64)
-        high += int((hashes >> np.uint64(32)).sum(dtype=np.uint64))  # < 2**32 rows of < 2**32 each
-        low += int((hashes & np.uint64(0xFFFFFFFF)).sum(dtype=np.uint64))
+            if layout.kind == "bytes":
+                decoded = decode_binary(column, layout.shape, layout.feature_column)
+            elif layout.kind == "image":
+                decoded = _decode_images(column, batch.column(KEY), layout)
+            else:
+                values = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+                if values.size != width * batch.num_rows:
+                    raise DatasetError(
+                        f"feature_column {layout.feature_column!r}: arrays must hold {width} values each"
+                    )
+                decoded = values.reshape(-1, *layout.shape)
+            if spill is None and memory is not None and held + decoded.nbytes > memory:
+                # Kept open by the RowFile past this function (it is unlinked: closing it frees it).
+                spill = tempfile.TemporaryFile(dir=spill_dir, prefix="deepspark-rows-")  # noqa: SIM115
+                for earlier in features:
+                    spill.write(np.ascontiguousarray(earlier).data)
+                features = []
+            if spill is not None:
+                spill.write(np.ascontiguousarray(decoded).data)
+            else:
+                features.append(decoded)
+                held += decoded.nbytes
+            labels.append(np.asarray(batch.column(LABEL).to_numpy(), dtype=np.int64))
+            keys.append(np.asarray(batch.column(KEY).to_numpy(), dtype=np.int64))
+            hashes = np.asarray(batch.column(HASH).to_numpy(), dtype=np.int64).view(np.uint64)
+            high += int((hashes >> np.uint64(32)).sum(dtype=np.uint64))  # < 2**32 rows of < 2**32 each
+            low += int((hashes & np.uint64(0xFFFFFFFF)).sum(dtype=np.uint64))
+    except BaseException:
+        if spill is not None:
+            spill.close()
+        raise
     dtype = np.uint8 if layout.pixels else np.float32
-    if not features:
+    if not labels:
         return Partition(
             np.zeros((0, *layout.shape), dtype=dtype), np.zeros(0, dtype=np.int64), _digest(0, 0)
         )
-    x = np.concatenate(features)
     y = np.concatenate(labels)
     order = np.argsort(np.concatenate(keys), kind="stable")
+    if spill is not None:
+        spill.flush()
+        return Partition(RowFile(spill, layout.shape, np.dtype(dtype), order), y[order], _digest(high, low))
+    x = np.concatenate(features)
     return Partition(np.ascontiguousarray(x[order]), y[order], _digest(high, low))
 
 
