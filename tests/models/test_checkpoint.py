@@ -218,3 +218,17 @@ def test_a_metadata_json_nested_too_deeply_is_a_checkpoint_error(tmp_path) -> No
     (path / "metadata.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(CheckpointError, match="metadata.json is not a metadata file: nested too deeply"):
         load_checkpoint(path)
+
+
+def test_a_bad_layer_in_spec_json_is_a_checkpoint_error_naming_the_file(tmp_path) -> None:
+    spec = model_spec("mlp", input_shape=(1, 4, 4), num_classes=3)
+    path = save_checkpoint(
+        tmp_path / "ck", build_model(spec), spec, preprocess=Preprocess((1, 4, 4), (0.0,), (1.0,))
+    )
+    data = json.loads((path / "spec.json").read_text())
+    data["layers"][-1]["bogus"] = 1
+    (path / "spec.json").write_text(json.dumps(data))
+    with pytest.raises(
+        CheckpointError, match=rf"checkpoint {path}: bad spec\.json: layer \d+ \(linear\): unknown"
+    ):
+        load_checkpoint(path)

@@ -230,7 +230,10 @@ def build_checkpoint_model(spec: ModelSpec, weights: bytes, *, source: str | os.
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    model = build_model(spec)
+    try:
+        model = build_model(spec)
+    except SpecError as exc:  # a layer's parameters, checked as the layer is built
+        raise CheckpointError(f"checkpoint {source}: bad {SPEC}: {exc}") from exc
     try:
         state = load(bytes(weights))
     except (SafetensorError, ValueError) as exc:
