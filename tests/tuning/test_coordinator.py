@@ -761,3 +761,53 @@ def test_a_configuration_beyond_optunas_parameters_is_recorded_and_read_back() -
     for t, record in zip(study.get_trials(deepcopy=False), records_from_study(study), strict=True):
         assert t.user_attrs["deepspark:config"] == {**t.params, "epochs": 3}
         assert record.params == {**t.params, "epochs": 3}
+
+
+def test_a_better_trials_model_is_never_overwritten_by_an_older_bests_slower_write() -> None:
+    # Trial 0's model is being written (slowly: a loaded machine) when trial 1 finishes better and
+    # sends its own: the last write to end must be trial 1's, or best/ holds a model best.json does not
+    # name (and the study's end then removes it as stale: the best model lost).
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    entered, gate = threading.Event(), threading.Event()
+    written: list[int] = []
+
+    def on_model(record, files) -> None:
+        if record.number == 0:
+            entered.set()
+            gate.wait(10)
+        written.append(record.number)
+
+    coord = Coordinator(
+        optuna.create_study(direction="maximize"),
+        distributions={"x": optuna.distributions.FloatDistribution(0.0, 1.0)},
+        fixed={},
+        n_trials=2,
+        on_model=on_model,
+    )
+    coord.start()
+    try:
+        endpoint = coord.endpoint
+        workers = []
+        for slot in (0, 1):
+            hello = {"slot": slot, "worker": f"w{slot}"}
+            workers.append(wire.connect(endpoint.host, endpoint.port, token=endpoint.token, hello=hello))
+            workers[-1].settimeout(10)
+        trials = [_ask(w, {"op": "next"})["trial"] for w in workers]
+        assert trials == [0, 1]
+        for worker, trial, value in ((workers[0], 0, 0.1), (workers[1], 1, 0.9)):
+            assert _ask(worker, {"op": "done", "trial": trial, "state": "complete", "value": value}) == {
+                "send_model": True
+            }
+            worker.send({"op": "model", "trial": trial, "files": [["spec.json", 2]]}, b"{}")
+            if trial == 0:
+                assert entered.wait(10)  # trial 0's write has begun
+        time.sleep(0.3)  # trial 1's model is in: its handler may write now
+        gate.set()
+        for worker in workers:
+            assert worker.recv() == ({"ok": True}, b"")
+            worker.close()
+        _until(lambda: coord.finished)
+    finally:
+        gate.set()
+        coord.close()
+    assert written[-1] == 1

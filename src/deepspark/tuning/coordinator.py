@@ -202,6 +202,9 @@ class Coordinator:
         self._on_default_model = on_default_model
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
+        # Model files are written one at a time, each after checking it is still the best's: two
+        # handlers writing at once, the older best's write could end last and leave best/ stale.
+        self._model_lock = threading.Lock()
         self._retry: deque[_Running] = deque()
         self._running: dict[int, _Running] = {}
         self._by_slot: dict[int, set[int]] = {}
@@ -625,10 +628,11 @@ class Coordinator:
         record = next((r for r in self.records if r.number == number), None)
         if not files or record is None:
             return
-        if record.is_default and self._on_default_model is not None:
-            self._on_default_model(record, files)
-        if self._on_model is not None and self._best is not None and self._best[1] == number:
-            self._on_model(record, files)  # unless a better trial finished meanwhile
+        with self._model_lock:
+            if record.is_default and self._on_default_model is not None:
+                self._on_default_model(record, files)
+            if self._on_model is not None and self._best is not None and self._best[1] == number:
+                self._on_model(record, files)  # unless a better trial finished meanwhile
 
     def worker_lost(self, slot: int, *, reason: str, conn_id: int | None = None) -> None:
         """The worker on ``slot`` died: its running trials go back in the queue (or FAIL after retries).
