@@ -95,7 +95,7 @@ def test_recv_refuses_an_oversized_frame_before_reading_it() -> None:
             wire.recv(b, limit=50)
 
 
-@pytest.mark.parametrize("head", [b"[1,2]", b"not json", b"\xff\xfe{}"])
+@pytest.mark.parametrize("head", [b"[1,2]", b"not json", b"\xff\xfe{}", b"[" * 50_000, b'{"a":' * 20_000])
 def test_a_header_that_is_not_a_json_object_is_a_protocol_error(head: bytes) -> None:
     a, b = socket.socketpair()
     with a, b:
@@ -196,6 +196,11 @@ def _bad_silent(sock: socket.socket) -> None:
     pass
 
 
+def _bad_nested_hello(sock: socket.socket) -> None:
+    head = b"[" * (wire.MAX_HELLO - 16)  # json recurses per level: a RecursionError, not a ValueError
+    sock.sendall(struct.pack(">IQ", len(head), 0) + head)
+
+
 @pytest.mark.parametrize(
     "misbehave",
     [
@@ -205,6 +210,7 @@ def _bad_silent(sock: socket.socket) -> None:
         _bad_oversized,
         _bad_hello_just_over_the_limit,
         _bad_silent,
+        _bad_nested_hello,
     ],
 )
 def test_a_bad_peer_is_closed_quickly_while_a_legitimate_client_is_served(server, misbehave) -> None:
@@ -241,6 +247,14 @@ def test_rejections_are_warned_once_per_reason_then_logged_at_debug(server, capl
     _until(lambda: len([r for r in caplog.records if "wrong token" in r.getMessage()]) == 3)
     levels = [r.levelno for r in caplog.records if "wrong token" in r.getMessage()]
     assert levels == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+
+
+def test_a_deeply_nested_hello_is_a_logged_rejection_not_a_thread_traceback(server, caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="deepspark.wire")
+    with socket.create_connection(server.address, timeout=WAIT) as bad:
+        _bad_nested_hello(bad)
+        assert _closed_by_server(bad)
+    _until(lambda: any("no valid hello (ProtocolError)" in r.getMessage() for r in caplog.records))
 
 
 def test_max_connections_is_enforced() -> None:

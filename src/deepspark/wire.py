@@ -137,6 +137,8 @@ def _recv_frame(
         header = json.loads(_recv_exact(sock, head_len, deadline).decode("utf-8"))
     except ValueError as exc:  # bad UTF-8 or bad JSON
         raise ProtocolError(f"frame header is not UTF-8 JSON: {exc}") from exc
+    except RecursionError:  # json recurses per nesting level: 64 KiB of "[" is a hello's worth
+        raise ProtocolError("frame header is not a frame of ours: JSON nested too deeply") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"frame header must be a JSON object, got {type(header).__name__}")
     payload = bytes(_recv_exact(sock, size, deadline)) if size else b""
