@@ -80,6 +80,16 @@ def test_bad_layers(layers, message) -> None:
         load_spec({"input_shape": [1, 8, 8], "layers": layers}).output_shape()
 
 
+def test_output_shape_allocates_no_weights_and_a_size_torch_cannot_build_is_a_spec_error() -> None:
+    huge = load_spec({"input_shape": [784], "layers": [{"type": "linear", "out_features": 10**12}]})
+    assert huge.output_shape() == (10**12,)  # 3 TB of weights: torch's allocation error before
+    with pytest.raises(SpecError, match=r"layer 0 \(linear\): torch cannot build it"):
+        build_model(huge)
+    beyond = load_spec({"input_shape": [784], "layers": [{"type": "linear", "out_features": 10**20}]})
+    with pytest.raises(SpecError, match=r"layer 0 \(linear\): torch cannot build it"):
+        beyond.output_shape()  # past int64: a TypeError before
+
+
 def test_pool_stride_may_be_null_and_means_the_kernel_size() -> None:
     spec = load_spec(
         {"input_shape": [1, 5, 7], "layers": [{"type": "avgpool", "kernel_size": 2, "stride": None}]}

@@ -125,8 +125,9 @@ class ModelSpec:
     def output_shape(self) -> Shape:
         """The shape of one sample's output (checks every layer on the way)."""
         shape = self.input_shape
-        for i, layer in enumerate(self.layers):
-            _, shape = _make_layer(i, layer, shape)
+        with torch.device("meta"):  # shapes only: a layer's weights are never allocated for this
+            for i, layer in enumerate(self.layers):
+                _, shape = _make_layer(i, layer, shape)
         return shape
 
     def check_fits(self, *, input_shape: Sequence[int], num_classes: int) -> None:
@@ -326,4 +327,7 @@ def _make_layer(i: int, layer: Mapping[str, Any], shape: Shape) -> tuple[nn.Modu
     maker = LAYER_TYPES.get(kind)
     if maker is None:
         raise SpecError(f"layer {i}: unknown type {layer.get('type')!r}; known types: {sorted(LAYER_TYPES)}")
-    return maker(i, {**layer, "type": kind}, shape)
+    try:
+        return maker(i, {**layer, "type": kind}, shape)
+    except (RuntimeError, TypeError, OverflowError) as exc:  # torch's: sizes it cannot allocate or describe
+        raise SpecError(f"layer {i} ({kind}): torch cannot build it ({str(exc).splitlines()[0]})") from None
