@@ -79,6 +79,31 @@ def test_weights_that_do_not_match_the_spec(tmp_path) -> None:
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("units", [10**12, 10**20])
+def test_a_spec_far_larger_than_its_weights_is_refused_before_any_allocation(tmp_path, units) -> None:
+    spec = model_spec("mlp", hidden=8)
+    names = [str(i) for i in range(10)]
+    path = save_checkpoint(tmp_path / "ck", build_model(spec), spec, preprocess=PRE, class_names=names)
+    data = json.loads((path / "spec.json").read_text())
+    data["layers"][1]["out_features"] = units  # terabytes of weights: torch's allocation error before
+    (path / "spec.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="spec.json"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int8])
+def test_weights_that_are_not_floats_are_refused_not_cast(tmp_path, dtype) -> None:
+    from safetensors.torch import load_file, save_file
+
+    spec = model_spec("mlp", hidden=8)
+    path = save_checkpoint(tmp_path / "ck", build_model(spec), spec, preprocess=PRE)
+    state = load_file(path / "model.safetensors")
+    name = next(iter(state))
+    save_file({**state, name: state[name].to(dtype)}, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"{name} is {dtype}"):
+        load_checkpoint(path)
+
+
 def test_state_bytes_round_trip_is_exact_and_never_pickles() -> None:
     from deepspark.models import state_from_bytes, state_to_bytes
 

@@ -231,18 +231,47 @@ def build_checkpoint_model(spec: ModelSpec, weights: bytes, *, source: str | os.
     from safetensors.torch import load
 
     try:
-        model = build_model(spec)
-    except SpecError as exc:  # a layer's parameters, checked as the layer is built
-        raise CheckpointError(f"checkpoint {source}: bad {SPEC}: {exc}") from exc
-    try:
         state = load(bytes(weights))
     except (SafetensorError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {source}: cannot read {WEIGHTS}: {exc}") from exc
+    _check_weights(spec, state, source)
+    try:
+        model = build_model(spec)
+    except SpecError as exc:  # a layer's parameters, checked as the layer is built
+        raise CheckpointError(f"checkpoint {source}: bad {SPEC}: {exc}") from exc
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {source}: weights do not match {SPEC}: {exc}") from exc
     return model.eval()
+
+
+def _check_weights(
+    spec: ModelSpec, state: Mapping[str, torch.Tensor], source: str | os.PathLike[str]
+) -> None:
+    """The weights must be the tensors ``spec`` builds, checked against the model built on the meta device
+    (shapes, no memory) before the real one is allocated: a ``spec.json`` naming a layer of 10**12 units
+    beside a small weights file made the driver allocate terabytes (a traceback) or gigabytes (before the
+    mismatch was found); integer or boolean weights were cast to floats without a word."""
+    try:
+        with torch.device("meta"):
+            expected = build_model(spec).state_dict()
+    except SpecError as exc:
+        raise CheckpointError(f"checkpoint {source}: bad {SPEC}: {exc}") from exc
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise CheckpointError(
+            f"checkpoint {source}: weights do not match {SPEC}: "
+            f"{'missing ' + str(missing[:5]) if missing else ''}{'; ' if missing and extra else ''}"
+            f"{'unexpected ' + str(extra[:5]) if extra else ''}"
+        )
+    for name, want in expected.items():
+        got = state[name]
+        if got.shape != want.shape or got.is_floating_point() != want.is_floating_point():
+            raise CheckpointError(
+                f"checkpoint {source}: weights do not match {SPEC}: {name} is {got.dtype} "
+                f"{list(got.shape)} in {WEIGHTS}, the network needs {want.dtype} {list(want.shape)}"
+            )
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointFiles:
@@ -272,6 +301,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointFiles:
     refuse_pickle(p / WEIGHTS)
     try:
         spec = ModelSpec.from_file(p / SPEC)
+        spec.output_shape()  # every layer's parameters, checked here once for the checks below
     except SpecError as exc:
         raise CheckpointError(f"checkpoint {p}: bad {SPEC}: {exc}") from exc
     try:
