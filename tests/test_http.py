@@ -9,6 +9,7 @@ import http.server
 import io
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -172,12 +173,54 @@ def test_a_503_is_retried_and_a_retried_attempt_starts_the_output_again(server: 
 
 def test_timeouts_a_silent_server_and_a_trickling_one(server: tuple[str, _State]) -> None:
     url, state = server
-    with pytest.raises(FetchError, match="timed out") as err:
+    with pytest.raises(FetchError, match="no complete answer within 0.3 s") as err:
         _get(f"{url}/silent", timeout=0.3, retries=1)
     assert err.value.transient and state.hits["/silent"] == 2
     # Each read gets a byte well within read_timeout; the per-attempt deadline still ends it.
     with pytest.raises(FetchError, match="no complete answer within 0.5 s"):
         _get(f"{url}/trickle", timeout=0.5, read_timeout=5.0, retries=0)
+
+
+def _trickling_server(head: bytes) -> tuple[socket.socket, threading.Event]:
+    """A server that answers every request with ``head``, a byte every 20 ms, and never ends."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            for byte in head * 1000:
+                if stop.wait(0.02):
+                    return
+                conn.sendall(bytes([byte]))
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener, stop
+
+
+@pytest.mark.parametrize("head", [b"HTTP/1.1 200 OK\r\n", b"X-Padding: 0123456789\r\n"])
+def test_a_status_line_or_headers_trickled_a_byte_at_a_time_end_at_the_deadline(head: bytes) -> None:
+    # Each byte comes well within the socket timeout, so only the attempt's deadline can end it: urllib
+    # reads the status line and headers before our loop sees a byte (100 headers of 64 KiB: hours).
+    if not head.startswith(b"HTTP"):
+        head = b"HTTP/1.1 200 OK\r\n" + head * 100
+    listener, stop = _trickling_server(head)
+    try:
+        started = time.monotonic()
+        with pytest.raises(FetchError, match="no complete answer within 0.5 s") as err:
+            _get(f"http://127.0.0.1:{listener.getsockname()[1]}/x", timeout=0.5, read_timeout=5.0, retries=0)
+        assert time.monotonic() - started < 3.0 and err.value.transient
+    finally:
+        stop.set()
+        listener.close()
 
 
 def test_a_refused_connection_is_a_transient_failure() -> None:

@@ -2,7 +2,8 @@
 
 What it guarantees, whoever calls it: only ``http``/``https`` URLs, and redirects only to them (urllib
 would follow ``ftp://`` too); a deadline per attempt (``timeout`` seconds end to end, checked after every
-socket read, so a server trickling bytes cannot hold a task forever); a size cap checked against
+socket read of the body, and enforced on the TLS handshake, status line and headers by shutting the
+attempt's sockets down, so a server trickling bytes cannot hold a task forever); a size cap checked against
 ``Content-Length`` before reading and against the bytes actually read; and a bounded number of retries
 with exponential backoff for failures that asking again can cure (5xx answers, refused or dropped
 connections, truncated bodies, timeouts), never for a 4xx, an oversized body or a refused redirect.
@@ -13,11 +14,15 @@ error (a row's error in predict, a source's report line in ``data fetch``).
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
@@ -55,7 +60,89 @@ class _SafeRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-_opener = urllib.request.build_opener(_SafeRedirects())
+class _Deadline:
+    """Shuts down the sockets of one attempt when its ``seconds`` are up.
+
+    A socket timeout bounds each read, not the status line and headers (and a TLS handshake), which
+    urllib reads before any body byte reaches our loop: a server sending them a byte at a time held an
+    attempt for hours. Each connection registers a duplicate of its TCP socket (a TLS wrap detaches the
+    original), whose shutdown wakes any read on the connection with an end of stream.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def watch(self, sock: socket.socket) -> None:
+        dup = sock.dup()
+        with self._lock:
+            self._socks.append(dup)
+            expired = self.expired
+        if expired:
+            _shut(dup)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            socks = list(self._socks)
+        for sock in socks:
+            _shut(sock)
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._timer.cancel()
+        with self._lock:
+            socks, self._socks = self._socks, []
+        for sock in socks:
+            sock.close()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _WatchedHTTPConnection(http.client.HTTPConnection):
+    deadline: _Deadline  # set by _watched right after construction, before connect()
+
+    def connect(self) -> None:
+        super().connect()  # for HTTPS, the TCP connection before its TLS wrap (the MRO below)
+        self.deadline.watch(self.sock)
+
+
+class _WatchedHTTPSConnection(http.client.HTTPSConnection, _WatchedHTTPConnection):
+    pass
+
+
+def _watched(cls: type[_WatchedHTTPConnection], deadline: _Deadline) -> Callable[..., Any]:
+    def make(*args: Any, **kwargs: Any) -> _WatchedHTTPConnection:
+        conn = cls(*args, **kwargs)
+        conn.deadline = deadline
+        return conn
+
+    return make
+
+
+class _WatchedHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    """urllib's http and https handlers, whose connections register with ``deadline``."""
+
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req: Any) -> Any:
+        return self.do_open(_watched(_WatchedHTTPConnection, self.deadline), req)
+
+    def https_open(self, req: Any) -> Any:
+        return self.do_open(_watched(_WatchedHTTPSConnection, self.deadline), req)
 
 
 def _check_url(url: str) -> None:
@@ -79,7 +166,33 @@ def _attempt(
     progress: Progress | None,
 ) -> int:
     deadline = time.monotonic() + timeout
-    with _opener.open(request, timeout=read_timeout) as resp:
+    with _Deadline(timeout) as watch:
+        opener = urllib.request.build_opener(_SafeRedirects(), _WatchedHandler(watch))
+        try:
+            size = _read(opener, request, out, deadline, timeout, read_timeout, max_bytes, progress)
+        except (http.client.HTTPException, OSError) as exc:  # URLError and HTTPError are OSErrors
+            # Whichever noticed first, the shutdown or a socket timeout as long as the attempt: one message.
+            if (watch.expired or time.monotonic() >= deadline) and not isinstance(
+                exc, urllib.error.HTTPError
+            ):
+                raise TimeoutError(f"no complete answer within {timeout:g} s") from exc
+            raise
+        if watch.expired:  # the shutdown may read as the end of a body without Content-Length
+            raise TimeoutError(f"no complete answer within {timeout:g} s")
+        return size
+
+
+def _read(
+    opener: urllib.request.OpenerDirector,
+    request: urllib.request.Request,
+    out: BinaryIO,
+    deadline: float,
+    timeout: float,
+    read_timeout: float,
+    max_bytes: int,
+    progress: Progress | None,
+) -> int:
+    with opener.open(request, timeout=read_timeout) as resp:
         length = resp.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
         if total is not None and total > max_bytes:
