@@ -207,6 +207,40 @@ def test_a_blank_line_inside_a_label_file_is_refused(small_model: Model, tmp_pat
         load_model(small_model.path, labels=labels)
 
 
+def test_an_onnx_model_with_external_data_is_refused_not_read_from_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime, given the model's bytes, read the external file from each process's working folder:
+    the driver's check passed when run from the model's folder, and the executors failed or read another."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = numpy_helper.from_array(np.ones((4, 10), np.float32), "W")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["input", "shape"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "W"], ["logits"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 2, 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [weights, numpy_helper.from_array(np.array([-1, 4], np.int64), "shape")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, path, save_as_external_data=True, location="m.onnx.data", size_threshold=64)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        CheckpointError, match=r"tensor 'W' is stored outside the model file \('m.onnx.data'\)"
+    ):
+        load_model(path, preprocess=Preprocess(input_shape=(1, 2, 2), mean=(0.0,), std=(1.0,)))
+    (tmp_path / "junk.onnx").write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="junk.onnx"):
+        load_model(
+            tmp_path / "junk.onnx", preprocess=Preprocess(input_shape=(1, 2, 2), mean=(0.0,), std=(1.0,))
+        )
+
+
 def test_missing_model_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model"):
         load_model(tmp_path / "nope")

@@ -32,11 +32,13 @@ import io
 import json
 import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from deepspark._compat import StrEnum
+from deepspark._optional import require
 from deepspark.errors import CheckpointError, ConfigError
 from deepspark.models.checkpoint import METADATA, SPEC, read_checkpoint, read_metadata
 from deepspark.models.export import ONNX_FILE
@@ -166,6 +168,43 @@ def _check_pt2(path: Path, payload: bytes) -> None:
             raise CheckpointError(f"{path}: a torch.export archive without a program under {c.MODELS_DIR}")
 
 
+def _onnx_tensors(nodes: Any, graphs: Any = ()) -> Iterator[Any]:
+    """Every tensor an ONNX graph holds: initializers and node attributes, subgraphs included."""
+    for graph in graphs:
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+        yield from _onnx_tensors(graph.node)
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            yield from _onnx_tensors((), [*([attr.g] if attr.HasField("g") else []), *attr.graphs])
+
+
+def _check_onnx(path: Path, payload: bytes) -> None:
+    """Refuse an ONNX model whose tensors live in external files: the model is broadcast as the bytes of
+    its one file, and onnxruntime resolves such a file against the working directory of each process that
+    loads it (the driver's, an executor's), not the model's folder."""
+    from google.protobuf.message import DecodeError
+
+    onnx = require("onnx", feature="ONNX models")
+    try:
+        model = onnx.load_model_from_string(payload)
+    except (DecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not an ONNX model: {exc}") from exc
+    functions = [node for function in model.functions for node in function.node]
+    for tensor in _onnx_tensors(functions, [model.graph]):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            where = next((e.value for e in tensor.external_data if e.key == "location"), "?")
+            raise CheckpointError(
+                f"{path}: tensor {tensor.name!r} is stored outside the model file ({where!r}); deepspark "
+                "sends the model file alone to Spark: save it with its weights inside "
+                "(onnx.save(model, path, save_as_external_data=False), below 2 GiB)"
+            )
+
+
 # ------------------------------------------------------------------------------------------ reading
 def read_model(
     path: str | os.PathLike[str],
@@ -189,6 +228,8 @@ def read_model(
         source = p
         if fmt is ModelFormat.EXPORT:
             _check_pt2(p, payload)
+        elif fmt is ModelFormat.ONNX:
+            _check_onnx(p, payload)
     stored = Preprocess.from_dict(metadata["preprocess"]) if "preprocess" in metadata else None
     if preprocess is None:
         if stored is None:
