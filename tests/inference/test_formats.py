@@ -148,6 +148,30 @@ def test_pt2_entries_that_would_be_unpickled_are_refused(exported: dict[str, Pat
             load_model(path)
 
 
+@pytest.mark.parametrize(
+    ("entry", "data", "why"),
+    [
+        (
+            "_weights_config.json",
+            b"{not json",
+            "model_weights_config.json in the torch.export archive is not",
+        ),
+        ("_weights_config.json", b"[1, 2]", "is not a JSON config of entries"),
+        ("_constants_config.json", b'{"config": {"c": 1}}', "is not a JSON config of entries"),
+        ("archive_version", b"\xff\xfe", "not a readable torch.export archive"),
+    ],
+)
+def test_a_malformed_pt2_archive_is_a_checkpoint_error_not_a_traceback(
+    exported: dict[str, Path], tmp_path: Path, entry: str, data: bytes, why: str
+) -> None:
+    def edit(name: str, old: bytes) -> bytes:
+        return data if name.endswith(entry) else old
+
+    path = _rewrite_pt2(exported["torch.export"], tmp_path / "bad.pt2", edit)
+    with pytest.raises(CheckpointError, match=why):
+        load_model(path)
+
+
 def test_a_model_without_metadata_needs_preprocessing(exported: dict[str, Path], tmp_path: Path) -> None:
     bare = shutil.copy(exported["onnx"], tmp_path / "bare.onnx")
     with pytest.raises(ConfigError, match="preprocess"):

@@ -32,6 +32,7 @@ import io
 import json
 import os
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,27 @@ def _full_name(zf: zipfile.ZipFile, relative: str) -> str:
 
 def _check_pt2(path: Path, payload: bytes) -> None:
     """Refuse a ``.pt2`` archive with any entry that ``torch.export.load`` would unpickle."""
+    try:
+        _audit_pt2(path, payload)
+    except (KeyError, UnicodeDecodeError, zipfile.BadZipFile, zlib.error) as exc:  # a crafted or damaged zip
+        raise CheckpointError(
+            f"{path}: not a readable torch.export archive ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def _pt2_config(path: Path, name: str, data: bytes) -> dict[str, dict[str, Any]]:
+    """A weights or constants ``*_config.json`` of a ``.pt2`` archive: ``{fqn: entry}``."""
+    try:
+        config = json.loads(data)
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, nested too deeply
+        config = None
+    entries = config.get("config", {}) if isinstance(config, dict) else None
+    if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+        raise CheckpointError(f"{path}: {name} in the torch.export archive is not a JSON config of entries")
+    return entries
+
+
+def _audit_pt2(path: Path, payload: bytes) -> None:
     import torch
     from torch.export.pt2_archive import constants as c
 
@@ -148,8 +170,7 @@ def _check_pt2(path: Path, payload: bytes) -> None:
             if name.startswith((c.WEIGHTS_DIR, c.CONSTANTS_DIR)) and name.endswith(".pt"):
                 raise refusal(path, f"it holds pickled weights ({name}, the legacy layout)")
             if name.endswith("_config.json") and name.startswith((c.WEIGHTS_DIR, c.CONSTANTS_DIR)):
-                config = json.loads(zf.read(_full_name(zf, name)))
-                for fqn, entry in config.get("config", {}).items():
+                for fqn, entry in _pt2_config(path, name, zf.read(_full_name(zf, name))).items():
                     if entry.get("use_pickle"):
                         raise refusal(path, f"entry {fqn!r} is pickled (a tensor subclass)")
                     file = str(entry.get("path_name", ""))
