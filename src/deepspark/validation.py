@@ -22,12 +22,24 @@ __all__ = [
     "check_size",
     "data_kind",
     "fail",
+    "is_finite_number",
 ]
 
 
 def fail(name: str, expected: str, given: Any) -> ConfigError:
     """The error for parameter ``name``: what was expected and what was given."""
     return ConfigError(f"{name}: expected {expected}, got {given!r}")
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether ``value`` is an int or float (not a bool) that is finite as a float: an int beyond the
+    float range (``10**400``, from a settings file) is not, where ``math.isfinite`` raised OverflowError."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def data_kind(value: Any) -> str:
@@ -81,7 +93,7 @@ def check_number(
         expected = f"a number {'<' if high_open else '<='} {high:g}"
     else:
         expected = "a finite number"
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise fail(name, expected, value)
     if low is not None and (value < low or (low_open and value == low)):
         raise fail(name, expected, value)

@@ -70,3 +70,12 @@ def test_the_input_shape_is_checked_however_the_preprocess_is_made() -> None:
     listed = Preprocess(input_shape=[1, 2, 2], mean=(0.0,), std=(1.0,))  # type: ignore[arg-type]
     assert listed.input_shape == (1, 2, 2)
     assert listed.apply(np.zeros((3, 2, 2), dtype=np.uint8)).shape == (3, 1, 2, 2)
+
+
+@pytest.mark.parametrize("key", ["mean", "std", "scale"])
+def test_a_metadata_number_beyond_the_float_range_is_a_config_error(key: str) -> None:
+    # A metadata.json may hold any integer; math.isfinite raised OverflowError (a traceback in predict).
+    entry = {"input_shape": [1, 28, 28], "mean": [0.1], "std": [0.3]}
+    entry[key] = 10**400 if key == "scale" else [10**400]
+    with pytest.raises(ConfigError, match=f"preprocess.{key}: expected"):
+        Preprocess.from_dict(entry)

@@ -63,6 +63,9 @@ def test_grid_rejects_continuous() -> None:
             "log must be true or false, got 'false'",
         ),
         ({"x": {"type": "uniform", "low": 0}}, "needs 'high'"),
+        # Beyond the float range (a settings file may hold any integer): math.isfinite raised OverflowError.
+        ({"x": {"type": "int", "low": 1, "high": 10**400}}, "high must be a finite number"),
+        ({"x": {"type": "uniform", "low": -(10**400), "high": 1}}, "low must be a finite number"),
         ({"x": {"type": "uniform", "low": 0, "high": 1, "q": 2}}, "unknown key"),
     ],
 )

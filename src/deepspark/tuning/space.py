@@ -24,6 +24,7 @@ from typing import Any
 
 from deepspark.errors import ConfigError
 from deepspark.textfile import repeated_key
+from deepspark.validation import is_finite_number
 
 __all__ = ["DISTRIBUTIONS", "SearchSpace", "is_fixed_value", "load_space"]
 
@@ -164,7 +165,7 @@ def _describe(p: Mapping[str, Any]) -> str:
 
 
 def _number(name: str, key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise ConfigError(f"space: parameter {name!r}: {key} must be a finite number, got {value!r}")
     return float(value)
 
