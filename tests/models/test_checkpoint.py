@@ -257,3 +257,11 @@ def test_a_bad_layer_in_spec_json_is_a_checkpoint_error_naming_the_file(tmp_path
         CheckpointError, match=rf"checkpoint {path}: bad spec\.json: layer \d+ \(linear\): unknown"
     ):
         load_checkpoint(path)
+
+
+def test_a_metadata_json_with_an_integer_too_long_to_read_is_a_checkpoint_error(tmp_path) -> None:
+    spec = model_spec("mlp", hidden=8)
+    path = save_checkpoint(tmp_path / "ck", build_model(spec), spec, preprocess=PRE)
+    (path / "metadata.json").write_text('{"metrics": {"n": ' + "9" * 5000 + "}}")
+    with pytest.raises(CheckpointError, match="metadata.json is not a metadata file: Exceeds the limit"):
+        load_checkpoint(path)

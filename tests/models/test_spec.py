@@ -233,7 +233,39 @@ def test_a_spec_file_nested_too_deeply_is_a_spec_error(tmp_path, name) -> None:
     """The parsers' RecursionError escaped: a traceback from the CLI instead of its one error line."""
     path = tmp_path / name
     path.write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(SpecError, match="is not a model spec: nested too deeply"):
+    with pytest.raises(SpecError, match="is nested too deeply"):
+        load_spec(path)
+
+
+BOMB = "".join(  # nine levels of ten aliases each: a billion values once expanded (printed, or as JSON)
+    f"  - &l{i} [{', '.join([f'*l{i - 1}'] * 10) if i else ', '.join(['1'] * 10)}]\n" for i in range(9)
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        (
+            "spec.json",
+            '{"input_shape": [' + "9" * 5000 + '], "layers": []}',
+            "holds a value that cannot be read",
+        ),
+        ("spec.yaml", "input_shape: [" + "9" * 5000 + "]\nlayers: []\n", "holds a value that cannot be read"),
+        (
+            "spec.yaml",
+            "name: x\nhyperparameters:\n  bomb:\n" + BOMB + "input_shape: [4]\nlayers: [{type: flatten}]\n",
+            "expands its YAML aliases to more than 1,000,000 values",
+        ),
+        ("spec.yaml", "input_shape: [4]\nlayers: &a [{type: flatten}, *a]\n", "a value that contains itself"),
+    ],
+    ids=["json-long-int", "yaml-long-int", "alias-bomb", "alias-cycle"],
+)
+def test_a_spec_file_that_would_exhaust_the_loader_is_a_spec_error(tmp_path, name, text, message) -> None:
+    """A 5000-digit integer was a ValueError and an alias cycle a RecursionError (tracebacks); the alias
+    bomb loaded, and its first repr or JSON dump (a checkpoint's spec.json) took all the memory."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(SpecError, match=message):
         load_spec(path)
 
 

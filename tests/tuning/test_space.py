@@ -102,6 +102,30 @@ def test_a_key_given_twice_is_refused_not_the_last_kept(tmp_path, text: str, key
         load_space(str(path))
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("x: " + "[" * 100_000 + "]" * 100_000, "is nested too deeply"),
+        ("epochs: " + "9" * 5000 + "\n", "holds a value that cannot be read"),
+        (
+            "x:\n  type: choice\n  values: [1, 2]\nz:\n"
+            + "".join(f"  - &l{i} [{', '.join([f'*l{i - 1}'] * 10) if i else '1, 1'}]\n" for i in range(9)),
+            "expands its YAML aliases to more than 1,000,000 values",
+        ),
+    ],
+    ids=["deep", "long-int", "alias-bomb"],
+)
+def test_a_space_file_that_would_exhaust_the_loader_is_a_config_error(
+    tmp_path, text: str, message: str
+) -> None:
+    """Deep nesting was a RecursionError and a 5000-digit integer a ValueError (tracebacks); the alias
+    bomb's error message printed its billion values (a minute, then a MemoryError under 3 GiB)."""
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_space(str(path))
+
+
 def test_int_bounds_are_kept_exactly_above_float_precision() -> None:
     space = load_space(
         {

@@ -194,6 +194,8 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{p} is not valid JSON: not UTF-8 text") from None
     except RecursionError:  # json recurses per nesting level
         raise CheckpointError(f"{p} is not a metadata file: nested too deeply") from None
+    except ValueError as exc:  # an integer past Python's 4300-digit conversion limit
+        raise CheckpointError(f"{p} is not a metadata file: {exc}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{p}: expected a JSON object, got {type(data).__name__}")
     names = data.get("class_names")

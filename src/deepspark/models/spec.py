@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepspark import textfile
 from deepspark.errors import ConfigError, SpecError
-from deepspark.textfile import repeated_key
 
 __all__ = ["LAYER_TYPES", "ModelSpec", "SpecModel", "build_model", "load_spec"]
 
@@ -98,28 +98,10 @@ class ModelSpec:
             raise SpecError(
                 f"{p} is not a model spec: not UTF-8 text (expected a JSON or YAML file)"
             ) from None
-        if p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            try:
-                data = yaml.safe_load(text)
-            except yaml.YAMLError as exc:
-                raise SpecError(f"{p} is not valid YAML: {exc}") from exc
-            except RecursionError:  # the parsers recurse per nesting level
-                raise SpecError(f"{p} is not a model spec: nested too deeply") from None
-        else:
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise SpecError(f"{p} is not valid JSON: {exc}") from exc
-            except RecursionError:
-                raise SpecError(f"{p} is not a model spec: nested too deeply") from None
-        repeated = repeated_key(text)
-        if repeated is not None:  # the parsers keep the last value: the first would be dropped unsaid
-            raise SpecError(
-                f"{p} gives the key {repeated[0]!r} twice (again at line {repeated[1]}); only the last "
-                "would count: keep one"
-            )
+        try:
+            data = textfile.load(text, yaml_syntax=p.suffix.lower() in (".yaml", ".yml"))
+        except textfile.SettingsError as exc:
+            raise SpecError(f"{p} {exc}") from None
         return cls.from_dict(data)
 
     def output_shape(self) -> Shape:

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deepspark import textfile
 from deepspark.errors import ConfigError
-from deepspark.textfile import repeated_key
 from deepspark.validation import is_finite_number
 
 __all__ = ["DISTRIBUTIONS", "SearchSpace", "is_fixed_value", "load_space"]
@@ -269,19 +269,10 @@ def load_space(space: SearchSpace | Mapping[str, Any] | str | os.PathLike[str] |
             raise ConfigError(f"space: cannot read {path}: {exc}") from exc
         except UnicodeDecodeError:
             raise ConfigError(f"space: {path} is not UTF-8 text; expected a YAML or JSON file") from None
-        import yaml
-
         try:
-            space = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"space: {path} is not valid YAML: {exc}") from exc
-        repeated = repeated_key(text)
-        if repeated is not None:
-            # YAML (and JSON) loaders keep the last of a repeated key: the first would be silently dropped.
-            raise ConfigError(
-                f"space: {path} gives the key {repeated[0]!r} twice (again at line {repeated[1]}); "
-                "only the last would count: keep one"
-            )
+            space = textfile.load(text, yaml_syntax=True) or {}  # JSON files too: JSON is YAML
+        except textfile.SettingsError as exc:
+            raise ConfigError(f"space: {path} {exc}") from None
     if not isinstance(space, Mapping):
         raise ConfigError(
             f"space: expected a mapping of parameter name to distribution, got {type(space).__name__}"
