@@ -20,7 +20,7 @@ from deepspark.inference import ModelFormat, UrlPolicy, export_model, load_model
 from deepspark.inference.decode import InputKind, RowError, decode_column, decode_image, fetch_url
 from deepspark.inference.formats import detect_format
 from deepspark.inference.topk import softmax, top_k
-from deepspark.models import Preprocess
+from deepspark.models import Preprocess, build_model, load_spec, save_checkpoint
 
 PREPROCESS = Preprocess(input_shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,))
 
@@ -263,6 +263,29 @@ def test_an_onnx_model_with_external_data_is_refused_not_read_from_the_working_f
         load_model(
             tmp_path / "junk.onnx", preprocess=Preprocess(input_shape=(1, 2, 2), mean=(0.0,), std=(1.0,))
         )
+
+
+@pytest.mark.parametrize("side", [10**6, 10**20])
+def test_an_input_shape_too_large_to_export_is_a_config_error(tmp_path: Path, side: int) -> None:
+    """Converting a checkpoint for the ONNX backend allocated two example inputs outside the export's
+    error handling: a checkpoint made for 10**6 x 10**6 images was torch's RuntimeError (past 64-bit
+    sizes its TypeError), a traceback."""
+    spec = load_spec(
+        {
+            "input_shape": [1, side, side],
+            "layers": [
+                {"type": "avgpool", "kernel_size": side},
+                {"type": "flatten"},
+                {"type": "linear", "out_features": 2},
+            ],
+        }
+    )
+    preprocess = Preprocess(input_shape=(1, side, side), mean=(0.0,), std=(1.0,))
+    path = save_checkpoint(tmp_path / "ck", build_model(spec), spec, preprocess=preprocess)
+    with pytest.raises(
+        ConfigError, match=r"cannot export it to ONNX: an example batch .* does not fit in memory"
+    ):
+        load_model(path, backend="onnx")
 
 
 def test_missing_model_is_a_config_error(tmp_path: Path) -> None:

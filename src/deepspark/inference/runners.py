@@ -158,5 +158,12 @@ def to_onnx(artifact: ModelArtifact) -> bytes:
     if artifact.format is ModelFormat.ONNX:
         return artifact.payload
     module = _torch_module(artifact)
-    example = torch.zeros((2, *artifact.preprocess.input_shape), dtype=torch.float32)
+    shape = artifact.preprocess.input_shape
+    try:
+        example = torch.zeros((2, *shape), dtype=torch.float32)
+    except (RuntimeError, TypeError, OverflowError) as exc:  # torch's: too large to allocate, or to describe
+        raise ConfigError(
+            f"model {artifact.source}: cannot export it to ONNX: an example batch of its input shape "
+            f"[2, {', '.join(map(str, shape))}] does not fit in memory ({str(exc).splitlines()[0]})"
+        ) from None
     return export_onnx(module, example)
