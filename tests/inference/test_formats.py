@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import shutil
 import zipfile
@@ -345,6 +346,22 @@ def test_corrupt_and_truncated_images_become_row_errors() -> None:
     assert decoded.errors[3] == "input is null"
     expected = PREPROCESS.apply(np.full((1, 28, 28), 7, np.uint8)).numpy()[0]
     np.testing.assert_allclose(decoded.inputs[0], expected)
+
+
+def test_an_eps_value_is_an_error_row_and_never_runs_ghostscript(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pillow decodes EPS by running the gs program on the value's PostScript: input must never run."""
+    marker = tmp_path / "gs-ran"
+    fake = tmp_path / "bin" / "gs"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho ran >> {marker}\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n0 0 moveto 28 28 lineto stroke\nshowpage\n"
+    decoded = decode_column(InputKind.IMAGE, pa.array([eps], pa.binary()), PREPROCESS)
+    assert decoded.ok.tolist() == [] and "cannot decode image" in str(decoded.errors[0])
+    assert not marker.exists()
 
 
 def test_tensor_columns_check_size_shape_and_values() -> None:

@@ -25,6 +25,15 @@ _SIGNATURES = (
 )
 
 
+def _formats() -> list[str]:
+    """The formats Pillow may read a value as: all it has but EPS, whose decoding runs Ghostscript (the
+    ``gs`` program, where installed) on the value's PostScript, which is a program: never run on input."""
+    from PIL import Image
+
+    Image.init()
+    return [name for name in Image.ID if name != "EPS"]
+
+
 class RowError(Exception):
     """One input value cannot be used; its message says why (inference makes it the row's ``error``)."""
 
@@ -44,7 +53,7 @@ def image_shapes(values: Iterable[bytes]) -> set[tuple[int, int, int]]:
     shapes = set()
     for data in values:
         try:
-            with Image.open(io.BytesIO(bytes(data))) as opened:
+            with Image.open(io.BytesIO(bytes(data)), formats=_formats()) as opened:
                 width, height = opened.size
                 grey = opened.mode in ("1", "L", "LA", "I", "I;16", "F")
         except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, …
@@ -68,7 +77,7 @@ def decode_image(data: bytes, shape: tuple[int, int, int], *, resize: bool = Tru
     if not data:
         raise RowError("empty input (0 bytes): there is no image to decode")
     try:
-        with Image.open(io.BytesIO(data)) as opened:
+        with Image.open(io.BytesIO(data), formats=_formats()) as opened:
             if not resize and opened.size != (width, height):
                 raise RowError(
                     f"the image is {opened.size[0]}x{opened.size[1]} pixels but the model's input is "
