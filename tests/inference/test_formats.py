@@ -173,6 +173,36 @@ def test_a_malformed_pt2_archive_is_a_checkpoint_error_not_a_traceback(
         load_model(path)
 
 
+def _damaged_zip(path: Path, entries: dict[str, bytes], damage: str) -> Path:
+    """A zip of ``entries`` whose entry ``damage`` has its first compressed bytes flipped."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    data = bytearray(buffer.getvalue())
+    start = data.find(damage.encode()) + len(damage)  # the local header's name, then the entry's bytes
+    data[start : start + 6] = bytes(b ^ 0xFF for b in data[start : start + 6])
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_damaged_torch_archive_is_a_checkpoint_error_not_a_traceback(tmp_path: Path) -> None:
+    # An entry whose deflated bytes are damaged: zlib.error while telling the format.
+    torn = _damaged_zip(
+        tmp_path / "a.pt", {"m/archive_format": b"pt2" * 100, "m/models/x": b"{}"}, "m/archive_format"
+    )
+    with pytest.raises(CheckpointError, match="starts like a zip archive but cannot be read"):
+        load_model(torn, preprocess=PREPROCESS)
+    # A TorchScript layout torch.jit.load cannot read (no version record): torch's RuntimeError.
+    script = tmp_path / "b.pt"
+    with zipfile.ZipFile(script, "w") as zf:
+        zf.writestr("m/code/m.py", b"x")
+        zf.writestr("m/data.pkl", b"}.")
+    for backend in ("torch", "auto"):
+        with pytest.raises(CheckpointError, match=r"torch cannot load .*b\.pt as torchscript"):
+            load_model(script, preprocess=PREPROCESS, backend=backend)
+
+
 def test_a_model_without_metadata_needs_preprocessing(exported: dict[str, Path], tmp_path: Path) -> None:
     bare = shutil.copy(exported["onnx"], tmp_path / "bare.onnx")
     with pytest.raises(ConfigError, match="preprocess"):

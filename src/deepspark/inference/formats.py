@@ -119,7 +119,7 @@ def detect_format(path: str | os.PathLike[str]) -> ModelFormat:
                     return ModelFormat.EXPORT
                 if any(n.startswith("code/") for n in names) and "data.pkl" in names:
                     return ModelFormat.TORCHSCRIPT
-        except zipfile.BadZipFile as exc:
+        except (zipfile.BadZipFile, zlib.error) as exc:  # zlib: an entry's compressed bytes are damaged
             raise CheckpointError(f"{p} starts like a zip archive but cannot be read: {exc}") from exc
     raise CheckpointError(
         f"cannot tell the format of {p}: expected a checkpoint directory, a TorchScript archive, "

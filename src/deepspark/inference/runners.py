@@ -37,14 +37,18 @@ def _torch_module(artifact: ModelArtifact, device: str = "cpu") -> Any:
 
         spec = ModelSpec.from_dict(json.loads(artifact.spec_json or "{}"))
         return build_checkpoint_model(spec, artifact.payload, source=artifact.source).to(device)
-    if artifact.format is ModelFormat.TORCHSCRIPT:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated upstream
-            module = torch.jit.load(io.BytesIO(artifact.payload), map_location=device)
-        return module.eval()
-    if artifact.format is ModelFormat.EXPORT:
-        program = torch.export.load(io.BytesIO(artifact.payload))
-        return program.module().to(device)
+    if artifact.format in (ModelFormat.TORCHSCRIPT, ModelFormat.EXPORT):
+        try:
+            if artifact.format is ModelFormat.EXPORT:
+                return torch.export.load(io.BytesIO(artifact.payload)).module().to(device)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated upstream
+                return torch.jit.load(io.BytesIO(artifact.payload), map_location=device).eval()
+        except Exception as exc:  # torch's RuntimeError (a record missing, a damaged archive), KeyError, ...
+            why = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise CheckpointError(
+                f"torch cannot load {artifact.source} as {artifact.format.value}: {why}"
+            ) from exc
     raise ConfigError(f"backend: 'torch' cannot run an {artifact.format.value} model; use backend='onnx'")
 
 
