@@ -394,6 +394,33 @@ def test_an_eps_value_is_an_error_row_and_never_runs_ghostscript(
     assert not marker.exists()
 
 
+def _grey_png_of_zeros(width: int, height: int) -> bytes:
+    """A PNG of ``width`` x ``height`` black pixels, written row by row (a few hundred KB)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    packer = zlib.compressobj(9)
+    row = bytes(width + 1)  # filter byte 0, then the row's pixels
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's, as it opens the file
+def test_an_image_over_pillows_pixel_limit_is_an_error_row_not_decoded() -> None:
+    """Pillow only warns between its limit and twice it, and decodes: gigabytes per row."""
+    from PIL import Image
+
+    side = int(Image.MAX_IMAGE_PIXELS**0.5) + 1  # just over the limit, well under twice it
+    bomb = _grey_png_of_zeros(side, side)
+    decoded = decode_column(InputKind.IMAGE, pa.array([bomb], pa.binary()), PREPROCESS)
+    assert decoded.ok.tolist() == []
+    assert f"is {side}x{side} pixels, over Pillow's decompression-bomb limit" in str(decoded.errors[0])
+
+
 def test_tensor_columns_check_size_shape_and_values() -> None:
     flat = [list(range(784)), list(range(700)), None, [float("nan")] * 784]
     decoded = decode_column(InputKind.TENSOR, pa.array(flat, pa.list_(pa.float64())).slice(0), PREPROCESS)
