@@ -263,6 +263,25 @@ def test_a_history_row_cut_short_is_left_out(tmp_path) -> None:
     assert "<th>rounds</th><td>7 (epoch 1.75)</td>" in page
 
 
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("config.json", "[" * 100_000),
+        ("model/metadata.json", "[" * 100_000),
+        ("model/metadata.json", '{"metrics": [1]}'),
+    ],
+)
+def test_a_json_file_of_a_run_nested_too_deeply_or_malformed_is_left_out_not_a_traceback(
+    tmp_path, name: str, text: str
+) -> None:
+    """The parser's RecursionError (and dict() of a list of metrics, a TypeError) escaped the report."""
+    run = _training_dir(tmp_path)
+    (run / name).parent.mkdir(exist_ok=True)
+    (run / name).write_text(text)
+    page = report(run, output=tmp_path / "t.html").html.read_text(encoding="utf-8")
+    assert "training run" in page
+
+
 def test_a_history_that_is_not_text_is_reported_not_a_traceback(tmp_path) -> None:
     run = _training_dir(tmp_path)
     (run / "history.csv").write_bytes(b"\xff\xfe\x00round,epoch\r\n\x00\x01,\xff\r\n")

@@ -179,7 +179,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
     is missing, torn or not an object: a report shows what is there."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deeply for the parser
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -289,8 +289,7 @@ def _history(path: Path) -> list[dict[str, str]]:
 
 def _open_training(path: Path) -> TrainingRun:
     history = _history(path / HISTORY)
-    metrics: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        meta = json.loads((path / MODEL_DIR / "metadata.json").read_text(encoding="utf-8"))
-        metrics = dict(meta.get("metrics") or {})
+    metrics = read_json_object(path / MODEL_DIR / "metadata.json").get("metrics")
+    if not isinstance(metrics, dict):  # missing, or not what a checkpoint writes: shown as none
+        metrics = {}
     return TrainingRun(path=path, config=_config(path), history=tuple(history), model_metrics=metrics)
