@@ -223,6 +223,15 @@ def test_a_status_line_or_headers_trickled_a_byte_at_a_time_end_at_the_deadline(
         listener.close()
 
 
+@pytest.mark.parametrize("host", ["a..b", "a" * 64 + ".example"])
+def test_a_host_name_idna_cannot_encode_is_a_fetch_error_not_a_unicode_error(host: str) -> None:
+    # socket's IDNA encoding raised UnicodeError past every handler: in predict, the task failed (the
+    # whole job) instead of that URL's row getting an error.
+    with pytest.raises(FetchError, match="malformed URL") as err:
+        _get(f"http://{host}/x.png", retries=2)
+    assert not err.value.transient
+
+
 def test_a_refused_connection_is_a_transient_failure() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

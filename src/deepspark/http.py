@@ -260,6 +260,9 @@ def download(
             transient = 500 <= exc.code < 600
             if not transient:
                 break  # 4xx: asking again will not help
+        except UnicodeError as exc:  # a host IDNA cannot encode (an empty label, one over 63 characters)
+            message, transient = f"malformed URL: {exc}", False
+            break
         except urllib.error.URLError as exc:
             message, transient = f"cannot fetch: {exc.reason}", True
         except (http.client.HTTPException, OSError) as exc:
