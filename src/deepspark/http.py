@@ -194,7 +194,8 @@ def _read(
 ) -> int:
     with opener.open(request, timeout=read_timeout) as resp:
         length = resp.headers.get("Content-Length")
-        total = int(length) if length and length.isdigit() else None
+        # isascii: "²" (a 0xB2 byte, read as Latin-1) is a digit to isdigit() and a ValueError to int().
+        total = int(length) if length and length.isascii() and length.isdigit() else None
         if total is not None and total > max_bytes:
             raise FetchError(f"too large: {total} bytes > max {max_bytes}")
         size = 0
