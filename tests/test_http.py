@@ -84,6 +84,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(BODY)
             self.close_connection = True
+        elif self.path in ("/redirect-torn-ipv6", "/redirect-huge-port"):
+            self.send_response(302)
+            torn = self.path == "/redirect-torn-ipv6"
+            self.send_header(
+                "Location", "http://[::1/x" if torn else "http://127.0.0.1:99999999999999999999/"
+            )
+            self.end_headers()
         elif self.path == "/silent":
             self.state.release.wait(30)  # never answers while the test runs
         elif self.path == "/trickle":
@@ -238,6 +245,15 @@ def test_a_host_name_idna_cannot_encode_is_a_fetch_error_not_a_unicode_error(hos
     with pytest.raises(FetchError, match="malformed URL") as err:
         _get(f"http://{host}/x.png", retries=2)
     assert not err.value.transient
+
+
+@pytest.mark.parametrize("path", ["/redirect-torn-ipv6", "/redirect-huge-port"])
+def test_a_redirect_to_a_malformed_url_is_a_fetch_error(server: tuple[str, _State], path: str) -> None:
+    # urllib's ValueError (a torn IPv6 host) and OverflowError (the port) escaped every handler.
+    url, state = server
+    with pytest.raises(FetchError, match="malformed URL") as err:
+        _get(f"{url}{path}", retries=2)
+    assert not err.value.transient and state.hits[path] == 1
 
 
 def test_a_content_length_that_is_no_number_is_ignored_not_a_value_error(server: tuple[str, _State]) -> None:

@@ -261,8 +261,10 @@ def download(
             transient = 500 <= exc.code < 600
             if not transient:
                 break  # 4xx: asking again will not help
-        except UnicodeError as exc:  # a host IDNA cannot encode (an empty label, one over 63 characters)
-            message, transient = f"malformed URL: {exc}", False
+        except (ValueError, OverflowError) as exc:
+            # A URL or redirect Location the standard library cannot take, raised past its own handlers:
+            # a host IDNA cannot encode (UnicodeError), a torn IPv6 host, a port past a C long.
+            message, transient = f"malformed URL: {type(exc).__name__}: {exc}", False
             break
         except urllib.error.URLError as exc:
             message, transient = f"cannot fetch: {exc.reason}", True
