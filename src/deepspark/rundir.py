@@ -12,6 +12,9 @@ Layout shared by every command that writes one::
 Every write here is atomic: a reader (or a driver that dies halfway) sees the old content or the new,
 never a torn file. Files go to a temp file in the same directory, are fsynced, then ``os.replace``d;
 directories are written the same way and swapped in with two renames.
+
+One command at a time: a run or study holds its directory while it runs (:func:`exclusive`), and a
+second command on it is refused rather than interleaved with the first.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ __all__ = [
     "DEFAULT_DIR",
     "REFIT_DIR",
     "check_writable",
+    "exclusive",
     "interrupts_held",
     "prepare",
     "read_config",
@@ -64,13 +68,49 @@ def prepare(run_dir: str | os.PathLike[str], *, resume: bool) -> Path:
         if not (path / CONFIG_FILE).is_file():
             raise ConfigError(f"resume: {path} is not a deepspark run directory (no {CONFIG_FILE})")
     elif path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ConfigError(
-            f"run_dir: {path} already exists; pass resume=True (--resume {path}) to continue that run, "
-            "or choose a new directory"
-        )
+        raise _exists(path)
     else:
         check_writable(path, name="run_dir")
     return path
+
+
+@contextlib.contextmanager
+def exclusive(run_dir: str | os.PathLike[str], *, new: bool) -> Iterator[Path]:
+    """Hold ``run_dir`` (made if missing) for this command: another process's (or thread's) train or tune
+    in it, or ``--resume`` of it, is refused with a :class:`ConfigError` while the block runs.
+
+    Two commands in one run directory interleaved their history rows, checkpoints, journal trials and
+    reports without a word. The lock is an ``flock`` on the directory itself (nothing is written into
+    it); the system drops it when the process dies, so a killed run is resumed at once. ``new``: the
+    directory must still be empty once held (another command may have filled it since it was checked).
+    Where there is no ``flock`` (Windows, some network mounts) the run goes on unguarded.
+    """
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        try:
+            import fcntl
+
+            fd = os.open(path, os.O_RDONLY)
+            held.callback(os.close, fd)  # which releases the lock
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"run_dir: {path} is in use by another deepspark command (a train or tune running in it); "
+                "wait for it to end, or choose another directory"
+            ) from None
+        except (ImportError, OSError):
+            pass  # no flock here (Windows, some network mounts): unguarded, as before
+        if new and any(path.iterdir()):
+            raise _exists(path)
+        yield path
+
+
+def _exists(path: Path) -> ConfigError:
+    return ConfigError(
+        f"run_dir: {path} already exists; pass resume=True (--resume {path}) to continue that run, "
+        "or choose a new directory"
+    )
 
 
 def first_missing(path: str | os.PathLike[str]) -> Path | None:

@@ -401,6 +401,33 @@ def test_a_local_epoch_is_shown_only_once_its_row_and_checkpoint_are_written(
     assert seen == [(1, 1, 1), (2, 2, 2)]
 
 
+def test_a_resume_while_the_run_trains_is_refused_and_the_run_keeps_one_row_per_epoch(
+    toy: Path, tmp_path: Path
+) -> None:
+    # Two commands in one run directory (a --resume while the run trains, two trains with one --run-dir)
+    # both trained: history.csv got each epoch twice, the checkpoints replaced each other's, and one
+    # process crashed in the other's checkpoint swap. The run directory is now held by the running one.
+    config = {"batch_size": 8, "epochs": 3, "seed": 3, "threads": 1}
+    run_dir = tmp_path / "run"
+    refused: list[BaseException] = []
+
+    def resume_meanwhile(row: dict[str, Any]) -> None:
+        if row["round"] == 0:
+            try:
+                fit(str(toy), run_dir=run_dir, resume=True)
+            except ConfigError as exc:
+                refused.append(exc)
+
+    fit(str(toy), "mlp", strategy="local", config=config, run_dir=run_dir, on_round=resume_meanwhile)
+    assert len(refused) == 1 and "in use by another deepspark command" in str(refused[0])
+    assert [int(r["round"]) for r in _history(run_dir)] == [0, 1, 2]
+    assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["epochs_done"] == 3
+    with pytest.raises(ConfigError, match="already exists"):  # once it ended: a new run there, as before
+        fit(str(toy), "mlp", strategy="local", config=config, run_dir=run_dir)
+    fit(str(toy), run_dir=run_dir, resume=True)  # and its resume runs (nothing left to train)
+    assert [int(r["round"]) for r in _history(run_dir)] == [0, 1, 2]
+
+
 def test_a_resume_replaces_the_history_it_trims_instead_of_rewriting_it_in_place(
     toy: Path, tmp_path: Path, driver_crash: Any
 ) -> None:

@@ -377,6 +377,28 @@ def test_resume_runs_only_what_is_missing(spark, tmp_path) -> None:
     assert Path(run / "study.journal").is_file()
 
 
+def test_a_resume_while_the_study_runs_is_refused_and_no_trial_runs_twice(spark, tmp_path) -> None:
+    # Two commands in one run directory (two `tune --resume` of it, or one while the study runs) both
+    # ran the study: trials beyond those asked for, each process's reports over the other's. The run
+    # directory is now held by the running study.
+    run = tmp_path / "held"
+    refused: list[BaseException] = []
+
+    def resume_meanwhile(to_run: int, width: int) -> None:
+        try:
+            tune(_quadratic, run_dir=run, resume=True)
+        except ConfigError as exc:
+            refused.append(exc)
+
+    result = tune(
+        _quadratic, space=X, trials=3, sampler="random", pruner="none", run_dir=run, on_start=resume_meanwhile
+    )
+    assert len(refused) == 1 and "in use by another deepspark command" in str(refused[0])
+    assert len(result.records) == 3
+    assert len(list(csv.DictReader((run / "trials.csv").open()))) == 3
+    assert len(tune(_quadratic, run_dir=run, resume=True).records) == 3  # once it ended, as before
+
+
 def _later_is_better(config, reporter):
     return {"accuracy": float(reporter.number)}
 

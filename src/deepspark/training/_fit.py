@@ -334,142 +334,145 @@ def fit(
     created = run_dir is None or not Path(run_dir).exists()
     top = rundir.first_missing(run_dir) if run_dir is not None else None  # with the parents it makes
     run_path = _run_dir(run_dir, resume=resume)
-    if resume and not (run_path / CHECKPOINT).is_dir():
-        # Stopped before its first checkpoint (the driver killed, SIGTERM, Ctrl-C in local's first epoch):
-        # no finished round to continue from, and a new run there is refused. Start again with the saved
-        # settings; history rows without a checkpoint are redone, as after any resume.
-        _log.warning("resume: %s has no %s/ yet; training it from the start", run_path, CHECKPOINT)
-        (run_path / HISTORY).unlink(missing_ok=True)
-        resume = False
-    try:
-        from deepspark.spark import (
-            check_gpu_request,
-            check_task_cpus,
-            session,
-            task_cpus,
-            total_cores,
-            total_slots,
-        )
+    # Held to the end: a second command in this directory is refused, not interleaved with this one.
+    with rundir.exclusive(run_path, new=not resume):
+        if resume and not (run_path / CHECKPOINT).is_dir():
+            # Stopped before its first checkpoint (the driver killed, SIGTERM, Ctrl-C in local's first epoch):
+            # no finished round to continue from, and a new run there is refused. Start again with the saved
+            # settings; history rows without a checkpoint are redone, as after any resume.
+            _log.warning("resume: %s has no %s/ yet; training it from the start", run_path, CHECKPOINT)
+            (run_path / HISTORY).unlink(missing_ok=True)
+            resume = False
+        try:
+            from deepspark.spark import (
+                check_gpu_request,
+                check_task_cpus,
+                session,
+                task_cpus,
+                total_cores,
+                total_slots,
+            )
 
-        if strategy == "local":
-            return _fit_local(
+            if strategy == "local":
+                return _fit_local(
+                    data,
+                    model,
+                    train_config,
+                    run_path,
+                    resume,
+                    data_dir,
+                    limit_train,
+                    limit_test,
+                    threads_per_worker,
+                    started,
+                    on_round,
+                    device,
+                )
+            spark = session(master, app_name="deepspark-train", conf={"spark.task.cpus": threads_per_worker})
+            # The session's (an active one keeps its own): a worker of more threads than an executor's cores
+            # made 0 slots, counted as 1, and trained oversubscribed on every core of it.
+            check_task_cpus("threads_per_worker", threads_per_worker)
+            check_gpu_request(spark, device)
+            slots = total_slots(spark, threads_per_worker)
+            if workers > slots:
+                cpus = task_cpus(spark)  # an active session keeps its own: a worker runs the larger count
+                why = (
+                    f"; threads_per_worker {threads_per_worker} is above the session's spark.task.cpus {cpus}"
+                    if threads_per_worker > cpus
+                    else ""
+                )
+                raise ConfigError(
+                    f"workers: the cluster has {slots} task slot(s) ({total_cores(spark)} cores / "
+                    f"{max(threads_per_worker, cpus)} thread(s) per worker{why}), and every worker of a round runs "
+                    f"at once; expected at most {slots}, got {workers}"
+                )
+            prepared = _prepare_data(
+                spark,
                 data,
-                model,
-                train_config,
-                run_path,
-                resume,
-                data_dir,
-                limit_train,
-                limit_test,
-                threads_per_worker,
-                started,
-                on_round,
-                device,
+                test_data=test_data,
+                feature_column=feature_column,
+                label_column=label_column,
+                input_shape=input_shape,
+                num_classes=num_classes,
+                data_dir=data_dir,
+                limit_train=limit_train,
+                limit_test=limit_test,
+                check_shape=made.check_input if made is not None else None,
             )
-        spark = session(master, app_name="deepspark-train", conf={"spark.task.cpus": threads_per_worker})
-        # The session's (an active one keeps its own): a worker of more threads than an executor's cores
-        # made 0 slots, counted as 1, and trained oversubscribed on every core of it.
-        check_task_cpus("threads_per_worker", threads_per_worker)
-        check_gpu_request(spark, device)
-        slots = total_slots(spark, threads_per_worker)
-        if workers > slots:
-            cpus = task_cpus(spark)  # an active session keeps its own: a worker runs the larger count
-            why = (
-                f"; threads_per_worker {threads_per_worker} is above the session's spark.task.cpus {cpus}"
-                if threads_per_worker > cpus
-                else ""
+            train_model = _train_model(model, made, prepared.layout)
+            if resume and saved.get("rows") is not None and int(saved["rows"]) != prepared.layout.rows:
+                # The checkpoint's data positions (every worker's rows) and the step budget are the saved
+                # data's: other data would be trained on silently, in part, or crash a worker.
+                raise ConfigError(
+                    f"resume: the run in {run_path} trained on {saved['rows']} rows, but the data given now has "
+                    f"{prepared.layout.rows}; resume it with the data it was started on"
+                )
+            if resume and saved.get("digest") is not None and saved["digest"] != prepared.digest:
+                raise ConfigError(
+                    f"resume: the run in {run_path} trained on other rows than the data given now holds (as many, "
+                    f"{prepared.layout.rows}, but other labels or features); resume it with the data it was "
+                    "started on (a DataFrame that draws random numbers must be pinned first: df.localCheckpoint())"
+                )
+            inputs = _inputs_entry(prepared)
+            if resume and saved.get("inputs") is not None and saved["inputs"] != inputs:
+                # The same rows read in another shape, column or scale would train a scrambled continuation.
+                changed = sorted(k for k in inputs if saved["inputs"].get(k) != inputs[k])
+                raise ConfigError(
+                    f"resume: the run in {run_path} read its data as "
+                    + ", ".join(f"{k}={saved['inputs'].get(k)!r}" for k in changed)
+                    + ", but now as "
+                    + ", ".join(f"{k}={inputs[k]!r}" for k in changed)
+                    + "; resume it with the data and settings it was started on"
+                )
+            if not resume:
+                _write_config(
+                    run_path,
+                    {
+                        "strategy": strategy,
+                        "workers": workers,
+                        "config": train_config.to_dict(),
+                        "average": asdict(settings),
+                        "staleness": staleness,
+                        "device": device,
+                        "model": train_model.config_entry(model),
+                        "threads_per_worker": threads_per_worker,
+                        "data": _data_entry(data),
+                        "limit_train": limit_train,
+                        "limit_test": limit_test,
+                        "rows": prepared.layout.rows,
+                        "inputs": inputs,
+                        "digest": prepared.digest,
+                    },
+                )
+            run = _Run(
+                spark=spark,
+                data=prepared,
+                model=train_model,
+                config=train_config,
+                settings=settings,
+                workers=workers,
+                run_path=run_path,
+                resume=resume,
+                threads=threads_per_worker,
+                checkpoint_seconds=checkpoint_seconds,
+                started=started,
+                device=device,
+                staleness=staleness,
+                heartbeat_timeout=heartbeat_timeout,
+                slow_worker=(int(slow_worker[0]), float(slow_worker[1])) if slow_worker is not None else None,
+                on_round=on_round,
+                worker_memory=worker_memory,
             )
-            raise ConfigError(
-                f"workers: the cluster has {slots} task slot(s) ({total_cores(spark)} cores / "
-                f"{max(threads_per_worker, cpus)} thread(s) per worker{why}), and every worker of a round runs "
-                f"at once; expected at most {slots}, got {workers}"
-            )
-        prepared = _prepare_data(
-            spark,
-            data,
-            test_data=test_data,
-            feature_column=feature_column,
-            label_column=label_column,
-            input_shape=input_shape,
-            num_classes=num_classes,
-            data_dir=data_dir,
-            limit_train=limit_train,
-            limit_test=limit_test,
-            check_shape=made.check_input if made is not None else None,
-        )
-        train_model = _train_model(model, made, prepared.layout)
-        if resume and saved.get("rows") is not None and int(saved["rows"]) != prepared.layout.rows:
-            # The checkpoint's data positions (every worker's rows) and the step budget are the saved
-            # data's: other data would be trained on silently, in part, or crash a worker.
-            raise ConfigError(
-                f"resume: the run in {run_path} trained on {saved['rows']} rows, but the data given now has "
-                f"{prepared.layout.rows}; resume it with the data it was started on"
-            )
-        if resume and saved.get("digest") is not None and saved["digest"] != prepared.digest:
-            raise ConfigError(
-                f"resume: the run in {run_path} trained on other rows than the data given now holds (as many, "
-                f"{prepared.layout.rows}, but other labels or features); resume it with the data it was "
-                "started on (a DataFrame that draws random numbers must be pinned first: df.localCheckpoint())"
-            )
-        inputs = _inputs_entry(prepared)
-        if resume and saved.get("inputs") is not None and saved["inputs"] != inputs:
-            # The same rows read in another shape, column or scale would train a scrambled continuation.
-            changed = sorted(k for k in inputs if saved["inputs"].get(k) != inputs[k])
-            raise ConfigError(
-                f"resume: the run in {run_path} read its data as "
-                + ", ".join(f"{k}={saved['inputs'].get(k)!r}" for k in changed)
-                + ", but now as "
-                + ", ".join(f"{k}={inputs[k]!r}" for k in changed)
-                + "; resume it with the data and settings it was started on"
-            )
-        if not resume:
-            _write_config(
-                run_path,
-                {
-                    "strategy": strategy,
-                    "workers": workers,
-                    "config": train_config.to_dict(),
-                    "average": asdict(settings),
-                    "staleness": staleness,
-                    "device": device,
-                    "model": train_model.config_entry(model),
-                    "threads_per_worker": threads_per_worker,
-                    "data": _data_entry(data),
-                    "limit_train": limit_train,
-                    "limit_test": limit_test,
-                    "rows": prepared.layout.rows,
-                    "inputs": inputs,
-                    "digest": prepared.digest,
-                },
-            )
-        run = _Run(
-            spark=spark,
-            data=prepared,
-            model=train_model,
-            config=train_config,
-            settings=settings,
-            workers=workers,
-            run_path=run_path,
-            resume=resume,
-            threads=threads_per_worker,
-            checkpoint_seconds=checkpoint_seconds,
-            started=started,
-            device=device,
-            staleness=staleness,
-            heartbeat_timeout=heartbeat_timeout,
-            slow_worker=(int(slow_worker[0]), float(slow_worker[1])) if slow_worker is not None else None,
-            on_round=on_round,
-            worker_memory=worker_memory,
-        )
-        if strategy == "async":
-            return _fit_async(run)
-        if strategy == "allreduce":
-            return _fit_allreduce(run)
-        return _fit_average(run)
-    except BaseException:
-        if created and not (run_path / HISTORY).exists():
-            shutil.rmtree(top or run_path, ignore_errors=True)  # nothing trained: leave nothing half-written
-        raise
+            if strategy == "async":
+                return _fit_async(run)
+            if strategy == "allreduce":
+                return _fit_allreduce(run)
+            return _fit_average(run)
+        except BaseException:
+            if created and not (run_path / HISTORY).exists():
+                # Nothing trained: leave nothing half-written.
+                shutil.rmtree(top or run_path, ignore_errors=True)
+            raise
 
 
 # ------------------------------------------------------------------------------------------- inputs

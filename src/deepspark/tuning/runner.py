@@ -585,130 +585,132 @@ def _run(
     """Open (or make) the study, run what is missing, write the reports."""
     created = not run_path.exists() or not any(run_path.iterdir())
     top = rundir.first_missing(run_path) or run_path  # what a failed start removes: with any parent it made
-    study: optuna.Study | None = None
-    finished: int | None = None
-    made = False
-    selected_on = config.builtin.select_on if config.builtin is not None else None
-    try:
-        run_path.mkdir(parents=True, exist_ok=True)
-        if config.to_dict() != dict(saved):
-            rundir.write_config(run_path, config.to_dict())
-        study, storage, made = _open_study(
-            config,
-            run_path,
-            resume=resume,
-            search=search,
-            objects=objects,
-            trials=target,
-            parallelism=options.parallelism,
-        )
-        _requeue_running(study, storage, config.study_name)
-        finished = len(records_from_study(study))
-        if default is not None and not study.trials:
-            params, overrides = default
-            study.enqueue_trial(params, user_attrs={DEFAULT_ATTR: True, OVERRIDES_ATTR: overrides})
-        if config.sampler == "grid":
-            # `trials` grid points, each once; the default configuration (and re-runs of interrupted
-            # trials) come on top: everything still to run is a waiting trial.
-            # Refused before planning, so that a refusal adds nothing to the journal.
-            _check_grid_plan(study, search, points=target, seed=config.seed)
-            _plan_grid(study, search, points=target, seed=config.seed)
-            to_run = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
-        else:
-            to_run = max(0, target - finished)
-        test_data = None
-        if builtin:
-            assert config.builtin is not None and isinstance(objective, ImageClassifierObjective)
-            data, test_data = config.builtin.data(seed=config.seed)
-            objective.check_data(input_shape=data.input_shape, num_classes=data.num_classes)
-            _check_same_data(study, _data_fingerprint(data, test_data), config, run_path)
-        started = time.perf_counter()
-        stop_reason: str | None = None
-        used_parallelism = 0
-        if to_run:
-            work = _Work(
-                config=config,
+    # Held to the end: a second command in this directory is refused, not interleaved with this one.
+    with rundir.exclusive(run_path, new=not resume):
+        study: optuna.Study | None = None
+        finished: int | None = None
+        made = False
+        selected_on = config.builtin.select_on if config.builtin is not None else None
+        try:
+            run_path.mkdir(parents=True, exist_ok=True)
+            if config.to_dict() != dict(saved):
+                rundir.write_config(run_path, config.to_dict())
+            study, storage, made = _open_study(
+                config,
+                run_path,
+                resume=resume,
                 search=search,
-                objective=objective,
-                data=data,
-                to_run=to_run,
-                run_path=run_path,
-                keep_default=selected_on == "validation",
+                objects=objects,
+                trials=target,
+                parallelism=options.parallelism,
             )
-            try:
-                if isinstance(study.sampler, ProcessSampler):
-                    study.sampler.start()
-                stop_reason, used_parallelism = _execute(study, work, options)
-            finally:
-                if isinstance(study.sampler, ProcessSampler):
-                    study.sampler.close()  # its process never outlives the trials it samples for
-    except BaseException:
-        # A start that failed (no Spark, a bad master or dataset, executors that cannot run the study,
-        # Ctrl-C while the JVM starts) leaves nothing behind, so the corrected command runs as is.
-        if created and not resume and (study is None or not records_from_study(study)):
-            if made and config.storage is not None:
-                optuna.delete_study(study_name=config.study_name, storage=config.storage)
-            shutil.rmtree(top, ignore_errors=True)
-        if resume and saved and config.to_dict() != dict(saved) and not _finished_since(study, finished):
-            # A resume that failed before finishing a trial (a bad --data-dir, say) leaves the study's
-            # settings as they were saved: the next plain --resume must not inherit what failed.
-            rundir.write_config(run_path, dict(saved))
-        raise
-    wall = time.perf_counter() - started
-    records = records_from_study(study)
-    best, default_record = best_and_default(records, maximize=config.maximize)
-    summary = _previous_summary(run_path, records, best) if resume and len(records) == finished else None
-    # Not after Ctrl-C: the user asked to stop, and the --resume that runs the interrupted trials refits.
-    refitting = (
-        test_data is not None
-        and config.builtin is not None
-        and config.builtin.refit
-        and stop_reason != "interrupted"
-    )
-    if (
-        summary is not None
-        and refitting
-        and summary.best is not None
-        and summary.best.refit_test_accuracy is None
-    ):
-        summary = None  # the refit never finished (Ctrl-C, a failure): this resume does it
-    if summary is None:
-        # Nothing is rewritten by a resume that finished no trial: best.json keeps the study's figures.
-        best_dir = run_path / rundir.BEST_DIR
-        _drop_stale_model(best_dir, best)
-        tests: dict[int, float] = {}
-        chosen = {rundir.BEST_DIR: best, rundir.DEFAULT_DIR: default_record}
-        if test_data is not None and selected_on == "validation":
-            tests = _test_accuracies(run_path, test_data, chosen)
-        report = functools.partial(
-            write_reports,
-            run_path,
-            records,
-            metric=config.metric,
-            maximize=config.maximize,
-            fixed=dict(search.fixed),
-            wall_s=wall,
-            best_checkpoint=best_dir if best_dir.is_dir() else None,
-            selected_on=selected_on,
-            test_accuracy=tests,
-            space=search,
+            _requeue_running(study, storage, config.study_name)
+            finished = len(records_from_study(study))
+            if default is not None and not study.trials:
+                params, overrides = default
+                study.enqueue_trial(params, user_attrs={DEFAULT_ATTR: True, OVERRIDES_ATTR: overrides})
+            if config.sampler == "grid":
+                # `trials` grid points, each once; the default configuration (and re-runs of interrupted
+                # trials) come on top: everything still to run is a waiting trial.
+                # Refused before planning, so that a refusal adds nothing to the journal.
+                _check_grid_plan(study, search, points=target, seed=config.seed)
+                _plan_grid(study, search, points=target, seed=config.seed)
+                to_run = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+            else:
+                to_run = max(0, target - finished)
+            test_data = None
+            if builtin:
+                assert config.builtin is not None and isinstance(objective, ImageClassifierObjective)
+                data, test_data = config.builtin.data(seed=config.seed)
+                objective.check_data(input_shape=data.input_shape, num_classes=data.num_classes)
+                _check_same_data(study, _data_fingerprint(data, test_data), config, run_path)
+            started = time.perf_counter()
+            stop_reason: str | None = None
+            used_parallelism = 0
+            if to_run:
+                work = _Work(
+                    config=config,
+                    search=search,
+                    objective=objective,
+                    data=data,
+                    to_run=to_run,
+                    run_path=run_path,
+                    keep_default=selected_on == "validation",
+                )
+                try:
+                    if isinstance(study.sampler, ProcessSampler):
+                        study.sampler.start()
+                    stop_reason, used_parallelism = _execute(study, work, options)
+                finally:
+                    if isinstance(study.sampler, ProcessSampler):
+                        study.sampler.close()  # its process never outlives the trials it samples for
+        except BaseException:
+            # A start that failed (no Spark, a bad master or dataset, executors that cannot run the study,
+            # Ctrl-C while the JVM starts) leaves nothing behind, so the corrected command runs as is.
+            if created and not resume and (study is None or not records_from_study(study)):
+                if made and config.storage is not None:
+                    optuna.delete_study(study_name=config.study_name, storage=config.storage)
+                shutil.rmtree(top, ignore_errors=True)
+            if resume and saved and config.to_dict() != dict(saved) and not _finished_since(study, finished):
+                # A resume that failed before finishing a trial (a bad --data-dir, say) leaves the study's
+                # settings as they were saved: the next plain --resume must not inherit what failed.
+                rundir.write_config(run_path, dict(saved))
+            raise
+        wall = time.perf_counter() - started
+        records = records_from_study(study)
+        best, default_record = best_and_default(records, maximize=config.maximize)
+        summary = _previous_summary(run_path, records, best) if resume and len(records) == finished else None
+        # Not after Ctrl-C: the user asked to stop, and the --resume that runs the interrupted trials refits.
+        refitting = (
+            test_data is not None
+            and config.builtin is not None
+            and config.builtin.refit
+            and stop_reason != "interrupted"
         )
-        summary = report()
-        if refitting:
-            # After the reports: a refit that fails (or Ctrl-C) leaves the study's own figures written.
-            summary = report(refit_test_accuracy=_refit(config, options, test_data, chosen, run_path))
-    return StudyResult(
-        run_dir=run_path,
-        records=tuple(records),
-        best=best,
-        default=default_record,
-        summary=summary,
-        wall_s=wall,
-        stop_reason=stop_reason,
-        parallelism=used_parallelism,
-        selected_on=selected_on,
-        study_name=config.study_name,
-    )
+        if (
+            summary is not None
+            and refitting
+            and summary.best is not None
+            and summary.best.refit_test_accuracy is None
+        ):
+            summary = None  # the refit never finished (Ctrl-C, a failure): this resume does it
+        if summary is None:
+            # Nothing is rewritten by a resume that finished no trial: best.json keeps the study's figures.
+            best_dir = run_path / rundir.BEST_DIR
+            _drop_stale_model(best_dir, best)
+            tests: dict[int, float] = {}
+            chosen = {rundir.BEST_DIR: best, rundir.DEFAULT_DIR: default_record}
+            if test_data is not None and selected_on == "validation":
+                tests = _test_accuracies(run_path, test_data, chosen)
+            report = functools.partial(
+                write_reports,
+                run_path,
+                records,
+                metric=config.metric,
+                maximize=config.maximize,
+                fixed=dict(search.fixed),
+                wall_s=wall,
+                best_checkpoint=best_dir if best_dir.is_dir() else None,
+                selected_on=selected_on,
+                test_accuracy=tests,
+                space=search,
+            )
+            summary = report()
+            if refitting:
+                # After the reports: a refit that fails (or Ctrl-C) leaves the study's own figures written.
+                summary = report(refit_test_accuracy=_refit(config, options, test_data, chosen, run_path))
+        return StudyResult(
+            run_dir=run_path,
+            records=tuple(records),
+            best=best,
+            default=default_record,
+            summary=summary,
+            wall_s=wall,
+            stop_reason=stop_reason,
+            parallelism=used_parallelism,
+            selected_on=selected_on,
+            study_name=config.study_name,
+        )
 
 
 def _refit(
