@@ -20,6 +20,7 @@ second command on it is refused rather than interleaved with the first.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -224,11 +225,26 @@ def write_dir_atomic(path: str | os.PathLike[str], files: Mapping[str, bytes]) -
     return target
 
 
-def replace_dir(source: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+def replace_dir(
+    source: str | os.PathLike[str], path: str | os.PathLike[str], *, replace: bool = True
+) -> Path:
     """Put the finished directory ``source`` at ``path`` (on the same file system), replacing what is
     there only now: an older ``path`` is moved aside first, put back if the move in fails, and removed
-    once the new one is in place."""
+    once the new one is in place.
+
+    ``replace=False``: ``path`` must still be free (or an empty directory), else :class:`FileExistsError`
+    and nothing moves: what another process wrote there since it was checked is never replaced.
+    """
     source, target = Path(source), Path(path)
+    if not replace:
+        try:
+            os.rename(source, target)  # refuses a file or a directory with entries where ``target`` is
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise FileExistsError(errno.EEXIST, "exists already", str(target)) from None
+            raise
+        _fsync_dir(target.parent)
+        return target
     old = target.parent / f".{target.name}.old"
     _remove(old)
     aside = target.exists() or target.is_symlink()

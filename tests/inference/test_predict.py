@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import re
+import shutil
 import struct
 import warnings
 from glob import escape as glob_escape
@@ -759,6 +760,30 @@ def test_a_failed_run_leaves_the_previous_output_and_no_new_folder(
     table = tmp_path / "table"
     good.write.parquet(str(table))
     assert predict(table, small_model.path, output=table, overwrite=True, spark=spark).dataframe.count() == 5
+
+
+def test_an_output_another_command_wrote_meanwhile_is_not_replaced_without_overwrite(
+    spark: Any, small_model: Model, tmp_path: Path
+) -> None:
+    # Two predicts into one new output: both found it free, and the second to finish moved the first's
+    # predictions aside and deleted them, without --overwrite; the first's returned DataFrame then read
+    # the second's rows. The one that finds the output taken now refuses and leaves it as it is.
+    from pyspark.sql import functions as F
+
+    data = spark.range(5).select("id", F.lit([0.0] * 784).cast("array<double>").alias("pixels"))
+    out = tmp_path / "out"
+
+    def the_other_command_writes(progress: PredictProgress) -> None:
+        if not out.exists():
+            out.mkdir()
+            (out / "part-other.parquet").write_bytes(b"the other command's predictions")
+
+    with pytest.raises(ConfigError, match="was written by another command while these predictions were made"):
+        predict(data, small_model.path, output=out, progress=the_other_command_writes, spark=spark)
+    assert [p.name for p in out.iterdir()] == ["part-other.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left
+    shutil.rmtree(out)
+    assert predict(data, small_model.path, output=out, spark=spark).dataframe.count() == 5
 
 
 def test_a_broadcast_that_cannot_be_destroyed_loses_no_predictions(

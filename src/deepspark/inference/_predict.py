@@ -444,7 +444,15 @@ def predict(
     finally:
         release_broadcast(model_bc)
     if staging is not None:
-        replace_dir(staging, local_path(output_path))
+        try:
+            replace_dir(staging, local_path(output_path), replace=overwrite)
+        except FileExistsError:
+            # Another command (a second predict into it) wrote the output while this job ran: it stays.
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ConfigError(
+                f"output: {output_path} was written by another command while these predictions were made; "
+                "it was left as it is: pass overwrite=True (CLI: --overwrite) or choose another path"
+            ) from None
     seconds = time.perf_counter() - start
     totals = dict(stats.value)
     summary = PredictSummary(
