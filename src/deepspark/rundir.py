@@ -23,6 +23,7 @@ import contextlib
 import errno
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -45,11 +46,14 @@ __all__ = [
     "prepare",
     "read_config",
     "replace_dir",
+    "restore_dir",
     "write_config",
     "write_dir_atomic",
     "write_figure_atomic",
     "write_file_atomic",
 ]
+
+_log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 BEST_DIR = "best"
@@ -245,7 +249,7 @@ def replace_dir(
             raise
         _fsync_dir(target.parent)
         return target
-    old = target.parent / f".{target.name}.old"
+    old = restore_dir(target)
     _remove(old)
     aside = target.exists() or target.is_symlink()
     if aside:
@@ -259,6 +263,23 @@ def replace_dir(
     _fsync_dir(target.parent)
     _remove(old)
     return target
+
+
+def restore_dir(path: str | os.PathLike[str]) -> Path:
+    """Put back what a :func:`replace_dir` cut short between its two renames (the process killed, the
+    machine lost) left aside: ``path`` missing, its last complete version at ``.NAME.old``. Returns that
+    aside path (absent now).
+
+    Called before ``path`` is read or replaced: a resume took the missing ``checkpoint/`` for none at all
+    and trained the run again from the start, and the next write deleted the aside copy, the only one.
+    """
+    target = Path(path)
+    old = target.parent / f".{target.name}.old"
+    if old.is_dir() and not old.is_symlink() and not (target.exists() or target.is_symlink()):
+        _log.warning("%s: putting back the copy an interrupted replacement left aside (%s)", target, old.name)
+        with contextlib.suppress(FileNotFoundError):
+            old.replace(target)
+    return old
 
 
 @contextlib.contextmanager

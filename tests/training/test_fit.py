@@ -385,6 +385,27 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(
     assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["epochs_done"] == 2
 
 
+def test_a_checkpoint_swap_cut_short_is_put_back_and_the_resume_continues_from_it(
+    toy: Path, tmp_path: Path, driver_crash: Any
+) -> None:
+    # A driver killed between the two renames that swap checkpoint/ (the old one moved aside, the new one
+    # not yet in) left no checkpoint/ and the last complete one at .checkpoint.old: --resume took that for
+    # a run never checkpointed, deleted history.csv and trained every epoch again. It is put back now.
+    config = {"batch_size": 8, "epochs": 4, "seed": 3, "threads": 1}
+    whole = fit(str(toy), "mlp", strategy="local", config=config, run_dir=tmp_path / "whole")
+    run_dir = tmp_path / "cut"
+    with pytest.raises(RuntimeError, match="driver crash"):
+        fit(str(toy), "mlp", strategy="local", config=config, run_dir=run_dir, on_round=driver_crash(1))
+    (run_dir / "checkpoint").rename(run_dir / ".checkpoint.old")  # killed between the two renames
+    trained: list[int] = []
+    resumed = fit(str(toy), run_dir=run_dir, resume=True, on_round=lambda row: trained.append(row["round"]))
+    assert trained == [2, 3]  # the two epochs the checkpoint lacked, not all four again
+    rows = _history(resumed.run_dir)
+    assert [int(r["round"]) for r in rows] == [0, 1, 2, 3]
+    np.testing.assert_allclose(_losses(rows), _losses(whole.history), rtol=0, atol=1e-6)
+    assert not (run_dir / ".checkpoint.old").exists()
+
+
 def test_a_local_epoch_is_shown_only_once_its_row_and_checkpoint_are_written(
     toy: Path, tmp_path: Path
 ) -> None:

@@ -86,6 +86,21 @@ def test_grid_runs_every_point_once_plus_the_default_and_best_model_matches(spar
     assert sorted(int(r["number"]) for r in rows) == [0, 1, 2, 3, 4]
 
 
+def test_a_best_model_swap_cut_short_is_put_back_on_resume(spark, tmp_path) -> None:
+    # A driver killed between the two renames that swap best/ in (the old best moved aside, the new one
+    # not yet in) left no best/ and the last complete model at .best.old; the resume, finding best.json
+    # up to date, left it there: the study had no best model although one was on disk.
+    run = tmp_path / "cut"
+    kwargs = {"space": GRID_2X2, "sampler": "grid", "pruner": "none", "parallelism": 1, "run_dir": run}
+    tune(_numbered, trials=4, default_config=False, **kwargs)
+    _check_best_model(run, 3)
+    (run / "best").rename(run / ".best.old")  # killed between the two renames
+    result = tune(_numbered, run_dir=run, resume=True)
+    assert result.counts() == {"complete": 4, "pruned": 0, "fail": 0}
+    _check_best_model(run, 3)
+    assert not (run / ".best.old").exists()
+
+
 def test_a_grid_resume_with_fewer_trials_than_queued_is_refused_and_changes_nothing(spark, tmp_path) -> None:
     # The first run queued all 4 points and was stopped in its first; a resume asking for 2 points ran
     # the 3 still waiting (Optuna cannot take a waiting trial back), 4 points where 2 were asked for.

@@ -336,6 +336,8 @@ def fit(
     run_path = _run_dir(run_dir, resume=resume)
     # Held to the end: a second command in this directory is refused, not interleaved with this one.
     with rundir.exclusive(run_path, new=not resume):
+        if resume:
+            rundir.restore_dir(run_path / CHECKPOINT)
         if resume and not (run_path / CHECKPOINT).is_dir():
             # Stopped before its first checkpoint (the driver killed, SIGTERM, Ctrl-C in local's first epoch):
             # no finished round to continue from, and a new run there is refused. Start again with the saved

@@ -591,6 +591,8 @@ def _run(
         finished: int | None = None
         made = False
         selected_on = config.builtin.select_on if config.builtin is not None else None
+        for kept in (rundir.BEST_DIR, rundir.DEFAULT_DIR):
+            rundir.restore_dir(run_path / kept)
         try:
             run_path.mkdir(parents=True, exist_ok=True)
             if config.to_dict() != dict(saved):
