@@ -25,7 +25,7 @@ from deepspark.tuning import (
     load_space,
     tune,
 )
-from deepspark.tuning.report import summarise, width_param
+from deepspark.tuning.report import summarise, width_param, write_reports
 
 X = {"x": {"type": "uniform", "low": 0.0, "high": 1.0}}
 SPACE = {"hidden": {"type": "choice", "values": [8, 16]}, "epochs": 1}
@@ -191,6 +191,30 @@ def test_a_default_without_error_names_no_split_its_reduction_is_on() -> None:
     # A default that errs does name it.
     erring = summarise(records, **options, selected_on="validation", tests={0: (0.9, 0.9), 1: (1.0, 1.0)})
     assert erring.error_reduction == pytest.approx(1.0) and erring.error_reduction_on == "test"
+
+
+def test_a_trials_csv_write_stopped_midway_leaves_the_previous_file_whole(tmp_path: Path) -> None:
+    # trials.csv was rewritten in place: a driver killed (or an error raised) after some rows left a file
+    # cut short beside the previous end's best.json, and a report read meanwhile saw it. It is replaced now.
+    class Unwritable:
+        def __str__(self) -> str:
+            raise RuntimeError("stopped midway")
+
+    def records(n: int, last: object = 0.5) -> list[TrialRecord]:
+        return [
+            TrialRecord(
+                number=i, state=TrialState.COMPLETE, params={"x": last if i == n - 1 else 0.1}, value=0.9
+            )
+            for i in range(n)
+        ]
+
+    options = {"metric": "accuracy", "maximize": True, "fixed": {}, "wall_s": 1.0, "best_checkpoint": None}
+    write_reports(tmp_path, records(3), **options)
+    before = (tmp_path / "trials.csv").read_bytes()
+    with pytest.raises(RuntimeError, match="stopped midway"):
+        write_reports(tmp_path, records(400, last=Unwritable()), **options)
+    assert (tmp_path / "trials.csv").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_the_plot_width_parameter_comes_from_the_space_whatever_its_name() -> None:

@@ -6,6 +6,7 @@ Everything is rebuilt from the Optuna storage, so a resumed study reports every 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -256,7 +257,9 @@ def write_reports(
     metric_names = sorted(
         {k for r in records for k, v in r.metrics.items() if not isinstance(v, dict | list)}
     )
-    with (run_dir / "trials.csv").open("w", newline="", encoding="utf-8") as fh:
+    # Replaced whole, not rewritten in place: a driver killed midway left a trials.csv cut after some
+    # rows (best.json, written next, still the previous end's), and a report read meanwhile saw one.
+    with io.StringIO(newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(
             [
@@ -289,6 +292,8 @@ def write_reports(
                     r.error or "",
                 ]
             )
+        table = fh.getvalue()
+    rundir.write_file_atomic(run_dir / "trials.csv", table.encode("utf-8"))
     summary = summarise(
         records,
         metric=metric,
