@@ -163,6 +163,18 @@ def test_sensitivity_axis_names_the_split_the_trials_were_chosen_on(study_dir) -
     assert seen[None][0] == "error (1 - accuracy)" and "test" not in seen[None][1].lower()
 
 
+def test_a_report_puts_the_callers_optuna_verbosity_back(study_dir, tmp_path) -> None:
+    import optuna
+
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.DEBUG)  # a notebook's own setting
+    try:
+        report([study_dir], output=tmp_path / "r.html")
+        assert optuna.logging.get_verbosity() == optuna.logging.DEBUG
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
 def test_report_never_changes_the_run_directory(study_dir, tmp_path) -> None:
     before = _snapshot(study_dir)
     assert main(["report", str(study_dir), "--output", str(tmp_path / "r.html")]) == 0

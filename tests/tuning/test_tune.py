@@ -34,6 +34,18 @@ def test_user_objective_runs_every_trial(spark, tmp_path) -> None:
     assert best["best"]["trial"] == result.best.number
 
 
+def test_the_callers_optuna_verbosity_is_put_back_after_a_study(spark, tmp_path) -> None:
+    import optuna
+
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.DEBUG)  # a notebook's own setting
+    try:
+        tune(_quadratic, space=X, trials=1, sampler="random", pruner="none", run_dir=tmp_path / "r")
+        assert optuna.logging.get_verbosity() == optuna.logging.DEBUG
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
 def test_grid_sampler_visits_each_point_once(spark, tmp_path) -> None:
     space = {"a": {"type": "grid", "values": [1, 2, 3]}, "b": {"type": "choice", "values": ["u", "v"]}}
     result = tune(

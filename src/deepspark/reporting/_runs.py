@@ -26,7 +26,7 @@ import optuna
 from deepspark.errors import ConfigError
 from deepspark.tuning.coordinator import INTERRUPTED_ATTR, STARTED_ATTR
 from deepspark.tuning.report import records_from_study
-from deepspark.tuning.runner import CLUSTER_ATTR, JOURNAL, STUDY_NAME
+from deepspark.tuning.runner import CLUSTER_ATTR, JOURNAL, STUDY_NAME, quiet_optuna
 from deepspark.tuning.trial import TrialRecord
 
 __all__ = ["StudyRun", "TrainingRun", "open_runs", "read_json_object"]
@@ -155,7 +155,7 @@ def open_runs(paths: Sequence[str | Path]) -> Iterator[list[Run]]:
     """Open each run directory read-only; the studies live in a temporary copy until the block ends."""
     if not paths:
         raise ConfigError("run_dirs: expected at least one run directory, got none")
-    with tempfile.TemporaryDirectory(prefix="deepspark-report-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="deepspark-report-") as tmp, quiet_optuna():
         runs: list[Run] = []
         for i, given in enumerate(paths):
             path = Path(given)
@@ -198,7 +198,6 @@ def _open_study(path: Path, tmp: Path) -> StudyRun:
     tmp.mkdir(parents=True)
     copy = tmp / JOURNAL
     copy.write_bytes(data[: data.rfind(b"\n") + 1])  # a line still being appended is left out
-    _quiet_optuna()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
@@ -242,7 +241,6 @@ def _open_stored_study(path: Path, config: Mapping[str, Any]) -> StudyRun:
     if database and Path(database).stat().st_size == 0:
         # An empty file holds no study, and opening it would write Optuna's tables into it.
         raise ConfigError(f"run_dirs: the storage {url} named by {path} is an empty file: it holds no study")
-    _quiet_optuna()
     try:
         study = optuna.load_study(study_name=name, storage=url)
     except KeyError:
@@ -258,10 +256,6 @@ def _open_stored_study(path: Path, config: Mapping[str, Any]) -> StudyRun:
     ]
     last_write = max(stamps, default=_dt.datetime.fromtimestamp((path / "config.json").stat().st_mtime))
     return _study_run(path, config, study, last_write)
-
-
-def _quiet_optuna() -> None:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def _study_run(

@@ -9,6 +9,7 @@ an objective that raises is a FAIL and the study goes on.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -18,7 +19,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -586,7 +587,7 @@ def _run(
     created = not run_path.exists() or not any(run_path.iterdir())
     top = rundir.first_missing(run_path) or run_path  # what a failed start removes: with any parent it made
     # Held to the end: a second command in this directory is refused, not interleaved with this one.
-    with rundir.exclusive(run_path, new=not resume):
+    with rundir.exclusive(run_path, new=not resume), quiet_optuna():
         study: optuna.Study | None = None
         finished: int | None = None
         made = False
@@ -816,6 +817,18 @@ def _previous_summary(
     return summary
 
 
+@contextlib.contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Within the block, Optuna logs warnings and errors only (not a line per trial: deepspark reports
+    trials itself); its verbosity is then put back as the caller had it (a notebook's own setting)."""
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
 def _open_study(
     config: StudyConfig,
     run_path: Path,
@@ -828,7 +841,6 @@ def _open_study(
 ) -> tuple[optuna.Study, BaseStorage, bool]:
     """The study in its storage (made when missing), its settings set as user attributes; and whether
     this call made it. A new run never joins a study of the same name that a shared storage holds."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         journal = run_path / JOURNAL if config.storage is None else None
