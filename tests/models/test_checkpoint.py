@@ -47,6 +47,18 @@ def test_a_model_with_more_outputs_than_classes_names_every_output_and_loads_for
     assert load_model(path).class_names == names
 
 
+def test_loading_a_checkpoint_leaves_the_callers_torch_rng_as_it_was(tmp_path) -> None:
+    from deepspark.inference import load_model
+
+    spec = model_spec("mlp", hidden=8)
+    path = save_checkpoint(tmp_path / "ck", build_model(spec, seed=1), spec, preprocess=PRE)
+    torch.manual_seed(123)  # a notebook's own seed
+    state = torch.get_rng_state()
+    load_checkpoint(path)
+    load_model(path)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_existing_path_is_not_overwritten_by_default(tmp_path) -> None:
     spec = model_spec("mlp", hidden=8)
     save_checkpoint(tmp_path / "ck", build_model(spec), spec, preprocess=PRE)

@@ -238,7 +238,9 @@ def build_checkpoint_model(spec: ModelSpec, weights: bytes, *, source: str | os.
         raise CheckpointError(f"checkpoint {source}: cannot read {WEIGHTS}: {exc}") from exc
     _check_weights(spec, state, source)
     try:
-        model = build_model(spec)
+        # Seeded: its initial weights are replaced at once, and a seed draws them from a generator of
+        # their own, so loading a model (predict, export, a report) leaves the caller's torch RNG as it was.
+        model = build_model(spec, seed=0)
     except SpecError as exc:  # a layer's parameters, checked as the layer is built
         raise CheckpointError(f"checkpoint {source}: bad {SPEC}: {exc}") from exc
     try:
