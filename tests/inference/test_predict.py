@@ -474,6 +474,21 @@ def test_timestamp_and_other_column_types_are_carried_through(spark: Any, small_
     assert row["error"] is None and row["label"] in CLASS_NAMES
 
 
+def test_a_column_arrow_cannot_carry_fails_before_the_model_is_broadcast(
+    spark: Any, small_model: Model, tmp_path: Path
+) -> None:
+    # pyspark keeps each broadcast's value in a file of the context's temporary folder until it is
+    # destroyed: a predict that failed there left its model behind, once per call, in a notebook's session.
+    broadcasts = Path(spark.sparkContext._temp_dir)
+    before = sorted(broadcasts.iterdir())
+    df = spark.createDataFrame([([0.0] * 784,)], "pixels array<double>").selectExpr(
+        "INTERVAL '1' YEAR AS span", "pixels"
+    )
+    with pytest.raises(Exception, match="YearMonthIntervalType"):
+        predict(df, small_model.path, output=str(tmp_path / "out"), spark=spark)
+    assert sorted(broadcasts.iterdir()) == before
+
+
 def test_parquet_tensor_column_wrong_shape_is_an_error_row(
     spark: Any, small_model: Model, tmp_path: Path
 ) -> None:

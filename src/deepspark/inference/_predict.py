@@ -397,13 +397,14 @@ def predict(
         decode_threads=decode_threads,
     )
     schema = _output_schema(df, passthrough)
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    # Spark hands a timestamp column over in the session's time zone. Before the model is broadcast: a
+    # column Arrow cannot carry (an interval of years) fails here, and left that broadcast behind.
+    arrow_schema = to_arrow_schema(schema, timezone=spark.conf.get("spark.sql.session.timeZone"))
     sc = spark.sparkContext
     model_bc = sc.broadcast(artifact)
     stats: Accumulator[dict[str, Any]] = sc.accumulator({}, TaskStats())  # type: ignore[arg-type]
-    from pyspark.sql.pandas.types import to_arrow_schema
-
-    # Spark hands a timestamp column over in the session's time zone.
-    arrow_schema = to_arrow_schema(schema, timezone=spark.conf.get("spark.sql.session.timeZone"))
 
     def task(batches: Iterator[Any]) -> Iterator[Any]:
         return run_task(batches, plan, model_bc, stats, arrow_schema)
