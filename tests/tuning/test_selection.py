@@ -370,3 +370,34 @@ def test_resume_on_other_data_is_refused_and_on_the_same_data_elsewhere_runs(spa
     shutil.copytree(data_dir, moved)
     result = tune(run_dir=run, resume=True, trials=3, data_dir=str(moved), parallelism=2)
     assert result.counts()["complete"] == 3
+
+
+class _Accurate:
+    def __call__(self, config, reporter):
+        return {"accuracy": 0.5}
+
+
+def test_the_refit_job_runs_in_a_group_of_its_own_and_leaves_the_callers_group_alone(spark, tmp_path) -> None:
+    # A Spark action run in the caller's thread is uncancellable by Ctrl-C (pyspark's handler breaks the
+    # thread's connection, which loses its job group and local properties); run_job's own group is not.
+    from deepspark.tuning.refit import refit_models
+    from deepspark.tuning.trial import TrialRecord, TrialState
+
+    sc = spark.sparkContext
+    sc.setJobGroup("the-callers-group", "the caller's jobs")
+    try:
+        accuracies = refit_models(
+            spark,
+            objective=_Accurate(),
+            data=None,
+            chosen={"best": TrialRecord(number=0, state=TrialState.COMPLETE, params={})},
+            threads=1,
+            run_dir=tmp_path,
+        )
+        assert accuracies == {0: 0.5}
+        assert sc.statusTracker().getJobIdsForGroup("the-callers-group") == []
+        assert sc.getLocalProperty("spark.jobGroup.id") == "the-callers-group"
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+        sc.setLocalProperty("spark.job.description", None)
+        sc.setLocalProperty("spark.job.interruptOnCancel", None)
