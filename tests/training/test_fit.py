@@ -912,6 +912,41 @@ def test_dataframe_columns_are_checked(spark: Any, tmp_path: Path) -> None:
     assert not any((tmp_path / name).exists() for name in "abcdefghi")
 
 
+@pytest.mark.slow
+def test_the_data_jobs_run_in_groups_of_their_own_and_leave_the_callers_alone(
+    spark: Any, tmp_path: Path
+) -> None:
+    # A Spark job run in the caller's thread is uncancellable by Ctrl-C (pyspark's handler breaks the
+    # thread's connection, which loses its job group and local properties): the DataFrame's checks and
+    # count, the workers' shuffle (adaptive execution runs it as the plan becomes an RDD) and the test
+    # rows' collect run in groups of their own (run_job), as the workers' jobs do.
+    sc = spark.sparkContext
+    sc.setJobGroup("the-callers-group", "the caller's jobs")
+    try:
+        df = spark.createDataFrame(
+            [(bytes([i, 0, 255, i]), i % 2) for i in range(8)], "x binary, y int"
+        ).repartition(3)
+        fit(
+            df,
+            {
+                "input_shape": [1, 2, 2],
+                "layers": [{"type": "flatten"}, {"type": "linear", "out_features": 2}],
+            },
+            workers=2,
+            feature_column="x",
+            label_column="y",
+            input_shape=(1, 2, 2),
+            test_data=df,
+            config={**SGD, "batch_size": 4, "epochs": 1},
+            run_dir=tmp_path / "run",
+        )
+        assert sc.statusTracker().getJobIdsForGroup("the-callers-group") == []
+        assert sc.getLocalProperty("spark.jobGroup.id") == "the-callers-group"
+    finally:
+        for key in ("spark.jobGroup.id", "spark.job.description", "spark.job.interruptOnCancel"):
+            sc.setLocalProperty(key, None)
+
+
 def test_integer_arrays_holding_their_type_s_smallest_value_are_counted(spark: Any) -> None:
     # The check for numbers beyond float32's range took each value's abs(): under ANSI mode (Spark 4's
     # default) that of a tinyint's -128, or of the smallest int or long, overflows, and the counting job

@@ -45,6 +45,7 @@ from deepspark.training.frame import (
     LABEL,
     FrameLayout,
     describe_frame,
+    in_own_group,
     keyed_rows,
     row_hash,
 )
@@ -762,7 +763,7 @@ def _load(data: Any, data_dir: Any, limit_train: int | None, limit_test: int | N
 def _collect(df: Any, layout: FrameLayout, preprocess: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:
     from deepspark.training.frame import RowFile, read_partition
 
-    part = read_partition(keyed_rows(df, layout).toArrow().to_batches(), layout)
+    part = read_partition(in_own_group(df, keyed_rows(df, layout).toArrow).to_batches(), layout)
     features = part.features
     assert not isinstance(features, RowFile)  # read without a memory bound: never a file
     inputs = preprocess.apply(features) if layout.pixels else torch.from_numpy(features)
@@ -958,7 +959,8 @@ def _run_workers(
     try:
         host, port = endpoint.address
         _log.info("%s: serving %d worker(s) on %s:%d", name, workers, host, port)
-        rdd = frame.repartition(workers, KEY).mapInArrow(task_fn(host, port, token), _TASK_SCHEMA).rdd
+        planned = frame.repartition(workers, KEY).mapInArrow(task_fn(host, port, token), _TASK_SCHEMA)
+        rdd = in_own_group(frame, lambda: planned.rdd)  # adaptive execution runs the shuffle here
         sc = spark.sparkContext
         group = f"{name}-{secrets.token_hex(4)}"
 

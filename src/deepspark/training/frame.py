@@ -21,7 +21,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -33,6 +33,8 @@ from deepspark.validation import check_int
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
+_T = TypeVar("_T")
+
 __all__ = [
     "FEATURE",
     "KEY",
@@ -42,6 +44,7 @@ __all__ = [
     "RowFile",
     "count_disagrees",
     "describe_frame",
+    "in_own_group",
     "keyed_rows",
     "read_partition",
     "row_hash",
@@ -193,7 +196,7 @@ def _describe(
         check_shape(shape)
     label, values = column(label_column), column(feature_column)
     hashed = row_hash(label, values)
-    stats = df.agg(
+    query = df.agg(
         F.count(F.lit(1)).alias("rows"),
         F.min(label).alias("low"),
         F.max(label).alias("high"),
@@ -218,7 +221,8 @@ def _describe(
         # count is refused with it. Two sums of 32-bit halves, so no sum overflows a long.
         F.sum(hashed.bitwiseAND(F.lit(0xFFFFFFFF))).alias("digest_low"),
         F.sum(F.shiftrightunsigned(hashed, 32)).alias("digest_high"),
-    ).first()
+    )
+    stats = in_own_group(df, query.first)
     assert stats is not None  # an aggregate always yields one row
     rows = int(stats["rows"])
     if rows == 0:
@@ -293,14 +297,28 @@ def sum_digests(digests: Iterable[str]) -> str:
     return _digest(high, low)
 
 
+def in_own_group(df: DataFrame, action: Callable[[], _T]) -> _T:
+    """``action``'s result: its jobs on ``df`` (an action, or the shuffles adaptive execution runs when a
+    plan becomes an RDD) run in a job group of its own from a thread (run_job), so that
+    Ctrl-C cancels it, and the caller's thread keeps its job group and local properties (in the caller's
+    thread, pyspark's Ctrl-C handler broke its connection to the JVM, which lost them, and the job ran on)."""
+    from deepspark.spark import job_group, run_job
+
+    result: list[_T] = []
+    failure = run_job(
+        df.sparkSession.sparkContext, lambda: result.append(action()), group=job_group("deepspark-train-data")
+    )
+    if failure is not None:
+        raise failure
+    return result[0]
+
+
 def _sample_images(df: DataFrame, name: str) -> set[tuple[int, int, int]]:
     """The ``(C, H, W)`` of the encoded images among the column's first rows; empty for raw pixels."""
     from deepspark.data.images import RowError, image_shapes, is_encoded_image
 
-    values = [
-        bytes(r[0])
-        for r in df.select(column(name)).where(column(name).isNotNull()).limit(_SAMPLE_ROWS).collect()
-    ]
+    first = df.select(column(name)).where(column(name).isNotNull()).limit(_SAMPLE_ROWS)
+    values = [bytes(r[0]) for r in in_own_group(df, first.collect)]
     encoded = [is_encoded_image(v) for v in values]
     if not any(encoded):
         return set()
