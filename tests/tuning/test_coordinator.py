@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import errno
 import socket
 import threading
 import time
@@ -214,6 +215,42 @@ def test_the_best_model_arrives_as_payload_bytes_and_workers_get_the_endpoint() 
     finally:
         coord.close()
     assert saved == [(0, {"model.safetensors": weights, "spec.json": b"{}"})]
+
+
+def test_a_model_the_driver_cannot_write_stops_the_study_not_the_worker() -> None:
+    # best/ on a full disk: the write raised in the worker's connection thread, was taken for the worker
+    # disconnecting (its Spark job failed and ran again) and the study ended with exit 0 and no best/.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def on_model(record, files) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/study/best")
+
+    coord = Coordinator(
+        optuna.create_study(direction="maximize"),
+        distributions={"x": optuna.distributions.FloatDistribution(0.0, 1.0)},
+        fixed={},
+        n_trials=2,
+        on_model=on_model,
+    )
+    coord.start()
+    try:
+        endpoint = coord.endpoint
+        hello = {"slot": 0, "worker": "w0"}
+        with wire.connect(endpoint.host, endpoint.port, token=endpoint.token, hello=hello) as worker:
+            worker.settimeout(10)
+            trial = _ask(worker, {"op": "next"})
+            done = {"op": "done", "trial": trial["trial"], "state": "complete", "value": 0.9}
+            assert _ask(worker, done) == {"send_model": True}
+            worker.send({"op": "model", "trial": trial["trial"], "files": [["spec.json", 2]]}, b"{}")
+            assert worker.recv() == ({"ok": True}, b"")  # answered: the worker is not cut off
+            assert _ask(worker, {"op": "next"}).get("stop")  # and no further trial is started
+        _until(lambda: coord.finished)
+    finally:
+        coord.close()
+    assert coord.stop_reason is not None
+    assert "could not save trial 0's model" in coord.stop_reason
+    assert "No space left on device" in coord.stop_reason and "/runs/study/best" in coord.stop_reason
+    assert coord.counts()["complete"] == 1
 
 
 def test_the_default_trials_model_is_kept_even_when_it_is_not_the_best() -> None:

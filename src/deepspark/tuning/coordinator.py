@@ -629,10 +629,18 @@ class Coordinator:
         if not files or record is None:
             return
         with self._model_lock:
-            if record.is_default and self._on_default_model is not None:
-                self._on_default_model(record, files)
-            if self._on_model is not None and self._best is not None and self._best[1] == number:
-                self._on_model(record, files)  # unless a better trial finished meanwhile
+            try:
+                if record.is_default and self._on_default_model is not None:
+                    self._on_default_model(record, files)
+                if self._on_model is not None and self._best is not None and self._best[1] == number:
+                    self._on_model(record, files)  # unless a better trial finished meanwhile
+            except OSError as exc:
+                # The driver's disk (full, read-only, gone), not the worker: taken for a disconnect, the
+                # worker's job failed and was resubmitted, and the study ended "successfully" without
+                # the model. Stop the study instead, saying where and why.
+                _log.error("could not save trial %d's model: %s", number, exc)
+                with self._lock:
+                    self._halt(f"could not save trial {number}'s model: {exc}")
 
     def worker_lost(self, slot: int, *, reason: str, conn_id: int | None = None) -> None:
         """The worker on ``slot`` died: its running trials go back in the queue (or FAIL after retries).
