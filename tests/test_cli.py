@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -111,6 +112,26 @@ def test_sigterm_stops_a_command_as_ctrl_c_does(monkeypatch, capsys, tmp_path, c
     err = capsys.readouterr().err.splitlines()
     assert (code, stopped, err[-1:]) == (130, ["as on Ctrl-C"], ["deepspark: interrupted"])
     assert not [line for line in err if "Traceback" in line or "error" in line]
+
+
+def test_a_write_the_disk_refuses_is_one_error_line_naming_the_path(monkeypatch, capsys, tmp_path) -> None:
+    # A full disk under the run directory: the checkpoint's write raised OSError, a traceback ending in
+    # "No space left on device" that did not say where.
+    import deepspark.training
+    from deepspark import rundir
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def fit(**kwargs):
+        monkeypatch.setattr(os, "fsync", full)
+        rundir.write_dir_atomic(tmp_path / "r" / "checkpoint", {"state.json": b"{}"})
+
+    monkeypatch.setattr(deepspark.training, "fit", fit)
+    code = main(["train", "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err.splitlines()
+    assert (code, err) == (1, [f"deepspark: error: No space left on device: {tmp_path / 'r' / 'checkpoint'}"])
+    assert os.listdir(tmp_path / "r") == []  # no temp folder left
 
 
 @pytest.mark.parametrize(

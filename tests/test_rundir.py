@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
@@ -49,6 +50,20 @@ def test_write_file_atomic_replaces_and_leaves_no_temp_file(tmp_path) -> None:
     rundir.write_file_atomic(path, b"two")
     assert path.read_bytes() == b"two"
     assert os.listdir(tmp_path) == ["f.json"]
+
+
+def test_a_write_the_disk_refuses_names_the_file_and_leaves_the_old_one(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "best.json"
+    rundir.write_file_atomic(path, b"old")
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left on device") as raised:
+        rundir.write_file_atomic(path, b"new")
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["best.json"]
 
 
 def test_a_figure_interrupted_while_it_renders_leaves_the_old_png_and_no_temp_file(tmp_path) -> None:

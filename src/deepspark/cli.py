@@ -568,6 +568,12 @@ def _main(argv: Sequence[str] | None) -> int:
     except Exception as exc:
         if _came_from_an_interrupt(exc):  # the interruption's, not an error of the command
             return _interrupted()
+        if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, BrokenPipeError):
+            # The machine's, met while working (a full disk, a quota, a read-only or lost mount): one
+            # line naming the file and the cause, not a traceback. main handles a closed pipe.
+            where = f": {exc.filename}" if exc.filename is not None else ""
+            print(f"deepspark: error: {exc.strerror}{where}", file=sys.stderr)
+            return 1
         if not isinstance(exc, DeepsparkError):
             raise
         print(f"deepspark: error: {exc}", file=sys.stderr)

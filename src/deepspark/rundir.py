@@ -177,9 +177,11 @@ def write_file_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _naming(exc, target) from None
         raise
     _fsync_dir(target.parent)
     return target
@@ -224,6 +226,8 @@ def write_dir_atomic(path: str | os.PathLike[str], files: Mapping[str, bytes]) -
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
         replace_dir(tmp, target)
+    except OSError as exc:
+        raise _naming(exc, target) from None
     finally:
         _remove(tmp)
     return target
@@ -336,6 +340,14 @@ def check_writable(path: str | os.PathLike[str], *, name: str) -> None:
         for directory in reversed(made):
             with contextlib.suppress(OSError):
                 directory.rmdir()
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """``exc`` with ``path`` as its file name where it names none: a failed ``write`` or ``fsync`` (a full
+    disk, a quota, an I/O error) said "No space left on device" and not where."""
+    if exc.filename is not None or exc.errno is None:
+        return exc
+    return OSError(exc.errno, exc.strerror, str(path))  # the subclass for the errno, as the system's
 
 
 def _umask() -> int:
