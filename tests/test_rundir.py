@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 
 import pytest
 
@@ -64,6 +65,24 @@ def test_a_write_the_disk_refuses_names_the_file_and_leaves_the_old_one(tmp_path
         rundir.write_file_atomic(path, b"new")
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path)
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["best.json"]
+
+
+@pytest.mark.parametrize("write", ["file", "dir"])
+def test_a_directory_that_refuses_the_temp_file_is_named_not_the_temp_file(
+    tmp_path, monkeypatch, write
+) -> None:
+    # A resumed run in a read-only directory: the error named ".history.csv.nxloxtv7", a name the user
+    # never heard of, as the file that could not be written.
+    def refused(*, prefix: str, dir: object) -> object:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.path.join(str(dir), f"{prefix}nxloxtv7"))
+
+    monkeypatch.setattr(tempfile, "mkstemp" if write == "file" else "mkdtemp", refused)
+    with pytest.raises(OSError, match="Read-only file system") as raised:
+        if write == "file":
+            rundir.write_file_atomic(tmp_path / "history.csv", b"round\n")
+        else:
+            rundir.write_dir_atomic(tmp_path / "checkpoint", {"state.json": b"{}"})
+    assert raised.value.filename == str(tmp_path / ("history.csv" if write == "file" else "checkpoint"))
 
 
 def test_a_figure_interrupted_while_it_renders_leaves_the_old_png_and_no_temp_file(tmp_path) -> None:

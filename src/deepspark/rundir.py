@@ -167,7 +167,10 @@ def write_config(run_dir: str | os.PathLike[str], config: Mapping[str, Any]) -> 
 def write_file_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     """Replace ``path`` with ``data``: temp file in the same directory, fsync, ``os.replace``."""
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    except OSError as exc:
+        raise _naming(exc, target) from None
     try:
         # mkstemp makes 0600, and the rename keeps it: a report, best.json, config.json would be readable
         # by their owner only (a team's shared run directory, a web server), whatever the umask says.
@@ -216,7 +219,10 @@ def write_dir_atomic(path: str | os.PathLike[str], files: Mapping[str, bytes]) -
         if not name or name != Path(name).name or name.startswith(".") or "\\" in name:
             raise DeepsparkError(f"refusing file name {name!r} for {target}: expected a plain file name")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as exc:
+        raise _naming(exc, target) from None
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700: a model directory others may read, as above
         for name, data in files.items():
@@ -343,9 +349,13 @@ def check_writable(path: str | os.PathLike[str], *, name: str) -> None:
 
 
 def _naming(exc: OSError, path: Path) -> OSError:
-    """``exc`` with ``path`` as its file name where it names none: a failed ``write`` or ``fsync`` (a full
-    disk, a quota, an I/O error) said "No space left on device" and not where."""
-    if exc.filename is not None or exc.errno is None:
+    """``exc`` with ``path`` as its file name where it names none, or only the temp file's random name: a
+    failed ``write`` or ``fsync`` (a full disk, a quota, an I/O error) said "No space left on device" and
+    not where, and a read-only directory named a ``.NAME.x8k2p1`` the user never heard of."""
+    temp = exc.filename is not None and os.path.basename(os.fsdecode(exc.filename)).startswith(
+        f".{path.name}."
+    )
+    if (exc.filename is not None and not temp) or exc.errno is None:
         return exc
     return OSError(exc.errno, exc.strerror, str(path))  # the subclass for the errno, as the system's
 
