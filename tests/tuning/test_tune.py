@@ -718,3 +718,33 @@ def test_a_results_lists_and_dicts_are_kept_in_the_records_and_left_out_of_trial
     assert again.records[0].metrics == expected
     header = next(csv.reader((run / "trials.csv").open()))
     assert "metric_note" in header and "metric_curve" not in header and "metric_per_class" not in header
+
+
+def test_an_append_the_disk_cut_short_never_makes_the_journal_unreadable(tmp_path) -> None:
+    # A full disk let an append write part of its line; the next append that succeeded (space freed)
+    # made the whole journal unreadable ("Invalid log format"): the study and its finished trials lost.
+    import resource
+
+    import optuna
+    from optuna.storages import JournalStorage
+
+    from deepspark.tuning.runner import JournalFile
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    path = tmp_path / "study.journal"
+    study = optuna.create_study(study_name="s", storage=JournalStorage(JournalFile(path)))
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 20, hard))  # room for 20 bytes
+    try:
+        with pytest.raises(OSError):
+            study.ask()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert path.read_bytes().endswith(b"\n")  # the cut line is gone
+    again = optuna.load_study(study_name="s", storage=JournalStorage(JournalFile(path)))
+    again.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
+    reread = optuna.load_study(study_name="s", storage=JournalStorage(JournalFile(path)))
+    assert [t.state for t in reread.trials] == [optuna.trial.TrialState.COMPLETE] * 2

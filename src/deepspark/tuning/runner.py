@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import secrets
 import shutil
 import tempfile
@@ -26,7 +27,7 @@ from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
 from deepspark import rundir
 from deepspark.errors import ConfigError, RunError
@@ -71,6 +72,7 @@ __all__ = [
     "SAMPLERS",
     "SELECT_ON",
     "STUDY_NAME",
+    "JournalFile",
     "StudyResult",
     "tune",
 ]
@@ -78,6 +80,55 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 JOURNAL = "study.journal"
+
+
+class JournalFile(JournalFileBackend):
+    """A study's journal file (Optuna's), whose append a full disk cannot leave torn.
+
+    A failed append (no space left, a quota, an I/O error) could write part of its line. Optuna reads a
+    cut last line as one still being written, but once an append after it succeeded (space freed: the
+    failed model's temp folder removed) the whole journal was unreadable, ``Invalid log format``: the
+    study and every finished trial in it lost. The cut line is now removed again, under the journal's lock.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._path_of_journal = Path(path)
+        self._lock_of_journal = JournalFileSymlinkLock(str(path))
+        super().__init__(str(path), lock_obj=self._lock_of_journal)
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        try:
+            super().append_logs(logs)
+        except OSError:
+            with contextlib.suppress(OSError):  # the lock itself may be what the disk refused
+                self._cut_torn_line()
+            raise
+
+    def _cut_torn_line(self) -> None:
+        """Truncate the journal after its last complete line (every append ends with a newline)."""
+        if not self._lock_of_journal.acquire():
+            return
+        try:
+            with open(self._path_of_journal, "r+b") as fh:
+                end = fh.seek(0, os.SEEK_END)
+                cut = end
+                while cut > 0:
+                    start = max(cut - 65536, 0)
+                    fh.seek(start)
+                    chunk = fh.read(cut - start)
+                    newline = chunk.rfind(b"\n")
+                    if newline >= 0:
+                        cut = start + newline + 1
+                        break
+                    cut = start
+                if cut < end:
+                    fh.truncate(cut)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        finally:
+            self._lock_of_journal.release()
+
+
 #: The study name of run directories written before studies were named after their run directory
 #: (a new study's name is config.json's ``study_name``; a journal holds one study).
 STUDY_NAME = LEGACY_STUDY_NAME
@@ -845,7 +896,7 @@ def _open_study(
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         journal = run_path / JOURNAL if config.storage is None else None
         if journal is not None:
-            storage: BaseStorage = JournalStorage(JournalFileBackend(str(journal)))
+            storage: BaseStorage = JournalStorage(JournalFile(journal))
         else:
             try:
                 storage = optuna.storages.get_storage(config.storage)
