@@ -253,6 +253,31 @@ def test_a_model_the_driver_cannot_write_stops_the_study_not_the_worker() -> Non
     assert coord.counts()["complete"] == 1
 
 
+def test_a_result_the_storage_cannot_record_stops_the_study_not_the_worker(monkeypatch) -> None:
+    # The journal on a full disk: study.tell raised in the worker's connection thread, was taken for the
+    # worker disconnecting (its Spark job failed and ran again) and the finished trial's result was dropped.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/study/study.journal")
+
+    monkeypatch.setattr(study, "tell", full)
+    coord = _started(study, n_trials=2)
+    try:
+        worker = _connect(coord, 0)
+        trial = _ask(worker, {"op": "next"})
+        done = {"op": "done", "trial": trial["trial"], "state": "complete", "value": 0.9}
+        assert _ask(worker, done) == {"send_model": False}  # answered: the worker is not cut off
+        assert _ask(worker, {"op": "next"}).get("stop")  # and no further trial is started
+        worker.close()
+        _until(lambda: coord.finished)
+    finally:
+        coord.close()
+    assert coord.stop_reason is not None and "could not record the study" in coord.stop_reason
+    assert "No space left on device" in coord.stop_reason and "study.journal" in coord.stop_reason
+
+
 def test_the_default_trials_model_is_kept_even_when_it_is_not_the_best() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize")

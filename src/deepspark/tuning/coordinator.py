@@ -325,21 +325,20 @@ class Coordinator:
                 if op == wire.HEARTBEAT:
                     continue  # never answered: the worker's other frames expect their own replies
                 if op == "next":
-                    conn.send(self._next(slot, worker, conn_id, conn))
+                    conn.send(self._recorded({"stop": True}, self._next, slot, worker, conn_id, conn))
                 elif op == "report":
-                    conn.send(
-                        {
-                            "prune": self._report(
-                                int(msg["trial"]),
-                                int(msg["step"]),
-                                float(msg["value"]),
-                                conn_id,
-                                final=bool(msg.get("final", False)),
-                            )
-                        }
+                    prune = self._recorded(
+                        True,
+                        self._report,
+                        int(msg["trial"]),
+                        int(msg["step"]),
+                        float(msg["value"]),
+                        conn_id,
+                        final=bool(msg.get("final", False)),
                     )
+                    conn.send({"prune": prune})
                 elif op == "done":
-                    conn.send({"send_model": self._done(msg, worker, conn_id)})
+                    conn.send({"send_model": self._recorded(False, self._done, msg, worker, conn_id)})
                 elif op == "model":
                     self._model(int(msg["trial"]), _split_files(msg.get("files"), payload))
                     conn.send({"ok": True})
@@ -354,6 +353,19 @@ class Coordinator:
                 self._cut.discard(conn_id)
                 self._standby.discard(conn_id)
             self.worker_lost(slot, reason=f"worker {worker} disconnected", conn_id=conn_id)
+
+    def _recorded(self, failed: Any, handle: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``handle(*args, **kwargs)``, or ``failed`` (the answer that stops the worker's attempt) once the
+        study's storage refused the write (the journal on a full or read-only disk): the study stops with
+        the cause. That OSError was taken for the worker disconnecting: its Spark job failed and ran again,
+        and a finished trial's result was dropped without a word."""
+        try:
+            return handle(*args, **kwargs)
+        except OSError as exc:
+            _log.error("could not record the study: %s", exc)
+            with self._lock:
+                self._halt(f"could not record the study: {exc}")
+            return failed
 
     def _supersede(self, slot: int, conn_id: int, stage: Any) -> None:
         """A new attempt of slot's Spark task has started, so any older attempt is dead (Spark runs one
