@@ -65,6 +65,29 @@ def test_an_export_into_the_checkpoints_own_folder_keeps_its_metadata(
     assert load_model(checkpoint / "model.onnx").class_names == tuple(CLASS_NAMES)
 
 
+@pytest.mark.parametrize("name", ["model.onnx", "model.pt", "model.pt2"])
+def test_an_export_the_disk_cuts_short_keeps_the_file_it_was_to_replace(
+    small_model: Model, tmp_path: Path, name: str
+) -> None:
+    """A full disk midway through overwrite=True left a cut model file in place of the working one."""
+    import resource
+    import signal
+
+    target = export_model(small_model.path, tmp_path / name)
+    before = sorted(os.listdir(tmp_path)), target.read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))  # files may grow to 1000 bytes only
+    try:
+        with pytest.raises(OSError):
+            export_model(small_model.path, target, overwrite=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert (sorted(os.listdir(tmp_path)), target.read_bytes()) == before
+    assert load_model(target).class_names == tuple(CLASS_NAMES)
+
+
 def test_each_format_is_detected_loads_and_agrees_with_the_model(
     small_model: Model, exported: dict[str, Path]
 ) -> None:

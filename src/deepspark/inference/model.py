@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from deepspark.inference.formats import ModelArtifact, ModelFormat, read_model
 from deepspark.inference.runners import build_runner
 from deepspark.models.checkpoint import METADATA, read_metadata
 from deepspark.models.preprocess import Preprocess
+from deepspark.rundir import write_file_atomic
 from deepspark.validation import check_choice, fail
 
 __all__ = ["BACKENDS", "InferenceModel", "export_model", "load_model", "read_labels", "resolve_backend"]
@@ -66,18 +68,25 @@ def export_model(
     module = ckpt.model.eval().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     example = torch.zeros((2, *ckpt.spec.input_shape), dtype=torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
+    # Made in memory, then written whole (rundir.write_file_atomic): a write that failed midway (a full
+    # disk) left a cut file at ``path``, in place of the one overwrite=True was to replace.
     if kind == "torchscript":
+        buffer = io.BytesIO()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated upstream
-            torch.jit.trace(module, example).save(str(target))
+            torch.jit.save(torch.jit.trace(module, example), buffer)
+        data = buffer.getvalue()
     elif kind == "torch.export":
         batch = torch.export.Dim("batch", min=1)
         program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
-        torch.export.save(program, str(target))
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        data = buffer.getvalue()
     else:
-        target.write_bytes(export_onnx(module, example))
+        data = export_onnx(module, example)
+    write_file_atomic(target, data)
     if not agrees:
-        sidecar.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        write_file_atomic(sidecar, json.dumps(meta, indent=2).encode("utf-8"))
     return target
 
 
