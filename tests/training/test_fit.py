@@ -1119,3 +1119,27 @@ def test_a_path_object_is_its_directory_even_when_named_like_a_registered_datase
     assert json.loads((result.run_dir / "config.json").read_text())["data"] == str(tmp_path / "mnist")
     checkpoint = load_checkpoint(result.model_dir)
     assert checkpoint.preprocess.input_shape == (1, 8, 8) and len(checkpoint.class_names) == 3
+
+
+def test_a_config_the_disk_refuses_leaves_the_run_directory_empty_for_the_rerun(
+    toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full disk when the run's config.json was written (into an empty directory the user made): its
+    # temp file stayed, and the rerun once space was freed was refused, "already exists".
+    import errno
+    import os
+
+    run_dir = tmp_path / "made"
+    run_dir.mkdir()
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    config = {"batch_size": 8, "epochs": 1, "seed": 3, "threads": 1}
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "fsync", full)
+        with pytest.raises(OSError, match="No space left on device") as raised:
+            fit(str(toy), "mlp", strategy="local", config=config, run_dir=run_dir)
+    assert raised.value.filename == str(run_dir / "config.json")
+    assert list(run_dir.iterdir()) == []
+    assert fit(str(toy), "mlp", strategy="local", config=config, run_dir=run_dir).history

@@ -601,7 +601,7 @@ def _run_dir(run_dir: str | os.PathLike[str] | None, *, resume: bool) -> Path:
 
 
 def _write_config(path: Path, config: Mapping[str, Any]) -> None:
-    _atomic_write(path / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True).encode("utf-8"))
+    rundir.write_file_atomic(path / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True).encode("utf-8"))
 
 
 # What every training run's config.json holds and a resume reads (a tune study's has other keys).
@@ -619,15 +619,6 @@ def _read_config(path: Path) -> dict[str, Any]:
             f"resume: {path} is not a deepspark training run ({CONFIG_FILE} has no {', '.join(missing)})"
         )
     return dict(saved)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 _KIND_WORDS = {"bytes": "raw pixel bytes", "image": "encoded image files", "array": "arrays of numbers"}
