@@ -355,6 +355,27 @@ CASES = [
         lambda w, run: [*_train()(w, run), "--run-dir", "/proc/deepspark-run"],
         r"run_dir: cannot write to /proc/deepspark-run",
     ),
+    # A 256-byte path component: Path.exists raised OSError (ENAMETOOLONG), a traceback before any work.
+    Case(
+        "train-run-dir-name-too-long",
+        lambda w, run: [*_train()(w, run), "--run-dir", w.a_file.parent / ("a" * 256) / "run"],
+        r"run_dir: cannot write to .*/a{256}/run \(File name too long\)",
+    ),
+    Case(
+        "tune-run-dir-name-too-long",
+        lambda w, run: [*_tune_on(lambda w: w.data)(w, run), "--run-dir", w.a_file.parent / ("a" * 256)],
+        r"run_dir: cannot use .*/a{256} \(File name too long\)",
+    ),
+    Case(
+        "tune-resume-name-too-long",
+        lambda w, run: ["tune", "--resume", w.a_file.parent / ("a" * 256)],
+        r"resume: cannot use .*/a{256} \(File name too long\)",
+    ),
+    Case(
+        "predict-output-name-too-long",
+        lambda w, run: [*_predict("--output", w.a_file.parent / ("a" * 256))(w, run)],
+        r"output: cannot write .*/a{256} \(File name too long\)",
+    ),
     Case(
         "report-output-under-proc",
         lambda w, run: ["report", w.data, "--output", "/proc/deepspark-report.html"],

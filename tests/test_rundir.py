@@ -34,6 +34,19 @@ def test_prepare_refuses_an_existing_run_unless_resuming(tmp_path) -> None:
         rundir.prepare(tmp_path / "file", resume=False)
 
 
+def test_a_name_too_long_is_a_config_error_naming_the_parameter(tmp_path) -> None:
+    # A 256-byte component: Path.exists raised OSError (ENAMETOOLONG), a traceback before any work.
+    long = tmp_path / ("a" * 256)
+    with pytest.raises(ConfigError, match=r"^run_dir: cannot use .*File name too long"):
+        rundir.prepare(long, resume=False)
+    with pytest.raises(ConfigError, match=r"^resume: cannot use .*File name too long"):
+        rundir.prepare(long, resume=True)
+    with pytest.raises(ConfigError, match=r"^output: cannot write .*File name too long"):
+        rundir.check_writable(long, name="output")
+    assert rundir.first_missing(long / "x") == long
+    assert os.listdir(tmp_path) == []
+
+
 def test_config_round_trip_and_bad_config(tmp_path) -> None:
     run = tmp_path / "run"
     rundir.write_config(run, {"space": {"x": [1, 2]}, "seed": 0})

@@ -69,13 +69,19 @@ def prepare(run_dir: str | os.PathLike[str], *, resume: bool) -> Path:
     work. Leaves nothing: the caller makes the directory once every argument has been checked.
     """
     path = Path(run_dir)
-    if resume:
-        if not (path / CONFIG_FILE).is_file():
-            raise ConfigError(f"resume: {path} is not a deepspark run directory (no {CONFIG_FILE})")
-    elif path.exists() and (not path.is_dir() or any(path.iterdir())):
+    try:  # a name too long, a folder that cannot be listed: the path's fault, said before any work
+        if resume:
+            if not (path / CONFIG_FILE).is_file():
+                raise ConfigError(f"resume: {path} is not a deepspark run directory (no {CONFIG_FILE})")
+            return path
+        taken = path.exists() and (not path.is_dir() or any(path.iterdir()))
+    except OSError as exc:
+        raise ConfigError(
+            f"{'resume' if resume else 'run_dir'}: cannot use {path} ({exc.strerror or exc}); choose another directory"
+        ) from None
+    if taken:
         raise _exists(path)
-    else:
-        check_writable(path, name="run_dir")
+    check_writable(path, name="run_dir")
     return path
 
 
@@ -123,7 +129,7 @@ def first_missing(path: str | os.PathLike[str]) -> Path | None:
     (None when ``path`` exists): a failed start removes that, not only ``path``, so no empty parent stays."""
     missing = None
     for candidate in (Path(path), *Path(path).parents):
-        if candidate.exists():
+        if os.path.exists(candidate):  # not Path.exists, which raises for a name too long
             break
         missing = candidate
     return missing
@@ -329,8 +335,8 @@ def check_writable(path: str | os.PathLike[str], *, name: str) -> None:
     """
     target = Path(path)
     made: list[Path] = []
-    folder = target if target.is_dir() else target.parent
     try:
+        folder = target if target.is_dir() else target.parent
         missing = [d for d in (folder, *folder.parents) if not d.exists()]
         for directory in reversed(missing):
             directory.mkdir()

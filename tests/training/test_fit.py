@@ -1143,3 +1143,10 @@ def test_a_config_the_disk_refuses_leaves_the_run_directory_empty_for_the_rerun(
     assert raised.value.filename == str(run_dir / "config.json")
     assert list(run_dir.iterdir()) == []
     assert fit(str(toy), "mlp", strategy="local", config=config, run_dir=run_dir).history
+
+
+def test_a_run_directory_name_too_long_is_refused_before_any_work(toy: Path, tmp_path: Path) -> None:
+    # A 256-byte component: Path.exists raised OSError (ENAMETOOLONG), a traceback instead of the one line.
+    with pytest.raises(ConfigError, match=r"^run_dir: cannot write to .*File name too long"):
+        fit(str(toy), "mlp", strategy="local", run_dir=tmp_path / ("a" * 256) / "run")
+    assert list(tmp_path.iterdir()) == []

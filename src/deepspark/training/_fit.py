@@ -332,7 +332,7 @@ def fit(
             "(one worker at tau 1 takes the one-process steps)"
         )
     made = TrainModel.from_factory(factory) if factory is not None else None  # before any Spark job
-    created = run_dir is None or not Path(run_dir).exists()
+    created = run_dir is None or not os.path.exists(run_dir)  # a name too long: _run_dir says so
     top = rundir.first_missing(run_dir) if run_dir is not None else None  # with the parents it makes
     run_path = _run_dir(run_dir, resume=resume)
     # Held to the end: a second command in this directory is refused, not interleaved with this one.
@@ -584,11 +584,11 @@ def _run_dir(run_dir: str | os.PathLike[str] | None, *, resume: bool) -> Path:
     path = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="deepspark-train-"))
     if resume:
         return path  # fit read its config.json already; a missing checkpoint/ starts the run again
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ConfigError(
-            f"run_dir: {path} already exists; pass --resume {path} to continue that run, or choose a new one"
-        )
     try:
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise ConfigError(
+                f"run_dir: {path} already exists; pass --resume {path} to continue that run, or choose a new one"
+            )
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
         probe.write_bytes(b"")
