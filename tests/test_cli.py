@@ -134,6 +134,27 @@ def test_a_write_the_disk_refuses_is_one_error_line_naming_the_path(monkeypatch,
     assert os.listdir(tmp_path / "r") == []  # no temp folder left
 
 
+def test_train_output_on_a_full_disk_is_refused_before_any_work(monkeypatch, capsys, tmp_path) -> None:
+    # The probe was an empty file, which a full disk still takes: the model was trained, then not copied.
+    import resource
+    import signal
+
+    import deepspark.training
+
+    monkeypatch.setattr(deepspark.training, "fit", lambda **kwargs: pytest.fail("trained"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))  # no byte more, as on a full disk
+    try:
+        code = main(["train", "--output", str(tmp_path / "model")])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("deepspark: error: output: cannot create")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize(
     "cleanup_error", [RuntimeError("Answer from Java side is empty"), RunError("job lost")]
 )

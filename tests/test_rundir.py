@@ -47,6 +47,24 @@ def test_a_name_too_long_is_a_config_error_naming_the_parameter(tmp_path) -> Non
     assert os.listdir(tmp_path) == []
 
 
+def test_a_full_disk_is_refused_before_any_work(tmp_path) -> None:
+    # The probe was an empty file, which a full disk still takes: a run went on to fail at its first
+    # checkpoint, and predict at the end of its Spark job. RLIMIT_FSIZE 0 refuses any byte, as a full disk.
+    import resource
+    import signal
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))
+    try:
+        with pytest.raises(ConfigError, match=r"^run_dir: cannot write .*/new/run \(File too large\)"):
+            rundir.prepare(tmp_path / "new" / "run", resume=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert os.listdir(tmp_path) == []
+
+
 def test_config_round_trip_and_bad_config(tmp_path) -> None:
     run = tmp_path / "run"
     rundir.write_config(run, {"space": {"x": [1, 2]}, "seed": 0})

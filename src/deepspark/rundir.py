@@ -330,8 +330,9 @@ def check_writable(path: str | os.PathLike[str], *, name: str) -> None:
     """Raise :class:`ConfigError` (naming parameter ``name``) unless a file can be written at ``path``.
 
     Checked by doing it, before any work: the missing directories up to ``path``'s parent are made, a
-    probe file is written and everything made is removed again. Permission bits alone do not tell (root,
-    ``/proc``, read-only mounts, a regular file where a directory should be).
+    probe file is written (one byte: a full disk still takes an empty file) and everything made is removed
+    again. Permission bits alone do not tell (root, ``/proc``, read-only mounts, a regular file where a
+    directory should be).
     """
     target = Path(path)
     made: list[Path] = []
@@ -342,8 +343,11 @@ def check_writable(path: str | os.PathLike[str], *, name: str) -> None:
             directory.mkdir()
             made.append(directory)
         fd, probe = tempfile.mkstemp(prefix=".deepspark-probe-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        try:
+            os.write(fd, b"\0")  # a byte: an empty file fits on a full disk too
+        finally:
+            os.close(fd)
+            os.unlink(probe)
     except OSError as exc:
         raise ConfigError(
             f"{name}: cannot write {target} ({exc.strerror or exc}); choose a path in a writable directory"

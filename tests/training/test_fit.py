@@ -1150,3 +1150,21 @@ def test_a_run_directory_name_too_long_is_refused_before_any_work(toy: Path, tmp
     with pytest.raises(ConfigError, match=r"^run_dir: cannot write to .*File name too long"):
         fit(str(toy), "mlp", strategy="local", run_dir=tmp_path / ("a" * 256) / "run")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_refused_before_any_work_and_leaves_nothing(toy: Path, tmp_path: Path) -> None:
+    # The probe was an empty file, which a full disk still takes: the run went on to fail at its first
+    # checkpoint. RLIMIT_FSIZE 0 refuses any byte, as a full disk does.
+    import resource
+    import signal
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))
+    try:
+        with pytest.raises(ConfigError, match=r"^run_dir: cannot write to .*/new/run \(File too large\)"):
+            fit(str(toy), "mlp", strategy="local", run_dir=tmp_path / "new" / "run")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert list(tmp_path.iterdir()) == []  # nor the folders made for it

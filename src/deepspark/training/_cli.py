@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,9 +117,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"output: {output} already exists; choose a new checkpoint path")
         try:  # create and remove it: permission bits alone do not tell (root, /proc, read-only mounts)
             output.mkdir()
-            (output / ".probe").write_bytes(b"")
-            (output / ".probe").unlink()
-            output.rmdir()
+            try:
+                (output / ".probe").write_bytes(b"\0")  # a byte: a full disk still takes an empty file
+            finally:
+                shutil.rmtree(output, ignore_errors=True)
         except OSError as exc:
             raise ConfigError(
                 f"output: cannot create {output} ({exc.strerror}); choose a path in a writable directory"

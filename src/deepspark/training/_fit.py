@@ -12,6 +12,7 @@ deepspark checkpoint that ``deepspark predict`` takes as is.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -584,6 +585,7 @@ def _run_dir(run_dir: str | os.PathLike[str] | None, *, resume: bool) -> Path:
     path = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="deepspark-train-"))
     if resume:
         return path  # fit read its config.json already; a missing checkpoint/ starts the run again
+    made = rundir.first_missing(path)
     try:
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise ConfigError(
@@ -591,9 +593,14 @@ def _run_dir(run_dir: str | os.PathLike[str] | None, *, resume: bool) -> Path:
             )
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        try:
+            probe.write_bytes(b"\0")  # a byte: a full disk still takes an empty file
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                probe.unlink()
     except OSError as exc:
+        if made is not None:  # the folders made for it (the probe failed: a full disk)
+            shutil.rmtree(made, ignore_errors=True)
         raise ConfigError(
             f"run_dir: cannot write to {path} ({exc.strerror}); choose a writable directory"
         ) from exc
