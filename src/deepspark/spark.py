@@ -23,13 +23,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from deepspark.errors import ConfigError
 from deepspark.validation import check_positive_int, fail
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
+
+_T = TypeVar("_T")
 
 __all__ = [
     "DEVICES",
@@ -46,6 +48,7 @@ __all__ = [
     "environment_conf",
     "executor_cores",
     "job_group",
+    "job_result",
     "limit_threads",
     "master_cores",
     "quiet_log_options",
@@ -551,6 +554,16 @@ def run_job(
         _cancel_until_ended(sc, group, ended)
         raise
     return outcome[0]
+
+
+def job_result(sc: Any, action: Callable[[], _T], *, group: str) -> _T:
+    """``action()``'s result, the action run as :func:`run_job` runs it (a thread, the job group
+    ``group``, cancelled on Ctrl-C); its error is raised."""
+    result: list[_T] = []
+    failure = run_job(sc, lambda: result.append(action()), group=group)
+    if failure is not None:
+        raise failure
+    return result[0]
 
 
 def _cancel_until_ended(sc: Any, group: str, ended: threading.Event, timeout: float = 60.0) -> None:

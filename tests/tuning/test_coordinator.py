@@ -839,21 +839,9 @@ def test_a_better_trials_model_is_never_overwritten_by_an_older_bests_slower_wri
             gate.wait(10)
         written.append(record.number)
 
-    coord = Coordinator(
-        optuna.create_study(direction="maximize"),
-        distributions={"x": optuna.distributions.FloatDistribution(0.0, 1.0)},
-        fixed={},
-        n_trials=2,
-        on_model=on_model,
-    )
-    coord.start()
+    coord = _started(optuna.create_study(direction="maximize"), n_trials=2, on_model=on_model)
     try:
-        endpoint = coord.endpoint
-        workers = []
-        for slot in (0, 1):
-            hello = {"slot": slot, "worker": f"w{slot}"}
-            workers.append(wire.connect(endpoint.host, endpoint.port, token=endpoint.token, hello=hello))
-            workers[-1].settimeout(10)
+        workers = [_connect(coord, slot) for slot in (0, 1)]
         trials = [_ask(w, {"op": "next"})["trial"] for w in workers]
         assert trials == [0, 1]
         for worker, trial, value in ((workers[0], 0, 0.1), (workers[1], 1, 0.9)):

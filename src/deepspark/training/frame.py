@@ -299,18 +299,12 @@ def sum_digests(digests: Iterable[str]) -> str:
 
 def in_own_group(df: DataFrame, action: Callable[[], _T]) -> _T:
     """``action``'s result: its jobs on ``df`` (an action, or the shuffles adaptive execution runs when a
-    plan becomes an RDD) run in a job group of its own from a thread (run_job), so that
-    Ctrl-C cancels it, and the caller's thread keeps its job group and local properties (in the caller's
+    plan becomes an RDD) run in a job group of their own (:func:`deepspark.spark.job_result`), so that
+    Ctrl-C cancels them, and the caller's thread keeps its job group and local properties (in the caller's
     thread, pyspark's Ctrl-C handler broke its connection to the JVM, which lost them, and the job ran on)."""
-    from deepspark.spark import job_group, run_job
+    from deepspark.spark import job_group, job_result
 
-    result: list[_T] = []
-    failure = run_job(
-        df.sparkSession.sparkContext, lambda: result.append(action()), group=job_group("deepspark-train-data")
-    )
-    if failure is not None:
-        raise failure
-    return result[0]
+    return job_result(df.sparkSession.sparkContext, action, group=job_group("deepspark-train-data"))
 
 
 def _sample_images(df: DataFrame, name: str) -> set[tuple[int, int, int]]:

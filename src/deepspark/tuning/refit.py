@@ -82,22 +82,20 @@ def refit_models(
     shutil.rmtree(run_dir / rundir.REFIT_DIR, ignore_errors=True)
     if not items:
         return {}
-    from deepspark.spark import job_group, release_broadcast, run_job
+    from deepspark.spark import job_group, job_result, release_broadcast
 
     sc = spark.sparkContext
     broadcast = sc.broadcast(data)
-    results: list[tuple[str, float, dict[str, bytes]]] = []
     try:
         body = functools.partial(_task, _Spec(objective=objective, broadcast=broadcast, threads=threads))
-        # In a job group of its own, from a thread (run_job): a Ctrl-C cancels it, and the caller's thread
-        # keeps its own job group and local properties (pyspark's handler broke the caller's connection).
-        failure = run_job(
+        # In a job group of its own, from a thread (job_result): a Ctrl-C cancels it, and the caller's
+        # thread keeps its own job group and local properties (pyspark's handler broke the caller's
+        # connection).
+        results = job_result(
             sc,
-            lambda: results.extend(sc.parallelize(items, len(items)).mapPartitions(body).collect()),
+            sc.parallelize(items, len(items)).mapPartitions(body).collect,
             group=job_group("deepspark-refit"),
         )
-        if failure is not None:
-            raise failure
     finally:
         release_broadcast(broadcast)
     numbers = {name: number for name, number, _ in items}
