@@ -88,6 +88,60 @@ def test_an_export_the_disk_cuts_short_keeps_the_file_it_was_to_replace(
     assert load_model(target).class_names == tuple(CLASS_NAMES)
 
 
+def _other_model(small_model: Model, folder: Path) -> Path:
+    """``small_model``'s network saved with other class names: another model's metadata."""
+    path = folder / "other"
+    spec = load_spec(small_model.path / "spec.json")
+    save_checkpoint(path, small_model.module, spec, preprocess=PREPROCESS, class_names=list("abcdefghij"))
+    return path
+
+
+def test_an_export_never_pairs_another_model_with_its_metadata(small_model: Model, tmp_path: Path) -> None:
+    """overwrite=True rewrote the folder's metadata.json, which also described the folder's other model
+    files (and a checkpoint's own): they then loaded with this model's class names, without a word."""
+    folder = tmp_path / "exports"
+    onnx = export_model(small_model.path, folder / "model.onnx")
+    before = (folder / "metadata.json").read_bytes()
+    with pytest.raises(ConfigError, match=r"describes another model \(it also describes model\.onnx\)"):
+        export_model(_other_model(small_model, tmp_path), folder / "model.pt", overwrite=True)
+    assert (folder / "metadata.json").read_bytes() == before
+    assert sorted(os.listdir(folder)) == ["metadata.json", "model.onnx"]
+    assert load_model(onnx).class_names == tuple(CLASS_NAMES)
+    checkpoint = Path(shutil.copytree(small_model.path, tmp_path / "ck"))
+    with pytest.raises(ConfigError, match=r"it also describes model\.safetensors"):
+        export_model(_other_model(small_model, tmp_path / "o"), checkpoint / "model.onnx", overwrite=True)
+    assert load_model(checkpoint).class_names == tuple(CLASS_NAMES)
+
+
+def test_an_export_that_fails_midway_leaves_no_model_with_another_models_metadata(
+    small_model: Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model was replaced before metadata.json: a failure or kill between the two writes paired the
+    new model with the old model's class names. Now the old metadata is gone first (a load is refused)."""
+    import deepspark.inference.model as model_module
+
+    target = export_model(small_model.path, tmp_path / "model.onnx")
+    other = _other_model(small_model, tmp_path / "o")
+    writes: list[str] = []
+
+    def fail_the_metadata(path: Path, data: bytes) -> None:
+        writes.append(Path(path).name)
+        if Path(path).name == "metadata.json":
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    real = model_module.write_file_atomic
+    monkeypatch.setattr(model_module, "write_file_atomic", fail_the_metadata)
+    with pytest.raises(OSError):
+        export_model(other, target, overwrite=True)
+    assert writes == ["model.onnx", "metadata.json"]
+    with pytest.raises(ConfigError, match="no preprocessing metadata"):
+        load_model(target)
+    monkeypatch.undo()
+    export_model(other, target, overwrite=True)
+    assert load_model(target).class_names == tuple("abcdefghij")
+
+
 def test_each_format_is_detected_loads_and_agrees_with_the_model(
     small_model: Model, exported: dict[str, Path]
 ) -> None:

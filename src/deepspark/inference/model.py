@@ -61,8 +61,13 @@ def export_model(
     # One that agrees is kept as it is: the checkpoint's own, when exporting into its folder, holds its
     # metrics, config and versions too.
     agrees = sidecar.is_file() and {k: v for k, v in read_metadata(sidecar).items() if k in meta} == meta
-    if sidecar.is_file() and not agrees and not overwrite:
-        raise ConfigError(f"path: {sidecar} describes another model; export into another directory")
+    if sidecar.is_file() and not agrees:
+        # The sidecar describes every model file in its folder: rewriting it for this export would pair
+        # the others with this model's class names and preprocessing.
+        others = sorted(p.name for p in target.parent.iterdir() if p != target and _is_model_file(p))
+        if not overwrite or others:
+            held = f" (it also describes {', '.join(others)})" if others else ""
+            raise ConfigError(f"path: {sidecar} describes another model{held}; export into another directory")
     # Weights in the default layout: a torch.export archive of channels-last weights (how spec models
     # train) loads with a warning about incomplete tensors; the exported values are the same.
     module = ckpt.model.eval().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
@@ -84,10 +89,21 @@ def export_model(
         data = buffer.getvalue()
     else:
         data = export_onnx(module, example)
+    if not agrees:
+        # Gone before the model is replaced, so a failure or kill between the two writes leaves a model
+        # without metadata (refused when loaded), never one paired with another model's metadata.
+        sidecar.unlink(missing_ok=True)
     write_file_atomic(target, data)
     if not agrees:
         write_file_atomic(sidecar, json.dumps(meta, indent=2).encode("utf-8"))
     return target
+
+
+def _is_model_file(path: Path) -> bool:
+    """A file :func:`read_model` would pair with its folder's ``metadata.json`` (a checkpoint's weights
+    included: the file is the checkpoint's own metadata)."""
+    suffix = path.suffix.lower()
+    return path.is_file() and (suffix in (".onnx", ".pt2", ".safetensors") or suffix in _TORCHSCRIPT_SUFFIXES)
 
 
 class InferenceModel:
