@@ -353,13 +353,13 @@ CASES = [
     Case(
         "train-run-dir-under-proc",
         lambda w, run: [*_train()(w, run), "--run-dir", "/proc/deepspark-run"],
-        r"run_dir: cannot write to /proc/deepspark-run",
+        r"run_dir: cannot write /proc/deepspark-run",
     ),
     # A 256-byte path component: Path.exists raised OSError (ENAMETOOLONG), a traceback before any work.
     Case(
         "train-run-dir-name-too-long",
         lambda w, run: [*_train()(w, run), "--run-dir", w.a_file.parent / ("a" * 256) / "run"],
-        r"run_dir: cannot write to .*/a{256}/run \(File name too long\)",
+        r"run_dir: cannot use .*/a{256}/run \(File name too long\)",
     ),
     Case(
         "tune-run-dir-name-too-long",

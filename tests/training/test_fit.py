@@ -1051,7 +1051,7 @@ def test_resuming_a_directory_that_is_not_a_training_run_says_so(toy: Path, tmp_
 def test_existing_run_dir_is_refused(toy: Path, tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "x").write_text("")
-    with pytest.raises(ConfigError, match="already exists; pass --resume"):
+    with pytest.raises(ConfigError, match=r"already exists; pass resume=True \(--resume "):
         fit(str(toy), "mlp", workers=2, run_dir=tmp_path / "run")
 
 
@@ -1147,7 +1147,7 @@ def test_a_config_the_disk_refuses_leaves_the_run_directory_empty_for_the_rerun(
 
 def test_a_run_directory_name_too_long_is_refused_before_any_work(toy: Path, tmp_path: Path) -> None:
     # A 256-byte component: Path.exists raised OSError (ENAMETOOLONG), a traceback instead of the one line.
-    with pytest.raises(ConfigError, match=r"^run_dir: cannot write to .*File name too long"):
+    with pytest.raises(ConfigError, match=r"^run_dir: cannot use .*File name too long"):
         fit(str(toy), "mlp", strategy="local", run_dir=tmp_path / ("a" * 256) / "run")
     assert list(tmp_path.iterdir()) == []
 
@@ -1162,7 +1162,7 @@ def test_a_full_disk_is_refused_before_any_work_and_leaves_nothing(toy: Path, tm
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))
     try:
-        with pytest.raises(ConfigError, match=r"^run_dir: cannot write to .*/new/run \(File too large\)"):
+        with pytest.raises(ConfigError, match=r"^run_dir: cannot write .*/new/run \(File too large\)"):
             fit(str(toy), "mlp", strategy="local", run_dir=tmp_path / "new" / "run")
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

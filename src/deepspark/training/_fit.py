@@ -12,7 +12,6 @@ deepspark checkpoint that ``deepspark predict`` takes as is.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
 import io
@@ -333,9 +332,14 @@ def fit(
             "(one worker at tau 1 takes the one-process steps)"
         )
     made = TrainModel.from_factory(factory) if factory is not None else None  # before any Spark job
-    created = run_dir is None or not os.path.exists(run_dir)  # a name too long: _run_dir says so
+    created = run_dir is None or not os.path.exists(run_dir)  # a name too long: rundir.prepare says so
     top = rundir.first_missing(run_dir) if run_dir is not None else None  # with the parents it makes
-    run_path = _run_dir(run_dir, resume=resume)
+    # Checked (absent or empty, writable) and left unmade: rundir.exclusive makes and holds it.
+    run_path = (
+        Path(tempfile.mkdtemp(prefix="deepspark-train-"))
+        if run_dir is None
+        else rundir.prepare(run_dir, resume=resume)
+    )
     # Held to the end: a second command in this directory is refused, not interleaved with this one.
     with rundir.exclusive(run_path, new=not resume):
         if resume:
@@ -579,32 +583,6 @@ def _check_slow_worker(slow_worker: Any, strategy: str, workers: int) -> None:
         raise ConfigError(f"slow_worker: expected (worker index, factor >= 1), got {slow_worker!r}")
     check_int("slow_worker index", slow_worker[0], minimum=0, maximum=workers - 1)
     check_number("slow_worker factor", slow_worker[1], low=1)
-
-
-def _run_dir(run_dir: str | os.PathLike[str] | None, *, resume: bool) -> Path:
-    path = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="deepspark-train-"))
-    if resume:
-        return path  # fit read its config.json already; a missing checkpoint/ starts the run again
-    made = rundir.first_missing(path)
-    try:
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise ConfigError(
-                f"run_dir: {path} already exists; pass --resume {path} to continue that run, or choose a new one"
-            )
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        try:
-            probe.write_bytes(b"\0")  # a byte: a full disk still takes an empty file
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                probe.unlink()
-    except OSError as exc:
-        if made is not None:  # the folders made for it (the probe failed: a full disk)
-            shutil.rmtree(made, ignore_errors=True)
-        raise ConfigError(
-            f"run_dir: cannot write to {path} ({exc.strerror}); choose a writable directory"
-        ) from exc
-    return path
 
 
 def _write_config(path: Path, config: Mapping[str, Any]) -> None:
