@@ -720,6 +720,26 @@ def test_a_results_lists_and_dicts_are_kept_in_the_records_and_left_out_of_trial
     assert "metric_note" in header and "metric_curve" not in header and "metric_per_class" not in header
 
 
+def test_a_journal_lock_a_killed_driver_left_is_let_go_at_once(tmp_path) -> None:
+    # A driver killed inside an append leaves Optuna's lock file; the resume's first write then waited
+    # Optuna's 30 s grace. The resume holds the run directory, so the lock is known to be left over.
+    import optuna
+    from optuna.storages import JournalStorage
+
+    from deepspark.tuning.runner import JournalFile
+
+    path = tmp_path / "study.journal"
+    optuna.create_study(study_name="s", storage=JournalStorage(JournalFile(path)))
+    lock = tmp_path / "study.journal.lock"  # Optuna's JournalFileSymlinkLock
+    os.symlink(path, lock)
+    JournalFile(path)  # not held: Optuna's own wait, at the first write
+    assert os.path.lexists(lock)
+    storage = JournalStorage(JournalFile(path, held=True))
+    assert not os.path.lexists(lock)
+    optuna.load_study(study_name="s", storage=storage).ask()
+    assert len(optuna.load_study(study_name="s", storage=storage).trials) == 1
+
+
 def test_an_append_the_disk_cut_short_never_makes_the_journal_unreadable(tmp_path) -> None:
     # A full disk let an append write part of its line; the next append that succeeded (space freed)
     # made the whole journal unreadable ("Invalid log format"): the study and its finished trials lost.

@@ -91,9 +91,16 @@ class JournalFile(JournalFileBackend):
     study and every finished trial in it lost. The cut line is now removed again, under the journal's lock.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, held: bool = False) -> None:
+        """``held``: this process holds the journal's run directory (:func:`rundir.exclusive`), so a lock
+        older than a few seconds was left by a killed process. It is let go after 3 s, not after the 30 s
+        Optuna waits by default before forcing it (the first write of a resume waited those 30 s)."""
         self._path_of_journal = Path(path)
         self._lock_of_journal = JournalFileSymlinkLock(str(path))
+        if held and self._path_of_journal.exists():
+            left = JournalFileSymlinkLock(str(path), grace_period=3)
+            if left.acquire():
+                left.release()
         super().__init__(str(path), lock_obj=self._lock_of_journal)
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
@@ -896,7 +903,7 @@ def _open_study(
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         journal = run_path / JOURNAL if config.storage is None else None
         if journal is not None:
-            storage: BaseStorage = JournalStorage(JournalFile(journal))
+            storage: BaseStorage = JournalStorage(JournalFile(journal, held=True))
         else:
             try:
                 storage = optuna.storages.get_storage(config.storage)
