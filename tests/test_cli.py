@@ -440,3 +440,28 @@ def test_a_reader_that_stops_reading_ends_the_command_quietly() -> None:
     proc.stdout.close()  # before the command writes: the reader is gone
     _, err = proc.communicate(timeout=120)
     assert (proc.returncode, err.decode()) == (1, "")
+
+
+def test_train_without_a_run_dir_takes_a_free_name_in_the_same_second(monkeypatch, tmp_path) -> None:
+    # The default was named to the second: a second run started in that second was refused (taken).
+    import datetime
+    import types
+
+    from deepspark.training import _cli
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[override]
+            return datetime.datetime(2026, 11, 26, 16, 5, 9)
+
+    monkeypatch.setattr(_cli, "_dt", types.SimpleNamespace(datetime=Frozen))
+    monkeypatch.chdir(tmp_path)
+    names = []
+    for _ in range(3):
+        names.append(_cli._default_run_dir("runs/mnist-lenet"))
+        os.makedirs(names[-1])
+    assert names == [
+        "runs/mnist-lenet-20261126-160509",
+        "runs/mnist-lenet-20261126-160509-2",
+        "runs/mnist-lenet-20261126-160509-3",
+    ]

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -93,7 +95,9 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--master", default=None, help="Spark master URL (default: active session or local[*])")
     p.add_argument(
-        "--run-dir", default=None, help="where the run lives (default runs/<dataset>-<model>-<time>)"
+        "--run-dir",
+        default=None,
+        help="where the run lives (default runs/<dataset>-<model>-<time>, then -2, -3, ... within one second)",
     )
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
     p.add_argument("--output", default=None, help="also save the final model checkpoint to this new path")
@@ -184,7 +188,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         workers = args.workers if args.workers is not None else 1
         threads = args.threads if args.threads is not None else 1
         model = args.model or ("cnn" if workers == 1 and args.strategy in (None, "local") else "lenet")
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         options = {
             "data": dataset,
             "model": model,
@@ -192,7 +195,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "workers": workers,
             "config": config,
             "average": average,
-            "run_dir": args.run_dir or f"runs/{Path(dataset).name}-{Path(model).stem}-{stamp}",
+            "run_dir": args.run_dir or _default_run_dir(f"runs/{Path(dataset).name}-{Path(model).stem}"),
             "threads_per_worker": threads,
         }
         if args.staleness is not None:
@@ -333,3 +336,14 @@ class _Progress:
     def stop(self) -> None:
         if self._task is not None:
             self._progress.stop()
+
+
+def _default_run_dir(prefix: str) -> str:
+    """``PREFIX-YYYYmmdd-HHMMSS``, with ``-2``, ``-3``, ... when a run started in the same second has it
+    (the second run was refused: its directory was taken)."""
+    name = base = f"{prefix}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    for n in itertools.count(2):
+        if not os.path.lexists(name):
+            return name
+        name = f"{base}-{n}"
+    raise AssertionError("unreachable")
