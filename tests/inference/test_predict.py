@@ -27,6 +27,14 @@ def _by(rows: list[Any], key: str) -> dict[Any, Any]:
     return {row[key]: row for row in rows}
 
 
+def _png_folder(root: Path, images: np.ndarray) -> Path:
+    """``root`` made, holding ``images`` as ``0.png``, ``1.png``, ..."""
+    root.mkdir(parents=True)
+    for i, image in enumerate(images):
+        (root / f"{i}.png").write_bytes(png_bytes(image))
+    return root
+
+
 def _assert_matches(row: Any, probabilities: np.ndarray, k: int) -> None:
     """The row's prediction and top-k equal the model's own probabilities for that input."""
     order = np.argsort(-probabilities, kind="stable")[:k]
@@ -151,8 +159,25 @@ def test_a_broken_symbolic_link_is_an_error_row_not_left_out(
     result = predict(root, small_model.path, output=tmp_path / "out", spark=spark)
     rows = {r["path"].split("/in/", 1)[1]: r for r in result.dataframe.collect()}
     assert sorted(rows) == ["a.png", "link.png", "sub/b.png", "sub/broken.png"]
-    _assert_error_row(rows["sub/broken.png"], "input is null")
+    _assert_error_row(rows["sub/broken.png"], "sub/broken.png: No such file or directory")
     assert result.summary is not None and (result.summary.rows, result.summary.errors) == (4, 1)
+
+
+def test_local_files_are_read_by_the_tasks_and_one_gone_since_the_listing_is_an_error_row(
+    spark: Any, small_model: Model, tmp_path: Path
+) -> None:
+    # Spark's binaryFile scan read every file in the JVM and sent its bytes through Arrow (a fifth of the
+    # cores' time on small images); a file removed between the listing and the job failed the whole job.
+    root = _png_folder(tmp_path / "in", small_model.images[:4])
+    lazy = predict(root, small_model.path, spark=spark)  # listed now, read when collected
+    assert lazy.dataframe.columns[0] == "path"
+    (root / "2.png").unlink()
+    rows = {r["path"].rsplit("/", 1)[1]: r for r in lazy.dataframe.collect()}
+    assert sorted(rows) == ["0.png", "1.png", "2.png", "3.png"]
+    _assert_error_row(rows["2.png"], f"cannot read {root}/2.png: No such file or directory")
+    expected = reference_probabilities(small_model, small_model.images[:4])
+    for i in (0, 1, 3):
+        _assert_matches(rows[f"{i}.png"], expected[i], 5)
 
 
 @pytest.mark.parametrize("form", ["dir", "glob"])
@@ -211,10 +236,7 @@ def test_a_folder_reads_image_suffixes_in_any_case(spark: Any, small_model: Mode
 def test_an_image_folder_holding_earlier_predictions_is_still_an_image_folder(
     spark: Any, small_model: Model, tmp_path: Path
 ) -> None:
-    root = tmp_path / "images"
-    root.mkdir()
-    for i in range(3):
-        (root / f"{i}.png").write_bytes(png_bytes(small_model.images[i]))
+    root = _png_folder(tmp_path / "images", small_model.images[:3])
     first = predict(root, small_model.path, output=root / "preds.parquet", spark=spark).summary
     assert first is not None and first.rows == 3
     again = predict(root, small_model.path, output=tmp_path / "again", spark=spark)
@@ -685,7 +707,7 @@ def test_a_subfolder_named_like_a_partition_neither_hides_nor_joins_a_globs_file
         if name in names:
             _assert_matches(rows[name], expected[i], 5)
     _assert_error_row(rows["empty.png"], "empty input (0 bytes)")
-    _assert_error_row(rows["broken.png"], "input is null")
+    _assert_error_row(rows["broken.png"], "broken.png: No such file or directory")
 
 
 @pytest.mark.parametrize("form", ["dir", "table", "dir-glob"])

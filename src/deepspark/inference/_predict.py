@@ -363,7 +363,7 @@ def predict(
     check_gpu_request(spark, device)
     source = resolve_input(spark, data, input_column, artifact.preprocess.input_shape)
     channels = artifact.preprocess.input_shape[0]
-    if source.kind in (InputKind.IMAGE, InputKind.URL) and channels not in (1, 3):
+    if source.kind in (InputKind.IMAGE, InputKind.FILE, InputKind.URL) and channels not in (1, 3):
         raise ConfigError(  # every row would be an error row, at run time
             f"model: its input has {channels} channels, but image files decode to 1 (grey) or 3 (RGB); "
             f"give its inputs as tensors or raw pixels of {channels} channels"

@@ -32,6 +32,7 @@ class InputKind(StrEnum):
     RAW = "raw"  # uint8 pixels, exactly C*H*W bytes (IDX records)
     TENSOR = "tensor"  # an array column of pixel values, C*H*W of them (flat or nested)
     URL = "url"  # http(s) URLs of image files
+    FILE = "file"  # local image files, as binaryFile's ``path`` column names them (``file:/...``)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,18 @@ def fetch_url(url: str, policy: UrlPolicy) -> bytes:
     except http.FetchError as exc:
         raise RowError(str(exc)) from None
     return body.getvalue()
+
+
+# ------------------------------------------------------------------------------------------- files
+def read_file(path: str) -> bytes:
+    """The bytes of a local file named as binaryFile's ``path`` column names it (``file:`` and the path as
+    it is, not percent-encoded); a file that cannot be read is a :class:`RowError`."""
+    local = path[len("file:") :] if path.startswith("file:") else path
+    try:
+        with open(local, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise RowError(f"cannot read {local}: {exc.strerror or exc}") from None
 
 
 # ------------------------------------------------------------------------------------------- columns
@@ -138,6 +151,8 @@ def _one(kind: InputKind, value: Any, shape: tuple[int, int, int], policy: UrlPo
         return decode_image(value, shape)
     if kind is InputKind.URL:
         return decode_image(fetch_url(str(value), policy), shape)
+    if kind is InputKind.FILE:
+        return decode_image(read_file(str(value)), shape)
     data = bytes(value)
     if len(data) != math.prod(shape):
         raise RowError(f"wrong record size: {len(data)} bytes, expected {math.prod(shape)}")
