@@ -121,6 +121,42 @@ def test_a_zero_byte_file_is_an_error_row_not_a_dropped_row(
     assert result.summary is not None and (result.summary.rows, result.summary.errors) == (3, 1)
 
 
+def test_local_files_are_listed_as_spark_lists_them_with_what_it_hides(spark: Any, tmp_path: Path) -> None:
+    """deepspark lists local inputs itself (Spark's listing took 2.5 s of the JVM for 70,000 files): the
+    same files as Spark's binaryFile listing, plus those it hides and predict always read (names starting
+    with '_', in folders so named too; broken links), '.' names and unfinished copies left out."""
+    from deepspark.inference._inputs import _IMAGE_GLOB, _local_listing
+
+    root = tmp_path / "t"
+    for name in ["a.png", "b.PNG", "_u.png", ".dot.png", "x.jpg", "c.png._COPYING_", "empty.png", "colon:t.png",
+                 "sub/d.png", "sub/_e.png", "sub/.f.png", "_hid/g.png", ".dotdir/i.png", "sub/deeper/j.png",
+                 "k=1/l.png", "sp ace/n.png", "br[1]/o.png", "p%20q.png"]:  # fmt: skip
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"" if name == "empty.png" else b"x")
+    (root / "link.png").symlink_to(root / "a.png")
+    (root / "broken.png").symlink_to(root / "gone.png")
+    (root / "linkdir").symlink_to(root / "sub" / "deeper")
+    top = ["a.png", "b.PNG", "broken.png", "colon:t.png", "empty.png", "link.png", "p%20q.png", "x.jpg"]
+    below = ["br[1]/o.png", "k=1/l.png", "linkdir/j.png", "sp ace/n.png", "sub/d.png", "sub/deeper/j.png"]
+    # Without recursion, a folder's own files (Spark read a subfolder named NAME=VALUE as a partition
+    # of a table: predict never did, and listed such a folder's files one by one).
+    ours = _local_listing(str(root), pattern=_IMAGE_GLOB, recursive=False)
+    assert ours == [f"file:{root}/{name}" for name in sorted([*top, "_u.png"])]
+    reader = spark.read.format("binaryFile").option("pathGlobFilter", _IMAGE_GLOB)
+    reader = reader.option("recursiveFileLookup", "true")
+    listed = {r["path"][len(f"file:{root}/") :] for r in reader.load(str(root)).select("path").collect()}
+    hidden = ["_u.png", "_hid/g.png", "sub/_e.png", "broken.png", "empty.png"]
+    assert listed == set(top + below) - set(hidden)  # Spark's scan leaves out broken links and empty files
+    ours = _local_listing(str(root), pattern=_IMAGE_GLOB, recursive=True)
+    assert ours == [f"file:{root}/{name}" for name in sorted(set(top + below) | set(hidden))]
+    assert (
+        _local_listing([str(root), str(root / "sub")], pattern="*.png", recursive=True).count(
+            f"file:{root}/sub/d.png"
+        )
+        == 1
+    )  # overlapping roots: each file once
+
+
 @pytest.mark.parametrize("form", ["dir", "glob", "dir-glob", "file"])
 def test_names_starting_with_an_underscore_are_read_not_dropped(
     spark: Any, small_model: Model, tmp_path: Path, form: str

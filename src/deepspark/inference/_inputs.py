@@ -62,12 +62,15 @@ def local_path(path: str) -> str:
 def _binary_files(
     spark: SparkSession, path: str | list[str], *, pattern: str | None, recursive: bool
 ) -> Input:
-    reader = spark.read.format("binaryFile")
     if all(is_local(p) for p in ([path] if isinstance(path, str) else path)):
-        # Hadoop's checksummed local file system looks for a '.NAME.crc' beside each file and fails the
-        # whole job on a name with a ':' in it (a relative path in an absolute URI); the raw one does not.
-        reader = reader.option("fs.file.impl", "org.apache.hadoop.fs.RawLocalFileSystem")
-        reader = reader.option("fs.file.impl.disable.cache", "true")
+        # Listed here and read by the tasks themselves (InputKind.FILE): Spark's binaryFile listed them
+        # in 2.5 s of the JVM for 70,000 files (Python: 0.1 s), then its scan stat'ed each one again, read
+        # it in the JVM and handed its bytes over through Arrow: a fifth of the cores' time on a folder
+        # of small images. Zero-byte files and broken links are listed: error rows.
+        paths = _local_listing(path, pattern=pattern, recursive=recursive)
+        frame = _path_frame(spark, paths)
+        return Input(frame, InputKind.FILE, "path", ("path",), ours=True, rows_hint=len(paths))
+    reader = spark.read.format("binaryFile")
     if pattern:
         reader = reader.option("pathGlobFilter", pattern)
     if recursive:
@@ -84,15 +87,6 @@ def _binary_files(
         extra = reader.load([for_spark(d) for d in hidden_dirs]).select("path", "content")
         files += _input_files(extra)
         df = df.unionByName(extra)
-    if all(is_local(p) for p in roots):
-        # The tasks read local files themselves (InputKind.FILE), from the paths Spark listed: the JVM
-        # reading every file and handing its bytes over through Arrow took a fifth of the cores' time on
-        # a folder of small images, and its scan still stats each file when not asked for the content.
-        # Zero-byte files are in the listing (Spark's scan skips them) and become error rows.
-        paths = sorted({_path_column(uri) for uri in files}.union(f"file:{p}" for p in hidden_files))
-        return Input(
-            _path_frame(spark, paths), InputKind.FILE, "path", ("path",), ours=True, rows_hint=len(paths)
-        )
     empty = _empty_files(spark, files)
     if empty:
         # Spark's file scan skips zero-byte files, so binaryFile has no row for them: add one each
@@ -121,13 +115,6 @@ def _path_frame(spark: SparkSession, paths: Sequence[str]) -> DataFrame:
         for i in range(0, len(paths), step)
     ]
     return spark.createDataFrame(pa.Table.from_batches(batches, schema=schema))
-
-
-def _path_column(uri: str) -> str:
-    """A local file's URI as ``inputFiles()`` lists it, as binaryFile's ``path`` column writes it."""
-    from urllib.parse import unquote, urlsplit
-
-    return f"file:{unquote(urlsplit(uri).path)}"
 
 
 def _without_partitions(paths: list[str], pattern: str | None) -> list[str]:
@@ -209,6 +196,34 @@ def _walk(local: str, *, recursive: bool) -> Iterator[list[os.DirEntry[str]]]:
                     "glob that does not recurse ('DIR/*/*.png')"
                 )
             folders.append((e.path, (*above, real)))
+
+
+def _local_listing(path: str | list[str], *, pattern: str | None, recursive: bool) -> list[str]:
+    """The files :func:`_binary_files` reads below local ``path`` (a file, a folder, or a list of them),
+    as binaryFile's ``path`` column names them (``file:/...``), sorted, each once.
+
+    What Spark's listing gives together with what it hides and deepspark adds (:func:`_hidden_from_spark`):
+    a folder's files (at any depth with ``recursive``, entering links to folders; otherwise its own),
+    whose names ``pattern`` matches, names starting with '_' included, '.' names and unfinished copies
+    (``NAME._COPYING_``) left out, broken links kept (an error row each). Listed here, in one walk: Spark's
+    listing of the 70,000 MNIST PNGs took 2.5 s of the JVM, Python's 0.1 s."""
+    found: set[str] = set()
+    for root in [path] if isinstance(path, str) else path:
+        local = os.path.abspath(local_path(root))
+        if not os.path.isdir(local):
+            if not os.path.basename(local).startswith("."):
+                found.add(local)
+            continue
+        for entries in _walk(local, recursive=recursive):
+            found.update(
+                e.path
+                for e in entries
+                if not e.name.startswith(".")
+                and not e.name.endswith("._COPYING_")
+                and not e.is_dir()
+                and _matches(e.name, pattern)
+            )
+    return [f"file:{p}" for p in sorted(found)]
 
 
 def _hidden_from_spark(
