@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import re
 import shutil
 import struct
@@ -155,6 +156,25 @@ def test_local_files_are_listed_as_spark_lists_them_with_what_it_hides(spark: An
         )
         == 1
     )  # overlapping roots: each file once
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error_not_left_out(
+    spark: Any, small_model: Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The walk skipped a folder it could not list (permissions, a vanished mount): its files were
+    # missing from the predictions without a word.
+    root = _png_folder(tmp_path / "in", small_model.images[:2])
+    _png_folder(root / "locked", small_model.images[2:3])
+    real = os.scandir
+
+    def scandir(path: Any) -> Any:
+        if os.fspath(path).endswith("/locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(ConfigError, match=r"cannot list the folder '.*/in/locked' \(Permission denied\)"):
+        predict(root, small_model.path, spark=spark)
 
 
 @pytest.mark.parametrize("form", ["dir", "glob", "dir-glob", "file"])

@@ -180,8 +180,11 @@ def _walk(local: str, *, recursive: bool) -> Iterator[list[os.DirEntry[str]]]:
         try:
             with os.scandir(folder) as listing:
                 entries = list(listing)
-        except OSError:
-            continue
+        except OSError as exc:  # skipped, its files would be missing from the predictions without a word
+            raise ConfigError(
+                f"data: cannot list the folder {folder!r} ({exc.strerror or exc}); make it readable, or "
+                "leave it out of the input"
+            ) from None
         yield entries
         below = sorted(
             (e for e in entries if recursive and not e.name.startswith(".") and e.is_dir()),
