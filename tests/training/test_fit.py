@@ -857,6 +857,31 @@ def test_threads_per_worker_above_an_executor_s_cores_are_refused(
     assert not (tmp_path / "run").exists()
 
 
+def test_threads_per_worker_above_the_cores_are_refused_before_the_jvm_starts(
+    toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fresh driver: the session fit would start asks for spark.task.cpus 3 on local[2], which Spark's
+    # constructor refuses in a message naming spark.task.cpus, not the threads the user gave.
+    def no_session(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a session was started before the threads were checked")
+
+    monkeypatch.setattr("deepspark.spark.running_session", lambda: None)
+    monkeypatch.setattr("deepspark.spark.session", no_session)
+    with pytest.raises(
+        ConfigError,
+        match=r"threads_per_worker: expected at most 2 \(the cores of one executor of local\[2\]\), got 3",
+    ):
+        fit(
+            str(toy),
+            "mlp",
+            strategy="average",
+            threads_per_worker=3,
+            master="local[2]",
+            run_dir=tmp_path / "run",
+        )
+    assert not (tmp_path / "run").exists()
+
+
 def test_dataframe_columns_are_checked(spark: Any, tmp_path: Path) -> None:
     def refused(df: Any, match: str, run: str, **kwargs: Any) -> None:
         with pytest.raises(ConfigError, match=match):

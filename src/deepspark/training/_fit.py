@@ -376,6 +376,9 @@ def fit(
                     on_round,
                     device,
                 )
+            # Before the JVM too, as tune checks threads_per_trial: a new session's spark.task.cpus above its
+            # executors' cores fails in Spark's constructor, whose message names spark.task.cpus, not threads.
+            check_task_cpus("threads_per_worker", threads_per_worker, master=master)
             spark = session(master, app_name="deepspark-train", conf={"spark.task.cpus": threads_per_worker})
             # The session's (an active one keeps its own): a worker of more threads than an executor's cores
             # made 0 slots, counted as 1, and trained oversubscribed on every core of it.
