@@ -150,6 +150,22 @@ def test_local_is_the_default_only_when_nothing_names_a_master(
     assert _names_master({})
 
 
+def test_the_planned_master_takes_spark_defaults_conf_before_master_as_spark_submit_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """spark-submit picks spark.master from its properties before the MASTER variable; deepspark checked
+    MASTER first, so it probed and counted the cores of another master than the session started on."""
+    from deepspark.spark import _planned_master
+
+    monkeypatch.setenv("MASTER", "local[1]")
+    monkeypatch.setenv("SPARK_CONF_DIR", str(_defaults(tmp_path / "conf", "spark.master local[2]\n")))
+    assert _planned_master(None, {}) == "local[2]"
+    assert _planned_master(None, {"spark.master": "local[3]"}) == "local[3]"
+    assert _planned_master("local[4]", {"spark.master": "local[3]"}) == "local[4]"
+    monkeypatch.setenv("SPARK_CONF_DIR", str(tmp_path / "empty"))
+    assert _planned_master(None, {}) == "local[1]"
+
+
 def test_quiet_start_passes_our_log4j2_file_to_the_driver_jvm(tmp_path: Path) -> None:
     shipped = resources.files("deepspark") / "log4j2.properties"
     text = shipped.read_text(encoding="utf-8")

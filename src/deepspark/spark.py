@@ -1,8 +1,8 @@
 """Finding or starting a SparkSession, and matching threads to Spark task slots.
 
 deepspark never manages a cluster. It uses the running SparkSession when there is one, otherwise it
-builds one from ordinary Spark configuration (``--master``, ``--conf spark.master=...``, ``MASTER``,
-``spark.master`` in ``spark-defaults.conf``), defaulting to the embedded ``local[*]`` only when none of
+builds one from ordinary Spark configuration (``--master``, ``--conf spark.master=...``, ``spark.master``
+in ``spark-defaults.conf``, ``MASTER``), defaulting to the embedded ``local[*]`` only when none of
 them names a master.
 """
 
@@ -159,10 +159,15 @@ def quiet_log_options(conf: Mapping[str, str], env: Mapping[str, str] | None = N
 
 def _planned_master(master: str | None, given: Mapping[str, str]) -> str | None:
     """The master a new session takes: ``master``, else ``spark.master`` of the settings ``given``, of
-    ``MASTER``, or of ``spark-defaults.conf``; None where none names one (then ``local[*]``)."""
+    ``spark-defaults.conf``, or ``MASTER``; None where none names one (then ``local[*]``).
+
+    The order is spark-submit's (``SparkSubmitArguments``: Spark properties before ``MASTER``), which
+    chooses the master when deepspark sets none: with ``MASTER`` checked first, the master probed and
+    the cores counted were not those of the session Spark then started.
+    """
     if master is not None:
         return master
-    return given.get("spark.master") or os.environ.get("MASTER") or environment_conf().get("spark.master")
+    return given.get("spark.master") or environment_conf().get("spark.master") or os.environ.get("MASTER")
 
 
 def session(
@@ -176,7 +181,7 @@ def session(
     A running session always wins: deepspark runs inside the user's application as it is (a
     ``master`` or ``conf`` that disagrees with it is logged, not applied, since Spark cannot change
     them on a live context). Without one, ``master`` and ``conf`` configure a new session; the master
-    defaults to ``spark.master`` from the configuration (``conf``, ``MASTER``, ``spark-defaults.conf``),
+    defaults to ``spark.master`` from the configuration (``conf``, ``spark-defaults.conf``, ``MASTER``),
     and to ``local[*]`` only when none names one. Settings from an enclosing :func:`configured` block win
     over ``conf``; ``master`` wins over both.
     """
