@@ -32,9 +32,23 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "The run directory holds config.json, history.csv, curve.png, checkpoint/ and model/ (a checkpoint "
         "that `deepspark predict` takes).",
     )
-    p.add_argument("dataset", nargs="?", default=None, help="dataset name (mnist) or MNIST-layout directory")
-    p.add_argument("--model", default=None, help="zoo model (mlp, lenet, cnn) or a spec JSON/YAML file")
-    p.add_argument("--strategy", default=None, choices=list(STRATEGIES))
+    p.add_argument(
+        "dataset",
+        nargs="?",
+        default=None,
+        help="dataset name (mnist) or MNIST-layout directory (default: --data-dir if given, else mnist)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="zoo model (mlp, lenet, cnn; default cnn for local, else lenet) or a spec JSON/YAML file",
+    )
+    p.add_argument(
+        "--strategy",
+        default=None,
+        choices=list(STRATEGIES),
+        help="default local for one worker, average for several",
+    )
     p.add_argument("--workers", type=int, default=None, help="Spark tasks training at once (default 1)")
     p.add_argument(
         "--tau",
