@@ -946,6 +946,23 @@ def test_overwrite_replaces_only_an_earlier_output_never_the_images_or_the_model
         assert result.dataframe.count() == 3
 
 
+def test_only_an_array_of_numbers_is_a_tensor_column(spark: Any, small_model: Model) -> None:
+    # A predictions table has one array column, top_k (of structs): it was taken for the input, and every
+    # row was an error row ('wrong tensor shape'), exit 0.
+    df = spark.createDataFrame(
+        [("a", [("7", 0.9)], [[0.0] * 28] * 28)],
+        "path string, top_k array<struct<label:string,probability:float>>, pixels array<array<double>>",
+    )
+    row = predict(df, small_model.path, spark=spark).dataframe.collect()[0]
+    assert row["error"] is None and row["input_top_k"] == df.collect()[0]["top_k"]
+    jobs = len(spark.sparkContext.statusTracker().getJobIdsForGroup())
+    with pytest.raises(ConfigError, match=r"no single binary or numeric array column"):
+        predict(df.drop("pixels"), small_model.path, spark=spark)
+    with pytest.raises(ConfigError, match=r"'top_k' is array<struct<.*expected .* an array of numbers"):
+        predict(df, small_model.path, input_column="top_k", spark=spark)
+    assert len(spark.sparkContext.statusTracker().getJobIdsForGroup()) == jobs
+
+
 def test_an_input_column_for_an_input_without_columns_is_refused_not_ignored(
     spark: Any, small_model: Model, tmp_path: Path
 ) -> None:

@@ -492,8 +492,20 @@ def _dataframe_input(
             )
         seen[name.lower()] = name
     fields = {f.name: f.dataType for f in df.schema.fields}
+
+    def numbers(typ: Any) -> bool:  # an array of numbers, nested or flat: a pixel tensor
+        while isinstance(typ, T.ArrayType):
+            typ = typ.elementType
+        return isinstance(typ, T.NumericType)
+
     if column is None:
-        candidates = [n for n, t in fields.items() if isinstance(t, T.BinaryType | T.ArrayType)]
+        # Only arrays of numbers are tensors: a predictions table's top_k (an array of structs) was
+        # taken for its one array column, and every row became an error row.
+        candidates = [
+            n
+            for n, t in fields.items()
+            if isinstance(t, T.BinaryType) or (isinstance(t, T.ArrayType) and numbers(t))
+        ]
         if len(candidates) == 1:
             column = candidates[0]
         elif not candidates and isinstance(fields.get("url"), T.StringType):
@@ -501,7 +513,7 @@ def _dataframe_input(
         else:
             raise ConfigError(
                 "input_column: expected the name of the image/tensor/URL column; the DataFrame has "
-                f"{sorted(fields)} and no single binary or array column to choose"
+                f"{sorted(fields)} and no single binary or numeric array column to choose"
             )
     if column not in fields:
         raise ConfigError(f"input_column: expected one of {sorted(fields)}, got {column!r}")
@@ -512,14 +524,14 @@ def _dataframe_input(
         kind = InputKind.RAW if recorded is not None else InputKind.IMAGE
         if isinstance(recorded, list) and all(isinstance(d, int) for d in recorded):
             _check_pixel_shape(f"column {column!r}", recorded, input_shape)
-    elif isinstance(typ, T.ArrayType):
+    elif isinstance(typ, T.ArrayType) and numbers(typ):
         kind = InputKind.TENSOR
     elif isinstance(typ, T.StringType):
         kind = InputKind.URL
     else:
         raise ConfigError(
             f"input_column: {column!r} is {typ.simpleString()}; expected binary (image files), an array "
-            "(pixel tensors) or a string (http(s) URLs)"
+            "of numbers (pixel tensors) or a string (http(s) URLs)"
         )
     keep = tuple(n for n in fields if n != column or kind is InputKind.URL)
     return Input(df, kind, column, keep, ours=ours)
