@@ -574,3 +574,26 @@ def test_headless_chromium_shows_the_figures_offline(study_dir, tmp_path) -> Non
     coloured = int((pixels.max(axis=2) - pixels.min(axis=2) > 80).sum())
     assert ink > 0.02, f"the screenshot is nearly blank ({ink:.2%} non-white)"
     assert coloured > 2000, f"no figure visible: {coloured} coloured pixels"
+
+
+def test_a_searched_parameter_that_kept_one_value_draws_without_matplotlib_warnings(tmp_path) -> None:
+    """Optuna's parallel-coordinate plot sets identical y limits for such a parameter, and matplotlib's
+    UserWarning about it was printed on stderr, source line included, at the end of `deepspark tune`."""
+    import warnings
+
+    import optuna
+
+    run = tmp_path / "p1"
+    study = _journal_study(run, 1)
+    distributions = {
+        "learning_rate": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True),
+        "hidden": optuna.distributions.CategoricalDistribution([64, 128, 256]),
+    }
+    for lr, value in ((1e-2, 0.5), (2e-2, 0.6), (3e-2, 0.7)):
+        params = {"learning_rate": lr, "hidden": 128}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = report([run], output=tmp_path / "r.html")
+    assert "parallel" in result.figures
+    assert not [str(w.message) for w in caught if issubclass(w.category, UserWarning)]

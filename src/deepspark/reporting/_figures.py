@@ -46,6 +46,9 @@ def _optuna_figure(draw: Callable[..., Any], study: optuna.Study, **kwargs: Any)
     # Optuna's plots switch the global style to ggplot; keep that to their own figures.
     with warnings.catch_warnings(), plt.style.context("default"):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # A searched parameter that kept one value gets identical y limits in the parallel-coordinate
+        # plot; matplotlib widens them itself, and its warning reached the end of `deepspark tune`.
+        warnings.filterwarnings("ignore", "Attempting to set identical", UserWarning)
         try:
             ax = draw(study, **kwargs)
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
