@@ -465,6 +465,19 @@ def test_a_new_sqlite_store_is_made_without_mlflows_info_lines(tmp_path, capfd) 
     assert (tmp_path / "new.db").is_file()
 
 
+def test_logging_models_draws_no_artifact_progress_bars(study_dir, tmp_path, capfd, monkeypatch) -> None:
+    """MLflow's 'Downloading artifacts: 100%|...' bars, two per model, landed on stderr between the
+    command's progress and its result line."""
+    from deepspark.reporting import log_to_mlflow
+
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    monkeypatch.chdir(tmp_path)  # a sqlite store's artifacts go to ./mlruns
+    tracked = log_to_mlflow(study_dir, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    assert tracked.models
+    assert "Downloading artifacts" not in capfd.readouterr().err
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
+
+
 _HIDE_MLFLOW = "import sys\nsys.modules['mlflow'] = None\n"
 
 

@@ -206,6 +206,22 @@ def _tracking(mlflow: Any, tracking_uri: str) -> Iterator[None]:
             os.environ[_NO_URLS] = quiet
 
 
+@contextlib.contextmanager
+def _no_artifact_progress_bars() -> Iterator[None]:
+    """MLflow draws a tqdm bar on stderr each time it copies a checkpoint into a model ("Downloading
+    artifacts: 100%|...", twice a model, in a log as carriage-return lines), between the progress and the
+    result line. Its own switch turns them off, unless the user has set it."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:500]
@@ -350,7 +366,11 @@ class _Logger:
             params=self.client.get_run(run_id).data.params,
         )
         try:
-            with tempfile.TemporaryDirectory(prefix="deepspark-mlflow-") as tmp, warnings.catch_warnings():
+            with (
+                tempfile.TemporaryDirectory(prefix="deepspark-mlflow-") as tmp,
+                warnings.catch_warnings(),
+                _no_artifact_progress_bars(),
+            ):
                 warnings.simplefilter("ignore", UserWarning)  # MLflow's hints about input examples
                 mlflow.pyfunc.save_model(
                     Path(tmp, MODEL_NAME),
