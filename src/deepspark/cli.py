@@ -340,7 +340,11 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="re-run a trial whose worker has been silent this long (a frozen host; default 60, at least 1)",
     )
-    p.add_argument("--run-dir", default=None, help="where the study lives (must not exist yet)")
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        help="where the study lives (must not exist yet; default: a new deepspark-tune-* temporary directory)",
+    )
     p.add_argument(
         "--resume",
         default=None,
