@@ -464,8 +464,16 @@ def _version() -> str:
     return f"deepspark {__version__} ({', '.join(found)}, Python {python})"
 
 
+_DESCRIPTION = (
+    "Deep learning on Apache Spark: tune, train and deploy PyTorch models. Exit codes: 0 success; 1 a failure "
+    "at run time (a failed job or checksum, a study that stopped early or completed no trial); 2 a usage error, "
+    "reported before work starts; 130 interrupted (Ctrl-C, or SIGTERM, which stops a command as Ctrl-C does)."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepspark", description=__doc__)
+    # Not the module's docstring, whose Sphinx roles and notes for developers `deepspark --help` printed.
+    parser = argparse.ArgumentParser(prog="deepspark", description=_DESCRIPTION)
     parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="errors only")
