@@ -393,6 +393,35 @@ def test_interrupted_attempts_are_marked_apart_from_failures(spark, tmp_path) ->
     assert t.user_attrs["fail_reason"] == "ValueError: odd trial" and "interrupted" not in t.user_attrs
 
 
+def test_a_resume_from_another_directory_never_remakes_a_relative_sqlite_study(
+    spark, tmp_path, monkeypatch
+) -> None:
+    """`tune --resume RUN` from another working directory than the study's, with --storage
+    sqlite:///team.db, made a new team.db there, a new study in it, ran every trial again and wrote
+    that study's results over the run directory's."""
+    start, other = tmp_path / "start", tmp_path / "other"
+    start.mkdir()
+    other.mkdir()
+    monkeypatch.chdir(start)
+    run = tmp_path / "run"
+    tune(
+        _quadratic,
+        space=X,
+        trials=2,
+        sampler="random",
+        pruner="none",
+        storage="sqlite:///team.db",
+        run_dir=run,
+    )
+    before = (run / "trials.csv").read_bytes()
+    monkeypatch.chdir(other)
+    with pytest.raises(ConfigError, match=r"resume: the storage sqlite:///team.db .* does not exist"):
+        tune(_quadratic, run_dir=run, resume=True, trials=3)
+    assert not (other / "team.db").exists() and (run / "trials.csv").read_bytes() == before
+    monkeypatch.chdir(start)
+    assert tune(_quadratic, run_dir=run, resume=True, trials=3).counts()["complete"] == 3
+
+
 def test_own_sampler_and_pruner_objects_and_a_sqlite_storage(spark, tmp_path) -> None:
     url = f"sqlite:///{tmp_path / 'team.db'}"
     run = tmp_path / "shared"

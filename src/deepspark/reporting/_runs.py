@@ -26,7 +26,7 @@ import optuna
 from deepspark.errors import ConfigError
 from deepspark.tuning.coordinator import INTERRUPTED_ATTR, STARTED_ATTR
 from deepspark.tuning.report import records_from_study
-from deepspark.tuning.runner import CLUSTER_ATTR, JOURNAL, STUDY_NAME, quiet_optuna
+from deepspark.tuning.runner import CLUSTER_ATTR, JOURNAL, STUDY_NAME, quiet_optuna, sqlite_database
 from deepspark.tuning.trial import TrialRecord
 
 __all__ = ["StudyRun", "TrainingRun", "open_runs", "read_json_object"]
@@ -212,21 +212,6 @@ def _open_study(path: Path, tmp: Path) -> StudyRun:
         name = next((n for n in (config.get("study_name"), STUDY_NAME) if n in names), names[0])
         study = optuna.load_study(study_name=name, storage=storage)
     return _study_run(path, config, study, last_write)
-
-
-def sqlite_database(url: str) -> str | None:
-    """The file a ``sqlite:`` URL names; ``""`` for SQLAlchemy's in-memory database (``sqlite://``,
-    ``sqlite:///``, ``:memory:``); None for another scheme or a URL SQLAlchemy cannot parse (opening the
-    storage then says what is wrong)."""
-    if not url.strip().lower().startswith("sqlite:"):
-        return None
-    from sqlalchemy.engine import make_url
-
-    try:
-        database = make_url(url.strip()).database
-    except Exception:  # SQLAlchemy's ArgumentError
-        return None
-    return "" if database in (None, "", ":memory:") else database
 
 
 def _open_stored_study(path: Path, config: Mapping[str, Any]) -> StudyRun:

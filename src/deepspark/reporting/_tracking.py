@@ -49,10 +49,9 @@ from deepspark.reporting._runs import (
     TrainingRun,
     open_runs,
     read_json_object,
-    sqlite_database,
 )
 from deepspark.tuning.report import best_and_default, error_reduction, measures_error
-from deepspark.tuning.runner import JOURNAL
+from deepspark.tuning.runner import JOURNAL, sqlite_database
 from deepspark.tuning.trial import TrialRecord, TrialState
 
 __all__ = ["DEFAULT_EXPERIMENT", "TrackedRun", "check_tracking_uri", "log_to_mlflow"]

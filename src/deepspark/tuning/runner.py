@@ -905,6 +905,15 @@ def _open_study(
         if journal is not None:
             storage: BaseStorage = JournalStorage(JournalFile(journal, held=True))
         else:
+            database = sqlite_database(config.storage or "")
+            if resume and database and not Path(database).is_file():
+                # Opening it would create an empty database and a new study in it, whose trials would all
+                # run again: a relative sqlite:///NAME.db is read from the working directory.
+                raise ConfigError(
+                    f"resume: the storage {config.storage} named by {run_path / 'config.json'} does not exist "
+                    f"(no file {Path(database).absolute()}); a relative sqlite path is read from the working "
+                    "directory: resume from the directory the study started in"
+                )
             try:
                 storage = optuna.storages.get_storage(config.storage)
             except Exception as exc:  # a bad URL, a missing database driver, an unreachable server
@@ -940,6 +949,21 @@ def _open_study(
     for key, value in config.user_attrs().items():
         study.set_user_attr(key, value)
     return study, storage, not exists
+
+
+def sqlite_database(url: str) -> str | None:
+    """The file a ``sqlite:`` URL names; ``""`` for SQLAlchemy's in-memory database (``sqlite://``,
+    ``sqlite:///``, ``:memory:``); None for another scheme or a URL SQLAlchemy cannot parse (opening the
+    storage then says what is wrong)."""
+    if not url.strip().lower().startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    try:
+        database = make_url(url.strip()).database
+    except Exception:  # SQLAlchemy's ArgumentError
+        return None
+    return "" if database in (None, "", ":memory:") else database
 
 
 def _requeue_running(study: optuna.Study, storage: BaseStorage, study_name: str) -> None:
