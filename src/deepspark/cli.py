@@ -465,9 +465,10 @@ def _version() -> str:
 
 
 _DESCRIPTION = (
-    "Deep learning on Apache Spark: tune, train and deploy PyTorch models. Exit codes: 0 success; 1 a failure "
-    "at run time (a failed job or checksum, a study that stopped early or completed no trial); 2 a usage error, "
-    "reported before work starts; 130 interrupted (Ctrl-C, or SIGTERM, which stops a command as Ctrl-C does)."
+    "Deep learning on Apache Spark: tune, train and deploy PyTorch models. Exit codes: 0 success; "
+    "1 a failure at run time (a failed job or checksum; a study stopped by its failures, or that "
+    "completed no trial: a --timeout alone is no failure); 2 a usage error, reported before work "
+    "starts; 130 interrupted (Ctrl-C, or SIGTERM, which stops a command as Ctrl-C does)."
 )
 
 
