@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from deepspark._compat import dataframe_to_arrow
 from deepspark.errors import ConfigError, DeepsparkError, RunError
 from deepspark.training import fit
 
@@ -519,7 +520,7 @@ def test_partition_digests_add_up_to_the_frames(spark: Any) -> None:
     layout = describe_frame(
         df, feature_column="image", label_column="label", input_shape=None, num_classes=None
     )
-    table = keyed_rows(df, layout).toArrow()
+    table = dataframe_to_arrow(keyed_rows(df, layout))
     parts = [read_partition(table.slice(at, 10).to_batches(), layout) for at in (0, 10, 20)]
     assert [len(p.labels) for p in parts] == [10, 10, 10]
     assert len({p.digest for p in parts}) == 3
@@ -625,7 +626,7 @@ def test_rows_over_the_memory_budget_are_read_back_from_a_file_as_they_were_held
     layout = describe_frame(
         df, feature_column="image", label_column="label", input_shape=(1, SIZE, SIZE), num_classes=None
     )
-    table = keyed_rows(df, layout).toArrow()
+    table = dataframe_to_arrow(keyed_rows(df, layout))
     batches = table.to_batches(max_chunksize=5)[::-1]
     held = read_partition(batches, layout)
     assert isinstance(held.features, np.ndarray)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from deepspark._compat import arrow_to_dataframe, dataframe_to_arrow
 from deepspark.data.record import channels_last_hint
 from deepspark.errors import ConfigError, DatasetError
 from deepspark.validation import check_choice, check_positive_int, fail
@@ -101,7 +102,7 @@ def to_dataframe(
             raise ConfigError("to_dataframe: labels must fit in a 32-bit int")
         columns[label_column] = pa.array(lab.astype(np.int32))
     table = pa.table(columns)
-    df = spark.createDataFrame(table)
+    df = arrow_to_dataframe(spark, table)
     df = df.withMetadata(image_column, {"shape": shape})
     if num_partitions is not None:
         df = df.repartitionByRange(num_partitions, "id")
@@ -248,11 +249,11 @@ def to_numpy(df: DataFrame, shape: Sequence[int] | None = None, *, image_column:
     """Collect a DataFrame's images to the driver as uint8 ``[N, *shape]``, in ``id`` order when there is one.
 
     ``shape`` defaults to the one :func:`to_dataframe` stored in the column metadata. Collects
-    through Arrow (``DataFrame.toArrow``); only for data that fits in the driver's memory.
+    through Arrow (:func:`deepspark._compat.dataframe_to_arrow`); only for data that fits in the driver's memory.
     """
     dims = image_shape(df, image_column) if shape is None else _check_shape(shape)
     has_id = "id" in df.columns and image_column != "id"
-    table = df.select(*(["id"] if has_id else []), image_column).toArrow()
+    table = dataframe_to_arrow(df.select(*(["id"] if has_id else []), image_column))
     images = decode_binary(table.column(image_column), dims, image_column)
     if has_id:
         ids = table.column("id").to_numpy()

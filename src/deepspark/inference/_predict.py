@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deepspark._compat import to_arrow_schema
 from deepspark.errors import ConfigError, DeepsparkError, RunError
 from deepspark.inference._inputs import (
     GLOB_CHARS,
@@ -397,8 +398,6 @@ def predict(
         decode_threads=decode_threads,
     )
     schema = _output_schema(df, passthrough)
-    from pyspark.sql.pandas.types import to_arrow_schema
-
     # Spark hands a timestamp column over in the session's time zone. Before the model is broadcast: a
     # column Arrow cannot carry (an interval of years) fails here, and left that broadcast behind.
     arrow_schema = to_arrow_schema(schema, timezone=spark.conf.get("spark.sql.session.timeZone"))

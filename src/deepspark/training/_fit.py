@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 import torch
 
 from deepspark import rundir
+from deepspark._compat import dataframe_to_arrow
 from deepspark._optional import skip_unless
 from deepspark.errors import ConfigError, DeepsparkError, RunError
 from deepspark.slots import SameFailure, root_cause, run_slots, short_error
@@ -742,7 +743,8 @@ def _load(data: Any, data_dir: Any, limit_train: int | None, limit_test: int | N
 def _collect(df: Any, layout: FrameLayout, preprocess: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:
     from deepspark.training.frame import RowFile, read_partition
 
-    part = read_partition(in_own_group(df, keyed_rows(df, layout).toArrow).to_batches(), layout)
+    rows = keyed_rows(df, layout)
+    part = read_partition(in_own_group(df, lambda: dataframe_to_arrow(rows)).to_batches(), layout)
     features = part.features
     assert not isinstance(features, RowFile)  # read without a memory bound: never a file
     inputs = preprocess.apply(features) if layout.pixels else torch.from_numpy(features)
