@@ -308,9 +308,9 @@ def braces(pattern: str) -> list[str]:
 
 def _input_files(df: DataFrame) -> list[str]:
     """``df.inputFiles()`` in one call to the JVM. pyspark's own converts the Java array one element
-    per Py4J round trip: 10 s for 70,000 files, longer than predicting them. Joined in the JVM (Scala
-    2.13's ``ArraySeq``; NUL cannot occur in a path) and checked against the array's length; anything
-    else falls back to pyspark's."""
+    per Py4J round trip: 10 s for 70,000 files, longer than predicting them. Joined in the JVM (wrapped by
+    ``scala.Predef.genericWrapArray``, which Scala 2.12, pyspark 3.5's, and 2.13 both have; NUL cannot occur
+    in a path) and checked against the array's length; anything else falls back to pyspark's."""
     from py4j.protocol import Py4JError
 
     try:
@@ -318,8 +318,8 @@ def _input_files(df: DataFrame) -> list[str]:
         count = len(files)
         if count == 0:
             return []
-        seq = df.sparkSession.sparkContext._jvm.scala.collection.immutable.ArraySeq  # type: ignore[union-attr]
-        names = str(seq.unsafeWrapArray(files).mkString("\u0000")).split("\u0000")
+        predef = df.sparkSession.sparkContext._jvm.scala.Predef  # type: ignore[union-attr]
+        names = str(predef.genericWrapArray(files).mkString("\u0000")).split("\u0000")
         if len(names) == count:
             return names
     except (Py4JError, AttributeError, TypeError):
@@ -546,14 +546,12 @@ def resolve_input(
     from py4j.protocol import Py4JJavaError
     from pyspark.errors.exceptions.captured import CapturedException
 
-    from deepspark.slots import short_error
-
     try:
         source = _resolve(spark, data, input_column, input_shape)
     except (CapturedException, Py4JJavaError) as exc:
         # Spark refused the input while planning its read on the driver (a table's folders in two
         # layouts, a footer it cannot parse): one line, not its Java trace.
-        raise ConfigError(f"data: Spark cannot read {os.fspath(data)!r}: {short_error(exc)}") from None
+        raise ConfigError(f"data: Spark cannot read {os.fspath(data)!r}: {_refusal(exc)}") from None
     if input_column is not None and source.column != input_column:
         raise ConfigError(
             f"input_column: {input_column!r} names a column of a table, but {os.fspath(data)!r} is not a "
@@ -561,6 +559,24 @@ def resolve_input(
             "(CLI: --input-column)"
         )
     return source
+
+
+# A Spark error class opening a message: [CANNOT_READ_FILE_FOOTER], [FAILED_READ_FILE.CANNOT_READ_FILE_FOOTER].
+_ERROR_CLASS = re.compile(r"\[[A-Z][A-Z0-9_]*(\.[A-Z][A-Z0-9_]*)*\] ")
+
+
+def _refusal(exc: BaseException) -> str:
+    """The line of Spark's refusal that names its error class, from the class on; else the line
+    :func:`~deepspark.slots.short_error` picks. pyspark 4 names the class in the first line; 3.5 wraps a
+    footer it cannot read in a job failure ("Exception thrown in awaitResult") and names it only in a
+    ``Caused by:`` line further down."""
+    from deepspark.slots import short_error
+
+    for line in str(exc).splitlines():
+        found = _ERROR_CLASS.search(line)
+        if found is not None and not line[:1].isspace():
+            return line[found.start() :].strip()[:300]
+    return short_error(exc)
 
 
 def _resolve(
