@@ -294,3 +294,13 @@ def test_short_error_keeps_the_line_naming_the_error() -> None:
         "    ^^^^^^^^^^^^^^^^^^^^^^^^^^\nRuntimeError: boom\n"
     )
     assert short_error(RuntimeError(traceback)) == "RuntimeError: boom"
+    # pyspark 3.5: an RDD job's error is Py4J's, the worker's traceback inside Spark's Java message.
+    wrapped = (
+        "An error occurred while calling z:org.apache.spark.api.python.PythonRDD.collectAndServe.\n"
+        ": org.apache.spark.SparkException: Job aborted due to stage failure: Task 0 in stage 21.0 failed 1 "
+        "times, most recent failure: Lost task 0.0 in stage 21.0 (TID 23) (192.0.2.2 executor driver): "
+        "org.apache.spark.api.python.PythonException: Traceback (most recent call last):\n"
+        '  File "model.py", line 12, in forward\n    raise RuntimeError("boom")\nRuntimeError: boom\n\n'
+        "\tat org.apache.spark.api.python.BasePythonRunner$ReaderIterator.handlePythonException\n"
+    )
+    assert short_error(RuntimeError(wrapped)) == "RuntimeError: boom"

@@ -159,10 +159,12 @@ def short_error(exc: BaseException) -> str:
     """One line of a (often very long, Java-wrapped) Spark job error: the line naming the error.
 
     Indented lines are a traceback's frames and source lines (``    raise RuntimeError(...)``), which
-    name an error without being one: they are skipped."""
+    name an error without being one: they are skipped. So is the Java line that opens a Python worker's
+    traceback (pyspark 3.5's RDD jobs: ``...: org.apache.spark.api.python.PythonException: Traceback (most
+    recent call last):``): the error is named at that traceback's end."""
     text = str(exc).strip().splitlines()
     for line in text:
-        if line[:1].isspace():
+        if line[:1].isspace() or line.rstrip().endswith("Traceback (most recent call last):"):
             continue
         if "Error" in line or "Exception" in line or "exited" in line:
             return line.strip()[:300]
