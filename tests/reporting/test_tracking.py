@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import os
 import shutil
 import socket
@@ -131,7 +132,9 @@ def test_study_logs_a_parent_and_a_nested_run_per_trial(study_dir, data_dir, tmp
     assert parent.data.metrics["best_value"] == pytest.approx(best["best"]["value"])
     assert parent.data.metrics["best_test_accuracy"] == pytest.approx(best["best"]["test_accuracy"])
     assert parent.data.tags["deepspark.best_trial"] == str(best["best"]["trial"])
-    names = {a.path for a in client.list_artifacts(parent.info.run_id, "deepspark")}
+    # By its artifact URI: MLflow 3.0's list_artifacts(run_id, path) reads the global tracking URI's store.
+    listed = mlflow.artifacts.list_artifacts(artifact_uri=f"{parent.info.artifact_uri}/deepspark")
+    names = {a.path for a in listed}
     assert {"deepspark/config.json", "deepspark/best.json", "deepspark/trials.csv"} <= names
 
     for trial in _trials(study_dir):
@@ -455,9 +458,13 @@ def test_a_new_sqlite_store_is_made_without_mlflows_info_lines(tmp_path, capfd) 
     space = tmp_path / "space.yaml"
     space.write_text("epochs: 1\n")  # no parameter to search: a usage error after the URI check
     uri = f"sqlite:///{tmp_path / 'new.db'}"
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     assert (
         run(["tune", "mnist", "--space", str(space), "--run-dir", str(tmp_path / "r"), "--mlflow", uri]) == 2
     )
+    # MLflow before 3.7 also replaced the root logger's handlers and level (alembic's fileConfig).
+    assert root.handlers == handlers and root.level == level
     err = capfd.readouterr().err.strip().splitlines()
     assert err == [
         "deepspark: error: space: no parameter to search; give at least one distribution (see docs/tune.md)"

@@ -115,19 +115,39 @@ def check_tracking_uri(tracking_uri: str) -> None:
             f"mlflow: expected a database file in the sqlite tracking URI (sqlite:///mlflow.db), "
             f"got {tracking_uri!r}, an in-memory database that would lose what is logged"
         )
-    # Opening a new SQLite store creates its tables, which MLflow announces in two INFO lines on stderr
-    # (before a usage error's one line, or the progress): only its warnings are let through.
-    store_log = logging.getLogger("mlflow.store.db.utils")
-    level = store_log.level
-    store_log.setLevel(max(level, logging.WARNING))
     try:
-        mlflow.MlflowClient(tracking_uri)
+        with _store_logging():
+            mlflow.MlflowClient(tracking_uri)
     except Exception as exc:  # MLflow raises its own exception types, and ValueError for odd URIs
         raise ConfigError(
             f"mlflow: cannot use the tracking URI {tracking_uri!r}: {_first_line(exc)}"
         ) from exc
+
+
+@contextlib.contextmanager
+def _store_logging() -> Iterator[None]:
+    """Opening a new SQLite store creates its tables, which MLflow announces in INFO lines on stderr
+    (before a usage error's one line, or the progress): only warnings are let through meanwhile.
+
+    MLflow before 3.7 also ran ``logging.config.fileConfig`` with its alembic.ini on the way (mlflow issue
+    19038): the root logger's handlers and level were replaced for the rest of the process, and alembic's
+    INFO lines (37 for a new store) printed. ``logging.disable`` is not reset by ``fileConfig``; the root
+    logger is put back afterwards. Called before any work starts, so no other thread's logging is lost."""
+    root = logging.getLogger()
+    handlers, level, disabled = list(root.handlers), root.level, logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        yield
     finally:
-        store_log.setLevel(level)
+        logging.disable(disabled)
+        if root.handlers != handlers or root.level != level:
+            for handler in root.handlers:
+                if handler not in handlers:
+                    root.removeHandler(handler)
+            for handler in handlers:
+                if handler not in root.handlers:
+                    root.addHandler(handler)
+            root.setLevel(level)
 
 
 def deepspark_run_id(run: StudyRun | TrainingRun) -> str:
