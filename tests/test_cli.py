@@ -372,7 +372,7 @@ def test_verbose_after_the_sub_command_restores_spark_logging_and_spark_defaults
     (conf_dir / "spark-defaults.conf").write_text("spark.master   local[1]\n", encoding="utf-8")
     done = _deepspark(*study, "--run-dir", "run", "-v", cwd=tmp_path, env={"SPARK_CONF_DIR": str(conf_dir)})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Using Spark's default log4j profile" in done.stderr
+    assert "To adjust logging level use sc.setLogLevel(newLevel)" in done.stderr, done.stderr[:3000]
     ui = [line for line in done.stderr.splitlines() if "Spark UI: " in line]
     assert len(ui) == 1 and "(master local[1])" in ui[0], done.stderr  # not local[*]
     assert "leaderboard" in done.stdout
