@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PRESET ?= quick
 RUN_DIR ?= runs/mnist-$(PRESET)
 
-.PHONY: install data run test test-fast lint bench clean
+.PHONY: install data run test test-fast test-lowest lint bench clean
 
 # Every extra, at the exact versions of constraints.txt (pyproject.toml only gives compatible ranges).
 $(STAMP): pyproject.toml constraints.txt
@@ -32,6 +32,19 @@ test: data
 test-fast: data
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The suite at the lowest versions pyproject.toml declares (constraints-lowest.txt: pyspark 3.5, optuna 4.0,
+# numpy 1.26, pandas 2.1, pyarrow 15, ...), in a venv of its own. Not part of `make test`: it doubles CI time.
+# torch comes from the same file (torch==2.13.0, this machine's local wheel): its own lower bound, 2.3, is not tested.
+LOWEST := .venv-lowest
+$(LOWEST)/.installed: pyproject.toml constraints-lowest.txt
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints-lowest.txt -e '.[dev,all]'
+	touch $@
+
+test-lowest: $(LOWEST)/.installed
+	$(LOWEST)/bin/deepspark data fetch mnist --no-mirrors
+	PYSPARK_PYTHON=$(CURDIR)/$(LOWEST)/bin/python $(LOWEST)/bin/python -m pytest -q --durations=20
+
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
@@ -40,4 +53,4 @@ bench: data
 	$(BIN)/python benchmarks/hpo_overhead.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
