@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from deepspark._compat import arrow_to_dataframe
 from deepspark.errors import ConfigError
 from deepspark.inference.decode import InputKind
 from deepspark.validation import data_kind
@@ -105,7 +106,8 @@ _PATHS_PER_PARTITION = 256  # predict coalesces them to its tasks' size
 
 def _path_frame(spark: SparkSession, paths: Sequence[str]) -> DataFrame:
     """A ``path`` column (binaryFile's name and form) of ``paths``, in partitions of
-    :data:`_PATHS_PER_PARTITION` (one Arrow batch a partition, made on the driver: no Spark job)."""
+    :data:`_PATHS_PER_PARTITION` (one Arrow batch a partition, made on the driver: no Spark job; pyspark 3.5
+    splits the rows its own way, through pandas)."""
     import pyarrow as pa
 
     schema = pa.schema([pa.field("path", pa.string(), nullable=False)])
@@ -114,7 +116,7 @@ def _path_frame(spark: SparkSession, paths: Sequence[str]) -> DataFrame:
         pa.record_batch([pa.array(paths[i : i + step], pa.string())], schema=schema)
         for i in range(0, len(paths), step)
     ]
-    return spark.createDataFrame(pa.Table.from_batches(batches, schema=schema))
+    return arrow_to_dataframe(spark, pa.Table.from_batches(batches, schema=schema))
 
 
 def _without_partitions(paths: list[str], pattern: str | None) -> list[str]:
