@@ -32,7 +32,7 @@ test: data
 test-fast: data
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The suite at the lowest versions pyproject.toml declares (constraints-lowest.txt: pyspark 3.5, optuna 4.0,
+# The suite at the lowest versions pyproject.toml declares (constraints-lowest.txt: pyspark 3.5, optuna 4.3,
 # numpy 1.26, pandas 2.1, pyarrow 15, ...), in a venv of its own. Not part of `make test`: it doubles CI time.
 # torch comes from the same file (torch==2.13.0, this machine's local wheel): its own lower bound, 2.3, is not tested.
 LOWEST := .venv-lowest
