@@ -101,26 +101,17 @@ def _binary_files(
     )
 
 
-_PATHS_PER_PARTITION = 256  # predict coalesces them to its tasks' size
-
-
 def _path_frame(spark: SparkSession, paths: Sequence[str]) -> DataFrame:
     """A ``path`` column (binaryFile's name and form) of ``paths``, made on the driver (no Spark job).
 
-    The batches of :data:`_PATHS_PER_PARTITION` do not become partitions: pyspark 4.3 keeps a table under
-    ``spark.sql.execution.arrow.localRelationThreshold`` (48 MiB) as a local relation, read in one
-    partition per core, and pyspark 3.5 splits the rows its own way, through pandas. Spreading them
-    costs a shuffle or a broadcast job, which predict's progress (every task of its job group) would
-    count as its own; left so (docs/NOTES.md)."""
+    pyspark 4.3 keeps a table under ``spark.sql.execution.arrow.localRelationThreshold`` (48 MiB) as a
+    local relation, read in one partition per core (pyspark 3.5 splits the rows its own way, through
+    pandas). Spreading the paths costs a shuffle or a broadcast job, which predict's progress (every
+    task of its job group) would count as its own; left so (docs/NOTES.md)."""
     import pyarrow as pa
 
     schema = pa.schema([pa.field("path", pa.string(), nullable=False)])
-    step = _PATHS_PER_PARTITION
-    batches = [
-        pa.record_batch([pa.array(paths[i : i + step], pa.string())], schema=schema)
-        for i in range(0, len(paths), step)
-    ]
-    return arrow_to_dataframe(spark, pa.Table.from_batches(batches, schema=schema))
+    return arrow_to_dataframe(spark, pa.table([pa.array(paths, pa.string())], schema=schema))
 
 
 def _without_partitions(paths: list[str], pattern: str | None) -> list[str]:
