@@ -122,6 +122,21 @@ def test_a_zero_byte_file_is_an_error_row_not_a_dropped_row(
     assert result.summary is not None and (result.summary.rows, result.summary.errors) == (3, 1)
 
 
+def test_the_glob_filter_matches_as_fnmatch_does_each_alternative() -> None:
+    """One compiled expression for a pattern's {a,b} alternatives: the whole name, as fnmatch does."""
+    import fnmatch
+
+    from deepspark.inference._inputs import _IMAGE_GLOB, _matcher, braces
+
+    names = ["a.png", "a.PNG", "a.pngx", "xa.png", "a.jpeg", "a.jpg", "a.JpG", "a.tif", "a", ".png", "a.png.gz",
+             "a\nb.png", "b{1}.png", "a.webp", "a.gif.bak"]  # fmt: skip
+    for pattern in (_IMAGE_GLOB, "*.{png,jp{e,}g}", "a.png", "[ab].*", "*{1}*"):
+        matches = _matcher(pattern)
+        expected = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in braces(pattern))]
+        assert [n for n in names if matches(n)] == expected, pattern
+    assert all(_matcher(None)(n) for n in names)
+
+
 def test_local_files_are_listed_as_spark_lists_them_with_what_it_hides(spark: Any, tmp_path: Path) -> None:
     """deepspark lists local inputs itself (Spark's listing took 2.5 s of the JVM for 70,000 files): the
     same files as Spark's binaryFile listing, plus those it hides and predict always read (names starting

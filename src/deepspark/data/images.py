@@ -25,13 +25,26 @@ _SIGNATURES = (
 )
 
 
+# Tried first, in this order: Pillow tries the formats it is given one by one, and in its full list
+# (alphabetical by plugin, when nothing opened an image before) PNG came after 20 others.
+_COMMON = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+_formats_cache: tuple[int, list[str]] = (-1, [])
+
+
 def _formats() -> list[str]:
     """The formats Pillow may read a value as: all it has but EPS, whose decoding runs Ghostscript (the
-    ``gs`` program, where installed) on the value's PostScript, which is a program: never run on input."""
+    ``gs`` program, where installed) on the value's PostScript, which is a program: never run on input.
+    The common ones first (:data:`_COMMON`); made again only when Pillow registers another format."""
+    global _formats_cache
     from PIL import Image
 
     Image.init()
-    return [name for name in Image.ID if name != "EPS"]
+    known, names = _formats_cache
+    if known != len(Image.ID):
+        ids = [name for name in Image.ID if name != "EPS"]
+        names = [name for name in _COMMON if name in ids] + [name for name in ids if name not in _COMMON]
+        _formats_cache = (len(Image.ID), names)
+    return names
 
 
 class RowError(Exception):

@@ -7,7 +7,7 @@ import glob as _glob
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -121,6 +121,7 @@ def _without_partitions(paths: list[str], pattern: str | None) -> list[str]:
     given as its files that Spark's listing would read (those named '_...' and broken links are
     :func:`_hidden_from_spark`'s)."""
     out: list[str] = []
+    matches = _matcher(pattern)
     for root in paths:
         local = os.path.abspath(local_path(root))
         if not is_local(root) or not os.path.isdir(local):
@@ -135,7 +136,7 @@ def _without_partitions(paths: list[str], pattern: str | None) -> list[str]:
         out += [
             prefix + e.path
             for e in entries
-            if not e.name.startswith((".", "_")) and e.is_file() and _matches(e.name, pattern)
+            if not e.name.startswith((".", "_")) and e.is_file() and matches(e.name)
         ]
     return out
 
@@ -152,11 +153,16 @@ def for_spark(path: str) -> str:
     return hadoop_literal(path) if is_local(path) else path
 
 
-def _matches(name: str, pattern: str | None) -> bool:
-    """Whether Spark's ``pathGlobFilter`` ``pattern`` (None: any) lets a file of this name through."""
+def _matcher(pattern: str | None) -> Callable[[str], bool]:
+    """Whether Spark's ``pathGlobFilter`` ``pattern`` (None: any) lets a file of a name through: one
+    compiled expression for all of the pattern's ``{a,b}`` alternatives (matching each alternative with
+    ``fnmatch`` took 2 µs a file, a fifth of the time to list 70,000 files)."""
     import fnmatch
 
-    return pattern is None or any(fnmatch.fnmatchcase(name, p) for p in braces(pattern))
+    if pattern is None:
+        return lambda name: True
+    compiled = re.compile("|".join(fnmatch.translate(p) for p in braces(pattern)))
+    return lambda name: compiled.match(name) is not None
 
 
 def _spark_hides(name: str) -> bool:
@@ -208,6 +214,7 @@ def _local_listing(path: str | list[str], *, pattern: str | None, recursive: boo
     (``NAME._COPYING_``) left out, broken links kept (an error row each). Listed here, in one walk: Spark's
     listing of the 70,000 MNIST PNGs took 2.5 s of the JVM, Python's 0.1 s."""
     found: set[str] = set()
+    matches = _matcher(pattern)
     for root in [path] if isinstance(path, str) else path:
         local = os.path.abspath(local_path(root))
         if not os.path.isdir(local):
@@ -221,7 +228,7 @@ def _local_listing(path: str | list[str], *, pattern: str | None, recursive: boo
                 if not e.name.startswith(".")
                 and not e.name.endswith("._COPYING_")
                 and not e.is_dir()
-                and _matches(e.name, pattern)
+                and matches(e.name)
             )
     return [f"file:{p}" for p in sorted(found)]
 
@@ -234,8 +241,10 @@ def _hidden_from_spark(
     symbolic links (their rows say "input is null": the file is listed, and cannot be read). A link loop
     below is a ConfigError (:func:`_walk`)."""
 
+    allowed = _matcher(pattern)
+
     def matches(name: str) -> bool:
-        return not name.startswith(".") and _matches(name, pattern)
+        return not name.startswith(".") and allowed(name)
 
     dirs: list[str] = []
     files: list[str] = []
@@ -264,13 +273,11 @@ def _hidden_from_spark(
 def _image_below(directory: Path) -> Path | None:
     """The first image file that reading ``directory`` as a folder of images would predict (a name
     :data:`_IMAGE_GLOB` matches, in any folder below, '.' names left out), or None."""
-    import fnmatch
-
-    patterns = braces(_IMAGE_GLOB)
+    matches = _matcher(_IMAGE_GLOB)
     for folder, subdirs, names in os.walk(directory):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
         for name in sorted(names):
-            if not name.startswith(".") and any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            if not name.startswith(".") and matches(name):
                 return Path(folder, name)
     return None
 

@@ -483,7 +483,8 @@ def predict(
     _log.info("predict: %s", summary.to_dict())
     # Read back by its absolute, escaped URI: Spark globs what it reads (`out[1]` as `out1`), and took a
     # relative `out:1` for a URI of scheme `out`: a trace after the predictions were written.
+    # With the schema it was written with: inferring it ran a Spark job to read a file's footer.
     written = (
         output_path if staging is None else for_spark("file://" + os.path.abspath(local_path(output_path)))
     )
-    return PredictResult(spark.read.parquet(written), summary)
+    return PredictResult(spark.read.schema(result.schema).parquet(written), summary)
