@@ -47,6 +47,7 @@ __all__ = [
     "end_lost_jvms",
     "environment_conf",
     "executor_cores",
+    "freeze_worker_objects",
     "job_group",
     "job_result",
     "limit_threads",
@@ -606,6 +607,19 @@ def limit_threads(threads: int) -> None:
     except RuntimeError:
         # set_num_interop_threads may only be called once, before any inter-op work started.
         pass
+
+
+def freeze_worker_objects() -> None:
+    """Put every object this Python worker holds now (its modules, a model it loaded) out of the cyclic
+    garbage collector's walks (:func:`gc.freeze`); call it in a task, after its imports and model load.
+
+    pyspark's daemon runs a full ``gc.collect()`` after each task of a reused worker. With torch and
+    onnxruntime imported that walked 176,000 objects: 75-90 ms of a core after every task, 4 of the 22
+    core-seconds of predicting 70,000 images in 35 tasks. A frozen object is still freed when nothing
+    refers to it; only one in a reference cycle stays."""
+    import gc
+
+    gc.freeze()
 
 
 def limit_task_threads(requested: int, context: Any = None) -> int:

@@ -471,6 +471,45 @@ def test_an_eps_value_is_an_error_row_and_never_runs_ghostscript(
     assert not marker.exists()
 
 
+def test_a_task_puts_its_workers_model_and_imports_out_of_the_collectors_walks(small_model: Model) -> None:
+    """pyspark's daemon runs a full gc.collect() after each task of a reused worker: 75-90 ms with torch
+    imported, every task. A task freezes what the worker holds (the model, the modules) first."""
+    import gc
+    from types import SimpleNamespace
+
+    from deepspark._compat import to_arrow_schema
+    from deepspark.inference._predict import _output_schema
+    from deepspark.inference._task import TaskPlan, run_task
+    from deepspark.inference.decode import UrlPolicy
+    from deepspark.inference.formats import read_model
+
+    artifact = read_model(small_model.path)
+    plan = TaskPlan(
+        model_id=artifact.model_id, backend="torch", device="cpu", threads=1, batch_size=4, top_k=3,
+        kind=InputKind.IMAGE, input_column="_0", passthrough=(), class_names=CLASS_NAMES,
+        preprocess=artifact.preprocess, url_policy=UrlPolicy(), decode_threads=1,
+    )  # fmt: skip
+    pyspark_schema = _output_schema(SimpleNamespace(schema=SimpleNamespace(fields=[])), ())  # type: ignore[arg-type]
+    schema = to_arrow_schema(pyspark_schema, timezone="UTC")
+    batch = pa.record_batch([pa.array([png_bytes(small_model.images[0])], pa.binary())], names=["_0"])
+    added: list[dict[str, object]] = []
+    gc.unfreeze()
+    try:
+        out = list(
+            run_task(
+                iter([batch]),
+                plan,
+                SimpleNamespace(value=artifact),
+                SimpleNamespace(add=added.append),
+                schema,
+            )
+        )  # type: ignore[arg-type]
+        assert gc.get_freeze_count() > 0
+        assert sum(b.num_rows for b in out) == 1 and added[0]["rows"] == 1
+    finally:
+        gc.unfreeze()
+
+
 def test_common_formats_are_tried_first_and_a_format_registered_later_is_taken() -> None:
     """Pillow tries the formats it is given in turn: in its full list PNG came after 20 others (a fifth
     of a PNG's decoding time went to asking them). EPS is never among them."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from _inference_support import CLASS_NAMES, Model, Server, png_bytes, reference_probabilities
 
@@ -1402,6 +1404,55 @@ def test_ctrl_c_exits_130_with_one_line_and_leaves_no_output(small_model: Model,
     ]
     assert not noise, noise[:20]
     assert not out.exists() and not list(tmp_path.glob(".preds*"))
+
+
+@pytest.mark.parametrize(("files", "slices"), [(0, 1), (1, 1), (7, 3), (42, 6), (9000, 2), (9001, 7)])
+def test_each_task_over_listed_files_makes_its_own_slice_the_same_each_time(files: int, slices: int) -> None:
+    """A task over local files deepspark listed turns its slice number into its share of them: the slices
+    together are every file once, in order, within one file of each other in size, and a slice made again
+    (a retried or speculative task) is the same rows."""
+    from types import SimpleNamespace
+
+    from deepspark.inference._task import listed_files
+
+    listed = SimpleNamespace(value=tuple(f"file:/in/{i:05d}.png" for i in range(files)))
+    numbers = [pa.record_batch([pa.array(list(range(slices)), pa.int64())], names=["n"])]
+
+    def rows(batches: list[Any]) -> list[list[str]]:
+        out = [b.column(0).to_pylist() for b in listed_files(iter(batches), listed, slices, "_0")]  # type: ignore[arg-type]
+        return out
+
+    whole = [p for part in rows(numbers) for p in part]
+    assert whole == list(listed.value)
+    sizes = [
+        sum(len(part) for part in rows([pa.record_batch([pa.array([i], pa.int64())], names=["n"])]))
+        for i in range(slices)
+    ]
+    assert sum(sizes) == files and max(sizes) - min(sizes) <= 1
+    again = rows([pa.record_batch([pa.array([slices - 1], pa.int64())], names=["n"])])
+    assert [p for part in again for p in part] == list(listed.value)[files - sizes[-1] :]
+
+
+def test_local_files_are_predicted_in_equal_tasks_a_multiple_of_the_slots(
+    spark: Any, small_model: Model, image_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not one task per core (a DataFrame of the paths made on the driver was read so): the progress
+    moves as tasks end, and a failed task does its slice again, not half the job. Here tasks of 8 rows."""
+    from deepspark.inference import _predict
+    from deepspark.spark import total_slots
+
+    monkeypatch.setattr(_predict, "_ROWS_PER_TASK", 8)
+    seen: list[PredictProgress] = []
+    result = predict(
+        f"{image_dir}/**/*.png", small_model.path, output=tmp_path / "o", batch_size=1, progress=seen.append,
+        spark=spark,
+    )  # fmt: skip
+    rows, slots = len(small_model.images) + 2, total_slots(spark)
+    tasks = slots * math.ceil(rows / (slots * 8))
+    assert tasks > slots and result.summary is not None and result.summary.partitions == tasks
+    assert seen[-1].tasks_total == tasks and result.summary.rows == rows
+    paths = [r["path"] for r in result.dataframe.collect()]
+    assert sorted(paths) == sorted(set(paths)) and len(paths) == rows
 
 
 def test_progress_reports_rows_and_tasks_and_leaves_the_results_alone(

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deepspark._compat import arrow_to_dataframe
 from deepspark.errors import ConfigError
 from deepspark.inference.decode import InputKind
 from deepspark.validation import data_kind
@@ -42,14 +41,17 @@ _IMAGE_GLOB = "*.{" + ",".join("".join(f"[{c}{c.upper()}]" for c in s[1:]) for s
 
 @dataclass(frozen=True)
 class Input:
-    """A resolved input: the DataFrame, its input column and kind, and the columns to carry through."""
+    """A resolved input: the DataFrame, its input column and kind, and the columns to carry through; or,
+    for local image files, their list (``files``, in ``file:`` form, sorted; ``dataframe`` is None):
+    predict hands each task a slice of it (:func:`deepspark.inference._task.listed_files`)."""
 
-    dataframe: DataFrame
+    dataframe: DataFrame | None
     kind: InputKind
     column: str
     passthrough: tuple[str, ...]
     ours: bool  # we built the DataFrame (so we may choose its partitioning)
     rows_hint: int | None = None
+    files: tuple[str, ...] | None = None
 
 
 def is_local(path: str) -> bool:
@@ -69,8 +71,9 @@ def _binary_files(
         # it in the JVM and handed its bytes over through Arrow: a fifth of the cores' time on a folder
         # of small images. Zero-byte files and broken links are listed: error rows.
         paths = _local_listing(path, pattern=pattern, recursive=recursive)
-        frame = _path_frame(spark, paths)
-        return Input(frame, InputKind.FILE, "path", ("path",), ours=True, rows_hint=len(paths))
+        return Input(
+            None, InputKind.FILE, "path", ("path",), ours=True, rows_hint=len(paths), files=tuple(paths)
+        )
     reader = spark.read.format("binaryFile")
     if pattern:
         reader = reader.option("pathGlobFilter", pattern)
@@ -99,19 +102,6 @@ def _binary_files(
     return Input(
         df, InputKind.IMAGE, "content", ("path",), ours=True, rows_hint=len(files) + len(hidden_files)
     )
-
-
-def _path_frame(spark: SparkSession, paths: Sequence[str]) -> DataFrame:
-    """A ``path`` column (binaryFile's name and form) of ``paths``, made on the driver (no Spark job).
-
-    pyspark 4.3 keeps a table under ``spark.sql.execution.arrow.localRelationThreshold`` (48 MiB) as a
-    local relation, read in one partition per core (pyspark 3.5 splits the rows its own way, through
-    pandas). Spreading the paths costs a shuffle or a broadcast job, which predict's progress (every
-    task of its job group) would count as its own; left so (docs/NOTES.md)."""
-    import pyarrow as pa
-
-    schema = pa.schema([pa.field("path", pa.string(), nullable=False)])
-    return arrow_to_dataframe(spark, pa.table([pa.array(paths, pa.string())], schema=schema))
 
 
 def _without_partitions(paths: list[str], pattern: str | None) -> list[str]:

@@ -31,7 +31,7 @@ from deepspark.inference._inputs import (
     parquet_table_file,
     resolve_input,
 )
-from deepspark.inference._task import PHASES, TaskPlan, TaskStats, run_task
+from deepspark.inference._task import PHASES, TaskPlan, TaskStats, listed_files, run_task
 from deepspark.inference.decode import InputKind, UrlPolicy
 from deepspark.inference.formats import ModelFormat, read_model
 from deepspark.inference.model import BACKENDS, InferenceModel, read_labels, resolve_backend
@@ -50,7 +50,10 @@ __all__ = ["OUTPUT_COLUMNS", "PHASES", "PredictProgress", "PredictResult", "Pred
 _log = logging.getLogger(__name__)
 
 OUTPUT_COLUMNS = ("label", "label_index", "probability", "top_k", "error")
-_ROWS_PER_TASK_BATCHES = 8  # file inputs are packed into partitions of about 8 full batches
+# Inputs deepspark reads itself run in tasks of about this many rows (at least 4 batches), as many as a
+# multiple of the task slots: each task costs ~70 ms of a core (a Parquet file, its commit, the Python
+# runner), and in equal tasks no core waits for the last one alone.
+_ROWS_PER_TASK = 8192
 _PROGRESS_SECONDS = 0.5
 
 
@@ -214,10 +217,14 @@ def _renamed(names: Sequence[str]) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def _output_schema(df: DataFrame, passthrough: Sequence[tuple[str, str]]) -> Any:
+def _output_schema(df: DataFrame, passthrough: Sequence[tuple[str, str]], *, listed: bool = False) -> Any:
+    """The predictions' schema: ``passthrough``'s columns of ``df`` (of local files deepspark ``listed``,
+    their ``path``), then the prediction columns."""
     from pyspark.sql import types as T
 
     fields = {f.name: f for f in df.schema.fields}
+    if listed:
+        fields = {"path": T.StructField("path", T.StringType(), False)}
     entry = T.StructType(
         [T.StructField("label", T.StringType()), T.StructField("probability", T.FloatType())]
     )
@@ -370,12 +377,20 @@ def predict(
             f"give its inputs as tensors or raw pixels of {channels} channels"
         )
     df = source.dataframe
+    slices = 0  # local files: the tasks, each predicting a slice of them
     if source.ours and source.rows_hint:
         from deepspark.spark import total_slots
 
-        target = max(total_slots(spark), math.ceil(source.rows_hint / (batch_size * _ROWS_PER_TASK_BATCHES)))
-        if df.rdd.getNumPartitions() > target:
+        slots = total_slots(spark)
+        per_task = max(_ROWS_PER_TASK, 4 * batch_size)
+        target = min(source.rows_hint, slots * math.ceil(source.rows_hint / (slots * per_task)))
+        if source.files is not None:
+            slices = target
+        elif df is not None and df.rdd.getNumPartitions() > target:
             df = df.coalesce(target)
+    if source.files is not None:
+        df = spark.range(0, slices, 1, max(slices, 1)).withColumnRenamed("id", "path")
+    assert df is not None
     passthrough = _renamed(source.passthrough)
     threads = task_cpus(spark)
     columns = list(dict.fromkeys([src for src, _ in passthrough] + [source.column]))
@@ -397,15 +412,19 @@ def predict(
         url_policy=url_policy or UrlPolicy(),
         decode_threads=decode_threads,
     )
-    schema = _output_schema(df, passthrough)
+    schema = _output_schema(df, passthrough, listed=source.files is not None)
     # Spark hands a timestamp column over in the session's time zone. Before the model is broadcast: a
     # column Arrow cannot carry (an interval of years) fails here, and left that broadcast behind.
     arrow_schema = to_arrow_schema(schema, timezone=spark.conf.get("spark.sql.session.timeZone"))
     sc = spark.sparkContext
     model_bc = sc.broadcast(artifact)
+    files_bc = sc.broadcast(source.files) if source.files is not None else None
     stats: Accumulator[dict[str, Any]] = sc.accumulator({}, TaskStats())  # type: ignore[arg-type]
+    column_name = plan.input_column
 
     def task(batches: Iterator[Any]) -> Iterator[Any]:
+        if files_bc is not None:
+            batches = listed_files(batches, files_bc, slices, column_name)
         return run_task(batches, plan, model_bc, stats, arrow_schema)
 
     selected = df.select(*[column(name).alias(plain[name]) for name in columns])
@@ -443,6 +462,8 @@ def predict(
         raise
     finally:
         release_broadcast(model_bc)
+        if files_bc is not None:
+            release_broadcast(files_bc)
     if staging is not None:
         try:
             replace_dir(staging, local_path(output_path), replace=overwrite)

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from deepspark.inference.formats import ModelArtifact
     from deepspark.inference.runners import Runner
 
-__all__ = ["PHASES", "TaskPlan", "TaskStats", "run_task"]
+__all__ = ["PHASES", "TaskPlan", "TaskStats", "listed_files", "run_task"]
 
 PHASES = ("load", "read", "decode", "forward", "write")
 _FETCH_THREADS = 8
@@ -162,6 +162,28 @@ def _timed(batches: Iterator[Any], times: dict[str, float]) -> Iterator[Any]:
         yield batch
 
 
+def listed_files(
+    batches: Iterator[Any], files: Broadcast[tuple[str, ...]], slices: int, column: str
+) -> Iterator[Any]:
+    """The rows of a task over local files deepspark listed: Spark hands it slice numbers (a range of
+    ``slices`` rows, one partition each), and each becomes its share of ``files`` (in order, sizes within
+    one of each other) as Arrow batches of one ``column``. A task run again (a retry, a speculative copy)
+    makes the same rows, so every file is predicted once.
+
+    A DataFrame of the paths made on the driver was read in one partition per core (Spark keeps so small
+    a table as a local relation), so a task held half the job: the progress moved when one ended, and a
+    failed task did its half again."""
+    import pyarrow as pa
+
+    listed = files.value
+    for batch in batches:
+        for number in batch.column(0).to_pylist():
+            lo, hi = len(listed) * number // slices, len(listed) * (number + 1) // slices
+            for start in range(lo, hi, 4096):
+                part = listed[start : min(hi, start + 4096)]
+                yield pa.record_batch([pa.array(part, pa.string())], names=[column])
+
+
 def run_task(
     batches: Iterator[Any],
     plan: TaskPlan,
@@ -171,7 +193,7 @@ def run_task(
 ) -> Iterator[Any]:
     from deepspark.data.frames import rebatch
     from deepspark.inference.runners import runner_device
-    from deepspark.spark import assigned_gpus, device_label, limit_threads
+    from deepspark.spark import assigned_gpus, device_label, freeze_worker_objects, limit_threads
 
     limit_threads(plan.threads)
     times = dict.fromkeys(PHASES, 0.0)
@@ -179,6 +201,7 @@ def run_task(
     device = runner_device(plan.device, plan.backend)
     gpus = assigned_gpus()
     runner, loaded = _cached_runner(plan, artifact, device)
+    freeze_worker_objects()  # the model and the imports: pyspark's collection after the task skips them
     times["load"] = time.perf_counter() - start
     rows = errors = 0
     pool = ThreadPoolExecutor(plan.decode_threads, thread_name_prefix="deepspark-decode")
