@@ -510,6 +510,18 @@ def test_a_task_puts_its_workers_model_and_imports_out_of_the_collectors_walks(s
         gc.unfreeze()
 
 
+def test_read_file_reads_a_file_whole_and_a_folder_or_a_missing_file_is_a_row_error(tmp_path: Path) -> None:
+    from deepspark.inference.decode import read_file
+
+    data = os.urandom(200_000)  # more than one 64 KiB read
+    (tmp_path / "big.bin").write_bytes(data)
+    (tmp_path / "empty.bin").write_bytes(b"")
+    assert read_file(f"file:{tmp_path}/big.bin") == data and read_file(str(tmp_path / "empty.bin")) == b""
+    for name, why in (("", "Is a directory"), ("gone.png", "No such file or directory")):
+        with pytest.raises(RowError, match=f"^cannot read {tmp_path}/{name}: {why}$"):
+            read_file(f"file:{tmp_path}/{name}")
+
+
 def test_common_formats_are_tried_first_and_a_format_registered_later_is_taken() -> None:
     """Pillow tries the formats it is given in turn: in its full list PNG came after 20 others (a fifth
     of a PNG's decoding time went to asking them). EPS is never among them."""

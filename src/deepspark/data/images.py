@@ -120,10 +120,11 @@ def decode_image(data: bytes, shape: tuple[int, int, int], *, resize: bool = Tru
                 image = grey.convert(mode)
             else:
                 opened.draft(mode, (width, height))  # JPEG: decode at a reduced scale when that is enough
-                image = opened.convert(mode)
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.Resampling.BILINEAR)
-        pixels = np.asarray(image, dtype=np.uint8)
+                # Already in the mode (a grey PNG): convert() would only copy it.
+                image = opened if opened.mode == mode else opened.convert(mode)
+            if image.size != (width, height):
+                image = image.resize((width, height), Image.Resampling.BILINEAR)
+            pixels = np.asarray(image, dtype=np.uint8)  # in the `with`: a closed image has no pixels
     except RowError:
         raise
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError…

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -80,10 +81,18 @@ def read_file(path: str) -> bytes:
     it is, not percent-encoded); a file that cannot be read is a :class:`RowError`."""
     local = path[len("file:") :] if path.startswith("file:") else path
     try:
-        with open(local, "rb") as fh:
-            return fh.read()
+        # os.read, not open(): 3.4 µs a small file against 6.5 (the buffered file object's set-up), on
+        # a path that reads every input image.
+        fd = os.open(local, os.O_RDONLY)
+        try:
+            chunks = []
+            while chunk := os.read(fd, 1 << 16):  # 64 KiB: a larger buffer is mapped and unmapped each read
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise RowError(f"cannot read {local}: {exc.strerror or exc}") from None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 # ------------------------------------------------------------------------------------------- columns
