@@ -517,6 +517,9 @@ def test_read_file_reads_a_file_whole_and_a_folder_or_a_missing_file_is_a_row_er
     (tmp_path / "big.bin").write_bytes(data)
     (tmp_path / "empty.bin").write_bytes(b"")
     assert read_file(f"file:{tmp_path}/big.bin") == data and read_file(str(tmp_path / "empty.bin")) == b""
+    assert read_file(str(tmp_path / "big.bin"), max_bytes=len(data)) == data
+    with pytest.raises(RowError, match=f"^{tmp_path}/big.bin holds 200000 bytes, more than the 199999 that "):
+        read_file(str(tmp_path / "big.bin"), max_bytes=len(data) - 1)
     for name, why in (("", "Is a directory"), ("gone.png", "No such file or directory")):
         with pytest.raises(RowError, match=f"^cannot read {tmp_path}/{name}: {why}$"):
             read_file(f"file:{tmp_path}/{name}")

@@ -1455,6 +1455,33 @@ def test_local_files_are_predicted_in_equal_tasks_a_multiple_of_the_slots(
     assert sorted(paths) == sorted(set(paths)) and len(paths) == rows
 
 
+def test_a_local_file_over_binary_files_max_length_is_an_error_row_not_read(
+    spark: Any, small_model: Model, tmp_path: Path
+) -> None:
+    """A task holds a file's bytes whole while it decodes them: Spark's binaryFile source, which read
+    these files before deepspark did, caps a file at spark.sql.sources.binaryFile.maxLength. The cap
+    stays, as an error row (binaryFile failed the job)."""
+    rng = np.random.default_rng(1)
+    small = png_bytes(small_model.images[0])
+    large = png_bytes(rng.integers(0, 256, (64, 64), dtype=np.uint8))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "small.png").write_bytes(small)
+    (tmp_path / "in" / "large.png").write_bytes(large)
+    key = "spark.sql.sources.binaryFile.maxLength"
+    spark.conf.set(key, str(len(small)))
+    try:
+        result = predict(tmp_path / "in", small_model.path, output=tmp_path / "o", spark=spark)
+    finally:
+        spark.conf.unset(key)
+    rows = {Path(r["path"]).name: r for r in result.dataframe.collect()}
+    assert rows["small.png"]["error"] is None
+    _assert_matches(rows["small.png"], reference_probabilities(small_model, small_model.images[:1])[0], 5)
+    assert rows["large.png"]["label"] is None and rows["large.png"]["error"] == (
+        f"{tmp_path}/in/large.png holds {len(large)} bytes, more than the {len(small)} that {key} allows; "
+        "raise it to read the file"
+    )
+
+
 def test_progress_reports_rows_and_tasks_and_leaves_the_results_alone(
     spark: Any, small_model: Model, image_dir: Path, tmp_path: Path
 ) -> None:

@@ -55,6 +55,7 @@ OUTPUT_COLUMNS = ("label", "label_index", "probability", "top_k", "error")
 # runner), and in equal tasks no core waits for the last one alone.
 _ROWS_PER_TASK = 8192
 _PROGRESS_SECONDS = 0.5
+_MAX_FILE_BYTES = "spark.sql.sources.binaryFile.maxLength"
 
 
 # --------------------------------------------------------------------------------------------- records
@@ -397,6 +398,10 @@ def predict(
     # pyspark's mapInArrow looks its input's columns up by their unquoted names, which reads a column
     # "a.b" as field b of a column a: the task sees them under plain names of its own.
     plain = {name: f"_{i}" for i, name in enumerate(columns)}
+    max_file_bytes = None
+    if source.kind is InputKind.FILE:
+        # The cap Spark's binaryFile source puts on a file; it read these files before deepspark did.
+        max_file_bytes = int(spark.conf.get(_MAX_FILE_BYTES) or 2**31 - 1)
     plan = TaskPlan(
         model_id=artifact.model_id,
         backend=chosen,
@@ -411,6 +416,7 @@ def predict(
         preprocess=artifact.preprocess,
         url_policy=url_policy or UrlPolicy(),
         decode_threads=decode_threads,
+        max_file_bytes=max_file_bytes,
     )
     schema = _output_schema(df, passthrough, listed=source.files is not None)
     # Spark hands a timestamp column over in the session's time zone. Before the model is broadcast: a

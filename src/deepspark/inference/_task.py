@@ -64,6 +64,7 @@ class TaskPlan:
     preprocess: Preprocess
     url_policy: UrlPolicy
     decode_threads: int
+    max_file_bytes: int | None = None  # local files (InputKind.FILE): spark.sql.sources.binaryFile.maxLength
 
 
 _cache: OrderedDict[str, Runner] = OrderedDict()
@@ -224,6 +225,7 @@ def run_task(
                     plan.preprocess,
                     policy=plan.url_policy,
                     fetch_pool=fetch,
+                    max_file_bytes=plan.max_file_bytes,
                 ),
             )
         )
