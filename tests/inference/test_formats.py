@@ -428,6 +428,36 @@ def test_16_bit_grey_images_are_scaled_to_8_bits_not_clipped(channels: int) -> N
         np.testing.assert_array_equal(decoded, np.broadcast_to(eight, (channels, 28, 28)))
 
 
+def test_every_16_bit_value_becomes_its_nearest_8_bit_value() -> None:
+    """v / 257 rounded, for each of the 65,536 values, in little- and big-endian files."""
+    from PIL import Image
+
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    expected = np.rint(values / 257.0).astype(np.uint8)
+    for array, fmt in ((values, "PNG"), (values, "TIFF"), (values.astype(">u2"), "TIFF")):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format=fmt)
+        np.testing.assert_array_equal(decode_image(buffer.getvalue(), (1, 256, 256))[0], expected)
+
+
+def test_a_16_bit_image_is_scaled_in_a_few_bytes_a_pixel() -> None:
+    """Scaled through float64 it took 24 bytes a pixel at the peak (97 MB for 2000 x 2000)."""
+    import tracemalloc
+
+    from PIL import Image
+
+    wide = (np.arange(2000 * 2000, dtype=np.uint32) % 65536).astype(np.uint16).reshape(2000, 2000)
+    buffer = io.BytesIO()
+    Image.fromarray(wide).save(buffer, format="PNG")
+    tracemalloc.start()
+    try:
+        decode_image(buffer.getvalue(), (1, 28, 28))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * wide.size, peak / wide.size
+
+
 @pytest.mark.parametrize(("array", "kind"), [(np.float32, "floats"), (np.int32, "integers")])
 def test_32_bit_images_are_row_errors_not_clipped_to_black(array: type, kind: str) -> None:
     """Pillow's convert() clips 32-bit pixels at 255: a float TIFF of values in [0, 1] decoded black."""

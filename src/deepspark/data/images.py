@@ -114,9 +114,16 @@ def decode_image(data: bytes, shape: tuple[int, int, int], *, resize: bool = Tru
                 )
             if opened.mode.startswith("I;16") or (opened.mode == "I" and opened.format == "PNG"):
                 # 16-bit grey (PNG, TIFF): Pillow's convert() clips these values at 255 rather than
-                # scaling them, which turns every pixel above 255/65535 white. Scale to 0-255 instead.
-                wide = np.asarray(opened, dtype=np.float64)
-                grey = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+                # scaling them, which turns every pixel above 255/65535 white. Scale to 0-255 instead:
+                # round(v / 257), in integers ((v + 128) // 257: v / 257 is never halfway between two)
+                # and in place: 7 bytes a pixel at the peak, where floats took 24.
+                wide = np.asarray(opened)
+                if wide.dtype != np.uint16:  # mode I: int32
+                    wide = np.clip(wide, 0, 65535)
+                wide = wide.astype(np.uint32)
+                wide += 128
+                wide //= 257
+                grey = Image.fromarray(wide.astype(np.uint8), "L")
                 image = grey.convert(mode)
             else:
                 opened.draft(mode, (width, height))  # JPEG: decode at a reduced scale when that is enough
