@@ -555,6 +555,49 @@ def test_read_file_reads_a_file_whole_and_a_folder_or_a_missing_file_is_a_row_er
             read_file(f"file:{tmp_path}/{name}")
 
 
+def test_a_model_a_worker_lets_go_is_collected_though_its_tasks_froze_it(
+    small_model: Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tasks freeze their worker's objects (the cached model among them): a model the cache lets go
+    would keep whatever of it lies in a reference cycle for the worker's life."""
+    import gc
+    import weakref
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from deepspark.inference import _task, runners
+    from deepspark.inference.decode import UrlPolicy
+    from deepspark.spark import freeze_worker_objects
+
+    class Cyclic:
+        def __init__(self) -> None:
+            self.me = self
+
+    made: list[weakref.ref[Cyclic]] = []
+
+    def build(artifact: object, **_: object) -> Cyclic:
+        runner = Cyclic()
+        made.append(weakref.ref(runner))
+        return runner
+
+    monkeypatch.setattr(runners, "build_runner", build)
+    plan = _task.TaskPlan(
+        model_id="m0", backend="torch", device="cpu", threads=1, batch_size=4, top_k=3, kind=InputKind.IMAGE,
+        input_column="_0", passthrough=(), class_names=CLASS_NAMES, preprocess=PREPROCESS,
+        url_policy=UrlPolicy(), decode_threads=1,
+    )  # fmt: skip
+    gc.collect()
+    try:
+        for i in range(3):  # the cache holds two: the third lets the first go
+            _task._cached_runner(
+                replace(plan, model_id=f"deepspark-test-{i}"), SimpleNamespace(value=None), "cpu"
+            )  # type: ignore[arg-type]
+            freeze_worker_objects()  # as each task does
+        assert made[0]() is None and made[1]() is not None and made[2]() is not None
+    finally:
+        gc.unfreeze()
+
+
 def test_common_formats_are_tried_first_and_a_format_registered_later_is_taken() -> None:
     """Pillow tries the formats it is given in turn: in its full list PNG came after 20 others (a fifth
     of a PNG's decoding time went to asking them). EPS is never among them."""

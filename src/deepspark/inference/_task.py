@@ -74,6 +74,7 @@ _cache_lock = threading.Lock()
 def _cached_runner(plan: TaskPlan, artifact: Broadcast[ModelArtifact], device: str) -> tuple[Runner, bool]:
     """This worker's model on ``device``, loading it on first use; ``True`` when this call loaded it."""
     from deepspark.inference.runners import build_runner
+    from deepspark.spark import thaw_worker_objects
 
     key = f"{plan.model_id}|{plan.backend}|{plan.threads}|{device}"
     with _cache_lock:
@@ -83,8 +84,10 @@ def _cached_runner(plan: TaskPlan, artifact: Broadcast[ModelArtifact], device: s
             return runner, False
         runner = build_runner(artifact.value, backend=plan.backend, threads=plan.threads, device=device)
         _cache[key] = runner
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
+        if len(_cache) > _CACHE_SIZE:
+            while len(_cache) > _CACHE_SIZE:
+                _cache.popitem(last=False)
+            thaw_worker_objects()  # the model let go was frozen by the tasks that used it
         return runner, True
 
 
