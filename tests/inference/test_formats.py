@@ -519,7 +519,7 @@ def test_a_task_puts_its_workers_model_and_imports_out_of_the_collectors_walks(s
         kind=InputKind.IMAGE, input_column="_0", passthrough=(), class_names=CLASS_NAMES,
         preprocess=artifact.preprocess, url_policy=UrlPolicy(), decode_threads=1,
     )  # fmt: skip
-    pyspark_schema = _output_schema(SimpleNamespace(schema=SimpleNamespace(fields=[])), ())  # type: ignore[arg-type]
+    pyspark_schema = _output_schema({}, ())
     schema = to_arrow_schema(pyspark_schema, timezone="UTC")
     batch = pa.record_batch([pa.array([png_bytes(small_model.images[0])], pa.binary())], names=["_0"])
     added: list[dict[str, object]] = []

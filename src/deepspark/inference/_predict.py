@@ -218,14 +218,11 @@ def _renamed(names: Sequence[str]) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def _output_schema(df: DataFrame, passthrough: Sequence[tuple[str, str]], *, listed: bool = False) -> Any:
-    """The predictions' schema: ``passthrough``'s columns of ``df`` (of local files deepspark ``listed``,
-    their ``path``), then the prediction columns."""
+def _output_schema(fields: Mapping[str, Any], passthrough: Sequence[tuple[str, str]]) -> Any:
+    """The predictions' schema: ``passthrough``'s columns (of the input's ``fields``, by name), then the
+    prediction columns."""
     from pyspark.sql import types as T
 
-    fields = {f.name: f for f in df.schema.fields}
-    if listed:
-        fields = {"path": T.StructField("path", T.StringType(), False)}
     entry = T.StructType(
         [T.StructField("label", T.StringType()), T.StructField("probability", T.FloatType())]
     )
@@ -418,7 +415,15 @@ def predict(
         decode_threads=decode_threads,
         max_file_bytes=max_file_bytes,
     )
-    schema = _output_schema(df, passthrough, listed=source.files is not None)
+    from pyspark.sql.types import StringType, StructField
+
+    # Local files deepspark listed: the range's slice numbers become binaryFile's ``path`` in the task.
+    fields = (
+        {"path": StructField("path", StringType(), False)}
+        if source.files is not None
+        else {f.name: f for f in df.schema.fields}
+    )
+    schema = _output_schema(fields, passthrough)
     # Spark hands a timestamp column over in the session's time zone. Before the model is broadcast: a
     # column Arrow cannot carry (an interval of years) fails here, and left that broadcast behind.
     arrow_schema = to_arrow_schema(schema, timezone=spark.conf.get("spark.sql.session.timeZone"))
