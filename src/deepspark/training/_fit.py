@@ -12,6 +12,7 @@ deepspark checkpoint that ``deepspark predict`` takes as is.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -24,11 +25,12 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
+import numpy as np
 import torch
 
 from deepspark import rundir
@@ -40,17 +42,14 @@ from deepspark.spark import DEVICES, cancel_group, job_group, run_job, speculati
 from deepspark.training._model import FACTORY_KEY, TrainModel, factory_of
 from deepspark.training.average import AverageSettings, RoundRecord, RoundServer, TaskSpec, average_task
 from deepspark.training.frame import (
-    FEATURE,
-    HASH,
     KEY,
-    LABEL,
     FrameLayout,
     describe_frame,
     in_own_group,
     keyed_rows,
-    row_hash,
 )
 from deepspark.training.loop import DataCursor, TrainConfig, evaluate
+from deepspark.training.shares import HeldRows, broadcast_shares
 from deepspark.validation import (
     check_choice,
     check_heartbeat_timeout,
@@ -141,15 +140,17 @@ class FitResult:
 
 @dataclass(frozen=True)
 class _Data:
-    """Training rows as a keyed DataFrame, test arrays on the driver, and how to read both."""
+    """Training rows (a keyed DataFrame, or arrays the driver holds), test arrays on the driver, and how
+    to read both."""
 
-    frame: DataFrame | None
+    frame: DataFrame | None  # a user's DataFrame as keyed_rows selects it; None when ``held``
     layout: FrameLayout
     preprocess: Preprocess
     class_names: tuple[str, ...]
     test_inputs: torch.Tensor | None
     test_labels: torch.Tensor | None
     digest: str  # of the training rows (config.json's "digest"): a resume on other rows is refused
+    held: HeldRows | None = None  # a dataset's rows, in the driver's memory: broadcast to the workers
 
 
 @dataclass(frozen=True)
@@ -629,7 +630,6 @@ def _prepare_data(
 ) -> _Data:
     """The training rows, test arrays and preprocess; ``check_shape(input shape)`` runs before any job."""
     from pyspark.sql import DataFrame
-    from pyspark.sql import functions as F
 
     from deepspark.models import Preprocess
 
@@ -675,7 +675,6 @@ def _prepare_data(
             test_labels=test_y,
             digest=layout.digest,
         )
-    from deepspark.data import to_dataframe
     from deepspark.data.record import arrays_sha256
 
     dataset = _load(data, data_dir, limit_train, limit_test)
@@ -684,12 +683,7 @@ def _prepare_data(
     if check_shape is not None:
         check_shape(tuple(dataset.input_shape))
     preprocess = Preprocess(input_shape=dataset.input_shape, mean=tuple(dataset.mean), std=tuple(dataset.std))
-    frame = to_dataframe(
-        spark, dataset.train_images, dataset.train_labels, image_column=FEATURE, label_column=LABEL
-    )
-    frame = (
-        frame.withColumn(KEY, F.col("id")).drop("id").withColumn(HASH, row_hash(F.col(LABEL), F.col(FEATURE)))
-    )
+    images = np.asarray(dataset.train_images)
     layout = FrameLayout(
         feature_column=feature_column,
         label_column="label",
@@ -699,7 +693,8 @@ def _prepare_data(
         num_classes=dataset.num_classes,
     )
     return _Data(
-        frame=frame,
+        frame=None,
+        held=HeldRows(images.reshape(len(images), *dataset.input_shape), np.asarray(dataset.train_labels)),
         layout=layout,
         preprocess=preprocess,
         class_names=tuple(dataset.class_names),
@@ -917,16 +912,30 @@ def _raised_in_python(exc: BaseException, cause: str) -> bool:
     return "Traceback (most recent call last)" in str(exc) and name not in _TRANSIENT
 
 
+@contextlib.contextmanager
+def _worker_rows(spark: Any, data: _Data, workers: int) -> Iterator[tuple[DataFrame, tuple[Any, ...] | None]]:
+    """What the workers' job maps over, one partition per worker: the DataFrame repartitioned by row key,
+    or ``spark.range(workers)`` with the broadcast shares of rows the driver holds (destroyed on leaving),
+    which its tasks read instead (:mod:`deepspark.training.shares`)."""
+    if data.held is None:
+        assert data.frame is not None
+        yield data.frame.repartition(workers, KEY), None
+        return
+    with broadcast_shares(spark, data.held, workers) as (frame, shares):
+        yield frame, shares
+
+
 def _run_workers(
     spark: Any,
-    frame: DataFrame,
+    data: _Data,
     workers: int,
     server: _Server,
-    task_fn: Callable[[str, int, str], Callable[[Any], Any]],
+    task_fn: Callable[[str, int, str, tuple[Any, ...] | None], Callable[[Any], Any]],
     jobs: _WorkerJobs,
 ) -> None:
-    """Serve ``server`` on a fresh endpoint while one Spark job per worker runs ``task_fn(host, port, token)``,
-    tagged with ``jobs.tag(worker)``.
+    """Serve ``server`` on a fresh endpoint while one Spark job per worker runs
+    ``task_fn(host, port, token, shares)`` over its rows (:func:`_worker_rows`), tagged with
+    ``jobs.tag(worker)``.
 
     The endpoint is closed (every connection with it) before this returns, whatever happens; the slots run
     in :func:`deepspark.slots.run_slots`. Raises the server's error, if any.
@@ -937,11 +946,13 @@ def _run_workers(
     token = secrets.token_hex(16)
     endpoint = wire.Server(token=token, handler=server.handle, bind=_bind_address(spark), name=name)
     endpoint.start()
+    rows = contextlib.ExitStack()  # the broadcast shares, if any: destroyed once the jobs ended
     try:
         host, port = endpoint.address
         _log.info("%s: serving %d worker(s) on %s:%d", name, workers, host, port)
-        planned = frame.repartition(workers, KEY).mapInArrow(task_fn(host, port, token), _TASK_SCHEMA)
-        rdd = in_own_group(frame, lambda: planned.rdd)  # adaptive execution runs the shuffle here
+        frame, shares = rows.enter_context(_worker_rows(spark, data, workers))
+        planned = frame.mapInArrow(task_fn(host, port, token, shares), _TASK_SCHEMA)
+        rdd = in_own_group(frame, lambda: planned.rdd)  # adaptive execution runs a DataFrame's shuffle here
         sc = spark.sparkContext
         group = f"{name}-{secrets.token_hex(4)}"
 
@@ -1009,13 +1020,19 @@ def _run_workers(
                     cancel_group(sc, group)
                     slots.join(timeout=30.0)
     finally:
-        endpoint.close()
+        try:
+            rows.close()
+        finally:
+            endpoint.close()
     if server.error is not None:
         _raise_training_error(server.error)
 
 
-def _task_spec(run: _Run, total_steps: int, endpoint: tuple[str, int, str]) -> TaskSpec:
-    """What every worker task needs, copied out of driver objects (``endpoint``: host, port, token)."""
+def _task_spec(
+    run: _Run, total_steps: int, endpoint: tuple[str, int, str], shares: tuple[Any, ...] | None
+) -> TaskSpec:
+    """What every worker task needs, copied out of driver objects (``endpoint``: host, port, token;
+    ``shares``: the workers' broadcast rows, when the driver holds them)."""
     host, port, token = endpoint
     return TaskSpec(
         host=host,
@@ -1033,6 +1050,7 @@ def _task_spec(run: _Run, total_steps: int, endpoint: tuple[str, int, str]) -> T
         device=run.device,
         heartbeat_s=heartbeat_interval(run.heartbeat_timeout),
         memory=run.worker_memory,
+        shares=shares,
     )
 
 
@@ -1063,7 +1081,7 @@ def _fit_average(run: _Run) -> FitResult:
         # parameter index, and safetensors hands tensors back in another order.
         weights = {name: weights[name] for name in driver_model.state_dict()}
         cursors = {int(k): v for k, v in state["cursors"].items()}
-        row_digests = _row_digests(state)
+        row_digests = _row_digests(state, run.data)
         first_round, samples_done = int(state["round"]) + 1, int(state["samples_done"])
         steps_done = int(state["steps_done"])
         history = _read_history(run_path, upto=int(state["round"]))
@@ -1113,13 +1131,12 @@ def _fit_average(run: _Run) -> FitResult:
         copies=jobs.speculative,
     )
 
-    def task_fn(host: str, port: int, token: str) -> Callable[[Any], Any]:
-        return functools.partial(average_task, _task_spec(run, total_steps, (host, port, token)))
+    def task_fn(host: str, port: int, token: str, shares: tuple[Any, ...] | None) -> Callable[[Any], Any]:
+        return functools.partial(average_task, _task_spec(run, total_steps, (host, port, token), shares))
 
-    assert data.frame is not None
     try:
         try:
-            _run_workers(run.spark, data.frame, workers, server, task_fn, jobs)
+            _run_workers(run.spark, data, workers, server, task_fn, jobs)
         finally:
             with rundir.interrupts_held(), server.hold():  # a second Ctrl-C skipped the last round's save
                 recorder.keep()
@@ -1156,7 +1173,7 @@ def _fit_async(run: _Run) -> FitResult:
             "version": int(state["version"]),
             "samples_done": int(state["samples_done"]),
             "first_round": int(state["round"]) + 1,
-            "row_digests": _row_digests(state),
+            "row_digests": _row_digests(state, run.data),
         }
         history = _read_history(run_path, upto=int(state["round"]))
     else:
@@ -1190,12 +1207,11 @@ def _fit_async(run: _Run) -> FitResult:
         **progress,
     )
 
-    def task_fn(host: str, port: int, token: str) -> Callable[[Any], Any]:
-        return functools.partial(async_task, _task_spec(run, total_steps, (host, port, token)))
+    def task_fn(host: str, port: int, token: str, shares: tuple[Any, ...] | None) -> Callable[[Any], Any]:
+        return functools.partial(async_task, _task_spec(run, total_steps, (host, port, token), shares))
 
-    assert data.frame is not None
     try:
-        _run_workers(run.spark, data.frame, workers, server, task_fn, jobs)
+        _run_workers(run.spark, data, workers, server, task_fn, jobs)
     finally:
         with rundir.interrupts_held(), server.hold():
             server.close_row()
@@ -1275,7 +1291,7 @@ def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
         total_steps=total_steps,
         rows=layout.rows,
         digest=layout.digest,
-        row_digests=_row_digests(state),
+        row_digests=_row_digests(state, run.data),
         workers=workers,
         on_round=after_round,
         heartbeat_timeout=run.heartbeat_timeout,
@@ -1286,18 +1302,18 @@ def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
         token=token, handler=gang.handle, bind=_bind_address(spark), name="deepspark-allreduce"
     )
     endpoint.start()
+    rows = contextlib.ExitStack()  # the broadcast shares, if any: kept for every attempt of the gang
     try:  # from here on the endpoint is closed whatever happens
         host, port = endpoint.address
         fail_hook = os.environ.get(FAIL_HOOK_ENV)
-        assert data.frame is not None
-        frame = data.frame.repartition(workers, KEY)
+        frame, shares = rows.enter_context(_worker_rows(spark, data, workers))
         sc = spark.sparkContext
         attempt, restarts = first_attempt, 0
         repeated: tuple[str, int] | None = None  # the last failed attempt's Python exception and step
         gang.begin_attempt(attempt)
         while not gang.finished:
             task = GangSpec(
-                **_fields(_task_spec(run, total_steps, (host, port, token))),
+                **_fields(_task_spec(run, total_steps, (host, port, token), shares)),
                 workers=workers,
                 steps_per_round=steps_per_round,
                 attempt=attempt,
@@ -1352,9 +1368,12 @@ def _fit_allreduce(run: _Run, *, max_restarts: int = 3) -> FitResult:
                 total_steps,
             )
     finally:
-        endpoint.close()
-        with rundir.interrupts_held(), gang.hold():
-            recorder.keep()
+        try:
+            rows.close()
+        finally:
+            endpoint.close()
+            with rundir.interrupts_held(), gang.hold():
+                recorder.keep()
     if gang.fatal is not None:
         _raise_training_error(gang.fatal)
     with gang.hold():
@@ -1473,11 +1492,22 @@ def _load_gang_checkpoint(run_path: Path) -> tuple[bytes, dict[str, Any]]:
     return (folder / "state.safetensors").read_bytes(), dict(state)
 
 
-def _row_digests(state: Mapping[str, Any]) -> dict[int, str]:
+def _row_digests(state: Mapping[str, Any], data: _Data) -> dict[int, str]:
     """Each worker's rows' digest from a checkpoint's state: a resumed worker must read the rows its data
     position covers (as many rows split otherwise would walk that position over other rows). A
-    checkpoint written before they were kept has none: only the counts are compared then."""
-    return {int(k): str(v) for k, v in dict(state.get("row_digests") or {}).items()}
+    checkpoint written before they were kept has none: only the counts are compared then.
+
+    A dataset's workers read broadcast shares (:mod:`deepspark.training.shares`), whose digests are
+    SHA-256s: a checkpoint whose workers read a dataset as a DataFrame's partitions (before 2026-11-27)
+    holds other rows per worker, so it is refused here, before any job, not once its workers had loaded."""
+    digests = {int(k): str(v) for k, v in dict(state.get("row_digests") or {}).items()}
+    if data.held is not None and any(not d.startswith("sha256:") for d in digests.values()):
+        raise ConfigError(
+            "resume: this run's workers read the dataset as a DataFrame's partitions, which deepspark "
+            "before 2026-11-27 did; this version gives each worker other rows of it (a broadcast share), so "
+            "the run cannot continue from its data positions; train it again"
+        )
+    return digests
 
 
 def _check_resumed(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], run_path: Path) -> None:

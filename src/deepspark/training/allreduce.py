@@ -1,7 +1,8 @@
 """Synchronous data-parallel training: every step, the gradients of all workers are all-reduced.
 
 One Spark **barrier** job runs ``workers`` tasks at once over the keyed frame repartitioned to the
-worker count. Each task reads its partition into tensors (the Arrow path of :func:`read_partition`),
+worker count (or, for a dataset the driver holds, over ``spark.range(workers)``). Each task reads its
+rows into tensors (its partition's Arrow batches, or its broadcast share: ``TaskSpec.read``),
 joins a ``torch.distributed`` gang (rank 0 chooses a port and shares ``host:port`` with
 ``BarrierTaskContext.allGather``; gloo on CPU, NCCL where the task holds a GPU), and loads the start
 state (weights, optimizer state, its own :class:`DataCursor`) from the driver's
@@ -411,7 +412,7 @@ def allreduce_task(task: GangSpec, batches: Iterator[Any]) -> Iterator[Any]:
         wire.connect(task.host, task.port, token=task.token, hello=hello) as conn,
         wire.Heartbeat(conn, task.heartbeat_s),  # every rank: a frozen one stalls the whole gang
     ):
-        inputs, targets, digest, spilled = task.read(batches, device)
+        inputs, targets, digest, spilled = task.read(batches, device, rank)
         # Rendezvous: rank 0 picks a free port on its host; everyone learns it.
         if rank == 0:
             with socket.socket() as probe:

@@ -686,6 +686,9 @@ class TaskSpec:
     factory: Callable[[], torch.nn.Module] | None = None  # the user's model factory (pickled by Spark)
     heartbeat_s: float | None = None  # seconds between heartbeats while connected (None: none)
     memory: int | None = None  # bytes of rows a worker keeps in memory (None: spark.task_memory's default)
+    shares: tuple[Any, ...] | None = (
+        None  # each worker's rows as a broadcast (rows the driver holds), else None
+    )
 
     def build_model(self) -> torch.nn.Module:
         """The task's own module: from the factory, else from the spec (weights come from the driver)."""
@@ -701,16 +704,23 @@ class TaskSpec:
         if self.slow_worker == worker and self.slow_factor > 1:
             time.sleep((self.slow_factor - 1) * compute_s)
 
-    def read(self, batches: Iterator[Any], device: torch.device) -> tuple[Examples, torch.Tensor, str, int]:
-        """The task's partition as examples and int64 labels on ``device``, its digest, and the bytes of
-        rows it keeps in a file (0: all in memory; see :func:`deepspark.spark.task_memory`)."""
+    def read(
+        self, batches: Iterator[Any], device: torch.device, worker: int
+    ) -> tuple[Examples, torch.Tensor, str, int]:
+        """Worker ``worker``'s rows as examples and int64 labels on ``device``, their digest, and the bytes
+        of rows it keeps in a file (0: all in memory; see :func:`deepspark.spark.task_memory`): its
+        partition of the DataFrame (``batches``), or its broadcast share of rows the driver holds."""
         from deepspark.models import Preprocess
         from deepspark.spark import task_memory
         from deepspark.training.frame import RowFile, read_partition
         from deepspark.training.loop import Examples
+        from deepspark.training.shares import read_share
 
-        memory, spill_dir = task_memory(self.memory)
-        part = read_partition(batches, self.layout, memory=memory, spill_dir=spill_dir)
+        if self.shares is not None:
+            part = read_share(self.shares, batches, worker)
+        else:
+            memory, spill_dir = task_memory(self.memory)
+            part = read_partition(batches, self.layout, memory=memory, spill_dir=spill_dir)
         preprocess = Preprocess.from_dict(self.preprocess) if self.layout.pixels else None
         examples = Examples.of(part.features, preprocess, device)
         spilled = part.features.nbytes if isinstance(part.features, RowFile) else 0
@@ -794,7 +804,7 @@ def load_worker(task: TaskSpec, batches: Iterator[Any]) -> Iterator[tuple[wire.C
         wire.connect(task.host, task.port, token=task.token, hello=hello) as conn,
         wire.Heartbeat(conn, task.heartbeat_s),
     ):
-        inputs, targets, digest, spilled = task.read(batches, device)
+        inputs, targets, digest, spilled = task.read(batches, device, worker)
         config = TrainConfig.from_dict(task.config)
         unit = LoadedWorker(
             worker=worker,
