@@ -373,7 +373,10 @@ def main() -> int:
         """Every plain loop once. The plain loops run in the same rounds as the Spark contenders and keep
         their best round as they do: E = a best-of-N deepspark round over a single plain round would
         credit deepspark with the noise, and plain loops all run before Spark (until 2026-11-26) met
-        another stretch of the VM's neighbours than deepspark did (their best moved 8% between runs)."""
+        another stretch of the VM's neighbours than deepspark did (their best moved 8% between runs).
+        Prints what the idle Spark session (its JVM and Python workers) took of the cores meanwhile."""
+        before = spark_cpu_seconds()
+        started = time.perf_counter()
         for backend in ("torch", "onnx"):
             rates = []
             for procs, threads in ((1, 2), (2, 1)):
@@ -388,6 +391,13 @@ def main() -> int:
                     f"{rate:9.1f} rows/s"
                 )
             plain_rounds[backend].append(max(rates))
+        after = spark_cpu_seconds()
+        if before and after:
+            spark_s = sum(after[k] - before[k] for k in ("jvm", "python_workers"))
+            print(
+                f"round {round_} plain loops: {time.perf_counter() - started:.1f} s; the idle Spark session took "
+                f"{spark_s:.2f} CPU-s meanwhile"
+            )
 
     from deepspark.spark import session
 
