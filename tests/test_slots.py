@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from deepspark.slots import SlotOutcome, run_slots, short_error
+from deepspark.slots import SlotOutcome, root_cause, run_slots, short_error
 
 
 def _square(partition):
@@ -304,3 +304,41 @@ def test_short_error_keeps_the_line_naming_the_error() -> None:
         "\tat org.apache.spark.api.python.BasePythonRunner$ReaderIterator.handlePythonException\n"
     )
     assert short_error(RuntimeError(wrapped)) == "RuntimeError: boom"
+
+
+# A full disk under a Parquet write (pyspark 4.3, trimmed: the frames between are "\tat ..." lines).
+_FULL_DISK = """An error occurred while calling o41.parquet.
+: org.apache.spark.SparkException: [TASK_WRITE_FAILED] Task failed while writing rows to file:/tmp/x. SQLSTATE: 58030
+\tat org.apache.spark.sql.errors.QueryExecutionErrors$.taskFailedWhileWritingRowsError(QueryExecutionErrors.scala:823)
+\tat java.base/java.lang.Thread.run(Thread.java:840)
+Caused by: org.apache.parquet.util.AutoCloseables$ParquetCloseResourceException: Unable to close resource
+\tat org.apache.parquet.util.AutoCloseables.uncheckedClose(AutoCloseables.java:85)
+Caused by: org.apache.hadoop.fs.FSError: java.io.IOException: No space left on device
+\tat org.apache.hadoop.fs.RawLocalFileSystem$LocalFSFileOutputStream.write(RawLocalFileSystem.java:428)
+\tSuppressed: org.apache.hadoop.fs.FSError: java.io.IOException: Bad file descriptor
+\t\tat org.apache.hadoop.fs.RawLocalFileSystem$LocalFSFileOutputStream.write(RawLocalFileSystem.java:428)
+\tCaused by: java.io.IOException: Bad file descriptor
+Caused by: java.io.IOException: No space left on device
+\tat java.base/java.io.FileOutputStream.writeBytes(Native Method)
+\t... 21 more
+"""
+
+
+def test_root_cause_is_a_java_chain_s_innermost_cause_when_no_python_error_is_named() -> None:
+    """The first line only says the write failed; the last unindented ``Caused by:`` says why (a
+    suppressed exception's causes, indented, are not the chain's)."""
+    assert root_cause(RuntimeError(_FULL_DISK)) == "java.io.IOException: No space left on device"
+    # A Python error line still wins over the Java chain around it, which ends in the traceback's wrapper.
+    python = (
+        _FULL_DISK.replace("Caused by: java.io.IOException: No space left on device\n", "")
+        + "Caused by: org.apache.spark.api.python.PythonException: Traceback (most recent call last):\n"
+        + '  File "model.py", line 12, in forward\nValueError: bad shape\n\tat org.apache.spark.X\n'
+    )
+    assert root_cause(RuntimeError(python)) == "ValueError: bad shape"
+    # A chain whose last cause opens a Python traceback with no error line: the cause before it.
+    opened = (
+        "job failed\nCaused by: java.io.EOFException\n"
+        "Caused by: x.PythonException: Traceback (most recent call last):\n"
+    )
+    assert root_cause(RuntimeError(opened)) == "java.io.EOFException"
+    assert root_cause(RuntimeError("job aborted\n  at x")) == "job aborted"  # no chain: short_error's line

@@ -25,6 +25,9 @@ _log = logging.getLogger(__name__)
 
 # The last line of a traceback: "ModuleNotFoundError: No module named 'x'", "pkg.mod.SomeError", ...
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)(?::.*)?$")
+_CAUSED_BY = re.compile(
+    r"^Caused by: (\S.*)$"
+)  # a Java chain's next cause (unindented: not a suppressed one's)
 
 
 @dataclass(frozen=True)
@@ -174,9 +177,20 @@ def short_error(exc: BaseException) -> str:
 def root_cause(exc: BaseException) -> str:
     """The innermost exception line of a Spark job error (the last line of the task's Python traceback,
     say ``ModuleNotFoundError: No module named 'deepspark'``): the same on every slot that failed for
-    the same reason, whatever its stage and task numbers."""
-    lines = [line.strip() for line in str(exc).splitlines()]
-    causes = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    the same reason, whatever its stage and task numbers.
+
+    An error raised in the JVM alone has no such line: its innermost cause is the last ``Caused by:`` of
+    the Java chain (a full disk: ``java.io.IOException: No space left on device``, where the first line
+    only says ``[TASK_WRITE_FAILED] Task failed while writing rows``)."""
+    text = str(exc).splitlines()
+    causes = [line.strip() for line in text if _EXCEPTION_LINE.match(line.strip())]
+    if not causes:
+        chain = (_CAUSED_BY.match(line) for line in text)
+        causes = [
+            m.group(1).strip()
+            for m in chain
+            if m and not m.group(1).rstrip().endswith("(most recent call last):")
+        ]
     return (causes[-1] if causes else short_error(exc))[:300]
 
 

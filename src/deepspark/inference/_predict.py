@@ -469,6 +469,8 @@ def predict(
             from deepspark.slots import root_cause
 
             # A failed job is a failure at run time: its cause in one line, not Spark's Java trace.
+            if "[TASK_WRITE_FAILED]" in str(exc):  # the cause (a full disk, say) in the output's words
+                raise RunError(f"predict: writing {output_path} failed: {root_cause(exc)}") from None
             raise RunError(f"predict: the Spark job failed: {root_cause(exc)}") from None
         raise
     finally:
