@@ -25,9 +25,8 @@ _log = logging.getLogger(__name__)
 
 # The last line of a traceback: "ModuleNotFoundError: No module named 'x'", "pkg.mod.SomeError", ...
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)(?::.*)?$")
-_CAUSED_BY = re.compile(
-    r"^Caused by: (\S.*)$"
-)  # a Java chain's next cause (unindented: not a suppressed one's)
+# A Java chain's next cause (unindented: a suppressed exception's own causes are indented).
+_CAUSED_BY = re.compile(r"^Caused by: (\S.*)$")
 
 
 @dataclass(frozen=True)

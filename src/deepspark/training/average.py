@@ -686,9 +686,8 @@ class TaskSpec:
     factory: Callable[[], torch.nn.Module] | None = None  # the user's model factory (pickled by Spark)
     heartbeat_s: float | None = None  # seconds between heartbeats while connected (None: none)
     memory: int | None = None  # bytes of rows a worker keeps in memory (None: spark.task_memory's default)
-    shares: tuple[Any, ...] | None = (
-        None  # each worker's rows as a broadcast (rows the driver holds), else None
-    )
+    # Each worker's rows as a broadcast, when the driver holds them (deepspark.training.shares); else None.
+    shares: tuple[Any, ...] | None = None
 
     def build_model(self) -> torch.nn.Module:
         """The task's own module: from the factory, else from the spec (weights come from the driver)."""

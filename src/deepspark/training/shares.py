@@ -14,9 +14,9 @@ The rows are split by a fixed pseudo-random permutation (the same in every run, 
 the training seed, which a resume keeps anyway): a split by position would hand one worker one class
 of a directory whose labels repeat with the worker count's period. Each share is in row-key order, and
 shares differ by at most one row (rows < workers leaves some empty, which the strategies handle as an
-empty partition). A share is held
-in the task's memory whole (it is a part of what the driver holds whole), so the worker memory budget
-that makes a large DataFrame partition spill to a file does not apply here.
+empty partition). A share is held in the task's memory whole (it is a part of what the driver holds
+whole), so the worker memory budget that makes a large DataFrame partition spill to a file does not
+apply here.
 """
 
 from __future__ import annotations
@@ -62,7 +62,11 @@ def broadcast_shares(
     spark: SparkSession, rows: HeldRows, workers: int
 ) -> Iterator[tuple[DataFrame, tuple[Any, ...]]]:
     """The DataFrame the workers' job maps over (``workers`` partitions of one row each) and the
-    broadcasts its tasks read their shares from, which are destroyed on leaving, whatever happens."""
+    broadcasts its tasks read their shares from, which are destroyed on leaving, whatever happens
+    (:func:`deepspark.spark.release_broadcast`: a JVM that is ending cannot, and that error never replaces
+    how the run ended)."""
+    from deepspark.spark import release_broadcast
+
     sc = spark.sparkContext
     shares: list[Any] = []
     try:
@@ -71,7 +75,7 @@ def broadcast_shares(
         yield spark.range(0, workers, 1, workers), tuple(shares)
     finally:
         for share in shares:
-            share.destroy()
+            release_broadcast(share)
 
 
 def read_share(shares: tuple[Any, ...], batches: Iterator[Any], worker: int) -> Partition:
