@@ -1498,13 +1498,13 @@ def _row_digests(state: Mapping[str, Any], data: _Data) -> dict[int, str]:
     checkpoint written before they were kept has none: only the counts are compared then.
 
     A dataset's workers read broadcast shares (:mod:`deepspark.training.shares`), whose digests are
-    SHA-256s: a checkpoint whose workers read a dataset as a DataFrame's partitions (before 2026-11-27)
+    SHA-256s: a checkpoint whose workers read a dataset as a DataFrame's partitions (deepspark until 2026-11-26)
     holds other rows per worker, so it is refused here, before any job, not once its workers had loaded."""
     digests = {int(k): str(v) for k, v in dict(state.get("row_digests") or {}).items()}
     if data.held is not None and any(not d.startswith("sha256:") for d in digests.values()):
         raise ConfigError(
             "resume: this run's workers read the dataset as a DataFrame's partitions, which deepspark "
-            "before 2026-11-27 did; this version gives each worker other rows of it (a broadcast share), so "
+            "until 2026-11-26 did; this version gives each worker other rows of it (a broadcast share), so "
             "the run cannot continue from its data positions; train it again"
         )
     return digests
