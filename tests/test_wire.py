@@ -272,6 +272,33 @@ def test_max_connections_is_enforced() -> None:
         _until(lambda: _can_connect(srv))
 
 
+def test_silent_connections_make_room_for_a_worker_but_authenticated_ones_never(caplog) -> None:
+    """Past max_connections, the oldest connection that has not said hello is closed for a new one:
+    a flood of silent connections (a port scanner) cannot keep the workers out for the handshake
+    timeout (60 s here), while connections that did authenticate keep their place."""
+    with wire.Server(token=TOKEN, handler=_echo, max_connections=2, handshake_timeout=60) as srv:
+        silent = [socket.create_connection(srv.address, timeout=WAIT) for _ in range(2)]
+        try:
+            time.sleep(0.2)  # both accepted and awaiting their hello
+            with _client(srv) as worker:  # before: "more than 2 live connections", closed at once
+                assert _closed_by_server(silent[0])  # the oldest silent one made room
+                late = socket.create_connection(srv.address, timeout=WAIT)
+                silent.append(late)
+                assert _closed_by_server(silent[1])  # the other silent one, not the worker
+                worker.send({"op": "ping"})
+                assert worker.recv()[0] == {"op": "ping", "echo": True}
+                with _client(srv) as second:  # and late, still silent, makes room for a second worker
+                    assert _closed_by_server(late)
+                    second.send({"op": "ping"})
+                    assert second.recv()[0]["echo"] is True
+                    with pytest.raises(wire.ProtocolError):  # two authenticated: a third is refused
+                        _client(srv)
+        finally:
+            for sock in silent:
+                sock.close()
+    assert any("no hello yet when the server was full (2 live)" in r.getMessage() for r in caplog.records)
+
+
 def _can_connect(srv: wire.Server) -> bool:
     try:
         _client(srv).close()

@@ -6,7 +6,9 @@ from a socket is ever unpickled, so a message can only ever be data.
 
 :class:`Server` accepts a connection only after its first frame, a hello carrying the per-run token,
 arrives within ``handshake_timeout``; until then a frame may hold at most :data:`MAX_HELLO` bytes, so an
-unauthenticated peer can make the server allocate 64 KiB at most. :func:`connect` is the client side.
+unauthenticated peer can make the server allocate 64 KiB at most, and, once the server is full, the
+oldest peer still without its hello is closed to make room for a new one. :func:`connect` is the client
+side.
 
 This module is the shared layer of tuning and distributed training: it imports nothing from deepspark.
 """
@@ -317,8 +319,11 @@ class Server:
     whose header is ``{"op": "hello", "token": ..., ...}``; the server answers ``{"op": "welcome"}`` and
     calls ``handler(connection)`` in that connection's thread, closing the connection when the handler
     returns or raises (an exception is logged; it never stops the server). Any other peer (no token, a
-    wrong one, an oversized frame, silence, or one more than ``max_connections`` live connections) is
-    closed at once; each kind of rejection is logged at WARNING the first time, then at DEBUG.
+    wrong one, an oversized frame, silence) is closed at once; each kind of rejection is logged at
+    WARNING the first time, then at DEBUG. Past ``max_connections`` live connections, a new one takes the
+    place of the oldest that has not sent its hello yet (which is closed), and is closed itself only when
+    every live connection has: connections that never authenticate (a port scanner, a flood) cannot keep
+    the workers out for ``handshake_timeout``.
 
     The constructor only checks its arguments; :meth:`start` binds a free port on ``bind`` and starts
     accepting. :meth:`close` is idempotent: it stops accepting and closes every live connection.
@@ -352,6 +357,7 @@ class Server:
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._live: dict[socket.socket, Connection | None] = {}  # None while the hello is awaited
+        self._evicted: set[socket.socket] = set()  # awaiting their hello, closed to make room
         self._threads: set[threading.Thread] = set()
         self._warned: set[str] = set()
         self._closed = False
@@ -437,13 +443,21 @@ class Server:
                 time.sleep(0.05)  # e.g. out of file descriptors: do not spin
                 continue
             peer = _peer_name(sock)
+            evict: socket.socket | None = None
             with self._lock:
                 if self._closed:
                     full = False
                     closed = True
                 else:
                     closed = False
-                    full = len(self._live) >= self._max_connections
+                    full = len(self._live) - len(self._evicted) >= self._max_connections
+                    if full:  # the oldest connection still awaiting its hello makes room, if any
+                        evict = next(
+                            (s for s, c in self._live.items() if c is None and s not in self._evicted), None
+                        )
+                        if evict is not None:
+                            self._evicted.add(evict)
+                            full = False
                     if not full:
                         self._live[sock] = None
                         thread = threading.Thread(
@@ -456,6 +470,9 @@ class Server:
             if full:
                 self._reject(sock, peer, f"more than {self._max_connections} live connections")
                 continue
+            if evict is not None:  # its handshake fails at once and says why; its own thread closes it
+                with contextlib.suppress(OSError):
+                    evict.shutdown(socket.SHUT_RDWR)
             thread.start()
 
     def _handshake(self, sock: socket.socket, peer: str) -> Connection | None:
@@ -469,7 +486,14 @@ class Server:
             self._reject(sock, peer, f"no hello within {self._handshake_timeout:g} s")
             return None
         except (OSError, ProtocolError) as exc:
-            self._reject(sock, peer, f"no valid hello ({type(exc).__name__})")
+            with self._lock:
+                evicted = sock in self._evicted
+            if evicted:
+                self._reject(
+                    sock, peer, f"no hello yet when the server was full ({self._max_connections} live)"
+                )
+            else:
+                self._reject(sock, peer, f"no valid hello ({type(exc).__name__})")
             return None
         token = header.get("token")
         if header.get("op") != "hello" or not isinstance(token, str):
@@ -482,6 +506,13 @@ class Server:
         sock.settimeout(None)
         conn = Connection(sock, hello={k: v for k, v in header.items() if k != "token"}, peer=peer)
         conn.bytes_received = received
+        with self._lock:  # from here on it is no longer the oldest unauthenticated one to make room
+            evicted = sock in self._evicted
+            if not evicted:
+                self._live[sock] = conn
+        if evicted:
+            self._reject(sock, peer, f"no hello yet when the server was full ({self._max_connections} live)")
+            return None
         try:
             conn.send({"op": "welcome"})
         except OSError:
@@ -518,6 +549,7 @@ class Server:
                 sock.close()
             with self._lock:
                 self._live.pop(sock, None)
+                self._evicted.discard(sock)
                 self._threads.discard(threading.current_thread())
 
 
