@@ -46,14 +46,14 @@ class HeldRows:
     labels: np.ndarray
 
 
-def share_keys(rows: int, worker: int, workers: int) -> np.ndarray:
-    """The row keys (positions) of worker ``worker``'s share of ``rows`` rows split ``workers`` ways."""
-    return np.sort(np.random.default_rng(_SPLIT_SEED).permutation(rows)[worker::workers])
+def share_keys(rows: int, workers: int) -> list[np.ndarray]:
+    """The row keys (positions) of each worker's share of ``rows`` rows split ``workers`` ways."""
+    order = np.random.default_rng(_SPLIT_SEED).permutation(rows)
+    return [np.sort(order[worker::workers]) for worker in range(workers)]
 
 
-def share_of(rows: HeldRows, worker: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
-    """Worker ``worker``'s rows of ``workers``: images and int64 labels, in key order (new arrays)."""
-    keys = share_keys(len(rows.labels), worker, workers)
+def share_of(rows: HeldRows, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The share of ``rows`` at ``keys`` (one of :func:`share_keys`): images and int64 labels (new arrays)."""
     return rows.images[keys], rows.labels[keys].astype(np.int64)
 
 
@@ -70,8 +70,8 @@ def broadcast_shares(
     sc = spark.sparkContext
     shares: list[Any] = []
     try:
-        for worker in range(workers):
-            shares.append(sc.broadcast(share_of(rows, worker, workers)))
+        for keys in share_keys(len(rows.labels), workers):  # one share at a time on the driver
+            shares.append(sc.broadcast(share_of(rows, keys)))
         yield spark.range(0, workers, 1, workers), tuple(shares)
     finally:
         for share in shares:
