@@ -400,7 +400,6 @@ def fit(
                     f"at once; expected at most {slots}, got {workers}"
                 )
             prepared = _prepare_data(
-                spark,
                 data,
                 test_data=test_data,
                 feature_column=feature_column,
@@ -615,7 +614,6 @@ _KIND_WORDS = {"bytes": "raw pixel bytes", "image": "encoded image files", "arra
 
 
 def _prepare_data(
-    spark: Any,
     data: Any,
     *,
     test_data: Any,
