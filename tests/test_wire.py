@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import socket
 import struct
 import threading
@@ -436,3 +437,49 @@ def test_deliver_waits_on_a_slow_peer_that_keeps_reading() -> None:
         reader.join(WAIT)
         peer.close()
     assert len(received) == sent and received.endswith(payload)
+
+
+def test_peer_closed_never_waits_for_data_the_connection_s_reader_took() -> None:
+    """The coordinator checks a slot holder's connection (``peer_closed``) under its lock from another
+    thread, while that connection's reader needs the lock to answer the frame it just read: a check that
+    peeked with a blocking read after its reader took the data waited for the peer's next frame, which
+    never came (a speculative copy's standby stalled the coordinator until the worker timed out)."""
+    lock = threading.Lock()
+    served: queue.Queue[wire.Connection] = queue.Queue()
+    stop, answered = threading.Event(), threading.Event()
+    closed_said: list[bool] = []
+
+    def answer(conn: wire.Connection) -> None:
+        served.put(conn)
+        while True:
+            try:
+                header, _ = conn.recv()
+            except (wire.ProtocolError, OSError):
+                return
+            with lock:  # as the coordinator answers a frame
+                conn.send(header)
+
+    def check(conn: wire.Connection) -> None:
+        while not stop.is_set():
+            with lock:  # as a standby copy checks the slot's holder
+                if conn.peer_closed():
+                    closed_said.append(True)
+
+    def ping(client: wire.Connection) -> None:
+        for i in range(3000):  # each answered at once, unless a check holds the lock waiting for data
+            client.send({"op": "ping", "i": i})
+            if client.recv()[0]["i"] != i:
+                return
+        answered.set()
+
+    with wire.Server(token=TOKEN, handler=answer) as srv, _client(srv) as client:
+        checker = threading.Thread(target=check, args=(served.get(timeout=WAIT),), daemon=True)
+        pinger = threading.Thread(target=ping, args=(client,), daemon=True)
+        checker.start()
+        pinger.start()
+        try:
+            assert answered.wait(6 * WAIT), "a peer_closed() check waited for data its reader had taken"
+        finally:
+            stop.set()
+            checker.join(WAIT)  # before the connections close
+    assert not closed_said  # the peer was there all along

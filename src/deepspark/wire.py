@@ -200,7 +200,12 @@ class Connection:
         """
         try:
             readable, _, _ = select.select([self._sock], [], [], 0)
-            return bool(readable) and self._sock.recv(1, socket.MSG_PEEK) == b""
+            # Without waiting: the connection's own reader may take what made it readable first, and a
+            # blocking peek then waited for the peer's next frame (a coordinator thread checking a slot's
+            # holder did so under the coordinator's lock, which that reader needed to answer the frame).
+            return bool(readable) and self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:  # read meanwhile: the peer is there
+            return False
         except (OSError, ValueError):
             return True
 
