@@ -363,6 +363,7 @@ class Server:
         self._accept_thread: threading.Thread | None = None
         self._live: dict[socket.socket, Connection | None] = {}  # None while the hello is awaited
         self._evicted: set[socket.socket] = set()  # awaiting their hello, closed to make room
+        self._evicted_reason = f"no hello yet when the server was full ({max_connections} live)"
         self._threads: set[threading.Thread] = set()
         self._warned: set[str] = set()
         self._closed = False
@@ -493,12 +494,9 @@ class Server:
         except (OSError, ProtocolError) as exc:
             with self._lock:
                 evicted = sock in self._evicted
-            if evicted:
-                self._reject(
-                    sock, peer, f"no hello yet when the server was full ({self._max_connections} live)"
-                )
-            else:
-                self._reject(sock, peer, f"no valid hello ({type(exc).__name__})")
+            self._reject(
+                sock, peer, self._evicted_reason if evicted else f"no valid hello ({type(exc).__name__})"
+            )
             return None
         token = header.get("token")
         if header.get("op") != "hello" or not isinstance(token, str):
@@ -516,7 +514,7 @@ class Server:
             if not evicted:
                 self._live[sock] = conn
         if evicted:
-            self._reject(sock, peer, f"no hello yet when the server was full ({self._max_connections} live)")
+            self._reject(sock, peer, self._evicted_reason)
             return None
         try:
             conn.send({"op": "welcome"})
@@ -531,10 +529,9 @@ class Server:
             conn = self._handshake(sock, peer)
             if conn is None:
                 return
-            with self._lock:
+            with self._lock:  # _handshake has made it live
                 if self._closed:
                     return
-                self._live[sock] = conn
             try:
                 self._handler(conn)
             except (PeerClosed, ConnectionResetError, BrokenPipeError) as exc:
